@@ -1,0 +1,304 @@
+"""Command line: ``omuscd [OPTIONS]`` runs the daemon; ``omuscd keygen FILE`` and
+``omuscd ctl COMMAND...`` are the helpers.  The daemon's switches are generated from the
+parameter table in :mod:`omuscd.config`, so ``--help`` lists every one with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import shlex
+import sys
+from typing import Any
+
+from omuscd import exitcodes
+from omuscd.config import (
+    DEFAULT_CONFIG_FILE,
+    PARAM_BY_NAME,
+    PARAMS,
+    Config,
+    ConfigError,
+    autodetect,
+    merge,
+    read_secret,
+    write_key,
+)
+from omuscd.version import PROTOCOL_VERSION, VERSION_STRING, __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = exitcodes.OK, exitcodes.FAILURE, exitcodes.USAGE
+
+DESCRIPTION = """\
+omuscd joins the Linux machines of a LAN into one pool: every node sees every
+other node's load. With no options it configures itself (interface, address,
+ports, CPUs) and finds its peers by broadcast. Control it with
+'telnet 127.0.0.1 4271' or 'omuscd ctl COMMAND'."""
+
+EPILOG = f"""\
+exit status: 0 clean shutdown; 1 runtime failure (port in use, already running);
+2 usage or configuration error; 3 node id clash with an explicit --node-id.
+omuscd ctl: 0 success, 1 no connection, 4 request refused (4xx), 5 failed (5xx).
+
+Settings may also come from a TOML file ({DEFAULT_CONFIG_FILE}, or --config),
+keys named like the switches with '_' for '-'. Switches win over the file.
+See omuscd(8), omuscd-commands(7) and omuscd.toml(5)."""
+
+
+def _default_text(p: Any) -> str:
+    if p.kind == "bool" or p.default in (None, []):
+        return ""
+    return f" (default: {p.default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omuscd", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"{VERSION_STRING} (wire protocol {PROTOCOL_VERSION}, "
+                                f"python package {__version__})")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"configuration file (default: {DEFAULT_CONFIG_FILE} if it exists)")
+    for p in PARAMS:
+        flags = [p.short, p.switch] if p.short else [p.switch]
+        kw: dict[str, Any] = {"dest": p.name, "default": argparse.SUPPRESS,
+                              "help": p.help + _default_text(p)}
+        if p.kind == "bool":
+            kw["action"] = "store_true"
+        else:
+            if p.kind == "list":
+                kw["action"] = "append"
+            if p.choices:
+                kw["choices"] = p.choices
+            kw["metavar"] = p.metavar or ("SECONDS" if p.kind == "float" else
+                                          "N" if p.kind == "int" else None)
+            if kw["metavar"] is None:
+                del kw["metavar"]
+        parser.add_argument(*flags, **kw)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                title="commands (without one, the daemon runs)")
+    keygen = sub.add_parser("keygen", help="write a new random cluster key (or control "
+                            "password) to FILE with mode 0600; never overwrites")
+    keygen.add_argument("file", metavar="FILE")
+    ctl = sub.add_parser("ctl", help="send one control command to a daemon, print the reply",
+                         description="Send one control command (see 'omuscd ctl help') and "
+                         "print the reply without its codes. 'watch' streams until Ctrl-C.")
+    ctl.add_argument("--connect", metavar="TARGET",
+                     help="HOST[:PORT] or a Unix socket path (default: the local daemon's "
+                          "socket if it exists, else 127.0.0.1:4271)")
+    ctl.add_argument("--secret", metavar="FILE", help="control password file, when the "
+                     "port asks for one")
+    ctl.add_argument("--json", action="store_true", help="ask for the JSON form")
+    ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "keygen":
+        return keygen(args.file)
+    if args.command == "ctl":
+        return ctl(args)
+    return run_daemon(args)
+
+
+def keygen(path: str) -> int:
+    try:
+        write_key(path)
+    except FileExistsError:
+        print(f"omuscd keygen: {path} exists; not overwriting it", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"omuscd keygen: cannot write {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote a new key to {path} (mode 0600); copy it to every node")
+    return EXIT_OK
+
+
+def ctl(args: argparse.Namespace) -> int:
+    from omuscd.client import ProtocolError, connect
+
+    words = [w for w in args.words if w != "--"] if args.words[:1] == ["--"] else args.words
+    if not words:
+        print("omuscd ctl: give a command, e.g. 'omuscd ctl status'", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        words = [*words, "--json"]
+    line = " ".join(shlex.quote(w) for w in words)
+    try:
+        secret = read_secret(args.secret) if args.secret else None
+        client = connect(args.connect, secret)
+    except ConfigError as e:
+        print(f"omuscd ctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, PermissionError, ProtocolError) as e:
+        where = args.connect or "the local daemon"
+        print(f"omuscd ctl: cannot talk to {where}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        with client:
+            if words[0].lower() == "watch":
+                try:
+                    for text in client.stream(line):
+                        print(text, flush=True)
+                except KeyboardInterrupt:
+                    pass
+                return EXIT_OK
+            reply = client.command(line)
+    except (OSError, ConnectionError, ProtocolError) as e:
+        print(f"omuscd ctl: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(reply.text, file=sys.stdout if reply.ok else sys.stderr)
+    if reply.ok:
+        return EXIT_OK
+    return exitcodes.CTL_REFUSED if reply.code < 500 else exitcodes.CTL_FAILED
+
+
+# --------------------------------------------------------------------------- daemon
+def load_key(cfg: Config, explicit: bool) -> tuple[bytes | None, str]:
+    """Decide the security mode: ``key``, ``read-only`` (no key) or ``insecure``."""
+    if cfg.insecure:
+        return None, "insecure"
+    if os.path.exists(cfg.key_file):
+        return read_secret(cfg.key_file), "key"
+    if explicit:
+        raise ConfigError(f"key file {cfg.key_file} does not exist; write one with "
+                          f"'omuscd keygen {cfg.key_file}' and copy it to every node")
+    return None, "read-only"
+
+
+def setup_logging(cfg: Config) -> None:
+    logger = logging.getLogger("omuscd")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    handler: logging.Handler
+    if cfg.log_file:
+        handler = logging.FileHandler(cfg.log_file)
+        fmt = "%(asctime)s omuscd[%(process)d]: %(levelname)s: %(message)s"
+    elif cfg.daemon and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        fmt = "omuscd[%(process)d]: %(levelname)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald stamps lines itself
+        fmt = ("%(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM")
+               else "%(asctime)s omuscd[%(process)d]: %(levelname)s: %(message)s")
+    handler.setFormatter(logging.Formatter(fmt))
+    logger.addHandler(handler)
+
+
+def _check_pidfile(path: str) -> None:
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        raise RuntimeError(f"already running as pid {pid} (pid file {path})")
+
+
+def _write_pidfile(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _daemonize() -> int | None:
+    """Double fork.  The original process waits on a pipe until the daemon says it is
+    ready (or why it failed), so its exit status is the truth.  Returns the pipe's write
+    end in the daemon; does not return in the original process."""
+    r, w = os.pipe()
+    if os.fork() > 0:
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        msg = b"".join(chunks).decode(errors="replace")
+        if msg.startswith("ok"):
+            os._exit(EXIT_OK)
+        code, _, text = msg.partition(" ")
+        print(f"omuscd: {text or 'the daemon died during start-up'}", file=sys.stderr)
+        os._exit(int(code) if code.isdigit() else EXIT_FAILURE)
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o022)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    return w
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    import trio
+
+    from omuscd.daemon import Daemon
+
+    cli = {p.name: getattr(args, p.name) for p in PARAMS if hasattr(args, p.name)}
+    try:
+        cfg = merge(cli, args.config)
+        autodetect(cfg)
+        default_key = PARAM_BY_NAME["key_file"].default
+        explicit_key = "key_file" in cli or cfg.values["key_file"] != default_key
+        key, security = load_key(cfg, explicit_key)
+        secret = read_secret(cfg.control_secret) if cfg.control_secret else None
+    except ConfigError as e:
+        print(f"omuscd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    ready_fd: int | None = None
+    try:
+        if cfg.daemon:
+            _check_pidfile(cfg.pidfile)
+    except RuntimeError as e:
+        print(f"omuscd: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if cfg.daemon:
+        ready_fd = _daemonize()
+    setup_logging(cfg)
+    log = logging.getLogger("omuscd")
+
+    def report(code: int, text: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, f"{code} {text}".encode())
+            os.close(ready_fd)
+
+    try:
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        if cfg.daemon:
+            _write_pidfile(cfg.pidfile)
+    except OSError as e:
+        log.error("cannot create %s: %s", e.filename, e.strerror)
+        report(EXIT_FAILURE, f"cannot create {e.filename}: {e.strerror}")
+        return EXIT_FAILURE
+
+    daemon = Daemon(cfg, key, security, secret)
+    if ready_fd is not None:
+        daemon.on_ready = lambda: report(0, "ok")
+    try:
+        code = trio.run(daemon.run)
+    except* OSError as eg:
+        err = eg.exceptions[0]
+        log.error("%s", err)
+        report(EXIT_FAILURE, str(err))
+        code = EXIT_FAILURE
+    finally:
+        if cfg.daemon:
+            try:
+                os.unlink(cfg.pidfile)
+            except OSError:
+                pass
+    return code

@@ -1,0 +1,162 @@
+"""The one control-protocol client: used by ``omuscd ctl``, the examples and the tests.
+
+:class:`ReplyParser` is the single place that understands ``NNN-`` / ``NNN `` framing;
+the blocking :class:`ControlClient` wraps it for scripts, and the console will wrap the
+same parser around a trio stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+_LINE = re.compile(r"^(\d{3})([ -])(.*)$")
+
+
+class ProtocolError(Exception):
+    """The daemon said something that is not a numbered reply line."""
+
+
+@dataclass
+class Reply:
+    code: int
+    lines: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def json(self) -> Any:
+        """The document of a ``--json`` reply."""
+        return json.loads(self.lines[-1])
+
+
+class ReplyParser:
+    """Feed lines; get a :class:`Reply` when the final ``NNN text`` line arrives."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.code: int | None = None
+
+    def feed(self, line: str) -> Reply | None:
+        m = _LINE.match(line.rstrip("\r\n"))
+        if not m:
+            raise ProtocolError(f"not a reply line: {line[:80]!r}")
+        code, sep, text = int(m.group(1)), m.group(2), m.group(3)
+        if self.code is not None and code != self.code:
+            raise ProtocolError(f"reply code changed from {self.code} to {code}")
+        self.code = code
+        self.lines.append(text)
+        if sep == " ":
+            reply = Reply(code, self.lines)
+            self.lines, self.code = [], None
+            return reply
+        return None
+
+
+def auth_response(challenge: str, secret: bytes) -> str:
+    """The answer to a ``challenge`` (Varnish CLI scheme)."""
+    c = challenge.encode()
+    return hashlib.sha256(c + b"\n" + secret + c + b"\n").hexdigest()
+
+
+class ControlClient:
+    """A blocking client for one control session."""
+
+    def __init__(self, sock: socket.socket, secret: bytes | None = None, timeout: float = 10):
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.file = sock.makefile("r", encoding="utf-8", newline="\n")
+        self.greeting = self.read_reply()
+        m = re.search(r"challenge ([0-9a-f]+)", self.greeting.text)
+        if m:
+            if secret is None:
+                raise PermissionError("the control port asks for a password: give a "
+                                      "secret file")
+            reply = self.command(f"auth {auth_response(m.group(1), secret)}")
+            if not reply.ok:
+                raise PermissionError(reply.text)
+
+    @classmethod
+    def tcp(cls, host: str = "127.0.0.1", port: int = 4271, secret: bytes | None = None,
+            timeout: float = 10) -> ControlClient:
+        return cls(socket.create_connection((host, port), timeout=timeout), secret, timeout)
+
+    @classmethod
+    def unix(cls, path: str, timeout: float = 10) -> ControlClient:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(path)
+        return cls(s, None, timeout)
+
+    def read_line(self) -> str:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("the daemon closed the session")
+        return line
+
+    def read_reply(self) -> Reply:
+        parser = ReplyParser()
+        while True:
+            reply = parser.feed(self.read_line())
+            if reply is not None:
+                return reply
+
+    def command(self, line: str) -> Reply:
+        self.sock.sendall(line.encode() + b"\n")
+        return self.read_reply()
+
+    def stream(self, line: str) -> Iterator[str]:
+        """Send a streaming command (``watch``) and yield its lines as they come."""
+        self.sock.sendall(line.encode() + b"\n")
+        parser = ReplyParser()
+        while True:
+            raw = self.read_line()
+            reply = parser.feed(raw)
+            yield _LINE.match(raw.rstrip("\r\n")).group(3)  # type: ignore[union-attr]
+            if reply is not None:
+                return
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"quit\n")
+        except OSError:
+            pass
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(target: str | None = None, secret: bytes | None = None,
+            timeout: float = 10) -> ControlClient:
+    """Connect to ``target``: a Unix socket path (contains '/'), ``HOST[:PORT]``, or by
+    default the local daemon's socket if it exists, else 127.0.0.1:4271."""
+    from omuscd.config import DEFAULT_CONTROL_PORT, default_state_dir
+
+    if target is None:
+        import os
+
+        path = os.path.join(default_state_dir(), "control.sock")
+        if os.path.exists(path):
+            return ControlClient.unix(path, timeout)
+        return ControlClient.tcp("127.0.0.1", DEFAULT_CONTROL_PORT, secret, timeout)
+    if "/" in target:
+        return ControlClient.unix(target, timeout)
+    host, sep, port = target.rpartition(":")
+    if not sep:
+        host, port = target, str(DEFAULT_CONTROL_PORT)
+    return ControlClient.tcp(host, int(port), secret, timeout)

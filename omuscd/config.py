@@ -1,0 +1,523 @@
+"""Configuration: every parameter in one table, merged from defaults, autodetection, the
+TOML file and the command line (later wins), so that ``--help``, the config file, ``set``/
+``get`` and the man page can never disagree about what exists.
+
+Plug'n'pray: anything not given is detected at start (:func:`autodetect`) and every choice
+is logged and shown by ``status``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("omuscd.config")
+
+DEFAULT_PORT = 4270
+DEFAULT_CONTROL_PORT = 4271
+DEFAULT_CONFIG_FILE = "/etc/omuscd.toml"
+DEFAULT_KEY_FILE = "/etc/omuscd.key"
+
+
+class ConfigError(Exception):
+    """A parameter is invalid or contradicts another; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------- parsers
+def parse_cpu_list(text: str) -> list[int]:
+    """Parse a Linux CPU list (``0,2-3``) into sorted unique CPU numbers."""
+    cpus: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo_s, hi_s = part.split("-", 1)
+            lo, hi = int(lo_s), int(hi_s)
+            if lo > hi:
+                raise ValueError(f"bad CPU range {part!r}")
+            cpus.update(range(lo, hi + 1))
+        else:
+            cpus.add(int(part))
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"bad CPU list {text!r}")
+    return sorted(cpus)
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """The inverse of :func:`parse_cpu_list`: ``[0, 2, 3]`` becomes ``0,2-3``."""
+    out: list[str] = []
+    run: list[int] = []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [c]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)
+
+
+def parse_peer(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST[:PORT]`` to ``(address, port)``; host names are resolved once, at start."""
+    host, sep, port_s = str(text).rpartition(":")
+    if not sep:
+        host, port = str(text), default_port
+    else:
+        port = int(port_s)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError as e:
+        raise ValueError(f"cannot resolve peer {host!r}: {e}") from e
+    return addr, port
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Param:
+    """One configuration parameter.
+
+    ``runtime`` parameters are the tunables: ``set``/``get`` change them in a running
+    daemon and SIGHUP rereads them from the file.  The others take effect at start.
+    """
+
+    name: str
+    kind: str  # "str" "int" "float" "bool" "list" "cpus"
+    default: Any
+    help: str
+    short: str | None = None
+    metavar: str | None = None
+    lo: float | None = None
+    hi: float | None = None
+    runtime: bool = False
+    choices: tuple[str, ...] | None = None
+    in_file: bool = True  # settable in the TOML file
+
+    @property
+    def switch(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def convert(self, value: Any) -> Any:
+        """Convert and bound-check ``value`` (from a switch, the file or ``set``)."""
+        try:
+            if self.kind == "int":
+                if isinstance(value, bool):
+                    raise ValueError("not an integer")
+                v: Any = int(value)
+            elif self.kind == "float":
+                if isinstance(value, bool):
+                    raise ValueError("not a number")
+                v = float(value)
+            elif self.kind == "bool":
+                v = _bool(value)
+            elif self.kind == "list":
+                v = [str(x) for x in value] if isinstance(value, list) else [str(value)]
+            elif self.kind == "cpus":
+                v = parse_cpu_list(value) if value is not None else None
+            else:
+                v = None if value is None else str(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.name}: {e}") from None
+        if self.kind in ("int", "float"):
+            if self.lo is not None and v < self.lo:
+                raise ConfigError(f"{self.name}: {v} is below the minimum {self.lo:g}")
+            if self.hi is not None and v > self.hi:
+                raise ConfigError(f"{self.name}: {v} is above the maximum {self.hi:g}")
+        if self.choices and v not in self.choices:
+            raise ConfigError(f"{self.name}: {v!r} is not one of {', '.join(self.choices)}")
+        return v
+
+    def bounds_text(self) -> str:
+        if self.choices:
+            return "|".join(self.choices)
+        if self.lo is not None or self.hi is not None:
+            return f"{self.lo:g}..{self.hi:g}"
+        return ""
+
+
+AUTO = "auto"
+
+PARAMS: tuple[Param, ...] = (
+    # identity and network
+    Param("interface", "str", None, "network interface for cluster traffic "
+          "(default: the interface of the default route, else the first up non-loopback one)",
+          short="-i", metavar="IFACE"),
+    Param("address", "str", None, "IPv4 address to use (default: the interface's first address)",
+          metavar="ADDR"),
+    Param("broadcast", "str", None, "broadcast address for discovery "
+          "(default: the interface's; 'off' disables broadcast)", metavar="ADDR|off"),
+    Param("port", "int", DEFAULT_PORT, "cluster port, UDP (gossip) and TCP (cluster channel)",
+          short="-p", lo=1, hi=65535),
+    Param("peer", "list", [], "a peer to contact by unicast (repeatable): for routed or VPN "
+          "links and loopback test clusters", metavar="HOST[:PORT]"),
+    Param("node_name", "str", None, "this node's name (default: the host name)",
+          metavar="NAME"),
+    Param("node_id", "int", None, "numeric node id (default: from the address's last two "
+          "octets, moved automatically on a clash; a clash with an id given here is fatal)",
+          lo=1, hi=2**32 - 2),
+    Param("topology", "str", "peer", "balancing topology of this node",
+          choices=("peer", "controller", "drone")),
+    Param("cpus", "cpus", None, "CPUs this node lends to the cluster; load is measured over "
+          "them (default: all)", metavar="LIST"),
+    # security
+    Param("key_file", "str", DEFAULT_KEY_FILE, "cluster key file (write one with "
+          "'omuscd keygen FILE'); without a key the node is read-only", metavar="FILE"),
+    Param("insecure", "bool", False, "run without a key and trust every packet "
+          "(the original trusted-LAN behaviour)"),
+    # control
+    Param("control_port", "int", DEFAULT_CONTROL_PORT, "TCP control port (telnet)",
+          lo=1, hi=65535),
+    Param("control_bind", "str", "127.0.0.1", "address the control port binds to; beyond "
+          "loopback a --control-secret is required", metavar="ADDR"),
+    Param("control_secret", "str", None, "file holding the control password "
+          "(challenge-response); required when the control port is not on loopback",
+          metavar="FILE"),
+    Param("control_socket", "str", None, "Unix control socket for local clients "
+          "(default: STATE_DIR/control.sock)", metavar="PATH"),
+    # process
+    Param("state_dir", "str", None, "state directory (default: /var/lib/omuscd as root, "
+          "else $XDG_STATE_HOME/omuscd)", metavar="DIR"),
+    Param("daemon", "bool", False, "detach into the background (logs go to syslog unless "
+          "--log-file)", in_file=False),
+    Param("pidfile", "str", None, "pid file written with --daemon (default: /run/omuscd.pid "
+          "as root, else STATE_DIR/omuscd.pid)", metavar="FILE"),
+    Param("log_file", "str", None, "append log lines to FILE instead of stderr/syslog",
+          metavar="FILE"),
+    Param("debug", "bool", False, "log at debug level"),
+    Param("wire_version", "int", None, "speak this wire protocol version instead of our own "
+          "(for interoperability tests only)", lo=0, hi=65535),
+    # tunables
+    Param("gossip_interval", "float", 0.5, "seconds between gossip rounds", lo=0.05, hi=10,
+          runtime=True),
+    Param("gossip_window", "int", 16, "node entries carried per gossip message (newest first)",
+          lo=1, hi=32, runtime=True),
+    Param("announce_interval", "float", 5.0, "seconds between broadcast announcements once "
+          "joined (every gossip round for the first 2 s)", lo=0.5, hi=3600, runtime=True),
+    Param("suspect_timeout", "float", 3.0, "seconds without news before a node is suspect",
+          lo=0.2, hi=3600, runtime=True),
+    Param("dead_timeout", "float", 6.0, "seconds without news before a node is dead",
+          lo=0.3, hi=7200, runtime=True),
+    Param("forget_after", "float", 3600.0, "seconds a dead node stays listed", lo=1,
+          hi=10**7, runtime=True),
+    Param("load_interval", "float", 1.0, "seconds between load samples", lo=0.1, hi=60,
+          runtime=True),
+    Param("max_clock_skew", "float", 300.0, "seconds a packet's timestamp may differ from "
+          "our clock (replay protection)", lo=1, hi=86400, runtime=True),
+)
+
+PARAM_BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+TUNABLES: dict[str, Param] = {p.name: p for p in PARAMS if p.runtime}
+
+
+@dataclass
+class Config:
+    """The merged configuration of one daemon.  Fields mirror :data:`PARAMS`, plus what
+    autodetection derived (``detected`` says which values were chosen automatically)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    detected: dict[str, str] = field(default_factory=dict)  # name -> how it was chosen
+    config_file: str | None = None
+    # derived at autodetect
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    node_id_explicit: bool = False
+    cpu_speed_mhz: float = 0.0
+    cpu_count: int = 1
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def set(self, name: str, value: Any) -> Any:
+        """Set a parameter with conversion and checks; returns the converted value."""
+        param = PARAM_BY_NAME.get(name)
+        if param is None:
+            raise ConfigError(f"no such parameter: {name}")
+        v = param.convert(value)
+        old = self.values.get(name)
+        self.values[name] = v
+        try:
+            check_consistency(self)
+        except ConfigError:
+            self.values[name] = old
+            raise
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.values)
+        if d.get("cpus") is not None:
+            d["cpus"] = format_cpu_list(d["cpus"])
+        return d
+
+
+def check_consistency(cfg: Config) -> None:
+    """Checks that involve more than one parameter."""
+    v = cfg.values
+    gi, st, dt = v.get("gossip_interval"), v.get("suspect_timeout"), v.get("dead_timeout")
+    if None not in (gi, st, dt):
+        if st < 2 * gi:
+            raise ConfigError(f"suspect_timeout ({st:g}) must be at least twice "
+                              f"gossip_interval ({gi:g})")
+        if dt <= st:
+            raise ConfigError(f"dead_timeout ({dt:g}) must be greater than "
+                              f"suspect_timeout ({st:g})")
+
+
+def defaults() -> dict[str, Any]:
+    return {p.name: (list(p.default) if isinstance(p.default, list) else p.default)
+            for p in PARAMS}
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a config file into ``{name: converted value}``; unknown keys are an error, so a
+    typo never silently leaves a default in place."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        param = PARAM_BY_NAME.get(name)
+        if param is None or not param.in_file:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        out[name] = param.convert(value)
+    return out
+
+
+def merge(cli: dict[str, Any], config_path: str | None) -> Config:
+    """Defaults < config file < switches.  ``cli`` holds only switches actually given."""
+    values = defaults()
+    path = config_path
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        values.update(read_toml(path))
+    for name, value in cli.items():
+        values[name] = PARAM_BY_NAME[name].convert(value)
+    cfg = Config(values=values, config_file=path)
+    check_consistency(cfg)
+    cfg.node_id_explicit = values.get("node_id") is not None
+    return cfg
+
+
+# --------------------------------------------------------------------------- autodetect
+@dataclass
+class Interface:
+    name: str
+    address: str
+    broadcast: str | None
+    up: bool
+
+
+def list_interfaces() -> list[Interface]:
+    """IPv4 interfaces with their first address and broadcast, from netifaces + psutil."""
+    import netifaces
+    import psutil
+
+    stats = psutil.net_if_stats()
+    out = []
+    for name in netifaces.interfaces():
+        for a in netifaces.ifaddresses(name).get(netifaces.AF_INET, []):
+            if "addr" in a:
+                st = stats.get(name)
+                out.append(Interface(name, a["addr"], a.get("broadcast"),
+                                     bool(st and st.isup)))
+                break
+    return out
+
+
+def default_route_interface() -> str | None:
+    import netifaces
+
+    gw = netifaces.gateways().get("default", {}).get(netifaces.AF_INET)
+    return gw[1] if gw else None
+
+
+def cpu_speed_mhz() -> float:
+    """Nominal CPU speed in MHz: cpufreq's maximum, else /proc/cpuinfo, else 0 (unknown)."""
+    import psutil
+
+    try:
+        freq = psutil.cpu_freq()
+        if freq and (freq.max or freq.current):
+            return float(freq.max or freq.current)
+    except (OSError, NotImplementedError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def node_id_from_address(address: str) -> int:
+    """openMosix took the id from address octets; we take the last two (1..65535) and
+    resolve clashes at run time (see membership)."""
+    packed = ipaddress.IPv4Address(address).packed
+    return (packed[2] << 8 | packed[3]) or 1
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/omuscd"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "omuscd")
+
+
+def autodetect(cfg: Config,
+               interfaces: Callable[[], list[Interface]] = list_interfaces,
+               default_iface: Callable[[], str | None] = default_route_interface) -> Config:
+    """Fill in whatever was not given; record in ``cfg.detected`` how each was chosen."""
+    import psutil
+
+    v = cfg.values
+    ifaces = interfaces()
+    chosen: Interface | None = None
+    if v["interface"]:
+        chosen = next((i for i in ifaces if i.name == v["interface"]), None)
+        if chosen is None:
+            raise ConfigError(f"interface {v['interface']!r} has no IPv4 address "
+                              f"(have: {', '.join(i.name for i in ifaces) or 'none'})")
+        cfg.detected["interface"] = "given"
+    elif v["address"]:
+        chosen = next((i for i in ifaces if i.address == v["address"]), None)
+        if chosen is None:
+            # an address on lo's 127/8 range works without being configured on lo
+            if ipaddress.IPv4Address(v["address"]).is_loopback:
+                chosen = Interface("lo", v["address"], None, True)
+            else:
+                raise ConfigError(f"address {v['address']} is not on any interface")
+        cfg.detected["interface"] = "owner of the given address"
+    else:
+        route = default_iface()
+        chosen = next((i for i in ifaces if i.name == route and i.up), None)
+        if chosen is not None:
+            cfg.detected["interface"] = "default route"
+        else:
+            chosen = next((i for i in ifaces if i.up and not
+                           ipaddress.IPv4Address(i.address).is_loopback), None)
+            if chosen is not None:
+                cfg.detected["interface"] = "first up non-loopback (no default route)"
+            else:
+                chosen = next((i for i in ifaces if i.name == "lo"),
+                              Interface("lo", "127.0.0.1", None, True))
+                cfg.detected["interface"] = "loopback (no other interface is up)"
+    v["interface"] = chosen.name
+    if not v["address"]:
+        v["address"] = chosen.address
+        cfg.detected["address"] = f"first address of {chosen.name}"
+    try:
+        ipaddress.IPv4Address(v["address"])
+    except ValueError:
+        raise ConfigError(f"address {v['address']!r} is not an IPv4 address") from None
+    if v["broadcast"] is None:
+        v["broadcast"] = chosen.broadcast if chosen.address == v["address"] else None
+        if ipaddress.IPv4Address(v["address"]).is_loopback:
+            v["broadcast"] = None
+        cfg.detected["broadcast"] = f"of {chosen.name}" if v["broadcast"] else "none available"
+    elif v["broadcast"] == "off":
+        v["broadcast"] = None
+    if v["node_name"] is None:
+        host = socket.gethostname().split(".")[0] or "node"
+        loop = ipaddress.IPv4Address(v["address"]).is_loopback
+        v["node_name"] = f"{host}-{v['address']}" if loop else host
+        cfg.detected["node_name"] = "host name"
+    if v["node_id"] is None:
+        v["node_id"] = node_id_from_address(v["address"])
+        cfg.detected["node_id"] = "from the address"
+    available = sorted(psutil.Process().cpu_affinity() or range(psutil.cpu_count() or 1))
+    if v["cpus"] is None:
+        v["cpus"] = available
+        cfg.detected["cpus"] = "all"
+    else:
+        missing = sorted(set(v["cpus"]) - set(available))
+        if missing:
+            raise ConfigError(f"cpus: {format_cpu_list(missing)} not available here "
+                              f"(have {format_cpu_list(available)})")
+    cfg.cpu_count = psutil.cpu_count() or len(available)
+    cfg.cpu_speed_mhz = cpu_speed_mhz()
+    if v["state_dir"] is None:
+        v["state_dir"] = default_state_dir()
+        cfg.detected["state_dir"] = "default"
+    if v["control_socket"] is None:
+        v["control_socket"] = os.path.join(v["state_dir"], "control.sock")
+    if v["pidfile"] is None:
+        v["pidfile"] = ("/run/omuscd.pid" if os.geteuid() == 0
+                        else os.path.join(v["state_dir"], "omuscd.pid"))
+    try:
+        peers = [parse_peer(p, v["port"]) for p in v["peer"]]
+        cfg.peers = [p for p in dict.fromkeys(peers) if p != (v["address"], v["port"])]
+    except ValueError as e:
+        raise ConfigError(f"peer: {e}") from None
+    bind = v["control_bind"]
+    try:
+        loop = ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        raise ConfigError(f"control_bind: {bind!r} is not an IP address") from None
+    if not loop and not v["control_secret"]:
+        raise ConfigError(f"control_bind {bind} is beyond loopback: give --control-secret "
+                          "FILE (write one with 'omuscd keygen FILE')")
+    return cfg
+
+
+def replace_values(cfg: Config, **changes: Any) -> Config:
+    """A copy of ``cfg`` with some values changed (used by tests and SIGHUP)."""
+    new = dataclasses.replace(cfg, values={**cfg.values, **changes},
+                              detected=dict(cfg.detected))
+    return new
+
+
+def read_secret(path: str) -> bytes:
+    """Read a key or password file; refuse one others can read (it would not be secret)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        data = p.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); "
+                          f"run 'chmod 600 {path}'")
+    if len(data) < 16:
+        raise ConfigError(f"{path} holds fewer than 16 bytes; write a new one with "
+                          "'omuscd keygen FILE'")
+    return data
+
+
+def write_key(path: str) -> None:
+    """``omuscd keygen``: 32 random bytes, hex, mode 0600, never overwriting a file."""
+    data = os.urandom(32).hex() + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)

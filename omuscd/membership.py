@@ -1,0 +1,295 @@
+"""The node table: who is in the cluster, how loaded, and whether they are still alive.
+
+Spreading news the way gossimon (MOSIX) and Cassandra do keeps each node's traffic constant
+as the cluster grows: every gossip round a node sends its own entry and a window of the
+freshest entries it knows to *one* random node, not to all.  Every entry carries the age of
+its newest heartbeat, so silence is timed from when the node itself last spoke, not from
+when the news happened to arrive; a silent node is ``suspect`` first and ``dead`` later
+(SWIM's lesson: suspicion before death avoids false alarms on a busy network).
+
+This module is pure logic: time is passed in, so tests drive it with any clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from omuscd.events import Event
+
+log = logging.getLogger("omuscd.membership")
+
+ALIVE, SUSPECT, DEAD, INCOMPATIBLE = "alive", "suspect", "dead", "incompatible"
+STATES = (ALIVE, SUSPECT, DEAD, INCOMPATIBLE)
+#: A fresh id taken after a clash comes from above the address-derived range.
+MOVED_ID_RANGE = (65536, 2**31 - 1)
+
+
+class IdClash(Exception):
+    """Our node id was given explicitly and another, earlier node holds it."""
+
+
+@dataclass
+class Node:
+    """Our view of one node: its last entry (wire form) plus our judgement of it."""
+
+    entry: dict[str, Any]
+    state: str
+    heard: float  # our clock's estimate of when the node produced its newest heartbeat
+    since: float  # when ``state`` was entered
+    auth: str  # "key", "unverified" or "insecure"
+    address: tuple[str, int]  # where to send gossip
+
+    @property
+    def id(self) -> int:
+        return int(self.entry["id"])
+
+    @property
+    def name(self) -> str:
+        return str(self.entry["name"])
+
+    def view(self, now: float) -> dict[str, Any]:
+        """What ``nodes`` and ``node`` show (JSON form)."""
+        e = self.entry
+        return {
+            "id": e["id"], "name": e["name"], "address": e["addr"], "port": e["port"],
+            "role": e["role"], "state": self.state, "load": round(float(e["load"]), 2),
+            "util": round(float(e["util"]), 1), "runq": e["runq"], "cpus": e["cpus"],
+            "speed": e["speed"], "mem_free_mb": e["mem"], "jobs": e["jobs"],
+            "release": e["rel"], "flags": list(e["flags"]), "auth": self.auth,
+            "last_heard": round(max(0.0, now - self.heard), 1),
+            "state_since": round(max(0.0, now - self.since), 1),
+        }
+
+
+@dataclass
+class Timing:
+    suspect_timeout: float = 3.0
+    dead_timeout: float = 6.0
+    forget_after: float = 3600.0
+
+
+@dataclass
+class Membership:
+    """The node table of one daemon.  ``me`` is our own entry; only methods change state
+    and every change is returned as :class:`Event` objects for the caller to publish."""
+
+    me: dict[str, Any]
+    timing: Timing = field(default_factory=Timing)
+    id_explicit: bool = False
+    rng: random.Random = field(default_factory=random.Random)
+    nodes: dict[int, Node] = field(default_factory=dict)
+    incompatible: dict[tuple[str, int], Node] = field(default_factory=dict)
+    departed: dict[int, tuple[int, int]] = field(default_factory=dict)  # id -> (boot, hb)
+    clash_warned: set[int] = field(default_factory=set)
+    #: Nodes to send our own entry to directly: a later claimant of our id (a third
+    #: party may show it instead of us, so it might never hear of us otherwise) and a
+    #: newly seen incompatible node (so that it lists us too).
+    to_answer: list[tuple[str, int]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ our own entry
+    @property
+    def my_id(self) -> int:
+        return int(self.me["id"])
+
+    def beat(self, **fields: Any) -> None:
+        """A gossip round: bump our heartbeat and refresh the fields that changed."""
+        self.me.update(fields)
+        self.me["hb"] += 1
+
+    def own_entry(self) -> dict[str, Any]:
+        return {**self.me, "age": 0}
+
+    # ------------------------------------------------------------------ merging news
+    def merge(self, entry: dict[str, Any], now: float, auth: str,
+              source: tuple[str, int] | None = None) -> list[Event]:
+        """Merge one (already validated) entry.  ``source`` is set when the entry is the
+        sender's own, so we learn the address it really speaks from."""
+        nid = int(entry["id"])
+        origin = now - entry["age"] / 1000.0
+        entry = {k: v for k, v in entry.items() if k != "age"}
+        if nid == self.my_id:
+            return self._own_id_seen(entry)
+        if entry["st"] == "left":
+            return self._leave(entry, now)
+        gone = self.departed.get(nid)
+        if gone is not None:
+            if gone[0] == entry["boot"] and entry["hb"] <= gone[1]:
+                return []  # stale news of a node that left
+            del self.departed[nid]
+        address = source or (entry["addr"], entry["port"])
+        node = self.nodes.get(nid)
+        if node is None:
+            self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address)
+            return [Event("join", f"node {nid} ({entry['name']}) at {entry['addr']} joined",
+                          {"node": nid, "name": entry["name"], "address": entry["addr"]})]
+        old = node.entry
+        if entry["boot"] != old["boot"]:
+            if (entry["inc"], entry["boot"]) < (old["inc"], old["boot"]):
+                return []  # an older incarnation (or the loser of an id clash)
+            self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address)
+            return [Event("restart", f"node {nid} ({entry['name']}) restarted",
+                          {"node": nid, "name": entry["name"]})]
+        if entry["hb"] < old["hb"]:
+            return []
+        if entry["hb"] > old["hb"]:
+            node.entry = entry
+        node.heard = max(node.heard, origin)
+        if source is not None:
+            node.address = source
+        if node.state in (SUSPECT, DEAD) and now - node.heard < self.timing.suspect_timeout:
+            was = node.state
+            node.state, node.since = ALIVE, now
+            return [Event("alive", f"node {nid} ({entry['name']}) is alive again "
+                          f"(was {was})", {"node": nid, "name": entry["name"]})]
+        return []
+
+    def _own_id_seen(self, entry: dict[str, Any]) -> list[Event]:
+        """Someone speaks with our node id.  Our own echo is ignored; another boot is a
+        clash: the node that started later moves (or refuses, if its id was explicit)."""
+        if entry["boot"] == self.me["boot"]:
+            return []
+        other = f"{entry['name']} at {entry['addr']}"
+        if (self.me["inc"], self.me["boot"]) > (entry["inc"], entry["boot"]):
+            if self.id_explicit:
+                raise IdClash(f"node id {self.my_id} is already used by {other}, which "
+                              "started earlier; choose another with --node-id")
+            old_id = self.my_id
+            new_id = self._free_id()
+            self.me["id"] = new_id
+            self.me["hb"] += 1
+            log.warning("node id %d is already used by %s, which started earlier; "
+                        "this node takes id %d instead", old_id, other, new_id)
+            return [Event("clash", f"node id {old_id} also used by {other}; "
+                          f"this node moved to id {new_id}",
+                          {"old_id": old_id, "node": new_id})]
+        self.to_answer.append((entry["addr"], entry["port"]))
+        if entry["boot"] not in self.clash_warned:
+            self.clash_warned.add(entry["boot"])
+            log.warning("node id %d is also claimed by %s, which started later and will "
+                        "move", self.my_id, other)
+            return [Event("clash", f"node id {self.my_id} also claimed by {other}; "
+                          "it started later and will move", {"node": self.my_id})]
+        return []
+
+    def _free_id(self) -> int:
+        while True:
+            nid = self.rng.randint(*MOVED_ID_RANGE)
+            if nid not in self.nodes and nid != self.my_id:
+                return nid
+
+    def _leave(self, entry: dict[str, Any], now: float) -> list[Event]:
+        nid = int(entry["id"])
+        node = self.nodes.get(nid)
+        if node is None or node.entry["boot"] != entry["boot"]:
+            if node is None:
+                self.departed[nid] = (entry["boot"], entry["hb"])
+            return []
+        del self.nodes[nid]
+        self.departed[nid] = (entry["boot"], entry["hb"])
+        return [Event("leave", f"node {nid} ({node.name}) left the cluster",
+                      {"node": nid, "name": node.name})]
+
+    def note_incompatible(self, source: tuple[str, int], node_id: int, version: int,
+                          body: dict[str, Any], now: float, auth: str) -> list[Event]:
+        """An authentic datagram of another protocol version: list its sender, never use
+        it.  Only the stable header is trusted; the body is read for a name if it has one."""
+        entry = body.get("entry") if isinstance(body.get("entry"), dict) else {}
+        name = entry.get("name") if isinstance(entry.get("name"), str) else "?"
+        rel = entry.get("rel") if isinstance(entry.get("rel"), str) else f"v{version}"
+        new = source not in self.incompatible
+        self.incompatible[source] = Node(
+            {"id": node_id, "name": name[:64], "addr": source[0], "port": source[1],
+             "role": "?", "load": 0.0, "util": 0.0, "runq": 0, "cpus": 0, "speed": 0,
+             "mem": 0, "jobs": 0, "rel": rel[:32], "flags": [], "proto": version},
+            INCOMPATIBLE, now, now, auth, source)
+        if new:
+            self.to_answer.append(source)
+            return [Event("incompatible", f"node {node_id} ({name}) at {source[0]} speaks "
+                          f"protocol version {version}; it is listed but never used",
+                          {"node": node_id, "version": version})]
+        return []
+
+    # ------------------------------------------------------------------ time passing
+    def sweep(self, now: float) -> tuple[list[Event], float]:
+        """Apply the timeouts.  Returns the events and the next time a state can change,
+        so the caller sleeps exactly until then instead of polling."""
+        t = self.timing
+        events: list[Event] = []
+        nxt = now + t.forget_after
+        for nid, node in list(self.nodes.items()):
+            silent = now - node.heard
+            if node.state in (ALIVE, SUSPECT) and silent >= t.dead_timeout:
+                node.state, node.since = DEAD, now
+                events.append(Event("dead", f"node {nid} ({node.name}) is dead: silent "
+                                    f"for {silent:.1f}s", {"node": nid, "name": node.name}))
+            elif node.state == ALIVE and silent >= t.suspect_timeout:
+                node.state, node.since = SUSPECT, now
+                events.append(Event("suspect", f"node {nid} ({node.name}) is suspect: "
+                                    f"silent for {silent:.1f}s",
+                                    {"node": nid, "name": node.name}))
+            if node.state == DEAD and now - node.since >= t.forget_after:
+                del self.nodes[nid]
+                events.append(Event("forget", f"node {nid} ({node.name}) forgotten",
+                                    {"node": nid}))
+                continue
+            if node.state == ALIVE:
+                nxt = min(nxt, node.heard + t.suspect_timeout)
+            elif node.state == SUSPECT:
+                nxt = min(nxt, node.heard + t.dead_timeout)
+            else:
+                nxt = min(nxt, node.since + t.forget_after)
+        for src, node in list(self.incompatible.items()):
+            if now - node.heard >= t.forget_after:
+                del self.incompatible[src]
+        return events, nxt
+
+    # ------------------------------------------------------------------ what to send
+    def live_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.state in (ALIVE, SUSPECT)]
+
+    def gossip_entries(self, now: float, window: int) -> list[dict[str, Any]]:
+        """Our own entry and the ``window`` freshest others, each with its current age."""
+        fresh = sorted(self.live_nodes(), key=lambda n: n.heard, reverse=True)[:window]
+        return [self.own_entry()] + [self._aged(n, now) for n in fresh]
+
+    def sync_entries(self, now: float) -> list[dict[str, Any]]:
+        """Everything we know that is alive: the reply to a newcomer."""
+        return [self.own_entry()] + [self._aged(n, now) for n in self.live_nodes()]
+
+    @staticmethod
+    def _aged(node: Node, now: float) -> dict[str, Any]:
+        return {**node.entry, "age": max(0, round((now - node.heard) * 1000))}
+
+    def gossip_target(self) -> tuple[str, int] | None:
+        live = self.live_nodes()
+        return self.rng.choice(live).address if live else None
+
+    def probe_target(self) -> tuple[str, int] | None:
+        dead = [n for n in self.nodes.values() if n.state == DEAD]
+        return self.rng.choice(dead).address if dead else None
+
+    def is_new_or_back(self, nid: int, boot: int) -> bool:
+        """Whether a HELLO comes from a node we did not know as alive (worth a SYNC)."""
+        node = self.nodes.get(nid)
+        return node is None or node.entry["boot"] != boot or node.state == DEAD
+
+    # ------------------------------------------------------------------ lookups
+    def find(self, key: str) -> Node | None:
+        """A node by id or by name; ValueError if a name is ambiguous."""
+        if key.isdigit():
+            return self.nodes.get(int(key))
+        matches = [n for n in self.nodes.values() if n.name == key]
+        if len(matches) > 1:
+            raise ValueError(f"name {key!r} is ambiguous: ids "
+                             + ", ".join(str(n.id) for n in matches))
+        return matches[0] if matches else None
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in STATES}
+        for n in self.nodes.values():
+            out[n.state] += 1
+        out[INCOMPATIBLE] += len(self.incompatible)
+        return out

@@ -1,0 +1,186 @@
+"""Real daemons for tests: subprocesses on loopback addresses or in network namespaces.
+
+:class:`NetnsLan` builds one namespace per node plus one holding the bridge, with test
+addresses from 198.18.0.0/24, and removes all of it afterwards; nothing is added to the
+root namespace (veth pairs are created inside the namespaces).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omuscd.client import ControlClient, Reply
+
+PYTHON = sys.executable
+NETNS_PREFIX = "198.18.0."
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll ``cond`` until true; return the seconds it took, or fail saying ``what``."""
+    start = time.monotonic()
+    last_exc: Exception | None = None
+    while True:
+        try:
+            if cond():
+                return time.monotonic() - start
+        except (OSError, ConnectionError, ValueError, KeyError) as e:
+            last_exc = e
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f" (last error: {last_exc})" if last_exc else ""))
+        time.sleep(interval)
+
+
+@dataclass
+class Daemon:
+    """One running ``omuscd`` subprocess."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    state_dir: Path
+    log_path: Path
+    netns: str | None = None
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> str:
+        return str(self.state_dir / "control.sock")
+
+    def client(self) -> ControlClient:
+        return ControlClient.unix(self.socket, timeout=10)
+
+    def ctl(self, line: str) -> Reply:
+        with self.client() as c:
+            return c.command(line)
+
+    def json(self, line: str) -> Any:
+        reply = self.ctl(line + " --json")
+        assert reply.code == 200, reply
+        return reply.json()
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Other nodes by name (this node left out)."""
+        return {n["name"]: n for n in self.json("nodes")["nodes"] if not n.get("self")}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(f"{self.name} did not stop on signal {sig}") from None
+
+
+def omuscd_command(args: list[str], netns: str | None = None) -> list[str]:
+    cmd = [PYTHON, "-m", "omuscd", *args]
+    if netns is not None:
+        # nsenter, not 'ip netns exec': the latter also unshares the mount namespace,
+        # which CRIU refuses to dump.
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", *cmd]
+    return cmd
+
+
+def start_daemon(name: str, args: list[str], workdir: Path, netns: str | None = None,
+                 wait: bool = True, env: dict[str, str] | None = None) -> Daemon:
+    state = workdir / name
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    full = [*args, "--state-dir", str(state), "--node-name", name]
+    logf = open(log_path, "ab")
+    popen = subprocess.Popen(omuscd_command(full, netns), stdout=logf, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    logf.close()
+    d = Daemon(name, popen, state, log_path, netns, full)
+    if wait:
+        def ready() -> bool:
+            if popen.poll() is not None:
+                raise AssertionError(f"{name} exited with {popen.returncode}:\n{d.log()}")
+            return os.path.exists(d.socket) and d.ctl("version").code == 200
+        wait_for(ready, 15, f"{name} to start")
+    return d
+
+
+def short_tmpdir() -> Path:
+    """A short directory: Unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix="omt-"))
+
+
+def can_netns() -> str | None:
+    """None if this machine can build namespace clusters, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "nsenter"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            return f"{tool} is not installed"
+    return None
+
+
+def sh(*cmd: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+class NetnsLan:
+    """A LAN of namespaces: ``<p>br`` holds bridge br0; ``<p>n<i>`` has eth0 with
+    198.18.0.<10+i>/24, veth to the bridge, and lo up (CRIU's checks need lo)."""
+
+    def __init__(self, nodes: int, prefix: str | None = None):
+        self.prefix = prefix or f"omt{os.getpid() % 100000}x"
+        self.bridge = f"{self.prefix}br"
+        self.names: list[str] = []
+        self.nodes = nodes
+
+    def address(self, i: int) -> str:
+        return f"{NETNS_PREFIX}{10 + i}"
+
+    def ns(self, i: int) -> str:
+        return f"{self.prefix}n{i}"
+
+    def __enter__(self) -> NetnsLan:
+        try:
+            sh("ip", "netns", "add", self.bridge)
+            self.names.append(self.bridge)
+            sh("ip", "-n", self.bridge, "link", "set", "lo", "up")
+            sh("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.bridge, "link", "set", "br0", "up")
+            for i in range(self.nodes):
+                self.add_node(i)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def add_node(self, i: int) -> str:
+        ns = self.ns(i)
+        sh("ip", "netns", "add", ns)
+        self.names.append(ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"v{i}",
+           "netns", self.bridge)
+        sh("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "brd", "+", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", self.bridge, "link", "set", f"v{i}", "master", "br0", "up")
+        return ns
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in reversed(self.names):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.names.clear()

@@ -1,0 +1,113 @@
+import json
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from omuscd import commands
+from omuscd.commands import COMMANDS, ParseError, parse
+from tests.test_timing import make
+
+
+def test_every_command_has_syntax_and_help():
+    for name, cmd in COMMANDS.items():
+        assert cmd.name == name and cmd.help and cmd.syntax.startswith(name)
+
+
+@pytest.mark.parametrize("line,code", [
+    ("frobnicate", commands.UNKNOWN),
+    ("node", commands.BAD_ARGS),
+    ("node a b", commands.BAD_ARGS),
+    ("log loud", commands.BAD_ARGS),
+    ("status --jsn", commands.BAD_ARGS),
+    ("quit --json", commands.BAD_ARGS),  # not a listing
+    ("get 'unclosed", commands.BAD_ARGS),
+    ("node " + "x" * 100, commands.BAD_ARGS),
+])
+def test_bad_lines_get_4xx(line, code):
+    with pytest.raises(ParseError) as e:
+        parse(line)
+    assert e.value.code == code
+
+
+def test_parse_accepts_case_quotes_and_json():
+    p = parse("NODES --json")
+    assert p.command.name == "nodes" and p.json
+    p = parse("log DEBUG")
+    assert p.args == {"level": "debug"}
+    p = parse("node 'my node'")
+    assert p.args == {"node": "my node"}
+    assert parse("   ") is None
+
+
+def test_completion_comes_from_the_table():
+    assert commands.completions("s") == ["set", "shutdown", "status"]
+
+
+@dataclass
+class Ctx:
+    daemon: object
+    admin: bool = True
+    authenticated: bool = True
+    user: str = "test"
+
+
+@pytest.fixture
+def ctx(workdir):
+    return Ctx(make(workdir, "127.0.0.31", 14280))
+
+
+def run(ctx, line):
+    async def go():
+        return commands.execute(ctx, line)
+    return trio.run(go)
+
+
+def test_help_lists_every_command(ctx):
+    reply = run(ctx, "help")
+    assert reply.code == 200
+    for name in COMMANDS:
+        assert any(line.startswith(name) for line in reply.lines)
+    assert run(ctx, "help node").lines[0] == "node node [--json]"
+    assert run(ctx, "help nope").code == commands.NOT_FOUND
+
+
+def test_listings_answer_one_json_line(ctx):
+    for name, cmd in COMMANDS.items():
+        if cmd.json and name not in ("watch", "node"):
+            reply = run(ctx, f"{name} --json")
+            assert reply.code == 200 and len(reply.lines) == 1, name
+            assert reply.render().startswith(b"200 {")
+            json.loads(reply.lines[0])
+
+
+def test_set_get_and_bounds(ctx):
+    assert run(ctx, "set dead_timeout 9").lines == ["dead_timeout = 9.0"]
+    assert run(ctx, "get dead-timeout --json").json
+    assert json.loads(run(ctx, "get --json").lines[0])["dead_timeout"] == 9.0
+    assert run(ctx, "set dead_timeout 0").code == commands.BAD_ARGS
+    assert run(ctx, "set port 1").code == commands.NOT_FOUND  # not a runtime tunable
+    assert run(ctx, "get nope").code == commands.NOT_FOUND
+    assert ctx.daemon.cfg.dead_timeout == 9.0
+
+
+def test_admin_and_auth_gates(ctx):
+    ctx.admin = False
+    assert run(ctx, "shutdown").code == commands.NOT_PERMITTED
+    assert run(ctx, "set dead_timeout 8").code == commands.NOT_PERMITTED
+    assert run(ctx, "status").code == 200
+    ctx.authenticated = False
+    assert run(ctx, "status").code == commands.AUTH_REQUIRED
+    assert run(ctx, "help").code == 200
+
+
+def test_node_lookup(ctx):
+    assert run(ctx, "node 127.0.0.31").code == 200
+    assert run(ctx, f"node {ctx.daemon.node_id} --json").json
+    assert run(ctx, "node ghost").code == commands.NOT_FOUND
+
+
+def test_multiline_framing():
+    r = commands.Reply(200, ["a", "b", "c"])
+    assert r.render() == b"200-a\r\n200-b\r\n200 c\r\n"
+    assert commands.Reply(210, ["x"], stream=True).render() == b"210-x\r\n"

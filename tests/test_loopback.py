@@ -1,0 +1,342 @@
+"""A loopback cluster of real daemons (127.0.0.x joined with --peer), real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from omuscd import client, config, wire
+from tests.cluster import PYTHON, omuscd_command, start_daemon, wait_for
+
+PORT = 24270
+CTL = 24271
+
+
+def base(addr: str, key: str | None, *extra: str) -> list[str]:
+    args = ["--address", addr, "--port", str(PORT), "--control-bind", addr,
+            "--control-port", str(CTL), "--gossip-interval", "0.2",
+            "--suspect-timeout", "1.5", "--dead-timeout", "3"]
+    if key:
+        args += ["--key-file", key]
+    return [*args, *extra]
+
+
+@pytest.fixture
+def key(workdir):
+    path = workdir / "cluster.key"
+    config.write_key(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def trio_nodes(workdir, key, reaper):
+    nodes = []
+    for i in (2, 3, 4):
+        d = start_daemon(f"n{i}", base(f"127.0.0.{i}", key, "--peer", f"127.0.0.2:{PORT}"),
+                         workdir)
+        reaper.append(d)
+        nodes.append(d)
+    for d in nodes:
+        wait_for(lambda d=d: len(d.nodes()) == 2, 5, f"{d.name} to see two others")
+    return nodes
+
+
+def test_three_nodes_agree_on_the_table(trio_nodes):
+    ids = {d.name: d.json("status")["id"] for d in trio_nodes}
+    assert ids == {"n2": 2, "n3": 3, "n4": 4}
+    for d in trio_nodes:
+        views = d.json("nodes")["nodes"]
+        assert {v["id"] for v in views} == {2, 3, 4}
+        assert all(v["state"] == "alive" and v["auth"] == "key" for v in views)
+        assert views[0]["self"] and views[0]["name"] == d.name
+    node3 = trio_nodes[0].json("node n3")
+    assert node3["address"] == "127.0.0.3" and node3["cpus"] >= 1 and node3["release"] == "1a0"
+
+
+def test_clean_stop_announces_departure(trio_nodes):
+    n2, n3, n4 = trio_nodes
+    start = time.monotonic()
+    assert n4.stop(signal.SIGTERM) == 0
+    took = wait_for(lambda: "n4" not in n2.nodes() and "n4" not in n3.nodes(), 2,
+                    "n4 to be gone")
+    assert time.monotonic() - start < 2.5 and took < 1.0
+    assert "left the cluster" in n2.log()
+    assert "shutting down: signal SIGTERM" in n4.log()
+
+
+def test_kill_is_detected_as_suspect_then_dead(trio_nodes):
+    n2, n3, n4 = trio_nodes
+    n4.stop(signal.SIGKILL)
+    wait_for(lambda: n2.nodes()["n4"]["state"] == "dead", 3.5, "n4 dead at n2")
+    wait_for(lambda: n3.nodes()["n4"]["state"] == "dead", 1, "n4 dead at n3")
+    log = n2.log()
+    assert log.index("n4) is suspect") < log.index("n4) is dead")
+
+
+def send_datagrams(addr: str, datagrams: list[bytes]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.99", 0))
+        for d in datagrams:
+            s.sendto(d, (addr, PORT))
+
+
+def fake_entry(nid: int) -> dict:
+    return {"id": nid, "boot": 5, "inc": 1, "hb": 1, "age": 0, "name": f"fake{nid}",
+            "addr": "127.0.0.99", "port": PORT, "role": "peer", "rel": "1a0", "st": "up",
+            "cpus": 1, "speed": 1, "mem": 1, "load": 0.0, "util": 0.0, "runq": 0, "jobs": 0,
+            "flags": []}
+
+
+def test_forged_unsigned_and_junk_packets_are_counted_and_ignored(trio_nodes, key):
+    n2 = trio_nodes[0]
+    now = time.time()
+    good_key = config.read_secret(key)
+    forger = wire.Codec(b"not-the-key-at-all!", 99, 5, 1)
+    unsigned = wire.Codec(None, 98, 5, 1)
+    honest = wire.Codec(good_key, 97, 5, 1)
+    replayed = honest.encode(wire.HELLO, {"entry": fake_entry(97)}, now)
+    before = n2.json("status")["packets"]
+    send_datagrams("127.0.0.2", [
+        forger.encode(wire.HELLO, {"entry": fake_entry(99)}, now),
+        unsigned.encode(wire.HELLO, {"entry": fake_entry(98)}, now),
+        b"\x00" * 3, os.urandom(500), wire.MAGIC + os.urandom(100),
+        honest.encode(wire.HELLO, {"entry": fake_entry(96)}, now),  # entry/header mismatch
+        honest.encode(wire.HELLO, {"entry": fake_entry(97)}, now - 3600),
+        replayed, replayed,
+    ])
+
+    def counted():
+        p = n2.json("status")["packets"]
+        return {r: p[r] - before[r] for r in wire.DROP_REASONS}
+
+    # junk behind a valid magic fails authentication before anything reads it
+    want = {"bad-signature": 2, "unsigned": 1, "malformed": 3, "stale": 1, "replayed": 1,
+            "incompatible": 0}
+    wait_for(lambda: counted() == want, 3, f"drop counters {want}")
+    names = set(n2.nodes())
+    assert "fake99" not in names and "fake98" not in names and "fake96" not in names
+    assert "fake97" in names  # the one authentic datagram was taken, once
+    assert {"n3", "n4"} <= names
+    status = n2.ctl("status").text
+    assert "bad-signature 2" in status and "replayed 1" in status
+
+
+def test_other_protocol_version_is_listed_incompatible(trio_nodes, workdir, key, reaper):
+    n2 = trio_nodes[0]
+    v2 = start_daemon("v2", base("127.0.0.5", key, "--peer", f"127.0.0.2:{PORT}",
+                                 "--wire-version", "2"), workdir)
+    reaper.append(v2)
+    wait_for(lambda: n2.nodes().get("v2", {}).get("state") == "incompatible", 3,
+             "v2 listed as incompatible")
+    assert n2.json("status")["packets"]["incompatible"] > 0
+    assert {"n3", "n4"} == {n for n, v in n2.nodes().items() if v["state"] == "alive"}
+    assert "speaks protocol version 2" in n2.log()
+    wait_for(lambda: {v["state"] for v in v2.nodes().values()} == {"incompatible"}, 3,
+             "v2 to see the others as incompatible")
+
+
+def test_keyless_node_is_read_only_and_refused_by_keyed_nodes(trio_nodes, workdir, reaper):
+    assert not os.path.exists(config.DEFAULT_KEY_FILE), "this test needs no /etc/omuscd.key"
+    n2 = trio_nodes[0]
+    ro = start_daemon("ro", base("127.0.0.6", None, "--peer", f"127.0.0.2:{PORT}"), workdir)
+    reaper.append(ro)
+    st = ro.json("status")
+    assert st["security"] == "read-only"
+    assert "omuscd keygen" in ro.ctl("status").text and "omuscd keygen" in ro.log()
+    wait_for(lambda: n2.json("status")["packets"]["unsigned"] > 0, 3, "unsigned counted")
+    assert "ro" not in n2.nodes()
+    # it learns the cluster from the table the seed sends back... which the seed never
+    # does for an unsigned hello: a read-only node sees only what reaches it signed.
+    time.sleep(0.5)
+    assert all(v["auth"] == "unverified" for v in ro.nodes().values())
+
+
+def test_automatic_id_clash_moves_the_later_node(trio_nodes, workdir, key, reaper):
+    n2 = trio_nodes[0]
+    # 127.1.0.2 derives id 2 from its last two octets, like 127.0.0.2
+    late = start_daemon("late", base("127.1.0.2", key, "--peer", f"127.0.0.2:{PORT}"),
+                        workdir)
+    reaper.append(late)
+    wait_for(lambda: "late" in n2.nodes() and n2.nodes()["late"]["id"] >= 65536, 4,
+             "late to move to a fresh id")
+    assert late.json("status")["id"] == n2.nodes()["late"]["id"]
+    assert n2.json("status")["id"] == 2
+    assert "already used by n2" in late.log()
+    wait_for(lambda: late.nodes().get("n2", {}).get("state") == "alive", 3, "n2 seen by late")
+
+
+def test_explicit_id_clash_refuses_with_exit_3(trio_nodes, workdir, key, reaper):
+    n2, n3, _ = trio_nodes
+    late = start_daemon("dup", base("127.0.0.7", key, "--peer", f"127.0.0.2:{PORT}",
+                                    "--node-id", "3"), workdir, wait=False)
+    reaper.append(late)
+    assert late.popen.wait(10) == 3
+    assert "node id 3 is already used by n3" in late.log()
+    assert "node id 3 is also claimed by dup" in n3.log()
+    # its departure under the clashing id lets third parties show the rightful owner
+    wait_for(lambda: n2.nodes().get("n3", {}).get("state") == "alive", 3, "n3 back at n2")
+
+
+def test_control_port_robustness(trio_nodes):
+    n2 = trio_nodes[0]
+    with socket.create_connection(("127.0.0.2", CTL), timeout=5) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 omuscd-")
+        s.sendall(bytes(range(11, 255)) + b"\n" + b"A" * 100000 + b"\r\n" + b"\x00junk\n")
+        lines = [f.readline() for _ in range(3)]
+        assert [ln[:4] for ln in lines] == [b"403 ", b"402 ", b"403 "]
+        s.sendall(b"frobnicate\r\nversion\r\n")
+        assert f.readline().startswith(b"400 ")
+        assert f.readline().startswith(b"200 omuscd-")
+    # the daemon is unharmed and answers a normal client
+    assert n2.ctl("nodes").code == 200
+
+
+def test_too_many_sessions_get_421(trio_nodes):
+    socks = []
+    try:
+        for _ in range(64):
+            s = socket.create_connection(("127.0.0.2", CTL), timeout=5)
+            s.recv(200)
+            socks.append(s)
+        with socket.create_connection(("127.0.0.2", CTL), timeout=5) as extra:
+            assert extra.makefile("rb").readline().startswith(b"421 ")
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: trio_nodes[0].ctl("version").code == 200, 3, "sessions to free up")
+
+
+def telnet(addr: str, port: int, script: list[tuple[str, float]]) -> str:
+    """Drive the real telnet client; bytes go through its own line mode and escapes."""
+    p = subprocess.Popen(["telnet", addr, str(port)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert p.stdin is not None
+    time.sleep(0.5)
+    for text, pause in script:
+        p.stdin.write(text.encode())
+        p.stdin.flush()
+        time.sleep(pause)
+    out, _ = p.communicate(timeout=10)
+    return out.decode(errors="replace")
+
+
+@pytest.mark.skipif(subprocess.run(["which", "telnet"], capture_output=True).returncode,
+                    reason="the telnet client is not installed (the README's test command "
+                           "installs it)")
+def test_real_telnet_session(trio_nodes):
+    out = telnet("127.0.0.2", CTL, [
+        ("\x1d", 0.2), ("send do echo\n", 0.3),  # telnet sends IAC DO ECHO
+        ("nodes\n", 0.4), ("watch\n", 0.4),
+        ("\x1d", 0.2), ("send ip\n", 0.4),  # IAC IP (Ctrl-C) ends the watch
+        ("node n3\n", 0.4), ("quit\n", 0.5),
+    ])
+    assert "220 omuscd-1a0 node n2" in out
+    assert "200-*2" in out and "200 3 nodes" in out
+    assert "210-watching" in out and "210 end of watch" in out
+    assert "200-address: 127.0.0.3" in out
+    assert "221 bye" in out
+
+
+def test_password_challenge(workdir, key, reaper):
+    secret = workdir / "pw.secret"
+    config.write_key(str(secret))
+    d = start_daemon("pw", base("127.0.0.8", key, "--control-secret", str(secret)), workdir)
+    reaper.append(d)
+    with socket.create_connection(("127.0.0.8", CTL), timeout=5) as s:
+        f = s.makefile("rb")
+        greet = [f.readline(), f.readline()]
+        assert greet[0].startswith(b"220-") and b"challenge" in greet[1]
+        s.sendall(b"status\n")
+        assert f.readline().startswith(b"530 ")
+        s.sendall(b"auth " + b"0" * 64 + b"\n")
+        assert f.readline().startswith(b"531 ")
+        assert f.readline() == b""  # closed after a failure
+    with client.ControlClient.tcp("127.0.0.8", CTL, config.read_secret(str(secret))) as c:
+        assert c.command("status").ok
+    # the Unix socket identifies its user by the kernel: no password
+    assert d.ctl("status").ok
+
+
+def test_control_beyond_loopback_without_secret_is_refused(workdir):
+    r = subprocess.run(omuscd_command(["--control-bind", "0.0.0.0", "--insecure",
+                                       "--state-dir", str(workdir)]),
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "--control-secret" in r.stderr
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["--port", "0"], 2, "below the minimum 1"),
+    (["--port", "99999"], 2, "maximum"),
+    (["--bogus"], 2, "unrecognized"),
+    (["--key-file", "/nonexistent/k"], 2, "omuscd keygen"),
+    (["--config", "/nonexistent.toml"], 2, "cannot read config"),
+    (["--cpus", "4000"], 2, "not available"),
+])
+def test_usage_errors_exit_2(workdir, args, code, msg):
+    r = subprocess.run(omuscd_command([*args, "--state-dir", str(workdir)]),
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == code, r.stderr
+    assert msg in r.stderr
+
+
+def test_port_in_use_exits_1(trio_nodes, workdir, key):
+    r = subprocess.run(omuscd_command(base("127.0.0.2", key, "--state-dir",
+                                           str(workdir / "x"), "--control-port", "24299")),
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "cannot bind UDP 127.0.0.2:24270" in r.stderr
+
+
+def test_sighup_rereads_tunables(workdir, key, reaper):
+    conf = workdir / "omuscd.toml"
+    conf.write_text("dead_timeout = 7.0\n")
+    d = start_daemon("hup", base("127.0.0.9", key, "--config", str(conf)), workdir)
+    reaper.append(d)
+    # switches win over the file at start; the file then changes and SIGHUP rereads it
+    assert d.json("get dead_timeout") == {"dead_timeout": 3.0}
+    conf.write_text("dead_timeout = 8.5\nport = 1234\n")
+    d.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.json("get dead_timeout") == {"dead_timeout": 8.5}, 3, "reload")
+    assert "port changed" in d.log() and d.alive()
+    conf.write_text("dead_timeout = oops\n")
+    d.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration left as it was" in d.log(), 3, "bad reload refused")
+    assert d.json("get dead_timeout") == {"dead_timeout": 8.5}
+
+
+def test_daemon_mode_pidfile_and_shutdown(workdir, key):
+    pidfile = workdir / "omuscd.pid"
+    logf = workdir / "d.log"
+    args = base("127.0.0.10", key, "--daemon", "--pidfile", str(pidfile), "--log-file",
+                str(logf), "--state-dir", str(workdir / "d"))
+    r = subprocess.run(omuscd_command(args), capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    pid = int(pidfile.read_text())
+    os.kill(pid, 0)
+    # a second one refuses: already running
+    r2 = subprocess.run(omuscd_command(args), capture_output=True, text=True, timeout=20)
+    assert r2.returncode == 1 and f"already running as pid {pid}" in r2.stderr
+    sock = str(workdir / "d" / "control.sock")
+    with client.ControlClient.unix(sock) as c:
+        assert c.command("shutdown").ok
+    wait_for(lambda: not pidfile.exists(), 5, "the pid file to go")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5, "the daemon to exit")
+    assert "shutting down: 'shutdown' from" in logf.read_text()
+
+
+def test_ctl_exit_codes(trio_nodes, workdir):
+    sock = trio_nodes[0].socket
+    run = [PYTHON, "-m", "omuscd", "ctl", "--connect", sock]
+    assert subprocess.run([*run, "version"], capture_output=True).returncode == 0
+    r = subprocess.run([*run, "frob"], capture_output=True, text=True)
+    assert r.returncode == 4 and "unknown command" in r.stderr
+    r = subprocess.run([*run, "--json", "nodes"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith('{"nodes":')
+    r = subprocess.run([*run[:-1], str(workdir / "none.sock"), "status"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot talk" in r.stderr

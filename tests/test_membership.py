@@ -1,0 +1,127 @@
+import pytest
+
+from omuscd.membership import ALIVE, DEAD, SUSPECT, IdClash, Membership, Timing
+from tests.test_wire import entry
+
+
+def me(nid=1, inc=10, boot=100):
+    return {**entry(nid, inc=inc, boot=boot, hb=0, addr="198.18.0.1")}
+
+
+def kinds(events):
+    return [e.kind for e in events]
+
+
+def table(**kw):
+    return Membership(me(**kw), Timing(3.0, 6.0, 100.0))
+
+
+def test_join_then_suspect_then_dead_timed_from_the_origin():
+    m = table()
+    assert kinds(m.merge(entry(5, age=1000), 50.0, "key")) == ["join"]
+    # the heartbeat was produced 1 s before we heard it: silence counts from then
+    ev, nxt = m.sweep(51.9)
+    assert ev == [] and nxt == pytest.approx(52.0)
+    ev, nxt = m.sweep(52.0)
+    assert kinds(ev) == ["suspect"] and m.nodes[5].state == SUSPECT
+    assert nxt == pytest.approx(55.0)
+    ev, _ = m.sweep(55.0)
+    assert kinds(ev) == ["dead"] and m.nodes[5].state == DEAD
+
+
+def test_fresh_heartbeat_revives():
+    m = table()
+    m.merge(entry(5, hb=1), 0.0, "key")
+    m.sweep(7.0)
+    assert m.nodes[5].state == DEAD
+    assert kinds(m.merge(entry(5, hb=2), 8.0, "key")) == ["alive"]
+    assert m.nodes[5].state == ALIVE
+
+
+def test_old_news_does_not_revive_or_go_back():
+    m = table()
+    m.merge(entry(5, hb=9, load=0.9), 0.0, "key")
+    m.sweep(7.0)
+    # newer, but produced 6.5 s ago: taken in, yet the node stays dead
+    assert m.merge(entry(5, hb=10, age=6500, load=0.7), 7.1, "key") == []
+    assert m.nodes[5].state == DEAD
+    m.merge(entry(5, hb=3, load=0.1), 7.2, "key")
+    assert m.nodes[5].entry["hb"] == 10 and m.nodes[5].entry["load"] == 0.7
+
+
+def test_departure_is_immediate_and_stale_gossip_does_not_resurrect():
+    m = table()
+    m.merge(entry(5, hb=4), 0.0, "key")
+    assert kinds(m.merge(entry(5, hb=5, st="left"), 1.0, "key")) == ["leave"]
+    assert 5 not in m.nodes
+    assert m.merge(entry(5, hb=4), 1.1, "key") == []  # a third party's old news
+    assert 5 not in m.nodes
+    assert kinds(m.merge(entry(5, boot=999, inc=50, hb=0), 2.0, "key")) == ["join"]
+
+
+def test_restart_replaces_the_older_incarnation_only():
+    m = table()
+    m.merge(entry(5, inc=1, boot=7), 0.0, "key")
+    assert kinds(m.merge(entry(5, inc=2, boot=8), 0.1, "key")) == ["restart"]
+    assert m.merge(entry(5, inc=1, boot=7, hb=99), 0.2, "key") == []
+    assert m.nodes[5].entry["boot"] == 8
+
+
+def test_forgets_dead_nodes_after_forget_after():
+    m = table()
+    m.merge(entry(5), 0.0, "key")
+    m.sweep(6.0)
+    ev, _ = m.sweep(106.0)
+    assert kinds(ev) == ["forget"] and not m.nodes
+
+
+def test_own_echo_is_ignored():
+    m = table(nid=5, boot=77)
+    assert m.merge(entry(5, boot=77), 0.0, "key") == []
+    assert not m.nodes
+
+
+def test_id_clash_the_later_node_moves():
+    later = table(nid=5, inc=20, boot=1)
+    ev = later.merge(entry(5, inc=10, boot=2, name="early"), 0.0, "key")
+    assert kinds(ev) == ["clash"] and later.my_id != 5 and later.my_id >= 65536
+    assert "early" in ev[0].text
+    earlier = table(nid=5, inc=10, boot=2)
+    ev = earlier.merge(entry(5, inc=20, boot=1), 0.0, "key")
+    assert kinds(ev) == ["clash"] and earlier.my_id == 5
+    assert earlier.merge(entry(5, inc=20, boot=1, hb=9), 0.1, "key") == []  # said once
+
+
+def test_id_clash_with_an_explicit_id_refuses():
+    m = Membership(me(nid=5, inc=20, boot=1), id_explicit=True)
+    with pytest.raises(IdClash, match="--node-id"):
+        m.merge(entry(5, inc=10, boot=2), 0.0, "key")
+
+
+def test_gossip_carries_own_entry_and_freshest_window():
+    m = table()
+    for i in range(2, 12):
+        m.merge(entry(i, age=i * 100), 10.0, "key")
+    sent = m.gossip_entries(10.0, 3)
+    assert [e["id"] for e in sent] == [1, 2, 3, 4]
+    assert sent[1]["age"] == 200 and sent[0]["age"] == 0
+    assert len(m.sync_entries(10.0)) == 11
+
+
+def test_incompatible_nodes_are_listed_apart():
+    m = table()
+    ev = m.note_incompatible(("198.18.0.9", 4270), 9, 2, {"entry": {"name": "new"}}, 0.0, "key")
+    assert kinds(ev) == ["incompatible"]
+    assert m.counts()["incompatible"] == 1 and 9 not in m.nodes
+    assert m.incompatible[("198.18.0.9", 4270)].view(1.0)["state"] == "incompatible"
+
+
+def test_find_by_id_or_name():
+    m = table()
+    m.merge(entry(5, name="a"), 0.0, "key")
+    m.merge(entry(6, name="a"), 0.0, "key")
+    m.merge(entry(7, name="b"), 0.0, "key")
+    assert m.find("7").name == "b" and m.find("b").id == 7
+    with pytest.raises(ValueError, match="ambiguous"):
+        m.find("a")
+    assert m.find("zz") is None

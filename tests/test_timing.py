@@ -1,0 +1,120 @@
+"""The daemon's timer loop under trio's MockClock: two real daemons in one trio run,
+talking over loopback UDP, with virtual time, so timeouts are checked exactly."""
+
+import pytest
+import trio
+import trio.testing
+
+from omuscd import config
+from omuscd.daemon import Daemon
+
+
+def make(workdir, addr, port, peers=(), **kw):
+    cfg = config.merge({"address": addr, "port": port, "control_port": port + 1,
+                        "peer": list(peers), "control_bind": addr, "state_dir": str(workdir / addr),
+                        "node_name": addr, "insecure": True, **kw}, None)
+    config.autodetect(cfg)
+    return Daemon(cfg, None, "insecure")
+
+
+def run_virtual(fn):
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0.02))
+
+
+def test_join_suspect_dead_on_virtual_time(workdir):
+    a = make(workdir, "127.0.0.21", 14270)
+    b = make(workdir, "127.0.0.22", 14270, peers=["127.0.0.21:14270"])
+    seen: dict[str, float] = {}
+
+    async def main():
+        events = a.bus.subscribe()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            b_scope = trio.CancelScope()
+
+            async def run_b(task_status=trio.TASK_STATUS_IGNORED):
+                with b_scope:
+                    await b.run(task_status=task_status)
+
+            t_start = trio.current_time()
+            await nursery.start(run_b)
+            async for ev in events:
+                seen[ev.kind] = trio.current_time()
+                if ev.kind == "join":
+                    seen["join"] -= t_start
+                    await trio.sleep(4)  # steady state: stays alive, no false suspicion
+                    assert a.members.nodes[b.node_id].state == "alive"
+                    b_scope.cancel()  # b crashes: no departure message
+                    seen["crash"] = trio.current_time()
+                if ev.kind == "dead":
+                    break
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main)
+    assert seen["join"] < 0.6  # the unicast HELLO to the seed arrives at once
+    suspect, dead = seen["suspect"] - seen["crash"], seen["dead"] - seen["crash"]
+    # b's last heartbeat left at most one gossip round (0.5 s) before the crash
+    assert 3.0 - 0.5 - 0.05 <= suspect <= 3.0 + 0.05, suspect
+    assert 6.0 - 0.5 - 0.05 <= dead <= 6.0 + 0.05, dead
+
+
+def test_tunables_apply_at_once(workdir):
+    a = make(workdir, "127.0.0.23", 14272)
+    b = make(workdir, "127.0.0.24", 14272, peers=["127.0.0.23:14272"])
+    seen: dict[str, float] = {}
+
+    async def main():
+        events = a.bus.subscribe()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            scope = trio.CancelScope()
+
+            async def run_b(task_status=trio.TASK_STATUS_IGNORED):
+                with scope:
+                    await b.run(task_status=task_status)
+
+            await nursery.start(run_b)
+            async for ev in events:
+                if ev.kind == "join":
+                    a.set_tunable("dead_timeout", 20)
+                    scope.cancel()
+                    seen["crash"] = trio.current_time()
+                if ev.kind == "dead":
+                    seen["dead"] = trio.current_time()
+                    break
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main)
+    assert 19.4 <= seen["dead"] - seen["crash"] <= 20.05
+
+
+def test_departure_is_seen_at_once(workdir):
+    a = make(workdir, "127.0.0.25", 14274)
+    b = make(workdir, "127.0.0.26", 14274, peers=["127.0.0.25:14274"])
+    seen: dict[str, float] = {}
+
+    async def main():
+        events = a.bus.subscribe()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            async for ev in events:
+                if ev.kind == "join":
+                    b.request_shutdown("test")
+                    seen["stop"] = trio.current_time()
+                if ev.kind in ("leave", "dead", "suspect"):
+                    seen[ev.kind] = trio.current_time()
+                    break
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main)
+    assert "leave" in seen and seen["leave"] - seen["stop"] < 0.1
+
+
+@pytest.mark.parametrize("key", ["gossip_interval", "dead_timeout"])
+def test_bad_tunable_changes_nothing(workdir, key):
+    a = make(workdir, "127.0.0.27", 14276)
+    before = a.tunables()
+    with pytest.raises(config.ConfigError):
+        a.set_tunable(key, "0.001")
+    assert a.tunables() == before
