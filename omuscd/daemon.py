@@ -418,7 +418,7 @@ class Daemon:
             f"version: {st['version']} (wire protocol {st['protocol']})",
             f"interface: {c.interface} ({st['interface_source']}), address {c.address}, "
             f"broadcast {c.broadcast or 'off'}",
-            f"ports: cluster {c.port}/udp+tcp, control {st['control']}, "
+            f"ports: cluster {c.port}/udp, control {st['control']}, "
             f"socket {c.control_socket}",
             f"peers: {' '.join(st['peers']) or 'none (broadcast discovery only)'}",
             f"topology: {c.topology}",

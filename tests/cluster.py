@@ -184,3 +184,20 @@ class NetnsLan:
         for ns in reversed(self.names):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.names.clear()
+
+
+def telnet(addr: str, port: int, script: list[tuple[str, float]],
+           netns: str | None = None) -> str:
+    """Drive the real telnet client, pausing after each piece of input as a person would
+    (it gives up at the end of its input); bytes go through its own line mode and escapes."""
+    pre = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    p = subprocess.Popen([*pre, "telnet", addr, str(port)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert p.stdin is not None
+    time.sleep(0.5)
+    for text, pause in script:
+        p.stdin.write(text.encode())
+        p.stdin.flush()
+        time.sleep(pause)
+    out, _ = p.communicate(timeout=10)
+    return out.decode(errors="replace")

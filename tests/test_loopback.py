@@ -11,7 +11,7 @@ import time
 import pytest
 
 from omuscd import client, config, wire
-from tests.cluster import PYTHON, omuscd_command, start_daemon, wait_for
+from tests.cluster import PYTHON, omuscd_command, start_daemon, telnet, wait_for
 
 PORT = 24270
 CTL = 24271
@@ -104,7 +104,8 @@ def test_forged_unsigned_and_junk_packets_are_counted_and_ignored(trio_nodes, ke
     send_datagrams("127.0.0.2", [
         forger.encode(wire.HELLO, {"entry": fake_entry(99)}, now),
         unsigned.encode(wire.HELLO, {"entry": fake_entry(98)}, now),
-        b"\x00" * 3, os.urandom(500), wire.MAGIC + os.urandom(100),
+        b"\x00" * 3, os.urandom(500),
+        wire.MAGIC + b"\x00\x01\x01\x01" + os.urandom(100),  # claims to be signed
         honest.encode(wire.HELLO, {"entry": fake_entry(96)}, now),  # entry/header mismatch
         honest.encode(wire.HELLO, {"entry": fake_entry(97)}, now - 3600),
         replayed, replayed,
@@ -210,20 +211,6 @@ def test_too_many_sessions_get_421(trio_nodes):
         for s in socks:
             s.close()
     wait_for(lambda: trio_nodes[0].ctl("version").code == 200, 3, "sessions to free up")
-
-
-def telnet(addr: str, port: int, script: list[tuple[str, float]]) -> str:
-    """Drive the real telnet client; bytes go through its own line mode and escapes."""
-    p = subprocess.Popen(["telnet", addr, str(port)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert p.stdin is not None
-    time.sleep(0.5)
-    for text, pause in script:
-        p.stdin.write(text.encode())
-        p.stdin.flush()
-        time.sleep(pause)
-    out, _ = p.communicate(timeout=10)
-    return out.decode(errors="replace")
 
 
 @pytest.mark.skipif(subprocess.run(["which", "telnet"], capture_output=True).returncode,

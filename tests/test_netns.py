@@ -1,0 +1,110 @@
+"""An 8-node LAN in network namespaces: discovery by broadcast alone, with the default
+timings (a joiner known to all within 2 s, a silent node dead within 6 s)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from omuscd import config
+from tests.cluster import NetnsLan, can_netns, short_tmpdir, start_daemon, telnet, wait_for
+
+REASON = can_netns()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def lan():
+    with NetnsLan(N) as lan:
+        yield lan
+
+
+@pytest.fixture(scope="module")
+def cluster(lan):
+    """Seven nodes started with nothing but a key: they configure themselves."""
+    work = short_tmpdir()
+    key = work / "cluster.key"
+    config.write_key(str(key))
+    daemons = []
+    try:
+        for i in range(N - 1):
+            daemons.append(start_daemon(f"node{i}", ["--key-file", str(key)], work,
+                                        netns=lan.ns(i)))
+        for d in daemons:
+            wait_for(lambda d=d: len(d.nodes()) == N - 2, 10, f"{d.name} to see the others")
+        yield lan, work, key, daemons
+    finally:
+        for d in daemons:
+            if d.alive():
+                d.popen.kill()
+                d.popen.wait()
+
+
+def test_plug_and_pray_choices(cluster):
+    lan, _, _, daemons = cluster
+    st = daemons[3].json("status")
+    assert st["interface"] == "eth0" and st["address"] == lan.address(3)
+    assert "no default route" in st["interface_source"]
+    assert st["broadcast"] == "198.18.0.255" and st["peers"] == []
+    assert st["id"] == 13 and st["id_source"] == "from the address"
+    assert st["control"] == "127.0.0.1:4271" and st["security"] == "key"
+
+
+def test_broadcast_discovery_and_join_within_two_seconds(cluster):
+    lan, work, key, daemons = cluster
+    joiner = start_daemon(f"node{N - 1}", ["--key-file", str(key)], work, netns=lan.ns(N - 1))
+    daemons.append(joiner)
+    ready = time.monotonic()
+    wait_for(lambda: all(f"node{N - 1}" in d.nodes() for d in daemons[:-1])
+             and len(joiner.nodes()) == N - 1, 5, "everyone to know the joiner")
+    took = time.monotonic() - ready
+    print(f"\njoin known to all {N} nodes (both ways) {took:.2f}s after the joiner was ready")
+    assert took <= 2.0
+    for d in daemons:
+        states = {v["state"] for v in d.nodes().values()}
+        assert states == {"alive"}, (d.name, states)
+
+
+def test_dead_within_six_seconds_and_back_after_restart(cluster):
+    lan, work, key, daemons = cluster
+    victim = daemons[-1]
+    others = daemons[:-1]
+    name = victim.name
+    victim.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: all(d.nodes()[name]["state"] == "dead" for d in others), 9,
+             f"{name} dead everywhere", interval=0.02)
+    took = time.monotonic() - killed
+    print(f"\nkilled node dead at all {len(others)} others after {took:.2f}s")
+    assert took <= 6.0 + 0.3  # the 6 s default, plus polling 7 control sockets
+    assert all(d.nodes()[name]["state"] == "dead" for d in others)
+    back = start_daemon(name, ["--key-file", str(key)], work, netns=lan.ns(N - 1))
+    daemons[-1] = back
+    wait_for(lambda: all(d.nodes()[name]["state"] == "alive" for d in others), 3,
+             f"{name} alive again")
+    assert "restarted" in others[0].log()
+
+
+def test_graceful_stop_is_gone_at_once(cluster):
+    _, _, _, daemons = cluster
+    leaver = daemons[-1]
+    assert leaver.stop(signal.SIGTERM) == 0
+    took = wait_for(lambda: all(leaver.name not in d.nodes() for d in daemons[:-1]), 2,
+                    "the leaver to be gone everywhere")
+    assert took < 1.0
+
+
+def test_telnet_inside_a_namespace(cluster):
+    lan = cluster[0]
+    if subprocess.run(["which", "telnet"], capture_output=True).returncode:
+        pytest.skip("the telnet client is not installed (the README's test command installs it)")
+    text = telnet("127.0.0.1", 4271, [("nodes\n", 0.5), ("quit\n", 0.5)], netns=lan.ns(0))
+    assert "220 omuscd-1a0 node node0 (id 10)" in text
+    for i in range(1, N - 1):
+        assert f"198.18.0.{10 + i}:4270" in text
+    assert "221 bye" in text
