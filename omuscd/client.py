@@ -75,7 +75,8 @@ class ControlClient:
     def __init__(self, sock: socket.socket, secret: bytes | None = None, timeout: float = 10):
         self.sock = sock
         self.sock.settimeout(timeout)
-        self.file = sock.makefile("r", encoding="utf-8", newline="\n")
+        # bytes, not text: after 'attach --binary' frames follow in the same buffer
+        self.file = sock.makefile("rb")
         self.greeting = self.read_reply()
         m = re.search(r"challenge ([0-9a-f]+)", self.greeting.text)
         if m:
@@ -102,7 +103,13 @@ class ControlClient:
         line = self.file.readline()
         if not line:
             raise ConnectionError("the daemon closed the session")
-        return line
+        return line.decode("utf-8", errors="replace")
+
+    def read_exactly(self, n: int) -> bytes:
+        data = self.file.read(n)
+        if len(data) < n:
+            raise ConnectionError("the daemon closed the session")
+        return data
 
     def read_reply(self) -> Reply:
         parser = ReplyParser()

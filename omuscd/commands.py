@@ -11,13 +11,20 @@ answers in one line, ``200 {...}``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import inspect
 import json
+import os
 import shlex
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from omuscd.config import TUNABLES, ConfigError
+from omuscd.jobs import JobError, Owner
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon
@@ -27,6 +34,8 @@ OK = 200
 WATCHING = 210
 GREETING = 220
 BYE = 221
+OUTPUT = 230
+ATTACHED = 250
 UNKNOWN = 400
 BAD_ARGS = 401
 TOO_LONG = 402
@@ -34,15 +43,19 @@ NOT_TEXT = 403
 NOT_FOUND = 404
 FAILED = 500
 NOT_PERMITTED = 501
+NOT_AVAILABLE = 502
 AUTH_REQUIRED = 530
 AUTH_FAILED = 531
 BUSY = 421
 
 REPLY_CODES: dict[int, str] = {
     OK: "success", WATCHING: "event stream (watch)", GREETING: "greeting on connect",
-    BYE: "closing the session", UNKNOWN: "unknown command", BAD_ARGS: "wrong arguments",
+    BYE: "closing the session", OUTPUT: "job output (text attach)",
+    ATTACHED: "attached: binary job frames follow", UNKNOWN: "unknown command",
+    BAD_ARGS: "wrong arguments",
     TOO_LONG: "line too long", NOT_TEXT: "not a line of text", NOT_FOUND: "no such node or key",
     BUSY: "too many sessions", FAILED: "failed", NOT_PERMITTED: "not permitted for this user",
+    NOT_AVAILABLE: "not available in this version",
     AUTH_REQUIRED: "authentication required", AUTH_FAILED: "authentication failed",
 }
 
@@ -57,6 +70,9 @@ class Reply:
     stream: bool = False  # the session streams events after this reply (watch)
     json: bool = False
     close: bool = False  # the session ends after this reply
+    attach: Any = None  # the job whose output the session streams after this reply
+    binary: bool = False
+    follow: bool = False
 
     def render(self) -> bytes:
         """Wire form: CR LF line ends (the telnet NVT convention)."""
@@ -87,6 +103,9 @@ class Context(Protocol):
     admin: bool  # may change the daemon (set, log, shutdown)
     authenticated: bool
     user: str
+    uid: int | None  # known from the Unix socket's credentials, or 0 after a password
+    gid: int | None
+    groups: list[int]
 
 
 # --------------------------------------------------------------------------- the table
@@ -122,7 +141,19 @@ class Arg:
         return value
 
 
-Handler = Callable[[Context, dict[str, Any]], Reply]
+@dataclass(frozen=True)
+class Opt:
+    """An option: a flag (``value`` None) or ``--name VALUE``."""
+
+    name: str
+    value: str | None = None
+    max_len: int = 256
+
+    def syntax(self) -> str:
+        return f"[--{self.name}{' ' + self.value if self.value else ''}]"
+
+
+Handler = Callable[[Context, dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -135,13 +166,23 @@ class Command:
     admin: bool = False  # changes the daemon: needs an admin session
     before_auth: bool = False  # allowed before the password challenge is met
     details: str = ""
+    options: tuple[Opt, ...] = ()
+    rest: str | None = None  # name of the words after "--" (a command to run)
 
     @property
     def syntax(self) -> str:
-        parts = [self.name] + [a.syntax() for a in self.args]
+        parts = [self.name] + [o.syntax() for o in self.options]
+        parts += [a.syntax() for a in self.args]
         if self.json:
             parts.append("[--json]")
+        if self.rest:
+            parts.append(f"-- {self.rest.upper()}...")
         return " ".join(parts)
+
+    def option(self, name: str) -> Opt | None:
+        if name == "json" and self.json:
+            return Opt("json")
+        return next((o for o in self.options if o.name == name), None)
 
 
 @dataclass
@@ -170,18 +211,40 @@ def parse(line: str) -> Parsed | None:
     cmd = COMMANDS.get(name)
     if cmd is None:
         raise ParseError(UNKNOWN, f"unknown command {words[0][:40]!r}; 'help' lists them")
-    rest = words[1:]
-    want_json = False
-    if cmd.json and "--json" in rest:
-        rest.remove("--json")
-        want_json = True
-    if any(w.startswith("--") for w in rest):
-        bad = next(w for w in rest if w.startswith("--"))
-        raise ParseError(BAD_ARGS, f"unknown option {bad[:40]!r}; usage: {cmd.syntax}")
+    rest: list[str] = []
+    values: dict[str, Any] = {}
+    tail: list[str] | None = None
+    words = words[1:]
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "--" and cmd.rest:
+            tail = words[i + 1:]
+            break
+        if w.startswith("--") and len(w) > 2:
+            opt = cmd.option(w[2:])
+            if opt is None:
+                raise ParseError(BAD_ARGS, f"unknown option {w[:40]!r}; usage: {cmd.syntax}")
+            if opt.value is None:
+                values[opt.name] = True
+            else:
+                if i + 1 >= len(words):
+                    raise ParseError(BAD_ARGS, f"{w} needs a value; usage: {cmd.syntax}")
+                i += 1
+                if len(words[i]) > opt.max_len:
+                    raise ParseError(BAD_ARGS, f"{w} value is longer than {opt.max_len}")
+                values[opt.name] = words[i]
+        else:
+            rest.append(w)
+        i += 1
+    want_json = bool(values.pop("json", False))
+    if cmd.rest:
+        if not tail:
+            raise ParseError(BAD_ARGS, f"give the command after '--'; usage: {cmd.syntax}")
+        values[cmd.rest] = tail
     required = sum(1 for a in cmd.args if not a.optional)
     if not required <= len(rest) <= len(cmd.args):
         raise ParseError(BAD_ARGS, f"usage: {cmd.syntax}")
-    values: dict[str, Any] = {}
     for arg, word in zip(cmd.args, rest, strict=False):
         try:
             values[arg.name] = arg.check(word)
@@ -190,7 +253,7 @@ def parse(line: str) -> Parsed | None:
     return Parsed(cmd, values, want_json)
 
 
-def execute(ctx: Context, line: str) -> Reply | None:
+async def execute(ctx: Context, line: str) -> Reply | None:
     """Parse and run one line for a session.  Never raises for bad input."""
     try:
         parsed = parse(line)
@@ -207,11 +270,18 @@ def execute(ctx: Context, line: str) -> Reply | None:
                    f"(you are {ctx.user})")
     args = dict(parsed.args)
     args["json"] = parsed.json
-    return cmd.handler(ctx, args)
+    try:
+        result = cmd.handler(ctx, args)
+        if inspect.isawaitable(result):
+            result = await result
+    except JobError as e:
+        return err(FAILED, str(e))
+    return result
 
 
 # --------------------------------------------------------------------------- helpers
 def fmt_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
     s = int(seconds)
     if s < 120:
         return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
@@ -337,6 +407,163 @@ def h_auth(ctx: Context, a: dict[str, Any]) -> Reply:
     return err(BAD_ARGS, "no challenge is pending on this session")
 
 
+# --------------------------------------------------------------------------- jobs
+def _need_identity(ctx: Context) -> int:
+    if ctx.uid is None:
+        raise JobError("the daemon does not know who you are on this session: use the Unix "
+                       "socket ('omuscd run', 'omuscd ctl') or a control password")
+    return ctx.uid
+
+
+async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
+    from omuscd.jobctl import Placement
+
+    uid = _need_identity(ctx)
+    if a.get("user"):
+        if uid != 0:
+            return err(NOT_PERMITTED, "only root may run jobs as another user")
+        import pwd
+
+        try:
+            owner = Owner.of_uid(pwd.getpwnam(a["user"]).pw_uid)
+        except KeyError:
+            return err(NOT_FOUND, f"no user {a['user'][:40]!r}")
+    elif uid == 0 and ctx.gid is None:
+        owner = Owner.of_uid(0)
+    else:
+        owner = Owner(uid, ctx.gid if ctx.gid is not None else uid, list(ctx.groups),
+                      ctx.user)
+    chosen = [k for k in ("best", "home", "node", "among") if a.get(k)]
+    if len(chosen) > 1:
+        return err(BAD_ARGS, "choose one of --best, --home, --node, --among")
+    how = chosen[0] if chosen else "best"
+    placement = Placement(how, a.get("node"), (a.get("among") or "").split(",") or None)
+    env: dict[str, str]
+    if a.get("env"):
+        try:
+            env = json.loads(base64.b64decode(a["env"], validate=True))
+            assert isinstance(env, dict)
+            env = {str(k): str(v) for k, v in env.items()}
+        except (binascii.Error, ValueError, AssertionError):
+            return err(BAD_ARGS, "--env must be base64 of a JSON object")
+    else:
+        import pwd
+
+        home = pwd.getpwuid(owner.uid).pw_dir
+        env = {"PATH": os.defpath, "HOME": home, "USER": owner.user, "LOGNAME": owner.user}
+    cwd = a.get("cwd") or env.get("HOME", "/")
+    if not os.path.isabs(cwd):
+        return err(BAD_ARGS, "--cwd must be an absolute path")
+    job = await ctx.daemon.jobs.start(owner, a["command"], cwd, env, placement,
+                                      stay=bool(a.get("stay")),
+                                      restartable=bool(a.get("restartable")))
+    doc = {"job": job.id, "node": job.node, "name": job.node_name}
+    if a["json"]:
+        return json_reply(doc)
+    return ok(f"job {job.id} started on {job.node_name} (id {job.node})")
+
+
+JOB_HEADER = ["JOB", "OWNER", "HOME", "NODE", "STATE", "CPU", "RSS", "MIG", "AGE", "COMMAND",
+              "NOTE"]
+
+
+async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
+    jobs = await ctx.daemon.jobs.cluster_jobs()
+    if not a.get("all"):
+        jobs = [j for j in jobs if j.state != "exited"]
+    views = [j.view() for j in jobs]
+    if a["json"]:
+        return json_reply({"jobs": views})
+    names = ctx.daemon.jobs.node_name
+    now = time.time()
+    rows = [[j.id, j.owner.user, names(j.home), j.node_name, j.state, f"{j.cpu:.1f}s",
+             f"{j.rss_mb:.0f}M", str(j.migrations), fmt_duration((j.ended or now) - j.started),
+             " ".join(j.argv)[:40], j.reason or j.exit_text() or j.cannot_move]
+            for j in jobs]
+    return ok(*table(rows, JOB_HEADER), f"{len(jobs)} jobs")
+
+
+async def h_job(ctx: Context, a: dict[str, Any]) -> Reply:
+    jobs = {j.id: j for j in await ctx.daemon.jobs.cluster_jobs()}
+    job = jobs.get(a["job"])
+    if job is None:
+        return err(NOT_FOUND, f"no job {a['job'][:40]!r}; 'jobs --all' lists them")
+    view = job.view()
+    if a["json"]:
+        return json_reply(view)
+    return ok(*[f"{k}: {v}" for k, v in view.items()])
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise JobError(f"no signal {text!r}") from None
+
+
+async def h_kill(ctx: Context, a: dict[str, Any]) -> Reply:
+    uid = _need_identity(ctx)
+    sig = parse_signal(a.get("signal") or "TERM")
+    return ok(await ctx.daemon.jobs.act(a["job"], "kill", uid, sig))
+
+
+async def h_stay(ctx: Context, a: dict[str, Any]) -> Reply:
+    return ok(await ctx.daemon.jobs.act(a["job"], "stay", _need_identity(ctx)))
+
+
+async def h_nostay(ctx: Context, a: dict[str, Any]) -> Reply:
+    return ok(await ctx.daemon.jobs.act(a["job"], "nostay", _need_identity(ctx)))
+
+
+def _own_job(ctx: Context, job_id: str) -> Any:
+    jc = ctx.daemon.jobs
+    job = jc.find(job_id)
+    if job is None:
+        raise JobError(f"no job {job_id!r} here: output and attach work on the job's home "
+                       f"node (node {job_id.split('.')[0]})")
+    uid = _need_identity(ctx)
+    if uid not in (0, job.owner.uid):
+        raise JobError(f"job {job.id} belongs to {job.owner.user}")
+    return job
+
+
+def h_output(ctx: Context, a: dict[str, Any]) -> Reply:
+    job = _own_job(ctx, a["job"])
+    n = int(a.get("lines") or 20)
+    if not 1 <= n <= 10000:
+        return err(BAD_ARGS, "--lines must be between 1 and 10000")
+    spool = ctx.daemon.jobs.spool
+    out = [f"stdout: {ln}" for ln in spool.tail_lines(job.id, 1, n)]
+    out += [f"stderr: {ln}" for ln in spool.tail_lines(job.id, 2, n)]
+    return ok(*out, f"job {job.id} {job.state}{': ' + job.exit_text() if job.exit else ''}")
+
+
+def h_attach(ctx: Context, a: dict[str, Any]) -> Reply:
+    job = _own_job(ctx, a["job"])
+    what = "binary frames follow" if a.get("binary") else "send a line to detach"
+    code = ATTACHED if a.get("binary") else OUTPUT
+    # text: 230- lines follow until the final one; binary: this line ends, frames follow
+    return Reply(code, [f"attached to job {job.id} on {job.node_name}; {what}"],
+                 stream=not a.get("binary"), attach=job, binary=bool(a.get("binary")),
+                 follow=bool(a.get("follow")))
+
+
+def _flag(flag: str, on: bool) -> Handler:
+    def handler(ctx: Context, a: dict[str, Any]) -> Reply:
+        return ok(ctx.daemon.jobs.set_flag(flag, on))
+    return handler
+
+
+def h_not_yet(ctx: Context, a: dict[str, Any]) -> Reply:
+    return err(NOT_AVAILABLE, "this needs process migration, which this version does not "
+               "have yet")
+
+
 def _cmds(*cmds: Command) -> dict[str, Command]:
     return {c.name: c for c in cmds}
 
@@ -372,6 +599,43 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("quit", (), "close this session", h_quit, before_auth=True),
     Command("shutdown", (), "stop the daemon gracefully (departure announced)", h_shutdown,
             admin=True),
+    Command("run", (), "start a job where the cluster has room (see omuscd run)", h_run,
+            json=True, rest="command",
+            options=(Opt("best"), Opt("home"), Opt("node", "NODE", 64),
+                     Opt("among", "LIST", 1024), Opt("stay"), Opt("restartable"),
+                     Opt("user", "USER", 64), Opt("cwd", "DIR", 4096),
+                     Opt("env", "BASE64", 1 << 20)),
+            details="Placement: --best (default: most spare capacity), --home, --node,\n"
+                    "--among ID,NAME,... The job runs as you, in your --cwd (default\n"
+                    "your home) with --env (base64 JSON; default a minimal one).\n"
+                    "Only root may give --user. Answers with the job id."),
+    Command("jobs", (), "the cluster's jobs, the same on every node (--all: also ended)",
+            h_jobs, json=True, options=(Opt("all"),)),
+    Command("job", (Arg("job", max_len=40),), "everything known about one job", h_job,
+            json=True),
+    Command("kill", (Arg("job", max_len=40), Arg("signal", optional=True, max_len=16)),
+            "send a signal (default TERM) to your job, wherever it runs", h_kill),
+    Command("stay", (Arg("job", max_len=40),), "keep your job where it runs", h_stay),
+    Command("nostay", (Arg("job", max_len=40),), "let your job migrate again", h_nostay),
+    Command("output", (Arg("job", max_len=40),), "the last lines of your job's output",
+            h_output, options=(Opt("lines", "N", 6),)),
+    Command("attach", (Arg("job", max_len=40),), "stream your job's output (from the "
+            "start, or --follow from now)", h_attach, options=(Opt("binary"), Opt("follow")),
+            details="Text: 230- lines, stderr prefixed; a line detaches, Ctrl-C (IAC IP)\n"
+                    "sends SIGINT. --binary: framed, for omuscd run (omuscd(8))."),
+    Command("block", (), "accept no guest jobs", _flag("blocked", True), admin=True),
+    Command("noblock", (), "accept guest jobs again", _flag("blocked", False), admin=True),
+    Command("lstay", (), "keep the jobs started here on this node", _flag("lstay", True),
+            admin=True),
+    Command("nolstay", (), "let jobs started here go elsewhere", _flag("lstay", False),
+            admin=True),
+    Command("quiet", (), "stop announcing this node; peers send it no work",
+            _flag("quiet", True), admin=True),
+    Command("noquiet", (), "announce this node again", _flag("quiet", False), admin=True),
+    Command("expel", (), "send guest jobs away (needs migration: not in this version)",
+            h_not_yet, admin=True),
+    Command("bring", (), "call this node's jobs home (needs migration: not in this version)",
+            h_not_yet, admin=True),
 )
 
 

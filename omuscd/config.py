@@ -169,7 +169,8 @@ PARAMS: tuple[Param, ...] = (
           metavar="ADDR"),
     Param("broadcast", "str", None, "broadcast address for discovery "
           "(default: the interface's; 'off' disables broadcast)", metavar="ADDR|off"),
-    Param("port", "int", DEFAULT_PORT, "cluster port (UDP gossip)",
+    Param("port", "int", DEFAULT_PORT, "cluster port: UDP gossip and the TCP cluster "
+          "channel (jobs)",
           short="-p", lo=1, hi=65535),
     Param("peer", "list", [], "a peer to contact by unicast (repeatable): for routed or VPN "
           "links and loopback test clusters", metavar="HOST[:PORT]"),

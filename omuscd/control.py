@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import pwd
 import secrets
+import signal
 import socket
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from omuscd import commands
 from omuscd.commands import Reply
+from omuscd.jobs import FINAL, LOST
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon
@@ -158,6 +161,14 @@ class LineReader:
         return self.pending.pop(0)
 
 
+#: Binary attach frames (``u8 type | u32 length | payload``), daemon to client:
+FRAME_STDOUT, FRAME_STDERR, FRAME_END = 1, 2, 3
+#: client to daemon: a signal to forward (payload: u8 signal number)
+FRAME_SIGNAL = 6
+FRAME = struct.Struct(">BI")
+UNIX_MAX_LINE = 1 << 21  # a local 'run' carries the caller's environment
+
+
 @dataclass
 class Session:
     """One control connection; implements :class:`commands.Context`."""
@@ -170,12 +181,16 @@ class Session:
     secret: bytes | None = None
     authenticated: bool = True
     challenge: str = ""
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] = field(default_factory=list)
+    max_line: int = commands.MAX_LINE
 
     async def send(self, reply: Reply) -> None:
         await self.stream.send_all(reply.render())
 
     async def run(self) -> None:
-        reader = LineReader(self.stream)
+        reader = LineReader(self.stream, self.max_line)
         greeting = [f"{self.daemon.version_string} node {self.daemon.name} "
                     f"(id {self.daemon.node_id}) ready; 'help' lists commands"]
         if self.secret is not None:
@@ -200,11 +215,17 @@ class Session:
             assert isinstance(item, str)
             reply = self._auth(item) if item.split()[:1] == ["auth"] else None
             if reply is None:
-                reply = commands.execute(self, item)
+                reply = await commands.execute(self, item)
             if reply is None:
                 continue
             await self.send(reply)
-            if reply.stream:
+            if reply.attach is not None:
+                if reply.binary:
+                    await self._attach_binary(reader, reply.attach, reply.follow)
+                    return
+                if not await self._attach_text(reader, reply.attach, reply.follow):
+                    return
+            elif reply.stream:
                 if not await self._watch(reader, reply.json):
                     return
             if reply.close:
@@ -220,6 +241,7 @@ class Session:
         want = hashlib.sha256(c + b"\n" + self.secret + c + b"\n").hexdigest()
         if hmac.compare_digest(words[1].lower(), want):
             self.authenticated = True
+            self.uid, self.gid, self.groups = 0, 0, [0]  # the password is root's
             return commands.ok("authenticated")
         log.warning("control: failed authentication from %s", self.peer)
         return Reply(commands.AUTH_FAILED, ["authentication failed"], close=True)
@@ -253,6 +275,120 @@ class Session:
         return True
 
 
+    async def _output(self, job: Any, offsets: dict[int, int]) -> Any:
+        """Yield ``(stream, data)`` from the job's spool as it grows, then ``None`` when it
+        ended.  Readers keep their own offsets: nothing is buffered for them."""
+        spool = self.daemon.jobs.spool
+        while True:
+            changed = job.changed
+            for stream in (FRAME_STDOUT, FRAME_STDERR):
+                while offsets[stream] < job.offsets[stream]:
+                    data = spool.read(job.id, stream, offsets[stream],
+                                      min(job.offsets[stream], offsets[stream] + 65536))
+                    if not data:
+                        break
+                    offsets[stream] += len(data)
+                    yield stream, data
+            if job.state in FINAL:
+                yield None
+                return
+            await changed.wait()
+
+    def _end_doc(self, job: Any) -> dict[str, Any]:
+        doc = {"job": job.id, "state": job.state, "status": job.status_code(),
+               "exit": job.exit, "text": job.exit_text(), "reason": job.reason,
+               "node": job.node_name}
+        if job.state == LOST:
+            doc["text"] = f"job {job.id} lost: {job.reason}"
+        return doc
+
+    async def _attach_binary(self, reader: LineReader, job: Any, follow: bool) -> None:
+        """Frames for ``omuscd run``: output, then the end; signals come back."""
+        offsets = {s: (job.offsets[s] if follow else 0) for s in (FRAME_STDOUT, FRAME_STDERR)}
+        raw = bytearray(reader.buf)  # anything the client sent after the line, unfiltered
+        async with trio.open_nursery() as nursery:
+
+            async def signals() -> None:
+                buf = raw
+                while True:
+                    while len(buf) >= FRAME.size:
+                        kind, length = FRAME.unpack_from(buf)
+                        if len(buf) < FRAME.size + length:
+                            break
+                        payload = bytes(buf[FRAME.size:FRAME.size + length])
+                        del buf[:FRAME.size + length]
+                        if kind == FRAME_SIGNAL and length == 1:
+                            try:
+                                await self.daemon.jobs.act(job.id, "kill", self.uid or 0,
+                                                           payload[0])
+                            except commands.JobError as e:
+                                log.debug("attach: %s", e)
+                    data = await self.stream.receive_some(4096)
+                    if not data:  # the client left: detach, the job runs on
+                        nursery.cancel_scope.cancel()
+                        return
+                    buf += data
+
+            nursery.start_soon(signals)
+            async for item in self._output(job, offsets):
+                if item is None:
+                    payload = json.dumps(self._end_doc(job)).encode()
+                    await self.stream.send_all(FRAME.pack(FRAME_END, len(payload)) + payload)
+                    break
+                stream, data = item
+                await self.stream.send_all(FRAME.pack(stream, len(data)) + data)
+            nursery.cancel_scope.cancel()
+
+    async def _attach_text(self, reader: LineReader, job: Any, follow: bool) -> bool:
+        """Output as 230- lines for telnet users; a line detaches, Ctrl-C sends SIGINT.
+        False if the client left."""
+        offsets = {s: (job.offsets[s] if follow else 0) for s in (FRAME_STDOUT, FRAME_STDERR)}
+        partial = {FRAME_STDOUT: b"", FRAME_STDERR: b""}
+        gone = False
+        code = commands.OUTPUT
+
+        async def emit(stream: int, line: bytes) -> None:
+            text = line.decode(errors="replace").rstrip("\r")
+            prefix = "stderr: " if stream == FRAME_STDERR else ""
+            await self.stream.send_all(f"{code}-{prefix}{text}\r\n".encode())
+
+        async with trio.open_nursery() as nursery:
+
+            async def until_input() -> None:
+                nonlocal gone
+                while True:
+                    item = await reader.next()
+                    if isinstance(item, Interrupt):
+                        try:
+                            await self.daemon.jobs.act(job.id, "kill", self.uid or 0,
+                                                       signal.SIGINT)
+                        except commands.JobError:
+                            pass
+                        continue
+                    gone = item is None
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(until_input)
+            async for item in self._output(job, offsets):
+                if item is None:
+                    for stream, rest in partial.items():
+                        if rest:
+                            await emit(stream, rest)
+                    doc = self._end_doc(job)
+                    await self.send(Reply(code, [doc["text"] or job.state]))
+                    nursery.cancel_scope.cancel()
+                    return True
+                stream, data = item
+                *lines, partial[stream] = (partial[stream] + data).split(b"\n")
+                for line in lines:
+                    await emit(stream, line)
+        if gone:
+            return False
+        await self.send(Reply(code, [f"detached from job {job.id}"]))
+        return True
+
+
 class ControlServer:
     """Serves sessions on the TCP control port and on the Unix socket."""
 
@@ -262,7 +398,7 @@ class ControlServer:
         self.sessions = 0
 
     async def _serve(self, stream: trio.abc.Stream, peer: str, admin: bool, user: str,
-                     secret: bytes | None) -> None:
+                     secret: bytes | None, **identity: Any) -> None:
         if self.sessions >= MAX_SESSIONS:
             with trio.move_on_after(2):
                 await stream.send_all(commands.err(commands.BUSY, "too many sessions; try "
@@ -270,7 +406,7 @@ class ControlServer:
             await stream.aclose()
             return
         self.sessions += 1
-        session = Session(self.daemon, stream, peer, admin, user, secret)
+        session = Session(self.daemon, stream, peer, admin, user, secret, **identity)
         log.debug("control: session from %s (%s)", peer, user)
         try:
             await session.run()
@@ -291,14 +427,15 @@ class ControlServer:
         await self._serve(stream, peer, True, f"tcp:{peer}", self.secret)
 
     async def handle_unix(self, stream: trio.SocketStream) -> None:
-        uid = peer_uid(stream.socket)
+        pid, uid, gid = peer_cred(stream.socket)
         try:
             user = pwd.getpwuid(uid).pw_name if uid is not None else "?"
         except KeyError:
             user = str(uid)
         admin = uid is not None and uid in (0, os.geteuid())
         # the socket's owner is known from the kernel: no password needed
-        await self._serve(stream, f"unix:{user}", admin, user, None)
+        await self._serve(stream, f"unix:{user}", admin, user, None, uid=uid,
+                          gid=gid, groups=peer_groups(pid), max_line=UNIX_MAX_LINE)
 
     async def serve_tcp(self, host: str, port: int,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -330,14 +467,26 @@ class ControlServer:
                 pass
 
 
-def peer_uid(sock: trio.socket.SocketType) -> int | None:
-    """The connecting process's uid, from SO_PEERCRED (Linux)."""
+def peer_cred(sock: trio.socket.SocketType) -> tuple[int | None, int | None, int | None]:
+    """The connecting process's pid, uid and gid, from SO_PEERCRED: the kernel's word."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", raw)
-        return uid
+        pid, uid, gid = struct.unpack("3i", raw)
+        return pid, uid, gid
     except OSError:
-        return None
+        return None, None, None
+
+
+def peer_groups(pid: int | None) -> list[int]:
+    """The supplementary groups of the connecting process (its job runs with them)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 async def _unix_in_use(path: str) -> bool:

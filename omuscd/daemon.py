@@ -18,10 +18,11 @@ from typing import Any
 
 import trio
 
-from omuscd import exitcodes, wire
+from omuscd import channel, exitcodes, wire
 from omuscd.config import TUNABLES, Config, ConfigError, format_cpu_list, read_toml
 from omuscd.control import ControlServer
 from omuscd.events import Event, EventBus
+from omuscd.jobctl import JobControl
 from omuscd.load import Sampler
 from omuscd.membership import IdClash, Membership, Timing
 from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING, __version__
@@ -51,7 +52,13 @@ class Daemon:
                                   id_explicit=cfg.node_id_explicit)
         self.bus = EventBus()
         self.control = ControlServer(self, control_secret)
+        # The cluster channel: keyed, or trusting under --insecure; a read-only node
+        # (no key) opens none and runs no guest jobs.
+        self.channel_key = key if key is not None else (
+            channel.INSECURE_KEY if security == "insecure" else None)
+        self.jobs = JobControl(self)
         self.counters: dict[str, int] = {"in": 0, "out": 0, "send-errors": 0,
+                                         "channel-refused": 0,
                                          **{r: 0 for r in wire.DROP_REASONS}}
         self.started_wall = time.time()
         self.started = 0.0
@@ -91,6 +98,8 @@ class Daemon:
         for ev in events:
             log.info("%s", ev.text)
             self.bus.publish(ev)
+        if events:
+            self.jobs.on_events(events)
 
     # ------------------------------------------------------------------ sockets
     def open_sockets(self) -> None:
@@ -238,14 +247,14 @@ class Daemon:
     def _gossip_round(self, now: float, announce: bool) -> None:
         s = self.sampler.last
         self.members.beat(load=s.load, util=s.util, runq=s.runq, mem=s.mem_free_mb,
-                          role=self.cfg.topology)
+                          role=self.cfg.topology, jobs=self.jobs.counts())
         target = self.members.gossip_target()
         if target is not None:
             self._send_entries(wire.GOSSIP, self.members.gossip_entries(
                 now, self.cfg.gossip_window), target)
         if announce:
             me = self.members.own_entry()
-            if self.cfg.broadcast:
+            if self.cfg.broadcast and "quiet" not in self.jobs.flags:
                 self._send_one(wire.HELLO, {"entry": me, "reply": False},
                                (self.cfg.broadcast, self.cfg.port))
             known = {n.address for n in self.members.live_nodes()}
@@ -269,6 +278,14 @@ class Daemon:
             nursery.start_soon(self._receive, self.sock)
             if self.bsock is not None:
                 nursery.start_soon(self._receive, self.bsock)
+            self.jobs.nursery = nursery
+            if self.channel_key is not None:
+                try:
+                    listeners = await trio.open_tcp_listeners(c.port, host=c.address)
+                except OSError as e:
+                    raise OSError(f"cannot bind TCP {c.address}:{c.port} for the cluster "
+                                  f"channel: {e.strerror}") from None
+                await nursery.start(trio.serve_listeners, self.jobs.serve, listeners)
             await nursery.start(self.control.serve_tcp, c.control_bind, c.control_port)
             await nursery.start(self.control.serve_unix, c.control_socket)
             self.log_start()
@@ -418,7 +435,8 @@ class Daemon:
             f"version: {st['version']} (wire protocol {st['protocol']})",
             f"interface: {c.interface} ({st['interface_source']}), address {c.address}, "
             f"broadcast {c.broadcast or 'off'}",
-            f"ports: cluster {c.port}/udp, control {st['control']}, "
+            f"ports: cluster {c.port}/udp{'+tcp' if self.channel_key else ''}, "
+            f"control {st['control']}, "
             f"socket {c.control_socket}",
             f"peers: {' '.join(st['peers']) or 'none (broadcast discovery only)'}",
             f"topology: {c.topology}",

@@ -41,7 +41,7 @@ def test_parse_accepts_case_quotes_and_json():
 
 
 def test_completion_comes_from_the_table():
-    assert commands.completions("s") == ["set", "shutdown", "status"]
+    assert commands.completions("s") == ["set", "shutdown", "status", "stay"]
 
 
 @dataclass
@@ -50,6 +50,9 @@ class Ctx:
     admin: bool = True
     authenticated: bool = True
     user: str = "test"
+    uid: int | None = 0
+    gid: int | None = 0
+    groups: tuple = ()
 
 
 @pytest.fixture
@@ -59,7 +62,7 @@ def ctx(workdir):
 
 def run(ctx, line):
     async def go():
-        return commands.execute(ctx, line)
+        return await commands.execute(ctx, line)
     return trio.run(go)
 
 
@@ -74,7 +77,7 @@ def test_help_lists_every_command(ctx):
 
 def test_listings_answer_one_json_line(ctx):
     for name, cmd in COMMANDS.items():
-        if cmd.json and name not in ("watch", "node"):
+        if cmd.json and name not in ("watch", "node", "job", "run"):
             reply = run(ctx, f"{name} --json")
             assert reply.code == 200 and len(reply.lines) == 1, name
             assert reply.render().startswith(b"200 {")

@@ -1,0 +1,572 @@
+"""Job control across the cluster: where a job starts, how its output reaches its home
+node, what happens when a node dies, and who may touch a job.
+
+Messages on the cluster channel (JSON, see :mod:`omuscd.channel`), each on a connection of
+its own:
+
+- ``exec``: the home node asks a node to run a job; answered ``started`` or ``refused``,
+  after which the connection carries the job's output home (data frames), ``info``
+  (CPU, RSS) and finally ``exit``; the home node may send ``signal`` on it.
+- ``attach``: the home node reconnects to a running job from the offsets it already has.
+- ``jobs``: a node's records, for the cluster-wide ``jobs`` listing.
+- ``act``: kill/stay/nostay on behalf of a user, sent to the job's home node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from omuscd import balance, channel
+from omuscd.channel import Channel, ChannelError
+from omuscd.events import Event
+from omuscd.jobs import (
+    EXITED,
+    FINAL,
+    KEEP_EXITED,
+    LOST,
+    STDERR,
+    STDOUT,
+    Job,
+    JobError,
+    Owner,
+    Spool,
+    check_runnable,
+    init_pid,
+    supervise,
+    tree_usage,
+)
+from omuscd.membership import ALIVE, SUSPECT
+
+if TYPE_CHECKING:
+    from omuscd.daemon import Daemon
+
+log = logging.getLogger("omuscd.jobs")
+
+QUERY_TIMEOUT = 3.0
+INFO_EVERY = 2.0
+CHUNK = 256 * 1024
+NODE_FLAGS = ("blocked", "lstay", "quiet")
+
+
+@dataclass
+class Placement:
+    how: str = "best"  # best | home | node | among
+    node: str | None = None
+    among: list[str] | None = None
+
+
+class JobControl:
+    """The jobs of one daemon: ``home`` (started here) and ``guests`` (run here for
+    another home).  A job both started and run here is in ``home`` only."""
+
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+        self.spool = Spool(daemon.cfg.state_dir)
+        self.home: dict[str, Job] = {}
+        self.guests: dict[str, Job] = {}
+        self.links: dict[str, Channel] = {}  # home side: job id -> channel to its node
+        self.scopes: dict[str, trio.CancelScope] = {}
+        self.flags: set[str] = set()
+        self.placed: list[tuple[int, float]] = []  # (node id, when): not yet in the load
+        self.nursery: trio.Nursery | None = None
+        self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def me(self) -> int:
+        return self.d.node_id
+
+    def _next_id(self) -> str:
+        try:
+            n = int(self._seq_path.read_text().strip() or 0) + 1
+        except (OSError, ValueError):
+            n = 1
+        self._seq_path.write_text(f"{n}\n")
+        return f"{self.me}.{n}"
+
+    def hello(self) -> dict[str, Any]:
+        return {"node": self.me, "boot": self.d.boot, "proto": self.d.protocol,
+                "name": self.d.name}
+
+    async def connect(self, node_id: int) -> Channel:
+        node = self.d.members.nodes.get(node_id)
+        if node is None or node.state not in (ALIVE, SUSPECT):
+            raise ChannelError(f"node {node_id} is not alive")
+        if node.auth == "unverified":
+            raise ChannelError(f"node {node.name} is not authenticated (no cluster key)")
+        addr = (node.entry["addr"], node.entry["port"])
+        return await channel.connect(addr, self.d.channel_key, self.hello())
+
+    def all_jobs(self) -> list[Job]:
+        return [*self.home.values(), *self.guests.values()]
+
+    def find(self, job_id: str) -> Job | None:
+        return self.home.get(job_id) or self.guests.get(job_id)
+
+    def counts(self) -> int:
+        """Cluster processes running on this node (gossiped as ``jobs``)."""
+        return sum(1 for j in self.all_jobs() if j.node == self.me and j.state not in FINAL)
+
+    def node_name(self, node_id: int) -> str:
+        if node_id == self.me:
+            return self.d.name
+        node = self.d.members.nodes.get(node_id)
+        return node.name if node else str(node_id)
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs (and their spools) beyond KEEP_EXITED."""
+        for table in (self.home, self.guests):
+            done = sorted((j for j in table.values() if j.state in FINAL),
+                          key=lambda j: j.ended or 0)
+            for j in done[:max(0, len(done) - KEEP_EXITED)]:
+                del table[j.id]
+                self.spool.remove(j.id)
+
+    # ------------------------------------------------------------------ placement
+    def candidates(self, placement: Placement) -> list[balance.Candidate]:
+        now = trio.current_time()
+        self.placed = [(n, t) for n, t in self.placed if now - t < balance.PENDING_FOR]
+        pending: dict[int, int] = {}
+        for n, _ in self.placed:
+            pending[n] = pending.get(n, 0) + 1
+        me = self.d.members.me
+        out = [balance.Candidate(self.me, self.d.name, me["cpus"], me["speed"],
+                                 float(me["load"]), pending.get(self.me, 0), True)]
+        for node in self.d.members.live_nodes():
+            e = node.entry
+            if node.state != ALIVE or node.auth == "unverified":
+                continue
+            if set(e["flags"]) & {"blocked", "quiet"}:
+                continue
+            out.append(balance.Candidate(node.id, node.name, e["cpus"], e["speed"],
+                                         float(e["load"]), pending.get(node.id, 0), False))
+        return out
+
+    def choose(self, placement: Placement) -> tuple[int, str]:
+        """The node to run a new job: ``(id, name)``, or JobError saying why none."""
+        if placement.how == "home" or "lstay" in self.flags:
+            return self.me, self.d.name
+        cands = self.candidates(placement)
+        if placement.how == "node":
+            key = str(placement.node)
+            if key in (str(self.me), self.d.name):
+                return self.me, self.d.name
+            try:
+                node = self.d.members.find(key)
+            except ValueError as e:
+                raise JobError(str(e)) from None
+            if node is None:
+                raise JobError(f"no node {key!r}")
+            match = next((c for c in cands if c.id == node.id), None)
+            if match is None:
+                why = ("blocked" if "blocked" in node.entry["flags"] else
+                       "quiet" if "quiet" in node.entry["flags"] else
+                       "not authenticated (no cluster key)" if node.auth == "unverified"
+                       else node.state)
+                raise JobError(f"node {node.name} cannot take jobs: {why}")
+            return match.id, match.name
+        if placement.how == "among":
+            wanted = set(placement.among or [])
+            cands = [c for c in cands if str(c.id) in wanted or c.name in wanted]
+            if not cands:
+                raise JobError(f"none of {', '.join(sorted(wanted))} can take jobs now")
+        best = balance.choose_node(cands)
+        return best.id, best.name
+
+    # ------------------------------------------------------------------ starting
+    async def start(self, owner: Owner, argv: list[str], cwd: str, env: dict[str, str],
+                    placement: Placement, stay: bool = False,
+                    restartable: bool = False) -> Job:
+        if self.d.security == "read-only" and placement.how != "home":
+            placement = Placement("home")  # no key: no remote execution
+        target, name = self.choose(placement)
+        # counted at once: runs started concurrently must see each other's placements
+        placed = (target, trio.current_time())
+        self.placed.append(placed)
+        job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
+                  restartable=restartable)
+        try:
+            if target == self.me:
+                check_runnable(argv, cwd, env, self.d.name)
+                self._check_guest_ok(owner, local=True)
+                self.home[job.id] = job
+                try:
+                    await self._nursery().start(self._run_local, job, env)
+                except JobError:
+                    self.home.pop(job.id, None)
+                    raise
+            else:
+                await self._start_remote(job, env)
+        except JobError:
+            self.placed.remove(placed)
+            raise
+        self.d.publish([Event("job-start", f"job {job.id} ({' '.join(argv)[:60]}) of "
+                              f"{owner.user} started on {name}",
+                              {"job": job.id, "node": target})])
+        self._prune()
+        return job
+
+    def _nursery(self) -> trio.Nursery:
+        assert self.nursery is not None, "the daemon is not running"
+        return self.nursery
+
+    def _check_guest_ok(self, owner: Owner, local: bool) -> None:
+        if not local and "blocked" in self.flags:
+            raise JobError(f"node {self.d.name} is blocked: it accepts no guest jobs")
+        if not local and self.d.security == "read-only":
+            raise JobError(f"node {self.d.name} has no cluster key: it runs no guest jobs")
+        try:
+            Owner.of_uid(owner.uid)
+        except JobError as e:
+            raise JobError(f"node {self.d.name}: {e}") from None
+
+    async def _run_local(self, job: Job, env: dict[str, str],
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status)
+        self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        self.d.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
+                              f"{job.node_name}", {"job": job.id,
+                                                   "status": job.status_code()})])
+
+    async def _start_remote(self, job: Job, env: dict[str, str]) -> None:
+        try:
+            ch = await self.connect(job.node)
+        except ChannelError as e:
+            raise JobError(f"cannot reach node {job.node_name}: {e}") from None
+        try:
+            await ch.send({"op": "exec", "job": job.wire(), "env": env})
+            with trio.fail_after(QUERY_TIMEOUT * 3):
+                reply = await ch.receive_msg()
+        except (ChannelError, trio.TooSlowError) as e:
+            await ch.aclose()
+            raise JobError(f"node {job.node_name} did not answer: {e}") from None
+        if reply.get("op") != "started":
+            await ch.aclose()
+            raise JobError(str(reply.get("reason", "refused")))
+        self.spool.create(job)
+        self.home[job.id] = job
+        self.links[job.id] = ch
+        self._nursery().start_soon(self._follow, job, ch)
+
+    # ------------------------------------------------------------------ home side
+    async def _follow(self, job: Job, ch: Channel | None) -> None:
+        """Bring a remote job's output and end home; reconnect while its node lives."""
+        scope = self.scopes[job.id] = trio.CancelScope()
+        with scope:
+            delay = 0.2
+            while job.state not in FINAL:
+                try:
+                    if ch is None:
+                        ch = await self.connect(job.node)
+                        await ch.send({"op": "attach", "job": job.id,
+                                       "offsets": {str(k): v for k, v in job.offsets.items()}})
+                        reply = await ch.receive_msg()
+                        if reply.get("op") != "attached":
+                            self.mark_lost(job, f"node {job.node_name} no longer has it")
+                            break
+                        self.links[job.id] = ch
+                    delay = 0.2
+                    await self._receive_remote(job, ch)
+                except ChannelError as e:
+                    log.debug("job %s: link to %s: %s", job.id, job.node_name, e)
+                    self.links.pop(job.id, None)
+                    if ch is not None:
+                        await ch.aclose()
+                    ch = None
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        self.links.pop(job.id, None)
+        self.scopes.pop(job.id, None)
+        if ch is not None:
+            await ch.aclose()
+
+    async def _receive_remote(self, job: Job, ch: Channel) -> None:
+        while True:
+            msg = await ch.receive()
+            if isinstance(msg, tuple):
+                stream, data = msg
+                if stream in (STDOUT, STDERR):
+                    self.spool.append(job.id, stream, data)
+                    job.offsets[stream] += len(data)
+                    job.notify()
+                continue
+            op = msg.get("op")
+            if op == "info":
+                job.cpu = float(msg.get("cpu", job.cpu))
+                job.rss_mb = float(msg.get("rss_mb", job.rss_mb))
+            elif op == "exit":
+                job.cpu = float(msg.get("cpu", job.cpu))
+                job.exit = msg.get("exit") or {"code": 0}
+                job.state, job.ended = EXITED, time.time()
+                job.notify()
+                self._finished(job)
+                return
+
+    def mark_lost(self, job: Job, reason: str) -> None:
+        if job.state in FINAL:
+            return
+        job.state, job.ended = LOST, time.time()
+        job.reason = f"{reason} at {time.strftime('%H:%M:%S')}"
+        job.notify()
+        scope = self.scopes.get(job.id)
+        if scope is not None:
+            scope.cancel()
+        self.d.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
+                              {"job": job.id, "reason": job.reason})])
+
+    def on_events(self, events: list[Event]) -> None:
+        """Membership news: jobs on a dead or departed node are lost."""
+        for ev in events:
+            if ev.kind in ("dead", "leave", "restart"):
+                nid = ev.data.get("node")
+                what = {"dead": "died", "leave": "left the cluster",
+                        "restart": "restarted"}[ev.kind]
+                for job in list(self.home.values()):
+                    if job.node == nid and job.state not in FINAL:
+                        self.mark_lost(job, f"node {job.node_name} {what}")
+
+    # ------------------------------------------------------------------ running side
+    async def serve(self, stream: trio.SocketStream) -> None:
+        """One incoming cluster-channel connection."""
+        try:
+            ch = await channel.accept(stream, self.d.channel_key, self.hello())
+        except ChannelError as e:
+            self.d.counters["channel-refused"] += 1
+            log.warning("cluster channel: refused a connection: %s", e)
+            return
+        try:
+            if ch.peer.get("proto") != self.d.protocol:
+                await ch.send({"op": "refused", "reason": "incompatible protocol version"})
+                return
+            msg = await ch.receive_msg()
+            op = msg.get("op")
+            if op == "exec":
+                await self._serve_exec(ch, msg)
+            elif op == "attach":
+                job = self.guests.get(str(msg.get("job")))
+                if job is None:
+                    await ch.send({"op": "unknown"})
+                    return
+                await ch.send({"op": "attached"})
+                offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
+                await self._pump(ch, job, offsets)
+            elif op == "jobs":
+                await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
+                               "guests": [j.wire() for j in self.guests.values()]})
+            elif op == "act":
+                try:
+                    text = await self.act(str(msg.get("job")), str(msg.get("action")),
+                                          int(msg.get("uid", -1)), int(msg.get("sig", 15)),
+                                          forwarded=True)
+                    await ch.send({"op": "done", "text": text})
+                except JobError as e:
+                    await ch.send({"op": "error", "text": str(e)})
+            else:
+                await ch.send({"op": "refused", "reason": f"unknown operation {op!r}"})
+        except (ChannelError, KeyError, TypeError, ValueError) as e:
+            log.debug("cluster channel from node %s: %s", ch.peer.get("node"), e)
+        finally:
+            await ch.aclose()
+
+    async def _serve_exec(self, ch: Channel, msg: dict[str, Any]) -> None:
+        try:
+            job = Job.from_wire(msg["job"])
+            env = {str(k): str(v) for k, v in dict(msg.get("env", {})).items()}
+            if job.node != self.me:
+                raise JobError(f"job {job.id} was meant for node {job.node}, not {self.me}")
+            if job.id in self.guests:
+                raise JobError(f"job {job.id} already runs here")
+            self._check_guest_ok(job.owner, local=False)
+            check_runnable(job.argv, job.cwd, env, self.d.name)
+            job.offsets = {STDOUT: 0, STDERR: 0}
+            job.changed = trio.Event()
+            self.guests[job.id] = job
+            try:
+                await self._nursery().start(self._run_guest, job, env)
+            except JobError:
+                self.guests.pop(job.id, None)
+                raise
+        except JobError as e:
+            await ch.send({"op": "refused", "reason": str(e)})
+            return
+        log.info("job %s of %s from node %d started: %s", job.id, job.owner.user, job.home,
+                 " ".join(job.argv)[:80])
+        await ch.send({"op": "started", "pid": job.pid})
+        await self._pump(ch, job, {STDOUT: 0, STDERR: 0})
+
+    async def _run_guest(self, job: Job, env: dict[str, str],
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status)
+        self._prune()
+
+    async def _pump(self, ch: Channel, job: Job, offsets: dict[int, int]) -> None:
+        """Send a guest job's output from ``offsets`` on, then its end; take signals."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._take_signals, ch, job, nursery.cancel_scope)
+            last_info = 0.0
+            while True:
+                changed = job.changed
+                for stream in (STDOUT, STDERR):
+                    while offsets.get(stream, 0) < job.offsets[stream]:
+                        start = offsets.get(stream, 0)
+                        data = self.spool.read(job.id, stream, start,
+                                               min(job.offsets[stream], start + CHUNK))
+                        if not data:
+                            break
+                        await ch.send_data(stream, data)
+                        offsets[stream] = start + len(data)
+                if job.state in FINAL:
+                    await ch.send({"op": "exit", "exit": job.exit, "cpu": job.cpu})
+                    break
+                now = trio.current_time()
+                if now - last_info >= INFO_EVERY and job.pid is not None:
+                    job.cpu, job.rss_mb = tree_usage(job.pid)
+                    await ch.send({"op": "info", "cpu": job.cpu, "rss_mb": job.rss_mb})
+                    last_info = now
+                with trio.move_on_after(INFO_EVERY):
+                    await changed.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _take_signals(self, ch: Channel, job: Job, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                msg = await ch.receive_msg()
+                if msg.get("op") == "signal":
+                    self.signal_local(job, int(msg.get("sig", signal.SIGTERM)))
+        except ChannelError:
+            scope.cancel()  # the home went away; the job runs on, and it may reattach
+
+    def signal_local(self, job: Job, sig: int) -> None:
+        if not 1 <= sig <= 64:
+            raise JobError(f"no signal {sig}")
+        pid = init_pid(job.pid) if job.pid else None
+        if pid is None:
+            raise JobError(f"job {job.id} has no process here")
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            raise JobError(f"job {job.id} has already ended") from None
+
+    # ------------------------------------------------------------------ actions
+    def _may(self, job: Job, uid: int) -> None:
+        if uid != 0 and uid != job.owner.uid:
+            raise JobError(f"job {job.id} belongs to {job.owner.user}")
+
+    async def act(self, job_id: str, action: str, uid: int, sig: int = signal.SIGTERM,
+                  forwarded: bool = False) -> str:
+        """kill, stay or nostay a job for the user ``uid``; routed to its home node."""
+        job = self.home.get(job_id)
+        if job is None:
+            home = _home_of(job_id)
+            guest = self.guests.get(job_id)
+            home_alive = home is not None and home in {n.id for n in
+                                                        self.d.members.live_nodes()}
+            if forwarded or not home_alive:
+                if guest is None:
+                    raise JobError(f"no job {job_id}")
+                job = guest  # its home is gone: the node running it answers
+            else:
+                return await self._forward_act(home, job_id, action, uid, sig)
+        self._may(job, uid)
+        if action == "kill":
+            if job.state in FINAL:
+                raise JobError(f"job {job.id} has already ended ({job.state})")
+            if job.node == self.me:
+                self.signal_local(job, sig)
+            else:
+                link = self.links.get(job.id)
+                if link is None:
+                    raise JobError(f"cannot reach node {job.node_name} right now; try again")
+                await link.send({"op": "signal", "sig": sig})
+            return f"signal {sig} sent to job {job.id} on {job.node_name}"
+        if action in ("stay", "nostay"):
+            job.stay = action == "stay"
+            return f"job {job.id} {'stays where it is' if job.stay else 'may migrate'}"
+        raise JobError(f"unknown action {action!r}")
+
+    async def _forward_act(self, home: int, job_id: str, action: str, uid: int,
+                           sig: int) -> str:
+        try:
+            ch = await self.connect(home)
+        except ChannelError as e:
+            raise JobError(f"cannot reach the job's home node: {e}") from None
+        try:
+            await ch.send({"op": "act", "job": job_id, "action": action, "uid": uid,
+                           "sig": sig})
+            with trio.fail_after(QUERY_TIMEOUT):
+                reply = await ch.receive_msg()
+        except (ChannelError, trio.TooSlowError) as e:
+            raise JobError(f"the job's home node did not answer: {e}") from None
+        finally:
+            await ch.aclose()
+        if reply.get("op") != "done":
+            raise JobError(str(reply.get("text", "refused")))
+        return str(reply.get("text", ""))
+
+    # ------------------------------------------------------------------ listing
+    async def cluster_jobs(self) -> list[Job]:
+        """Every job the cluster knows, the same on every node: each home node answers for
+        its own jobs; a job whose home is unreachable is reported by the node running it."""
+        answers: dict[int, dict[str, Any]] = {}
+
+        async def ask(node_id: int) -> None:
+            try:
+                with trio.fail_after(QUERY_TIMEOUT):
+                    ch = await self.connect(node_id)
+                    try:
+                        await ch.send({"op": "jobs"})
+                        answers[node_id] = await ch.receive_msg()
+                    finally:
+                        await ch.aclose()
+            except (ChannelError, trio.TooSlowError) as e:
+                log.debug("jobs: node %d did not answer: %s", node_id, e)
+
+        async with trio.open_nursery() as nursery:
+            for node in self.d.members.live_nodes():
+                if node.auth != "unverified":
+                    nursery.start_soon(ask, node.id)
+        homes = {self.me: [j.wire() for j in self.home.values()]}
+        guests = [j.wire() for j in self.guests.values()]
+        for nid, a in answers.items():
+            homes[nid] = list(a.get("home", []))
+            guests += list(a.get("guests", []))
+        out: dict[str, Job] = {}
+        for records in homes.values():
+            for rec in records:
+                out[rec["id"]] = Job.from_wire(rec)
+        for rec in guests:
+            if rec["home"] not in homes and rec["id"] not in out:
+                job = Job.from_wire(rec)
+                job.reason = job.reason or "home node unreachable"
+                out[job.id] = job
+        return sorted(out.values(), key=_job_order)
+
+    def set_flag(self, flag: str, on: bool) -> str:
+        if on:
+            self.flags.add(flag)
+        else:
+            self.flags.discard(flag)
+        self.d.members.me["flags"] = sorted(self.flags)
+        self.d.publish([Event("config", f"node {'now' if on else 'no longer'} {flag}",
+                              {"key": flag, "value": on})])
+        return f"{flag}: {'on' if on else 'off'}"
+
+
+def _home_of(job_id: str) -> int | None:
+    head = job_id.split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _job_order(job: Job) -> tuple[int, int]:
+    home, _, n = job.id.partition(".")
+    return (int(home) if home.isdigit() else 0, int(n) if n.isdigit() else 0)

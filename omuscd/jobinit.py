@@ -1,0 +1,94 @@
+"""The init process of one job: PID 1 of the job's own PID namespace.
+
+Run by the daemon as ``unshare --pid --fork python3 -I -S jobinit.py STATUS CPUS UID GID
+GROUPS CWD -- ARGV...`` (a file run by path, importing only the standard library, so that
+it starts in a few milliseconds).
+
+Why it exists: a job must live in its own PID namespace so that it can be checkpointed and
+restored elsewhere without PID clashes, and its session leader must be inside that
+namespace.  But PID 1 of a namespace ignores every signal it has no handler for, so the
+user's command cannot be PID 1 (Ctrl-C would do nothing).  This init is PID 1 instead: it
+becomes the session leader, sets the CPU affinity, starts the command as the caller's user,
+forwards signals to it, reaps orphans, and writes how the command ended to STATUS (a JSON
+object: ``{"code": N}``, ``{"signal": N}`` or ``{"error": TEXT}``).
+"""
+
+import json
+import os
+import signal
+import sys
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
+
+
+def write_status(path: str, status: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
+def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
+    """Fork and exec the command as the caller; exec errors come back on a pipe."""
+    r, w = os.pipe()
+    os.set_inheritable(w, False)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            for s in FORWARDED:
+                signal.signal(s, signal.SIG_DFL)
+            if gid != "-":
+                os.setgroups([int(g) for g in groups.split(",") if g])
+                os.setgid(int(gid))
+            if uid != "-":
+                os.setuid(int(uid))
+            os.chdir(cwd)
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            os.write(w, f"{e.filename or argv[0]}: {e.strerror}".encode())
+        os._exit(127)
+    os.close(w)
+    err = os.read(r, 4096)
+    os.close(r)
+    if err:
+        raise OSError(err.decode(errors="replace"))
+    return pid
+
+
+def main() -> int:
+    status_path, cpus, uid, gid, groups, cwd, sep, *argv = sys.argv[1:]
+    if sep != "--" or not argv:
+        print("usage: jobinit.py STATUS CPUS UID GID GROUPS CWD -- ARGV...", file=sys.stderr)
+        return 2
+    os.setsid()
+    if cpus:
+        os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
+    child = 0
+
+    def forward(signum, frame):
+        if child:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    try:
+        child = start(argv, uid, gid, groups, cwd)
+    except OSError as e:
+        write_status(status_path, {"error": str(e)})
+        return 127
+    while True:
+        pid, st = os.waitpid(-1, 0)  # PID 1 reaps every orphan in the namespace
+        if pid == child:
+            break
+    code = os.waitstatus_to_exitcode(st)
+    write_status(status_path, {"signal": -code} if code < 0 else {"code": code})
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Cluster jobs: records, spool files and the supervisor of a running job.
+
+A job is started on its *home node* (where ``omuscd run`` was typed) and runs on any node.
+The home node keeps the authoritative record; the node running the job keeps a guest record
+and the job's spool: ``STATE_DIR/spool/JOB/stdout``, ``stderr`` and ``status``.  Output lives
+in files rather than pipes because a job must not share pipes with the daemon if it is ever
+to be checkpointed and moved (CRIU); the home node keeps a copy of a remote job's output as
+it streams in, so ``output`` and ``attach`` work there even if the other node dies.
+
+Readers of output never get data pushed at them: they hold their own offsets and are woken
+when a job's files grew, so a slow reader costs nothing and misses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+log = logging.getLogger("omuscd.jobs")
+
+RUNNING, MIGRATING, EXITED, LOST = "running", "migrating", "exited", "lost"
+JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST)
+FINAL = (EXITED, LOST)
+STDOUT, STDERR = 1, 2
+STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
+JOBINIT = str(Path(__file__).with_name("jobinit.py"))
+TAIL_MIN, TAIL_MAX = 0.01, 0.25  # seconds between looks at a job's output files
+KEEP_EXITED = 1000  # finished records kept per node
+
+
+class JobError(Exception):
+    """A job cannot be started or acted on; the message says why, for the user."""
+
+
+@dataclass
+class Owner:
+    uid: int
+    gid: int
+    groups: list[int]
+    user: str
+
+    @classmethod
+    def of_uid(cls, uid: int) -> Owner:
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            raise JobError(f"uid {uid} has no user on this node") from None
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        return cls(uid, pw.pw_gid, groups, pw.pw_name)
+
+
+@dataclass
+class Job:
+    """One job's record (on its home node, or as a guest on the node running it)."""
+
+    id: str
+    owner: Owner
+    home: int
+    node: int
+    node_name: str
+    argv: list[str]
+    cwd: str
+    started: float = field(default_factory=time.time)
+    state: str = RUNNING
+    stay: bool = False
+    restartable: bool = False
+    stdin: bool = False
+    cpu: float = 0.0
+    rss_mb: float = 0.0
+    migrations: int = 0
+    exit: dict[str, Any] | None = None
+    ended: float | None = None
+    reason: str = ""  # why it was lost
+    cannot_move: str = ""  # why it cannot move (filled in by the migration backend)
+    offsets: dict[int, int] = field(default_factory=lambda: {STDOUT: 0, STDERR: 0})
+    pid: int | None = None  # on the node running it: the unshare process
+    changed: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    def notify(self) -> None:
+        """Wake everyone waiting for this job (output grew, state changed)."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def status_code(self) -> int:
+        """The exit status a shell would show: the code, or 128+N for signal N."""
+        if self.exit is None:
+            return 0
+        if "signal" in self.exit:
+            return 128 + int(self.exit["signal"])
+        return int(self.exit.get("code", 127))
+
+    def exit_text(self) -> str:
+        if self.exit is None:
+            return ""
+        if "signal" in self.exit:
+            return f"killed by signal {self.exit['signal']}"
+        if "error" in self.exit:
+            return f"failed to start: {self.exit['error']}"
+        return f"exit {self.exit['code']}"
+
+    def view(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("changed", "offsets", "pid")}
+        d["owner"] = self.owner.user
+        d["uid"] = self.owner.uid
+        d["command"] = " ".join(self.argv)
+        d["status"] = self.exit_text()
+        d["cpu"] = round(self.cpu, 2)
+        d["rss_mb"] = round(self.rss_mb, 1)
+        return d
+
+    def wire(self) -> dict[str, Any]:
+        """The record as sent between daemons."""
+        d = asdict(self)
+        d.pop("changed")
+        d["offsets"] = {str(k): v for k, v in self.offsets.items()}
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Job:
+        d = dict(d)
+        d["owner"] = Owner(**d["owner"])
+        d["offsets"] = {int(k): int(v) for k, v in d.get("offsets", {}).items()}
+        d.pop("changed", None)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Spool:
+    """Where job files live on one node."""
+
+    def __init__(self, state_dir: str):
+        self.root = Path(state_dir) / "spool"
+
+    def dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def path(self, job_id: str, stream: int) -> Path:
+        return self.dir(job_id) / STREAM_FILES[stream]
+
+    def create(self, job: Job) -> Path:
+        d = self.dir(job.id)
+        d.mkdir(parents=True, exist_ok=True)
+        for name in (*STREAM_FILES.values(), "status"):
+            (d / name).touch()
+        if os.geteuid() == 0:
+            for p in (d, *d.iterdir()):
+                os.chown(p, job.owner.uid, job.owner.gid)
+        d.chmod(0o700)
+        return d
+
+    def read(self, job_id: str, stream: int, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        try:
+            with open(self.path(job_id, stream), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except OSError:
+            return b""
+
+    def append(self, job_id: str, stream: int, data: bytes) -> None:
+        with open(self.path(job_id, stream), "ab") as f:
+            f.write(data)
+
+    def tail_lines(self, job_id: str, stream: int, lines: int) -> list[str]:
+        try:
+            data = self.path(job_id, stream).read_bytes()
+        except OSError:
+            return []
+        text = data.decode(errors="replace").splitlines()
+        return text[-lines:] if lines else text
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.dir(job_id), ignore_errors=True)
+
+
+def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) -> None:
+    """Fail early, naming the node and the path, when the job cannot start here (omuscd
+    assumes the same paths on every node: a shared home or NFS)."""
+    if not os.path.isdir(cwd):
+        raise JobError(f"node {node}: working directory {cwd} does not exist")
+    prog = argv[0]
+    if "/" in prog:
+        path = prog if os.path.isabs(prog) else os.path.join(cwd, prog)
+        if not os.path.exists(path):
+            raise JobError(f"node {node}: no such program {path}")
+        if not os.access(path, os.X_OK) or os.path.isdir(path):
+            raise JobError(f"node {node}: {path} is not executable")
+    elif shutil.which(prog, path=env.get("PATH", os.defpath)) is None:
+        raise JobError(f"node {node}: program {prog!r} not found in PATH "
+                       f"{env.get('PATH', os.defpath)}")
+
+
+def launch_argv(job: Job, cpus: list[int], status: Path) -> list[str]:
+    """``unshare --pid --fork`` then our init: the job gets its own PID namespace with its
+    session leader inside it (setsid happens in the init, never outside)."""
+    if os.geteuid() == 0:
+        ns = ["unshare", "--pid", "--fork", "--kill-child"]
+        uid, gid = str(job.owner.uid), str(job.owner.gid)
+        groups = ",".join(str(g) for g in job.owner.groups)
+    else:  # an unprivileged daemon: a user namespace makes the PID namespace possible
+        ns = ["unshare", "--user", "--map-current-user", "--pid", "--fork", "--kill-child"]
+        uid = gid = "-"
+        groups = ""
+    return [*ns, sys.executable, "-I", "-S", JOBINIT, str(status),
+            ",".join(str(c) for c in cpus), uid, gid, groups, job.cwd, "--", *job.argv]
+
+
+def init_pid(unshare_pid: int) -> int | None:
+    """The job's init (PID 1 of its namespace), seen from outside: unshare's child."""
+    try:
+        children = psutil.Process(unshare_pid).children()
+    except psutil.Error:
+        return None
+    return children[0].pid if children else None
+
+
+def tree_usage(pid: int) -> tuple[float, float]:
+    """CPU seconds and resident MB of a job's processes (the init excluded)."""
+    try:
+        top = psutil.Process(pid)
+        procs = top.children(recursive=True)
+    except psutil.Error:
+        return 0.0, 0.0
+    cpu = rss = 0.0
+    for p in procs:
+        try:
+            if p.name() in ("python3", "python") and JOBINIT in " ".join(p.cmdline()):
+                continue
+            t = p.cpu_times()
+            cpu += t.user + t.system + t.children_user + t.children_system
+            rss += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return cpu, rss / (1024 * 1024)
+
+
+async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int],
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``job`` on this node until it ends: start it, watch its files grow, collect its
+    exit status.  Reports ``started`` once the process exists."""
+    d = spool.create(job)
+    out = open(d / "stdout", "ab")
+    err = open(d / "stderr", "ab")
+    null = open(os.devnull, "rb")
+    try:
+        proc = await trio.lowlevel.open_process(
+            launch_argv(job, cpus, d / "status"), stdin=null, stdout=out, stderr=err,
+            env=env, cwd="/")
+    except OSError as e:
+        raise JobError(f"cannot start the job: {e.strerror or e}") from None
+    finally:
+        out.close()
+        err.close()
+        null.close()
+    job.pid = proc.pid
+    task_status.started()
+    # Cancellation (the daemon stopping) leaves the job running: it is not ours to kill.
+    delay = TAIL_MIN
+    while True:
+        if _poll_sizes(job, spool):
+            job.notify()
+            delay = TAIL_MIN
+        else:
+            delay = min(TAIL_MAX, delay * 2)
+        if proc.poll() is not None:
+            break
+        with trio.move_on_after(delay):
+            await proc.wait()
+    _poll_sizes(job, spool)
+    try:
+        job.exit = json.loads((d / "status").read_text() or "null")
+    except (OSError, ValueError):
+        job.exit = None
+    if not job.exit:
+        code = proc.returncode
+        job.exit = {"signal": -code} if code < 0 else {"code": code}
+    job.state, job.ended = EXITED, time.time()
+    job.notify()
+
+
+def _poll_sizes(job: Job, spool: Spool) -> bool:
+    grew = False
+    for stream in STREAM_FILES:
+        try:
+            size = spool.path(job.id, stream).stat().st_size
+        except OSError:
+            continue
+        if size > job.offsets[stream]:
+            job.offsets[stream] = size
+            grew = True
+    return grew
