@@ -2,6 +2,6 @@
 
 import sys
 
-from omuscd.cli import main
+from omuscd.entry import main
 
 sys.exit(main())

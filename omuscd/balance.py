@@ -30,7 +30,9 @@ class Candidate:
 
     @property
     def demand(self) -> float:
-        return self.load * self.cpus + self.pending
+        """Busy CPUs, counted whole (a CPU less than half busy is idle: daemons, cron and
+        sampling noise must not steer placement), plus recent placements."""
+        return float(round(self.load * self.cpus) + self.pending)
 
     @property
     def capacity(self) -> float:
@@ -44,6 +46,12 @@ class Candidate:
     def pressure(self, extra: float = 1.0) -> float:
         """Demand per unit of capacity, counting the job about to be placed."""
         return (self.demand + extra) / self.capacity
+
+
+def explain(cands: list[Candidate]) -> str:
+    """The figures a placement was made from, for the log."""
+    return ", ".join(f"{c.name}: load {c.load:.2f} on {c.cpus} CPU, {c.pending} pending"
+                     for c in cands)
 
 
 def choose_node(cands: list[Candidate]) -> Candidate:

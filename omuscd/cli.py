@@ -91,62 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "port asks for one")
     ctl.add_argument("--json", action="store_true", help="ask for the JSON form")
     ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...")
-    run = sub.add_parser(
-        "run", help="run a command where the cluster has room; it looks local",
-        description="Run CMD on the node with the most room (or as placed), with your "
-        "working directory, environment, user and groups; print its output as it comes, "
-        "forward Ctrl-C, SIGTERM and SIGHUP to it, and exit with its status (128+N if "
-        "signal N killed it; 124 if its node died; 125 if it could not start; 123 if the "
-        "local daemon went away). omuscd assumes the same paths on every node.")
-    where = run.add_mutually_exclusive_group()
-    where.add_argument("--best", action="store_true",
-                       help="the node with the most spare capacity (default)")
-    where.add_argument("--home", action="store_true", help="this node")
-    where.add_argument("--node", metavar="ID|NAME", help="that node")
-    where.add_argument("--among", metavar="LIST", help="the best of these nodes "
-                       "(comma-separated ids or names)")
-    run.add_argument("--stay", action="store_true", help="never migrate this job")
-    run.add_argument("--restartable", action="store_true",
-                     help="the job may be killed and rerun from the start elsewhere")
-    run.add_argument("--detach", action="store_true",
-                     help="print the job id and return; see 'omuscd attach'")
-    run.add_argument("--user", metavar="USER", help="run as USER (root only)")
-    run.add_argument("--connect", metavar="SOCKET",
-                     help="the local daemon's Unix socket (default: STATE_DIR/control.sock)")
-    run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    att = sub.add_parser("attach", help="reattach to a job started here: its output, "
-                         "signals and exit status")
-    att.add_argument("--follow", action="store_true",
-                     help="output from now on (default: from the start)")
-    att.add_argument("--connect", metavar="SOCKET",
-                     help="the local daemon's Unix socket (default: STATE_DIR/control.sock)")
-    att.add_argument("job", metavar="JOB")
+    from omuscd import runclient
+
+    runclient.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "attach"):
+        from omuscd import runclient
+
+        return runclient.dispatch(args)
     if args.command == "keygen":
         return keygen(args.file)
     if args.command == "ctl":
         return ctl(args)
-    if args.command in ("run", "attach"):
-        from omuscd import runclient
-
-        if args.command == "attach":
-            return runclient.attach(args.job, args.follow, args.connect)
-        argv = args.command_argv
-        if argv[:1] == ["--"]:
-            argv = argv[1:]
-        if not argv:
-            print("omuscd run: give a command after '--'", file=sys.stderr)
-            return EXIT_USAGE
-        placement = [f"--{k}" for k in ("best", "home", "stay", "restartable")
-                     if getattr(args, k)]
-        for k in ("node", "among"):
-            if getattr(args, k):
-                placement += [f"--{k}", getattr(args, k)]
-        return runclient.run(argv, placement, args.detach, args.connect, args.user)
     return run_daemon(args)
 
 

@@ -7,7 +7,6 @@ same parser around a trio stream.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import socket
@@ -65,6 +64,8 @@ class ReplyParser:
 
 def auth_response(challenge: str, secret: bytes) -> str:
     """The answer to a ``challenge`` (Varnish CLI scheme)."""
+    import hashlib
+
     c = challenge.encode()
     return hashlib.sha256(c + b"\n" + secret + c + b"\n").hexdigest()
 
@@ -152,12 +153,12 @@ def connect(target: str | None = None, secret: bytes | None = None,
             timeout: float = 10) -> ControlClient:
     """Connect to ``target``: a Unix socket path (contains '/'), ``HOST[:PORT]``, or by
     default the local daemon's socket if it exists, else 127.0.0.1:4271."""
-    from omuscd.config import DEFAULT_CONTROL_PORT, default_state_dir
+    import os
+
+    from omuscd.paths import DEFAULT_CONTROL_PORT, default_socket
 
     if target is None:
-        import os
-
-        path = os.path.join(default_state_dir(), "control.sock")
+        path = default_socket()
         if os.path.exists(path):
             return ControlClient.unix(path, timeout)
         return ControlClient.tcp("127.0.0.1", DEFAULT_CONTROL_PORT, secret, timeout)

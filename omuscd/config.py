@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omuscd.paths import (
+    DEFAULT_CONFIG_FILE,
+    DEFAULT_CONTROL_PORT,
+    DEFAULT_KEY_FILE,
+    DEFAULT_PORT,
+    default_state_dir,
+)
+
 log = logging.getLogger("omuscd.config")
 
-DEFAULT_PORT = 4270
-DEFAULT_CONTROL_PORT = 4271
-DEFAULT_CONFIG_FILE = "/etc/omuscd.toml"
-DEFAULT_KEY_FILE = "/etc/omuscd.key"
 
 
 class ConfigError(Exception):
@@ -387,13 +391,6 @@ def node_id_from_address(address: str) -> int:
     resolve clashes at run time (see membership)."""
     packed = ipaddress.IPv4Address(address).packed
     return (packed[2] << 8 | packed[3]) or 1
-
-
-def default_state_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/omuscd"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "omuscd")
 
 
 def autodetect(cfg: Config,

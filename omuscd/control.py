@@ -215,7 +215,12 @@ class Session:
             assert isinstance(item, str)
             reply = self._auth(item) if item.split()[:1] == ["auth"] else None
             if reply is None:
-                reply = await commands.execute(self, item)
+                try:
+                    reply = await commands.execute(self, item)
+                except Exception:  # a bug: this command fails, the daemon stays up
+                    log.exception("control: internal error in %r", item[:80])
+                    reply = commands.err(commands.FAILED, "internal error; see the daemon's "
+                                         "log")
             if reply is None:
                 continue
             await self.send(reply)
@@ -412,6 +417,8 @@ class ControlServer:
             await session.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
             log.debug("control: session from %s ended: %s", peer, e)
+        except Exception:
+            log.exception("control: internal error in a session from %s (closed)", peer)
         finally:
             self.sessions -= 1
             await trio.aclose_forcefully(stream)

@@ -378,8 +378,8 @@ class Daemon:
         mine = {"id": me["id"], "name": me["name"], "address": me["addr"], "port": me["port"],
                 "role": me["role"], "state": "alive", "load": round(float(me["load"]), 2),
                 "util": round(float(me["util"]), 1), "runq": me["runq"], "cpus": me["cpus"],
-                "speed": me["speed"], "mem_free_mb": me["mem"], "jobs": me["jobs"],
-                "release": me["rel"], "flags": list(me["flags"]),
+                "speed": me["speed"], "mem_free_mb": me["mem"], "jobs": self.jobs.counts(),
+                "release": me["rel"], "flags": sorted(self.jobs.flags),
                 "auth": self.auth_label, "last_heard": 0.0, "state_since":
                 round(now - self.started, 1), "self": True}
         others = sorted(self.members.nodes.values(), key=lambda n: n.id)

@@ -75,7 +75,8 @@ class JobControl:
         self.links: dict[str, Channel] = {}  # home side: job id -> channel to its node
         self.scopes: dict[str, trio.CancelScope] = {}
         self.flags: set[str] = set()
-        self.placed: list[tuple[int, float]] = []  # (node id, when): not yet in the load
+        # (node id, when, job id): jobs placed recently, not yet visible in the node's load
+        self.placed: list[tuple[int, float, str]] = []
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
 
@@ -133,9 +134,10 @@ class JobControl:
     # ------------------------------------------------------------------ placement
     def candidates(self, placement: Placement) -> list[balance.Candidate]:
         now = trio.current_time()
-        self.placed = [(n, t) for n, t in self.placed if now - t < balance.PENDING_FOR]
+        self.placed = [(n, t, j) for n, t, j in self.placed if now - t < balance.PENDING_FOR
+                       and (j not in self.home or self.home[j].state not in FINAL)]
         pending: dict[int, int] = {}
-        for n, _ in self.placed:
+        for n, _, _ in self.placed:
             pending[n] = pending.get(n, 0) + 1
         me = self.d.members.me
         out = [balance.Candidate(self.me, self.d.name, me["cpus"], me["speed"],
@@ -179,6 +181,7 @@ class JobControl:
             if not cands:
                 raise JobError(f"none of {', '.join(sorted(wanted))} can take jobs now")
         best = balance.choose_node(cands)
+        log.info("placement: %s chosen from %s", best.name, balance.explain(cands))
         return best.id, best.name
 
     # ------------------------------------------------------------------ starting
@@ -188,11 +191,11 @@ class JobControl:
         if self.d.security == "read-only" and placement.how != "home":
             placement = Placement("home")  # no key: no remote execution
         target, name = self.choose(placement)
-        # counted at once: runs started concurrently must see each other's placements
-        placed = (target, trio.current_time())
-        self.placed.append(placed)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
                   restartable=restartable)
+        # counted at once: runs started concurrently must see each other's placements
+        placed = (target, trio.current_time(), job.id)
+        self.placed.append(placed)
         try:
             if target == self.me:
                 check_runnable(argv, cwd, env, self.d.name)
@@ -337,7 +340,15 @@ class JobControl:
 
     # ------------------------------------------------------------------ running side
     async def serve(self, stream: trio.SocketStream) -> None:
-        """One incoming cluster-channel connection."""
+        """One incoming cluster-channel connection.  A bug met here costs this connection,
+        never the daemon."""
+        try:
+            await self._serve(stream)
+        except Exception:
+            log.exception("cluster channel: internal error (connection dropped)")
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         try:
             ch = await channel.accept(stream, self.d.channel_key, self.hello())
         except ChannelError as e:
@@ -447,9 +458,13 @@ class JobControl:
             scope.cancel()  # the home went away; the job runs on, and it may reattach
 
     def signal_local(self, job: Job, sig: int) -> None:
+        """Signals go to the job's init, which forwards them; SIGKILL and SIGSTOP cannot be
+        caught, so they go straight to the command (the init then reports its end)."""
         if not 1 <= sig <= 64:
             raise JobError(f"no signal {sig}")
         pid = init_pid(job.pid) if job.pid else None
+        if pid is not None and sig in (signal.SIGKILL, signal.SIGSTOP):
+            pid = init_pid(pid) or pid
         if pid is None:
             raise JobError(f"job {job.id} has no process here")
         try:

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import warnings  # noqa: F401 - os.execvp imports it lazily; after setuid it may be unreadable
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
@@ -48,6 +49,8 @@ def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
             os.execvp(argv[0], argv)
         except OSError as e:
             os.write(w, f"{e.filename or argv[0]}: {e.strerror}".encode())
+        except BaseException as e:
+            os.write(w, f"{argv[0]}: {e!r}".encode())
         os._exit(127)
     os.close(w)
     err = os.read(r, 4096)

@@ -20,7 +20,7 @@ import pwd
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,16 @@ class Job:
             return f"failed to start: {self.exit['error']}"
         return f"exit {self.exit['code']}"
 
+    def _record(self) -> dict[str, Any]:
+        """The plain fields (not ``asdict``: it would deep-copy the trio Event)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "changed"}
+        d["owner"] = asdict(self.owner)
+        d["argv"] = list(self.argv)
+        d["exit"] = dict(self.exit) if self.exit else None
+        return d
+
     def view(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("changed", "offsets", "pid")}
+        d = {k: v for k, v in self._record().items() if k not in ("offsets", "pid")}
         d["owner"] = self.owner.user
         d["uid"] = self.owner.uid
         d["command"] = " ".join(self.argv)
@@ -121,8 +129,7 @@ class Job:
 
     def wire(self) -> dict[str, Any]:
         """The record as sent between daemons."""
-        d = asdict(self)
-        d.pop("changed")
+        d = self._record()
         d["offsets"] = {str(k): v for k, v in self.offsets.items()}
         return d
 

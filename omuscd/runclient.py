@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from omuscd.client import ControlClient, ProtocolError
-from omuscd.config import default_state_dir
+from omuscd.paths import default_socket
 
 FRAME = struct.Struct(">BI")
 FRAME_STDOUT, FRAME_STDERR, FRAME_END, FRAME_SIGNAL = 1, 2, 3, 6
@@ -33,18 +33,83 @@ EXIT_DAEMON = 123  # the local daemon could not be reached or went away
 
 
 def _connect(target: str | None) -> ControlClient:
-    path = target or os.path.join(default_state_dir(), "control.sock")
-    if not os.path.exists(path):
-        system = "/var/lib/omuscd/control.sock"
-        if target is None and os.path.exists(system):
-            path = system
-    return ControlClient.unix(path, timeout=None)  # type: ignore[arg-type]
+    return ControlClient.unix(target or default_socket(), timeout=None)  # type: ignore[arg-type]
+
+
+RUN_DESCRIPTION = (
+    "Run CMD on the node with the most room (or as placed), with your working directory, "
+    "environment, user and groups; print its output as it comes, forward Ctrl-C, SIGTERM "
+    "and SIGHUP to it, and exit with its status (128+N if signal N killed it; 124 if its "
+    "node died; 125 if it could not start; 123 if the local daemon went away). omuscd "
+    "assumes the same paths on every node.")
+
+
+def add_parsers(sub: Any) -> None:
+    """The ``run`` and ``attach`` subcommands: defined once, used by the full command line
+    and by the fast path in :func:`main`."""
+    import argparse
+
+    run = sub.add_parser("run", help="run a command where the cluster has room; it looks "
+                         "local", description=RUN_DESCRIPTION)
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--best", action="store_true",
+                       help="the node with the most spare capacity (default)")
+    where.add_argument("--home", action="store_true", help="this node")
+    where.add_argument("--node", metavar="ID|NAME", help="that node")
+    where.add_argument("--among", metavar="LIST", help="the best of these nodes "
+                       "(comma-separated ids or names)")
+    run.add_argument("--stay", action="store_true", help="never migrate this job")
+    run.add_argument("--restartable", action="store_true",
+                     help="the job may be killed and rerun from the start elsewhere")
+    run.add_argument("--detach", action="store_true",
+                     help="print the job id and return; see 'omuscd attach'")
+    run.add_argument("--user", metavar="USER", help="run as USER (root only)")
+    run.add_argument("--connect", metavar="SOCKET",
+                     help="the local daemon's Unix socket (default: STATE_DIR/control.sock)")
+    run.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    att = sub.add_parser("attach", help="reattach to a job started here: its output, "
+                         "signals and exit status")
+    att.add_argument("--follow", action="store_true",
+                     help="output from now on (default: from the start)")
+    att.add_argument("--connect", metavar="SOCKET",
+                     help="the local daemon's Unix socket (default: STATE_DIR/control.sock)")
+    att.add_argument("job", metavar="JOB")
+
+
+def main(argv: list[str]) -> int:
+    """``omuscd run|attach ...`` without the daemon's imports."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="omuscd", allow_abbrev=False)
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    return dispatch(parser.parse_args(argv))
+
+
+def dispatch(args: Any) -> int:
+    if args.command == "attach":
+        return attach(args.job, args.follow, args.connect)
+    argv = args.command_argv
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("omuscd run: give a command after '--'", file=sys.stderr)
+        return 2
+    placement = [f"--{k}" for k in ("best", "home", "stay", "restartable") if getattr(args, k)]
+    for k in ("node", "among"):
+        if getattr(args, k):
+            placement += [f"--{k}", getattr(args, k)]
+    return run(argv, placement, args.detach, args.connect, args.user)
 
 
 def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
         user: str | None = None) -> int:
+    try:
+        cwd = os.getcwd()
+    except OSError as e:
+        print(f"omuscd run: the current directory is gone ({e.strerror})", file=sys.stderr)
+        return EXIT_NOT_STARTED
     env = base64.b64encode(json.dumps(dict(os.environ)).encode()).decode()
-    words = ["run", *placement, "--cwd", os.getcwd(), "--env", env, "--json"]
+    words = ["run", *placement, "--cwd", cwd, "--env", env, "--json"]
     if user:
         words += ["--user", user]
     line = " ".join(shlex.quote(w) for w in [*words, "--", *argv])

@@ -201,3 +201,33 @@ def telnet(addr: str, port: int, script: list[tuple[str, float]],
         time.sleep(pause)
     out, _ = p.communicate(timeout=10)
     return out.decode(errors="replace")
+
+
+def as_user(uid: int, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a forked child that has dropped to ``uid`` (and that gid, no groups);
+    return its result.  A fork, not an exec: the interpreter's files may be unreadable to
+    that user (a Python under /root), the sockets are not."""
+    import pickle
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result: Any = ("ok", fn())
+        except BaseException as e:
+            result = ("error", repr(e))
+        with os.fdopen(w, "wb") as f:
+            pickle.dump(result, f)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(data)
+    if status != "ok":
+        raise AssertionError(f"as uid {uid}: {value}")
+    return value

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from omuscd import cli, commands, exitcodes
+from omuscd import cli, commands, exitcodes, runclient
 from omuscd.config import PARAMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,18 @@ def test_every_switch_is_in_omuscd_8_and_nothing_else():
     assert documented == real
 
 
+def test_every_subcommand_and_its_options_are_in_omuscd_8():
+    documented = {}
+    for line in tagged(section("omuscd.8", "COMMANDS")):
+        name = line.split()[0]
+        documented[name] = set(re.findall(r"--[a-z][a-z-]*", line))
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    real = {name: {s for a in p._actions for s in a.option_strings if s.startswith("--")}
+            - {"--help"} for name, p in sub.choices.items()}
+    assert documented == real
+
+
 def test_every_file_key_is_in_omuscd_toml_5_and_nothing_else():
     documented = {line.split()[0] for line in tagged(section("omuscd.toml.5", "KEYS"))}
     assert documented == {p.name for p in PARAMS if p.in_file}
@@ -72,7 +84,8 @@ def test_every_reply_code_is_documented():
 def test_every_exit_status_is_documented():
     documented = {int(unroff(c)) for c in tagged(section("omuscd.8", "EXIT STATUS"))}
     daemon_codes = {exitcodes.OK, exitcodes.FAILURE, exitcodes.USAGE, exitcodes.ID_CLASH}
-    assert documented == daemon_codes
+    run_codes = {runclient.EXIT_DAEMON, runclient.EXIT_LOST, runclient.EXIT_NOT_STARTED}
+    assert documented == daemon_codes | run_codes
     ctl = unroff(section("omuscd.8", "EXIT STATUS"))
     for code in (exitcodes.CTL_NO_CONNECTION, exitcodes.CTL_REFUSED, exitcodes.CTL_FAILED):
         assert f" {code} " in ctl

@@ -1,0 +1,258 @@
+"""Cluster jobs on a namespace LAN of real daemons: ``omuscd run`` where there is room,
+output and exit status as if local, signals, lost nodes, permissions, placement."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from omuscd import config
+from omuscd.client import ControlClient
+from tests.cluster import (
+    NetnsLan,
+    as_user,
+    can_netns,
+    short_tmpdir,
+    start_daemon,
+    wait_for,
+)
+
+REASON = can_netns()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+SCRIPT = ('for i in 1 2 3; do echo "out $i"; echo "err $i" >&2; done; '
+          'printf "no newline"; exit 7')
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Nodes a, b, c; each lends one CPU (--cpus 0), like small idle boxes."""
+    with NetnsLan(3) as lan:
+        work = short_tmpdir()
+        os.chmod(work, 0o755)  # other users' clients reach the sockets
+        key = work / "cluster.key"
+        config.write_key(str(key))
+        nodes = {}
+        try:
+            for i, name in enumerate("abc"):
+                nodes[name] = start_daemon(name, ["--key-file", str(key), "--cpus", "0"],
+                                           work, netns=lan.ns(i))
+                os.chmod(nodes[name].state_dir, 0o755)
+            for d in nodes.values():
+                wait_for(lambda d=d: len(d.nodes()) == 2, 10, f"{d.name} to see the others")
+            yield lan, work, key, nodes
+        finally:
+            for d in nodes.values():
+                if d.alive():
+                    d.popen.kill()
+                    d.popen.wait()
+            subprocess.run(["pkill", "-f", "omuscd-test-job"], capture_output=True)
+
+
+def run(node, *args: str, cwd: str | None = None, user: int | None = None,
+        **kw) -> subprocess.CompletedProcess[bytes]:
+    cmd = [sys.executable, "-m", "omuscd", "run", "--connect", node.socket, *args]
+    return subprocess.run(cmd, capture_output=True, cwd=cwd or "/tmp", timeout=60,
+                          user=user, group=user, extra_groups=[] if user else None, **kw)
+
+
+def popen(node, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", node.socket,
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd="/tmp")
+
+
+def test_remote_run_looks_local(cluster):
+    _, _, _, n = cluster
+    local = subprocess.run(["sh", "-c", SCRIPT], capture_output=True, cwd="/tmp")
+    remote = run(n["a"], "--node", "b", "--", "sh", "-c", SCRIPT)
+    assert (remote.stdout, remote.returncode) == (local.stdout, local.returncode) == (
+        b"out 1\nout 2\nout 3\nno newline", 7)
+    assert remote.stderr == local.stderr == b"err 1\nerr 2\nerr 3\n"
+    home = run(n["a"], "--home", "--", "sh", "-c", SCRIPT)
+    assert (home.stdout, home.stderr, home.returncode) == (local.stdout, local.stderr, 7)
+
+
+def test_job_has_callers_cwd_env_and_own_pid_namespace(cluster, tmp_path):
+    _, _, _, n = cluster
+    os.chmod(tmp_path, 0o755)
+    marker = uuid.uuid4().hex
+    r = run(n["a"], "--node", "c", "--", "sh", "-c",
+            'echo "$PWD $OMUSCD_T $$"; cat /proc/self/status | grep Cpus_allowed_list',
+            cwd=str(tmp_path), env={**os.environ, "OMUSCD_T": marker})
+    assert r.returncode == 0, r.stderr
+    pwd, got, pid = r.stdout.decode().splitlines()[0].split()
+    assert (pwd, got) == (str(tmp_path), marker)
+    assert pid == "2"  # PID 1 is the job's init, inside the job's own namespace
+    assert r.stdout.decode().split()[-1] == "0"  # the CPUs node c lends
+
+
+def test_signal_reaches_remote_job(cluster):
+    _, _, _, n = cluster
+    p = popen(n["a"], "--node", "b", "--", "sh", "-c",
+              'trap "echo got INT; exit 9" INT; echo ready; '
+              'while :; do sleep 0.1; done # omuscd-test-job')
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=10)
+    assert out == b"got INT\n" and p.returncode == 9, err
+
+
+def test_signal_death_gives_128_plus_n(cluster):
+    _, _, _, n = cluster
+    r = run(n["a"], "--node", "b", "--", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + signal.SIGTERM
+
+
+def test_missing_program_or_cwd_names_node_and_path(cluster, tmp_path):
+    _, _, _, n = cluster
+    r = run(n["a"], "--node", "b", "--", "/nonexistent/prog")
+    assert r.returncode == 125
+    assert b"node b: no such program /nonexistent/prog" in r.stderr
+    r = run(n["a"], "--node", "b", "--", "no-such-program-xyz")
+    assert r.returncode == 125 and b"node b: program 'no-such-program-xyz' not found" in r.stderr
+    ctl = [sys.executable, "-m", "omuscd", "ctl", "--connect", n["a"].socket]
+    r = subprocess.run([*ctl, "run", "--node", "b", "--cwd", str(tmp_path / "gone"), "--",
+                        "true"], capture_output=True, text=True)
+    assert r.returncode == 5
+    assert f"node b: working directory {tmp_path / 'gone'} does not exist" in r.stderr
+
+
+def test_jobs_is_the_same_on_every_node(cluster):
+    _, _, _, n = cluster
+    r = run(n["a"], "--node", "c", "--detach", "--", "sleep", "30")
+    job = r.stdout.decode().strip()
+    assert r.returncode == 0 and job.startswith(f"{n['a'].json('status')['id']}.")
+    try:
+        listings = [d.json("jobs")["jobs"] for d in n.values()]
+        for listing in listings:
+            mine = [j for j in listing if j["id"] == job]
+            assert len(mine) == 1
+            assert mine[0]["node_name"] == "c" and mine[0]["state"] == "running"
+        assert listings[0] == listings[1] == listings[2]
+        text = n["b"].ctl("jobs").text
+        assert job in text and "sleep 30" in text
+        assert n["c"].json("nodes")["nodes"][0]["jobs"] == 1
+    finally:
+        assert n["b"].ctl(f"kill {job} KILL").ok  # from a third node, through the home
+    wait_for(lambda: n["a"].json(f"job {job}")["state"] == "exited", 5, "the job to end")
+    assert n["a"].json(f"job {job}")["status"] == "killed by signal 9"
+
+
+def test_a_user_cannot_kill_another_users_job(cluster):
+    _, _, _, n = cluster
+    r = run(n["a"], "--node", "b", "--detach", "--", "sleep", "30")
+    job = r.stdout.decode().strip()
+    nobody = 65534
+    sock = n["a"].socket
+
+    def as_nobody():
+        with ControlClient.unix(sock) as c:
+            kill = c.command(f"kill {job}")
+            mine = c.command("run --node b --cwd /tmp --json -- id -u")
+            other = c.command("run --user root --cwd /tmp -- true")
+            return kill.code, kill.text, mine.code, mine.text, other.code, other.text
+
+    try:
+        kill_code, kill_text, mine_code, mine_text, other_code, other_text = as_user(
+            nobody, as_nobody)
+        assert kill_code == 500 and "belongs to root" in kill_text
+        assert n["a"].json(f"job {job}")["state"] == "running"
+        assert other_code == 501 and "only root" in other_text
+        # nobody's own job runs as nobody, on b
+        assert mine_code == 200, mine_text
+        own = json.loads(mine_text)["job"]
+        wait_for(lambda: n["a"].json(f"job {own}")["state"] == "exited", 5, "id -u to end")
+        view = n["a"].json(f"job {own}")
+        assert view["owner"] == "nobody" and view["node_name"] == "b"
+        assert n["a"].ctl(f"output {own}").lines[0] == "stdout: 65534"
+    finally:
+        n["a"].ctl(f"kill {job} KILL")
+
+
+def test_best_spreads_jobs_started_at_once(cluster):
+    _, _, _, n = cluster
+    n["c"].ctl("block")  # a two-node cluster for this test: c takes no guests
+    try:
+        wait_for(lambda: "blocked" in n["a"].nodes()["c"]["flags"], 3, "c to be blocked")
+        # the premise: two idle nodes (these namespaces share the machine's CPUs)
+        wait_for(lambda: all(v["load"] < 0.5 for v in n["a"].json("nodes")["nodes"][:2]), 10,
+                 "a and b to be idle")
+        # four sessions send their 'run' before any is answered: started at once, and
+        # without four client interpreters loading the CPUs these namespaces share
+        clients = [ControlClient.unix(n["a"].socket) for _ in range(4)]
+        for c in clients:
+            c.sock.sendall(b"run --json --cwd /tmp -- sleep 20\n")
+        jobs = [c.read_reply().json()["job"] for c in clients]
+        for c in clients:
+            c.close()
+        nodes = [n["a"].json(f"job {j}")["node_name"] for j in jobs]
+        assert sorted(nodes) == ["a", "a", "b", "b"], nodes
+        r = run(n["a"], "--node", "c", "--", "true")
+        assert r.returncode == 125 and b"node c cannot take jobs: blocked" in r.stderr
+        for j in jobs:
+            n["a"].ctl(f"kill {j} KILL")
+    finally:
+        n["c"].ctl("noblock")
+
+
+def test_detach_then_attach_from_start_or_follow(cluster):
+    _, _, _, n = cluster
+    script = "echo one; sleep 1; echo two; sleep 1; echo three; exit 5"
+    r = run(n["a"], "--node", "b", "--detach", "--", "sh", "-c", script)
+    job = r.stdout.decode().strip()
+    assert r.returncode == 0 and job
+    time.sleep(1.5)  # 'one' and 'two' are out
+    follow = subprocess.run([sys.executable, "-m", "omuscd", "attach", "--connect",
+                             n["a"].socket, "--follow", job], capture_output=True, timeout=20)
+    assert (follow.stdout, follow.returncode) == (b"three\n", 5)
+    again = subprocess.run([sys.executable, "-m", "omuscd", "attach", "--connect",
+                            n["a"].socket, job], capture_output=True, timeout=20)
+    assert (again.stdout, again.returncode) == (b"one\ntwo\nthree\n", 5)
+    out = n["a"].ctl(f"output {job}")
+    assert out.lines == ["stdout: one", "stdout: two", "stdout: three", f"job {job} exited: exit 5"]
+
+
+def test_text_attach_for_telnet_users(cluster):
+    _, _, _, n = cluster
+    with ControlClient.unix(n["a"].socket) as c:
+        job = c.command("run --json --node b --cwd /tmp -- sh -c 'echo hi; echo oops >&2'")
+        job_id = job.json()["job"]
+        reply = c.command(f"attach {job_id}")
+    assert reply.code == 230
+    # stdout and stderr are two files: their relative order is not defined
+    assert sorted(reply.lines[1:3]) == ["hi", "stderr: oops"]
+    assert reply.lines[3:] == ["exit 0"]
+
+
+def test_expel_and_bring_say_why_they_cannot_work_yet(cluster):
+    _, _, _, n = cluster
+    for cmd in ("expel", "bring"):
+        r = n["a"].ctl(cmd)
+        assert r.code == 502 and "migration" in r.text
+
+
+def test_dead_node_loses_its_jobs_and_run_exits_124(cluster):
+    lan, work, key, n = cluster
+    p = popen(n["a"], "--node", "b", "--", "sh", "-c",
+              "echo started; sleep 60 # omuscd-test-job")
+    assert p.stdout is not None and p.stdout.readline() == b"started\n"
+    n["b"].stop(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = p.communicate(timeout=15)
+    took = time.monotonic() - killed
+    assert p.returncode == 124, err
+    assert b"lost: node b died" in err
+    assert took <= 6.0 + 1.0
+    lost = [j for j in n["a"].json("jobs")["jobs"] if j["state"] == "lost"]
+    assert lost and "node b died" in lost[0]["reason"]
+    subprocess.run(["pkill", "-f", "omuscd-test-job"], capture_output=True)
+    n["b"] = start_daemon("b", ["--key-file", str(key), "--cpus", "0"], work, netns=lan.ns(1))
