@@ -43,7 +43,6 @@ NOT_TEXT = 403
 NOT_FOUND = 404
 FAILED = 500
 NOT_PERMITTED = 501
-NOT_AVAILABLE = 502
 AUTH_REQUIRED = 530
 AUTH_FAILED = 531
 BUSY = 421
@@ -55,7 +54,6 @@ REPLY_CODES: dict[int, str] = {
     BAD_ARGS: "wrong arguments",
     TOO_LONG: "line too long", NOT_TEXT: "not a line of text", NOT_FOUND: "no such node or key",
     BUSY: "too many sessions", FAILED: "failed", NOT_PERMITTED: "not permitted for this user",
-    NOT_AVAILABLE: "not available in this version",
     AUTH_REQUIRED: "authentication required", AUTH_FAILED: "authentication failed",
 }
 
@@ -168,6 +166,7 @@ class Command:
     details: str = ""
     options: tuple[Opt, ...] = ()
     rest: str | None = None  # name of the words after "--" (a command to run)
+    rest_alt: str | None = None  # an option that may carry them instead (encoded)
 
     @property
     def syntax(self) -> str:
@@ -239,9 +238,9 @@ def parse(line: str) -> Parsed | None:
         i += 1
     want_json = bool(values.pop("json", False))
     if cmd.rest:
-        if not tail:
+        if not tail and not (cmd.rest_alt and cmd.rest_alt in values):
             raise ParseError(BAD_ARGS, f"give the command after '--'; usage: {cmd.syntax}")
-        values[cmd.rest] = tail
+        values[cmd.rest] = tail or []
     required = sum(1 for a in cmd.args if not a.optional)
     if not required <= len(rest) <= len(cmd.args):
         raise ParseError(BAD_ARGS, f"usage: {cmd.syntax}")
@@ -451,10 +450,19 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
 
         home = pwd.getpwuid(owner.uid).pw_dir
         env = {"PATH": os.defpath, "HOME": home, "USER": owner.user, "LOGNAME": owner.user}
+    argv = a["command"]
+    if a.get("argv"):
+        try:
+            argv = json.loads(base64.b64decode(a["argv"], validate=True))
+            assert isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv)
+        except (binascii.Error, ValueError, AssertionError):
+            return err(BAD_ARGS, "--argv must be base64 of a JSON list of strings")
+        if a["command"]:
+            return err(BAD_ARGS, "give the command after '--' or with --argv, not both")
     cwd = a.get("cwd") or env.get("HOME", "/")
     if not os.path.isabs(cwd):
         return err(BAD_ARGS, "--cwd must be an absolute path")
-    job = await ctx.daemon.jobs.start(owner, a["command"], cwd, env, placement,
+    job = await ctx.daemon.jobs.start(owner, argv, cwd, env, placement,
                                       stay=bool(a.get("stay")),
                                       restartable=bool(a.get("restartable")))
     doc = {"job": job.id, "node": job.node, "name": job.node_name}
@@ -559,9 +567,17 @@ def _flag(flag: str, on: bool) -> Handler:
     return handler
 
 
-def h_not_yet(ctx: Context, a: dict[str, Any]) -> Reply:
-    return err(NOT_AVAILABLE, "this needs process migration, which this version does not "
-               "have yet")
+async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
+    uid = _need_identity(ctx)
+    return ok(await ctx.daemon.jobs.act(a["job"], "migrate", uid, to=a["where"]))
+
+
+async def h_expel(ctx: Context, a: dict[str, Any]) -> Reply:
+    return ok(*await ctx.daemon.jobs.expel())
+
+
+async def h_bring(ctx: Context, a: dict[str, Any]) -> Reply:
+    return ok(*await ctx.daemon.jobs.bring())
 
 
 def _cmds(*cmds: Command) -> dict[str, Command]:
@@ -604,11 +620,13 @@ COMMANDS: dict[str, Command] = _cmds(
             options=(Opt("best"), Opt("home"), Opt("node", "NODE", 64),
                      Opt("among", "LIST", 1024), Opt("stay"), Opt("restartable"),
                      Opt("user", "USER", 64), Opt("cwd", "DIR", 4096),
-                     Opt("env", "BASE64", 1 << 20)),
+                     Opt("env", "BASE64", 1 << 20), Opt("argv", "BASE64", 1 << 20)),
+            rest_alt="argv",
             details="Placement: --best (default: most spare capacity), --home, --node,\n"
                     "--among ID,NAME,... The job runs as you, in your --cwd (default\n"
                     "your home) with --env (base64 JSON; default a minimal one).\n"
-                    "Only root may give --user. Answers with the job id."),
+                    "--argv (base64 JSON list) may replace '-- COMMAND...' (for words\n"
+                    "holding newlines). Only root may give --user. Answers with the job id."),
     Command("jobs", (), "the cluster's jobs, the same on every node (--all: also ended)",
             h_jobs, json=True, options=(Opt("all"),)),
     Command("job", (Arg("job", max_len=40),), "everything known about one job", h_job,
@@ -632,10 +650,14 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("quiet", (), "stop announcing this node; peers send it no work",
             _flag("quiet", True), admin=True),
     Command("noquiet", (), "announce this node again", _flag("quiet", False), admin=True),
-    Command("expel", (), "send guest jobs away (needs migration: not in this version)",
-            h_not_yet, admin=True),
-    Command("bring", (), "call this node's jobs home (needs migration: not in this version)",
-            h_not_yet, admin=True),
+    Command("migrate", (Arg("job", max_len=40), Arg("where", max_len=64)),
+            "move your running job to a node (id or name), home, or best", h_migrate,
+            details="The job freezes, its images and output move over the cluster\n"
+                    "channel, it resumes there; on any failure it resumes where it was.\n"
+                    "Refused with the reason when it cannot move (stay, TCP connection,\n"
+                    "shared memory, io_uring, a device mapping, traced, no CRIU)."),
+    Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),
+    Command("bring", (), "call this node's jobs home", h_bring, admin=True),
 )
 
 

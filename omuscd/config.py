@@ -187,6 +187,9 @@ PARAMS: tuple[Param, ...] = (
           choices=("peer", "controller", "drone")),
     Param("cpus", "cpus", None, "CPUs this node lends to the cluster; load is measured over "
           "them (default: all)", metavar="LIST"),
+    Param("criu", "str", None, "the criu command for migration (default: criu in PATH if it "
+          "is >= 4, else /var/cache/omuscd-criu/bin/criu from tests/install-criu)",
+          metavar="PATH"),
     # security
     Param("key_file", "str", DEFAULT_KEY_FILE, "cluster key file (write one with "
           "'omuscd keygen FILE'); without a key the node is read-only", metavar="FILE"),

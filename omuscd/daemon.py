@@ -25,6 +25,7 @@ from omuscd.events import Event, EventBus
 from omuscd.jobctl import JobControl
 from omuscd.load import Sampler
 from omuscd.membership import IdClash, Membership, Timing
+from omuscd.migrate.criu import Criu, find_criu
 from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING, __version__
 
 log = logging.getLogger("omuscd")
@@ -56,6 +57,7 @@ class Daemon:
         # (no key) opens none and runs no guest jobs.
         self.channel_key = key if key is not None else (
             channel.INSECURE_KEY if security == "insecure" else None)
+        self.mover = Criu(find_criu(cfg.criu))
         self.jobs = JobControl(self)
         self.counters: dict[str, int] = {"in": 0, "out": 0, "send-errors": 0,
                                          "channel-refused": 0,
@@ -271,6 +273,10 @@ class Daemon:
         """Run until shutdown; returns the exit code."""
         self.started = trio.current_time()
         self.open_sockets()
+        self.jobs.migrations.clean_images()
+        await self.mover.check()
+        if self.mover.available:
+            self.members.me["flags"] = sorted({*self.members.me["flags"], "criu"})
         c = self.cfg
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
@@ -379,7 +385,7 @@ class Daemon:
                 "role": me["role"], "state": "alive", "load": round(float(me["load"]), 2),
                 "util": round(float(me["util"]), 1), "runq": me["runq"], "cpus": me["cpus"],
                 "speed": me["speed"], "mem_free_mb": me["mem"], "jobs": self.jobs.counts(),
-                "release": me["rel"], "flags": sorted(self.jobs.flags),
+                "release": me["rel"], "flags": sorted(self.members.me["flags"]),
                 "auth": self.auth_label, "last_heard": 0.0, "state_since":
                 round(now - self.started, 1), "self": True}
         others = sorted(self.members.nodes.values(), key=lambda n: n.id)
@@ -407,6 +413,7 @@ class Daemon:
             "control": f"{c.control_bind}:{c.control_port}",
             "control_socket": c.control_socket, "topology": c.topology,
             "cpus": format_cpu_list(c.cpus), "cpu_count": c.cpu_count,
+            "migration": self.mover.describe(),
             "speed_mhz": int(c.cpu_speed_mhz), "security": self.security,
             "key_file": c.key_file if self.security == "key" else None,
             "load": s.load, "util": s.util, "runq": s.runq, "mem_free_mb": s.mem_free_mb,
@@ -440,6 +447,7 @@ class Daemon:
             f"socket {c.control_socket}",
             f"peers: {' '.join(st['peers']) or 'none (broadcast discovery only)'}",
             f"topology: {c.topology}",
+            f"migration: {self.mover.describe()}",
             f"cpus: {st['cpus']} lent of {c.cpu_count}, {st['speed_mhz']} MHz"
             f" ({c.detected.get('cpus', 'given')})",
             f"security: {sec}",

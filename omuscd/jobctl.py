@@ -32,6 +32,8 @@ from omuscd.jobs import (
     FINAL,
     KEEP_EXITED,
     LOST,
+    MOVED,
+    RUNNING,
     STDERR,
     STDOUT,
     Job,
@@ -79,6 +81,9 @@ class JobControl:
         self.placed: list[tuple[int, float, str]] = []
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
+        from omuscd.migration import Migrations
+
+        self.migrations = Migrations(self)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -234,7 +239,8 @@ class JobControl:
     async def _run_local(self, job: Job, env: dict[str, str],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status)
-        self._finished(job)
+        if not job.node_changed:  # it ended here (not: it moved away)
+            self._finished(job)
 
     def _finished(self, job: Job) -> None:
         self.d.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
@@ -267,7 +273,7 @@ class JobControl:
         scope = self.scopes[job.id] = trio.CancelScope()
         with scope:
             delay = 0.2
-            while job.state not in FINAL:
+            while job.state not in FINAL and job.node != self.me:
                 try:
                     if ch is None:
                         ch = await self.connect(job.node)
@@ -307,6 +313,9 @@ class JobControl:
             if op == "info":
                 job.cpu = float(msg.get("cpu", job.cpu))
                 job.rss_mb = float(msg.get("rss_mb", job.rss_mb))
+            elif op == "moved":  # it left that node; follow it to the next
+                self.migrations.moved(job, int(msg["node"]))
+                return
             elif op == "exit":
                 job.cpu = float(msg.get("cpu", job.cpu))
                 job.exit = msg.get("exit") or {"code": 0}
@@ -371,6 +380,19 @@ class JobControl:
                 await ch.send({"op": "attached"})
                 offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
                 await self._pump(ch, job, offsets)
+            elif op == "immigrate":
+                await self.migrations.immigrate(ch, msg)
+            elif op == "has":
+                await self.migrations.has(ch, msg)
+            elif op == "emigrate":
+                job = self.find(str(msg.get("job")))
+                try:
+                    if job is None or job.node != self.me:
+                        raise JobError(f"job {msg.get('job')} does not run on {self.d.name}")
+                    stats = await self.migrations.emigrate(job, int(msg["to"]))
+                    await ch.send({"op": "migrated", **stats})
+                except JobError as e:
+                    await ch.send({"op": "failed", "reason": str(e)})
             elif op == "jobs":
                 await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
                                "guests": [j.wire() for j in self.guests.values()]})
@@ -378,7 +400,7 @@ class JobControl:
                 try:
                     text = await self.act(str(msg.get("job")), str(msg.get("action")),
                                           int(msg.get("uid", -1)), int(msg.get("sig", 15)),
-                                          forwarded=True)
+                                          forwarded=True, to=str(msg.get("to", "")))
                     await ch.send({"op": "done", "text": text})
                 except JobError as e:
                     await ch.send({"op": "error", "text": str(e)})
@@ -436,6 +458,9 @@ class JobControl:
                             break
                         await ch.send_data(stream, data)
                         offsets[stream] = start + len(data)
+                if job.state == MOVED:
+                    await ch.send({"op": "moved", "node": job.node})
+                    break
                 if job.state in FINAL:
                     await ch.send({"op": "exit", "exit": job.exit, "cpu": job.cpu})
                     break
@@ -462,7 +487,7 @@ class JobControl:
         caught, so they go straight to the command (the init then reports its end)."""
         if not 1 <= sig <= 64:
             raise JobError(f"no signal {sig}")
-        pid = init_pid(job.pid) if job.pid else None
+        pid = job.pid
         if pid is not None and sig in (signal.SIGKILL, signal.SIGSTOP):
             pid = init_pid(pid) or pid
         if pid is None:
@@ -478,8 +503,9 @@ class JobControl:
             raise JobError(f"job {job.id} belongs to {job.owner.user}")
 
     async def act(self, job_id: str, action: str, uid: int, sig: int = signal.SIGTERM,
-                  forwarded: bool = False) -> str:
-        """kill, stay or nostay a job for the user ``uid``; routed to its home node."""
+                  forwarded: bool = False, to: str = "") -> str:
+        """kill, stay, nostay or migrate a job for the user ``uid``; routed to its home
+        node, which keeps the books."""
         job = self.home.get(job_id)
         if job is None:
             home = _home_of(job_id)
@@ -491,8 +517,13 @@ class JobControl:
                     raise JobError(f"no job {job_id}")
                 job = guest  # its home is gone: the node running it answers
             else:
-                return await self._forward_act(home, job_id, action, uid, sig)
+                return await self._forward_act(home, job_id, action, uid, sig, to)
         self._may(job, uid)
+        if action == "migrate":
+            if job.home != self.me:
+                raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
+                               "moved now")
+            return await self.migrations.migrate(job, to or "best")
         if action == "kill":
             if job.state in FINAL:
                 raise JobError(f"job {job.id} has already ended ({job.state})")
@@ -510,15 +541,15 @@ class JobControl:
         raise JobError(f"unknown action {action!r}")
 
     async def _forward_act(self, home: int, job_id: str, action: str, uid: int,
-                           sig: int) -> str:
+                           sig: int, to: str = "") -> str:
         try:
             ch = await self.connect(home)
         except ChannelError as e:
             raise JobError(f"cannot reach the job's home node: {e}") from None
         try:
             await ch.send({"op": "act", "job": job_id, "action": action, "uid": uid,
-                           "sig": sig})
-            with trio.fail_after(QUERY_TIMEOUT):
+                           "sig": sig, "to": to})
+            with trio.fail_after(QUERY_TIMEOUT if action != "migrate" else 300):
                 reply = await ch.receive_msg()
         except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"the job's home node did not answer: {e}") from None
@@ -566,12 +597,41 @@ class JobControl:
                 out[job.id] = job
         return sorted(out.values(), key=_job_order)
 
+    async def expel(self) -> list[str]:
+        """Send every guest job away: home when its home can take it, else elsewhere."""
+        out = []
+        for job in list(self.guests.values()):
+            if job.state != RUNNING:
+                continue
+            where = "home"
+            home = self.d.members.nodes.get(job.home)
+            if home is None or home.state != ALIVE or "blocked" in home.entry["flags"]:
+                where = "best"
+            try:
+                out.append(await self._forward_act(job.home, job.id, "migrate", 0,
+                                                   signal.SIGTERM, where))
+            except JobError as e:
+                out.append(f"job {job.id}: {e}")
+        return out or ["no guest jobs here"]
+
+    async def bring(self) -> list[str]:
+        """Call every job started here back home."""
+        out = []
+        for job in list(self.home.values()):
+            if job.state == RUNNING and job.node != self.me:
+                try:
+                    out.append(await self.migrations.migrate(job, "home"))
+                except JobError as e:
+                    out.append(f"job {job.id}: {e}")
+        return out or ["no job of this node runs elsewhere"]
+
     def set_flag(self, flag: str, on: bool) -> str:
         if on:
             self.flags.add(flag)
         else:
             self.flags.discard(flag)
-        self.d.members.me["flags"] = sorted(self.flags)
+        keep = set(self.d.members.me["flags"]) - set(NODE_FLAGS)
+        self.d.members.me["flags"] = sorted(keep | self.flags)
         self.d.publish([Event("config", f"node {'now' if on else 'no longer'} {flag}",
                               {"key": flag, "value": on})])
         return f"{flag}: {'on' if on else 'off'}"

@@ -1,7 +1,7 @@
 """The init process of one job: PID 1 of the job's own PID namespace.
 
-Run by the daemon as ``unshare --pid --fork python3 -I -S jobinit.py STATUS CPUS UID GID
-GROUPS CWD -- ARGV...`` (a file run by path, importing only the standard library, so that
+Run by the daemon as ``unshare --pid --fork python3 -I -S jobinit.py STATUS_FD CPUS UID
+GID GROUPS CWD -- ARGV...`` (a file run by path, importing only the standard library, so that
 it starts in a few milliseconds).
 
 Why it exists: a job must live in its own PID namespace so that it can be checkpointed and
@@ -9,8 +9,10 @@ restored elsewhere without PID clashes, and its session leader must be inside th
 namespace.  But PID 1 of a namespace ignores every signal it has no handler for, so the
 user's command cannot be PID 1 (Ctrl-C would do nothing).  This init is PID 1 instead: it
 becomes the session leader, sets the CPU affinity, starts the command as the caller's user,
-forwards signals to it, reaps orphans, and writes how the command ended to STATUS (a JSON
-object: ``{"code": N}``, ``{"signal": N}`` or ``{"error": TEXT}``).
+forwards signals to it, reaps orphans, and writes how the command ended to the file open
+on STATUS_FD (a JSON object: ``{"code": N}``, ``{"signal": N}`` or ``{"error": TEXT}``).
+A descriptor, not a path: after a migration the restored init writes to the new node's
+spool, because the daemon there hands CRIU its own file for that descriptor.
 """
 
 import json
@@ -23,11 +25,11 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
 
 
-def write_status(path: str, status: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(status, f)
-    os.replace(tmp, path)
+def write_status(fd: int, status: dict) -> None:
+    data = json.dumps(status).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
 
 
 def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
@@ -61,10 +63,13 @@ def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
 
 
 def main() -> int:
-    status_path, cpus, uid, gid, groups, cwd, sep, *argv = sys.argv[1:]
+    status_fd, cpus, uid, gid, groups, cwd, sep, *argv = sys.argv[1:]
     if sep != "--" or not argv:
-        print("usage: jobinit.py STATUS CPUS UID GID GROUPS CWD -- ARGV...", file=sys.stderr)
+        print("usage: jobinit.py STATUS_FD CPUS UID GID GROUPS CWD -- ARGV...",
+              file=sys.stderr)
         return 2
+    status = int(status_fd)
+    os.set_inheritable(status, False)  # the command must not inherit it
     os.setsid()
     if cpus:
         os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
@@ -82,14 +87,14 @@ def main() -> int:
     try:
         child = start(argv, uid, gid, groups, cwd)
     except OSError as e:
-        write_status(status_path, {"error": str(e)})
+        write_status(status, {"error": str(e)})
         return 127
     while True:
         pid, st = os.waitpid(-1, 0)  # PID 1 reaps every orphan in the namespace
         if pid == child:
             break
     code = os.waitstatus_to_exitcode(st)
-    write_status(status_path, {"signal": -code} if code < 0 else {"code": code})
+    write_status(status, {"signal": -code} if code < 0 else {"code": code})
     return 128 - code if code < 0 else code
 
 

@@ -30,8 +30,9 @@ import trio
 log = logging.getLogger("omuscd.jobs")
 
 RUNNING, MIGRATING, EXITED, LOST = "running", "migrating", "exited", "lost"
+MOVED = "moved"  # on the node a job left: its record there is finished
 JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST)
-FINAL = (EXITED, LOST)
+FINAL = (EXITED, LOST, MOVED)
 STDOUT, STDERR = 1, 2
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
 JOBINIT = str(Path(__file__).with_name("jobinit.py"))
@@ -84,7 +85,9 @@ class Job:
     reason: str = ""  # why it was lost
     cannot_move: str = ""  # why it cannot move (filled in by the migration backend)
     offsets: dict[int, int] = field(default_factory=lambda: {STDOUT: 0, STDERR: 0})
-    pid: int | None = None  # on the node running it: the unshare process
+    node_changed: bool = False  # set on the node a job left, so its end is not reported
+    launcher: int | None = None  # the unshare process of a job started here (not restored)
+    pid: int | None = None  # on the node running it: the job's init, seen from outside
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
     def notify(self) -> None:
@@ -139,6 +142,7 @@ class Job:
         d["owner"] = Owner(**d["owner"])
         d["offsets"] = {int(k): int(v) for k, v in d.get("offsets", {}).items()}
         d.pop("changed", None)
+        d.pop("launcher", None)  # a pid means nothing on another node
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -209,7 +213,7 @@ def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) ->
                        f"{env.get('PATH', os.defpath)}")
 
 
-def launch_argv(job: Job, cpus: list[int], status: Path) -> list[str]:
+def launch_argv(job: Job, cpus: list[int], status_fd: int) -> list[str]:
     """``unshare --pid --fork`` then our init: the job gets its own PID namespace with its
     session leader inside it (setsid happens in the init, never outside)."""
     if os.geteuid() == 0:
@@ -220,12 +224,13 @@ def launch_argv(job: Job, cpus: list[int], status: Path) -> list[str]:
         ns = ["unshare", "--user", "--map-current-user", "--pid", "--fork", "--kill-child"]
         uid = gid = "-"
         groups = ""
-    return [*ns, sys.executable, "-I", "-S", JOBINIT, str(status),
+    return [*ns, sys.executable, "-I", "-S", JOBINIT, str(status_fd),
             ",".join(str(c) for c in cpus), uid, gid, groups, job.cwd, "--", *job.argv]
 
 
 def init_pid(unshare_pid: int) -> int | None:
-    """The job's init (PID 1 of its namespace), seen from outside: unshare's child."""
+    """The first child of ``pid`` (the job's init is unshare's child; the command is the
+    init's)."""
     try:
         children = psutil.Process(unshare_pid).children()
     except psutil.Error:
@@ -255,25 +260,59 @@ def tree_usage(pid: int) -> tuple[float, float]:
 
 async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int],
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run ``job`` on this node until it ends: start it, watch its files grow, collect its
-    exit status.  Reports ``started`` once the process exists."""
+    """Start ``job`` on this node and watch it until it ends (see :func:`watch`)."""
     d = spool.create(job)
     out = open(d / "stdout", "ab")
     err = open(d / "stderr", "ab")
+    status = os.open(d / "status", os.O_RDWR | os.O_CREAT, 0o600)
     null = open(os.devnull, "rb")
     try:
         proc = await trio.lowlevel.open_process(
-            launch_argv(job, cpus, d / "status"), stdin=null, stdout=out, stderr=err,
-            env=env, cwd="/")
+            launch_argv(job, cpus, status), stdin=null, stdout=out, stderr=err,
+            env=env, cwd="/", pass_fds=(status,))
     except OSError as e:
         raise JobError(f"cannot start the job: {e.strerror or e}") from None
     finally:
         out.close()
         err.close()
         null.close()
-    job.pid = proc.pid
+        os.close(status)
+    job.launcher = proc.pid
+    for _ in range(200):  # unshare forks the init at once; give it a moment
+        job.pid = init_pid(proc.pid)
+        if job.pid is not None or proc.poll() is not None:
+            break
+        await trio.sleep(0.002)
     task_status.started()
-    # Cancellation (the daemon stopping) leaves the job running: it is not ours to kill.
+    await watch(job, spool, proc.poll, proc.wait)
+
+
+async def adopt(job: Job, spool: Spool, pid: int) -> None:
+    """Watch a job restored here (CRIU made its init our child)."""
+    job.pid = pid
+    state: dict[str, int] = {}
+
+    def poll() -> int | None:
+        if "code" not in state:
+            try:
+                done, st = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, st = pid, 0
+            if done:
+                state["code"] = os.waitstatus_to_exitcode(st)
+        return state.get("code")
+
+    async def wait() -> None:
+        while poll() is None:
+            await trio.sleep(TAIL_MAX)
+
+    await watch(job, spool, poll, wait)
+
+
+async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
+    """Notice output as the job's files grow; at its end, record how it ended.  A job that
+    migrated away ends here without an exit: its record moved with it.  Cancellation (the
+    daemon stopping) leaves the job running: it is not ours to kill."""
     delay = TAIL_MIN
     while True:
         if _poll_sizes(job, spool):
@@ -281,17 +320,19 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
             delay = TAIL_MIN
         else:
             delay = min(TAIL_MAX, delay * 2)
-        if proc.poll() is not None:
+        if poll() is not None:
             break
         with trio.move_on_after(delay):
-            await proc.wait()
+            await wait()
+    if job.state in (MOVED, MIGRATING) or job.node_changed:
+        return
     _poll_sizes(job, spool)
     try:
-        job.exit = json.loads((d / "status").read_text() or "null")
+        job.exit = json.loads(spool.dir(job.id).joinpath("status").read_text() or "null")
     except (OSError, ValueError):
         job.exit = None
     if not job.exit:
-        code = proc.returncode
+        code = poll() or 0
         job.exit = {"signal": -code} if code < 0 else {"code": code}
     job.state, job.ended = EXITED, time.time()
     job.notify()

@@ -109,10 +109,12 @@ def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
         print(f"omuscd run: the current directory is gone ({e.strerror})", file=sys.stderr)
         return EXIT_NOT_STARTED
     env = base64.b64encode(json.dumps(dict(os.environ)).encode()).decode()
-    words = ["run", *placement, "--cwd", cwd, "--env", env, "--json"]
+    # argv travels encoded: a word may hold a newline, which would end the command line
+    coded = base64.b64encode(json.dumps(argv).encode()).decode()
+    words = ["run", *placement, "--cwd", cwd, "--env", env, "--argv", coded, "--json"]
     if user:
         words += ["--user", user]
-    line = " ".join(shlex.quote(w) for w in [*words, "--", *argv])
+    line = " ".join(shlex.quote(w) for w in words)
     try:
         client = _connect(target)
         reply = client.command(line)

@@ -80,6 +80,13 @@ def test_remote_run_looks_local(cluster):
     assert (home.stdout, home.stderr, home.returncode) == (local.stdout, local.stderr, 7)
 
 
+def test_arguments_with_newlines_and_quotes_arrive_intact(cluster):
+    _, _, _, n = cluster
+    code = 'import sys\nprint(sys.argv[1:])\n'
+    r = run(n["a"], "--node", "b", "--", "python3", "-c", code, "a b", "it's", "x\ny", "")
+    assert r.stdout == b"['a b', \"it's\", 'x\\ny', '']\n", r.stderr
+
+
 def test_job_has_callers_cwd_env_and_own_pid_namespace(cluster, tmp_path):
     _, _, _, n = cluster
     os.chmod(tmp_path, 0o755)
@@ -231,13 +238,6 @@ def test_text_attach_for_telnet_users(cluster):
     # stdout and stderr are two files: their relative order is not defined
     assert sorted(reply.lines[1:3]) == ["hi", "stderr: oops"]
     assert reply.lines[3:] == ["exit 0"]
-
-
-def test_expel_and_bring_say_why_they_cannot_work_yet(cluster):
-    _, _, _, n = cluster
-    for cmd in ("expel", "bring"):
-        r = n["a"].ctl(cmd)
-        assert r.code == 502 and "migration" in r.text
 
 
 def test_dead_node_loses_its_jobs_and_run_exits_124(cluster):

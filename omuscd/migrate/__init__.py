@@ -1,0 +1,48 @@
+"""How a running job is moved from one node to another, behind one small interface.
+
+A :class:`Mover` freezes a job into a directory of images, and brings it back to life from
+such a directory on another node.  Everything around that (choosing the target, moving the
+images over the cluster channel, the atomic hand-over, the books) is the same whatever the
+mechanism, and lives in :mod:`omuscd.migration`.  CRIU is the mechanism now
+(:mod:`omuscd.migrate.criu`); a job marked ``--restartable`` can also be moved by killing it
+and running it again from the start (:data:`RESTART`), which needs no mechanism at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+RESTART = "restart"
+
+
+@dataclass
+class Inherit:
+    """A file the restored job had open at ``path`` on the source: open ``fd`` here."""
+
+    path: str
+    fd: int
+
+
+class Mover(Protocol):
+    name: str
+
+    @property
+    def available(self) -> bool: ...
+
+    def describe(self) -> str:
+        """``criu 4.1.1``, or why migration is off on this node."""
+        ...
+
+    def cannot_move(self, init_pid: int) -> str | None:
+        """Why this job cannot be moved (checked before freezing), or None."""
+        ...
+
+    async def dump(self, init_pid: int, images: Path) -> None:
+        """Freeze the job and write its images; leave it stopped, not killed."""
+        ...
+
+    async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path) -> int:
+        """Restore the job stopped, as a child of this daemon; return its init's pid."""
+        ...

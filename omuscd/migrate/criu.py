@@ -1,0 +1,150 @@
+"""CRIU as the mechanism that moves a job (checkpoint/restore in user space).
+
+Driven through its command line: ``criu dump --leave-stopped`` on the source (the job stays
+frozen until the target confirms), ``criu restore --restore-detached --restore-sibling
+--leave-stopped`` on the target (the restored init becomes this daemon's child, stopped
+until the hand-over commits).  The job's output and status files are handed to CRIU with
+``--inherit-fd``, so the restored job writes to this node's spool.  Traps from CRIU's own
+tracker handled here or around: PIDs clash unless the job has its own PID namespace (it
+does); files must exist at the same path on the target (the shared filesystem, and
+``--inherit-fd`` for the spool); the session leader is inside the namespace (the job init).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import psutil
+import trio
+
+from omuscd.migrate import Inherit
+
+log = logging.getLogger("omuscd.migrate")
+
+#: Where ``tests/install-criu`` puts Debian 13's criu on a Debian 12 machine.
+PRIVATE_CRIU = "/var/cache/omuscd-criu/bin/criu"
+MIN_MAJOR = 4
+
+
+class MoveError(Exception):
+    """Dump or restore failed; the message says why (from CRIU's log when it can)."""
+
+
+def find_criu(given: str | None) -> str | None:
+    if given:
+        return given
+    for candidate in (shutil.which("criu"), PRIVATE_CRIU):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _last_error(logfile: Path) -> str:
+    try:
+        lines = logfile.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
+    return (errors[-1] if errors else (lines[-1] if lines else "no log")).strip()[:300]
+
+
+class Criu:
+    name = "criu"
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.version = ""
+        self.reason = "not checked yet"
+
+    @property
+    def available(self) -> bool:
+        return bool(self.version)
+
+    def describe(self) -> str:
+        return f"criu {self.version}" if self.version else f"off ({self.reason})"
+
+    async def check(self) -> None:
+        """At start: CRIU >= 4 that passes ``criu check``, or the reason it is off."""
+        if os.geteuid() != 0:
+            self.reason = "the daemon is not root (CRIU needs root)"
+            return
+        if not self.path:
+            self.reason = "no CRIU on this node (install criu >= 4, or run tests/install-criu)"
+            return
+        try:
+            v = await trio.run_process([self.path, "--version"], capture_stdout=True,
+                                       capture_stderr=True, check=False)
+            text = v.stdout.decode(errors="replace")
+            version = next((ln.split()[1] for ln in text.splitlines()
+                            if ln.startswith("Version:")), "")
+            if not version or int(version.split(".")[0]) < MIN_MAJOR:
+                self.reason = f"{self.path} is criu {version or '?'}; need >= {MIN_MAJOR}"
+                return
+            c = await trio.run_process([self.path, "check"], capture_stdout=True,
+                                       capture_stderr=True, check=False)
+        except (OSError, ValueError) as e:
+            self.reason = f"cannot run {self.path}: {e}"
+            return
+        if c.returncode != 0:
+            out = (c.stderr or c.stdout).decode(errors="replace").strip().splitlines()
+            self.reason = f"'criu check' failed: {out[-1] if out else c.returncode}"
+            return
+        self.version = version
+        self.reason = ""
+
+    def cannot_move(self, init_pid: int) -> str | None:
+        """What CRIU is known to refuse, found before anything is frozen."""
+        try:
+            root = psutil.Process(init_pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return "the job has no process here"
+        for p in procs:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    tracer = next((ln.split()[1] for ln in f if ln.startswith("TracerPid")),
+                                  "0")
+                if tracer != "0":
+                    return f"process {p.pid} is being traced (by pid {tracer})"
+                for c in p.net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_ESTABLISHED and c.raddr:
+                        return (f"process {p.pid} has an established TCP connection to "
+                                f"{c.raddr.ip}:{c.raddr.port}")
+                for fd in os.listdir(f"/proc/{p.pid}/fd"):
+                    target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+                    if target == "anon_inode:[io_uring]":
+                        return f"process {p.pid} uses io_uring"
+                with open(f"/proc/{p.pid}/maps") as f:
+                    for line in f:
+                        parts = line.split(maxsplit=5)
+                        path = parts[5].strip() if len(parts) > 5 else ""
+                        if path.startswith("/dev/shm/") or path.startswith("/SYSV"):
+                            return f"process {p.pid} maps shared memory ({path})"
+                        if path.startswith("/dev/") and path != "/dev/zero":
+                            return f"process {p.pid} maps a device ({path})"
+            except (OSError, psutil.Error):
+                continue
+        return None
+
+    async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = ()) -> None:
+        assert self.path is not None
+        r = await trio.run_process([self.path, *args], check=False, capture_stdout=True,
+                                   capture_stderr=True, pass_fds=pass_fds)
+        if r.returncode != 0:
+            raise MoveError(f"criu {args[0]} failed: {_last_error(logfile)}")
+
+    async def dump(self, init_pid: int, images: Path) -> None:
+        await self._criu(["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
+                          "-o", "dump.log", "-v2"], images / "dump.log")
+
+    async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path) -> int:
+        args = ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
+                "--leave-stopped", "--pidfile", str(pidfile), "-o", "restore.log", "-v2"]
+        for item in inherit:
+            # CRIU names a regular file by its path without the leading slash
+            args += ["--inherit-fd", f"fd[{item.fd}]:{item.path.lstrip('/')}"]
+        await self._criu(args, images / "restore.log", tuple(i.fd for i in inherit))
+        return int(pidfile.read_text().strip())

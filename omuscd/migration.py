@@ -1,0 +1,418 @@
+"""Moving a running job between nodes: the hand-over and the books, whatever the mechanism.
+
+The protocol, on one cluster-channel connection from the source S to the target T:
+
+1. S -> T ``immigrate`` (the job's record); T checks it may take it and answers ``ready``.
+2. S freezes and dumps the job, which stays stopped on S (never killed yet).
+3. S -> T the images (``file`` + data) and the job's output so far (``spool`` + data).
+4. S -> T ``restore``; T restores the job *stopped*, handing CRIU its own spool files, sets
+   the CPU affinity to its lent CPUs, and answers ``restored``.
+5. S -> T ``commit``; T lets the job run and answers ``running``; only then does S kill its
+   frozen copy.
+
+Any failure before ``commit`` (link cut, target dead, restore failed, timeout) resumes the
+job on S and T discards its copy: never two running copies, never none.  If S sent
+``commit`` but heard no ``running``, it cannot know whether T resumed: it keeps its copy
+frozen and asks T (``has``) until T answers or is declared dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import trio
+
+from omuscd import balance
+from omuscd.channel import Channel, ChannelError
+from omuscd.events import Event
+from omuscd.jobs import FINAL, MIGRATING, MOVED, RUNNING, STDERR, STDOUT, Job, JobError, adopt
+from omuscd.membership import DEAD
+from omuscd.migrate import Inherit
+from omuscd.migrate.criu import MoveError
+
+if TYPE_CHECKING:
+    from omuscd.jobctl import JobControl
+
+log = logging.getLogger("omuscd.migrate")
+
+CHUNK = 1 << 20
+IMAGE_STREAM = 9  # data frames carrying image and spool bytes
+STEP_TIMEOUT = 30.0
+RESTORE_TIMEOUT = 120.0
+
+
+def tree(pid: int) -> list[int]:
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    for p in tree(pid):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Migrations:
+    """The migration side of :class:`omuscd.jobctl.JobControl`."""
+
+    def __init__(self, jc: JobControl):
+        self.jc = jc
+        self.d = jc.d
+        self.images = Path(self.d.cfg.state_dir) / "images"
+
+    def clean_images(self) -> None:
+        """Image directories left by a crash are removed at start."""
+        shutil.rmtree(self.images, ignore_errors=True)
+
+    # ------------------------------------------------------------------ on the home node
+    def choose_target(self, job: Job, where: str) -> int:
+        jc = self.jc
+        if where == "home":
+            return job.home
+        if where == "best":
+            cands = [c for c in jc.candidates(None) if c.id != job.node]
+            if not cands:
+                raise JobError("no other node can take the job now")
+            return balance.choose_node(cands).id
+        if where in (str(jc.me), self.d.name):
+            return jc.me
+        node = self.d.members.find(where)
+        if node is None:
+            raise JobError(f"no node {where!r}")
+        return node.id
+
+    async def migrate(self, job: Job, where: str) -> str:
+        """Move a job whose home is here; returns what happened, for the user."""
+        if job.state != RUNNING:
+            raise JobError(f"job {job.id} is {job.state}")
+        if job.stay:
+            raise JobError(f"job {job.id} cannot move: it was told to stay ('nostay' lets it)")
+        target = self.choose_target(job, where)
+        if target == job.node:
+            raise JobError(f"job {job.id} already runs on {job.node_name}")
+        name = self.jc.node_name(target)
+        self.d.publish([Event("migrating", f"job {job.id} moving from {job.node_name} to "
+                              f"{name}", {"job": job.id, "from": job.node, "to": target})])
+        try:
+            if job.node == self.jc.me:
+                stats = await self.emigrate(job, target)
+            else:
+                stats = await self._ask_source(job, target)
+        except JobError as e:
+            self.d.publish([Event("migration-failed", f"job {job.id} stays on "
+                                  f"{job.node_name}: {e}", {"job": job.id, "reason": str(e)})])
+            raise
+        self.moved(job, target)
+        text = (f"job {job.id} migrated to {name}: frozen {stats['freeze']:.3f}s, "
+                f"{stats['bytes'] / 1e6:.1f} MB moved")
+        self.d.publish([Event("migrated", text, {"job": job.id, "to": target,
+                                                 "freeze": stats["freeze"],
+                                                 "bytes": stats["bytes"]})])
+        return text
+
+    def moved(self, job: Job, target: int) -> None:
+        """The home's books after a move (idempotent: the source's word may come first)."""
+        if job.node == target:
+            return
+        job.node, job.node_name = target, self.jc.node_name(target)
+        job.migrations += 1
+        job.state = RUNNING
+        job.notify()
+        if target == self.jc.me:
+            scope = self.jc.scopes.get(job.id)
+            if scope is not None:
+                scope.cancel()
+        elif job.id not in self.jc.scopes:
+            self.jc._nursery().start_soon(self.jc._follow, job, None)
+
+    async def _ask_source(self, job: Job, target: int) -> dict[str, Any]:
+        try:
+            ch = await self.jc.connect(job.node)
+        except ChannelError as e:
+            raise JobError(f"cannot reach node {job.node_name}: {e}") from None
+        try:
+            await ch.send({"op": "emigrate", "job": job.id, "to": target})
+            with trio.fail_after(RESTORE_TIMEOUT + 2 * STEP_TIMEOUT):
+                reply = await ch.receive_msg()
+        except (ChannelError, trio.TooSlowError) as e:
+            raise JobError(f"node {job.node_name} did not finish the move: {e}") from None
+        finally:
+            await ch.aclose()
+        if reply.get("op") != "migrated":
+            raise JobError(str(reply.get("reason", "refused")))
+        return {"freeze": float(reply["freeze"]), "bytes": int(reply["bytes"])}
+
+    # ------------------------------------------------------------------ on the source
+    async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
+        """Move a job running here to ``target``; resume it here on any failure."""
+        mover = self.d.mover
+        if not mover.available:
+            raise JobError(f"cannot move: migration is {mover.describe()} on "
+                           f"{self.d.name}")
+        if job.pid is None:
+            raise JobError(f"job {job.id} has no process here")
+        why = mover.cannot_move(job.pid)
+        if why:
+            job.cannot_move = why
+            raise JobError(f"job {job.id} cannot move: {why}")
+        try:
+            ch = await self.jc.connect(target)
+        except ChannelError as e:
+            raise JobError(f"cannot reach the target: {e}") from None
+        images = self.images / f"{job.id}.out"
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir(parents=True)
+        try:
+            return await self._emigrate(job, target, ch, images)
+        finally:
+            await ch.aclose()
+            shutil.rmtree(images, ignore_errors=True)
+
+    async def _emigrate(self, job: Job, target: int, ch: Channel,
+                        images: Path) -> dict[str, Any]:
+        jc = self.jc
+        try:
+            await ch.send({"op": "immigrate", "job": job.wire()})
+            with trio.fail_after(STEP_TIMEOUT):
+                reply = await ch.receive_msg()
+        except (ChannelError, trio.TooSlowError) as e:
+            raise JobError(f"the target did not answer: {e}") from None
+        if reply.get("op") != "ready":
+            raise JobError(str(reply.get("reason", "the target refused")))
+        job.state = MIGRATING
+        job.notify()
+        frozen = trio.current_time()
+        try:
+            await self.d.mover.dump(job.pid, images)  # type: ignore[arg-type]
+        except MoveError as e:
+            job.state = RUNNING  # CRIU resumes the tasks when a dump fails
+            signal_tree(job.pid, signal.SIGCONT)  # type: ignore[arg-type]
+            raise JobError(str(e)) from None
+        sent = 0
+        try:
+            for f in sorted(images.iterdir()):
+                if f.suffix == ".log":
+                    continue
+                sent += await self._send_file(ch, "file", f.name, f)
+            for stream in (STDOUT, STDERR):
+                sent += await self._send_file(ch, "spool", str(stream),
+                                              jc.spool.path(job.id, stream))
+            await ch.send({"op": "restore", "paths": {
+                "stdout": str(jc.spool.path(job.id, STDOUT)),
+                "stderr": str(jc.spool.path(job.id, STDERR)),
+                "status": str(jc.spool.dir(job.id) / "status")}})
+            with trio.fail_after(RESTORE_TIMEOUT):
+                reply = await ch.receive_msg()
+            if reply.get("op") != "restored":
+                raise MoveError(str(reply.get("reason", "restore failed")))
+        except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
+            self._resume(job)
+            raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
+        # the point of no return is the target's 'running'
+        try:
+            await ch.send({"op": "commit"})
+            with trio.fail_after(STEP_TIMEOUT):
+                reply = await ch.receive_msg()
+            running = reply.get("op") == "running"
+        except (ChannelError, trio.TooSlowError):
+            running = await self._ask_target(job, target)
+        if not running:
+            self._resume(job)
+            raise JobError("the target did not take the job; it resumed here")
+        freeze = trio.current_time() - frozen
+        self._drop(job, target)
+        return {"freeze": freeze, "bytes": sent}
+
+    async def _send_file(self, ch: Channel, op: str, name: str, path: Path) -> int:
+        size = path.stat().st_size
+        await ch.send({"op": op, "name": name, "size": size})
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                await ch.send_data(IMAGE_STREAM, chunk)
+        return size
+
+    def _resume(self, job: Job) -> None:
+        if job.pid is not None:
+            signal_tree(job.pid, signal.SIGCONT)
+        job.state = RUNNING
+        job.notify()
+        log.warning("job %s resumed on this node after a failed move", job.id)
+
+    def _drop(self, job: Job, target: int) -> None:
+        """The target runs the job: kill the frozen copy here, without reporting an end."""
+        job.node_changed = True
+        # the launcher (unshare --kill-child) takes the init and its namespace with it,
+        # quietly; a restored job has none, and its init is killed directly
+        victim = job.launcher or job.pid
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        jc = self.jc
+        if job.id in jc.guests:
+            job.node = target
+            job.state = MOVED
+            job.reason = f"moved to {jc.node_name(target)}"
+            job.notify()
+            jc.guests.pop(job.id, None)
+        log.info("job %s moved to %s", job.id, jc.node_name(target))
+
+    async def _ask_target(self, job: Job, target: int) -> bool:
+        """After an unanswered commit: does the target run the job?  Ask until it answers
+        or is declared dead (then it does not); the copy here stays frozen meanwhile."""
+        while True:
+            node = self.d.members.nodes.get(target)
+            if node is None or node.state == DEAD:
+                return False
+            try:
+                ch = await self.jc.connect(target)
+                try:
+                    await ch.send({"op": "has", "job": job.id})
+                    with trio.fail_after(STEP_TIMEOUT):
+                        return bool((await ch.receive_msg()).get("running"))
+                finally:
+                    await ch.aclose()
+            except (ChannelError, trio.TooSlowError):
+                await trio.sleep(1)
+
+    # ------------------------------------------------------------------ on the target
+    async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
+        jc = self.jc
+        mover = self.d.mover
+        try:
+            job = Job.from_wire(msg["job"])
+            if not mover.available:
+                raise JobError(f"migration is {mover.describe()} on {self.d.name}")
+            jc._check_guest_ok(job.owner, local=job.home == jc.me)
+            if not os.path.isdir(job.cwd):
+                raise JobError(f"node {self.d.name}: working directory {job.cwd} does not "
+                               "exist")
+        except (JobError, KeyError, TypeError) as e:
+            await ch.send({"op": "refused", "reason": str(e)})
+            return
+        images = self.images / f"{job.id}.in"
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir(parents=True)
+        pid = None
+        try:
+            await ch.send({"op": "ready"})
+            spool_dir = jc.spool.create(job)
+            while True:
+                with trio.fail_after(STEP_TIMEOUT):
+                    m = await ch.receive_msg()
+                op = m.get("op")
+                if op == "file":
+                    name = os.path.basename(str(m["name"]))
+                    await self._receive_file(ch, images / name, int(m["size"]))
+                elif op == "spool":
+                    stream = int(m["name"])
+                    if stream not in (STDOUT, STDERR):
+                        raise ChannelError("bad spool stream")
+                    await self._receive_file(ch, jc.spool.path(job.id, stream), int(m["size"]))
+                elif op == "restore":
+                    paths = dict(m["paths"])
+                    pid = await self._restore(job, images, spool_dir, paths)
+                    await ch.send({"op": "restored", "pid": pid})
+                    break
+                else:
+                    raise ChannelError(f"unexpected {op!r}")
+            with trio.fail_after(STEP_TIMEOUT):
+                m = await ch.receive_msg()
+            if m.get("op") != "commit":
+                raise ChannelError("no commit")
+            signal_tree(pid, signal.SIGCONT)
+            self._adopted(job, pid)
+            pid = None
+            await ch.send({"op": "running"})
+        except (ChannelError, MoveError, JobError, trio.TooSlowError, OSError, KeyError,
+                ValueError) as e:
+            if pid is not None:  # restored but not committed: this copy must not run
+                signal_tree(pid, signal.SIGKILL)
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
+                        e)
+            try:
+                await ch.send({"op": "failed", "reason": f"{self.d.name}: {e}"})
+            except ChannelError:
+                pass
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+
+    async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
+        got = 0
+        with open(path, "wb") as f:
+            while got < size:
+                with trio.fail_after(STEP_TIMEOUT):
+                    item = await ch.receive()
+                if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
+                    raise ChannelError("expected image data")
+                f.write(item[1])
+                got += len(item[1])
+        if got != size:
+            raise ChannelError(f"{path.name}: got {got} bytes of {size}")
+
+    async def _restore(self, job: Job, images: Path, spool_dir: Path,
+                       paths: dict[str, str]) -> int:
+        fds = [os.open(spool_dir / "stdout", os.O_WRONLY | os.O_APPEND),
+               os.open(spool_dir / "stderr", os.O_WRONLY | os.O_APPEND),
+               os.open(spool_dir / "status", os.O_RDWR | os.O_CREAT, 0o600)]
+        try:
+            inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
+                       Inherit(paths["status"], fds[2])]
+            pid = await self.d.mover.restore(images, inherit, images / "restored.pid")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for p in tree(pid):  # CRIU restores the source's affinity; ours is what we lend
+            try:
+                os.sched_setaffinity(p, self.d.cfg.cpus)
+            except OSError:
+                pass
+        return pid
+
+    def _adopted(self, job: Job, pid: int) -> None:
+        """The restored job runs here now: keep its books and watch it."""
+        jc = self.jc
+        record = jc.home.get(job.id) if job.home == jc.me else None
+        if record is None:
+            record = job
+            record.changed = trio.Event()
+            jc.guests[job.id] = record
+        else:  # it comes home: the books are here (moved() will find them up to date)
+            record.migrations += 1
+            scope = jc.scopes.get(job.id)  # it was followed from elsewhere: no longer
+            if scope is not None:
+                scope.cancel()
+        record.node, record.node_name = jc.me, self.d.name
+        record.state, record.node_changed = RUNNING, False
+        record.pid = pid
+        for stream in (STDOUT, STDERR):
+            record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
+        record.notify()
+        jc._nursery().start_soon(self._watch_adopted, record, pid)
+
+    async def _watch_adopted(self, job: Job, pid: int) -> None:
+        await adopt(job, self.jc.spool, pid)
+        if job.state in FINAL and job.home == self.jc.me and not job.node_changed:
+            self.jc._finished(job)
+
+    async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
+        job = self.jc.find(str(msg.get("job")))
+        running = job is not None and job.node == self.jc.me and job.state == RUNNING
+        await ch.send({"op": "has", "running": running, "time": time.time()})

@@ -1,0 +1,232 @@
+"""Live migration with real CRIU between real daemons in network namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from omuscd import config
+from omuscd.client import ControlClient
+from omuscd.migrate.criu import PRIVATE_CRIU, find_criu
+from tests.cluster import NetnsLan, can_netns, short_tmpdir, start_daemon, wait_for
+
+
+def criu_problem() -> str | None:
+    reason = can_netns()
+    if reason:
+        return reason
+    criu = find_criu(None)
+    if criu is None:
+        return f"no CRIU (neither criu in PATH nor {PRIVATE_CRIU}; tests/install-criu makes one)"
+    r = subprocess.run([criu, "check"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"'criu check' fails on this machine: {(r.stderr or r.stdout).strip()[-200:]}"
+    return None
+
+
+REASON = criu_problem()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+PY = sys.executable
+# CPU-bound, deterministic: a running checksum, printed as it goes
+CHECKSUM = """
+import sys
+s, n = 0, int(sys.argv[1])
+for i in range(n):
+    s = (s * 1000003 + i) % 2305843009213693951
+    if i % 200000 == 0:
+        print(i, s, flush=True)
+print("done", s, flush=True)
+"""
+# 256 MB of known contents, checked after the moves
+MEMORY = """
+import hashlib, os, sys, time
+block = hashlib.sha256(b"omuscd").digest() * 32768      # 1 MiB
+data = bytearray(block * 256)                            # 256 MiB, resident
+before = hashlib.sha256(data).hexdigest()
+print("ready", before, flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+print("after", hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with NetnsLan(2, prefix=f"omm{os.getpid() % 10000}x") as lan:
+        work = short_tmpdir()
+        key = work / "cluster.key"
+        config.write_key(str(key))
+        nodes = {}
+        try:
+            for i, name in enumerate("ab"):
+                nodes[name] = start_daemon(name, ["--key-file", str(key)], work,
+                                           netns=lan.ns(i))
+            for d in nodes.values():
+                wait_for(lambda d=d: len(d.nodes()) == 1, 10, f"{d.name} to see the other")
+                assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
+            yield lan, work, key, nodes
+        finally:
+            for d in nodes.values():
+                if d.alive():
+                    d.popen.kill()
+                    d.popen.wait()
+            subprocess.run(["pkill", "-f", "omuscd-migration-test"], capture_output=True)
+
+
+def start(node, *argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, "--home",
+                             "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd="/tmp")
+
+
+def job_of(node, marker: str) -> str:
+    def find() -> str | None:
+        for j in node.json("jobs")["jobs"]:
+            if marker in j["command"] and j["state"] == "running":
+                return j["id"]
+        return None
+    wait_for(find, 10, f"the job {marker} to be listed")
+    return find() or ""
+
+
+def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
+    _, _, _, n = cluster
+    count = "6000000"  # a few seconds of CPU
+    ref = subprocess.run([PY, "-c", CHECKSUM, count], capture_output=True, cwd="/tmp")
+    p = start(n["a"], PY, "-c", CHECKSUM, count, "omuscd-migration-test-1")
+    job = job_of(n["a"], "omuscd-migration-test-1")
+    time.sleep(0.5)
+    there = n["a"].ctl(f"migrate {job} b")
+    assert there.code == 200 and "migrated to b" in there.text, there
+    assert n["a"].json(f"job {job}")["node_name"] == "b"
+    time.sleep(0.5)
+    back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
+    assert back.code == 200 and "migrated to a" in back.text, back
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == ref.returncode == 0, err
+    assert out == ref.stdout and err == ref.stderr == b""
+    view = n["a"].json(f"job {job}")
+    assert view["migrations"] == 2 and view["state"] == "exited" and view["node_name"] == "a"
+    feed = n["a"].log()
+    assert f"job {job} migrated to b: frozen" in feed and f"job {job} migrated to a" in feed
+
+
+def test_256_mb_moves_with_its_contents(cluster, tmp_path):
+    _, _, _, n = cluster
+    flag = tmp_path / "go"
+    p = start(n["a"], PY, "-c", MEMORY, str(flag), "omuscd-migration-test-2")
+    assert p.stdout is not None
+    ready = p.stdout.readline().split()
+    assert ready[0] == b"ready"
+    job = job_of(n["a"], "omuscd-migration-test-2")
+    moved = n["a"].ctl(f"migrate {job} b")
+    assert moved.code == 200, moved
+    mb = float(moved.text.split("frozen")[1].split(",")[1].split()[0])
+    assert mb >= 256
+    flag.touch()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert out.split() == [b"after", ready[1]]
+
+
+def test_established_tcp_connection_is_refused_with_its_reason(cluster):
+    _, _, _, n = cluster
+    code = ("import socket, time\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "c = socket.create_connection(s.getsockname()); a, _ = s.accept()\n"
+            "print('connected', flush=True); time.sleep(30)\n")
+    p = start(n["a"], PY, "-c", code, "omuscd-migration-test-3")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"connected\n"
+        job = job_of(n["a"], "omuscd-migration-test-3")
+        r = n["a"].ctl(f"migrate {job} b")
+        assert r.code == 500 and "established TCP connection to 127.0.0.1:" in r.text
+        view = n["a"].json(f"job {job}")
+        assert view["state"] == "running" and view["node_name"] == "a"
+        assert "established TCP connection" in view["cannot_move"]
+        assert "migration-failed" not in n["a"].ctl("jobs").text  # a listing, not an event
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=10)
+
+
+def test_stay_is_respected(cluster):
+    _, _, _, n = cluster
+    p = start(n["a"], "sleep", "30")
+    try:
+        job = job_of(n["a"], "sleep 30")
+        assert n["a"].ctl(f"stay {job}").ok
+        r = n["a"].ctl(f"migrate {job} b")
+        assert r.code == 500 and "told to stay" in r.text
+        assert n["a"].ctl(f"nostay {job}").ok
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=10)
+
+
+def test_expel_sends_guests_home_and_bring_calls_them_back(cluster):
+    _, _, _, n = cluster
+    p = start(n["a"], "sleep", "30")
+    try:
+        job = job_of(n["a"], "sleep 30")
+        assert n["a"].ctl(f"migrate {job} b").ok
+        expel = n["b"].ctl("expel")
+        assert expel.ok and f"job {job} migrated to a" in expel.text, expel
+        assert n["a"].json(f"job {job}")["node_name"] == "a"
+        assert n["a"].ctl(f"migrate {job} b").ok
+        bring = n["a"].ctl("bring")
+        assert bring.ok and f"job {job} migrated to a" in bring.text, bring
+        view = n["a"].json(f"job {job}")
+        assert view["node_name"] == "a" and view["migrations"] == 4
+        assert n["b"].ctl("expel").text == "no guest jobs here"
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=10)
+    assert p.returncode == 128 + signal.SIGINT
+
+
+def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluster):
+    lan, work, key, n = cluster
+    flag = work / "go-4"
+    p = start(n["a"], PY, "-c", MEMORY, str(flag), "omuscd-migration-test-4")
+    assert p.stdout is not None
+    ready = p.stdout.readline().split()
+    job = job_of(n["a"], "omuscd-migration-test-4")
+    result: dict[str, object] = {}
+
+    def migrate() -> None:
+        with ControlClient.unix(n["a"].socket, timeout=120) as c:
+            result["reply"] = c.command(f"migrate {job} b")
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    # kill the target while the 256 MB of images are on their way
+    wait_for(lambda: any(os.scandir(n["b"].state_dir / "images"))
+             if (n["b"].state_dir / "images").exists() else False, 30,
+             "the transfer to begin", interval=0.005)
+    n["b"].stop(signal.SIGKILL)
+    t.join(60)
+    reply = result["reply"]
+    assert reply.code == 500 and "resumed here" in reply.text, reply  # type: ignore[union-attr]
+    view = n["a"].json(f"job {job}")
+    assert view["state"] == "running" and view["node_name"] == "a"
+    # exactly one copy, and it runs (not left frozen)
+    procs = subprocess.run(["pgrep", "-f", "omuscd-migration-test-4"], capture_output=True,
+                           text=True).stdout.split()
+    commands = [pid for pid in procs if "jobinit" not in open(f"/proc/{pid}/cmdline").read()
+                and "omuscd run" not in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+                and "-m\0omuscd" not in open(f"/proc/{pid}/cmdline").read()]
+    assert len(commands) == 1, procs
+    state = open(f"/proc/{commands[0]}/stat").read().rsplit(")", 1)[1].split()[0]
+    assert state in ("S", "R"), state
+    flag.touch()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
+    n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
