@@ -284,8 +284,12 @@ class Session:
         """Yield ``(stream, data)`` from the job's spool as it grows, then ``None`` when it
         ended.  Readers keep their own offsets: nothing is buffered for them."""
         spool = self.daemon.jobs.spool
+        generation = job.generation
         while True:
             changed = job.changed
+            if job.generation != generation:  # rerun from the start elsewhere
+                generation = job.generation
+                offsets.update({FRAME_STDOUT: 0, FRAME_STDERR: 0})
             for stream in (FRAME_STDOUT, FRAME_STDERR):
                 while offsets[stream] < job.offsets[stream]:
                     data = spool.read(job.id, stream, offsets[stream],

@@ -79,6 +79,7 @@ class JobControl:
         self.flags: set[str] = set()
         # (node id, when, job id): jobs placed recently, not yet visible in the node's load
         self.placed: list[tuple[int, float, str]] = []
+        self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
         from omuscd.migration import Migrations
@@ -198,6 +199,7 @@ class JobControl:
         target, name = self.choose(placement)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
                   restartable=restartable)
+        self.envs[job.id] = env
         # counted at once: runs started concurrently must see each other's placements
         placed = (target, trio.current_time(), job.id)
         self.placed.append(placed)
@@ -205,6 +207,7 @@ class JobControl:
             if target == self.me:
                 check_runnable(argv, cwd, env, self.d.name)
                 self._check_guest_ok(owner, local=True)
+                job.cannot_move = self.static_cannot_move(job)
                 self.home[job.id] = job
                 try:
                     await self._nursery().start(self._run_local, job, env)
@@ -215,12 +218,19 @@ class JobControl:
                 await self._start_remote(job, env)
         except JobError:
             self.placed.remove(placed)
+            self.envs.pop(job.id, None)
             raise
         self.d.publish([Event("job-start", f"job {job.id} ({' '.join(argv)[:60]}) of "
                               f"{owner.user} started on {name}",
                               {"job": job.id, "node": target})])
         self._prune()
         return job
+
+    def static_cannot_move(self, job: Job) -> str:
+        """What keeps a job from moving whatever it does: no mechanism on this node."""
+        if self.d.mover.available or job.restartable:
+            return ""
+        return f"no CRIU on node {self.d.name} ({self.d.mover.describe()})"
 
     def _nursery(self) -> trio.Nursery:
         assert self.nursery is not None, "the daemon is not running"
@@ -238,8 +248,9 @@ class JobControl:
 
     async def _run_local(self, job: Job, env: dict[str, str],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        generation = job.generation
         await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status)
-        if not job.node_changed:  # it ended here (not: it moved away)
+        if not job.node_changed and job.generation == generation:  # it ended here
             self._finished(job)
 
     def _finished(self, job: Job) -> None:
@@ -262,6 +273,7 @@ class JobControl:
         if reply.get("op") != "started":
             await ch.aclose()
             raise JobError(str(reply.get("reason", "refused")))
+        job.cannot_move = str(reply.get("cannot_move", ""))
         self.spool.create(job)
         self.home[job.id] = job
         self.links[job.id] = ch
@@ -384,6 +396,8 @@ class JobControl:
                 await self.migrations.immigrate(ch, msg)
             elif op == "has":
                 await self.migrations.has(ch, msg)
+            elif op == "drop":
+                await self.migrations.drop(ch, msg)
             elif op == "emigrate":
                 job = self.find(str(msg.get("job")))
                 try:
@@ -434,7 +448,8 @@ class JobControl:
             return
         log.info("job %s of %s from node %d started: %s", job.id, job.owner.user, job.home,
                  " ".join(job.argv)[:80])
-        await ch.send({"op": "started", "pid": job.pid})
+        job.cannot_move = self.static_cannot_move(job)
+        await ch.send({"op": "started", "pid": job.pid, "cannot_move": job.cannot_move})
         await self._pump(ch, job, {STDOUT: 0, STDERR: 0})
 
     async def _run_guest(self, job: Job, env: dict[str, str],

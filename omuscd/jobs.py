@@ -87,6 +87,8 @@ class Job:
     offsets: dict[int, int] = field(default_factory=lambda: {STDOUT: 0, STDERR: 0})
     node_changed: bool = False  # set on the node a job left, so its end is not reported
     launcher: int | None = None  # the unshare process of a job started here (not restored)
+    generation: int = 0  # bumped when a restartable job is rerun from the start elsewhere
+    moves: list[dict[str, Any]] = field(default_factory=list)  # the last moves, and failures
     pid: int | None = None  # on the node running it: the job's init, seen from outside
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -313,6 +315,7 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
     """Notice output as the job's files grow; at its end, record how it ended.  A job that
     migrated away ends here without an exit: its record moved with it.  Cancellation (the
     daemon stopping) leaves the job running: it is not ours to kill."""
+    generation = job.generation  # a rerun elsewhere makes this run history
     delay = TAIL_MIN
     while True:
         if _poll_sizes(job, spool):
@@ -324,7 +327,7 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
             break
         with trio.move_on_after(delay):
             await wait()
-    if job.state in (MOVED, MIGRATING) or job.node_changed:
+    if job.state in (MOVED, MIGRATING) or job.node_changed or job.generation != generation:
         return
     _poll_sizes(job, spool)
     try:

@@ -103,24 +103,103 @@ class Migrations:
         if target == job.node:
             raise JobError(f"job {job.id} already runs on {job.node_name}")
         name = self.jc.node_name(target)
+        source = job.node
+        without = [n for n in (job.node, target) if not self.has_mover(n)]
+        if without and not job.restartable:
+            names = " and ".join(self.jc.node_name(n) for n in without)
+            raise JobError(f"job {job.id} cannot move: no CRIU on {names} (a job started "
+                           "with --restartable could be rerun there from the start)")
         self.d.publish([Event("migrating", f"job {job.id} moving from {job.node_name} to "
                               f"{name}", {"job": job.id, "from": job.node, "to": target})])
         try:
+            if without:
+                return await self.restart(job, target)
             if job.node == self.jc.me:
                 stats = await self.emigrate(job, target)
             else:
                 stats = await self._ask_source(job, target)
         except JobError as e:
+            self._remember(job, {"from": source, "to": target, "failed": str(e)})
             self.d.publish([Event("migration-failed", f"job {job.id} stays on "
                                   f"{job.node_name}: {e}", {"job": job.id, "reason": str(e)})])
             raise
         self.moved(job, target)
+        self._remember(job, {"from": source, "to": target, "freeze": round(stats["freeze"], 4),
+                             "bytes": stats["bytes"]})
         text = (f"job {job.id} migrated to {name}: frozen {stats['freeze']:.3f}s, "
                 f"{stats['bytes'] / 1e6:.1f} MB moved")
         self.d.publish([Event("migrated", text, {"job": job.id, "to": target,
                                                  "freeze": stats["freeze"],
                                                  "bytes": stats["bytes"]})])
         return text
+
+    def has_mover(self, node_id: int) -> bool:
+        if node_id == self.jc.me:
+            return self.d.mover.available
+        node = self.d.members.nodes.get(node_id)
+        return node is not None and "criu" in node.entry["flags"]
+
+    @staticmethod
+    def _remember(job: Job, move: dict[str, Any]) -> None:
+        job.moves = [*job.moves, {"time": round(time.time(), 3), **move}][-10:]
+
+    async def restart(self, job: Job, target: int) -> str:
+        """Move a --restartable job without CRIU: stop it, then run it again from the
+        start on the target.  The old copy is gone before the new one starts."""
+        jc = self.jc
+        env = jc.envs.get(job.id)
+        if env is None:
+            raise JobError(f"job {job.id}: its environment is not known here any more")
+        source, source_name = job.node, job.node_name
+        scope = jc.scopes.get(job.id)
+        if scope is not None:  # stop following the old copy
+            scope.cancel()
+        if source == jc.me:
+            self._drop(job, target)
+        else:
+            try:
+                ch = await jc.connect(source)
+                try:
+                    await ch.send({"op": "drop", "job": job.id, "to": target})
+                    with trio.fail_after(STEP_TIMEOUT):
+                        reply = await ch.receive_msg()
+                finally:
+                    await ch.aclose()
+            except (ChannelError, trio.TooSlowError) as e:
+                raise JobError(f"cannot stop the job on {source_name}: {e}") from None
+            if reply.get("op") != "dropped":
+                raise JobError(str(reply.get("reason", "the source refused")))
+        for stream in (STDOUT, STDERR):  # its output starts again
+            jc.spool.path(job.id, stream).write_bytes(b"")
+            job.offsets[stream] = 0
+        job.generation += 1
+        job.node, job.node_name = target, jc.node_name(target)
+        job.node_changed, job.state, job.pid, job.launcher = False, RUNNING, None, None
+        job.migrations += 1
+        job.notify()
+        try:
+            if target == jc.me:
+                await jc._nursery().start(jc._run_local, job, env)
+            else:
+                await jc._start_remote(job, env)
+        except JobError as e:
+            jc.mark_lost(job, f"stopped on {source_name} to rerun on {job.node_name}, "
+                         f"which failed: {e}")
+            raise
+        self._remember(job, {"from": source, "to": target, "restarted": True})
+        text = f"job {job.id} restarted from the beginning on {job.node_name} (no CRIU)"
+        self.d.publish([Event("migrated", text, {"job": job.id, "to": target,
+                                                 "restarted": True})])
+        return text
+
+    async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """The home asks us to stop a restartable guest it will rerun elsewhere."""
+        job = self.jc.guests.get(str(msg.get("job")))
+        if job is None or not job.restartable:
+            await ch.send({"op": "refused", "reason": "no such restartable job here"})
+            return
+        self._drop(job, int(msg.get("to", 0)))
+        await ch.send({"op": "dropped"})
 
     def moved(self, job: Job, target: int) -> None:
         """The home's books after a move (idempotent: the source's word may come first)."""

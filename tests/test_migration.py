@@ -157,6 +157,41 @@ def test_established_tcp_connection_is_refused_with_its_reason(cluster):
         p.communicate(timeout=10)
 
 
+def test_restartable_job_is_rerun_where_there_is_no_criu(cluster, tmp_path):
+    lan, work, key, n = cluster
+    # a third node whose daemon has no usable CRIU
+    lan.add_node(2)
+    c = start_daemon("c", ["--key-file", str(key), "--criu", "/bin/false"], work,
+                     netns=lan.ns(2))
+    try:
+        wait_for(lambda: "c" in n["a"].nodes(), 10, "a to see c")
+        assert c.json("status")["migration"].startswith("off (")
+        assert "criu" not in n["a"].nodes()["c"]["flags"]
+        script = "echo start $(hostname); sleep 2; echo end"
+        plain = start(n["a"], "sh", "-c", script)
+        job = job_of(n["a"], "echo start")
+        r = n["a"].ctl(f"migrate {job} c")
+        assert r.code == 500 and "no CRIU on c" in r.text and "--restartable" in r.text
+        plain.send_signal(signal.SIGINT)
+        plain.communicate(timeout=10)
+        p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                              "--restartable", "--", "sh", "-c", script],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+        job = job_of(n["a"], "echo start")
+        time.sleep(0.5)
+        r = n["a"].ctl(f"migrate {job} c")
+        assert r.code == 200 and "restarted from the beginning on c" in r.text, r
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert out.decode().endswith("end\n")  # the rerun finished, attached throughout
+        view = n["a"].json(f"job {job}")
+        assert view["node_name"] == "c" and view["migrations"] == 1
+        assert view["moves"][-1]["restarted"] is True
+        assert len([ln for ln in n["a"].ctl(f"output {job}").lines if "end" in ln]) == 1
+    finally:
+        c.stop()
+
+
 def test_stay_is_respected(cluster):
     _, _, _, n = cluster
     p = start(n["a"], "sleep", "30")
