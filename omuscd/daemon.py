@@ -14,6 +14,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -57,7 +58,7 @@ class Daemon:
         # (no key) opens none and runs no guest jobs.
         self.channel_key = key if key is not None else (
             channel.INSECURE_KEY if security == "insecure" else None)
-        self.mover = Criu(find_criu(cfg.criu))
+        self.mover = Criu(find_criu(cfg.criu), Path(cfg.state_dir))
         self.jobs = JobControl(self)
         self.counters: dict[str, int] = {"in": 0, "out": 0, "send-errors": 0,
                                          "channel-refused": 0,

@@ -36,8 +36,8 @@ def test_join_suspect_dead_on_virtual_time(workdir):
                 with b_scope:
                     await b.run(task_status=task_status)
 
-            t_start = trio.current_time()
             await nursery.start(run_b)
+            t_start = trio.current_time()  # b is ready (its start-up ran real subprocesses)
             async for ev in events:
                 seen[ev.kind] = trio.current_time()
                 if ev.kind == "join":

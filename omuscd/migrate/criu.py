@@ -42,22 +42,24 @@ def find_criu(given: str | None) -> str | None:
     return None
 
 
-def _last_error(logfile: Path) -> str:
+def _first_error(logfile: Path) -> str:
+    """The cause, not CRIU's closing "FAILED" summary."""
     try:
         lines = logfile.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
     errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
-    return (errors[-1] if errors else (lines[-1] if lines else "no log")).strip()[:300]
+    return (errors[0] if errors else (lines[-1] if lines else "no log")).strip()[:300]
 
 
 class Criu:
     name = "criu"
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, keep_logs: Path | None = None):
         self.path = path
         self.version = ""
         self.reason = "not checked yet"
+        self.keep_logs = keep_logs  # where the log of a failed dump or restore is kept
 
     @property
     def available(self) -> bool:
@@ -134,7 +136,15 @@ class Criu:
         r = await trio.run_process([self.path, *args], check=False, capture_stdout=True,
                                    capture_stderr=True, pass_fds=pass_fds)
         if r.returncode != 0:
-            raise MoveError(f"criu {args[0]} failed: {_last_error(logfile)}")
+            kept = ""
+            if self.keep_logs is not None:
+                dest = self.keep_logs / f"criu-{args[0]}-failed.log"
+                try:
+                    shutil.copyfile(logfile, dest)
+                    kept = f" (full log: {dest})"
+                except OSError:
+                    pass
+            raise MoveError(f"criu {args[0]} failed: {_first_error(logfile)}{kept}")
 
     async def dump(self, init_pid: int, images: Path) -> None:
         await self._criu(["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",

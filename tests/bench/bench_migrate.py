@@ -1,0 +1,101 @@
+"""Freeze time of a migration (job stopped on the source until running on the target) for
+jobs of 64 MB, 256 MB and 1 GB of resident memory, beside a bare ``criu dump`` plus
+``criu restore`` of the same kind of job on one node, measured in the same run.
+
+Target (issue 4): <= 1.25x the bare pair at 256 MB and above.
+Needs root and a working CRIU (tests/install-criu).
+
+    python tests/bench/bench_migrate.py [SIZES_MB...]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import workdir
+
+from omuscd import config
+from omuscd.migrate.criu import find_criu
+from tests.cluster import NetnsLan, start_daemon, wait_for
+
+HOLD = """
+import sys, time
+data = bytearray(b"x" * (int(sys.argv[1]) << 20))
+for i in range(0, len(data), 4096):
+    data[i] = i % 251
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def bare_pair(criu: str, mb: int) -> float:
+    """criu dump + criu restore of the same kind of job, through a directory."""
+    images = Path(tempfile.mkdtemp(prefix="omb-img-"))
+    out = images.parent / f"{images.name}.out"
+    with open(out, "w") as f:  # a file, as for omuscd jobs (CRIU refuses outside pipes)
+        p = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "setsid",
+                              sys.executable, "-c", HOLD, str(mb)], stdout=f,
+                             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: out.read_text() == "ready\n", 60, "the bare job to fill its memory")
+    init = int(subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                              text=True).stdout.split()[0])
+    t = time.perf_counter()
+    subprocess.run([criu, "dump", "-t", str(init), "-D", str(images), "-o", "dump.log"],
+                   check=True, capture_output=True)
+    subprocess.run([criu, "restore", "-D", str(images), "--restore-detached",
+                    "--pidfile", str(images / "pid"), "-o", "restore.log"], check=True,
+                   capture_output=True)
+    took = time.perf_counter() - t
+    os.kill(int((images / "pid").read_text()), 9)
+    p.wait()
+    shutil.rmtree(images)
+    out.unlink()
+    return took
+
+
+def main() -> None:
+    sizes = [int(a) for a in sys.argv[1:]] or [64, 256, 1024]
+    criu = find_criu(None)
+    assert criu, "no CRIU: run tests/install-criu"
+    work = workdir()
+    key = work / "k"
+    config.write_key(str(key))
+    rows = []
+    with NetnsLan(2, prefix="omb") as lan:
+        nodes = [start_daemon(name, ["--key-file", str(key)], work, netns=lan.ns(i))
+                 for i, name in enumerate("ab")]
+        try:
+            wait_for(lambda: "b" in nodes[0].nodes(), 10, "a to see b")
+            for mb in sizes:
+                bare = bare_pair(criu, mb)
+                p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect",
+                                      nodes[0].socket, "--home", "--", sys.executable, "-c",
+                                      HOLD, str(mb)], stdout=subprocess.PIPE, cwd="/tmp")
+                assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+                job = next(j["id"] for j in nodes[0].json("jobs")["jobs"]
+                           if j["state"] == "running")
+                reply = nodes[0].ctl(f"migrate {job} b")
+                assert reply.ok, reply
+                freeze = float(reply.text.split("frozen ")[1].split("s,")[0])
+                nodes[0].ctl(f"kill {job} KILL")
+                p.wait()
+                rows.append((mb, bare, freeze))
+        finally:
+            for d in nodes:
+                d.stop()
+    print("migration freeze time (stopped on the source until running on the target)")
+    print(f"{'size':>8} {'bare dump+restore':>18} {'omuscd migrate':>15} {'ratio':>6}")
+    for mb, bare, freeze in rows:
+        verdict = "" if mb < 256 else ("  target <= 1.25x: " +
+                                      ("met" if freeze / bare <= 1.25 else "MISSED"))
+        print(f"{mb:>6}MB {bare:>17.3f}s {freeze:>14.3f}s {freeze / bare:>6.2f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
