@@ -464,7 +464,8 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
         return err(BAD_ARGS, "--cwd must be an absolute path")
     job = await ctx.daemon.jobs.start(owner, argv, cwd, env, placement,
                                       stay=bool(a.get("stay")),
-                                      restartable=bool(a.get("restartable")))
+                                      restartable=bool(a.get("restartable")),
+                                      stdin=bool(a.get("stdin")))
     doc = {"job": job.id, "node": job.node, "name": job.node_name}
     if a["json"]:
         return json_reply(doc)
@@ -619,12 +620,15 @@ COMMANDS: dict[str, Command] = _cmds(
             json=True, rest="command",
             options=(Opt("best"), Opt("home"), Opt("node", "NODE", 64),
                      Opt("among", "LIST", 1024), Opt("stay"), Opt("restartable"),
+                     Opt("stdin"),
                      Opt("user", "USER", 64), Opt("cwd", "DIR", 4096),
                      Opt("env", "BASE64", 1 << 20), Opt("argv", "BASE64", 1 << 20)),
             rest_alt="argv",
             details="Placement: --best (default: most spare capacity), --home, --node,\n"
                     "--among ID,NAME,... The job runs as you, in your --cwd (default\n"
                     "your home) with --env (base64 JSON; default a minimal one).\n"
+                    "--stdin: its input comes from an attached client (binary frames);\n"
+                    "otherwise /dev/null. Such a job cannot migrate.\n"
                     "--argv (base64 JSON list) may replace '-- COMMAND...' (for words\n"
                     "holding newlines). Only root may give --user. Answers with the job id."),
     Command("jobs", (), "the cluster's jobs, the same on every node (--all: also ended)",

@@ -163,8 +163,9 @@ class LineReader:
 
 #: Binary attach frames (``u8 type | u32 length | payload``), daemon to client:
 FRAME_STDOUT, FRAME_STDERR, FRAME_END = 1, 2, 3
-#: client to daemon: a signal to forward (payload: u8 signal number)
-FRAME_SIGNAL = 6
+#: client to daemon: a signal to forward (payload: u8 signal number), input for a --stdin
+#: job, and the end of that input
+FRAME_SIGNAL, FRAME_STDIN, FRAME_STDIN_EOF = 6, 7, 8
 FRAME = struct.Struct(">BI")
 UNIX_MAX_LINE = 1 << 21  # a local 'run' carries the caller's environment
 
@@ -326,12 +327,16 @@ class Session:
                             break
                         payload = bytes(buf[FRAME.size:FRAME.size + length])
                         del buf[:FRAME.size + length]
-                        if kind == FRAME_SIGNAL and length == 1:
-                            try:
+                        try:
+                            if kind == FRAME_SIGNAL and length == 1:
                                 await self.daemon.jobs.act(job.id, "kill", self.uid or 0,
                                                            payload[0])
-                            except commands.JobError as e:
-                                log.debug("attach: %s", e)
+                            elif kind == FRAME_STDIN and payload:
+                                await self.daemon.jobs.feed_stdin(job, payload)
+                            elif kind == FRAME_STDIN_EOF:
+                                await self.daemon.jobs.feed_stdin(job, b"")
+                        except commands.JobError as e:
+                            log.debug("attach: %s", e)
                     data = await self.stream.receive_some(4096)
                     if not data:  # the client left: detach, the job runs on
                         nursery.cancel_scope.cancel()

@@ -193,12 +193,12 @@ class JobControl:
     # ------------------------------------------------------------------ starting
     async def start(self, owner: Owner, argv: list[str], cwd: str, env: dict[str, str],
                     placement: Placement, stay: bool = False,
-                    restartable: bool = False) -> Job:
+                    restartable: bool = False, stdin: bool = False) -> Job:
         if self.d.security == "read-only" and placement.how != "home":
             placement = Placement("home")  # no key: no remote execution
         target, name = self.choose(placement)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
-                  restartable=restartable)
+                  restartable=restartable, stdin=stdin)
         self.envs[job.id] = env
         # counted at once: runs started concurrently must see each other's placements
         placed = (target, trio.current_time(), job.id)
@@ -227,7 +227,10 @@ class JobControl:
         return job
 
     def static_cannot_move(self, job: Job) -> str:
-        """What keeps a job from moving whatever it does: no mechanism on this node."""
+        """What keeps a job from moving whatever it does: no mechanism on this node, or
+        standard input fed by the daemon (a pipe CRIU cannot take along)."""
+        if job.stdin:
+            return "its standard input is a pipe from omuscd run (--stdin)"
         if self.d.mover.available or job.restartable:
             return ""
         return f"no CRIU on node {self.d.name} ({self.d.mover.describe()})"
@@ -489,13 +492,43 @@ class JobControl:
             nursery.cancel_scope.cancel()
 
     async def _take_signals(self, ch: Channel, job: Job, scope: trio.CancelScope) -> None:
+        """What the home sends about a running job: signals, and --stdin input."""
         try:
             while True:
-                msg = await ch.receive_msg()
-                if msg.get("op") == "signal":
+                msg = await ch.receive()
+                if isinstance(msg, tuple):
+                    await self.feed_stdin(job, msg[1])
+                elif msg.get("op") == "stdin-eof":
+                    await self.feed_stdin(job, b"")
+                elif msg.get("op") == "signal":
                     self.signal_local(job, int(msg.get("sig", signal.SIGTERM)))
         except ChannelError:
             scope.cancel()  # the home went away; the job runs on, and it may reattach
+
+    async def feed_stdin(self, job: Job, data: bytes) -> None:
+        """Give a --stdin job its input (``b""``: the end of it), wherever it runs."""
+        if not job.stdin:
+            raise JobError(f"job {job.id} was not started with --stdin")
+        if job.node != self.me:
+            link = self.links.get(job.id)
+            if link is None:
+                raise JobError(f"cannot reach node {job.node_name} right now")
+            if data:
+                await link.send_data(0, data)
+            else:
+                await link.send({"op": "stdin-eof"})
+            return
+        pipe = job.stdin_pipe
+        if pipe is None:
+            return  # it ended, or its input was closed already
+        try:
+            if data:
+                await pipe.send_all(data)
+            else:
+                job.stdin_pipe = None
+                await pipe.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            job.stdin_pipe = None  # the job closed its input: drop the rest, as a pipe would
 
     def signal_local(self, job: Job, sig: int) -> None:
         """Signals go to the job's init, which forwards them; SIGKILL and SIGSTOP cannot be

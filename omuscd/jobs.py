@@ -89,6 +89,7 @@ class Job:
     launcher: int | None = None  # the unshare process of a job started here (not restored)
     generation: int = 0  # bumped when a restartable job is rerun from the start elsewhere
     moves: list[dict[str, Any]] = field(default_factory=list)  # the last moves, and failures
+    stdin_pipe: Any = field(default=None, repr=False)  # --stdin: where its input goes here
     pid: int | None = None  # on the node running it: the job's init, seen from outside
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -116,7 +117,8 @@ class Job:
 
     def _record(self) -> dict[str, Any]:
         """The plain fields (not ``asdict``: it would deep-copy the trio Event)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "changed"}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("changed", "stdin_pipe")}
         d["owner"] = asdict(self.owner)
         d["argv"] = list(self.argv)
         d["exit"] = dict(self.exit) if self.exit else None
@@ -145,6 +147,7 @@ class Job:
         d["offsets"] = {int(k): int(v) for k, v in d.get("offsets", {}).items()}
         d.pop("changed", None)
         d.pop("launcher", None)  # a pid means nothing on another node
+        d.pop("stdin_pipe", None)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -267,7 +270,12 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
     out = open(d / "stdout", "ab")
     err = open(d / "stderr", "ab")
     status = os.open(d / "status", os.O_RDWR | os.O_CREAT, 0o600)
-    null = open(os.devnull, "rb")
+    if job.stdin:  # fed by the daemon from the omuscd run client's standard input
+        null, feed = os.pipe()
+        os.set_blocking(feed, False)
+        job.stdin_pipe = trio.lowlevel.FdStream(feed)
+    else:
+        null = os.open(os.devnull, os.O_RDONLY)
     try:
         proc = await trio.lowlevel.open_process(
             launch_argv(job, cpus, status), stdin=null, stdout=out, stderr=err,
@@ -277,7 +285,7 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
     finally:
         out.close()
         err.close()
-        null.close()
+        os.close(null)
         os.close(status)
     job.launcher = proc.pid
     for _ in range(200):  # unshare forks the init at once; give it a moment
@@ -327,6 +335,9 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
             break
         with trio.move_on_after(delay):
             await wait()
+    if job.stdin_pipe is not None:
+        await job.stdin_pipe.aclose()
+        job.stdin_pipe = None
     if job.state in (MOVED, MIGRATING) or job.node_changed or job.generation != generation:
         return
     _poll_sizes(job, spool)

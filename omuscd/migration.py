@@ -99,6 +99,9 @@ class Migrations:
             raise JobError(f"job {job.id} is {job.state}")
         if job.stay:
             raise JobError(f"job {job.id} cannot move: it was told to stay ('nostay' lets it)")
+        if job.stdin:
+            raise JobError(f"job {job.id} cannot move: its standard input is a pipe from "
+                           "omuscd run (--stdin)")
         target = self.choose_target(job, where)
         if target == job.node:
             raise JobError(f"job {job.id} already runs on {job.node_name}")

@@ -17,6 +17,7 @@ import shlex
 import signal
 import struct
 import sys
+import threading
 from typing import Any
 
 from omuscd.client import ControlClient, ProtocolError
@@ -24,6 +25,7 @@ from omuscd.paths import default_socket
 
 FRAME = struct.Struct(">BI")
 FRAME_STDOUT, FRAME_STDERR, FRAME_END, FRAME_SIGNAL = 1, 2, 3, 6
+FRAME_STDIN, FRAME_STDIN_EOF = 7, 8
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 #: Exit statuses of omuscd run/attach besides the job's own (omuscd(8), EXIT STATUS).
@@ -63,6 +65,9 @@ def add_parsers(sub: Any) -> None:
                      help="the job may be killed and rerun from the start elsewhere")
     run.add_argument("--detach", action="store_true",
                      help="print the job id and return; see 'omuscd attach'")
+    run.add_argument("--stdin", action="store_true",
+                     help="give the job this command's standard input (default: /dev/null); "
+                     "such a job cannot migrate")
     run.add_argument("--user", metavar="USER", help="run as USER (root only)")
     run.add_argument("--connect", metavar="SOCKET",
                      help="the local daemon's Unix socket (default: STATE_DIR/control.sock)")
@@ -98,11 +103,14 @@ def dispatch(args: Any) -> int:
     for k in ("node", "among"):
         if getattr(args, k):
             placement += [f"--{k}", getattr(args, k)]
-    return run(argv, placement, args.detach, args.connect, args.user)
+    if args.stdin and args.detach:
+        print("omuscd run: --stdin needs an attached client, not --detach", file=sys.stderr)
+        return 2
+    return run(argv, placement, args.detach, args.connect, args.user, args.stdin)
 
 
 def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
-        user: str | None = None) -> int:
+        user: str | None = None, stdin: bool = False) -> int:
     try:
         cwd = os.getcwd()
     except OSError as e:
@@ -114,6 +122,8 @@ def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
     words = ["run", *placement, "--cwd", cwd, "--env", env, "--argv", coded, "--json"]
     if user:
         words += ["--user", user]
+    if stdin:
+        words.append("--stdin")
     line = " ".join(shlex.quote(w) for w in words)
     try:
         client = _connect(target)
@@ -129,7 +139,7 @@ def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
         print(doc["job"])
         client.close()
         return 0
-    return _attach(client, doc["job"], follow=False)
+    return _attach(client, doc["job"], follow=False, stdin=stdin)
 
 
 def attach(job: str, follow: bool, target: str | None) -> int:
@@ -141,7 +151,7 @@ def attach(job: str, follow: bool, target: str | None) -> int:
     return _attach(client, job, follow)
 
 
-def _attach(client: ControlClient, job: str, follow: bool) -> int:
+def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False) -> int:
     try:
         reply = client.command(f"attach {shlex.quote(job)} --binary"
                                + (" --follow" if follow else ""))
@@ -153,15 +163,30 @@ def _attach(client: ControlClient, job: str, follow: bool) -> int:
         return EXIT_NOT_STARTED
     sock = client.sock
     sock.settimeout(None)
+    sending = threading.Lock()  # the input thread and the signal handler share the socket
+
+    def send(frame: bytes) -> None:
+        with sending:
+            sock.sendall(frame)
 
     def forward(signum: int, frame: Any) -> None:
         try:
-            sock.sendall(FRAME.pack(FRAME_SIGNAL, 1) + bytes([signum]))
+            send(FRAME.pack(FRAME_SIGNAL, 1) + bytes([signum]))
+        except OSError:
+            pass
+
+    def feed() -> None:  # --stdin: our input becomes the job's, in a thread of its own
+        try:
+            while data := os.read(0, 65536):
+                send(FRAME.pack(FRAME_STDIN, len(data)) + data)
+            send(FRAME.pack(FRAME_STDIN_EOF, 0))
         except OSError:
             pass
 
     for s in FORWARDED:
         signal.signal(s, forward)
+    if stdin:
+        threading.Thread(target=feed, daemon=True).start()
     out = {FRAME_STDOUT: sys.stdout.buffer, FRAME_STDERR: sys.stderr.buffer}
     try:
         while True:

@@ -3,6 +3,7 @@ output and exit status as if local, signals, lost nodes, permissions, placement.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -99,6 +100,18 @@ def test_job_has_callers_cwd_env_and_own_pid_namespace(cluster, tmp_path):
     assert (pwd, got) == (str(tmp_path), marker)
     assert pid == "2"  # PID 1 is the job's init, inside the job's own namespace
     assert r.stdout.decode().split()[-1] == "0"  # the CPUs node c lends
+
+
+def test_stdin_only_with_stdin(cluster):
+    _, _, _, n = cluster
+    data = b"".join(b"line %d\n" % i for i in range(20000))  # more than a pipe buffer
+    r = run(n["a"], "--node", "b", "--stdin", "--", "sha256sum", input=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    quiet = run(n["a"], "--node", "b", "--", "cat", input=b"not for the job")
+    assert (quiet.returncode, quiet.stdout) == (0, b"")  # /dev/null without --stdin
+    r = run(n["a"], "--node", "b", "--stdin", "--detach", "--", "cat")
+    assert r.returncode == 2 and b"--stdin needs an attached client" in r.stderr
 
 
 def test_signal_reaches_remote_job(cluster):
