@@ -282,6 +282,7 @@ class Migrations:
             job.state = RUNNING  # CRIU resumes the tasks when a dump fails
             signal_tree(job.pid, signal.SIGCONT)  # type: ignore[arg-type]
             raise JobError(str(e)) from None
+        dumped = trio.current_time()
         sent = 0
         try:
             for f in sorted(images.iterdir()):
@@ -291,6 +292,7 @@ class Migrations:
             for stream in (STDOUT, STDERR):
                 sent += await self._send_file(ch, "spool", str(stream),
                                               jc.spool.path(job.id, stream))
+            transferred = trio.current_time()
             await ch.send({"op": "restore", "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
                 "stderr": str(jc.spool.path(job.id, STDERR)),
@@ -313,7 +315,11 @@ class Migrations:
         if not running:
             self._resume(job)
             raise JobError("the target did not take the job; it resumed here")
-        freeze = trio.current_time() - frozen
+        now = trio.current_time()
+        freeze = now - frozen
+        log.info("job %s frozen %.3fs: dump %.3fs, transfer %.3fs (%.0f MB/s), restore and "
+                 "commit %.3fs", job.id, freeze, dumped - frozen, transferred - dumped,
+                 sent / 1e6 / max(transferred - dumped, 1e-6), now - transferred)
         self._drop(job, target)
         return {"freeze": freeze, "bytes": sent}
 
