@@ -19,7 +19,10 @@ def default_state_dir() -> str:
 
 
 def default_socket() -> str:
-    """The local daemon's Unix socket: ours, else the system daemon's."""
+    """The local daemon's Unix socket: $OMUSCD_SOCKET, else ours, else the system
+    daemon's."""
+    if os.environ.get("OMUSCD_SOCKET"):
+        return os.environ["OMUSCD_SOCKET"]
     path = os.path.join(default_state_dir(), "control.sock")
     system = os.path.join(SYSTEM_STATE_DIR, "control.sock")
     return path if os.path.exists(path) or not os.path.exists(system) else system

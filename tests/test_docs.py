@@ -101,6 +101,21 @@ def test_help_lists_every_switch_with_its_default():
             assert f"(default: {p.default})" in flat, p.name
 
 
+def test_pip_install_gives_the_command_and_its_man_pages(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([cli.sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                    str(ROOT)], check=True, capture_output=True)
+    help_text = subprocess.run([str(venv / "bin" / "omuscd"), "--help"], check=True,
+                               capture_output=True, text=True).stdout
+    assert "--control-port" in help_text and "run" in help_text
+    if shutil.which("man"):
+        env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "MANPATH": ""}
+        where = subprocess.run(["man", "-w", "omuscd"], capture_output=True, text=True,
+                               env=env).stdout.strip()
+        assert where == str(venv / "share" / "man" / "man8" / "omuscd.8")
+
+
 def test_wheel_installs_the_man_pages(tmp_path):
     subprocess.run([cli.sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True)
