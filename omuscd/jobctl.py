@@ -535,6 +535,8 @@ class JobControl:
         caught, so they go straight to the command (the init then reports its end)."""
         if not 1 <= sig <= 64:
             raise JobError(f"no signal {sig}")
+        if job.pid is None and job.launcher is not None:  # unshare had not forked yet
+            job.pid = init_pid(job.launcher)
         pid = job.pid
         if pid is not None and sig in (signal.SIGKILL, signal.SIGSTOP):
             pid = init_pid(pid) or pid

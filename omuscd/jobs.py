@@ -326,6 +326,8 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
     generation = job.generation  # a rerun elsewhere makes this run history
     delay = TAIL_MIN
     while True:
+        if job.pid is None and job.launcher is not None:  # a slow fork of unshare
+            job.pid = init_pid(job.launcher)
         if _poll_sizes(job, spool):
             job.notify()
             delay = TAIL_MIN

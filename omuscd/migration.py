@@ -32,7 +32,18 @@ import trio
 from omuscd import balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
-from omuscd.jobs import FINAL, MIGRATING, MOVED, RUNNING, STDERR, STDOUT, Job, JobError, adopt
+from omuscd.jobs import (
+    FINAL,
+    MIGRATING,
+    MOVED,
+    RUNNING,
+    STDERR,
+    STDOUT,
+    Job,
+    JobError,
+    adopt,
+    init_pid,
+)
 from omuscd.membership import DEAD
 from omuscd.migrate import Inherit
 from omuscd.migrate.criu import MoveError
@@ -243,6 +254,8 @@ class Migrations:
         if not mover.available:
             raise JobError(f"cannot move: migration is {mover.describe()} on "
                            f"{self.d.name}")
+        if job.pid is None and job.launcher is not None:
+            job.pid = init_pid(job.launcher)
         if job.pid is None:
             raise JobError(f"job {job.id} has no process here")
         why = mover.cannot_move(job.pid)
