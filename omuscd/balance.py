@@ -62,3 +62,109 @@ def choose_node(cands: list[Candidate]) -> Candidate:
     if any(c.spare >= (c.speed or 1000.0) * 0.5 for c in cands):
         return max(cands, key=lambda c: (round(c.spare, 3), c.home, -c.id))
     return min(cands, key=lambda c: (round(c.pressure(), 6), not c.home, c.id))
+
+
+# --------------------------------------------------------------------------- migration
+@dataclass
+class NodeLoad:
+    """A node as the balancing policy sees it."""
+
+    id: int
+    name: str
+    cpus: int
+    speed: float
+    load: float  # demand per lent CPU
+    pending: float = 0.0  # moves decided here but not yet visible in the gossiped load
+    can_take: bool = True  # alive, not blocked or quiet, able to restore jobs
+
+    @property
+    def demand(self) -> float:
+        return max(0.0, self.load * self.cpus + self.pending)
+
+    def pressure(self, fastest: float, extra: float = 0.0) -> float:
+        """Demand per lent CPU, CPUs of slower nodes counting for less."""
+        factor = (self.speed / fastest) if fastest and self.speed else 1.0
+        return (self.demand + extra) / (max(1, self.cpus) * max(factor, 0.05))
+
+
+@dataclass
+class JobLoad:
+    """A movable job's facts, for choosing which job to move."""
+
+    id: str
+    home: int
+    rss_mb: float
+    age: float  # seconds since it started
+    since_move: float  # seconds since it last landed (infinite if it never moved)
+    stay: bool
+    cannot_move: str
+
+
+@dataclass
+class Policy:
+    """The tunables of balancing (config keys balance_*, min_*), with defaults for a LAN."""
+
+    threshold: float = 0.6  # a difference in pressure below this is left alone (hysteresis)
+    min_age: float = 1.0  # younger jobs are not worth moving
+    min_stay: float = 5.0  # a job stays at least this long where it landed
+    transfer_mb_s: float = 300.0  # for the cost of a move: memory over the transfer rate
+    cost_share: float = 0.5  # a move may cost at most this share of the job's age
+
+
+@dataclass
+class Decision:
+    job: str | None
+    target: int | None
+    reason: str
+
+
+def job_refusal(job: JobLoad, policy: Policy) -> str | None:
+    """Why this job should not move now, or None."""
+    if job.stay:
+        return "told to stay"
+    if job.cannot_move:
+        return job.cannot_move
+    if job.age < policy.min_age:
+        return f"younger than {policy.min_age:g}s"
+    if job.since_move < policy.min_stay:
+        return f"landed less than {policy.min_stay:g}s ago"
+    cost = job.rss_mb / policy.transfer_mb_s
+    if cost > policy.cost_share * job.age:
+        return f"moving {job.rss_mb:.0f} MB would cost more than it gains"
+    return None
+
+
+def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
+           policy: Policy) -> Decision:
+    """Whether to move one job off ``src``, which, and where.  The target is the node with
+    the least pressure that can take it; the move must help by more than the threshold and
+    must not simply reverse the imbalance (that is how jobs ping-pong)."""
+    fastest = max([src.speed, *(o.speed for o in others)] or [1.0])
+    p_src = src.pressure(fastest)
+    targets = [o for o in others if o.can_take]
+    if not targets:
+        return Decision(None, None, "no node can take a job")
+    best = min(targets, key=lambda o: (o.pressure(fastest), o.id))
+    p_dst = best.pressure(fastest)
+    if p_src - p_dst <= policy.threshold:
+        return Decision(None, None, f"balanced: {src.name} {p_src:.2f}, {best.name} "
+                        f"{p_dst:.2f} (threshold {policy.threshold:g})")
+    if src.pressure(fastest, -1) < best.pressure(fastest, +1) - 1e-9:
+        return Decision(None, None, f"moving one job would only reverse the imbalance "
+                        f"({src.name} {p_src:.2f}, {best.name} {p_dst:.2f})")
+    refusals = []
+    eligible = []
+    for job in jobs:
+        why = job_refusal(job, policy)
+        if why:
+            refusals.append(f"{job.id}: {why}")
+        else:
+            eligible.append(job)
+    if not eligible:
+        why = "; ".join(refusals) if refusals else "it runs no cluster job"
+        return Decision(None, None, f"{src.name} is loaded ({p_src:.2f} against "
+                        f"{best.name} {p_dst:.2f}) but no job can move: {why}")
+    # send a guest home when its home is the target; else the cheapest to move
+    job = min(eligible, key=lambda j: (j.home != best.id, j.rss_mb, j.id))
+    return Decision(job.id, best.id, f"{src.name} {p_src:.2f} -> {best.name} {p_dst:.2f}: "
+                    f"job {job.id} ({job.rss_mb:.0f} MB, running {job.age:.0f}s)")

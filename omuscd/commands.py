@@ -562,6 +562,10 @@ def h_attach(ctx: Context, a: dict[str, Any]) -> Reply:
                  follow=bool(a.get("follow")))
 
 
+def h_topology(ctx: Context, a: dict[str, Any]) -> Reply:
+    return ok(ctx.daemon.set_topology(a["role"]))
+
+
 def _flag(flag: str, on: bool) -> Handler:
     def handler(ctx: Context, a: dict[str, Any]) -> Reply:
         return ok(ctx.daemon.jobs.set_flag(flag, on))
@@ -608,7 +612,9 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("watch", (), "stream cluster events until you send a line or disconnect",
             h_watch, json=True,
             details="Events: join, leave, dead, suspect, alive, restart, clash,\n"
-                    "incompatible, forget, config. Ctrl-C (telnet IAC IP) stops too."),
+                    "incompatible, forget, config, job-start, job-exit, job-lost,\n"
+                    "migrating, migrated, migration-failed, balance, reclaim, warning.\n"
+                    "Ctrl-C (telnet IAC IP) stops too."),
     Command("auth", (Arg("response", max_len=64),), "answer the password challenge",
             h_auth, before_auth=True,
             details="RESPONSE is the hex SHA-256 of: challenge, newline, secret,\n"
@@ -660,6 +666,8 @@ COMMANDS: dict[str, Command] = _cmds(
                     "channel, it resumes there; on any failure it resumes where it was.\n"
                     "Refused with the reason when it cannot move (stay, TCP connection,\n"
                     "shared memory, io_uring, a device mapping, traced, no CRIU)."),
+    Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
+            "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),
     Command("bring", (), "call this node's jobs home", h_bring, admin=True),
 )

@@ -126,6 +126,10 @@ class Param:
 
     def convert(self, value: Any) -> Any:
         """Convert and bound-check ``value`` (from a switch, the file or ``set``)."""
+        if value is None or (self.default is None and self.kind in ("int", "float")
+                             and str(value).lower() in ("off", "none")):
+            if self.default is None:
+                return None  # an optional value, switched off
         try:
             if self.kind == "int":
                 if isinstance(value, bool):
@@ -234,6 +238,27 @@ PARAMS: tuple[Param, ...] = (
           runtime=True),
     Param("max_clock_skew", "float", 300.0, "seconds a packet's timestamp may differ from "
           "our clock (replay protection)", lo=1, hi=86400, runtime=True),
+    # balancing
+    Param("balancing", "bool", True, "move jobs automatically from busy nodes to idle ones "
+          "(off: only when told)", runtime=True),
+    Param("balance_interval", "float", 1.0, "seconds between balancing decisions",
+          lo=0.2, hi=600, runtime=True),
+    Param("balance_threshold", "float", 0.6, "difference in load per CPU below which "
+          "nodes count as balanced (hysteresis against ping-pong)", lo=0.1, hi=100,
+          runtime=True),
+    Param("min_job_age", "float", 1.0, "seconds a job runs before it is worth moving",
+          lo=0, hi=86400, runtime=True),
+    Param("min_stay", "float", 5.0, "seconds a job stays where it landed before it may "
+          "move again", lo=0, hi=86400, runtime=True),
+    Param("transfer_rate", "float", 300.0, "MB/s assumed for moving a job's memory (the "
+          "cost of a move)", lo=1, hi=100000, runtime=True),
+    Param("offer_hold", "float", 5.0, "seconds a node holds the room it offered to a busy "
+          "node (peer topology)", lo=0.5, hi=600, runtime=True),
+    Param("reclaim_above", "float", None, "owner reclaim: when the load that is not cluster "
+          "jobs stays above this, block and send the guests away ('off' by default)",
+          metavar="LOAD", lo=0.05, hi=1000, runtime=True),
+    Param("reclaim_for", "float", 3.0, "seconds the owner's load must stay above (or below) "
+          "reclaim_above before the node closes (or opens)", lo=0.5, hi=3600, runtime=True),
 )
 
 PARAM_BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}

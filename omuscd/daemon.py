@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from omuscd import channel, exitcodes, wire
+from omuscd.balancer import Balancer
 from omuscd.config import TUNABLES, Config, ConfigError, format_cpu_list, read_toml
 from omuscd.control import ControlServer
 from omuscd.events import Event, EventBus
@@ -60,6 +61,7 @@ class Daemon:
             channel.INSECURE_KEY if security == "insecure" else None)
         self.mover = Criu(find_criu(cfg.criu), Path(cfg.state_dir))
         self.jobs = JobControl(self)
+        self.balancer = Balancer(self)
         self.counters: dict[str, int] = {"in": 0, "out": 0, "send-errors": 0,
                                          "channel-refused": 0,
                                          **{r: 0 for r in wire.DROP_REASONS}}
@@ -136,6 +138,8 @@ class Daemon:
     def _send_one(self, mtype: int, body: dict[str, Any], dest: tuple[str, int]) -> None:
         self._send(self.codec.encode(mtype, body, time.time()), dest)
 
+    send_message = _send_one
+
     # ------------------------------------------------------------------ receiving
     async def _receive(self, sock: trio.socket.SocketType) -> None:
         while True:
@@ -188,6 +192,14 @@ class Daemon:
     def _apply(self, pkt: wire.Packet, src: tuple[str, int], now: float) -> list[Event]:
         hdr, body = pkt.header, pkt.body
         auth = self.auth_label
+        if hdr.mtype in (wire.REQUEST, wire.OFFER):
+            if self.security == "read-only" or hdr.node_id not in self.members.nodes:
+                return []  # balancing only between authenticated, known peers
+            if hdr.mtype == wire.REQUEST:
+                self.balancer.on_request(body, src, hdr.node_id)
+            else:
+                self.balancer.on_offer(body, hdr.node_id)
+            return []
         if hdr.mtype in (wire.HELLO, wire.LEAVE):
             entry = wire.check_entry(body.get("entry"))
             if entry["id"] != hdr.node_id or entry["boot"] != hdr.boot:
@@ -297,6 +309,7 @@ class Daemon:
             await nursery.start(self.control.serve_unix, c.control_socket)
             self.log_start()
             nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self.balancer.run)
             sd_notify("READY=1")
             if self.on_ready is not None:
                 self.on_ready()
@@ -371,6 +384,13 @@ class Daemon:
         if self._retime is not None:
             self._retime.set()
         return v
+
+    def set_topology(self, role: str) -> str:
+        self.cfg.values["topology"] = role
+        self.members.me["role"] = role
+        self.publish([Event("config", f"topology set to {role}", {"key": "topology",
+                                                                  "value": role})])
+        return f"topology {role}"
 
     def tunables(self) -> dict[str, Any]:
         return {name: self.cfg.values[name] for name in TUNABLES}

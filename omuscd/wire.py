@@ -5,7 +5,7 @@ Layout of one UDP datagram (big-endian; documented in omuscd(8), section WIRE PR
     off  len  field
     0    4    magic  b"OMUS"
     4    2    protocol version (= the omuscd version number)
-    6    1    message type (1 HELLO, 2 GOSSIP, 3 SYNC, 4 LEAVE)
+    6    1    message type (1 HELLO, 2 GOSSIP, 3 SYNC, 4 LEAVE, 5 REQUEST, 6 OFFER)
     7    1    flags (bit 0: signed)
     8    4    sender node id
     12   8    sender boot id (random per daemon start)
@@ -39,8 +39,9 @@ TAG_LEN = 32
 MAX_DATAGRAM = 1400  # stay under a LAN MTU: no IP fragmentation
 FLAG_SIGNED = 0x01
 
-HELLO, GOSSIP, SYNC, LEAVE = 1, 2, 3, 4
-TYPE_NAMES = {HELLO: "hello", GOSSIP: "gossip", SYNC: "sync", LEAVE: "leave"}
+HELLO, GOSSIP, SYNC, LEAVE, REQUEST, OFFER = 1, 2, 3, 4, 5, 6
+TYPE_NAMES = {HELLO: "hello", GOSSIP: "gossip", SYNC: "sync", LEAVE: "leave",
+              REQUEST: "request", OFFER: "offer"}
 
 #: Drop reasons, in the order ``status`` shows their counters.
 DROP_REASONS = ("malformed", "unsigned", "bad-signature", "replayed", "stale", "incompatible")

@@ -1,0 +1,288 @@
+"""Automatic load balancing, in the two topologies of the original daemon.
+
+Both ask the one policy (:func:`omuscd.balance.decide`) and move jobs with the one
+migration machinery; they differ only in who decides:
+
+- **peer** (the default): a node whose pressure exceeds the least loaded node's by more
+  than the threshold picks a job and sends a REQUEST to the live nodes; those with room
+  answer with an OFFER and hold that room for ``offer_hold`` seconds, so one idle node is
+  not flooded by many busy ones at once; the requester takes the best offer.  A request
+  that finds no volunteer backs off (doubling, up to 30 s).
+- **controller/drone**: the controller with the lowest id holds the cluster view and
+  orders every move; drones never start one.  Without a reachable controller, drones say
+  that balancing has stopped (no split brain); it resumes when a controller returns.
+
+Owner reclaim (``reclaim_above``): when the load that is not cluster jobs stays above the
+limit, the node blocks and sends its guests away; when it falls, the node opens again.
+
+Every decision and every refusal is logged with its reason and shown in ``watch``;
+a refusal is said once until the reason changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from omuscd import wire
+from omuscd.balance import PENDING_FOR, Decision, JobLoad, NodeLoad, Policy, decide
+from omuscd.events import Event
+from omuscd.jobs import RUNNING, Job, JobError, tree_usage
+from omuscd.membership import ALIVE
+
+if TYPE_CHECKING:
+    from omuscd.daemon import Daemon
+
+log = logging.getLogger("omuscd.balance")
+
+OFFER_WAIT = 0.3  # seconds a requester collects offers
+MAX_BACKOFF = 30.0
+
+
+class Balancer:
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+        self.rid = 0
+        self.offers: dict[int, list[tuple[float, int]]] = {}  # request id -> (after, node)
+        self.held: list[float] = []  # until when offered room is held for requesters
+        self.pending: list[tuple[float, int, float]] = []  # (until, node, demand change)
+        self.backoff = 0.0
+        self.backoff_until = 0.0
+        self.moving = False
+        self.said = ""
+        self.no_controller = False
+        self.owner_high_since: float | None = None
+        self.owner_low_since: float | None = None
+        self.reclaimed = False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def cfg(self) -> Any:
+        return self.d.cfg
+
+    def policy(self) -> Policy:
+        c = self.cfg
+        return Policy(c.balance_threshold, c.min_job_age, c.min_stay, c.transfer_rate)
+
+    def say(self, text: str, kind: str = "balance") -> None:
+        """A decision or a refusal, for the log and ``watch``; repeats are not said."""
+        if text == self.said:
+            return
+        self.said = text
+        self.d.publish([Event(kind, text, {})])
+
+    def loads(self, now: float) -> dict[int, NodeLoad]:
+        self.pending = [p for p in self.pending if p[0] > now]
+        extra: dict[int, float] = {}
+        for _, node, delta in self.pending:
+            extra[node] = extra.get(node, 0.0) + delta
+        me = self.d.members.me
+        jc = self.d.jobs
+        out = {self.d.node_id: NodeLoad(
+            self.d.node_id, self.d.name, me["cpus"], me["speed"], float(me["load"]),
+            extra.get(self.d.node_id, 0.0) + len([h for h in self.held if h > now]),
+            self.d.mover.available and not {"blocked", "quiet"} & jc.flags)}
+        for node in self.d.members.live_nodes():
+            e = node.entry
+            ok = (node.state == ALIVE and node.auth != "unverified" and "criu" in e["flags"]
+                  and not {"blocked", "quiet"} & set(e["flags"]))
+            out[node.id] = NodeLoad(node.id, node.name, e["cpus"], e["speed"],
+                                    float(e["load"]), extra.get(node.id, 0.0), ok)
+        return out
+
+    def job_load(self, job: Job, now_wall: float) -> JobLoad:
+        if job.node == self.d.node_id and job.pid is not None:
+            job.cpu, job.rss_mb = tree_usage(job.pid)
+        landed = [m["time"] for m in job.moves if "failed" not in m]
+        since_move = now_wall - max(landed) if landed else float("inf")  # never moved
+        return JobLoad(job.id, job.home, job.rss_mb, now_wall - job.started, since_move,
+                       job.stay, job.cannot_move)
+
+    def local_jobs(self) -> list[JobLoad]:
+        now = time.time()
+        jc = self.d.jobs
+        return [self.job_load(j, now) for j in jc.all_jobs()
+                if j.node == self.d.node_id and j.state == RUNNING]
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.balance_interval)
+            try:
+                await self.tick()
+            except Exception:  # a bug in balancing must not stop the daemon
+                log.exception("balancing: internal error")
+
+    async def tick(self) -> None:
+        now = trio.current_time()
+        self.reclaim(now)
+        if not self.cfg.balancing or self.moving:
+            return
+        role = self.cfg.topology
+        if role == "peer":
+            await self.peer_tick(now)
+        elif role == "controller":
+            await self.controller_tick(now)
+        else:
+            self.drone_tick()
+
+    async def move(self, decision: Decision, source: int) -> None:
+        assert decision.job is not None and decision.target is not None
+        self.moving = True
+        self.said = ""
+        log.info("balancing: moving %s", decision.reason)
+        try:
+            text = await self.d.jobs.act(decision.job, "migrate", 0, to=str(decision.target))
+        except JobError as e:
+            self.say(f"balancing: move of job {decision.job} failed: {e}")
+        else:
+            # until gossip shows it, the target's load lacks the job; a source other
+            # than this node lags the same way (this node's own load is sampled here)
+            until = trio.current_time() + PENDING_FOR
+            self.pending.append((until, decision.target, 1.0))
+            if source != self.d.node_id:
+                self.pending.append((until, source, -1.0))
+            self.say(f"balancing: {decision.reason}: {text}")
+        finally:
+            self.moving = False
+
+    # ------------------------------------------------------------------ peer to peer
+    async def peer_tick(self, now: float) -> None:
+        if now < self.backoff_until:
+            return
+        loads = self.loads(now)
+        me = loads.pop(self.d.node_id)
+        decision = decide(me, list(loads.values()), self.local_jobs(), self.policy())
+        if decision.job is None:
+            if not decision.reason.startswith("balanced"):
+                self.say(f"balancing: {decision.reason}")
+            return
+        fastest = max([me.speed, *(n.speed for n in loads.values())])
+        self.rid += 1
+        rid = self.rid
+        self.offers[rid] = []
+        body = {"rid": rid, "pressure": round(me.pressure(fastest), 3),
+                "cpus": me.cpus, "job": decision.job}
+        for node in self.d.members.live_nodes():
+            if loads.get(node.id) is not None and loads[node.id].can_take:
+                self.d.send_message(wire.REQUEST, body, node.address)
+        await trio.sleep(OFFER_WAIT)
+        offers = self.offers.pop(rid, [])
+        if not offers:
+            self.backoff = min(MAX_BACKOFF, max(self.backoff * 2, self.cfg.balance_interval))
+            self.backoff_until = trio.current_time() + self.backoff
+            self.say(f"balancing: no node volunteered for job {decision.job}; asking again "
+                     f"in {self.backoff:.0f}s")
+            return
+        self.backoff = 0.0
+        _, target = min(offers)
+        await self.move(Decision(decision.job, target, decision.reason), self.d.node_id)
+
+    def on_request(self, body: dict[str, Any], source: tuple[str, int], sender: int) -> None:
+        """A busy node asks for room: offer it if we have it, and hold it a while."""
+        if self.cfg.topology != "peer" or not self.cfg.balancing:
+            return
+        try:
+            rid, theirs, cpus = int(body["rid"]), float(body["pressure"]), int(body["cpus"])
+        except (KeyError, TypeError, ValueError):
+            raise wire.WireError("malformed", "bad balancing request") from None
+        now = trio.current_time()
+        self.held = [h for h in self.held if h > now]
+        loads = self.loads(now)
+        me = loads[self.d.node_id]
+        if not me.can_take:
+            return
+        fastest = max(n.speed for n in loads.values())
+        mine_after = me.pressure(fastest, +1)
+        theirs_after = theirs - 1 / max(1, cpus)
+        if theirs - me.pressure(fastest) <= self.cfg.balance_threshold or \
+                mine_after > theirs_after + 1e-9:
+            return
+        self.held.append(now + self.cfg.offer_hold)
+        self.d.send_message(wire.OFFER, {"rid": rid, "after": round(mine_after, 3)}, source)
+        log.debug("balancing: offered room to node %d (request %d)", sender, rid)
+
+    def on_offer(self, body: dict[str, Any], sender: int) -> None:
+        try:
+            rid, after = int(body["rid"]), float(body["after"])
+        except (KeyError, TypeError, ValueError):
+            raise wire.WireError("malformed", "bad balancing offer") from None
+        if rid in self.offers:
+            self.offers[rid].append((after, sender))
+
+    # ------------------------------------------------------------------ controller/drone
+    def controllers(self) -> list[int]:
+        ids = [n.id for n in self.d.members.live_nodes()
+               if n.state == ALIVE and n.entry["role"] == "controller"]
+        if self.cfg.topology == "controller":
+            ids.append(self.d.node_id)
+        return sorted(ids)
+
+    async def controller_tick(self, now: float) -> None:
+        ctrl = self.controllers()
+        if ctrl[0] != self.d.node_id:
+            self.say(f"balancing: two controllers ({', '.join(map(str, ctrl))}); only node "
+                     f"{ctrl[0]} acts", kind="warning")
+            return
+        loads = self.loads(now)
+        wall = time.time()
+        by_node: dict[int, list[JobLoad]] = {}
+        for job in await self.d.jobs.cluster_jobs():
+            if job.state == RUNNING and job.node in loads:
+                by_node.setdefault(job.node, []).append(self.job_load(job, wall))
+        fastest = max(n.speed for n in loads.values())
+        first: Decision | None = None
+        for src in sorted(loads.values(), key=lambda n: -n.pressure(fastest)):
+            others = [n for n in loads.values() if n.id != src.id]
+            decision = decide(src, others, by_node.get(src.id, []), self.policy())
+            first = first or decision
+            if decision.job is not None:
+                await self.move(decision, src.id)
+                return
+        if first is not None and not first.reason.startswith("balanced"):
+            self.say(f"balancing: {first.reason}")
+
+    def drone_tick(self) -> None:
+        ctrl = self.controllers()
+        if not ctrl:
+            if not self.no_controller:
+                self.no_controller = True
+                self.say("balancing stopped: no controller is reachable (drones never "
+                         "start a move)", kind="warning")
+        elif self.no_controller:
+            self.no_controller = False
+            self.say(f"balancing resumed: node {ctrl[0]} controls")
+
+    # ------------------------------------------------------------------ owner reclaim
+    def reclaim(self, now: float) -> None:
+        limit = self.cfg.reclaim_above
+        if limit is None:
+            return
+        me = self.d.members.me
+        jobs_here = self.d.jobs.counts()
+        owner = max(0.0, float(me["load"]) - jobs_here / max(1, me["cpus"]))
+        hold = self.cfg.reclaim_for
+        if owner > limit:
+            self.owner_low_since = None
+            self.owner_high_since = self.owner_high_since or now
+            if not self.reclaimed and now - self.owner_high_since >= hold:
+                self.reclaimed = True
+                self.d.jobs.set_flag("blocked", True)
+                self.say(f"reclaim: the owner's load {owner:.2f} is above {limit:g}: "
+                         "blocked, sending guests away", kind="reclaim")
+                self.d.jobs._nursery().start_soon(self._expel)
+        else:
+            self.owner_high_since = None
+            self.owner_low_since = self.owner_low_since or now
+            if self.reclaimed and now - self.owner_low_since >= hold:
+                self.reclaimed = False
+                self.d.jobs.set_flag("blocked", False)
+                self.say(f"reclaim: the owner's load {owner:.2f} is below {limit:g}: open "
+                         "again", kind="reclaim")
+
+    async def _expel(self) -> None:
+        for line in await self.d.jobs.expel():
+            log.info("reclaim: %s", line)

@@ -1,0 +1,90 @@
+"""Makespan of a batch of CPU-bound jobs of unequal, deterministic length (the C
+timewaster), all started on node a of a two-node namespace cluster whose nodes lend one
+CPU each, beside (a) the same batch with balancing off and (b) the lower bound
+max(total work / CPUs, longest job), all measured in one run.
+
+Target (issue 5): <= 1.15x the lower bound, with balancing off near 2x.
+Needs root and CRIU.
+
+    python tests/bench/bench_balance.py [SCALE]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import workdir
+
+from omuscd import config
+from tests.cluster import NetnsLan, start_daemon, wait_for
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# relative lengths of the jobs; SCALE iterations of timewaster per unit
+SHAPE = [8, 6, 5, 4, 3, 2, 2, 1]
+
+
+def solo(binary: str, n: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(["taskset", "-c", "0", binary, "-n", str(n)], check=True,
+                   capture_output=True)
+    return time.perf_counter() - t
+
+
+def batch(node, binary: str, sizes: list[int]) -> float:
+    t = time.perf_counter()
+    jobs = []
+    for n in sizes:
+        r = subprocess.run([sys.executable, "-m", "omuscd", "run", "--connect", node.socket,
+                            "--home", "--detach", "--", binary, "-n", str(n)],
+                           capture_output=True, text=True, cwd="/tmp", check=True)
+        jobs.append(r.stdout.strip())
+
+    def done() -> bool:
+        states = {j["id"]: j["state"] for j in node.json("jobs --all")["jobs"]}
+        return all(states.get(j) == "exited" for j in jobs)
+
+    wait_for(done, 600, "the batch to finish", interval=0.1)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    scale = int(sys.argv[1]) if len(sys.argv) > 1 else 150_000_000
+    subprocess.run(["make", "-s", "-C", str(EXAMPLES), "timewaster"], check=True)
+    binary = str(EXAMPLES / "timewaster")
+    sizes = [s * scale // 4 for s in SHAPE]
+    lengths = [solo(binary, n) for n in sizes]
+    bound = max(sum(lengths) / 2, max(lengths))
+    work = workdir()
+    key = work / "k"
+    config.write_key(str(key))
+    with NetnsLan(2, prefix="omb") as lan:
+        nodes = [start_daemon(name, ["--key-file", str(key), "--cpus", str(i)], work,
+                              netns=lan.ns(i)) for i, name in enumerate("ab")]
+        try:
+            wait_for(lambda: "b" in nodes[0].nodes(), 10, "a to see b")
+            for d in nodes:
+                d.ctl("set balancing off")
+            off = batch(nodes[0], binary, sizes)
+            for d in nodes:
+                d.ctl("set balancing on")
+            on = batch(nodes[0], binary, sizes)
+            moves = sum(j["migrations"] for j in nodes[0].json("jobs --all")["jobs"])
+        finally:
+            for d in nodes:
+                d.stop()
+    print(f"makespan of {len(sizes)} CPU-bound jobs ({sum(lengths):.1f}s of work, longest "
+          f"{max(lengths):.1f}s) started on one of two nodes lending one CPU each")
+    print(f"  lower bound max(work/2, longest): {bound:6.1f}s")
+    print(f"  balancing off:                    {off:6.1f}s  ({off / bound:.2f}x the bound)")
+    print(f"  balancing on (default tunables):  {on:6.1f}s  ({on / bound:.2f}x the bound, "
+          f"{moves} migrations)  target <= 1.15x -> "
+          f"{'met' if on / bound <= 1.15 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
