@@ -57,6 +57,8 @@ class Balancer:
         self.owner_high_since: float | None = None
         self.owner_low_since: float | None = None
         self.reclaimed = False
+        self.expelling = False
+        self.next_expel = 0.0
 
     # ------------------------------------------------------------------ views
     @property
@@ -273,6 +275,11 @@ class Balancer:
                 self.d.jobs.set_flag("blocked", True)
                 self.say(f"reclaim: the owner's load {owner:.2f} is above {limit:g}: "
                          "blocked, sending guests away", kind="reclaim")
+            guests = any(j.state == RUNNING and j.node == self.d.node_id
+                         for j in self.d.jobs.guests.values())
+            if self.reclaimed and guests and not self.expelling and now >= self.next_expel:
+                self.expelling = True  # again while guests remain (a move may fail)
+                self.next_expel = now + hold
                 self.d.jobs._nursery().start_soon(self._expel)
         else:
             self.owner_high_since = None
@@ -284,5 +291,8 @@ class Balancer:
                          "again", kind="reclaim")
 
     async def _expel(self) -> None:
-        for line in await self.d.jobs.expel():
-            log.info("reclaim: %s", line)
+        try:
+            for line in await self.d.jobs.expel():
+                log.info("reclaim: %s", line)
+        finally:
+            self.expelling = False

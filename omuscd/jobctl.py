@@ -112,6 +112,20 @@ class JobControl:
         addr = (node.entry["addr"], node.entry["port"])
         return await channel.connect(addr, self.d.channel_key, self.hello())
 
+    async def request(self, node_id: int, msg: dict[str, Any],
+                      timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
+        """One request and its reply, on a connection of its own.  ChannelError when the
+        node cannot be reached or does not answer within ``timeout``."""
+        ch = await self.connect(node_id)
+        try:
+            await ch.send(msg)
+            with trio.fail_after(timeout):
+                return await ch.receive_msg()
+        except trio.TooSlowError:
+            raise ChannelError(f"no answer within {timeout:g}s") from None
+        finally:
+            await ch.aclose()
+
     def all_jobs(self) -> list[Job]:
         return [*self.home.values(), *self.guests.values()]
 
@@ -251,10 +265,8 @@ class JobControl:
 
     async def _run_local(self, job: Job, env: dict[str, str],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        generation = job.generation
-        await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status)
-        if not job.node_changed and job.generation == generation:  # it ended here
-            self._finished(job)
+        if await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status):
+            self._finished(job)  # it ended here (it did not move away)
 
     def _finished(self, job: Job) -> None:
         self.d.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
@@ -593,18 +605,11 @@ class JobControl:
     async def _forward_act(self, home: int, job_id: str, action: str, uid: int,
                            sig: int, to: str = "") -> str:
         try:
-            ch = await self.connect(home)
+            reply = await self.request(home, {"op": "act", "job": job_id, "action": action,
+                                              "uid": uid, "sig": sig, "to": to},
+                                       QUERY_TIMEOUT if action != "migrate" else 300)
         except ChannelError as e:
-            raise JobError(f"cannot reach the job's home node: {e}") from None
-        try:
-            await ch.send({"op": "act", "job": job_id, "action": action, "uid": uid,
-                           "sig": sig, "to": to})
-            with trio.fail_after(QUERY_TIMEOUT if action != "migrate" else 300):
-                reply = await ch.receive_msg()
-        except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"the job's home node did not answer: {e}") from None
-        finally:
-            await ch.aclose()
         if reply.get("op") != "done":
             raise JobError(str(reply.get("text", "refused")))
         return str(reply.get("text", ""))
@@ -617,14 +622,8 @@ class JobControl:
 
         async def ask(node_id: int) -> None:
             try:
-                with trio.fail_after(QUERY_TIMEOUT):
-                    ch = await self.connect(node_id)
-                    try:
-                        await ch.send({"op": "jobs"})
-                        answers[node_id] = await ch.receive_msg()
-                    finally:
-                        await ch.aclose()
-            except (ChannelError, trio.TooSlowError) as e:
+                answers[node_id] = await self.request(node_id, {"op": "jobs"})
+            except ChannelError as e:
                 log.debug("jobs: node %d did not answer: %s", node_id, e)
 
         async with trio.open_nursery() as nursery:

@@ -90,6 +90,7 @@ class Job:
     generation: int = 0  # bumped when a restartable job is rerun from the start elsewhere
     moves: list[dict[str, Any]] = field(default_factory=list)  # the last moves, and failures
     stdin_pipe: Any = field(default=None, repr=False)  # --stdin: where its input goes here
+    run: int = 0  # this node's count of the job's stays here: only the current one ends it
     pid: int | None = None  # on the node running it: the job's init, seen from outside
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -118,7 +119,7 @@ class Job:
     def _record(self) -> dict[str, Any]:
         """The plain fields (not ``asdict``: it would deep-copy the trio Event)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("changed", "stdin_pipe")}
+             if f.name not in ("changed", "stdin_pipe", "run")}
         d["owner"] = asdict(self.owner)
         d["argv"] = list(self.argv)
         d["exit"] = dict(self.exit) if self.exit else None
@@ -148,6 +149,7 @@ class Job:
         d.pop("changed", None)
         d.pop("launcher", None)  # a pid means nothing on another node
         d.pop("stdin_pipe", None)
+        d.pop("run", None)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -264,8 +266,10 @@ def tree_usage(pid: int) -> tuple[float, float]:
 
 
 async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int],
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> bool:
     """Start ``job`` on this node and watch it until it ends (see :func:`watch`)."""
+    job.run += 1
+    run = job.run
     d = spool.create(job)
     out = open(d / "stdout", "ab")
     err = open(d / "stderr", "ab")
@@ -294,12 +298,14 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
             break
         await trio.sleep(0.002)
     task_status.started()
-    await watch(job, spool, proc.poll, proc.wait)
+    return await watch(job, spool, proc.poll, proc.wait, run)
 
 
-async def adopt(job: Job, spool: Spool, pid: int) -> None:
+async def adopt(job: Job, spool: Spool, pid: int) -> bool:
     """Watch a job restored here (CRIU made its init our child)."""
     job.pid = pid
+    job.run += 1
+    run = job.run
     state: dict[str, int] = {}
 
     def poll() -> int | None:
@@ -316,13 +322,14 @@ async def adopt(job: Job, spool: Spool, pid: int) -> None:
         while poll() is None:
             await trio.sleep(TAIL_MAX)
 
-    await watch(job, spool, poll, wait)
+    return await watch(job, spool, poll, wait, run)
 
 
-async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
-    """Notice output as the job's files grow; at its end, record how it ended.  A job that
-    migrated away ends here without an exit: its record moved with it.  Cancellation (the
-    daemon stopping) leaves the job running: it is not ours to kill."""
+async def watch(job: Job, spool: Spool, poll: Any, wait: Any, run: int) -> bool:
+    """Notice output as the job's files grow; at its end, record how it ended and return
+    True.  A job that migrated away ends here without an exit (False): its record moved
+    with it, and if it has come back since, that is another run, whose watcher reports.
+    Cancellation (the daemon stopping) leaves the job running: it is not ours to kill."""
     generation = job.generation  # a rerun elsewhere makes this run history
     delay = TAIL_MIN
     while True:
@@ -340,8 +347,9 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
     if job.stdin_pipe is not None:
         await job.stdin_pipe.aclose()
         job.stdin_pipe = None
-    if job.state in (MOVED, MIGRATING) or job.node_changed or job.generation != generation:
-        return
+    if (job.state in (MOVED, MIGRATING) or job.node_changed or job.run != run
+            or job.generation != generation):
+        return False
     _poll_sizes(job, spool)
     try:
         job.exit = json.loads(spool.dir(job.id).joinpath("status").read_text() or "null")
@@ -352,6 +360,7 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any) -> None:
         job.exit = {"signal": -code} if code < 0 else {"code": code}
     job.state, job.ended = EXITED, time.time()
     job.notify()
+    return True
 
 
 def _poll_sizes(job: Job, spool: Spool) -> bool:

@@ -33,7 +33,6 @@ from omuscd import balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
 from omuscd.jobs import (
-    FINAL,
     MIGRATING,
     MOVED,
     RUNNING,
@@ -82,6 +81,7 @@ class Migrations:
         self.jc = jc
         self.d = jc.d
         self.images = Path(self.d.cfg.state_dir) / "images"
+        self.moving: set[str] = set()  # jobs being moved: one move of a job at a time
 
     def clean_images(self) -> None:
         """Image directories left by a crash are removed at start."""
@@ -106,8 +106,17 @@ class Migrations:
 
     async def migrate(self, job: Job, where: str) -> str:
         """Move a job whose home is here; returns what happened, for the user."""
+        if job.id in self.moving:
+            raise JobError(f"job {job.id} is moving already")
         if job.state != RUNNING:
             raise JobError(f"job {job.id} is {job.state}")
+        self.moving.add(job.id)
+        try:
+            return await self._migrate(job, where)
+        finally:
+            self.moving.discard(job.id)
+
+    async def _migrate(self, job: Job, where: str) -> str:
         if job.stay:
             raise JobError(f"job {job.id} cannot move: it was told to stay ('nostay' lets it)")
         if job.stdin:
@@ -172,14 +181,9 @@ class Migrations:
             self._drop(job, target)
         else:
             try:
-                ch = await jc.connect(source)
-                try:
-                    await ch.send({"op": "drop", "job": job.id, "to": target})
-                    with trio.fail_after(STEP_TIMEOUT):
-                        reply = await ch.receive_msg()
-                finally:
-                    await ch.aclose()
-            except (ChannelError, trio.TooSlowError) as e:
+                reply = await jc.request(source, {"op": "drop", "job": job.id, "to": target},
+                                         STEP_TIMEOUT)
+            except ChannelError as e:
                 raise JobError(f"cannot stop the job on {source_name}: {e}") from None
             if reply.get("op") != "dropped":
                 raise JobError(str(reply.get("reason", "the source refused")))
@@ -232,17 +236,11 @@ class Migrations:
 
     async def _ask_source(self, job: Job, target: int) -> dict[str, Any]:
         try:
-            ch = await self.jc.connect(job.node)
+            reply = await self.jc.request(job.node, {"op": "emigrate", "job": job.id,
+                                                     "to": target},
+                                          RESTORE_TIMEOUT + 2 * STEP_TIMEOUT)
         except ChannelError as e:
-            raise JobError(f"cannot reach node {job.node_name}: {e}") from None
-        try:
-            await ch.send({"op": "emigrate", "job": job.id, "to": target})
-            with trio.fail_after(RESTORE_TIMEOUT + 2 * STEP_TIMEOUT):
-                reply = await ch.receive_msg()
-        except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"node {job.node_name} did not finish the move: {e}") from None
-        finally:
-            await ch.aclose()
         if reply.get("op") != "migrated":
             raise JobError(str(reply.get("reason", "refused")))
         return {"freeze": float(reply["freeze"]), "bytes": int(reply["bytes"])}
@@ -250,6 +248,16 @@ class Migrations:
     # ------------------------------------------------------------------ on the source
     async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
         """Move a job running here to ``target``; resume it here on any failure."""
+        key = f"out:{job.id}"
+        if key in self.moving or job.state != RUNNING:
+            raise JobError(f"job {job.id} is moving already")
+        self.moving.add(key)
+        try:
+            return await self._emigrate_checked(job, target)
+        finally:
+            self.moving.discard(key)
+
+    async def _emigrate_checked(self, job: Job, target: int) -> dict[str, Any]:
         mover = self.d.mover
         if not mover.available:
             raise JobError(f"cannot move: migration is {mover.describe()} on "
@@ -379,14 +387,10 @@ class Migrations:
             if node is None or node.state == DEAD:
                 return False
             try:
-                ch = await self.jc.connect(target)
-                try:
-                    await ch.send({"op": "has", "job": job.id})
-                    with trio.fail_after(STEP_TIMEOUT):
-                        return bool((await ch.receive_msg()).get("running"))
-                finally:
-                    await ch.aclose()
-            except (ChannelError, trio.TooSlowError):
+                reply = await self.jc.request(target, {"op": "has", "job": job.id},
+                                              STEP_TIMEOUT)
+                return bool(reply.get("running"))
+            except ChannelError:
                 await trio.sleep(1)
 
     # ------------------------------------------------------------------ on the target
@@ -509,8 +513,7 @@ class Migrations:
         jc._nursery().start_soon(self._watch_adopted, record, pid)
 
     async def _watch_adopted(self, job: Job, pid: int) -> None:
-        await adopt(job, self.jc.spool, pid)
-        if job.state in FINAL and job.home == self.jc.me and not job.node_changed:
+        if await adopt(job, self.jc.spool, pid) and job.home == self.jc.me:
             self.jc._finished(job)
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,40 @@ def as_user(uid: int, fn: Callable[[], Any]) -> Any:
     if status != "ok":
         raise AssertionError(f"as uid {uid}: {value}")
     return value
+
+
+@contextmanager
+def namespace_cluster(names: str | list[str], extra: Callable[[int], list[str]] = lambda i: [],
+                      size: int | None = None, prefix: str | None = None,
+                      open_to_all: bool = False, leftovers: str | None = None
+                      ) -> Iterator[tuple[NetnsLan, Path, Path, dict[str, Daemon]]]:
+    """A LAN of ``size`` namespaces (default: one per name), a cluster key, and a daemon
+    per name (node i in namespace i, with ``extra(i)`` switches), each seeing the others.
+    Everything is removed afterwards; ``leftovers`` names (pkill -f) job processes a test
+    may leave behind.  ``open_to_all`` lets other users reach the control sockets."""
+    from omuscd import config
+
+    with NetnsLan(size or len(names), prefix) as lan:
+        work = short_tmpdir()
+        if open_to_all:
+            os.chmod(work, 0o755)
+        key = work / "cluster.key"
+        config.write_key(str(key))
+        nodes: dict[str, Daemon] = {}
+        try:
+            for i, name in enumerate(names):
+                nodes[name] = start_daemon(name, ["--key-file", str(key), *extra(i)], work,
+                                           netns=lan.ns(i))
+                if open_to_all:
+                    os.chmod(nodes[name].state_dir, 0o755)
+            for d in nodes.values():
+                wait_for(lambda d=d: len(d.nodes()) == len(names) - 1, 10,
+                         f"{d.name} to see the others")
+            yield lan, work, key, nodes
+        finally:
+            for d in nodes.values():
+                if d.alive():
+                    d.popen.kill()
+                    d.popen.wait()
+            if leftovers:
+                subprocess.run(["pkill", "-f", leftovers], capture_output=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from omuscd import config
-from tests.cluster import NetnsLan, can_netns, short_tmpdir, start_daemon, wait_for
+from tests.cluster import can_netns, namespace_cluster, start_daemon, wait_for
 from tests.test_migration import criu_problem
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -68,24 +68,8 @@ def test_sd_notify_reports_ready_and_stopping(workdir, reaper):
 def cluster(built):
     if NETNS:
         pytest.skip(NETNS)
-    with NetnsLan(2, prefix=f"omx{os.getpid() % 10000}x") as lan:
-        work = short_tmpdir()
-        key = work / "cluster.key"
-        config.write_key(str(key))
-        nodes = {}
-        try:
-            for i, name in enumerate("ab"):
-                nodes[name] = start_daemon(name, ["--key-file", str(key)], work,
-                                           netns=lan.ns(i))
-            for d in nodes.values():
-                wait_for(lambda d=d: len(d.nodes()) == 1, 10, f"{d.name} to see the other")
-            yield lan, nodes
-        finally:
-            for d in nodes.values():
-                if d.alive():
-                    d.popen.kill()
-                    d.popen.wait()
-
+    with namespace_cluster("ab", prefix=f"omx{os.getpid() % 10000}x") as (lan, _, _, nodes):
+        yield lan, nodes
 
 def env_for(node) -> dict[str, str]:
     return {**os.environ, "OMUSCD_SOCKET": node.socket,

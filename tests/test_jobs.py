@@ -14,13 +14,11 @@ import uuid
 
 import pytest
 
-from omuscd import config
 from omuscd.client import ControlClient
 from tests.cluster import (
-    NetnsLan,
     as_user,
     can_netns,
-    short_tmpdir,
+    namespace_cluster,
     start_daemon,
     wait_for,
 )
@@ -35,27 +33,9 @@ SCRIPT = ('for i in 1 2 3; do echo "out $i"; echo "err $i" >&2; done; '
 @pytest.fixture(scope="module")
 def cluster():
     """Nodes a, b, c; each lends one CPU (--cpus 0), like small idle boxes."""
-    with NetnsLan(3) as lan:
-        work = short_tmpdir()
-        os.chmod(work, 0o755)  # other users' clients reach the sockets
-        key = work / "cluster.key"
-        config.write_key(str(key))
-        nodes = {}
-        try:
-            for i, name in enumerate("abc"):
-                nodes[name] = start_daemon(name, ["--key-file", str(key), "--cpus", "0"],
-                                           work, netns=lan.ns(i))
-                os.chmod(nodes[name].state_dir, 0o755)
-            for d in nodes.values():
-                wait_for(lambda d=d: len(d.nodes()) == 2, 10, f"{d.name} to see the others")
-            yield lan, work, key, nodes
-        finally:
-            for d in nodes.values():
-                if d.alive():
-                    d.popen.kill()
-                    d.popen.wait()
-            subprocess.run(["pkill", "-f", "omuscd-test-job"], capture_output=True)
-
+    with namespace_cluster("abc", lambda i: ["--cpus", "0"], open_to_all=True,
+                           leftovers="omuscd-test-job") as c:
+        yield c
 
 def run(node, *args: str, cwd: str | None = None, user: int | None = None,
         **kw) -> subprocess.CompletedProcess[bytes]:

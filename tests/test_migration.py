@@ -11,10 +11,9 @@ import time
 
 import pytest
 
-from omuscd import config
 from omuscd.client import ControlClient
 from omuscd.migrate.criu import PRIVATE_CRIU, find_criu
-from tests.cluster import NetnsLan, can_netns, short_tmpdir, start_daemon, wait_for
+from tests.cluster import can_netns, namespace_cluster, start_daemon, wait_for
 
 
 def criu_problem() -> str | None:
@@ -59,26 +58,11 @@ print("after", hashlib.sha256(data).hexdigest(), flush=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    with NetnsLan(2, prefix=f"omm{os.getpid() % 10000}x") as lan:
-        work = short_tmpdir()
-        key = work / "cluster.key"
-        config.write_key(str(key))
-        nodes = {}
-        try:
-            for i, name in enumerate("ab"):
-                nodes[name] = start_daemon(name, ["--key-file", str(key)], work,
-                                           netns=lan.ns(i))
-            for d in nodes.values():
-                wait_for(lambda d=d: len(d.nodes()) == 1, 10, f"{d.name} to see the other")
-                assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
-            yield lan, work, key, nodes
-        finally:
-            for d in nodes.values():
-                if d.alive():
-                    d.popen.kill()
-                    d.popen.wait()
-            subprocess.run(["pkill", "-f", "omuscd-migration-test"], capture_output=True)
-
+    with namespace_cluster("ab", prefix=f"omm{os.getpid() % 10000}x",
+                           leftovers="omuscd-migration-test") as c:
+        for d in c[3].values():
+            assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
+        yield c
 
 def start(node, *argv: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, "--home",
@@ -134,6 +118,32 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert out.split() == [b"after", ready[1]]
+
+
+def test_one_move_of_a_job_at_a_time(cluster, tmp_path):
+    _, _, _, n = cluster
+    flag = tmp_path / "go"
+    p = start(n["a"], PY, "-c", MEMORY, str(flag), "omuscd-migration-test-5")
+    assert p.stdout is not None
+    ready = p.stdout.readline().split()
+    job = job_of(n["a"], "omuscd-migration-test-5")
+    replies: list[object] = []
+
+    def migrate() -> None:
+        with ControlClient.unix(n["a"].socket, timeout=120) as c:
+            replies.append(c.command(f"migrate {job} b"))
+
+    threads = [threading.Thread(target=migrate) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = sorted(r.code for r in replies)  # type: ignore[attr-defined]
+    texts = " | ".join(r.text for r in replies)  # type: ignore[attr-defined]
+    assert codes == [200, 500] and "moving already" in texts, texts
+    flag.touch()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
 
 
 def test_established_tcp_connection_is_refused_with_its_reason(cluster):

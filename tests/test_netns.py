@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from omuscd import config
-from tests.cluster import NetnsLan, can_netns, short_tmpdir, start_daemon, telnet, wait_for
+from tests.cluster import can_netns, namespace_cluster, start_daemon, telnet, wait_for
 
 REASON = can_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -19,31 +18,12 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def lan():
-    with NetnsLan(N) as lan:
-        yield lan
-
-
-@pytest.fixture(scope="module")
-def cluster(lan):
-    """Seven nodes started with nothing but a key: they configure themselves."""
-    work = short_tmpdir()
-    key = work / "cluster.key"
-    config.write_key(str(key))
-    daemons = []
-    try:
-        for i in range(N - 1):
-            daemons.append(start_daemon(f"node{i}", ["--key-file", str(key)], work,
-                                        netns=lan.ns(i)))
-        for d in daemons:
-            wait_for(lambda d=d: len(d.nodes()) == N - 2, 10, f"{d.name} to see the others")
-        yield lan, work, key, daemons
-    finally:
-        for d in daemons:
-            if d.alive():
-                d.popen.kill()
-                d.popen.wait()
-
+def cluster():
+    """Seven nodes of an eight-node LAN, started with nothing but a key: they configure
+    themselves and find each other by broadcast."""
+    with namespace_cluster([f"node{i}" for i in range(N - 1)], size=N) as (lan, work, key,
+                                                                           nodes):
+        yield lan, work, key, list(nodes.values())
 
 def test_plug_and_pray_choices(cluster):
     lan, _, _, daemons = cluster

@@ -144,7 +144,11 @@ class Criu:
                     kept = f" (full log: {dest})"
                 except OSError:
                     pass
-            raise MoveError(f"criu {args[0]} failed: {_first_error(logfile)}{kept}")
+            cause = _first_error(logfile)
+            if cause == "no log":  # it stopped before logging: what did it print?
+                said = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+                cause = f"exit {r.returncode}: {said[-1][:300] if said else 'nothing said'}"
+            raise MoveError(f"criu {args[0]} failed: {cause}{kept}")
 
     async def dump(self, init_pid: int, images: Path) -> None:
         await self._criu(["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
