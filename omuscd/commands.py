@@ -73,8 +73,9 @@ class Reply:
     follow: bool = False
 
     def render(self) -> bytes:
-        """Wire form: CR LF line ends (the telnet NVT convention)."""
-        lines = self.lines or [""]
+        """Wire form: CR LF line ends (the telnet NVT convention).  A line break inside a
+        line (a command's argument, say) is escaped: it would end the reply early."""
+        lines = [ln.replace("\r", "\\r").replace("\n", "\\n") for ln in self.lines or [""]]
         if self.stream:  # more lines follow this reply: it stays open
             out = [f"{self.code}-{ln}" for ln in lines]
         else:

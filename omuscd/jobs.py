@@ -347,8 +347,9 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any, run: int) -> bool:
     if job.stdin_pipe is not None:
         await job.stdin_pipe.aclose()
         job.stdin_pipe = None
-    if (job.state in (MOVED, MIGRATING) or job.node_changed or job.run != run
-            or job.generation != generation):
+    # a process that dies while being dumped has ended (the move will fail); only a
+    # completed hand-over (node_changed) or a newer stay makes its end not ours to record
+    if job.state == MOVED or job.node_changed or job.run != run or job.generation != generation:
         return False
     _poll_sizes(job, spool)
     try:

@@ -300,8 +300,7 @@ class Migrations:
         try:
             await self.d.mover.dump(job.pid, images)  # type: ignore[arg-type]
         except MoveError as e:
-            job.state = RUNNING  # CRIU resumes the tasks when a dump fails
-            signal_tree(job.pid, signal.SIGCONT)  # type: ignore[arg-type]
+            self._resume(job)  # CRIU resumes the tasks when a dump fails; make sure
             raise JobError(str(e)) from None
         dumped = trio.current_time()
         sent = 0
@@ -353,6 +352,8 @@ class Migrations:
         return size
 
     def _resume(self, job: Job) -> None:
+        if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
+            return
         if job.pid is not None:
             signal_tree(job.pid, signal.SIGCONT)
         job.state = RUNNING

@@ -110,6 +110,10 @@ def test_node_lookup(ctx):
     assert run(ctx, "node ghost").code == commands.NOT_FOUND
 
 
+def test_line_breaks_inside_a_line_are_escaped():
+    assert commands.Reply(200, ["a\nb", "c\r\nd"]).render() == b"200-a\\nb\r\n200 c\\r\\nd\r\n"
+
+
 def test_multiline_framing():
     r = commands.Reply(200, ["a", "b", "c"])
     assert r.render() == b"200-a\r\n200-b\r\n200 c\r\n"

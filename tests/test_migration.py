@@ -82,7 +82,7 @@ def job_of(node, marker: str) -> str:
 
 def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     _, _, _, n = cluster
-    count = "6000000"  # a few seconds of CPU
+    count = "15000000"  # several seconds of CPU: it must not end during the moves
     ref = subprocess.run([PY, "-c", CHECKSUM, count], capture_output=True, cwd="/tmp")
     p = start(n["a"], PY, "-c", CHECKSUM, count, "omuscd-migration-test-1")
     job = job_of(n["a"], "omuscd-migration-test-1")
