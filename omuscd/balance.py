@@ -134,37 +134,47 @@ def job_refusal(job: JobLoad, policy: Policy) -> str | None:
     return None
 
 
-def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
-           policy: Policy) -> Decision:
-    """Whether to move one job off ``src``, which, and where.  The target is the node with
-    the least pressure that can take it; the move must help by more than the threshold and
-    must not simply reverse the imbalance (that is how jobs ping-pong)."""
+def imbalance(src: NodeLoad, others: list[NodeLoad],
+              policy: Policy) -> tuple[NodeLoad | None, str]:
+    """The node a job of ``src`` should go to, judged on loads alone, or None and why.
+    The target is the node with the least pressure that can take a job; the move must help
+    by more than the threshold and must not simply reverse the imbalance (that is how jobs
+    ping-pong).  Cheap: callers ask it before looking at any job."""
     fastest = max([src.speed, *(o.speed for o in others)] or [1.0])
     p_src = src.pressure(fastest)
     targets = [o for o in others if o.can_take]
     if not targets:
-        return Decision(None, None, "no node can take a job")
+        return None, "no node can take a job"
     best = min(targets, key=lambda o: (o.pressure(fastest), o.id))
     p_dst = best.pressure(fastest)
     if p_src - p_dst <= policy.threshold:
-        return Decision(None, None, f"balanced: {src.name} {p_src:.2f}, {best.name} "
-                        f"{p_dst:.2f} (threshold {policy.threshold:g})")
+        return None, (f"balanced: {src.name} {p_src:.2f}, {best.name} {p_dst:.2f} "
+                      f"(threshold {policy.threshold:g})")
     if src.pressure(fastest, -1) < best.pressure(fastest, +1) - 1e-9:
-        return Decision(None, None, f"moving one job would only reverse the imbalance "
-                        f"({src.name} {p_src:.2f}, {best.name} {p_dst:.2f})")
+        return None, (f"moving one job would only reverse the imbalance ({src.name} "
+                      f"{p_src:.2f}, {best.name} {p_dst:.2f})")
+    return best, f"{src.name} {p_src:.2f} -> {best.name} {p_dst:.2f}"
+
+
+def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
+           policy: Policy) -> Decision:
+    """Whether to move one job off ``src``, which, and where (see :func:`imbalance`)."""
+    best, loads = imbalance(src, others, policy)
+    if best is None:
+        return Decision(None, None, loads)
     refusals = []
     eligible = []
     for job in jobs:
-        why = job_refusal(job, policy)
-        if why:
-            refusals.append(f"{job.id}: {why}")
+        refusal = job_refusal(job, policy)
+        if refusal:
+            refusals.append(f"{job.id}: {refusal}")
         else:
             eligible.append(job)
     if not eligible:
         why = "; ".join(refusals) if refusals else "it runs no cluster job"
-        return Decision(None, None, f"{src.name} is loaded ({p_src:.2f} against "
-                        f"{best.name} {p_dst:.2f}) but no job can move: {why}")
+        return Decision(None, None, f"{src.name} is loaded ({loads}) but no job can move: "
+                        f"{why}")
     # send a guest home when its home is the target; else the cheapest to move
     job = min(eligible, key=lambda j: (j.home != best.id, j.rss_mb, j.id))
-    return Decision(job.id, best.id, f"{src.name} {p_src:.2f} -> {best.name} {p_dst:.2f}: "
-                    f"job {job.id} ({job.rss_mb:.0f} MB, running {job.age:.0f}s)")
+    return Decision(job.id, best.id, f"{loads}: job {job.id} ({job.rss_mb:.0f} MB, running "
+                    f"{job.age:.0f}s)")

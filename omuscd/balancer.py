@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from omuscd import wire
-from omuscd.balance import PENDING_FOR, Decision, JobLoad, NodeLoad, Policy, decide
+from omuscd.balance import (
+    PENDING_FOR,
+    Decision,
+    JobLoad,
+    NodeLoad,
+    Policy,
+    decide,
+    imbalance,
+)
 from omuscd.events import Event
 from omuscd.jobs import RUNNING, Job, JobError, tree_usage
 from omuscd.membership import ALIVE
@@ -157,6 +165,11 @@ class Balancer:
             return
         loads = self.loads(now)
         me = loads.pop(self.d.node_id)
+        target, why = imbalance(me, list(loads.values()), self.policy())
+        if target is None:  # nothing to gain: no need to look at the jobs
+            if not why.startswith("balanced"):
+                self.say(f"balancing: {why}")
+            return
         decision = decide(me, list(loads.values()), self.local_jobs(), self.policy())
         if decision.job is None:
             if not decision.reason.startswith("balanced"):
@@ -230,16 +243,25 @@ class Balancer:
                      f"{ctrl[0]} acts", kind="warning")
             return
         loads = self.loads(now)
+        policy = self.policy()
+        fastest = max(n.speed for n in loads.values())
+        busiest = sorted(loads.values(), key=lambda n: -n.pressure(fastest))
+        verdicts = [imbalance(src, [n for n in loads.values() if n.id != src.id], policy)
+                    for src in busiest]
+        if not any(target for target, _ in verdicts):
+            # the gossiped loads show no move could help: do not ask the nodes for jobs
+            if not verdicts[0][1].startswith("balanced"):
+                self.say(f"balancing: {verdicts[0][1]}")
+            return
         wall = time.time()
         by_node: dict[int, list[JobLoad]] = {}
         for job in await self.d.jobs.cluster_jobs():
             if job.state == RUNNING and job.node in loads:
                 by_node.setdefault(job.node, []).append(self.job_load(job, wall))
-        fastest = max(n.speed for n in loads.values())
         first: Decision | None = None
-        for src in sorted(loads.values(), key=lambda n: -n.pressure(fastest)):
+        for src in busiest:
             others = [n for n in loads.values() if n.id != src.id]
-            decision = decide(src, others, by_node.get(src.id, []), self.policy())
+            decision = decide(src, others, by_node.get(src.id, []), policy)
             first = first or decision
             if decision.job is not None:
                 await self.move(decision, src.id)

@@ -16,6 +16,7 @@ import binascii
 import inspect
 import json
 import os
+import pwd
 import shlex
 import signal
 import time
@@ -422,8 +423,6 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
     if a.get("user"):
         if uid != 0:
             return err(NOT_PERMITTED, "only root may run jobs as another user")
-        import pwd
-
         try:
             owner = Owner.of_uid(pwd.getpwnam(a["user"]).pw_uid)
         except KeyError:
@@ -447,8 +446,6 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
         except (binascii.Error, ValueError, AssertionError):
             return err(BAD_ARGS, "--env must be base64 of a JSON object")
     else:
-        import pwd
-
         home = pwd.getpwuid(owner.uid).pw_dir
         env = {"PATH": os.defpath, "HOME": home, "USER": owner.user, "LOGNAME": owner.user}
     argv = a["command"]

@@ -8,7 +8,6 @@ is logged and shown by ``status``.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -515,13 +514,6 @@ def autodetect(cfg: Config,
         raise ConfigError(f"control_bind {bind} is beyond loopback: give --control-secret "
                           "FILE (write one with 'omuscd keygen FILE')")
     return cfg
-
-
-def replace_values(cfg: Config, **changes: Any) -> Config:
-    """A copy of ``cfg`` with some values changed (used by tests and SIGHUP)."""
-    new = dataclasses.replace(cfg, values={**cfg.values, **changes},
-                              detected=dict(cfg.detected))
-    return new
 
 
 def read_secret(path: str) -> bytes:

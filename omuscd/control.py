@@ -26,6 +26,7 @@ import trio
 from omuscd import commands
 from omuscd.commands import Reply
 from omuscd.jobs import FINAL, LOST
+from omuscd.version import VERSION_STRING
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon
@@ -192,7 +193,7 @@ class Session:
 
     async def run(self) -> None:
         reader = LineReader(self.stream, self.max_line)
-        greeting = [f"{self.daemon.version_string} node {self.daemon.name} "
+        greeting = [f"{VERSION_STRING} node {self.daemon.name} "
                     f"(id {self.daemon.node_id}) ready; 'help' lists commands"]
         if self.secret is not None:
             self.authenticated = False

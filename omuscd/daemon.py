@@ -75,7 +75,6 @@ class Daemon:
         self._retime = None  # set to a trio.Event by the timer loop: wake it up early
         self.exit_code = exitcodes.OK
         self.on_ready: Callable[[], None] | None = None
-        self.version_string = VERSION_STRING
 
     # ------------------------------------------------------------------ identity
     def _initial_entry(self) -> dict[str, Any]:
@@ -135,10 +134,9 @@ class Daemon:
         for data in wire.pack_entries(self.codec, mtype, entries, time.time(), extra):
             self._send(data, dest)
 
-    def _send_one(self, mtype: int, body: dict[str, Any], dest: tuple[str, int]) -> None:
+    def send_message(self, mtype: int, body: dict[str, Any], dest: tuple[str, int]) -> None:
         self._send(self.codec.encode(mtype, body, time.time()), dest)
 
-    send_message = _send_one
 
     # ------------------------------------------------------------------ receiving
     async def _receive(self, sock: trio.socket.SocketType) -> None:
@@ -222,7 +220,7 @@ class Daemon:
         """Send our own entry to whoever membership says must hear it directly."""
         while self.members.to_answer:
             dest = self.members.to_answer.pop()
-            self._send_one(wire.HELLO, {"entry": self.members.own_entry(), "reply": False},
+            self.send_message(wire.HELLO, {"entry": self.members.own_entry(), "reply": False},
                            dest)
 
     def _moved_id(self) -> None:
@@ -233,7 +231,7 @@ class Daemon:
         if self.cfg.broadcast:
             targets.add((self.cfg.broadcast, self.cfg.port))
         for dest in targets:
-            self._send_one(wire.LEAVE, {"entry": old}, dest)
+            self.send_message(wire.LEAVE, {"entry": old}, dest)
         self.codec.node_id = self.members.my_id
 
     # ------------------------------------------------------------------ the timer loop
@@ -270,12 +268,12 @@ class Daemon:
         if announce:
             me = self.members.own_entry()
             if self.cfg.broadcast and "quiet" not in self.jobs.flags:
-                self._send_one(wire.HELLO, {"entry": me, "reply": False},
+                self.send_message(wire.HELLO, {"entry": me, "reply": False},
                                (self.cfg.broadcast, self.cfg.port))
             known = {n.address for n in self.members.live_nodes()}
             for peer in self.cfg.peers:
                 if peer not in known:
-                    self._send_one(wire.HELLO, {"entry": me, "reply": True}, peer)
+                    self.send_message(wire.HELLO, {"entry": me, "reply": True}, peer)
             probe = self.members.probe_target()  # now and then, try a dead node again
             if probe is not None:
                 self._send_entries(wire.GOSSIP, self.members.gossip_entries(
@@ -338,7 +336,7 @@ class Daemon:
         if self.cfg.broadcast:
             targets.add((self.cfg.broadcast, self.cfg.port))
         for dest in targets:
-            self._send_one(wire.LEAVE, {"entry": bye}, dest)
+            self.send_message(wire.LEAVE, {"entry": bye}, dest)
 
     async def _signals(self) -> None:
         import signal
@@ -440,7 +438,9 @@ class Daemon:
             "load": s.load, "util": s.util, "runq": s.runq, "mem_free_mb": s.mem_free_mb,
             "nodes": self.members.counts(), "packets": dict(self.counters),
             "uptime": round(time.time() - self.started_wall, 1),
-            "watchers": self.bus.subscribers, "control_sessions": self.control.sessions,
+            "watchers": self.bus.subscribers,
+            "watchers_dropped": self.bus.dropped_subscribers,
+            "control_sessions": self.control.sessions,
             "log_level": logging.getLevelName(logging.getLogger("omuscd").getEffectiveLevel())
             .lower(), "config_file": c.config_file, "state_dir": c.state_dir,
             "pid": os.getpid(),
@@ -477,7 +477,8 @@ class Daemon:
             f"cluster: {counts} (besides this node)",
             f"packets: in {p['in']}, out {p['out']}, send errors {p['send-errors']}",
             f"dropped: {drops}",
-            f"uptime: {st['uptime']:.0f}s, pid {st['pid']}, watchers {st['watchers']}, "
+            f"uptime: {st['uptime']:.0f}s, pid {st['pid']}, watchers {st['watchers']} "
+            f"({st['watchers_dropped']} dropped for falling behind), "
             f"control sessions {st['control_sessions']}, log level {st['log_level']}",
             f"files: config {st['config_file'] or 'none'}, state {st['state_dir']}",
         ]

@@ -222,12 +222,7 @@ class JobControl:
                 check_runnable(argv, cwd, env, self.d.name)
                 self._check_guest_ok(owner, local=True)
                 job.cannot_move = self.static_cannot_move(job)
-                self.home[job.id] = job
-                try:
-                    await self._nursery().start(self._run_local, job, env)
-                except JobError:
-                    self.home.pop(job.id, None)
-                    raise
+                await self._launch(self.home, self._run_local, job, env)
             else:
                 await self._start_remote(job, env)
         except JobError:
@@ -248,6 +243,16 @@ class JobControl:
         if self.d.mover.available or job.restartable:
             return ""
         return f"no CRIU on node {self.d.name} ({self.d.mover.describe()})"
+
+    async def _launch(self, table: dict[str, Job], runner: Any, job: Job,
+                      env: dict[str, str]) -> None:
+        """Book the job in ``table`` and start it; unbook it if it cannot start."""
+        table[job.id] = job
+        try:
+            await self._nursery().start(runner, job, env)
+        except JobError:
+            table.pop(job.id, None)
+            raise
 
     def _nursery(self) -> trio.Nursery:
         assert self.nursery is not None, "the daemon is not running"
@@ -452,12 +457,7 @@ class JobControl:
             check_runnable(job.argv, job.cwd, env, self.d.name)
             job.offsets = {STDOUT: 0, STDERR: 0}
             job.changed = trio.Event()
-            self.guests[job.id] = job
-            try:
-                await self._nursery().start(self._run_guest, job, env)
-            except JobError:
-                self.guests.pop(job.id, None)
-                raise
+            await self._launch(self.guests, self._run_guest, job, env)
         except JobError as e:
             await ch.send({"op": "refused", "reason": str(e)})
             return

@@ -235,18 +235,18 @@ def launch_argv(job: Job, cpus: list[int], status_fd: int) -> list[str]:
             ",".join(str(c) for c in cpus), uid, gid, groups, job.cwd, "--", *job.argv]
 
 
-def init_pid(unshare_pid: int) -> int | None:
+def init_pid(pid: int) -> int | None:
     """The first child of ``pid`` (the job's init is unshare's child; the command is the
     init's)."""
     try:
-        children = psutil.Process(unshare_pid).children()
+        children = psutil.Process(pid).children()
     except psutil.Error:
         return None
     return children[0].pid if children else None
 
 
 def tree_usage(pid: int) -> tuple[float, float]:
-    """CPU seconds and resident MB of a job's processes (the init excluded)."""
+    """CPU seconds and resident MB of a job's processes below its init (``pid``)."""
     try:
         top = psutil.Process(pid)
         procs = top.children(recursive=True)
@@ -255,8 +255,6 @@ def tree_usage(pid: int) -> tuple[float, float]:
     cpu = rss = 0.0
     for p in procs:
         try:
-            if p.name() in ("python3", "python") and JOBINIT in " ".join(p.cmdline()):
-                continue
             t = p.cpu_times()
             cpu += t.user + t.system + t.children_user + t.children_system
             rss += p.memory_info().rss
