@@ -42,11 +42,15 @@ def options() -> str:
         if p.choices:
             mv = "|".join(p.choices)
         head = (f"\\fB{esc(p.short)}\\fR, " if p.short else "") + f"\\fB{esc(p.switch)}\\fR"
+        if p.kind == "bool" and p.default:
+            head += f", \\fB{esc('--no-' + p.switch[2:])}\\fR"
         if p.kind != "bool":
             head += f" \\fI{esc(mv)}\\fR"
         text = sentence(p.help)
         if p.default not in (None, []) and p.kind != "bool":
             text += f". Default: {p.default}"
+        if p.kind == "bool" and p.default:
+            text += ". Default: on"
         if p.lo is not None:
             text += f"; range {p.lo:g} to {p.hi:g}"
         if p.runtime:

@@ -105,7 +105,8 @@ class Balancer:
 
     def job_load(self, job: Job, now_wall: float) -> JobLoad:
         if job.node == self.d.node_id and job.pid is not None:
-            job.cpu, job.rss_mb = tree_usage(job.pid)
+            cpu, job.rss_mb = tree_usage(job.pid)
+            job.cpu = job.cpu_moved + cpu
         landed = [m["time"] for m in job.moves if "failed" not in m]
         since_move = now_wall - max(landed) if landed else float("inf")  # never moved
         return JobLoad(job.id, job.home, job.rss_mb, now_wall - job.started, since_move,

@@ -46,7 +46,9 @@ See omuscd(8), omuscd-commands(7) and omuscd.toml(5)."""
 
 
 def _default_text(p: Any) -> str:
-    if p.kind == "bool" or p.default in (None, []):
+    if p.kind == "bool":
+        return " (default: on)" if p.default else ""
+    if p.default in (None, []):
         return ""
     return f" (default: {p.default})"
 
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         kw: dict[str, Any] = {"dest": p.name, "default": argparse.SUPPRESS,
                               "help": p.help + _default_text(p)}
         if p.kind == "bool":
-            kw["action"] = "store_true"
+            # a switch that is on by default can be turned off: --no-balancing
+            kw["action"] = argparse.BooleanOptionalAction if p.default else "store_true"
         else:
             if p.kind == "list":
                 kw["action"] = "append"
@@ -91,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "port asks for one")
     ctl.add_argument("--json", action="store_true", help="ask for the JSON form")
     ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...")
+    console = sub.add_parser(
+        "console", help="the urwid console of a running daemon, local or remote",
+        description="Show the cluster (nodes, loads, jobs, events) and steer it with the "
+        "control language. Keys: ':' command line, Tab next pane, Enter details, "
+        "m migrate, k kill, b block, v view, ? help, q quit. See omuscd(8).")
+    console.add_argument("target", nargs="?", metavar="HOST[:PORT]|SOCKET",
+                         help="the daemon's control port or Unix socket (default: the local "
+                              "daemon's socket if it exists, else 127.0.0.1:4271)")
+    console.add_argument("--secret", metavar="FILE", help="control password file, when the "
+                         "port asks for one (a port beyond loopback)")
+    console.add_argument("--mono", action="store_true", help="no colours (also when "
+                         "NO_COLOR is set)")
+    console.add_argument("--refresh", metavar="SECONDS", type=float, default=1.0,
+                         help="seconds between looks at the node table (default: 1.0; "
+                              "the job table every 3 s or when an event says it changed)")
     from omuscd import runclient
 
     runclient.add_parsers(sub)
@@ -107,7 +125,30 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(args.file)
     if args.command == "ctl":
         return ctl(args)
+    if args.command == "console":
+        return console(args)
     return run_daemon(args)
+
+
+def console(args: argparse.Namespace) -> int:
+    if not 0.1 <= args.refresh <= 60:
+        print("omuscd console: --refresh must be between 0.1 and 60 seconds", file=sys.stderr)
+        return EXIT_USAGE
+    from tui.main import console_main, need_terminal
+
+    why = need_terminal("omuscd console")
+    if why:
+        print(f"omuscd console: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        secret = read_secret(args.secret) if args.secret else None
+        from omuscd.client import parse_target
+
+        parse_target(args.target)
+    except (ConfigError, ValueError) as e:
+        print(f"omuscd console: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return console_main(args.target, secret, args.mono, args.refresh)
 
 
 def keygen(path: str) -> int:
@@ -136,7 +177,7 @@ def ctl(args: argparse.Namespace) -> int:
     try:
         secret = read_secret(args.secret) if args.secret else None
         client = connect(args.connect, secret)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"omuscd ctl: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, PermissionError, ProtocolError) as e:
@@ -266,6 +307,20 @@ def run_daemon(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"omuscd: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if cfg.tui:
+        from tui.main import need_terminal
+
+        why = "--tui and --daemon exclude each other" if cfg.daemon else need_terminal("--tui")
+        if why:
+            print(f"omuscd: {why}", file=sys.stderr)
+            return EXIT_USAGE
+        if not cfg.log_file:  # the console owns the terminal
+            cfg.values["log_file"] = os.path.join(cfg.state_dir, "omuscd.log")
+        try:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+        except OSError as e:
+            print(f"omuscd: cannot create {e.filename}: {e.strerror}", file=sys.stderr)
+            return EXIT_FAILURE
     ready_fd: int | None = None
     try:
         if cfg.daemon:
@@ -296,10 +351,17 @@ def run_daemon(args: argparse.Namespace) -> int:
     if ready_fd is not None:
         daemon.on_ready = lambda: report(0, "ok")
     try:
-        code = trio.run(daemon.run)
+        if cfg.tui:
+            from tui.main import run_with_daemon
+
+            code = trio.run(run_with_daemon, daemon, cfg.mono)
+        else:
+            code = trio.run(daemon.run)
     except* OSError as eg:
         err = eg.exceptions[0]
         log.error("%s", err)
+        if cfg.tui:  # the log is a file now: say it where the user looks
+            print(f"omuscd: {err}", file=sys.stderr)
         report(EXIT_FAILURE, str(err))
         code = EXIT_FAILURE
     finally:

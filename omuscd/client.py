@@ -149,10 +149,10 @@ class ControlClient:
         self.close()
 
 
-def connect(target: str | None = None, secret: bytes | None = None,
-            timeout: float = 10) -> ControlClient:
-    """Connect to ``target``: a Unix socket path (contains '/'), ``HOST[:PORT]``, or by
-    default the local daemon's socket if it exists, else 127.0.0.1:4271."""
+def parse_target(target: str | None) -> tuple[str, str, int]:
+    """Where ``target`` points: ``("unix", PATH, 0)`` or ``("tcp", HOST, PORT)``.  A path
+    contains '/'; ``HOST[:PORT]`` is TCP; None is the local daemon's socket if it exists,
+    else 127.0.0.1:4271.  Shared by ``omuscd ctl`` and the console."""
     import os
 
     from omuscd.paths import DEFAULT_CONTROL_PORT, default_socket
@@ -160,11 +160,22 @@ def connect(target: str | None = None, secret: bytes | None = None,
     if target is None:
         path = default_socket()
         if os.path.exists(path):
-            return ControlClient.unix(path, timeout)
-        return ControlClient.tcp("127.0.0.1", DEFAULT_CONTROL_PORT, secret, timeout)
+            return "unix", path, 0
+        return "tcp", "127.0.0.1", DEFAULT_CONTROL_PORT
     if "/" in target:
-        return ControlClient.unix(target, timeout)
+        return "unix", target, 0
     host, sep, port = target.rpartition(":")
     if not sep:
         host, port = target, str(DEFAULT_CONTROL_PORT)
-    return ControlClient.tcp(host, int(port), secret, timeout)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {target!r}")
+    return "tcp", host.strip("[]"), int(port)
+
+
+def connect(target: str | None = None, secret: bytes | None = None,
+            timeout: float = 10) -> ControlClient:
+    """Connect to ``target`` (see :func:`parse_target`)."""
+    kind, where, port = parse_target(target)
+    if kind == "unix":
+        return ControlClient.unix(where, timeout)
+    return ControlClient.tcp(where, port, secret, timeout)

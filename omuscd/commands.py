@@ -72,6 +72,7 @@ class Reply:
     attach: Any = None  # the job whose output the session streams after this reply
     binary: bool = False
     follow: bool = False
+    recent: int = 0  # watch: replay this many recent events first
 
     def render(self) -> bytes:
         """Wire form: CR LF line ends (the telnet NVT convention).  A line break inside a
@@ -389,8 +390,13 @@ def h_log(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 def h_watch(ctx: Context, a: dict[str, Any]) -> Reply:
+    from omuscd.events import HISTORY
+
+    recent = a.get("recent") or "0"
+    if not recent.isdigit() or int(recent) > HISTORY:
+        return err(BAD_ARGS, f"--recent must be a number from 0 to {HISTORY}")
     return Reply(WATCHING, ["watching cluster events; send any line to stop"], stream=True,
-                 json=a["json"])
+                 json=a["json"], recent=int(recent))
 
 
 def h_quit(ctx: Context, a: dict[str, Any]) -> Reply:
@@ -565,13 +571,23 @@ def h_topology(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 def _flag(flag: str, on: bool) -> Handler:
-    def handler(ctx: Context, a: dict[str, Any]) -> Reply:
-        return ok(ctx.daemon.jobs.set_flag(flag, on))
+    async def handler(ctx: Context, a: dict[str, Any]) -> Reply:
+        return ok(await ctx.daemon.jobs.set_flag_at(a.get("node"), flag, on))
     return handler
+
+
+_AT_NODE = (Arg("node", optional=True, max_len=64),)
+_AT_NODE_DETAILS = ("NODE (id or name) sets it on another node, over the authenticated\n"
+                    "cluster channel; without it, on this node.")
 
 
 async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
     uid = _need_identity(ctx)
+    if a["job"].isdigit():  # a PID: any process of this node, taken over as a job
+        if uid != 0:
+            return err(NOT_PERMITTED, "only root may move a process that is not a cluster "
+                       "job (migrate PID NODE)")
+        return ok(await ctx.daemon.jobs.take_over(int(a["job"]), a["where"]))
     return ok(await ctx.daemon.jobs.act(a["job"], "migrate", uid, to=a["where"]))
 
 
@@ -608,11 +624,12 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("log", (Arg("level", choices=LOG_LEVELS),), "set the daemon's log level",
             h_log, admin=True),
     Command("watch", (), "stream cluster events until you send a line or disconnect",
-            h_watch, json=True,
+            h_watch, json=True, options=(Opt("recent", "N", 6),),
             details="Events: join, leave, dead, suspect, alive, restart, clash,\n"
                     "incompatible, forget, config, job-start, job-exit, job-lost,\n"
                     "migrating, migrated, migration-failed, balance, reclaim, warning.\n"
-                    "Ctrl-C (telnet IAC IP) stops too."),
+                    "Ctrl-C (telnet IAC IP) stops too. --recent N first replays the\n"
+                    "last N events (up to 200 are kept)."),
     Command("auth", (Arg("response", max_len=64),), "answer the password challenge",
             h_auth, before_auth=True,
             details="RESPONSE is the hex SHA-256 of: challenge, newline, secret,\n"
@@ -649,21 +666,30 @@ COMMANDS: dict[str, Command] = _cmds(
             "start, or --follow from now)", h_attach, options=(Opt("binary"), Opt("follow")),
             details="Text: 230- lines, stderr prefixed; a line detaches, Ctrl-C (IAC IP)\n"
                     "sends SIGINT. --binary: framed, for omuscd run (omuscd(8))."),
-    Command("block", (), "accept no guest jobs", _flag("blocked", True), admin=True),
-    Command("noblock", (), "accept guest jobs again", _flag("blocked", False), admin=True),
-    Command("lstay", (), "keep the jobs started here on this node", _flag("lstay", True),
-            admin=True),
-    Command("nolstay", (), "let jobs started here go elsewhere", _flag("lstay", False),
-            admin=True),
-    Command("quiet", (), "stop announcing this node; peers send it no work",
-            _flag("quiet", True), admin=True),
-    Command("noquiet", (), "announce this node again", _flag("quiet", False), admin=True),
+    Command("block", _AT_NODE, "accept no guest jobs", _flag("blocked", True), admin=True,
+            details=_AT_NODE_DETAILS),
+    Command("noblock", _AT_NODE, "accept guest jobs again", _flag("blocked", False),
+            admin=True, details=_AT_NODE_DETAILS),
+    Command("lstay", _AT_NODE, "keep the jobs started here on this node",
+            _flag("lstay", True), admin=True, details=_AT_NODE_DETAILS),
+    Command("nolstay", _AT_NODE, "let jobs started here go elsewhere", _flag("lstay", False),
+            admin=True, details=_AT_NODE_DETAILS),
+    Command("quiet", _AT_NODE, "stop announcing this node; peers send it no work",
+            _flag("quiet", True), admin=True, details=_AT_NODE_DETAILS),
+    Command("noquiet", _AT_NODE, "announce this node again", _flag("quiet", False),
+            admin=True, details=_AT_NODE_DETAILS),
     Command("migrate", (Arg("job", max_len=40), Arg("where", max_len=64)),
-            "move your running job to a node (id or name), home, or best", h_migrate,
+            "move your running job (or, for root, any process by PID) to a node (id or "
+            "name), home, or best", h_migrate,
             details="The job freezes, its images and output move over the cluster\n"
                     "channel, it resumes there; on any failure it resumes where it was.\n"
                     "Refused with the reason when it cannot move (stay, TCP connection,\n"
-                    "shared memory, io_uring, a device mapping, traced, no CRIU)."),
+                    "shared memory, io_uring, a device mapping, traced, no CRIU).\n"
+                    "JOB may be a PID of this node (root only): the process and its\n"
+                    "children become a cluster job homed here, then move. It must lead\n"
+                    "its own session (setsid) without a terminal; its files must exist\n"
+                    "on the target at the same paths, and its PID must be free there\n"
+                    "unless it is the init of its own PID namespace."),
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),

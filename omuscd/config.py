@@ -213,6 +213,10 @@ PARAMS: tuple[Param, ...] = (
           "else $XDG_STATE_HOME/omuscd)", metavar="DIR"),
     Param("daemon", "bool", False, "detach into the background (logs go to syslog unless "
           "--log-file)", in_file=False),
+    Param("tui", "bool", False, "run the urwid console on this terminal along with the "
+          "daemon (logs go to STATE_DIR/omuscd.log unless --log-file)", in_file=False),
+    Param("mono", "bool", False, "console without colours (also when NO_COLOR is set)",
+          in_file=False),
     Param("pidfile", "str", None, "pid file written with --daemon (default: /run/omuscd.pid "
           "as root, else STATE_DIR/omuscd.pid)", metavar="FILE"),
     Param("log_file", "str", None, "append log lines to FILE instead of stderr/syslog",
@@ -244,13 +248,13 @@ PARAMS: tuple[Param, ...] = (
           lo=0.2, hi=600, runtime=True),
     Param("balance_threshold", "float", 0.6, "difference in load per CPU below which "
           "nodes count as balanced (hysteresis against ping-pong)", lo=0.1, hi=100,
-          runtime=True),
+          runtime=True, metavar="LOAD"),
     Param("min_job_age", "float", 1.0, "seconds a job runs before it is worth moving",
           lo=0, hi=86400, runtime=True),
     Param("min_stay", "float", 5.0, "seconds a job stays where it landed before it may "
           "move again", lo=0, hi=86400, runtime=True),
     Param("transfer_rate", "float", 300.0, "MB/s assumed for moving a job's memory (the "
-          "cost of a move)", lo=1, hi=100000, runtime=True),
+          "cost of a move)", lo=1, hi=100000, runtime=True, metavar="MB/S"),
     Param("offer_hold", "float", 5.0, "seconds a node holds the room it offered to a busy "
           "node (peer topology)", lo=0.5, hi=600, runtime=True),
     Param("reclaim_above", "float", None, "owner reclaim: when the load that is not cluster "

@@ -233,7 +233,7 @@ class Session:
                 if not await self._attach_text(reader, reply.attach, reply.follow):
                     return
             elif reply.stream:
-                if not await self._watch(reader, reply.json):
+                if not await self._watch(reader, reply.json, reply.recent):
                     return
             if reply.close:
                 return
@@ -253,11 +253,11 @@ class Session:
         log.warning("control: failed authentication from %s", self.peer)
         return Reply(commands.AUTH_FAILED, ["authentication failed"], close=True)
 
-    async def _watch(self, reader: LineReader, as_json: bool) -> bool:
+    async def _watch(self, reader: LineReader, as_json: bool, recent: int = 0) -> bool:
         """Stream events until a line, an interrupt or the end.  False if the client left."""
         import json
 
-        events = self.daemon.bus.subscribe()
+        events = self.daemon.bus.subscribe(recent=recent)
         gone = False
         async with trio.open_nursery() as nursery:
 

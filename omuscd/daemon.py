@@ -75,6 +75,7 @@ class Daemon:
         self._retime = None  # set to a trio.Event by the timer loop: wake it up early
         self.exit_code = exitcodes.OK
         self.on_ready: Callable[[], None] | None = None
+        self.hangup_stops = False  # under --tui, SIGHUP means the terminal is gone
 
     # ------------------------------------------------------------------ identity
     def _initial_entry(self) -> dict[str, Any]:
@@ -343,7 +344,9 @@ class Daemon:
 
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
-                if signum == signal.SIGHUP:
+                if signum == signal.SIGHUP and self.hangup_stops:
+                    self.request_shutdown("hangup: the console's terminal went away")
+                elif signum == signal.SIGHUP:
                     self.reload()
                 else:
                     self.request_shutdown(f"signal {signal.Signals(signum).name}")

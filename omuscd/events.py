@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import trio
 log = logging.getLogger("omuscd.events")
 
 SUBSCRIBER_BUFFER = 256
+HISTORY = 200  # recent events kept for 'watch --recent N' (a console's first screen)
 
 
 @dataclass
@@ -41,13 +43,19 @@ class EventBus:
     def __init__(self) -> None:
         self._subs: list[trio.MemorySendChannel[Event]] = []
         self.dropped_subscribers = 0
+        self.history: deque[Event] = deque(maxlen=HISTORY)
 
-    def subscribe(self, buffer: int = SUBSCRIBER_BUFFER) -> trio.MemoryReceiveChannel[Event]:
-        send, recv = trio.open_memory_channel[Event](buffer)
+    def subscribe(self, buffer: int = SUBSCRIBER_BUFFER,
+                  recent: int = 0) -> trio.MemoryReceiveChannel[Event]:
+        """A channel of events from now on, after the last ``recent`` ones."""
+        send, recv = trio.open_memory_channel[Event](buffer + HISTORY)
+        for ev in list(self.history)[-recent:] if recent > 0 else []:
+            send.send_nowait(ev)
         self._subs.append(send)
         return recv
 
     def publish(self, event: Event) -> None:
+        self.history.append(event)
         for send in list(self._subs):
             try:
                 send.send_nowait(event)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import trio
 
 from omuscd import balance, channel
@@ -42,6 +43,7 @@ from omuscd.jobs import (
     Spool,
     check_runnable,
     init_pid,
+    refresh_usage,
     supervise,
     tree_usage,
 )
@@ -235,6 +237,44 @@ class JobControl:
         self._prune()
         return job
 
+    async def take_over(self, pid: int, where: str) -> str:
+        """``migrate PID NODE`` (root): make a process of this node a cluster job homed
+        here and move it.  Nothing is booked unless the move succeeds: on any failure the
+        process resumes as it was, owned by nobody but itself."""
+        mover = self.d.mover
+        if self.channel_refused():
+            raise JobError(self.channel_refused())
+        why = mover.cannot_adopt(pid) if mover.available else mover.describe()
+        if why:
+            raise JobError(f"process {pid} cannot move: {why}")
+        try:
+            p = psutil.Process(pid)
+            owner = Owner.of_uid(p.uids().real)
+            argv, cwd = p.cmdline() or [p.name()], p.cwd()
+        except psutil.Error as e:
+            raise JobError(f"process {pid}: {e}") from None
+        job = Job(self._next_id(), owner, self.me, self.me, self.d.name, argv, cwd)
+        job.pid = pid
+        self.spool.create(job)
+        self.home[job.id] = job
+        try:
+            text = await self.migrations.migrate(job, where)
+        except JobError:
+            self.home.pop(job.id, None)
+            self.spool.remove(job.id)
+            raise
+        self.d.publish([Event("job-start", f"process {pid} ({' '.join(argv)[:60]}) of "
+                              f"{owner.user} taken over as job {job.id}",
+                              {"job": job.id, "node": job.node, "pid": pid})])
+        return f"process {pid} is now job {job.id}; {text}"
+
+    def channel_refused(self) -> str:
+        """Why this node exchanges no processes, or ''."""
+        if self.d.channel_key is None:
+            return ("this node has no cluster key (read-only): it exchanges no processes; "
+                    "see 'status'")
+        return ""
+
     def static_cannot_move(self, job: Job) -> str:
         """What keeps a job from moving whatever it does: no mechanism on this node, or
         standard input fed by the daemon (a pipe CRIU cannot take along)."""
@@ -427,7 +467,17 @@ class JobControl:
                     await ch.send({"op": "migrated", **stats})
                 except JobError as e:
                     await ch.send({"op": "failed", "reason": str(e)})
+            elif op == "flag":
+                flag = str(msg.get("flag"))
+                if flag not in NODE_FLAGS:
+                    await ch.send({"op": "refused", "reason": f"no node flag {flag!r}"})
+                else:
+                    log.info("node flag %s %s, asked by node %s", flag,
+                             "on" if msg.get("on") else "off", ch.peer.get("node"))
+                    await ch.send({"op": "done",
+                                   "text": self.set_flag(flag, bool(msg.get("on")))})
             elif op == "jobs":
+                refresh_usage([j for j in self.all_jobs() if j.node == self.me])
                 await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
                                "guests": [j.wire() for j in self.guests.values()]})
             elif op == "act":
@@ -496,7 +546,8 @@ class JobControl:
                     break
                 now = trio.current_time()
                 if now - last_info >= INFO_EVERY and job.pid is not None:
-                    job.cpu, job.rss_mb = tree_usage(job.pid)
+                    cpu, job.rss_mb = tree_usage(job.pid)
+                    job.cpu = job.cpu_moved + cpu
                     await ch.send({"op": "info", "cpu": job.cpu, "rss_mb": job.rss_mb})
                     last_info = now
                 with trio.move_on_after(INFO_EVERY):
@@ -630,6 +681,7 @@ class JobControl:
             for node in self.d.members.live_nodes():
                 if node.auth != "unverified":
                     nursery.start_soon(ask, node.id)
+        refresh_usage([j for j in self.all_jobs() if j.node == self.me])
         homes = {self.me: [j.wire() for j in self.home.values()]}
         guests = [j.wire() for j in self.guests.values()]
         for nid, a in answers.items():
@@ -673,6 +725,25 @@ class JobControl:
                 except JobError as e:
                     out.append(f"job {job.id}: {e}")
         return out or ["no job of this node runs elsewhere"]
+
+    async def set_flag_at(self, node: str | None, flag: str, on: bool) -> str:
+        """``block NODE`` and its kin: here, or on another node over the cluster channel
+        (its daemon trusts the cluster key, as it does for migrations)."""
+        if node is None or node in (str(self.me), self.d.name):
+            return self.set_flag(flag, on)
+        try:
+            target = self.d.members.find(node)
+        except ValueError as e:
+            raise JobError(str(e)) from None
+        if target is None or target.state == "dead":
+            raise JobError(f"no live node {node[:40]!r}; 'nodes' lists them")
+        try:
+            reply = await self.request(target.id, {"op": "flag", "flag": flag, "on": on})
+        except ChannelError as e:
+            raise JobError(f"node {target.name} did not answer: {e}") from None
+        if reply.get("op") != "done":
+            raise JobError(f"node {target.name}: {reply.get('reason') or reply.get('text')}")
+        return f"{target.name}: {reply.get('text')}"
 
     def set_flag(self, flag: str, on: bool) -> str:
         if on:

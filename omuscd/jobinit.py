@@ -17,6 +17,7 @@ spool, because the daemon there hands CRIU its own file for that descriptor.
 
 import json
 import os
+import resource
 import signal
 import sys
 import warnings  # noqa: F401 - os.execvp imports it lazily; after setuid it may be unreadable
@@ -94,7 +95,11 @@ def main() -> int:
         if pid == child:
             break
     code = os.waitstatus_to_exitcode(st)
-    write_status(status, {"signal": -code} if code < 0 else {"code": code})
+    # CPU time of everything this init reaped: the job's work on this node (since its
+    # start, or since its restore here: CRIU cannot carry the kernel's count)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    doc = {"signal": -code} if code < 0 else {"code": code}
+    write_status(status, {**doc, "cpu": round(ru.ru_utime + ru.ru_stime, 3)})
     return 128 - code if code < 0 else code
 
 

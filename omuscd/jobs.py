@@ -80,6 +80,7 @@ class Job:
     cpu: float = 0.0
     rss_mb: float = 0.0
     migrations: int = 0
+    cpu_moved: float = 0.0  # CPU seconds of its earlier stays (a restore restarts the count)
     exit: dict[str, Any] | None = None
     ended: float | None = None
     reason: str = ""  # why it was lost
@@ -222,13 +223,18 @@ def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) ->
 
 def launch_argv(job: Job, cpus: list[int], status_fd: int) -> list[str]:
     """``unshare --pid --fork`` then our init: the job gets its own PID namespace with its
-    session leader inside it (setsid happens in the init, never outside)."""
+    session leader inside it (setsid happens in the init, never outside).
+
+    Not ``--kill-child``: it gives the init a parent-death signal, which CRIU restores,
+    and a restored init's parent is the daemon thread that ran criu; when trio retired
+    that idle worker thread, the kernel killed the migrated job (found in the console's
+    first session: jobs died ten seconds after a move)."""
     if os.geteuid() == 0:
-        ns = ["unshare", "--pid", "--fork", "--kill-child"]
+        ns = ["unshare", "--pid", "--fork"]
         uid, gid = str(job.owner.uid), str(job.owner.gid)
         groups = ",".join(str(g) for g in job.owner.groups)
     else:  # an unprivileged daemon: a user namespace makes the PID namespace possible
-        ns = ["unshare", "--user", "--map-current-user", "--pid", "--fork", "--kill-child"]
+        ns = ["unshare", "--user", "--map-current-user", "--pid", "--fork"]
         uid = gid = "-"
         groups = ""
     return [*ns, sys.executable, "-I", "-S", JOBINIT, str(status_fd),
@@ -243,6 +249,30 @@ def init_pid(pid: int) -> int | None:
     except psutil.Error:
         return None
     return children[0].pid if children else None
+
+
+def refresh_usage(jobs: list[Job]) -> None:
+    """CPU seconds and resident memory of the running jobs here, in one pass over the
+    process table (done when someone asks for the job list, not on a timer)."""
+    running = {j.pid: j for j in jobs if j.pid is not None and j.state == RUNNING}
+    if not running:
+        return
+    kids: dict[int, list[psutil.Process]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        kids.setdefault(p.info["ppid"] or 0, []).append(p)
+    for pid, job in running.items():
+        cpu = rss = 0.0
+        todo = list(kids.get(pid, []))
+        while todo:
+            p = todo.pop()
+            todo += kids.get(p.pid, [])
+            try:
+                t = p.cpu_times()
+                cpu += t.user + t.system + t.children_user + t.children_system
+                rss += p.memory_info().rss
+            except psutil.Error:
+                continue
+        job.cpu, job.rss_mb = job.cpu_moved + cpu, rss / (1024 * 1024)
 
 
 def tree_usage(pid: int) -> tuple[float, float]:
@@ -354,6 +384,8 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any, run: int) -> bool:
         job.exit = json.loads(spool.dir(job.id).joinpath("status").read_text() or "null")
     except (OSError, ValueError):
         job.exit = None
+    if job.exit and "cpu" in job.exit:
+        job.cpu = job.cpu_moved + float(job.exit.pop("cpu"))
     if not job.exit:
         code = poll() or 0
         job.exit = {"signal": -code} if code < 0 else {"code": code}

@@ -151,6 +151,13 @@ class Membership:
         clash: the node that started later moves (or refuses, if its id was explicit)."""
         if entry["boot"] == self.me["boot"]:
             return []
+        if entry["st"] == "left":
+            return []  # that node has gone: nothing to clash with
+        older = (entry["inc"], entry["boot"]) < (self.me["inc"], self.me["boot"])
+        if older and (entry["addr"], entry["port"]) == (self.me["addr"], self.me["port"]):
+            # our own previous life, still in others' gossip: no two daemons can hold
+            # one address and port at once, so this is a restart, not a clash
+            return []
         other = f"{entry['name']} at {entry['addr']}"
         if (self.me["inc"], self.me["boot"]) > (entry["inc"], entry["boot"]):
             if self.id_explicit:

@@ -42,6 +42,7 @@ from omuscd.jobs import (
     JobError,
     adopt,
     init_pid,
+    tree_usage,
 )
 from omuscd.membership import DEAD
 from omuscd.migrate import Inherit
@@ -99,7 +100,10 @@ class Migrations:
             return balance.choose_node(cands).id
         if where in (str(jc.me), self.d.name):
             return jc.me
-        node = self.d.members.find(where)
+        try:
+            node = self.d.members.find(where)
+        except ValueError as e:  # a name two nodes share: the id says which
+            raise JobError(str(e)) from None
         if node is None:
             raise JobError(f"no node {where!r}")
         return node.id
@@ -303,6 +307,7 @@ class Migrations:
             self._resume(job)  # CRIU resumes the tasks when a dump fails; make sure
             raise JobError(str(e)) from None
         dumped = trio.current_time()
+        used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
         sent = 0
         try:
             for f in sorted(images.iterdir()):
@@ -313,7 +318,7 @@ class Migrations:
                 sent += await self._send_file(ch, "spool", str(stream),
                                               jc.spool.path(job.id, stream))
             transferred = trio.current_time()
-            await ch.send({"op": "restore", "paths": {
+            await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
                 "stderr": str(jc.spool.path(job.id, STDERR)),
                 "status": str(jc.spool.dir(job.id) / "status")}})
@@ -363,14 +368,18 @@ class Migrations:
     def _drop(self, job: Job, target: int) -> None:
         """The target runs the job: kill the frozen copy here, without reporting an end."""
         job.node_changed = True
-        # the launcher (unshare --kill-child) takes the init and its namespace with it,
-        # quietly; a restored job has none, and its init is killed directly
-        victim = job.launcher or job.pid
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # The launcher (unshare, if the job started here) goes first: seeing its child
+        # killed it would say so on the job's stderr.  Killing the init (PID 1 of the
+        # job's namespace) then ends the namespace.  node_changed keeps both quiet here.
+        init = job.pid
+        if init is None and job.launcher is not None:
+            init = init_pid(job.launcher)
+        for victim in (job.launcher, init):
+            if victim is not None:
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         jc = self.jc
         if job.id in jc.guests:
             job.node = target
@@ -430,6 +439,7 @@ class Migrations:
                     await self._receive_file(ch, jc.spool.path(job.id, stream), int(m["size"]))
                 elif op == "restore":
                     paths = dict(m["paths"])
+                    job.cpu_moved = float(m.get("cpu", job.cpu_moved))
                     pid = await self._restore(job, images, spool_dir, paths)
                     await ch.send({"op": "restored", "pid": pid})
                     break
@@ -508,6 +518,7 @@ class Migrations:
         record.node, record.node_name = jc.me, self.d.name
         record.state, record.node_changed = RUNNING, False
         record.pid = pid
+        record.cpu_moved = job.cpu_moved
         for stream in (STDOUT, STDERR):
             record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
         record.notify()

@@ -105,7 +105,10 @@ def test_peer_to_peer_spreads_four_jobs_two_and_two_without_ping_pong(cluster):
 
 def test_a_blocked_node_receives_nothing(cluster):
     n = cluster
-    assert n["b"].ctl("block").ok
+    # blocked from the other node (block NODE travels over the cluster channel)
+    r = n["a"].ctl("block b")
+    assert r.ok and r.text == "b: blocked: on", r.text
+    assert n["a"].ctl("block nosuchnode").code == 500
     jobs = hogs(n, 4, "blocked")
     try:
         wait_for(lambda: "blocked" in n["a"].nodes()["b"]["flags"], 5, "b blocked")
@@ -113,7 +116,8 @@ def test_a_blocked_node_receives_nothing(cluster):
         assert spread(n, jobs) == ["a", "a", "a", "a"]
         assert "no node can take a job" in n["a"].log()
     finally:
-        n["b"].ctl("noblock")
+        assert n["a"].ctl("noblock b").ok
+        wait_for(lambda: "blocked" not in n["a"].nodes()["b"]["flags"], 5, "b open again")
         kill_all(n, jobs)
 
 

@@ -125,3 +125,13 @@ def test_find_by_id_or_name():
     with pytest.raises(ValueError, match="ambiguous"):
         m.find("a")
     assert m.find("zz") is None
+
+
+def test_our_previous_life_in_gossip_is_no_clash():
+    """A daemon restarted on the same address hears others' news of its old self."""
+    m = table(nid=5, inc=20, boot=1)
+    assert m.merge(entry(5, inc=10, boot=2, addr="198.18.0.1"), 0.0, "key") == []
+    assert m.merge(entry(5, inc=10, boot=3, addr="198.18.0.9", st="left"), 0.0, "key") == []
+    assert m.my_id == 5
+    # the same id elsewhere is still a clash
+    assert kinds(m.merge(entry(5, inc=10, boot=4, addr="198.18.0.9"), 0.0, "key")) == ["clash"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from omuscd.client import ControlClient
@@ -83,7 +85,10 @@ def job_of(node, marker: str) -> str:
 def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     _, _, _, n = cluster
     count = "15000000"  # several seconds of CPU: it must not end during the moves
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     ref = subprocess.run([PY, "-c", CHECKSUM, count], capture_output=True, cwd="/tmp")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ref_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     p = start(n["a"], PY, "-c", CHECKSUM, count, "omuscd-migration-test-1")
     job = job_of(n["a"], "omuscd-migration-test-1")
     time.sleep(0.5)
@@ -98,6 +103,8 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert out == ref.stdout and err == ref.stderr == b""
     view = n["a"].json(f"job {job}")
     assert view["migrations"] == 2 and view["state"] == "exited" and view["node_name"] == "a"
+    # CPU time counts every stay (a restore starts the kernel's count again)
+    assert view["cpu"] >= 0.85 * ref_cpu, (view["cpu"], ref_cpu)
     feed = n["a"].log()
     assert f"job {job} migrated to b: frozen" in feed and f"job {job} migrated to a" in feed
 
@@ -114,6 +121,10 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     assert moved.code == 200, moved
     mb = float(moved.text.split("frozen")[1].split(",")[1].split()[0])
     assert mb >= 256
+    # It must outlive the daemon thread that ran criu: trio retires idle worker threads
+    # after 10 s, and a parent-death signal restored into the job once killed it then.
+    time.sleep(12)
+    assert n["a"].json(f"job {job}")["state"] == "running"
     flag.touch()
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
@@ -235,6 +246,58 @@ def test_expel_sends_guests_home_and_bring_calls_them_back(cluster):
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=10)
     assert p.returncode == 128 + signal.SIGINT
+
+
+COUNTER = """
+import time
+n = 0
+while True:
+    n += 1
+    print(n, flush=True)
+    time.sleep(0.02)
+"""
+
+
+def test_root_takes_over_a_process_by_pid(cluster, tmp_path):
+    lan, _, _, n = cluster
+    # refused, with the reason, before anything is frozen: its session is pytest's
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        r = n["a"].ctl(f"migrate {sleeper.pid} b")
+        assert r.code == 500 and "session leader" in r.text and "setsid" in r.text, r
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert n["a"].ctl("migrate 1 b").code == 500
+    # a process omuscd did not start: its own PID namespace and session, no terminal
+    out = tmp_path / "counter.out"
+    with open(out, "wb") as f:
+        outsider = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{lan.ns(0)}", "unshare", "--pid", "--fork",
+             "setsid", PY, "-c", COUNTER, "omuscd-migration-test-5"],
+            stdout=f, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: psutil.Process(outsider.pid).children(), 5, "the counter")
+        pid = psutil.Process(outsider.pid).children()[0].pid
+        wait_for(lambda: out.stat().st_size > 20, 5, "the counter to count")
+        r = n["a"].ctl(f"migrate {pid} b")
+        assert r.code == 200 and "migrated to b" in r.text, r
+        job = r.text.split("is now job ")[1].split(";")[0]
+        view = n["a"].json(f"job {job}")
+        assert view["node_name"] == "b" and view["state"] == "running", view
+        assert view["owner"] == "root" and "omuscd-migration-test-5" in view["command"]
+        assert outsider.wait(10) is not None  # the frozen original is gone
+        size = out.stat().st_size
+        wait_for(lambda: out.stat().st_size > size + 20, 10, "the counter to go on, on b")
+        assert n["a"].ctl(f"kill {job} KILL").ok
+        wait_for(lambda: n["a"].json(f"job {job}")["state"] == "exited", 10, "its end")
+        numbers = [int(x) for x in out.read_text().split()]
+        assert numbers == list(range(1, len(numbers) + 1))  # carried on, nothing twice
+    finally:
+        subprocess.run(["pkill", "-9", "-f", "omuscd-migration-test-5"], capture_output=True)
+        outsider.kill()
+        outsider.wait()
 
 
 def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluster):

@@ -1,2 +1,3 @@
 """The urwid console (``omuscd --tui`` and ``omuscd console``): a client of the core's
-state and command language.  Arrives with the console issue; the core never imports it."""
+state and command language.  The core never imports this package; :mod:`tui.main` is the
+entry point, loaded only when a console is asked for."""

@@ -39,6 +39,11 @@ class Mover(Protocol):
         """Why this job cannot be moved (checked before freezing), or None."""
         ...
 
+    def cannot_adopt(self, pid: int) -> str | None:
+        """Why a process that is not a cluster job cannot be taken over and moved (its
+        session, its terminal, what :meth:`cannot_move` finds), or None."""
+        ...
+
     async def dump(self, init_pid: int, images: Path) -> None:
         """Freeze the job and write its images; leave it stopped, not killed."""
         ...

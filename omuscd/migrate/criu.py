@@ -131,6 +131,34 @@ class Criu:
                 continue
         return None
 
+    def cannot_adopt(self, pid: int) -> str | None:
+        try:
+            p = psutil.Process(pid)
+            tree = [p, *p.children(recursive=True)]
+            mine = psutil.Process(os.getpid())
+            ancestors = {a.pid for a in mine.parents()} | {mine.pid}
+            sid = os.getsid(pid)
+        except (psutil.Error, OSError):
+            return "no such process"
+        if pid == 1 or pid in ancestors:
+            return "it is PID 1, this daemon or one of its ancestors"
+        if p.ppid() == 2 or pid == 2:
+            return "it is a kernel thread"
+        if any(c.pid in ancestors for c in tree):
+            return "this daemon runs inside it"
+        if sid not in {c.pid for c in tree}:
+            return (f"its session leader (PID {sid}) is not part of it: start it with "
+                    "setsid (CRIU restores whole sessions only)")
+        for c in tree:
+            try:
+                for fd in os.listdir(f"/proc/{c.pid}/fd"):
+                    target = os.readlink(f"/proc/{c.pid}/fd/{fd}")
+                    if target.startswith(("/dev/pts/", "/dev/tty")) or target == "/dev/console":
+                        return f"process {c.pid} has a terminal open ({target})"
+            except OSError:
+                continue
+        return self.cannot_move(pid)
+
     async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = ()) -> None:
         assert self.path is not None
         r = await trio.run_process([self.path, *args], check=False, capture_stdout=True,
