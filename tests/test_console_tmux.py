@@ -164,7 +164,7 @@ def test_tui_node_shows_the_cluster_answers_commands_and_migrates(lab):
 
 
 def test_console_attaches_to_a_running_daemon(lab):
-    term, _, _, n = lab
+    term, work, key, n = lab
     status = term.start("con", [PYTHON, "-m", "omuscd", "console", f"127.0.0.22:{CTL}",
                                 "--mono"], 80, 24)
     screen = term.wait("con", r"n23 +alive")
@@ -180,6 +180,25 @@ def test_console_attaches_to_a_running_daemon(lab):
     wait_for(status.exists, 10, "omuscd console to exit")
     assert status.read_text().strip() == "0"
     assert n["n22"].alive()  # a console's quit leaves the daemon alone
+
+    # a control port with a password: the console answers the challenge with --secret
+    secret = work / "control.secret"
+    config.write_key(str(secret))
+    locked = start_daemon("n24", [*base("127.0.0.24", key), "--control-secret", str(secret)],
+                          work)
+    try:
+        ok = term.start("pw", [PYTHON, "-m", "omuscd", "console", f"127.0.0.24:{CTL}",
+                               "--secret", str(secret)])
+        term.wait("pw", r"node n24 \(id 24")
+        term.keys("pw", "q")
+        wait_for(ok.exists, 10, "the console to quit")
+        refused = term.start("nopw", [PYTHON, "-m", "omuscd", "console",
+                                      f"127.0.0.24:{CTL}"])
+        wait_for(refused.exists, 10, "the console to give up")
+        assert refused.read_text().strip() == "1"
+        assert "asks for a password" in term.screen("nopw")
+    finally:
+        locked.stop()
 
     gone = term.start("gone", [PYTHON, "-m", "omuscd", "console", "127.0.0.1:1"])
     wait_for(gone.exists, 10, "omuscd console to give up")

@@ -51,7 +51,7 @@ def redraw_ms(nodes: int, jobs: int, size: tuple[int, int], rounds: int = 60) ->
     return times[5:]  # the first rounds build the widgets
 
 
-def idle_console(seconds: float) -> tuple[float, float]:
+def idle_console(seconds: float) -> tuple[float, float, float]:
     work = workdir()
     key = work / "k"
     subprocess.run([sys.executable, "-m", "omuscd", "keygen", str(key)], check=True,
@@ -64,19 +64,28 @@ def idle_console(seconds: float) -> tuple[float, float]:
         subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "120", "-y", "40",
                         f"{sys.executable} -m omuscd console 127.0.0.61:34271"], check=True,
                        cwd=REPO)
+        tui = (f"{sys.executable} -m omuscd --tui --address 127.0.0.63 --control-bind "
+               f"127.0.0.63 --port 34270 --control-port 34271 --key-file {key} --peer "
+               f"127.0.0.61:34270 --state-dir {work / 'c'} --node-name c")
+        subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-s", "tui", "-x", "120",
+                        "-y", "40", tui], check=True, cwd=REPO)
         time.sleep(3)
         found = subprocess.run(["pgrep", "-f", "omuscd console 127.0.0.61"],
                                capture_output=True, text=True).stdout.split()
         # the console itself, not the tmux server whose command line names it
         pid = next(int(p) for p in found
                    if Path(f"/proc/{p}/comm").read_text().startswith("python"))
-        pids = {"console": pid, "daemon": a.popen.pid}
+        found = subprocess.run(["pgrep", "-f", "omuscd --tui --address 127.0.0.63"],
+                               capture_output=True, text=True).stdout.split()
+        tui_pid = next(int(p) for p in found
+                       if Path(f"/proc/{p}/comm").read_text().startswith("python"))
+        pids = {"console": pid, "daemon": a.popen.pid, "tui": tui_pid}
         c0 = {k: cpu_seconds(p) for k, p in pids.items()}
         t0 = time.monotonic()
         time.sleep(seconds)
         wall = time.monotonic() - t0
         cpu = {k: (cpu_seconds(p) - c0[k]) / wall * 100 for k, p in pids.items()}
-        return cpu["console"], cpu["daemon"]
+        return cpu["console"], cpu["daemon"], cpu["tui"]
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
         for d in (a, b):
@@ -95,10 +104,12 @@ def main() -> None:
         print(f"  {size[0]}x{size[1]}: 128 nodes + 500 jobs {mb:6.2f} ms (p95 {p95:.2f}); "
               f"1 node {ms:.2f} ms (ratio {mb / ms:.1f}); target <= 20 ms: "
               f"{'met' if p95 <= 20 else 'MISSED'}")
-    con, daemon = idle_console(seconds)
+    con, daemon, tui = idle_console(seconds)
     print(f"idle console over {seconds:.0f}s: {con:.3f} % of one core "
           f"(the daemon it watches: {daemon:.3f} %); target <= 1 %: "
           f"{'met' if con <= 1 else 'MISSED'}")
+    print(f"idle omuscd --tui (daemon and console in one process): {tui:.3f} % "
+          f"(ratio {tui / daemon:.1f} to the headless daemon)")
 
 
 if __name__ == "__main__":
