@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Seconds a placement counts as pending demand on its node (until its load shows it).
-PENDING_FOR = 3.0
+PENDING_FOR = 2.0
 
 
 @dataclass
@@ -134,6 +134,15 @@ def job_refusal(job: JobLoad, policy: Policy) -> str | None:
     return None
 
 
+def narrows(src: float, dst: float, src_after: float, dst_after: float) -> bool:
+    """Whether moving a job from ``src`` to ``dst`` (pressures before and after) leaves a
+    smaller gap between them, whichever way it points.  A move that merely turns the gap
+    around (one job between an idle node and a node with one job) is how jobs ping-pong;
+    one that narrows it is worth making even if the target ends up a little busier (2.0
+    against 0.3 becomes 1.0 against 1.3)."""
+    return abs(src_after - dst_after) < (src - dst) - 1e-9
+
+
 def imbalance(src: NodeLoad, others: list[NodeLoad],
               policy: Policy) -> tuple[NodeLoad | None, str]:
     """The node a job of ``src`` should go to, judged on loads alone, or None and why.
@@ -150,7 +159,7 @@ def imbalance(src: NodeLoad, others: list[NodeLoad],
     if p_src - p_dst <= policy.threshold:
         return None, (f"balanced: {src.name} {p_src:.2f}, {best.name} {p_dst:.2f} "
                       f"(threshold {policy.threshold:g})")
-    if src.pressure(fastest, -1) < best.pressure(fastest, +1) - 1e-9:
+    if not narrows(p_src, p_dst, src.pressure(fastest, -1), best.pressure(fastest, +1)):
         return None, (f"moving one job would only reverse the imbalance ({src.name} "
                       f"{p_src:.2f}, {best.name} {p_dst:.2f})")
     return best, f"{src.name} {p_src:.2f} -> {best.name} {p_dst:.2f}"
@@ -175,6 +184,14 @@ def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
         return Decision(None, None, f"{src.name} is loaded ({loads}) but no job can move: "
                         f"{why}")
     # send a guest home when its home is the target; else the cheapest to move
-    job = min(eligible, key=lambda j: (j.home != best.id, j.rss_mb, j.id))
+    # then the cheapest to move (the smallest memory), the oldest of equal ones.  (Tried:
+    # memory in 64 MB steps, so that the oldest went first: worse makespans, 1.26-1.34x
+    # against 1.19-1.26x, as the oldest of a batch are often its longest.)
+    job = min(eligible, key=lambda j: (j.home != best.id, j.rss_mb, _id_order(j.id)))
     return Decision(job.id, best.id, f"{loads}: job {job.id} ({job.rss_mb:.0f} MB, running "
                     f"{job.age:.0f}s)")
+
+
+def _id_order(job_id: str) -> tuple[int, ...]:
+    """Job ids in the order they were given (10.9 before 10.10)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in job_id.split("."))

@@ -36,6 +36,7 @@ from omuscd.balance import (
     Policy,
     decide,
     imbalance,
+    narrows,
 )
 from omuscd.events import Event
 from omuscd.jobs import RUNNING, Job, JobError, tree_usage
@@ -56,10 +57,12 @@ class Balancer:
         self.rid = 0
         self.offers: dict[int, list[tuple[float, int]]] = {}  # request id -> (after, node)
         self.held: list[float] = []  # until when offered room is held for requesters
-        self.pending: list[tuple[float, int, float]] = []  # (until, node, demand change)
+        # moves made here: (until, node, demand change, the node's demand when made)
+        self.pending: list[tuple[float, int, float, float]] = []
         self.backoff = 0.0
         self.backoff_until = 0.0
         self.moving = False
+        self.moved_last = False
         self.said = ""
         self.no_controller = False
         self.owner_high_since: float | None = None
@@ -84,11 +87,33 @@ class Balancer:
         self.said = text
         self.d.publish([Event(kind, text, {})])
 
+    def demand_of(self, node_id: int) -> float:
+        """A node's demand (load times lent CPUs) as last sampled or gossiped."""
+        if node_id == self.d.node_id:
+            e = self.d.members.me
+        else:
+            node = self.d.members.nodes.get(node_id)
+            if node is None:
+                return 0.0
+            e = node.entry
+        return float(e["load"]) * int(e["cpus"])
+
     def loads(self, now: float) -> dict[int, NodeLoad]:
+        """Every node's load, with the moves made here that its figures do not show yet.
+        A pending move is counted until its node's own figure has moved by as much (or
+        PENDING_FOR has passed), so that a move is neither forgotten nor counted twice."""
         self.pending = [p for p in self.pending if p[0] > now]
+        moved: dict[int, tuple[float, float]] = {}  # node -> (sum of deltas, base demand)
+        for _, node, delta, base in self.pending:
+            total, first = moved.get(node, (0.0, base))
+            moved[node] = (total + delta, first)
         extra: dict[int, float] = {}
-        for _, node, delta in self.pending:
-            extra[node] = extra.get(node, 0.0) + delta
+        for node, (total, base) in moved.items():
+            seen = self.demand_of(node) - base  # what its figure shows of them already
+            if total > 0:
+                extra[node] = max(0.0, total - max(0.0, seen))
+            else:
+                extra[node] = min(0.0, total - min(0.0, seen))
         me = self.d.members.me
         jc = self.d.jobs
         out = {self.d.node_id: NodeLoad(
@@ -121,11 +146,21 @@ class Balancer:
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         while True:
-            await trio.sleep(self.cfg.balance_interval)
+            # after a move, look again at once: a node with many jobs to shed would
+            # otherwise send one per interval while the other nodes wait
+            if not self.moved_last:
+                await trio.sleep(self.cfg.balance_interval)
+            self.moved_last = False
             try:
                 await self.tick()
             except Exception:  # a bug in balancing must not stop the daemon
                 log.exception("balancing: internal error")
+                await trio.sleep(self.cfg.balance_interval)
+
+    def landed(self) -> None:
+        """A job arrived here: the room held for it is taken by the job itself now."""
+        if self.held:
+            self.held.pop(0)
 
     async def tick(self) -> None:
         now = trio.current_time()
@@ -152,10 +187,11 @@ class Balancer:
         else:
             # until gossip shows it, the target's load lacks the job; a source other
             # than this node lags the same way (this node's own load is sampled here)
-            until = trio.current_time() + PENDING_FOR
-            self.pending.append((until, decision.target, 1.0))
-            if source != self.d.node_id:
-                self.pending.append((until, source, -1.0))
+            now = trio.current_time()
+            until = now + PENDING_FOR
+            self.pending.append((until, decision.target, 1.0, self.demand_of(decision.target)))
+            self.pending.append((until, source, -1.0, self.demand_of(source)))
+            self.moved_last = True
             self.say(f"balancing: {decision.reason}: {text}")
         finally:
             self.moving = False
@@ -212,10 +248,10 @@ class Balancer:
         if not me.can_take:
             return
         fastest = max(n.speed for n in loads.values())
-        mine_after = me.pressure(fastest, +1)
+        mine, mine_after = me.pressure(fastest), me.pressure(fastest, +1)
         theirs_after = theirs - 1 / max(1, cpus)
-        if theirs - me.pressure(fastest) <= self.cfg.balance_threshold or \
-                mine_after > theirs_after + 1e-9:
+        if theirs - mine <= self.cfg.balance_threshold or \
+                not narrows(theirs, mine, theirs_after, mine_after):
             return
         self.held.append(now + self.cfg.offer_hold)
         self.d.send_message(wire.OFFER, {"rid": rid, "after": round(mine_after, 3)}, source)

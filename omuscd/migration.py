@@ -522,6 +522,7 @@ class Migrations:
         for stream in (STDOUT, STDERR):
             record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
         record.notify()
+        self.d.balancer.landed()
         jc._nursery().start_soon(self._watch_adopted, record, pid)
 
     async def _watch_adopted(self, job: Job, pid: int) -> None:
