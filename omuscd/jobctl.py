@@ -644,9 +644,17 @@ class JobControl:
                 self.signal_local(job, sig)
             else:
                 link = self.links.get(job.id)
-                if link is None:
-                    raise JobError(f"cannot reach node {job.node_name} right now; try again")
-                await link.send({"op": "signal", "sig": sig})
+                if link is not None:
+                    await link.send({"op": "signal", "sig": sig})
+                else:  # not followed yet (it has just moved): ask the node running it
+                    try:
+                        reply = await self.request(job.node, {
+                            "op": "act", "job": job.id, "action": "kill", "uid": uid,
+                            "sig": sig})
+                    except ChannelError as e:
+                        raise JobError(f"cannot reach node {job.node_name}: {e}") from None
+                    if reply.get("op") != "done":
+                        raise JobError(str(reply.get("text", "refused")))
             return f"signal {sig} sent to job {job.id} on {job.node_name}"
         if action in ("stay", "nostay"):
             job.stay = action == "stay"

@@ -46,7 +46,7 @@ from omuscd.jobs import (
 )
 from omuscd.membership import DEAD
 from omuscd.migrate import Inherit
-from omuscd.migrate.criu import MoveError
+from omuscd.migrate.criu import MoveError, Stream, free_port, identity
 
 if TYPE_CHECKING:
     from omuscd.jobctl import JobControl
@@ -286,27 +286,47 @@ class Migrations:
         finally:
             await ch.aclose()
             shutil.rmtree(images, ignore_errors=True)
+            shutil.rmtree(images.with_suffix(".tls"), ignore_errors=True)
 
     async def _emigrate(self, job: Job, target: int, ch: Channel,
                         images: Path) -> dict[str, Any]:
         jc = self.jc
+        tls = images.with_suffix(".tls")
+        offer: dict[str, Any] = {}
+        node = self.d.members.nodes.get(target)
+        address = node.address[0] if node is not None else ""
+        if self.d.mover.streams and address and self.d.cfg.stream_pages:
+            # ask for a page server: the memory goes while it is dumped
+            try:
+                key, cert = await identity(tls, "source", self.d.cfg.address, address)
+                offer = {"stream": {"cert": cert.read_text()}}
+            except (MoveError, OSError) as e:
+                log.warning("job %s: pages will be copied after the dump: %s", job.id, e)
         try:
-            await ch.send({"op": "immigrate", "job": job.wire()})
+            await ch.send({"op": "immigrate", "job": job.wire(), **offer})
             with trio.fail_after(STEP_TIMEOUT):
                 reply = await ch.receive_msg()
         except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"the target did not answer: {e}") from None
         if reply.get("op") != "ready":
             raise JobError(str(reply.get("reason", "the target refused")))
+        stream = None
+        if offer and isinstance(reply.get("stream"), dict):
+            peer = tls / "target.pem"
+            peer.write_text(str(reply["stream"]["cert"]))
+            stream = Stream(address, int(reply["stream"]["port"]), peer, cert, key)
         job.state = MIGRATING
         job.notify()
         frozen = trio.current_time()
         try:
-            await self.d.mover.dump(job.pid, images)  # type: ignore[arg-type]
+            await self.d.mover.dump(job.pid, images, stream)  # type: ignore[arg-type]
         except MoveError as e:
             self._resume(job)  # CRIU resumes the tasks when a dump fails; make sure
-            raise JobError(str(e)) from None
+            raise JobError(f"move failed, job resumed here: {e}") from None
+        finally:
+            shutil.rmtree(tls, ignore_errors=True)
         dumped = trio.current_time()
+        streamed = stream is not None
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
         sent = 0
         try:
@@ -326,6 +346,7 @@ class Migrations:
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
                 raise MoveError(str(reply.get("reason", "restore failed")))
+            sent += int(reply.get("paged", 0))  # the memory that went by the page server
         except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
             self._resume(job)
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
@@ -342,9 +363,10 @@ class Migrations:
             raise JobError("the target did not take the job; it resumed here")
         now = trio.current_time()
         freeze = now - frozen
-        log.info("job %s frozen %.3fs: dump %.3fs, transfer %.3fs (%.0f MB/s), restore and "
-                 "commit %.3fs", job.id, freeze, dumped - frozen, transferred - dumped,
-                 sent / 1e6 / max(transferred - dumped, 1e-6), now - transferred)
+        log.info("job %s frozen %.3fs: dump %.3fs%s, transfer %.3fs, restore and commit "
+                 "%.3fs; %.1f MB", job.id, freeze, dumped - frozen,
+                 " (memory streamed to the target)" if streamed else "",
+                 transferred - dumped, now - transferred, sent / 1e6)
         self._drop(job, target)
         return {"freeze": freeze, "bytes": sent}
 
@@ -421,13 +443,22 @@ class Migrations:
         images = self.images / f"{job.id}.in"
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(parents=True)
+        tls = images.with_suffix(".tls")
         pid = None
+        pager = None
         try:
-            await ch.send({"op": "ready"})
+            ready: dict[str, Any] = {"op": "ready"}
+            if isinstance(msg.get("stream"), dict) and mover.streams and \
+                    self.d.cfg.stream_pages:
+                pager, ready["stream"] = await self._page_server(images, tls, msg["stream"])
+            await ch.send(ready)
             spool_dir = jc.spool.create(job)
+            first = True
             while True:
-                with trio.fail_after(STEP_TIMEOUT):
+                # while the source dumps into our page server, the channel is quiet
+                with trio.fail_after(RESTORE_TIMEOUT if first and pager else STEP_TIMEOUT):
                     m = await ch.receive_msg()
+                first = False
                 op = m.get("op")
                 if op == "file":
                     name = os.path.basename(str(m["name"]))
@@ -440,8 +471,12 @@ class Migrations:
                 elif op == "restore":
                     paths = dict(m["paths"])
                     job.cpu_moved = float(m.get("cpu", job.cpu_moved))
+                    paged = 0
+                    if pager is not None:
+                        paged = await mover.page_server_done(pager, images)
+                        pager = None
                     pid = await self._restore(job, images, spool_dir, paths)
-                    await ch.send({"op": "restored", "pid": pid})
+                    await ch.send({"op": "restored", "pid": pid, "paged": paged})
                     break
                 else:
                     raise ChannelError(f"unexpected {op!r}")
@@ -461,6 +496,9 @@ class Migrations:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
+            if pager is not None and pager.returncode is None:
+                pager.kill()
+            self.d.mover.keep_log(images / "page-server.log", "page-server")
             log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
                         e)
             try:
@@ -468,7 +506,20 @@ class Migrations:
             except ChannelError:
                 pass
         finally:
+            if pager is not None and pager.returncode is None:
+                pager.kill()
             shutil.rmtree(images, ignore_errors=True)
+            shutil.rmtree(tls, ignore_errors=True)
+
+    async def _page_server(self, images: Path, tls: Path,
+                           offer: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Start the page server the source asked for; what to tell it back."""
+        peer = tls / "source.pem"
+        key, cert = await identity(tls, "target", self.d.cfg.address)
+        peer.write_text(str(offer["cert"]))
+        stream = Stream(self.d.cfg.address, free_port(self.d.cfg.address), peer, cert, key)
+        pager = await self.d.mover.page_server(images, stream)
+        return pager, {"port": stream.port, "cert": cert.read_text()}
 
     async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
         got = 0

@@ -96,8 +96,17 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert there.code == 200 and "migrated to b" in there.text, there
     assert n["a"].json(f"job {job}")["node_name"] == "b"
     time.sleep(0.5)
-    back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
+    # back the other way (its memory copied after the dump, not streamed)
+    assert n["b"].ctl("set stream_pages off").ok
+    try:
+        back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
+    finally:
+        n["b"].ctl("set stream_pages on")
     assert back.code == 200 and "migrated to a" in back.text, back
+    assert f"job {job} frozen" in n["a"].log() and "(memory streamed to the target)" in \
+        next(ln for ln in n["a"].log().splitlines() if f"job {job} frozen" in ln)
+    assert "streamed" not in next(ln for ln in n["b"].log().splitlines()
+                                  if f"job {job} frozen" in ln)
     out, err = p.communicate(timeout=120)
     assert p.returncode == ref.returncode == 0, err
     assert out == ref.stdout and err == ref.stderr == b""
@@ -315,10 +324,12 @@ def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluste
 
     t = threading.Thread(target=migrate)
     t.start()
-    # kill the target while the 256 MB of images are on their way
-    wait_for(lambda: any(os.scandir(n["b"].state_dir / "images"))
-             if (n["b"].state_dir / "images").exists() else False, 30,
-             "the transfer to begin", interval=0.005)
+    # kill the target while the 256 MB of memory are on their way (streamed to its page
+    # server as they are dumped, or copied after the dump)
+    def arriving() -> bool:
+        return any(f.stat().st_size > 16 << 20
+                   for f in (n["b"].state_dir / "images").glob("*/pages-*.img"))
+    wait_for(arriving, 30, "the transfer to begin", interval=0.005)
     n["b"].stop(signal.SIGKILL)
     t.join(60)
     reply = result["reply"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 RESTART = "restart"
 
@@ -44,8 +44,26 @@ class Mover(Protocol):
         session, its terminal, what :meth:`cannot_move` finds), or None."""
         ...
 
-    async def dump(self, init_pid: int, images: Path) -> None:
-        """Freeze the job and write its images; leave it stopped, not killed."""
+    @property
+    def streams(self) -> bool:
+        """Whether a dump can send its memory to the target as it goes."""
+        ...
+
+    async def dump(self, init_pid: int, images: Path, stream: Any = None) -> None:
+        """Freeze the job and write its images (its memory to ``stream`` if given, the
+        target's page server); leave it stopped, not killed."""
+        ...
+
+    async def page_server(self, images: Path, stream: Any) -> Any:
+        """On the target: receive one dump's memory into ``images``; returns once ready."""
+        ...
+
+    def keep_log(self, logfile: Path, what: str) -> str:
+        """Keep the log of a failed step for the admin; returns a note saying where."""
+        ...
+
+    async def page_server_done(self, proc: Any, images: Path) -> int:
+        """Wait until the page server has everything; returns the bytes it received."""
         ...
 
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path) -> int:

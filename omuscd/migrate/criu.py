@@ -15,6 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -31,6 +34,49 @@ MIN_MAJOR = 4
 
 class MoveError(Exception):
     """Dump or restore failed; the message says why (from CRIU's log when it can)."""
+
+
+@dataclass
+class Stream:
+    """Where a dump sends its memory pages as it goes: the target's page server, over TLS
+    with certificates made for this one move and exchanged over the authenticated cluster
+    channel (each side trusts only the other's), so the pages are as authenticated as
+    every other cluster message."""
+
+    address: str
+    port: int
+    peer_cert: Path  # the other side's certificate: the only one trusted
+    cert: Path
+    key: Path
+
+    def args(self) -> list[str]:
+        return ["--tls", "--tls-cacert", str(self.peer_cert), "--tls-cert", str(self.cert),
+                "--tls-key", str(self.key)]
+
+
+async def identity(directory: Path, name: str, *addresses: str) -> tuple[Path, Path]:
+    """A throw-away key and self-signed certificate for one move (openssl: CRIU's page
+    server authenticates with X.509 only), naming ``addresses``.  Both ends check a peer's
+    certificate against the page server's address, so the source's names the target's
+    too.  Returns (key, certificate)."""
+    names = ",".join(f"IP:{a}" for a in dict.fromkeys(addresses))
+    directory.mkdir(parents=True, exist_ok=True)
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    r = await trio.run_process(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", f"/CN=omuscd-{name}", "-addext",
+         f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)],
+        capture_stdout=True, capture_stderr=True, check=False)
+    if r.returncode != 0:
+        raise MoveError(f"openssl could not make a certificate: "
+                        f"{r.stderr.decode(errors='replace').strip()[-200:]}")
+    return key, cert
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
 
 
 def find_criu(given: str | None) -> str | None:
@@ -64,6 +110,11 @@ class Criu:
     @property
     def available(self) -> bool:
         return bool(self.version)
+
+    @property
+    def streams(self) -> bool:
+        """Whether dumps can stream pages to the target (a page server over TLS)."""
+        return self.available and shutil.which("openssl") is not None
 
     def describe(self) -> str:
         return f"criu {self.version}" if self.version else f"off ({self.reason})"
@@ -164,23 +215,66 @@ class Criu:
         r = await trio.run_process([self.path, *args], check=False, capture_stdout=True,
                                    capture_stderr=True, pass_fds=pass_fds)
         if r.returncode != 0:
-            kept = ""
-            if self.keep_logs is not None:
-                dest = self.keep_logs / f"criu-{args[0]}-failed.log"
-                try:
-                    shutil.copyfile(logfile, dest)
-                    kept = f" (full log: {dest})"
-                except OSError:
-                    pass
+            kept = self.keep_log(logfile, args[0])
             cause = _first_error(logfile)
             if cause == "no log":  # it stopped before logging: what did it print?
                 said = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
                 cause = f"exit {r.returncode}: {said[-1][:300] if said else 'nothing said'}"
             raise MoveError(f"criu {args[0]} failed: {cause}{kept}")
 
-    async def dump(self, init_pid: int, images: Path) -> None:
-        await self._criu(["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
-                          "-o", "dump.log", "-v2"], images / "dump.log")
+    def keep_log(self, logfile: Path, what: str) -> str:
+        """Keep the log of a failed step as STATE_DIR/criu-WHAT-failed.log; says where."""
+        if self.keep_logs is None or not logfile.exists():
+            return ""
+        dest = self.keep_logs / f"criu-{what}-failed.log"
+        try:
+            shutil.copyfile(logfile, dest)
+        except OSError:
+            return ""
+        return f" (full log: {dest})"
+
+    async def dump(self, init_pid: int, images: Path, stream: Stream | None = None) -> None:
+        args = ["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
+                "-o", "dump.log", "-v2"]
+        if stream is not None:
+            args += ["--page-server", "--address", stream.address, "--port",
+                     str(stream.port), *stream.args()]
+        await self._criu(args, images / "dump.log")
+
+    async def page_server(self, images: Path, stream: Stream) -> trio.Process:
+        """Start a page server that writes the pages of one dump into ``images``; it ends
+        when that dump is done.  Returns once it listens."""
+        assert self.path is not None
+        r, w = os.pipe()
+        try:
+            proc = await trio.lowlevel.open_process(
+                [self.path, "page-server", "--images-dir", str(images), "--address",
+                 stream.address, "--port", str(stream.port), "--status-fd", str(w),
+                 *stream.args(), "-o", "page-server.log", "-v2"],
+                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        finally:
+            os.close(w)
+        ready = trio.lowlevel.FdStream(r)
+        try:
+            with trio.move_on_after(10):
+                if await ready.receive_some(1):
+                    return proc
+        finally:
+            await ready.aclose()
+        proc.kill()
+        await proc.wait()
+        raise MoveError(f"criu page-server did not start: "
+                        f"{_first_error(images / 'page-server.log')}")
+
+    async def page_server_done(self, proc: trio.Process, images: Path) -> int:
+        """Wait for the page server's end; the bytes of pages it received."""
+        with trio.fail_after(30):
+            code = await proc.wait()
+        if code != 0:
+            raise MoveError(f"criu page-server failed: "
+                            f"{_first_error(images / 'page-server.log')}")
+        return sum(f.stat().st_size for f in images.glob("pages-*.img"))
 
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path) -> int:
         args = ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",

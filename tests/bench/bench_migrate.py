@@ -83,8 +83,9 @@ def main() -> None:
                 reply = nodes[0].ctl(f"migrate {job} b")
                 assert reply.ok, reply
                 freeze = float(reply.text.split("frozen ")[1].split("s,")[0])
-                nodes[0].ctl(f"kill {job} KILL")
-                p.wait()
+                killed = nodes[0].ctl(f"kill {job} KILL")
+                assert killed.ok, killed
+                p.wait(60)
                 rows.append((mb, bare, freeze))
         finally:
             for d in nodes:
