@@ -56,6 +56,7 @@ log = logging.getLogger("omuscd.migrate")
 CHUNK = 1 << 20
 IMAGE_STREAM = 9  # data frames carrying image and spool bytes
 STEP_TIMEOUT = 30.0
+STREAM_MIN_MB = 128.0  # below this a job's memory is copied after the dump, not streamed
 RESTORE_TIMEOUT = 120.0
 
 
@@ -295,7 +296,10 @@ class Migrations:
         offer: dict[str, Any] = {}
         node = self.d.members.nodes.get(target)
         address = node.address[0] if node is not None else ""
-        if self.d.mover.streams and address and self.d.cfg.stream_pages:
+        _, rss_mb = tree_usage(job.pid)  # type: ignore[arg-type]
+        # a small job is quicker to copy than to stream (a TLS handshake in the freeze)
+        if self.d.mover.streams and address and self.d.cfg.stream_pages and \
+                rss_mb >= STREAM_MIN_MB:
             # ask for a page server: the memory goes while it is dumped
             try:
                 key, cert = await identity(tls, "source", self.d.cfg.address, address)

@@ -82,6 +82,11 @@ def job_of(node, marker: str) -> str:
     return find() or ""
 
 
+def frozen_line(node, job: str) -> str:
+    """The source's log line that times a move of ``job`` (the last one)."""
+    return [ln for ln in node.log().splitlines() if f"job {job} frozen" in ln][-1]
+
+
 def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     _, _, _, n = cluster
     count = "15000000"  # several seconds of CPU: it must not end during the moves
@@ -96,17 +101,10 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert there.code == 200 and "migrated to b" in there.text, there
     assert n["a"].json(f"job {job}")["node_name"] == "b"
     time.sleep(0.5)
-    # back the other way (its memory copied after the dump, not streamed)
-    assert n["b"].ctl("set stream_pages off").ok
-    try:
-        back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
-    finally:
-        n["b"].ctl("set stream_pages on")
+    back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
     assert back.code == 200 and "migrated to a" in back.text, back
-    assert f"job {job} frozen" in n["a"].log() and "(memory streamed to the target)" in \
-        next(ln for ln in n["a"].log().splitlines() if f"job {job} frozen" in ln)
-    assert "streamed" not in next(ln for ln in n["b"].log().splitlines()
-                                  if f"job {job} frozen" in ln)
+    # a small job's memory is copied after the dump, not streamed
+    assert "streamed" not in frozen_line(n["a"], job)
     out, err = p.communicate(timeout=120)
     assert p.returncode == ref.returncode == 0, err
     assert out == ref.stdout and err == ref.stderr == b""
@@ -130,10 +128,19 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     assert moved.code == 200, moved
     mb = float(moved.text.split("frozen")[1].split(",")[1].split()[0])
     assert mb >= 256
+    assert "(memory streamed to the target)" in frozen_line(n["a"], job)
     # It must outlive the daemon thread that ran criu: trio retires idle worker threads
     # after 10 s, and a parent-death signal restored into the job once killed it then.
     time.sleep(12)
     assert n["a"].json(f"job {job}")["state"] == "running"
+    # and home again, its memory copied after the dump this time
+    assert n["b"].ctl("set stream_pages off").ok
+    try:
+        back = n["b"].ctl(f"migrate {job} home")
+    finally:
+        n["b"].ctl("set stream_pages on")
+    assert back.code == 200 and "migrated to a" in back.text, back
+    assert "streamed" not in frozen_line(n["b"], job)
     flag.touch()
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
