@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Seconds a placement counts as pending demand on its node (until its load shows it).
-PENDING_FOR = 2.0
+PENDING_FOR = 3.0  # at most; a pending move ends as soon as its node's figures show it
 
 
 @dataclass

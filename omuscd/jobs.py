@@ -261,27 +261,25 @@ def refresh_usage(jobs: list[Job]) -> None:
     for p in psutil.process_iter(["ppid"]):
         kids.setdefault(p.info["ppid"] or 0, []).append(p)
     for pid, job in running.items():
-        cpu = rss = 0.0
+        below: list[psutil.Process] = []
         todo = list(kids.get(pid, []))
         while todo:
             p = todo.pop()
+            below.append(p)
             todo += kids.get(p.pid, [])
-            try:
-                t = p.cpu_times()
-                cpu += t.user + t.system + t.children_user + t.children_system
-                rss += p.memory_info().rss
-            except psutil.Error:
-                continue
-        job.cpu, job.rss_mb = job.cpu_moved + cpu, rss / (1024 * 1024)
+        cpu, rss_mb = _usage(below)
+        job.cpu, job.rss_mb = job.cpu_moved + cpu, rss_mb
 
 
 def tree_usage(pid: int) -> tuple[float, float]:
     """CPU seconds and resident MB of a job's processes below its init (``pid``)."""
     try:
-        top = psutil.Process(pid)
-        procs = top.children(recursive=True)
+        return _usage(psutil.Process(pid).children(recursive=True))
     except psutil.Error:
         return 0.0, 0.0
+
+
+def _usage(procs: list[psutil.Process]) -> tuple[float, float]:
     cpu = rss = 0.0
     for p in procs:
         try:

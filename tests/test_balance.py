@@ -85,6 +85,12 @@ def spread(n, jobs: list[str]) -> list[str]:
     return sorted(listing[j]["node_name"] for j in jobs)
 
 
+def decisions(n) -> str:
+    """Both nodes' balancing lines: what a failed assertion should show."""
+    return "\n".join(f"{name}: {ln}" for name in "ab" for ln in n[name].log().splitlines()
+                     if "balancing" in ln or "migrated" in ln)
+
+
 def kill_all(n, jobs: list[str]) -> None:
     for j in jobs:
         n["a"].ctl(f"kill {j} KILL")
@@ -100,7 +106,7 @@ def test_peer_to_peer_spreads_four_jobs_two_and_two_without_ping_pong(cluster):
         print(f"\npeer: four jobs spread two and two in {took:.1f}s")
         moves = {j: n["a"].json(f"job {j}")["migrations"] for j in jobs}
         time.sleep(8)  # steady state: nothing should keep moving
-        assert spread(n, jobs) == ["a", "a", "b", "b"]
+        assert spread(n, jobs) == ["a", "a", "b", "b"], decisions(n)
         for j in jobs:
             assert n["a"].json(f"job {j}")["migrations"] <= moves[j] + 1
         assert "balancing: a" in n["a"].log() or "balancing: " in n["a"].log()

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_seconds, loopback_daemon, workdir
+from common import cpu_seconds, loopback_pair, workdir
 
 from tests.consoledata import cluster
 from tui.app import Console
@@ -54,11 +54,7 @@ def redraw_ms(nodes: int, jobs: int, size: tuple[int, int], rounds: int = 60) ->
 def idle_console(seconds: float) -> tuple[float, float, float]:
     work = workdir()
     key = work / "k"
-    subprocess.run([sys.executable, "-m", "omuscd", "keygen", str(key)], check=True,
-                   capture_output=True)
-    a = loopback_daemon("a", "127.0.0.61", work, "--key-file", str(key))
-    b = loopback_daemon("b", "127.0.0.62", work, "--key-file", str(key),
-                        "--peer", "127.0.0.61:34270")
+    a, b = loopback_pair(work)
     sock = f"omb{a.popen.pid}"
     try:
         subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "120", "-y", "40",

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from common import cpu_seconds, loopback_daemon, rss_mb, workdir
+from common import cpu_seconds, loopback_pair, rss_mb, workdir
 
 BASELINE = ("import trio, psutil, netifaces, json, hmac, hashlib\n"
             "trio.run(trio.sleep, 3600)\n")
@@ -22,12 +22,7 @@ BASELINE = ("import trio, psutil, netifaces, json, hmac, hashlib\n"
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 60.0
     work = workdir()
-    key = work / "k"
-    subprocess.run([sys.executable, "-m", "omuscd", "keygen", str(key)], check=True,
-                   capture_output=True)
-    a = loopback_daemon("a", "127.0.0.61", work, "--key-file", str(key))
-    b = loopback_daemon("b", "127.0.0.62", work, "--key-file", str(key),
-                        "--peer", "127.0.0.61:34270")
+    a, b = loopback_pair(work)
     base = subprocess.Popen([sys.executable, "-c", BASELINE])
     try:
         time.sleep(2)  # past the start-up burst

@@ -32,3 +32,16 @@ def rss_mb(pid: int) -> float:
 def loopback_daemon(name: str, addr: str, work: Path, *extra: str) -> Daemon:
     return start_daemon(name, ["--address", addr, "--control-bind", addr, "--port", "34270",
                                "--control-port", "34271", *extra], work)
+
+
+def loopback_pair(work: Path) -> tuple[Daemon, Daemon]:
+    """Two keyed daemons on 127.0.0.61 and .62 that know each other."""
+    import subprocess
+
+    key = work / "k"
+    subprocess.run([sys.executable, "-m", "omuscd", "keygen", str(key)], check=True,
+                   capture_output=True)
+    a = loopback_daemon("a", "127.0.0.61", work, "--key-file", str(key))
+    b = loopback_daemon("b", "127.0.0.62", work, "--key-file", str(key),
+                        "--peer", "127.0.0.61:34270")
+    return a, b
