@@ -297,6 +297,7 @@ class Daemon:
             if self.bsock is not None:
                 nursery.start_soon(self._receive, self.bsock)
             self.jobs.nursery = nursery
+            self.jobs.recover()
             if self.channel_key is not None:
                 try:
                     listeners = await trio.open_tcp_listeners(c.port, host=c.address)

@@ -33,6 +33,7 @@ from omuscd.jobs import (
     FINAL,
     KEEP_EXITED,
     LOST,
+    MIGRATING,
     MOVED,
     RUNNING,
     STDERR,
@@ -46,6 +47,7 @@ from omuscd.jobs import (
     refresh_usage,
     supervise,
     tree_usage,
+    watch,
 )
 from omuscd.membership import ALIVE, SUSPECT
 
@@ -234,6 +236,7 @@ class JobControl:
         self.d.publish([Event("job-start", f"job {job.id} ({' '.join(argv)[:60]}) of "
                               f"{owner.user} started on {name}",
                               {"job": job.id, "node": target})])
+        self.save(job)
         self._prune()
         return job
 
@@ -263,6 +266,7 @@ class JobControl:
             self.home.pop(job.id, None)
             self.spool.remove(job.id)
             raise
+        self.save(job)
         self.d.publish([Event("job-start", f"process {pid} ({' '.join(argv)[:60]}) of "
                               f"{owner.user} taken over as job {job.id}",
                               {"job": job.id, "node": job.node, "pid": pid})])
@@ -274,6 +278,69 @@ class JobControl:
             return ("this node has no cluster key (read-only): it exchanges no processes; "
                     "see 'status'")
         return ""
+
+    def recover(self) -> None:
+        """At start: the jobs this node is home to, from their records (``job.json``).
+        A job that ran here and still runs is watched again; one that ended meanwhile gets
+        the end its init wrote; one that runs elsewhere is followed again once its node is
+        heard from, or lost if it is not heard from in time.  Finished ones are history."""
+        for rec in self.spool.saved():
+            try:
+                job = Job.from_wire(rec)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("job record %s unusable (%s); skipped", rec.get("id"), e)
+                continue
+            if job.home != self.me or job.id in self.home:
+                continue
+            self.home[job.id] = job
+            if job.state in FINAL:
+                continue
+            if job.state == MIGRATING:  # cut short by the restart: it stayed at the source
+                job.state = RUNNING
+            if job.node == self.me:
+                self._nursery().start_soon(self._watch_again, job)
+            else:
+                self._nursery().start_soon(self._follow_again, job)
+        recovered = [j.id for j in self.home.values() if j.state not in FINAL]
+        if recovered:
+            log.info("jobs of this node from before the restart: %s", ", ".join(recovered))
+
+    async def _watch_again(self, job: Job) -> None:
+        """A job started here by an earlier run of this daemon: its init is no child of
+        ours now, so it is watched by its pid, and its end read from its status file."""
+        pid = job.pid
+
+        def poll() -> int | None:
+            return None if pid is not None and _is_job_init(pid) else 0
+
+        async def wait() -> None:
+            while poll() is None:
+                await trio.sleep(0.25)
+
+        job.run += 1
+        if not await watch(job, self.spool, poll, wait, job.run):
+            return
+        status = self.spool.dir(job.id) / "status"
+        if not status.exists() or not status.read_text().strip():
+            job.state, job.exit = RUNNING, None  # not an exit we know of
+            self.mark_lost(job, "it ended while this daemon was down and left no status")
+            return
+        self._finished(job)
+
+    async def _follow_again(self, job: Job) -> None:
+        grace = self.d.cfg.dead_timeout + 2 * self.d.cfg.gossip_interval + 1
+        with trio.move_on_after(grace):
+            while True:
+                node = self.d.members.nodes.get(job.node)
+                if node is not None and node.state == ALIVE:
+                    break
+                await trio.sleep(0.2)
+        node = self.d.members.nodes.get(job.node)
+        if node is None or node.state != ALIVE:
+            self.mark_lost(job, f"node {job.node_name} was not heard from after this daemon "
+                           "restarted")
+            return
+        await self._follow(job, None)
 
     def static_cannot_move(self, job: Job) -> str:
         """What keeps a job from moving whatever it does: no mechanism on this node, or
@@ -313,7 +380,13 @@ class JobControl:
         if await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status):
             self._finished(job)  # it ended here (it did not move away)
 
+    def save(self, job: Job) -> None:
+        """The home keeps its record on disk at every change of state or node."""
+        if job.home == self.me:
+            self.spool.save(job)
+
     def _finished(self, job: Job) -> None:
+        self.save(job)
         self.d.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
                               f"{job.node_name}", {"job": job.id,
                                                    "status": job.status_code()})])
@@ -402,6 +475,7 @@ class JobControl:
         job.state, job.ended = LOST, time.time()
         job.reason = f"{reason} at {time.strftime('%H:%M:%S')}"
         job.notify()
+        self.save(job)
         scope = self.scopes.get(job.id)
         if scope is not None:
             scope.cancel()
@@ -773,3 +847,12 @@ def _home_of(job_id: str) -> int | None:
 def _job_order(job: Job) -> tuple[int, int]:
     home, _, n = job.id.partition(".")
     return (int(home) if home.isdigit() else 0, int(n) if n.isdigit() else 0)
+
+
+def _is_job_init(pid: int) -> bool:
+    """Whether ``pid`` is a live job init (the pid may have been reused since)."""
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and any("jobinit" in a for a in p.cmdline())
+    except psutil.Error:
+        return False

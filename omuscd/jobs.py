@@ -203,6 +203,29 @@ class Spool:
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.dir(job_id), ignore_errors=True)
 
+    def save(self, job: Job) -> None:
+        """Keep the home's record of a job beside its output (``job.json``), so that a
+        restarted daemon knows its jobs again.  Written whole, then renamed."""
+        d = self.dir(job.id)
+        if not d.is_dir():
+            return
+        tmp = d / "job.json.tmp"
+        try:
+            tmp.write_text(json.dumps(job.wire()))
+            tmp.replace(d / "job.json")
+        except OSError as e:
+            log.warning("job %s: cannot keep its record: %s", job.id, e)
+
+    def saved(self) -> list[dict[str, Any]]:
+        """The records kept by :meth:`save`, oldest job first."""
+        out = []
+        for f in sorted(self.root.glob("*/job.json")):
+            try:
+                out.append(json.loads(f.read_text()))
+            except (OSError, ValueError) as e:
+                log.warning("%s: unreadable job record (%s); skipped", f, e)
+        return out
+
 
 def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) -> None:
     """Fail early, naming the node and the path, when the job cannot start here (omuscd

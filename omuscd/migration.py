@@ -232,6 +232,7 @@ class Migrations:
         job.migrations += 1
         job.state = RUNNING
         job.notify()
+        self.jc.save(job)
         if target == self.jc.me:
             scope = self.jc.scopes.get(job.id)
             if scope is not None:
@@ -577,6 +578,7 @@ class Migrations:
         for stream in (STDOUT, STDERR):
             record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
         record.notify()
+        self.jc.save(record)
         self.d.balancer.landed()
         jc._nursery().start_soon(self._watch_adopted, record, pid)
 
