@@ -297,6 +297,13 @@ class JobControl:
                 continue
             if job.state == MIGRATING:  # cut short by the restart: it stayed at the source
                 job.state = RUNNING
+            # what arrived before the restart is in the spool files, whatever the record
+            # says: following again starts from there (no line twice)
+            for stream in (STDOUT, STDERR):
+                try:
+                    job.offsets[stream] = self.spool.path(job.id, stream).stat().st_size
+                except OSError:
+                    job.offsets[stream] = 0
             if job.node == self.me:
                 self._nursery().start_soon(self._watch_again, job)
             else:

@@ -46,8 +46,8 @@ def ended(node, job: str) -> dict:
 def test_restarted_home_keeps_its_local_and_remote_jobs(cluster):
     lan, work, _, n = cluster
     here = detach(n["a"], "--home", "sleep 3; echo here-done")
-    there = detach(n["a"], "--node=b", "sleep 4; echo there-done; exit 3")
-    wait_for(lambda: n["a"].json(f"job {there}")["state"] == "running", 5, "it to run")
+    there = detach(n["a"], "--node=b", "echo before; sleep 4; echo there-done; exit 3")
+    wait_for(lambda: "before" in n["a"].ctl(f"output {there}").text, 5, "its first line")
     restart(lan, work, n, "a", 0)
     # known again at once, as running, on the same nodes
     views = {j["id"]: j for j in n["a"].json("jobs")["jobs"]}
@@ -59,7 +59,8 @@ def test_restarted_home_keeps_its_local_and_remote_jobs(cluster):
     assert ended(n["a"], here)["status"] == "exit 0"
     assert ended(n["a"], there)["status"] == "exit 3"
     assert "here-done" in n["a"].ctl(f"output {here}").text
-    assert "there-done" in n["a"].ctl(f"output {there}").text
+    out = n["a"].ctl(f"output {there}").text.splitlines()
+    assert out.count("stdout: before") == 1 and "stdout: there-done" in out, out
 
 
 def test_a_job_that_ended_while_its_home_was_down(cluster):
