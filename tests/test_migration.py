@@ -82,6 +82,15 @@ def job_of(node, marker: str) -> str:
     return find() or ""
 
 
+def memory_job(node, flag, tag: str) -> tuple[subprocess.Popen[bytes], list[bytes], str]:
+    """The 256 MB job, started and ready: its process, its 'ready DIGEST' line, its id."""
+    p = start(node, PY, "-c", MEMORY, str(flag), tag)
+    assert p.stdout is not None
+    ready = p.stdout.readline().split()
+    assert ready[0] == b"ready"
+    return p, ready, job_of(node, tag)
+
+
 def frozen_line(node, job: str) -> str:
     """The source's log line that times a move of ``job`` (the last one)."""
     return [ln for ln in node.log().splitlines() if f"job {job} frozen" in ln][-1]
@@ -119,11 +128,7 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
 def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     _, _, _, n = cluster
     flag = tmp_path / "go"
-    p = start(n["a"], PY, "-c", MEMORY, str(flag), "omuscd-migration-test-2")
-    assert p.stdout is not None
-    ready = p.stdout.readline().split()
-    assert ready[0] == b"ready"
-    job = job_of(n["a"], "omuscd-migration-test-2")
+    p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-2")
     moved = n["a"].ctl(f"migrate {job} b")
     assert moved.code == 200, moved
     mb = float(moved.text.split("frozen")[1].split(",")[1].split()[0])
@@ -150,10 +155,7 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
 def test_one_move_of_a_job_at_a_time(cluster, tmp_path):
     _, _, _, n = cluster
     flag = tmp_path / "go"
-    p = start(n["a"], PY, "-c", MEMORY, str(flag), "omuscd-migration-test-5")
-    assert p.stdout is not None
-    ready = p.stdout.readline().split()
-    job = job_of(n["a"], "omuscd-migration-test-5")
+    p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-5")
     replies: list[object] = []
 
     def migrate() -> None:
@@ -319,10 +321,7 @@ def test_root_takes_over_a_process_by_pid(cluster, tmp_path):
 def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluster):
     lan, work, key, n = cluster
     flag = work / "go-4"
-    p = start(n["a"], PY, "-c", MEMORY, str(flag), "omuscd-migration-test-4")
-    assert p.stdout is not None
-    ready = p.stdout.readline().split()
-    job = job_of(n["a"], "omuscd-migration-test-4")
+    p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-4")
     result: dict[str, object] = {}
 
     def migrate() -> None:
