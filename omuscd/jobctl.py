@@ -290,9 +290,14 @@ class JobControl:
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("job record %s unusable (%s); skipped", rec.get("id"), e)
                 continue
-            if job.home != self.me or job.id in self.home:
+            if job.id in self.home or job.id in self.guests:
                 continue
-            self.home[job.id] = job
+            if job.home != self.me:  # a guest: only one that ran here and may run still
+                if job.node != self.me or job.state in FINAL:
+                    continue
+                self.guests[job.id] = job
+            else:
+                self.home[job.id] = job
             if job.state in FINAL:
                 continue
             if job.state == MIGRATING:  # cut short by the restart: it stayed at the source
@@ -308,7 +313,7 @@ class JobControl:
                 self._nursery().start_soon(self._watch_again, job)
             else:
                 self._nursery().start_soon(self._follow_again, job)
-        recovered = [j.id for j in self.home.values() if j.state not in FINAL]
+        recovered = [j.id for j in self.all_jobs() if j.state not in FINAL]
         if recovered:
             log.info("jobs of this node from before the restart: %s", ", ".join(recovered))
 
@@ -329,10 +334,16 @@ class JobControl:
             return
         status = self.spool.dir(job.id) / "status"
         if not status.exists() or not status.read_text().strip():
+            why = "it ended while this daemon was down and left no status"
             job.state, job.exit = RUNNING, None  # not an exit we know of
-            self.mark_lost(job, "it ended while this daemon was down and left no status")
+            if job.home == self.me:
+                self.mark_lost(job, why)
+            else:  # a guest: its home hears of it when it follows the job again
+                job.state, job.reason, job.ended = LOST, why, time.time()
+                job.notify()
             return
-        self._finished(job)
+        if job.home == self.me:
+            self._finished(job)
 
     async def _follow_again(self, job: Job) -> None:
         grace = self.d.cfg.dead_timeout + 2 * self.d.cfg.gossip_interval + 1
@@ -388,8 +399,9 @@ class JobControl:
             self._finished(job)  # it ended here (it did not move away)
 
     def save(self, job: Job) -> None:
-        """The home keeps its record on disk at every change of state or node."""
-        if job.home == self.me:
+        """The home, and the node running a guest, keep its record on disk at every change
+        of state or node (read back by :meth:`recover` after a restart)."""
+        if job.home == self.me or job.id in self.guests:
             self.spool.save(job)
 
     def _finished(self, job: Job) -> None:
@@ -497,8 +509,20 @@ class JobControl:
                 what = {"dead": "died", "leave": "left the cluster",
                         "restart": "restarted"}[ev.kind]
                 for job in list(self.home.values()):
-                    if job.node == nid and job.state not in FINAL:
+                    if job.node != nid or job.state in FINAL:
+                        continue
+                    if ev.kind == "dead":
                         self.mark_lost(job, f"node {job.node_name} {what}")
+                    else:  # its daemon stopped or restarted: the job may well run on
+                        self._nursery().start_soon(self._lost_unless_back, job, nid, what)
+
+    async def _lost_unless_back(self, job: Job, nid: int, what: str) -> None:
+        """A job whose node's daemon left or restarted is lost only if that daemon does
+        not take it up again in time (it keeps its guests' records too)."""
+        await trio.sleep(2 * self.d.cfg.dead_timeout)
+        if job.state not in FINAL and job.node == nid and job.id not in self.links:
+            self.mark_lost(job, f"node {job.node_name} {what} and did not take the job up "
+                           "again")
 
     # ------------------------------------------------------------------ running side
     async def serve(self, stream: trio.SocketStream) -> None:
@@ -592,6 +616,7 @@ class JobControl:
         except JobError as e:
             await ch.send({"op": "refused", "reason": str(e)})
             return
+        self.save(job)
         log.info("job %s of %s from node %d started: %s", job.id, job.owner.user, job.home,
                  " ".join(job.argv)[:80])
         job.cannot_move = self.static_cannot_move(job)

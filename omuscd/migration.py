@@ -413,6 +413,7 @@ class Migrations:
             job.state = MOVED
             job.reason = f"moved to {jc.node_name(target)}"
             job.notify()
+            jc.save(job)
             jc.guests.pop(job.id, None)
         log.info("job %s moved to %s", job.id, jc.node_name(target))
 

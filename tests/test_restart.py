@@ -73,3 +73,15 @@ def test_a_job_that_ended_while_its_home_was_down(cluster):
     n["a"] = start_daemon("a", old.args[:-4], work, netns=lan.ns(0))
     view = ended(n["a"], quick)
     assert view["state"] == "exited" and view["status"] == "exit 5"
+
+
+def test_a_restarted_node_takes_up_its_guest_again(cluster):
+    lan, work, _, n = cluster
+    job = detach(n["a"], "--node=b", "echo before; sleep 5; echo after; exit 4")
+    wait_for(lambda: "before" in n["a"].ctl(f"output {job}").text, 5, "its first line")
+    restart(lan, work, n, "b", 1)  # b says goodbye, its job runs on, b comes back
+    assert job in n["b"].log().split("jobs of this node from before the restart: ")[1]
+    view = ended(n["a"], job)
+    assert view["state"] == "exited" and view["status"] == "exit 4", view
+    out = n["a"].ctl(f"output {job}").text.splitlines()
+    assert out.count("stdout: before") == 1 and "stdout: after" in out, out
