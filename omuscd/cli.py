@@ -39,6 +39,7 @@ EPILOG = f"""\
 exit status: 0 clean shutdown; 1 runtime failure (port in use, already running);
 2 usage or configuration error; 3 node id clash with an explicit --node-id.
 omuscd ctl: 0 success, 1 no connection, 4 request refused (4xx), 5 failed (5xx).
+omuscd console: 0 quit, 1 no connection, 2 no terminal or usage error.
 
 Settings may also come from a TOML file ({DEFAULT_CONFIG_FILE}, or --config),
 keys named like the switches with '_' for '-'. Switches win over the file.

@@ -89,6 +89,8 @@ def test_every_exit_status_is_documented():
     ctl = unroff(section("omuscd.8", "EXIT STATUS"))
     for code in (exitcodes.CTL_NO_CONNECTION, exitcodes.CTL_REFUSED, exitcodes.CTL_FAILED):
         assert f" {code} " in ctl
+    assert "omuscd console exits 0 when you quit, 1 when it cannot reach" in " ".join(
+        ctl.split())
 
 
 def test_help_lists_every_switch_with_its_default():
