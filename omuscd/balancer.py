@@ -39,7 +39,7 @@ from omuscd.balance import (
     narrows,
 )
 from omuscd.events import Event
-from omuscd.jobs import RUNNING, Job, JobError, tree_usage
+from omuscd.jobs import RUNNING, Job, JobError, measure
 from omuscd.membership import ALIVE
 
 if TYPE_CHECKING:
@@ -129,9 +129,8 @@ class Balancer:
         return out
 
     def job_load(self, job: Job, now_wall: float) -> JobLoad:
-        if job.node == self.d.node_id and job.pid is not None:
-            cpu, job.rss_mb = tree_usage(job.pid)
-            job.cpu = job.cpu_moved + cpu
+        if job.node == self.d.node_id:
+            measure(job)
         landed = [m["time"] for m in job.moves if "failed" not in m]
         since_move = now_wall - max(landed) if landed else float("inf")  # never moved
         return JobLoad(job.id, job.home, job.rss_mb, now_wall - job.started, since_move,
@@ -185,8 +184,8 @@ class Balancer:
         except JobError as e:
             self.say(f"balancing: move of job {decision.job} failed: {e}")
         else:
-            # until gossip shows it, the target's load lacks the job; a source other
-            # than this node lags the same way (this node's own load is sampled here)
+            # until their figures show it (see loads), the target lacks the job and
+            # the source still has it
             now = trio.current_time()
             until = now + PENDING_FOR
             self.pending.append((until, decision.target, 1.0, self.demand_of(decision.target)))

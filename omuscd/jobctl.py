@@ -44,9 +44,9 @@ from omuscd.jobs import (
     Spool,
     check_runnable,
     init_pid,
+    measure,
     refresh_usage,
     supervise,
-    tree_usage,
     watch,
 )
 from omuscd.membership import ALIVE, SUSPECT
@@ -245,8 +245,9 @@ class JobControl:
         here and move it.  Nothing is booked unless the move succeeds: on any failure the
         process resumes as it was, owned by nobody but itself."""
         mover = self.d.mover
-        if self.channel_refused():
-            raise JobError(self.channel_refused())
+        if self.d.security == "read-only":
+            raise JobError("this node has no cluster key (read-only): it exchanges no "
+                           "processes; see 'status'")
         why = mover.cannot_adopt(pid) if mover.available else mover.describe()
         if why:
             raise JobError(f"process {pid} cannot move: {why}")
@@ -271,13 +272,6 @@ class JobControl:
                               f"{owner.user} taken over as job {job.id}",
                               {"job": job.id, "node": job.node, "pid": pid})])
         return f"process {pid} is now job {job.id}; {text}"
-
-    def channel_refused(self) -> str:
-        """Why this node exchanges no processes, or ''."""
-        if self.d.channel_key is None:
-            return ("this node has no cluster key (read-only): it exchanges no processes; "
-                    "see 'status'")
-        return ""
 
     def recover(self) -> None:
         """At start: the jobs this node is home to, from their records (``job.json``).
@@ -335,8 +329,9 @@ class JobControl:
         status = self.spool.dir(job.id) / "status"
         if not status.exists() or not status.read_text().strip():
             why = "it ended while this daemon was down and left no status"
-            job.state, job.exit = RUNNING, None  # not an exit we know of
+            job.exit = None  # watch guessed one; it is not known
             if job.home == self.me:
+                job.state = RUNNING  # so that mark_lost books and announces it
                 self.mark_lost(job, why)
             else:  # a guest: its home hears of it when it follows the job again
                 job.state, job.reason, job.ended = LOST, why, time.time()
@@ -652,8 +647,7 @@ class JobControl:
                     break
                 now = trio.current_time()
                 if now - last_info >= INFO_EVERY and job.pid is not None:
-                    cpu, job.rss_mb = tree_usage(job.pid)
-                    job.cpu = job.cpu_moved + cpu
+                    measure(job)
                     await ch.send({"op": "info", "cpu": job.cpu, "rss_mb": job.rss_mb})
                     last_info = now
                 with trio.move_on_after(INFO_EVERY):
@@ -753,28 +747,24 @@ class JobControl:
                 if link is not None:
                     await link.send({"op": "signal", "sig": sig})
                 else:  # not followed yet (it has just moved): ask the node running it
-                    try:
-                        reply = await self.request(job.node, {
-                            "op": "act", "job": job.id, "action": "kill", "uid": uid,
-                            "sig": sig})
-                    except ChannelError as e:
-                        raise JobError(f"cannot reach node {job.node_name}: {e}") from None
-                    if reply.get("op") != "done":
-                        raise JobError(str(reply.get("text", "refused")))
+                    await self._forward_act(job.node, job.id, "kill", uid, sig)
             return f"signal {sig} sent to job {job.id} on {job.node_name}"
         if action in ("stay", "nostay"):
             job.stay = action == "stay"
             return f"job {job.id} {'stays where it is' if job.stay else 'may migrate'}"
         raise JobError(f"unknown action {action!r}")
 
-    async def _forward_act(self, home: int, job_id: str, action: str, uid: int,
+    async def _forward_act(self, node: int, job_id: str, action: str, uid: int,
                            sig: int, to: str = "") -> str:
+        """Have ``node`` (the job's home, or the node running it) act on the job."""
         try:
-            reply = await self.request(home, {"op": "act", "job": job_id, "action": action,
+            reply = await self.request(node, {"op": "act", "job": job_id, "action": action,
                                               "uid": uid, "sig": sig, "to": to},
                                        QUERY_TIMEOUT if action != "migrate" else 300)
         except ChannelError as e:
-            raise JobError(f"the job's home node did not answer: {e}") from None
+            what = "the job's home node" if node == _home_of(job_id) else \
+                f"node {self.node_name(node)}"
+            raise JobError(f"{what} did not answer: {e}") from None
         if reply.get("op") != "done":
             raise JobError(str(reply.get("text", "refused")))
         return str(reply.get("text", ""))

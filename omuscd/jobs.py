@@ -294,6 +294,13 @@ def refresh_usage(jobs: list[Job]) -> None:
         job.cpu, job.rss_mb = job.cpu_moved + cpu, rss_mb
 
 
+def measure(job: Job) -> None:
+    """Bring a job running here up to date: CPU seconds of all its stays, resident MB."""
+    if job.pid is not None:
+        cpu, job.rss_mb = tree_usage(job.pid)
+        job.cpu = job.cpu_moved + cpu
+
+
 def tree_usage(pid: int) -> tuple[float, float]:
     """CPU seconds and resident MB of a job's processes below its init (``pid``)."""
     try:

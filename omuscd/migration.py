@@ -331,7 +331,6 @@ class Migrations:
         finally:
             shutil.rmtree(tls, ignore_errors=True)
         dumped = trio.current_time()
-        streamed = stream is not None
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
         sent = 0
         try:
@@ -339,9 +338,8 @@ class Migrations:
                 if f.suffix == ".log":
                     continue
                 sent += await self._send_file(ch, "file", f.name, f)
-            for stream in (STDOUT, STDERR):
-                sent += await self._send_file(ch, "spool", str(stream),
-                                              jc.spool.path(job.id, stream))
+            for out in (STDOUT, STDERR):
+                sent += await self._send_file(ch, "spool", str(out), jc.spool.path(job.id, out))
             transferred = trio.current_time()
             await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
@@ -370,7 +368,7 @@ class Migrations:
         freeze = now - frozen
         log.info("job %s frozen %.3fs: dump %.3fs%s, transfer %.3fs, restore and commit "
                  "%.3fs; %.1f MB", job.id, freeze, dumped - frozen,
-                 " (memory streamed to the target)" if streamed else "",
+                 " (memory streamed to the target)" if stream else "",
                  transferred - dumped, now - transferred, sent / 1e6)
         self._drop(job, target)
         return {"freeze": freeze, "bytes": sent}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,13 +103,11 @@ class ClusterSource:
         self.jobs_refresh = jobs_refresh
         self.model = model or Model()
         self.link: Link | None = None
-        self.on_change: Callable[[], None] = lambda: None
         self._jobs_due = trio.Event()
         self._replayed = False
 
     def changed(self) -> None:
         self.model.version += 1
-        self.on_change()
 
     async def run(self) -> None:
         """Forever: connect, poll and follow events; on failure say why and retry."""
@@ -179,7 +176,6 @@ class ClusterSource:
                 self.model.add_event(ev)
             if ev.get("event") in JOB_EVENTS:
                 self._jobs_due.set()
-            self.on_change()
         raise LinkError("the daemon ended the event stream")
 
     async def command(self, line: str) -> Reply:

@@ -106,14 +106,12 @@ class Table(urwid.WidgetWrap):
                  empty: str):
         self.cols = list(cols)
         self.key = key
-        self.empty = empty
         self._layouts: dict[int, list[tuple[Col, int]]] = {}
         self.header = Row(self, None)
-        self.walker = urwid.SimpleFocusListWalker([])
+        self._empty = urwid.Text(("dim", empty))  # shown while there is no record
+        self.walker = urwid.SimpleFocusListWalker([self._empty])
         self.listbox = urwid.ListBox(self.walker)
         self._rowmap: dict[str, Row] = {}
-        self.records: list[dict[str, Any]] = []
-        self._empty = urwid.Text(("dim", empty))
         super().__init__(urwid.Pile([("pack", self.header), self.listbox]))
 
     def layout(self, width: int) -> list[tuple[Col, int]]:
@@ -141,7 +139,6 @@ class Table(urwid.WidgetWrap):
 
     def update(self, records: list[dict[str, Any]]) -> None:
         """Show ``records``; rows are reused by key and the selection follows its record."""
-        self.records = records
         focused = self.selected_key()
         keys = [self.key(r) for r in records]
         same = keys == [self.key(r.data) for r in self.walker if getattr(r, "data", None)]
@@ -158,8 +155,6 @@ class Table(urwid.WidgetWrap):
             self.walker[:] = [rows[k] for k in keys] if keys else [self._empty]
             if focused in rows:
                 self.walker.set_focus(keys.index(focused))
-        if not keys and not self.walker:
-            self.walker[:] = [self._empty]
 
     def refresh_all(self) -> None:
         """Reformat every row (the view or the column titles changed)."""
