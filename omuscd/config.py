@@ -243,9 +243,8 @@ PARAMS: tuple[Param, ...] = (
           "our clock (replay protection)", lo=1, hi=86400, runtime=True),
     # balancing
     Param("stream_pages", "bool", True, "send a migrating job's memory while it is dumped "
-          "(CRIU page server over TLS with per-move certificates; needs openssl and a TCP "
-          "port from the ephemeral range between nodes); off: copy it after the dump",
-          runtime=True),
+          "(to a CRIU page server on the target, relayed over the cluster channel); off: "
+          "copy it after the dump", runtime=True),
     Param("balancing", "bool", True, "move jobs automatically from busy nodes to idle ones "
           "(off: only when told)", runtime=True),
     Param("balance_interval", "float", 1.0, "seconds between balancing decisions",

@@ -45,8 +45,8 @@ from omuscd.jobs import (
     tree_usage,
 )
 from omuscd.membership import DEAD
-from omuscd.migrate import Inherit
-from omuscd.migrate.criu import MoveError, Stream, free_port, identity
+from omuscd.migrate import Inherit, MoveError
+from omuscd.pages import receive_pages, send_pages, socket_pair
 
 if TYPE_CHECKING:
     from omuscd.jobctl import JobControl
@@ -56,7 +56,6 @@ log = logging.getLogger("omuscd.migrate")
 CHUNK = 1 << 20
 IMAGE_STREAM = 9  # data frames carrying image and spool bytes
 STEP_TIMEOUT = 30.0
-STREAM_MIN_MB = 128.0  # below this a job's memory is copied after the dump, not streamed
 RESTORE_TIMEOUT = 120.0
 
 
@@ -288,51 +287,38 @@ class Migrations:
         finally:
             await ch.aclose()
             shutil.rmtree(images, ignore_errors=True)
-            shutil.rmtree(images.with_suffix(".tls"), ignore_errors=True)
 
     async def _emigrate(self, job: Job, target: int, ch: Channel,
                         images: Path) -> dict[str, Any]:
         jc = self.jc
-        tls = images.with_suffix(".tls")
-        offer: dict[str, Any] = {}
-        node = self.d.members.nodes.get(target)
-        address = node.address[0] if node is not None else ""
-        _, rss_mb = tree_usage(job.pid)  # type: ignore[arg-type]
-        # a small job is quicker to copy than to stream (a TLS handshake in the freeze)
-        if self.d.mover.streams and address and self.d.cfg.stream_pages and \
-                rss_mb >= STREAM_MIN_MB:
-            # ask for a page server: the memory goes while it is dumped
-            try:
-                key, cert = await identity(tls, "source", self.d.cfg.address, address)
-                offer = {"stream": {"cert": cert.read_text()}}
-            except (MoveError, OSError) as e:
-                log.warning("job %s: pages will be copied after the dump: %s", job.id, e)
+        mover = self.d.mover
+        # the memory goes while it is dumped (see omuscd.pages), else it is copied after
+        streaming = mover.streams and self.d.cfg.stream_pages
         try:
-            await ch.send({"op": "immigrate", "job": job.wire(), **offer})
+            await ch.send({"op": "immigrate", "job": job.wire(),
+                           **({"pages": True} if streaming else {})})
             with trio.fail_after(STEP_TIMEOUT):
                 reply = await ch.receive_msg()
         except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"the target did not answer: {e}") from None
         if reply.get("op") != "ready":
             raise JobError(str(reply.get("reason", "the target refused")))
-        stream = None
-        if offer and isinstance(reply.get("stream"), dict):
-            peer = tls / "target.pem"
-            peer.write_text(str(reply["stream"]["cert"]))
-            stream = Stream(address, int(reply["stream"]["port"]), peer, cert, key)
+        streaming = streaming and reply.get("pages") is True  # an older target: copied
         job.state = MIGRATING
         job.notify()
         frozen = trio.current_time()
+        paged = 0
         try:
-            await self.d.mover.dump(job.pid, images, stream)  # type: ignore[arg-type]
+            if streaming:
+                paged = await send_pages(ch, lambda fd: mover.dump(job.pid, images, fd))
+            else:
+                await mover.dump(job.pid, images)  # type: ignore[arg-type]
         except MoveError as e:
             self._resume(job)  # CRIU resumes the tasks when a dump fails; make sure
             raise JobError(f"move failed, job resumed here: {e}") from None
-        finally:
-            shutil.rmtree(tls, ignore_errors=True)
         dumped = trio.current_time()
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
-        sent = 0
+        sent = paged
         try:
             for f in sorted(images.iterdir()):
                 if f.suffix == ".log":
@@ -349,7 +335,6 @@ class Migrations:
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
                 raise MoveError(str(reply.get("reason", "restore failed")))
-            sent += int(reply.get("paged", 0))  # the memory that went by the page server
         except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
             self._resume(job)
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
@@ -368,7 +353,7 @@ class Migrations:
         freeze = now - frozen
         log.info("job %s frozen %.3fs: dump %.3fs%s, transfer %.3fs, restore and commit "
                  "%.3fs; %.1f MB", job.id, freeze, dumped - frozen,
-                 " (memory streamed to the target)" if stream else "",
+                 " (memory streamed to the target)" if streaming else "",
                  transferred - dumped, now - transferred, sent / 1e6)
         self._drop(job, target)
         return {"freeze": freeze, "bytes": sent}
@@ -447,22 +432,29 @@ class Migrations:
         images = self.images / f"{job.id}.in"
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(parents=True)
-        tls = images.with_suffix(".tls")
         pid = None
         pager = None
+        pages = None
         try:
             ready: dict[str, Any] = {"op": "ready"}
-            if isinstance(msg.get("stream"), dict) and mover.streams and \
-                    self.d.cfg.stream_pages:
-                pager, ready["stream"] = await self._page_server(images, tls, msg["stream"])
+            if msg.get("pages") is True and mover.streams and self.d.cfg.stream_pages:
+                pages, theirs = socket_pair()
+                try:
+                    pager = await mover.page_server(images, theirs.fileno())
+                finally:
+                    theirs.close()
+                ready["pages"] = True
             await ch.send(ready)
             spool_dir = jc.spool.create(job)
-            first = True
+            paged = 0
+            if pager is not None and pages is not None:
+                proc = pager
+                paged = await receive_pages(ch, pages, RESTORE_TIMEOUT,
+                                            lambda: mover.page_server_done(proc, images))
+                pager = None
             while True:
-                # while the source dumps into our page server, the channel is quiet
-                with trio.fail_after(RESTORE_TIMEOUT if first and pager else STEP_TIMEOUT):
+                with trio.fail_after(STEP_TIMEOUT):
                     m = await ch.receive_msg()
-                first = False
                 op = m.get("op")
                 if op == "file":
                     name = os.path.basename(str(m["name"]))
@@ -475,10 +467,6 @@ class Migrations:
                 elif op == "restore":
                     paths = dict(m["paths"])
                     job.cpu_moved = float(m.get("cpu", job.cpu_moved))
-                    paged = 0
-                    if pager is not None:
-                        paged = await mover.page_server_done(pager, images)
-                        pager = None
                     pid = await self._restore(job, images, spool_dir, paths)
                     await ch.send({"op": "restored", "pid": pid, "paged": paged})
                     break
@@ -512,25 +500,16 @@ class Migrations:
         finally:
             if pager is not None and pager.returncode is None:
                 pager.kill()
+            if pages is not None:
+                pages.socket.close()
             shutil.rmtree(images, ignore_errors=True)
-            shutil.rmtree(tls, ignore_errors=True)
-
-    async def _page_server(self, images: Path, tls: Path,
-                           offer: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """Start the page server the source asked for; what to tell it back."""
-        peer = tls / "source.pem"
-        key, cert = await identity(tls, "target", self.d.cfg.address)
-        peer.write_text(str(offer["cert"]))
-        stream = Stream(self.d.cfg.address, free_port(self.d.cfg.address), peer, cert, key)
-        pager = await self.d.mover.page_server(images, stream)
-        return pager, {"port": stream.port, "cert": cert.read_text()}
 
     async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
         got = 0
         with open(path, "wb") as f:
             while got < size:
                 with trio.fail_after(STEP_TIMEOUT):
-                    item = await ch.receive()
+                    item = await ch.receive(borrow=True)
                 if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
                     raise ChannelError("expected image data")
                 f.write(item[1])

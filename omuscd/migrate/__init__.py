@@ -17,6 +17,11 @@ from typing import Any, Protocol
 RESTART = "restart"
 
 
+class MoveError(Exception):
+    """Dump, restore or the stream between them failed; the message says why (from
+    CRIU's log when it can)."""
+
+
 @dataclass
 class Inherit:
     """A file the restored job had open at ``path`` on the source: open ``fd`` here."""
@@ -49,13 +54,15 @@ class Mover(Protocol):
         """Whether a dump can send its memory to the target as it goes."""
         ...
 
-    async def dump(self, init_pid: int, images: Path, stream: Any = None) -> None:
-        """Freeze the job and write its images (its memory to ``stream`` if given, the
-        target's page server); leave it stopped, not killed."""
+    async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
+        """Freeze the job and write its images (its memory to the connected socket
+        ``pages`` if given, a page server at the other end); leave it stopped, not
+        killed."""
         ...
 
-    async def page_server(self, images: Path, stream: Any) -> Any:
-        """On the target: receive one dump's memory into ``images``; returns once ready."""
+    async def page_server(self, images: Path, pages: int) -> Any:
+        """On the target: receive one dump's memory from the connected socket ``pages``
+        into ``images``; returns once ready."""
         ...
 
     def keep_log(self, logfile: Path, what: str) -> str:

@@ -15,68 +15,19 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import trio
 
-from omuscd.migrate import Inherit
+from omuscd.migrate import Inherit, MoveError
 
 log = logging.getLogger("omuscd.migrate")
 
 #: Where ``tests/install-criu`` puts Debian 13's criu on a Debian 12 machine.
 PRIVATE_CRIU = "/var/cache/omuscd-criu/bin/criu"
 MIN_MAJOR = 4
-
-
-class MoveError(Exception):
-    """Dump or restore failed; the message says why (from CRIU's log when it can)."""
-
-
-@dataclass
-class Stream:
-    """Where a dump sends its memory pages as it goes: the target's page server, over TLS
-    with certificates made for this one move and exchanged over the authenticated cluster
-    channel (each side trusts only the other's), so the pages are as authenticated as
-    every other cluster message."""
-
-    address: str
-    port: int
-    peer_cert: Path  # the other side's certificate: the only one trusted
-    cert: Path
-    key: Path
-
-    def args(self) -> list[str]:
-        return ["--tls", "--tls-cacert", str(self.peer_cert), "--tls-cert", str(self.cert),
-                "--tls-key", str(self.key)]
-
-
-async def identity(directory: Path, name: str, *addresses: str) -> tuple[Path, Path]:
-    """A throw-away key and self-signed certificate for one move (openssl: CRIU's page
-    server authenticates with X.509 only), naming ``addresses``.  Both ends check a peer's
-    certificate against the page server's address, so the source's names the target's
-    too.  Returns (key, certificate)."""
-    names = ",".join(f"IP:{a}" for a in dict.fromkeys(addresses))
-    directory.mkdir(parents=True, exist_ok=True)
-    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-    r = await trio.run_process(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", f"/CN=omuscd-{name}", "-addext",
-         f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)],
-        capture_stdout=True, capture_stderr=True, check=False)
-    if r.returncode != 0:
-        raise MoveError(f"openssl could not make a certificate: "
-                        f"{r.stderr.decode(errors='replace').strip()[-200:]}")
-    return key, cert
-
-
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
 
 
 def find_criu(given: str | None) -> str | None:
@@ -113,8 +64,8 @@ class Criu:
 
     @property
     def streams(self) -> bool:
-        """Whether dumps can stream pages to the target (a page server over TLS)."""
-        return self.available and shutil.which("openssl") is not None
+        """Whether dumps can stream pages to the target (CRIU's page server)."""
+        return self.available
 
     def describe(self) -> str:
         return f"criu {self.version}" if self.version else f"off ({self.reason})"
@@ -212,8 +163,11 @@ class Criu:
 
     async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = ()) -> None:
         assert self.path is not None
+        # restore_signals=False: CRIU keeps this daemon's SIGPIPE ignored, so a page stream
+        # cut under a dump is an error it handles (resuming the job), not its death
         r = await trio.run_process([self.path, *args], check=False, capture_stdout=True,
-                                   capture_stderr=True, pass_fds=pass_fds)
+                                   capture_stderr=True, pass_fds=pass_fds,
+                                   restore_signals=False)
         if r.returncode != 0:
             kept = self.keep_log(logfile, args[0])
             cause = _first_error(logfile)
@@ -233,25 +187,24 @@ class Criu:
             return ""
         return f" (full log: {dest})"
 
-    async def dump(self, init_pid: int, images: Path, stream: Stream | None = None) -> None:
+    async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
         args = ["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
                 "-o", "dump.log", "-v2"]
-        if stream is not None:
-            args += ["--page-server", "--address", stream.address, "--port",
-                     str(stream.port), *stream.args()]
-        await self._criu(args, images / "dump.log")
+        if pages is not None:  # a connected socket: the page server is at its other end
+            args += ["--page-server", "--ps-socket", str(pages)]
+        await self._criu(args, images / "dump.log", () if pages is None else (pages,))
 
-    async def page_server(self, images: Path, stream: Stream) -> trio.Process:
-        """Start a page server that writes the pages of one dump into ``images``; it ends
-        when that dump is done.  Returns once it listens."""
+    async def page_server(self, images: Path, pages: int) -> trio.Process:
+        """Start a page server that writes the pages of one dump, read from the connected
+        socket ``pages``, into ``images``; it ends when that dump is done.  Returns once it
+        is ready."""
         assert self.path is not None
         r, w = os.pipe()
         try:
             proc = await trio.lowlevel.open_process(
-                [self.path, "page-server", "--images-dir", str(images), "--address",
-                 stream.address, "--port", str(stream.port), "--status-fd", str(w),
-                 *stream.args(), "-o", "page-server.log", "-v2"],
-                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                [self.path, "page-server", "--images-dir", str(images), "--ps-socket",
+                 str(pages), "--status-fd", str(w), "-o", "page-server.log", "-v2"],
+                pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
         finally:
             os.close(w)
