@@ -70,6 +70,9 @@ class Balancer:
         self.reclaimed = False
         self.expelling = False
         self.next_expel = 0.0
+        self._poked = trio.Event()
+        self.wake_at: float | None = None  # look again then (a job may move by then)
+        self.answers: dict[int, tuple[int, trio.Event]] = {}  # request -> (asked, all in)
 
     # ------------------------------------------------------------------ views
     @property
@@ -143,12 +146,22 @@ class Balancer:
                 if j.node == self.d.node_id and j.state == RUNNING]
 
     # ------------------------------------------------------------------ the loop
+    def poke(self) -> None:
+        """Look now rather than at the next interval: loads have just changed."""
+        self._poked.set()
+
     async def run(self) -> None:
         while True:
             # after a move, look again at once: a node with many jobs to shed would
             # otherwise send one per interval while the other nodes wait
             if not self.moved_last:
-                await trio.sleep(self.cfg.balance_interval)
+                deadline = trio.current_time() + self.cfg.balance_interval
+                if self.wake_at is not None:
+                    deadline = min(deadline, self.wake_at)
+                with trio.move_on_at(deadline):
+                    await self._poked.wait()
+            self.wake_at = None
+            self._poked = trio.Event()
             self.moved_last = False
             try:
                 await self.tick()
@@ -210,6 +223,8 @@ class Balancer:
         if decision.job is None:
             if not decision.reason.startswith("balanced"):
                 self.say(f"balancing: {decision.reason}")
+            if decision.retry_in is not None:
+                self.wake_at = now + decision.retry_in + 0.01
             return
         fastest = max([me.speed, *(n.speed for n in loads.values())])
         self.rid += 1
@@ -217,10 +232,16 @@ class Balancer:
         self.offers[rid] = []
         body = {"rid": rid, "pressure": round(me.pressure(fastest), 3),
                 "cpus": me.cpus, "job": decision.job}
+        asked = 0
         for node in self.d.members.live_nodes():
             if loads.get(node.id) is not None and loads[node.id].can_take:
                 self.d.send_message(wire.REQUEST, body, node.address)
-        await trio.sleep(OFFER_WAIT)
+                asked += 1
+        all_in = trio.Event()
+        self.answers[rid] = (asked, all_in)
+        with trio.move_on_after(OFFER_WAIT):  # or sooner, once every node asked answered
+            await all_in.wait()
+        self.answers.pop(rid, None)
         offers = self.offers.pop(rid, [])
         if not offers:
             self.backoff = min(MAX_BACKOFF, max(self.backoff * 2, self.cfg.balance_interval))
@@ -263,6 +284,9 @@ class Balancer:
             raise wire.WireError("malformed", "bad balancing offer") from None
         if rid in self.offers:
             self.offers[rid].append((after, sender))
+            asked, all_in = self.answers.get(rid, (0, None))
+            if all_in is not None and len(self.offers[rid]) >= asked:
+                all_in.set()
 
     # ------------------------------------------------------------------ controller/drone
     def controllers(self) -> list[int]:

@@ -34,6 +34,7 @@ log = logging.getLogger("omuscd")
 
 STARTUP_BURST = 2.0  # seconds during which a new node announces every gossip round
 SYNC_REPLIERS = 4  # expected number of nodes answering a broadcast HELLO with the table
+LOAD_SETTLE = 0.25  # seconds after jobs came or went before the load is sampled again
 
 
 class Daemon:
@@ -73,6 +74,7 @@ class Daemon:
         self.shutdown_reason: str | None = None
         self._shutdown = trio.Event()
         self._retime = None  # set to a trio.Event by the timer loop: wake it up early
+        self.sample_due: float | None = None  # an extra load sample, after jobs changed
         self.exit_code = exitcodes.OK
         self.on_ready: Callable[[], None] | None = None
         self.hangup_stops = False  # under --tui, SIGHUP means the terminal is gone
@@ -214,7 +216,13 @@ class Daemon:
         events = []
         for entry in wire.check_entries(body):
             mine = entry["id"] == hdr.node_id and entry["boot"] == hdr.boot
+            node = self.members.nodes.get(entry["id"])
+            before = float(node.entry["load"]) if node is not None else None
             events += self.members.merge(entry, now, auth, src if mine else None)
+            node = self.members.nodes.get(entry["id"])
+            if before is not None and node is not None and \
+                    abs(float(node.entry["load"]) - before) >= self.cfg.balance_threshold:
+                self.balancer.poke()  # a node's load jumped: look now, not next interval
         return events
 
     def _answer(self) -> None:
@@ -235,6 +243,18 @@ class Daemon:
             self.send_message(wire.LEAVE, {"entry": old}, dest)
         self.codec.node_id = self.members.my_id
 
+    def jobs_changed(self) -> None:
+        """A job started, ended, arrived or left here: sample the load again once the
+        change shows in the CPU figures (LOAD_SETTLE), rather than up to a load interval
+        later, and gossip it at once.  Balancing reacts in a fraction of a second to a
+        node that has just gone idle or busy."""
+        self.sampler.new_window()  # the next sample measures only the time after this
+        due = trio.current_time() + LOAD_SETTLE
+        if self.sample_due is None or due < self.sample_due:
+            self.sample_due = due
+        if self._retime is not None:
+            self._retime.set()
+
     # ------------------------------------------------------------------ the timer loop
     async def _timer_loop(self) -> None:
         """Gossip rounds, load samples and membership timeouts, in one task that sleeps
@@ -242,6 +262,13 @@ class Daemon:
         next_round = next_sample = next_announce = trio.current_time()
         while True:
             now = trio.current_time()
+            if self.sample_due is not None and now >= self.sample_due:
+                # jobs came or went here: measure, tell the others, and look now
+                self.sample_due = None
+                self.sampler.sample()
+                next_sample = now + self.cfg.load_interval
+                next_round = now
+                self.balancer.poke()
             if now >= next_sample:
                 self.sampler.sample()
                 next_sample = now + self.cfg.load_interval
@@ -255,7 +282,8 @@ class Daemon:
             events, deadline = self.members.sweep(now)
             self.publish(events)
             self._retime = trio.Event()
-            with trio.move_on_at(min(next_round, next_sample, deadline)):
+            due = self.sample_due if self.sample_due is not None else next_sample
+            with trio.move_on_at(min(next_round, next_sample, deadline, due)):
                 await self._retime.wait()
 
     def _gossip_round(self, now: float, announce: bool) -> None:

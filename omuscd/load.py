@@ -70,6 +70,11 @@ class Sampler:
     def _mem() -> int:
         return int(psutil.virtual_memory().available // (1024 * 1024))
 
+    @staticmethod
+    def new_window() -> None:
+        """Start measuring afresh: what the CPUs did before now no longer counts."""
+        psutil.cpu_percent(percpu=True)
+
     def sample(self) -> LoadSample:
         per_cpu = psutil.cpu_percent(percpu=True)
         lent = [c for c in self.lent if c < len(per_cpu)] or list(range(len(per_cpu)))

@@ -56,6 +56,7 @@ log = logging.getLogger("omuscd.migrate")
 CHUNK = 1 << 20
 IMAGE_STREAM = 9  # data frames carrying image and spool bytes
 STEP_TIMEOUT = 30.0
+DUMP_NICE = -20  # the nice of a job while CRIU dumps it (see _emigrate)
 RESTORE_TIMEOUT = 120.0
 
 
@@ -65,6 +66,31 @@ def tree(pid: int) -> list[int]:
         return [pid, *(p.pid for p in root.children(recursive=True))]
     except psutil.Error:
         return []
+
+
+def nice_of(pid: int) -> int | None:
+    """The one nice value of a job's processes, or None if they differ."""
+    try:
+        nices = {os.getpriority(os.PRIO_PROCESS, p) for p in tree(pid)}
+    except OSError:
+        return None
+    return nices.pop() if len(nices) == 1 else None
+
+
+def renice_tree(pid: int, nice: int) -> None:
+    for p in tree(pid):
+        try:
+            os.setpriority(os.PRIO_PROCESS, p, nice)
+        except OSError:
+            pass
+
+
+def pin_tree(pid: int, cpus: Any) -> None:
+    for p in tree(pid):
+        try:
+            os.sched_setaffinity(p, cpus)
+        except OSError:
+            pass
 
 
 def signal_tree(pid: int, sig: int) -> None:
@@ -306,6 +332,14 @@ class Migrations:
         streaming = streaming and reply.get("pages") is True  # an older target: copied
         job.state = MIGRATING
         job.notify()
+        # CRIU's parasite runs in the job's own threads, on its CPUs, among the jobs that
+        # made this node busy: at its own nice it would get a fraction of a CPU there.
+        # The freeze is shorter at DUMP_NICE; CRIU restores the nice value, so the target
+        # puts the job's own back (and so does a resume here).
+        nice = nice_of(job.pid)  # type: ignore[arg-type]
+        if nice is not None:
+            renice_tree(job.pid, DUMP_NICE)  # type: ignore[arg-type]
+        job.nice_before = nice
         frozen = trio.current_time()
         paged = 0
         try:
@@ -327,7 +361,7 @@ class Migrations:
             for out in (STDOUT, STDERR):
                 sent += await self._send_file(ch, "spool", str(out), jc.spool.path(job.id, out))
             transferred = trio.current_time()
-            await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "paths": {
+            await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "nice": nice, "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
                 "stderr": str(jc.spool.path(job.id, STDERR)),
                 "status": str(jc.spool.dir(job.id) / "status")}})
@@ -370,6 +404,8 @@ class Migrations:
         if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
             return
         if job.pid is not None:
+            if job.nice_before is not None:
+                renice_tree(job.pid, job.nice_before)
             signal_tree(job.pid, signal.SIGCONT)
         job.state = RUNNING
         job.notify()
@@ -468,6 +504,8 @@ class Migrations:
                     paths = dict(m["paths"])
                     job.cpu_moved = float(m.get("cpu", job.cpu_moved))
                     pid = await self._restore(job, images, spool_dir, paths)
+                    if isinstance(m.get("nice"), int):
+                        renice_tree(pid, max(-20, min(19, m["nice"])))
                     await ch.send({"op": "restored", "pid": pid, "paged": paged})
                     break
                 else:
@@ -529,11 +567,7 @@ class Migrations:
         finally:
             for fd in fds:
                 os.close(fd)
-        for p in tree(pid):  # CRIU restores the source's affinity; ours is what we lend
-            try:
-                os.sched_setaffinity(p, self.d.cfg.cpus)
-            except OSError:
-                pass
+        pin_tree(pid, self.d.cfg.cpus)  # CRIU restores the source's; ours is what we lend
         return pid
 
     def _adopted(self, job: Job, pid: int) -> None:
@@ -561,8 +595,12 @@ class Migrations:
         jc._nursery().start_soon(self._watch_adopted, record, pid)
 
     async def _watch_adopted(self, job: Job, pid: int) -> None:
-        if await adopt(job, self.jc.spool, pid) and job.home == self.jc.me:
-            self.jc._finished(job)
+        self.d.jobs_changed()  # it arrived
+        try:
+            if await adopt(job, self.jc.spool, pid) and job.home == self.jc.me:
+                self.jc._finished(job)
+        finally:
+            self.d.jobs_changed()  # it ended or left
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         job = self.jc.find(str(msg.get("job")))

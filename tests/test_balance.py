@@ -40,8 +40,21 @@ def test_policy_moves_only_what_helps():
     assert "reverse" in decide(node(1, 1.0), [node(2, 0.07)], [job(1)], p).reason
     # 2 against an idle node showing some noise (0.3): the gap narrows, so move
     assert decide(node(1, 2.0), [node(2, 0.3)], [job(1)], p).target == 2
-    # the oldest of equal jobs first, in the order they were given
-    assert decide(node(1, 4.0), [node(2, 0.0)], [job(10), job(9)], p).job == "1.9"
+    # of equal jobs, an even serial number first (consecutive jobs are split between
+    # nodes), the first given of them; an odd one when no even one can move
+    assert decide(node(1, 4.0), [node(2, 0.0)], [job(12), job(9), job(10)], p).job == "1.10"
+    assert decide(node(1, 4.0), [node(2, 0.0)], [job(9), job(11)], p).job == "1.9"
+    # an even one that is nearly old enough is waited for
+    wait = decide(node(1, 4.0), [node(2, 0.0)], [job(9), job(10, age=0.6)], p)
+    assert wait.job is None and wait.retry_in == pytest.approx(0.4)
+    # memory within one step counts as equal; a cheaper step goes first
+    assert decide(node(1, 4.0), [node(2, 0.0)], [job(1, rss_mb=3.0), job(2, rss_mb=9.0)],
+                  p).job == "1.2"
+    assert decide(node(1, 4.0), [node(2, 0.0)], [job(2, rss_mb=90.0), job(1, rss_mb=3.0)],
+                  p).job == "1.1"
+    # too young only: the balancer is told when to look again
+    soon = decide(node(1, 4.0), [node(2, 0.0)], [job(1, age=0.25), job(2, age=0.5)], p)
+    assert soon.job is None and soon.retry_in == pytest.approx(0.5)
     assert decide(node(1, 4.0), [node(2, 0.0, can_take=False)], [job(1)], p).job is None
     young = decide(node(1, 4.0), [node(2, 0.0)], [job(1, age=0.5)], p)
     assert young.job is None and "younger" in young.reason

@@ -204,6 +204,27 @@ def test_best_spreads_jobs_started_at_once(cluster):
         n["c"].ctl("noblock")
 
 
+def test_a_job_starting_or_ending_shows_in_the_load_at_once(cluster):
+    """Not at the next load interval (30 s here): balancing hears of it in a moment."""
+    _, _, _, n = cluster
+    a = n["a"]
+
+    def load() -> float:
+        return next(v["load"] for v in a.json("nodes")["nodes"] if v["name"] == "a")
+
+    assert a.ctl("set load_interval 30").ok
+    try:
+        wait_for(lambda: load() < 0.5, 10, "a to be idle")
+        time.sleep(1.5)  # the sample due at the old interval is taken; the next in 30 s
+        r = run(a, "--node", "a", "--detach", "--", "sh", "-c", "while :; do :; done")
+        job = r.stdout.decode().strip()
+        wait_for(lambda: load() >= 0.8, 3, "the load to show the job")
+        assert a.ctl(f"kill {job} KILL").ok
+        wait_for(lambda: load() < 0.5, 3, "the load to show the job gone")
+    finally:
+        a.ctl("set load_interval 1")
+
+
 def test_detach_then_attach_from_start_or_follow(cluster):
     _, _, _, n = cluster
     script = "echo one; sleep 1; echo two; sleep 1; echo three; exit 5"

@@ -91,6 +91,21 @@ def memory_job(node, flag, tag: str) -> tuple[subprocess.Popen[bytes], list[byte
     return p, ready, job_of(node, tag)
 
 
+def job_processes(tag: str) -> list[int]:
+    """The job's own processes (not its init, not the omuscd run that started it)."""
+    procs = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
+    mine = []
+    for pid in procs:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if "jobinit" not in cmd and "omuscd run" not in cmd.replace("\0", " ") and \
+                "-m\0omuscd" not in cmd:
+            mine.append(int(pid))
+    return mine
+
+
 def frozen_line(node, job: str) -> str:
     """The source's log line that times a move of ``job`` (the last one)."""
     return [ln for ln in node.log().splitlines() if f"job {job} frozen" in ln][-1]
@@ -134,6 +149,9 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     mb = float(moved.text.split("frozen")[1].split(",")[1].split()[0])
     assert mb >= 256
     assert "(memory streamed to the target)" in frozen_line(n["a"], job)
+    # it was dumped at a high priority; it runs at its own again
+    pids = job_processes("omuscd-migration-test-2")
+    assert pids and {os.getpriority(os.PRIO_PROCESS, p) for p in pids} == {0}, pids
     # It must outlive the daemon thread that ran criu: trio retires idle worker threads
     # after 10 s, and a parent-death signal restored into the job once killed it then.
     time.sleep(12)
@@ -343,12 +361,9 @@ def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluste
     view = n["a"].json(f"job {job}")
     assert view["state"] == "running" and view["node_name"] == "a"
     # exactly one copy, and it runs (not left frozen)
-    procs = subprocess.run(["pgrep", "-f", "omuscd-migration-test-4"], capture_output=True,
-                           text=True).stdout.split()
-    commands = [pid for pid in procs if "jobinit" not in open(f"/proc/{pid}/cmdline").read()
-                and "omuscd run" not in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-                and "-m\0omuscd" not in open(f"/proc/{pid}/cmdline").read()]
-    assert len(commands) == 1, procs
+    commands = job_processes("omuscd-migration-test-4")
+    assert len(commands) == 1, commands
+    assert os.getpriority(os.PRIO_PROCESS, commands[0]) == 0  # its own priority again
     state = open(f"/proc/{commands[0]}/stat").read().rsplit(")", 1)[1].split()[0]
     assert state in ("S", "R"), state
     flag.touch()

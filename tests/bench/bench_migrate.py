@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import workdir
+from common import pin, workdir
 
 from omuscd import config
 from omuscd.migrate.criu import find_criu
@@ -73,12 +73,6 @@ def bare_pair(criu: str, mb: int, keep: bool) -> float:
 
 
 PINS = (("a", 0), ("b", 1)) if (os.cpu_count() or 1) > 1 else (("a", 0), ("b", 0))
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Every thread of ``pid`` (and so what it starts later) on ``cpu``."""
-    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True,
-                   capture_output=True)
 
 
 @contextlib.contextmanager

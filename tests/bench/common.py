@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,3 +46,10 @@ def loopback_pair(work: Path) -> tuple[Daemon, Daemon]:
     b = loopback_daemon("b", "127.0.0.62", work, "--key-file", str(key),
                         "--peer", "127.0.0.61:34270")
     return a, b
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` (and so what it starts later) on ``cpu``: one node of a
+    two-node bench on one machine keeps to its own CPU, as on a machine of its own."""
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True,
+                   capture_output=True)
