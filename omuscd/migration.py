@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,28 +78,25 @@ def nice_of(pid: int) -> int | None:
     return nices.pop() if len(nices) == 1 else None
 
 
-def renice_tree(pid: int, nice: int) -> None:
+def each_in_tree(pid: int, act: Callable[[int], object]) -> None:
+    """``act`` on every process of a job; one that is gone (or refuses) is passed over."""
     for p in tree(pid):
         try:
-            os.setpriority(os.PRIO_PROCESS, p, nice)
+            act(p)
         except OSError:
             pass
+
+
+def renice_tree(pid: int, nice: int) -> None:
+    each_in_tree(pid, lambda p: os.setpriority(os.PRIO_PROCESS, p, nice))
 
 
 def pin_tree(pid: int, cpus: Any) -> None:
-    for p in tree(pid):
-        try:
-            os.sched_setaffinity(p, cpus)
-        except OSError:
-            pass
+    each_in_tree(pid, lambda p: os.sched_setaffinity(p, cpus))
 
 
 def signal_tree(pid: int, sig: int) -> None:
-    for p in tree(pid):
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
+    each_in_tree(pid, lambda p: os.kill(p, sig))
 
 
 class Migrations:

@@ -213,15 +213,20 @@ def test_a_job_starting_or_ending_shows_in_the_load_at_once(cluster):
         return next(v["load"] for v in a.json("nodes")["nodes"] if v["name"] == "a")
 
     assert a.ctl("set load_interval 30").ok
+    job = None
     try:
         wait_for(lambda: load() < 0.5, 10, "a to be idle")
         time.sleep(1.5)  # the sample due at the old interval is taken; the next in 30 s
-        r = run(a, "--node", "a", "--detach", "--", "sh", "-c", "while :; do :; done")
+        r = run(a, "--node", "a", "--detach", "--", "sh", "-c",
+                "while :; do :; done # omuscd-test-job")
         job = r.stdout.decode().strip()
         wait_for(lambda: load() >= 0.8, 3, "the load to show the job")
         assert a.ctl(f"kill {job} KILL").ok
+        job = None
         wait_for(lambda: load() < 0.5, 3, "the load to show the job gone")
     finally:
+        if job:
+            a.ctl(f"kill {job} KILL")
         a.ctl("set load_interval 1")
 
 
