@@ -248,10 +248,10 @@ class Daemon:
         change shows in the CPU figures (LOAD_SETTLE), rather than up to a load interval
         later, and gossip it at once.  Balancing reacts in a fraction of a second to a
         node that has just gone idle or busy."""
-        self.sampler.new_window()  # the next sample measures only the time after this
-        due = trio.current_time() + LOAD_SETTLE
-        if self.sample_due is None or due < self.sample_due:
-            self.sample_due = due
+        # the extra sample measures the time after the last change only, and at least
+        # LOAD_SETTLE of it (a burst of changes postpones it; regular samples go on)
+        self.sampler.new_window()
+        self.sample_due = trio.current_time() + LOAD_SETTLE
         if self._retime is not None:
             self._retime.set()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -57,26 +58,40 @@ def compute_load(per_cpu_util: list[float], lent: list[int],
     return round(load, 3), round(util, 1)
 
 
+def busy_percent(before: list[Any], after: list[Any]) -> list[float]:
+    """Per CPU, the busy share of the time between two ``psutil.cpu_times(percpu=True)``."""
+    out = []
+    for b, a in zip(before, after, strict=False):
+        total = sum(a) - sum(b)
+        idle = (a.idle - b.idle) + (getattr(a, "iowait", 0.0) - getattr(b, "iowait", 0.0))
+        out.append(0.0 if total <= 0 else max(0.0, min(100.0, 100.0 * (total - idle) / total)))
+    return out
+
+
 class Sampler:
-    """Takes load samples.  psutil measures CPU time between calls, so a sample costs a
-    few /proc reads and never blocks."""
+    """Takes load samples from the CPU times since the last one: a few /proc reads, never
+    blocking.  After jobs came or went, :meth:`new_window` starts a separate window, so
+    that the extra sample shows the time after the change alone (the regular one is not
+    disturbed)."""
 
     def __init__(self, lent: list[int]):
         self.lent = lent
-        psutil.cpu_percent(percpu=True)  # prime the counters
+        self.base = psutil.cpu_times(percpu=True)
+        self.window: list[Any] | None = None  # CPU times when jobs last came or went
         self.last = LoadSample(0.0, 0.0, 0, self._mem())
 
     @staticmethod
     def _mem() -> int:
         return int(psutil.virtual_memory().available // (1024 * 1024))
 
-    @staticmethod
-    def new_window() -> None:
-        """Start measuring afresh: what the CPUs did before now no longer counts."""
-        psutil.cpu_percent(percpu=True)
+    def new_window(self) -> None:
+        """Measure the next sample from now: what the CPUs did before no longer counts."""
+        self.window = psutil.cpu_times(percpu=True)
 
     def sample(self) -> LoadSample:
-        per_cpu = psutil.cpu_percent(percpu=True)
+        now = psutil.cpu_times(percpu=True)
+        per_cpu = busy_percent(self.window if self.window is not None else self.base, now)
+        self.base, self.window = now, None
         lent = [c for c in self.lent if c < len(per_cpu)] or list(range(len(per_cpu)))
         busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
         runnable = runnable_on(set(lent)) if busy else None
