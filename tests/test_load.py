@@ -26,3 +26,22 @@ def test_runnable_tasks_are_counted_on_their_cpu():
         for h in hogs:
             h.kill()
             h.wait()
+
+
+def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
+    """Busy until a job ended, idle since: the sample after the change says idle (the
+    window since the last regular sample would say 45 % busy)."""
+    from collections import namedtuple
+
+    from omuscd import load
+
+    t = namedtuple("t", "user idle iowait")
+    times = iter([[t(0.0, 0.0, 0.0)],    # the last sample
+                  [t(9.0, 1.0, 0.0)],    # the change: 90 % busy until then
+                  [t(9.0, 11.0, 0.0)]])  # the extra sample: idle since
+    monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: next(times))
+    monkeypatch.setattr(load, "runnable_on", lambda cpus, me=None: 0)
+    s = load.Sampler([0])
+    s.new_window()
+    assert s.sample().util == 0.0
+    assert load.busy_percent([t(0.0, 0.0, 0.0)], [t(9.0, 11.0, 0.0)]) == [45.0]
