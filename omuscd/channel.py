@@ -119,17 +119,16 @@ class Channel:
         have = min(n, len(self._buf))
         payload[:have] = self._buf[:have]
         del self._buf[:have]
-        view = payload
         sock = getattr(self.stream, "socket", None)
         while have < n:
             if sock is None:  # not a socket (tests): the plain stream interface
                 chunk = await self._receive_some(n - have)
-                view[have:have + len(chunk)] = chunk
+                payload[have:have + len(chunk)] = chunk
                 have += len(chunk)
                 continue
             try:
-                got = await sock.recv_into(view[have:])
-            except OSError as e:
+                got = await sock.recv_into(payload[have:])
+            except (trio.ClosedResourceError, OSError) as e:
                 raise ChannelError(f"receive failed: {e}") from None
             if not got:
                 raise ChannelError("connection closed by the peer")
