@@ -135,6 +135,8 @@ class Balancer:
         if job.node == self.d.node_id:
             measure(job)
         landed = [m["time"] for m in job.moves if "failed" not in m]
+        if job.landed_at:
+            landed.append(job.landed_at)
         since_move = now_wall - max(landed) if landed else float("inf")  # never moved
         return JobLoad(job.id, job.home, job.rss_mb, now_wall - job.started, since_move,
                        job.stay, job.cannot_move)

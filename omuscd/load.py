@@ -18,6 +18,8 @@ import psutil
 
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
+#: How CRIU shows in /proc: itself, or the loader of tests/install-criu's private copy.
+CRIU_COMMANDS = (b"criu", b"ld-linux-x86-64")
 
 
 @dataclass
@@ -29,19 +31,27 @@ class LoadSample:
 
 
 def runnable_on(cpus: set[int], me: int | None = None) -> int:
-    """Processes running or waiting to run whose last CPU is one of ``cpus``."""
+    """Processes running or waiting to run whose last CPU is one of ``cpus``, but not this
+    daemon nor the CRIU it runs to move a job: a move in progress is not load (counted,
+    it made a node that had just taken a job look busy enough to send one straight
+    back)."""
     count = 0
     me = os.getpid() if me is None else me
+    mine = str(me).encode()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
             with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
+                head, tail = f.read().rsplit(b")", 1)
+            fields = tail.split()
+        except (OSError, ValueError):
             continue
-        if fields[0] == b"R" and len(fields) > 36 and int(fields[36]) in cpus:
-            count += 1
+        if fields[0] != b"R" or len(fields) <= 36 or int(fields[36]) not in cpus:
+            continue
+        if fields[1] == mine and head.split(b"(", 1)[-1] in CRIU_COMMANDS:
+            continue
+        count += 1
     return count
 
 

@@ -583,6 +583,9 @@ class Migrations:
                 scope.cancel()
         record.node, record.node_name = jc.me, self.d.name
         record.state, record.node_changed = RUNNING, False
+        # a guest's record came before its move was booked (at the home): min_stay counts
+        # from here, or balancing here would send it straight on
+        record.landed_at = time.time()
         record.pid = pid
         record.cpu_moved = job.cpu_moved
         for stream in (STDOUT, STDERR):
