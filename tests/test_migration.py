@@ -113,18 +113,18 @@ def frozen_line(node, job: str) -> str:
 
 def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     _, _, _, n = cluster
-    count = "15000000"  # several seconds of CPU: it must not end during the moves
+    count = "20000000"  # several seconds of CPU: it must not end during the moves
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     ref = subprocess.run([PY, "-c", CHECKSUM, count], capture_output=True, cwd="/tmp")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     ref_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     p = start(n["a"], PY, "-c", CHECKSUM, count, "omuscd-migration-test-1")
     job = job_of(n["a"], "omuscd-migration-test-1")
-    time.sleep(0.5)
+    time.sleep(1)  # each stay a good share of the CPU time, so that a lost one shows
     there = n["a"].ctl(f"migrate {job} b")
     assert there.code == 200 and "migrated to b" in there.text, there
     assert n["a"].json(f"job {job}")["node_name"] == "b"
-    time.sleep(0.5)
+    time.sleep(1)
     back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
     assert back.code == 200 and "migrated to a" in back.text, back
     # its memory went while it was dumped, relayed over the cluster channel
@@ -134,8 +134,9 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert out == ref.stdout and err == ref.stderr == b""
     view = n["a"].json(f"job {job}")
     assert view["migrations"] == 2 and view["state"] == "exited" and view["node_name"] == "a"
-    # CPU time counts every stay (a restore starts the kernel's count again)
-    assert view["cpu"] >= 0.85 * ref_cpu, (view["cpu"], ref_cpu)
+    # CPU time counts every stay (a restore starts the kernel's count again); each stay
+    # is about a third of it, the margin is for a machine shared with the daemons
+    assert view["cpu"] >= 0.75 * ref_cpu, (view["cpu"], ref_cpu)
     feed = n["a"].log()
     assert f"job {job} migrated to b: frozen" in feed and f"job {job} migrated to a" in feed
 
