@@ -96,9 +96,9 @@ def main() -> None:
     with NetnsLan(2, prefix="omb") as lan:
         nodes = [start_daemon(name, ["--key-file", str(key), "--cpus", str(cpu)], work,
                               netns=lan.ns(i)) for i, (name, cpu) in enumerate(PINS)]
-        for d, (_, cpu) in zip(nodes, PINS, strict=True):
-            pin(d.popen.pid, cpu)
         try:
+            for d, (_, cpu) in zip(nodes, PINS, strict=True):
+                pin(d.popen.pid, cpu)
             wait_for(lambda: "b" in nodes[0].nodes(), 10, "a to see b")
             for mb in sizes:
                 with pinned(PINS[0][1]):
