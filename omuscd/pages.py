@@ -74,10 +74,10 @@ async def send_pages(ch: Channel, dump: Callable[[int], Awaitable[None]]) -> int
         finally:
             theirs.close()  # CRIU has exited: our end now reads to its end
     mine.socket.close()
+    if relay.error:  # the cause: a failed relay closes CRIU's socket, failing the dump
+        raise MoveError(relay.error)
     if failed is not None:
         raise failed
-    if relay.error:
-        raise MoveError(relay.error)
     return relay.paged
 
 
