@@ -373,13 +373,13 @@ class JobControl:
         except JobError:
             table.pop(job.id, None)
             raise
+        self.d.jobs_changed()  # it runs here now: the load is looked at again
 
     async def _counted(self, runner: Any, job: Job, env: dict[str, str],
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run a job here; the load is looked at again when it starts and when it ends
-        (or leaves)."""
+        """Run a job here; the load is looked at again when it ends (or leaves)."""
         try:
-            await runner(job, env, task_status=_Started(task_status, self.d.jobs_changed))
+            await runner(job, env, task_status=task_status)
         finally:
             self.d.jobs_changed()
 
@@ -887,14 +887,3 @@ def _is_job_init(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE and any("jobinit" in a for a in p.cmdline())
     except psutil.Error:
         return False
-
-
-class _Started:
-    """A task status that also says when the job has started."""
-
-    def __init__(self, status: trio.TaskStatus[None], then: Any):
-        self.status, self.then = status, then
-
-    def started(self, value: None = None) -> None:
-        self.status.started(value)
-        self.then()
