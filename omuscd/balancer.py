@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -51,11 +52,20 @@ OFFER_WAIT = 0.3  # seconds a requester collects offers
 MAX_BACKOFF = 30.0
 
 
+@dataclass
+class _Request:
+    """A request for room of ours, while its offers come in."""
+
+    asked: int = 0
+    offers: list[tuple[float, int]] = field(default_factory=list)  # (pressure after, node)
+    all_in: trio.Event = field(default_factory=trio.Event)
+
+
 class Balancer:
     def __init__(self, daemon: Daemon):
         self.d = daemon
         self.rid = 0
-        self.offers: dict[int, list[tuple[float, int]]] = {}  # request id -> (after, node)
+        self.requests: dict[int, _Request] = {}  # ours, collecting offers, by request id
         self.held: list[float] = []  # until when offered room is held for requesters
         # moves made here: (until, node, demand change, the node's demand when made)
         self.pending: list[tuple[float, int, float, float]] = []
@@ -72,7 +82,6 @@ class Balancer:
         self.next_expel = 0.0
         self._poked = trio.Event()
         self.wake_at: float | None = None  # look again then (a job may move by then)
-        self.answers: dict[int, tuple[int, trio.Event]] = {}  # request -> (asked, all in)
 
     # ------------------------------------------------------------------ views
     @property
@@ -231,20 +240,16 @@ class Balancer:
         fastest = max([me.speed, *(n.speed for n in loads.values())])
         self.rid += 1
         rid = self.rid
-        self.offers[rid] = []
+        request = self.requests[rid] = _Request()
         body = {"rid": rid, "pressure": round(me.pressure(fastest), 3),
                 "cpus": me.cpus, "job": decision.job}
-        asked = 0
         for node in self.d.members.live_nodes():
             if loads.get(node.id) is not None and loads[node.id].can_take:
                 self.d.send_message(wire.REQUEST, body, node.address)
-                asked += 1
-        all_in = trio.Event()
-        self.answers[rid] = (asked, all_in)
+                request.asked += 1
         with trio.move_on_after(OFFER_WAIT):  # or sooner, once every node asked answered
-            await all_in.wait()
-        self.answers.pop(rid, None)
-        offers = self.offers.pop(rid, [])
+            await request.all_in.wait()
+        offers = self.requests.pop(rid).offers
         if not offers:
             self.backoff = min(MAX_BACKOFF, max(self.backoff * 2, self.cfg.balance_interval))
             self.backoff_until = trio.current_time() + self.backoff
@@ -284,11 +289,11 @@ class Balancer:
             rid, after = int(body["rid"]), float(body["after"])
         except (KeyError, TypeError, ValueError):
             raise wire.WireError("malformed", "bad balancing offer") from None
-        if rid in self.offers:
-            self.offers[rid].append((after, sender))
-            asked, all_in = self.answers.get(rid, (0, None))
-            if all_in is not None and len(self.offers[rid]) >= asked:
-                all_in.set()
+        request = self.requests.get(rid)
+        if request is not None:
+            request.offers.append((after, sender))
+            if len(request.offers) >= request.asked:
+                request.all_in.set()
 
     # ------------------------------------------------------------------ controller/drone
     def controllers(self) -> list[int]:

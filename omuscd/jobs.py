@@ -93,7 +93,6 @@ class Job:
     stdin_pipe: Any = field(default=None, repr=False)  # --stdin: where its input goes here
     run: int = 0  # this node's count of the job's stays here: only the current one ends it
     pid: int | None = None  # on the node running it: the job's init, seen from outside
-    nice_before: int | None = field(default=None, repr=False)  # while it is being dumped
     landed_at: float = field(default=0.0, repr=False)  # wall time it last arrived here
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -122,7 +121,7 @@ class Job:
     def _record(self) -> dict[str, Any]:
         """The plain fields (not ``asdict``: it would deep-copy the trio Event)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("changed", "stdin_pipe", "run", "nice_before", "landed_at")}
+             if f.name not in ("changed", "stdin_pipe", "run", "landed_at")}
         d["owner"] = asdict(self.owner)
         d["argv"] = list(self.argv)
         d["exit"] = dict(self.exit) if self.exit else None

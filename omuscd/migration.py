@@ -337,7 +337,6 @@ class Migrations:
         nice = nice_of(job.pid)  # type: ignore[arg-type]
         if nice is not None:
             renice_tree(job.pid, DUMP_NICE)  # type: ignore[arg-type]
-        job.nice_before = nice
         frozen = trio.current_time()
         paged = 0
         try:
@@ -346,7 +345,7 @@ class Migrations:
             else:
                 await mover.dump(job.pid, images)  # type: ignore[arg-type]
         except MoveError as e:
-            self._resume(job)  # CRIU resumes the tasks when a dump fails; make sure
+            self._resume(job, nice)  # CRIU resumes the tasks when a dump fails; make sure
             raise JobError(f"move failed, job resumed here: {e}") from None
         dumped = trio.current_time()
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
@@ -368,7 +367,7 @@ class Migrations:
             if reply.get("op") != "restored":
                 raise MoveError(str(reply.get("reason", "restore failed")))
         except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
-            self._resume(job)
+            self._resume(job, nice)
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
         # the point of no return is the target's 'running'
         try:
@@ -379,7 +378,7 @@ class Migrations:
         except (ChannelError, trio.TooSlowError):
             running = await self._ask_target(job, target)
         if not running:
-            self._resume(job)
+            self._resume(job, nice)
             raise JobError("the target did not take the job; it resumed here")
         now = trio.current_time()
         freeze = now - frozen
@@ -398,12 +397,12 @@ class Migrations:
                 await ch.send_data(IMAGE_STREAM, chunk)
         return size
 
-    def _resume(self, job: Job) -> None:
+    def _resume(self, job: Job, nice: int | None) -> None:
         if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
             return
         if job.pid is not None:
-            if job.nice_before is not None:
-                renice_tree(job.pid, job.nice_before)
+            if nice is not None:  # its own priority back (see _emigrate)
+                renice_tree(job.pid, nice)
             signal_tree(job.pid, signal.SIGCONT)
         job.state = RUNNING
         job.notify()
