@@ -107,8 +107,11 @@ def decisions(n) -> str:
 def kill_all(n, jobs: list[str]) -> None:
     for j in jobs:
         n["a"].ctl(f"kill {j} KILL")
-    wait_for(lambda: n["a"].json("nodes")["nodes"][0]["jobs"] == 0 and
-             all(v["jobs"] == 0 for v in n["a"].nodes().values()), 10, "the jobs to end")
+    try:
+        wait_for(lambda: n["a"].json("nodes")["nodes"][0]["jobs"] == 0 and
+                 all(v["jobs"] == 0 for v in n["a"].nodes().values()), 10, "the jobs to end")
+    except AssertionError as e:  # say what is left, and why
+        raise AssertionError(f"{e}\n{n['a'].ctl('jobs --all').text}\n{decisions(n)}") from None
 
 
 def test_peer_to_peer_spreads_four_jobs_two_and_two_without_ping_pong(cluster):
