@@ -27,6 +27,8 @@ from typing import Any
 import psutil
 import trio
 
+from omuscd import proctab
+
 log = logging.getLogger("omuscd.jobs")
 
 RUNNING, MIGRATING, EXITED, LOST = "running", "migrating", "exited", "lost"
@@ -281,18 +283,10 @@ def refresh_usage(jobs: list[Job]) -> None:
     running = {j.pid: j for j in jobs if j.pid is not None and j.state == RUNNING}
     if not running:
         return
-    kids: dict[int, list[psutil.Process]] = {}
-    for p in psutil.process_iter(["ppid"]):
-        kids.setdefault(p.info["ppid"] or 0, []).append(p)
-    for pid, job in running.items():
-        below: list[psutil.Process] = []
-        todo = list(kids.get(pid, []))
-        while todo:
-            p = todo.pop()
-            below.append(p)
-            todo += kids.get(p.pid, [])
-        cpu, rss_mb = _usage(below)
-        job.cpu, job.rss_mb = job.cpu_moved + cpu, rss_mb
+    for pid, below in proctab.descendants(proctab.scan(), set(running)).items():
+        job = running[pid]
+        job.cpu = job.cpu_moved + sum(p.cpu_seconds for p in below)
+        job.rss_mb = sum(p.rss for p in below) / (1024 * 1024)
 
 
 def measure(job: Job) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from omuscd import proctab
+
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
 #: How CRIU shows in /proc: itself, or the loader of tests/install-criu's private copy.
@@ -32,27 +34,15 @@ class LoadSample:
 
 def runnable_on(cpus: set[int], me: int | None = None) -> int:
     """Processes running or waiting to run whose last CPU is one of ``cpus``, but not this
-    daemon nor the CRIU it runs to move a job: a move in progress is not load (counted,
-    it made a node that had just taken a job look busy enough to send one straight
-    back)."""
-    count = 0
+    daemon nor the CRIU it runs to move a job, with the processes CRIU is restoring: a
+    move in progress is not load (counted, it made a node that had just taken a job look
+    busy enough to send one straight back, or too busy to take the next)."""
     me = os.getpid() if me is None else me
-    mine = str(me).encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                head, tail = f.read().rsplit(b")", 1)
-            fields = tail.split()
-        except (OSError, ValueError):
-            continue
-        if fields[0] != b"R" or len(fields) <= 36 or int(fields[36]) not in cpus:
-            continue
-        if fields[1] == mine and head.split(b"(", 1)[-1] in CRIU_COMMANDS:
-            continue
-        count += 1
-    return count
+    table = proctab.scan(skip=me)
+    criu = {p.pid for p in table.values() if p.ppid == me and p.comm in CRIU_COMMANDS}
+    moving = {p.pid for below in proctab.descendants(table, criu).values() for p in below}
+    return sum(1 for p in table.values()
+               if p.state == b"R" and p.cpu in cpus and p.pid not in criu | moving)
 
 
 def compute_load(per_cpu_util: list[float], lent: list[int],

@@ -18,19 +18,32 @@ def test_runnable_tasks_are_counted_on_their_cpu(tmp_path):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
                              preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
             for _ in range(3)]
-    # and one that looks like CRIU run by this process (the daemon): a move, not load
+    # and one that looks like CRIU run by this process (the daemon), with a process it is
+    # restoring under it: a move, not load
     (tmp_path / "criu").symlink_to("/bin/sh")
-    criu = subprocess.Popen([str(tmp_path / "criu"), "-c", "while :; do :; done"],
-                            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-    hogs.append(criu)
+    spin = f"{sys.executable} -c 'while True: pass'"
+    criu = subprocess.Popen([str(tmp_path / "criu"), "-c", f"{spin} & {spin} & wait"],
+                            preexec_fn=lambda: (os.setsid(), os.sched_setaffinity(0, {cpu})))
     try:
         time.sleep(0.5)
+        under = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == criu.pid]
+        assert len(under) == 2, under
         counts = [runnable_on({cpu}) for _ in range(5)]
         assert 3 <= max(counts) <= 3, counts
     finally:
+        os.killpg(criu.pid, 9)
+        criu.wait()
         for h in hogs:
             h.kill()
             h.wait()
+
+
+def _parent(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
 
 
 def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):

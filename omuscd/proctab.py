@@ -1,0 +1,63 @@
+"""One pass over the process table, read straight from ``/proc/PID/stat``.
+
+The load sampler counts runnable tasks on the lent CPUs and ``jobs`` adds up the CPU time
+of each job's processes; both need every process's parent, and a pass through psutil
+cost three times a plain read of the one file that has it all (2.6 ms against 0.9 ms for
+67 processes here), paid on every ``jobs`` a script asks for while the node is busiest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(slots=True)
+class Proc:
+    pid: int
+    ppid: int
+    comm: bytes
+    state: bytes  # R running or runnable, S sleeping, T stopped, ...
+    cpu: int  # the CPU it last ran on
+    cpu_seconds: float  # its own user and system time and that of its reaped children
+    rss: int  # resident bytes
+
+
+def scan(skip: int | None = None) -> dict[int, Proc]:
+    """Every process but ``skip``; one that ends while being read is left out."""
+    table: dict[int, Proc] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == skip:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                head, tail = f.read().rsplit(b")", 1)
+            v = tail.split()
+            table[pid] = Proc(pid, int(v[1]), head.split(b"(", 1)[-1], v[0], int(v[36]),
+                              sum(int(x) for x in v[11:15]) / _TICK, int(v[21]) * _PAGE)
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def descendants(table: dict[int, Proc], roots: set[int]) -> dict[int, list[Proc]]:
+    """For each of ``roots``, the processes below it."""
+    kids: dict[int, list[Proc]] = {}
+    for p in table.values():
+        kids.setdefault(p.ppid, []).append(p)
+    out: dict[int, list[Proc]] = {}
+    for root in roots:
+        below: list[Proc] = []
+        todo = list(kids.get(root, []))
+        while todo:
+            p = todo.pop()
+            below.append(p)
+            todo += kids.get(p.pid, [])
+        out[root] = below
+    return out
