@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
-from omuscd import balance, channel
+from omuscd import balance, channel, jobinit
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
 from omuscd.jobs import (
@@ -42,6 +42,7 @@ from omuscd.jobs import (
     JobError,
     Owner,
     Spool,
+    catches,
     check_runnable,
     init_pid,
     measure,
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("omuscd.jobs")
 
 QUERY_TIMEOUT = 3.0
+INIT_READY_WAIT = 2.0  # seconds a signal waits for a starting job's init to catch it
 INFO_EVERY = 2.0
 CHUNK = 256 * 1024
 NODE_FLAGS = ("blocked", "lstay", "quiet")
@@ -673,7 +675,7 @@ class JobControl:
                 elif msg.get("op") == "stdin-eof":
                     await self.feed_stdin(job, b"")
                 elif msg.get("op") == "signal":
-                    self.signal_local(job, int(msg.get("sig", signal.SIGTERM)))
+                    await self.signal_local(job, int(msg.get("sig", signal.SIGTERM)))
         except ChannelError:
             scope.cancel()  # the home went away; the job runs on, and it may reattach
 
@@ -702,16 +704,28 @@ class JobControl:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             job.stdin_pipe = None  # the job closed its input: drop the rest, as a pipe would
 
-    def signal_local(self, job: Job, sig: int) -> None:
+    async def signal_local(self, job: Job, sig: int) -> None:
         """Signals go to the job's init, which forwards them; SIGKILL and SIGSTOP cannot be
-        caught, so they go straight to the command (the init then reports its end)."""
+        caught, so they go straight to the command (the init then reports its end).  The
+        init, PID 1 of the job's namespace, ignores a signal it has no handler for yet, so
+        one sent as the job starts (Ctrl-C right after ``omuscd run``) waits until the
+        init catches it (it was lost, and the job ran on)."""
         if not 1 <= sig <= 64:
             raise JobError(f"no signal {sig}")
         if job.pid is None and job.launcher is not None:  # unshare had not forked yet
-            job.pid = init_pid(job.launcher)
+            with trio.move_on_after(INIT_READY_WAIT):
+                while (found := init_pid(job.launcher)) is None:
+                    await trio.sleep(0.01)
+                job.pid = found
         pid = job.pid
         if pid is not None and sig in (signal.SIGKILL, signal.SIGSTOP):
             pid = init_pid(pid) or pid
+        elif pid is not None:
+            # its handlers are all set once the last is (Python itself catches SIGINT from
+            # its first moment, turning it into KeyboardInterrupt: that one tells nothing)
+            with trio.move_on_after(INIT_READY_WAIT):
+                while not catches(pid, jobinit.FORWARDED[-1]):
+                    await trio.sleep(0.01)
         if pid is None:
             raise JobError(f"job {job.id} has no process here")
         try:
@@ -750,7 +764,7 @@ class JobControl:
             if job.state in FINAL:
                 raise JobError(f"job {job.id} has already ended ({job.state})")
             if job.node == self.me:
-                self.signal_local(job, sig)
+                await self.signal_local(job, sig)
             else:
                 link = self.links.get(job.id)
                 if link is not None:

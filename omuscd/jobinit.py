@@ -22,6 +22,7 @@ import signal
 import sys
 import warnings  # noqa: F401 - os.execvp imports it lazily; after setuid it may be unreadable
 
+#: Handled in this order: the daemon takes the last one caught as the sign that all are.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
 
@@ -75,13 +76,16 @@ def main() -> int:
     if cpus:
         os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
     child = 0
+    early = []  # signals that came before the command existed: it gets them at once
 
     def forward(signum, frame):
-        if child:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
+        if not child:
+            early.append(signum)
+            return
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
 
     for s in FORWARDED:
         signal.signal(s, forward)
@@ -90,6 +94,8 @@ def main() -> int:
     except OSError as e:
         write_status(status, {"error": str(e)})
         return 127
+    for signum in early:
+        forward(signum, None)
     while True:
         pid, st = os.waitpid(-1, 0)  # PID 1 reaps every orphan in the namespace
         if pid == child:

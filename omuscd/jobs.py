@@ -277,6 +277,19 @@ def init_pid(pid: int) -> int | None:
     return children[0].pid if children else None
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask); True when that
+    cannot be read, so that the caller's kill says what is wrong."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def refresh_usage(jobs: list[Job]) -> None:
     """CPU seconds and resident memory of the running jobs here, in one pass over the
     process table (done when someone asks for the job list, not on a timer)."""

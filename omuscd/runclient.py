@@ -125,6 +125,9 @@ def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
     if stdin:
         words.append("--stdin")
     line = " ".join(shlex.quote(w) for w in words)
+    # a Ctrl-C while the job starts is the job's too: without this it killed this client
+    # alone, and the job it had just started ran on, detached
+    held = [] if detach else _hold_signals()
     try:
         client = _connect(target)
         reply = client.command(line)
@@ -139,7 +142,24 @@ def run(argv: list[str], placement: list[str], detach: bool, target: str | None,
         print(doc["job"])
         client.close()
         return 0
-    return _attach(client, doc["job"], follow=False, stdin=stdin)
+    return _attach(client, doc["job"], follow=False, stdin=stdin, held=held)
+
+
+def _hold_signals() -> list[int]:
+    """Until the client is attached, note the signals it is to forward; they are sent on
+    to the job as soon as it is.  The same signal twice (a daemon that does not answer)
+    ends this client as it would have without us."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if signum in held:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        held.append(signum)
+
+    for s in FORWARDED:
+        signal.signal(s, hold)
+    return held
 
 
 def attach(job: str, follow: bool, target: str | None) -> int:
@@ -151,7 +171,8 @@ def attach(job: str, follow: bool, target: str | None) -> int:
     return _attach(client, job, follow)
 
 
-def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False) -> int:
+def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False,
+            held: list[int] | None = None) -> int:
     try:
         reply = client.command(f"attach {shlex.quote(job)} --binary"
                                + (" --follow" if follow else ""))
@@ -185,6 +206,8 @@ def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False) 
 
     for s in FORWARDED:
         signal.signal(s, forward)
+    for signum in held or ():
+        forward(signum, None)
     if stdin:
         threading.Thread(target=feed, daemon=True).start()
     out = {FRAME_STDOUT: sys.stdout.buffer, FRAME_STDERR: sys.stderr.buffer}

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -104,6 +106,77 @@ def test_signal_reaches_remote_job(cluster):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=10)
     assert out == b"got INT\n" and p.returncode == 9, err
+
+
+def test_ctrl_c_while_the_job_starts_reaches_the_job(cluster, tmp_path):
+    """A signal that comes after the job started but before the client attached to it:
+    the control connection goes through a relay here that holds back the daemon's answer
+    to ``run``, so that the signal falls into that gap every time.  (It killed the client
+    alone, and the job ran on.)"""
+    _, _, _, n = cluster
+    relay = tmp_path / "relay.sock"
+    held, release = threading.Event(), threading.Event()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(relay))
+    server.listen()
+
+    def pump(src: socket.socket, dst: socket.socket, gate: bool) -> None:
+        seen = b""
+        while data := src.recv(65536):
+            seen += data
+            if gate and held.is_set():
+                release.wait(30)
+            dst.sendall(data)
+            if not gate and b"\nrun " in b"\n" + seen:
+                held.set()
+        dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        client, _ = server.accept()
+        daemon = socket.socket(socket.AF_UNIX)
+        daemon.connect(n["a"].socket)
+        threading.Thread(target=pump, args=(daemon, client, True), daemon=True).start()
+        pump(client, daemon, False)
+
+    threading.Thread(target=serve, daemon=True).start()
+    tag = "omuscd-test-job-early-int"
+    p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", str(relay),
+                          "--home", "--", "sh", "-c",
+                          f'trap "echo got INT; exit 9" INT; while :; do sleep 0.1; done # {tag}'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+    try:
+        assert held.wait(10), "the client never asked to run"
+        wait_for(lambda: any(tag in j["command"] and j["state"] == "running"
+                             for j in n["a"].json("jobs")["jobs"]), 10, "the job to start")
+        time.sleep(0.3)  # its trap is set
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # and the client has taken the signal, not yet attached
+        release.set()
+        out, err = p.communicate(timeout=10)
+    finally:
+        release.set()
+        p.kill()
+        server.close()
+    assert out == b"got INT\n" and p.returncode == 9, (p.returncode, err)
+
+
+def test_a_signal_sent_as_the_job_starts_is_not_lost(cluster):
+    """``kill`` in the same breath as ``run``: the job's init (PID 1 of its namespace)
+    ignores signals until it has its handlers, and then until its command exists; the
+    signal waits for it rather than vanish (the job ran its full 30 s)."""
+    _, _, _, n = cluster
+    c = n["a"].client()
+    try:
+        for _ in range(3):
+            r = c.command("run --home --json -- sleep 30")
+            assert r.ok, r
+            job = r.json()["job"]
+            assert c.command(f"kill {job} INT").ok
+            wait_for(lambda j=job: n["a"].json(f"job {j}")["state"] == "exited", 10,
+                     f"job {job} to end on its SIGINT")
+            assert n["a"].json(f"job {job}")["status"] == "killed by signal 2"
+    finally:
+        c.close()
 
 
 def test_signal_death_gives_128_plus_n(cluster):
