@@ -48,6 +48,7 @@ from omuscd.jobs import (
 from omuscd.membership import DEAD
 from omuscd.migrate import Inherit, MoveError
 from omuscd.pages import receive_pages, send_pages, socket_pair
+from omuscd.priority import urgent
 
 if TYPE_CHECKING:
     from omuscd.jobctl import JobControl
@@ -307,7 +308,8 @@ class Migrations:
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(parents=True)
         try:
-            return await self._emigrate(job, target, ch, images)
+            with urgent():  # the job is frozen meanwhile: see omuscd.priority
+                return await self._emigrate(job, target, ch, images)
         finally:
             await ch.aclose()
             shutil.rmtree(images, ignore_errors=True)
@@ -465,79 +467,80 @@ class Migrations:
         images = self.images / f"{job.id}.in"
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(parents=True)
-        pid = None
-        pager = None
-        pages = None
-        try:
-            ready: dict[str, Any] = {"op": "ready"}
-            if msg.get("pages") is True and mover.streams and self.d.cfg.stream_pages:
-                pages, theirs = socket_pair()
-                try:
-                    pager = await mover.page_server(images, theirs.fileno())
-                finally:
-                    theirs.close()
-                ready["pages"] = True
-            await ch.send(ready)
-            spool_dir = jc.spool.create(job)
-            paged = 0
-            if pager is not None and pages is not None:
-                proc = pager
-                paged = await receive_pages(ch, pages, RESTORE_TIMEOUT,
-                                            lambda: mover.page_server_done(proc, images))
-                pager = None
-            while True:
+        with urgent():  # the job is frozen at its source meanwhile: see omuscd.priority
+            pid = None
+            pager = None
+            pages = None
+            try:
+                ready: dict[str, Any] = {"op": "ready"}
+                if msg.get("pages") is True and mover.streams and self.d.cfg.stream_pages:
+                    pages, theirs = socket_pair()
+                    try:
+                        pager = await mover.page_server(images, theirs.fileno())
+                    finally:
+                        theirs.close()
+                    ready["pages"] = True
+                await ch.send(ready)
+                spool_dir = jc.spool.create(job)
+                paged = 0
+                if pager is not None and pages is not None:
+                    proc = pager
+                    paged = await receive_pages(ch, pages, RESTORE_TIMEOUT,
+                                                lambda: mover.page_server_done(proc, images))
+                    pager = None
+                while True:
+                    with trio.fail_after(STEP_TIMEOUT):
+                        m = await ch.receive_msg()
+                    op = m.get("op")
+                    if op == "file":
+                        name = os.path.basename(str(m["name"]))
+                        await self._receive_file(ch, images / name, int(m["size"]))
+                    elif op == "spool":
+                        stream = int(m["name"])
+                        if stream not in (STDOUT, STDERR):
+                            raise ChannelError("bad spool stream")
+                        await self._receive_file(ch, jc.spool.path(job.id, stream), int(m["size"]))
+                    elif op == "restore":
+                        paths = dict(m["paths"])
+                        job.cpu_moved = float(m.get("cpu", job.cpu_moved))
+                        pid = await self._restore(job, images, spool_dir, paths)
+                        if isinstance(m.get("nice"), int):
+                            renice_tree(pid, max(-20, min(19, m["nice"])))
+                        await ch.send({"op": "restored", "pid": pid, "paged": paged})
+                        break
+                    else:
+                        raise ChannelError(f"unexpected {op!r}")
                 with trio.fail_after(STEP_TIMEOUT):
                     m = await ch.receive_msg()
-                op = m.get("op")
-                if op == "file":
-                    name = os.path.basename(str(m["name"]))
-                    await self._receive_file(ch, images / name, int(m["size"]))
-                elif op == "spool":
-                    stream = int(m["name"])
-                    if stream not in (STDOUT, STDERR):
-                        raise ChannelError("bad spool stream")
-                    await self._receive_file(ch, jc.spool.path(job.id, stream), int(m["size"]))
-                elif op == "restore":
-                    paths = dict(m["paths"])
-                    job.cpu_moved = float(m.get("cpu", job.cpu_moved))
-                    pid = await self._restore(job, images, spool_dir, paths)
-                    if isinstance(m.get("nice"), int):
-                        renice_tree(pid, max(-20, min(19, m["nice"])))
-                    await ch.send({"op": "restored", "pid": pid, "paged": paged})
-                    break
-                else:
-                    raise ChannelError(f"unexpected {op!r}")
-            with trio.fail_after(STEP_TIMEOUT):
-                m = await ch.receive_msg()
-            if m.get("op") != "commit":
-                raise ChannelError("no commit")
-            signal_tree(pid, signal.SIGCONT)
-            self._adopted(job, pid)
-            pid = None
-            await ch.send({"op": "running"})
-        except (ChannelError, MoveError, JobError, trio.TooSlowError, OSError, KeyError,
-                ValueError) as e:
-            if pid is not None:  # restored but not committed: this copy must not run
-                signal_tree(pid, signal.SIGKILL)
+                if m.get("op") != "commit":
+                    raise ChannelError("no commit")
+                signal_tree(pid, signal.SIGCONT)
+                self._adopted(job, pid)
+                pid = None
+                await ch.send({"op": "running"})
+            except (ChannelError, MoveError, JobError, trio.TooSlowError, OSError, KeyError,
+                    ValueError) as e:
+                if pid is not None:  # restored but not committed: this copy must not run
+                    signal_tree(pid, signal.SIGKILL)
+                    try:
+                        os.waitpid(pid, 0)
+                    except ChildProcessError:
+                        pass
+                if pager is not None and pager.returncode is None:
+                    pager.kill()
+                self.d.mover.keep_log(images / "page-server.log", "page-server")
+                log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
+                            e)
                 try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
+                    await ch.send({"op": "failed", "reason": f"{self.d.name}: {e}"})
+                except ChannelError:
                     pass
-            if pager is not None and pager.returncode is None:
-                pager.kill()
-            self.d.mover.keep_log(images / "page-server.log", "page-server")
-            log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
-                        e)
-            try:
-                await ch.send({"op": "failed", "reason": f"{self.d.name}: {e}"})
-            except ChannelError:
-                pass
-        finally:
-            if pager is not None and pager.returncode is None:
-                pager.kill()
-            if pages is not None:
-                pages.socket.close()
-            shutil.rmtree(images, ignore_errors=True)
+            finally:
+                if pager is not None and pager.returncode is None:
+                    pager.kill()
+                if pages is not None:
+                    pages.socket.close()
+                shutil.rmtree(images, ignore_errors=True)
 
     async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
         got = 0

@@ -151,8 +151,16 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     assert mb >= 256
     assert "(memory streamed to the target)" in frozen_line(n["a"], job)
     # it was dumped at a high priority; it runs at its own again
+    # (the frozen copy at the source, killed on the target's word, may take a moment)
+    wait_for(lambda: len(job_processes("omuscd-migration-test-2")) == 1, 10,
+             "one copy of the job")
     pids = job_processes("omuscd-migration-test-2")
     assert pids and {os.getpriority(os.PRIO_PROCESS, p) for p in pids} == {0}, pids
+    # CRIU ran real-time (omuscd.priority): the job has its own policy back, and neither
+    # daemon stays real-time after the move
+    assert {os.sched_getscheduler(p) for p in pids} == {os.SCHED_OTHER}, pids
+    wait_for(lambda: {os.sched_getscheduler(d.popen.pid) for d in n.values()} ==
+             {os.SCHED_OTHER}, 5, "both daemons to be normal tasks again")
     # It must outlive the daemon thread that ran criu: trio retires idle worker threads
     # after 10 s, and a parent-death signal restored into the job once killed it then.
     time.sleep(12)

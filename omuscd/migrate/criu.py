@@ -22,6 +22,7 @@ import psutil
 import trio
 
 from omuscd.migrate import Inherit, MoveError
+from omuscd.priority import realtime_child
 
 log = logging.getLogger("omuscd.migrate")
 
@@ -161,13 +162,16 @@ class Criu:
                 continue
         return self.cannot_move(pid)
 
-    async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = ()) -> None:
+    async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = (),
+                    cpus: set[int] | None = None) -> None:
         assert self.path is not None
         # restore_signals=False: CRIU keeps this daemon's SIGPIPE ignored, so a page stream
-        # cut under a dump is an error it handles (resuming the job), not its death
+        # cut under a dump is an error it handles (resuming the job), not its death.
+        # Real-time while the job is frozen: see omuscd.priority.
         r = await trio.run_process([self.path, *args], check=False, capture_stdout=True,
                                    capture_stderr=True, pass_fds=pass_fds,
-                                   restore_signals=False)
+                                   restore_signals=False,
+                                   preexec_fn=lambda: realtime_child(cpus))
         if r.returncode != 0:
             kept = self.keep_log(logfile, args[0])
             cause = _first_error(logfile)
@@ -192,7 +196,11 @@ class Criu:
                 "-o", "dump.log", "-v2"]
         if pages is not None:  # a connected socket: the page server is at its other end
             args += ["--page-server", "--ps-socket", str(pages)]
-        await self._criu(args, images / "dump.log", () if pages is None else (pages,))
+        try:
+            cpus = os.sched_getaffinity(init_pid)
+        except OSError:
+            cpus = None
+        await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus)
 
     async def page_server(self, images: Path, pages: int) -> trio.Process:
         """Start a page server that writes the pages of one dump, read from the connected
@@ -205,7 +213,7 @@ class Criu:
                 [self.path, "page-server", "--images-dir", str(images), "--ps-socket",
                  str(pages), "--status-fd", str(w), "-o", "page-server.log", "-v2"],
                 pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
+                stderr=subprocess.DEVNULL, preexec_fn=realtime_child)
         finally:
             os.close(w)
         ready = trio.lowlevel.FdStream(r)
