@@ -20,6 +20,7 @@ from omuscd.config import PARAMS
 MAN = Path(__file__).resolve().parent
 KINDS = {"str": "string", "int": "integer", "float": "number (seconds)", "bool": "boolean",
          "list": "array of strings", "cpus": "string (CPU list)"}
+UNITS = {"LOAD": "load per CPU", "MB/S": "MB per second"}
 
 
 def esc(s: str) -> str:
@@ -73,7 +74,10 @@ def keys() -> str:
             text += "; one of " + ", ".join(p.choices)
         if p.runtime:
             text += "; a tunable: SIGHUP rereads it"
-        out += [".TP", f"\\fB{esc(p.name)}\\fR ({KINDS[p.kind]})", esc(text) + "."]
+        kind = KINDS[p.kind]
+        if p.kind == "float" and p.metavar:  # a load or a rate, not seconds
+            kind = f"number ({UNITS.get(p.metavar, p.metavar)})"
+        out += [".TP", f"\\fB{esc(p.name)}\\fR ({kind})", esc(text) + "."]
     return "\n".join(out) + "\n"
 
 

@@ -107,7 +107,7 @@ class Policy:
     """The tunables of balancing (config keys balance_*, min_*), with defaults for a LAN."""
 
     threshold: float = 0.6  # a difference in pressure below this is left alone (hysteresis)
-    min_age: float = 1.0  # younger jobs are not worth moving
+    min_age: float = 0.5  # younger jobs are not worth moving
     min_stay: float = 5.0  # a job stays at least this long where it landed
     transfer_mb_s: float = 300.0  # for the cost of a move: memory over the transfer rate
     cost_share: float = 0.5  # a move may cost at most this share of the job's age

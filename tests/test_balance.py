@@ -31,7 +31,7 @@ def job(i: int, **kw) -> JobLoad:
 
 
 def test_policy_moves_only_what_helps():
-    p = Policy()
+    p = Policy(min_age=1.0)
     d = decide(node(1, 4.0), [node(2, 0.0)], [job(1), job(2)], p)
     assert d.target == 2 and d.job is not None
     assert decide(node(1, 2.0), [node(2, 2.0)], [job(1)], p).job is None  # balanced
