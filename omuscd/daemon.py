@@ -75,6 +75,7 @@ class Daemon:
         self._shutdown = trio.Event()
         self._retime = None  # set to a trio.Event by the timer loop: wake it up early
         self.sample_due: float | None = None  # an extra load sample, after jobs changed
+        self.gossip_due = False  # jobs changed: gossip the figure of Sampler.at_once now
         self.exit_code = exitcodes.OK
         self.on_ready: Callable[[], None] | None = None
         self.hangup_stops = False  # under --tui, SIGHUP means the terminal is gone
@@ -244,13 +245,15 @@ class Daemon:
         self.codec.node_id = self.members.my_id
 
     def jobs_changed(self) -> None:
-        """A job started, ended, arrived or left here: sample the load again once the
-        change shows in the CPU figures (LOAD_SETTLE), rather than up to a load interval
-        later, and gossip it at once.  Balancing reacts in a fraction of a second to a
-        node that has just gone idle or busy."""
+        """A job started, ended, arrived or left here: gossip the load at once, as the
+        tasks runnable now (Sampler.at_once), and sample it again once the change shows
+        in the CPU figures (LOAD_SETTLE), rather than up to a load interval later.
+        Balancing reacts within milliseconds to a node that has just gone idle or busy."""
         # the extra sample measures the time after the last change only, and at least
         # LOAD_SETTLE of it (a burst of changes postpones it; regular samples go on)
         self.sampler.new_window()
+        self.sampler.at_once()  # told at once; the settled sample follows
+        self.gossip_due = True
         self.sample_due = trio.current_time() + LOAD_SETTLE
         if self._retime is not None:
             self._retime.set()
@@ -267,6 +270,10 @@ class Daemon:
                 self.sample_due = None
                 self.sampler.sample()
                 next_sample = now + self.cfg.load_interval
+                next_round = now
+                self.balancer.poke()
+            if self.gossip_due:  # jobs came or went: the figure at once, and look now
+                self.gossip_due = False
                 next_round = now
                 self.balancer.poke()
             if now >= next_sample:

@@ -63,3 +63,21 @@ def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
     s.new_window()
     assert s.sample().util == 0.0
     assert load.busy_percent([t(0.0, 0.0, 0.0)], [t(9.0, 11.0, 0.0)]) == [45.0]
+
+
+def test_a_fall_in_load_is_told_at_once_a_rise_waits_for_the_settled_sample(monkeypatch):
+    """When jobs come or go the runnable tasks are counted there and then; a fall is
+    believed (a node whose job ended is idle now), a rise is not (a snapshot at the end of
+    a move catches the daemons and CRIU still running)."""
+    from omuscd import load
+
+    runnable = {"now": 4}
+    monkeypatch.setattr(load, "runnable_on", lambda cpus, me=None: runnable["now"])
+    s = load.Sampler([0])
+    s.last = load.LoadSample(4.0, 100.0, 4, 1000)
+    runnable["now"] = 3
+    assert s.at_once().load == 3.0 and s.last.runq == 3
+    runnable["now"] = 5
+    assert s.at_once().load == 3.0  # a rise: the settled sample will say
+    runnable["now"] = 0
+    assert s.at_once().load == 0.0
