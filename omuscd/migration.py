@@ -330,6 +330,8 @@ class Migrations:
         if reply.get("op") != "ready":
             raise JobError(str(reply.get("reason", "the target refused")))
         streaming = streaming and reply.get("pages") is True  # an older target: copied
+        if job.state != RUNNING:  # it ended while the target got ready: nothing to move
+            raise JobError(f"job {job.id} ended before it could move ({job.state})")
         job.state = MIGRATING
         job.notify()
         # CRIU's parasite runs in the job's own threads, on its CPUs, among the jobs that

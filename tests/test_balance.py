@@ -110,8 +110,17 @@ def kill_all(n, jobs: list[str]) -> None:
     try:
         wait_for(lambda: n["a"].json("nodes")["nodes"][0]["jobs"] == 0 and
                  all(v["jobs"] == 0 for v in n["a"].nodes().values()), 10, "the jobs to end")
-    except AssertionError as e:  # say what is left, and why
-        raise AssertionError(f"{e}\n{n['a'].ctl('jobs --all').text}\n{decisions(n)}") from None
+    except AssertionError as e:  # say what is left, and why, and what runs
+        busy = subprocess.run(["ps", "-eo", "pid,ppid,stat,pcpu,psr,etime,args",
+                               "--sort=-pcpu"], capture_output=True, text=True).stdout
+        raise AssertionError(f"{e}\n{n['a'].ctl('jobs --all').text}\n{counts(n)}\n"
+                             f"{decisions(n)}\n{busy[:1500]}") from None
+
+
+def counts(n) -> str:
+    """Each node's cluster processes, as it gossips them and as each sees the others."""
+    return "\n".join(f"{name}: " + ", ".join(f"{k} {v['jobs']}" for k, v in d.nodes().items())
+                     for name, d in n.items())
 
 
 def test_peer_to_peer_spreads_four_jobs_two_and_two_without_ping_pong(cluster):

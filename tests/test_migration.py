@@ -379,3 +379,29 @@ def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluste
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
     n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
+
+
+def test_a_job_that_ends_while_its_target_gets_ready_stays_ended(cluster):
+    """The source checks the job again once the target is ready: a job that ended in
+    between was marked migrating over its end, its dump failed, and the 'resume' put it
+    back to running for ever (a balancing test's cleanup waited in vain for it)."""
+    _, _, _, n = cluster
+    p = start(n["a"], "sh", "-c", "sleep 60 # omuscd-migration-test-6")
+    job = job_of(n["a"], "omuscd-migration-test-6")
+    result: dict[str, object] = {}
+    n["b"].popen.send_signal(signal.SIGSTOP)  # b answers nothing for a moment
+    try:
+        mover = threading.Thread(target=lambda: result.update(
+            reply=n["a"].ctl(f"migrate {job} b")))
+        mover.start()
+        time.sleep(0.5)  # a is waiting for b
+        assert n["a"].ctl(f"kill {job} KILL").ok
+        p.wait(3)  # its client has the end: it is booked (asking a would ask b too)
+    finally:
+        n["b"].popen.send_signal(signal.SIGCONT)
+    mover.join(30)
+    reply = result["reply"]
+    assert not reply.ok and "ended before it could move" in reply.text, reply  # type: ignore[attr-defined]
+    time.sleep(0.5)
+    view = n["a"].json(f"job {job}")
+    assert view["state"] == "exited" and view["status"] == "killed by signal 9", view
