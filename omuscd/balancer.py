@@ -40,7 +40,7 @@ from omuscd.balance import (
     narrows,
 )
 from omuscd.events import Event
-from omuscd.jobs import RUNNING, Job, JobError, measure
+from omuscd.jobs import RUNNING, Job, JobError, refresh_usage
 from omuscd.membership import ALIVE
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ class Balancer:
         return out
 
     def job_load(self, job: Job, now_wall: float) -> JobLoad:
-        if job.node == self.d.node_id:
-            measure(job)
+        """A job's facts for the policy; its memory as last measured (local_jobs and
+        cluster_jobs measure the jobs here in one pass over the process table)."""
         landed = [m["time"] for m in job.moves if "failed" not in m]
         if job.landed_at:
             landed.append(job.landed_at)
@@ -152,9 +152,10 @@ class Balancer:
 
     def local_jobs(self) -> list[JobLoad]:
         now = time.time()
-        jc = self.d.jobs
-        return [self.job_load(j, now) for j in jc.all_jobs()
+        jobs = [j for j in self.d.jobs.all_jobs()
                 if j.node == self.d.node_id and j.state == RUNNING]
+        refresh_usage(jobs)  # one pass for all (a pass per job cost one scan each)
+        return [self.job_load(j, now) for j in jobs]
 
     # ------------------------------------------------------------------ the loop
     def poke(self) -> None:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 
+from omuscd import proctab
 from omuscd.load import compute_load, runnable_on
 
 
@@ -26,7 +27,7 @@ def test_runnable_tasks_are_counted_on_their_cpu(tmp_path):
                             preexec_fn=lambda: (os.setsid(), os.sched_setaffinity(0, {cpu})))
     try:
         time.sleep(0.5)
-        under = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == criu.pid]
+        under = [p for p in proctab.scan().values() if p.ppid == criu.pid]
         assert len(under) == 2, under
         counts = [runnable_on({cpu}) for _ in range(5)]
         assert 3 <= max(counts) <= 3, counts
@@ -37,13 +38,6 @@ def test_runnable_tasks_are_counted_on_their_cpu(tmp_path):
             h.kill()
             h.wait()
 
-
-def _parent(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError):
-        return 0
 
 
 def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
