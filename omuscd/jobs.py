@@ -98,6 +98,15 @@ class Job:
     landed_at: float = field(default=0.0, repr=False)  # wall time it last arrived here
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
+    def new_stay(self) -> int:
+        """The job runs here again (restored here): a new run, counted before the hand-over
+        flag is cleared, so that the watcher of an earlier stay here, not yet woken, does
+        not take the death of that stay's frozen copy for this one's end (a job brought
+        back within a poll interval was reported killed by signal 9)."""
+        self.run += 1
+        self.node_changed = False
+        return self.run
+
     def notify(self) -> None:
         """Wake everyone waiting for this job (output grew, state changed)."""
         self.changed.set()
@@ -365,11 +374,10 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
     return await watch(job, spool, proc.poll, proc.wait, run)
 
 
-async def adopt(job: Job, spool: Spool, pid: int) -> bool:
-    """Watch a job restored here (CRIU made its init our child)."""
+async def adopt(job: Job, spool: Spool, pid: int, run: int) -> bool:
+    """Watch stay ``run`` (see Job.new_stay) of a job restored here (CRIU made its init
+    our child)."""
     job.pid = pid
-    job.run += 1
-    run = job.run
     state: dict[str, int] = {}
 
     def poll() -> int | None:

@@ -586,7 +586,8 @@ class Migrations:
             if scope is not None:
                 scope.cancel()
         record.node, record.node_name = jc.me, self.d.name
-        record.state, record.node_changed = RUNNING, False
+        run = record.new_stay()
+        record.state = RUNNING
         # a guest's record came before its move was booked (at the home): min_stay counts
         # from here, or balancing here would send it straight on
         record.landed_at = time.time()
@@ -597,12 +598,12 @@ class Migrations:
         record.notify()
         self.jc.save(record)
         self.d.balancer.landed()
-        jc._nursery().start_soon(self._watch_adopted, record, pid)
+        jc._nursery().start_soon(self._watch_adopted, record, pid, run)
 
-    async def _watch_adopted(self, job: Job, pid: int) -> None:
+    async def _watch_adopted(self, job: Job, pid: int, run: int) -> None:
         self.d.jobs_changed()  # it arrived
         try:
-            if await adopt(job, self.jc.spool, pid) and job.home == self.jc.me:
+            if await adopt(job, self.jc.spool, pid, run) and job.home == self.jc.me:
                 self.jc._finished(job)
         finally:
             self.d.jobs_changed()  # it ended or left
