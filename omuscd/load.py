@@ -33,16 +33,19 @@ class LoadSample:
 
 
 def runnable_on(cpus: set[int], me: int | None = None) -> int:
-    """Processes running or waiting to run whose last CPU is one of ``cpus``, but not this
-    daemon nor the CRIU it runs to move a job, with the processes CRIU is restoring: a
-    move in progress is not load (counted, it made a node that had just taken a job look
-    busy enough to send one straight back, or too busy to take the next)."""
+    """Processes running or waiting to run whose last CPU is one of ``cpus``, but not
+    kernel threads (the kernel's own work, not demand that moving a job could relieve),
+    nor this daemon, nor the CRIU it runs to move a job, with the processes CRIU is
+    restoring: a move in progress is not load (counted, it made a node that had just
+    taken a job look busy enough to send one straight back, or too busy to take the
+    next)."""
     me = os.getpid() if me is None else me
     table = proctab.scan(skip=me)
     criu = {p.pid for p in table.values() if p.ppid == me and p.comm in CRIU_COMMANDS}
     moving = {p.pid for below in proctab.descendants(table, criu).values() for p in below}
     return sum(1 for p in table.values()
-               if p.state == b"R" and p.cpu in cpus and p.pid not in criu | moving)
+               if p.state == b"R" and p.cpu in cpus and not p.kernel
+               and p.pid not in criu | moving)
 
 
 def compute_load(per_cpu_util: list[float], lent: list[int],

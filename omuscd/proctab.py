@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_PF_KTHREAD = 0x00200000  # in the flags field of /proc/PID/stat
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -24,6 +25,7 @@ class Proc:
     cpu: int  # the CPU it last ran on
     cpu_seconds: float  # its own user and system time and that of its reaped children
     rss: int  # resident bytes
+    kernel: bool  # a kernel thread (kworker, ksoftirqd...): the kernel's, not a process
 
 
 def scan(skip: int | None = None) -> dict[int, Proc]:
@@ -40,7 +42,8 @@ def scan(skip: int | None = None) -> dict[int, Proc]:
                 head, tail = f.read().rsplit(b")", 1)
             v = tail.split()
             table[pid] = Proc(pid, int(v[1]), head.split(b"(", 1)[-1], v[0], int(v[36]),
-                              sum(int(x) for x in v[11:15]) / _TICK, int(v[21]) * _PAGE)
+                              sum(int(x) for x in v[11:15]) / _TICK, int(v[21]) * _PAGE,
+                              bool(int(v[6]) & _PF_KTHREAD))
         except (OSError, ValueError, IndexError):
             continue
     return table
