@@ -307,8 +307,8 @@ def refresh_usage(jobs: list[Job]) -> None:
         return
     for pid, below in proctab.descendants(proctab.scan(), set(running)).items():
         job = running[pid]
-        job.cpu = job.cpu_moved + sum(p.cpu_seconds for p in below)
-        job.rss_mb = sum(p.rss for p in below) / (1024 * 1024)
+        cpu, job.rss_mb = _usage(below)
+        job.cpu = job.cpu_moved + cpu
 
 
 def measure(job: Job) -> None:
@@ -320,22 +320,11 @@ def measure(job: Job) -> None:
 
 def tree_usage(pid: int) -> tuple[float, float]:
     """CPU seconds and resident MB of a job's processes below its init (``pid``)."""
-    try:
-        return _usage(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return 0.0, 0.0
+    return _usage(proctab.descendants(proctab.scan(), {pid})[pid])
 
 
-def _usage(procs: list[psutil.Process]) -> tuple[float, float]:
-    cpu = rss = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            cpu += t.user + t.system + t.children_user + t.children_system
-            rss += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return cpu, rss / (1024 * 1024)
+def _usage(procs: list[proctab.Proc]) -> tuple[float, float]:
+    return sum(p.cpu_seconds for p in procs), sum(p.rss for p in procs) / (1024 * 1024)
 
 
 async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int],

@@ -43,9 +43,14 @@ def runnable_on(cpus: set[int], me: int | None = None) -> int:
     table = proctab.scan(skip=me)
     criu = {p.pid for p in table.values() if p.ppid == me and p.comm in CRIU_COMMANDS}
     moving = {p.pid for below in proctab.descendants(table, criu).values() for p in below}
+    moving |= criu
     return sum(1 for p in table.values()
-               if p.state == b"R" and p.cpu in cpus and not p.kernel
-               and p.pid not in criu | moving)
+               if p.state == b"R" and p.cpu in cpus and not p.kernel and p.pid not in moving)
+
+
+def usable(lent: list[int], ncpus: int) -> list[int]:
+    """The lent CPUs this machine has (all of them if it has none of those)."""
+    return [c for c in lent if c < ncpus] or list(range(ncpus))
 
 
 def compute_load(per_cpu_util: list[float], lent: list[int],
@@ -53,7 +58,7 @@ def compute_load(per_cpu_util: list[float], lent: list[int],
     """Return ``(load, util)``: the busy share of the lent CPUs, or, when counted, the
     runnable tasks per lent CPU if that is more."""
     total = max(1, len(per_cpu_util))
-    lent = [c for c in lent if c < total] or list(range(total))
+    lent = usable(lent, total)
     util = sum(per_cpu_util[c] for c in lent) / len(lent)
     load = util / 100.0
     if runnable is not None:
@@ -98,7 +103,7 @@ class Sampler:
         a job ended).  Only a fall is believed at once: a snapshot taken as a move ends
         catches the daemons and CRIU still running (a node with 2 jobs said 5), and a
         rise is counted by the node that caused it anyway.  The settled sample follows."""
-        lent = [c for c in self.lent if c < len(self.base)] or list(range(len(self.base)))
+        lent = usable(self.lent, len(self.base))
         runnable = runnable_on(set(lent))
         load = round(runnable / len(lent), 3)
         if load < self.last.load:
@@ -109,7 +114,7 @@ class Sampler:
         now = psutil.cpu_times(percpu=True)
         per_cpu = busy_percent(self.window if self.window is not None else self.base, now)
         self.base, self.window = now, None
-        lent = [c for c in self.lent if c < len(per_cpu)] or list(range(len(per_cpu)))
+        lent = usable(self.lent, len(per_cpu))
         busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
         runnable = runnable_on(set(lent)) if busy else None
         load, util = compute_load(per_cpu, self.lent, runnable)
