@@ -107,7 +107,7 @@ class Policy:
     """The tunables of balancing (config keys balance_*, min_*), with defaults for a LAN."""
 
     threshold: float = 0.6  # a difference in pressure below this is left alone (hysteresis)
-    min_age: float = 0.5  # younger jobs are not worth moving
+    min_age: float = 0.5  # younger jobs are not worth moving one job per CPU (see old_enough_at)
     min_stay: float = 5.0  # a job stays at least this long where it landed
     transfer_mb_s: float = 300.0  # for the cost of a move: memory over the transfer rate
     cost_share: float = 0.5  # a move may cost at most this share of the job's age
@@ -121,20 +121,38 @@ class Decision:
     retry_in: float | None = None  # no job may move yet, but one may in this many seconds
 
 
-def job_refusal(job: JobLoad, policy: Policy) -> str | None:
-    """Why this job should not move now, or None."""
+def job_refusal(job: JobLoad, policy: Policy, gap: float = 1.0) -> str | None:
+    """Why this job should not move now, or None.  ``gap`` is the difference in pressure
+    the move would relieve (jobs per CPU): the more jobs a job waits behind, the sooner
+    it is worth moving (see :func:`old_enough_at`)."""
     if job.stay:
         return "told to stay"
     if job.cannot_move:
         return job.cannot_move
-    if job.age < policy.min_age:
-        return f"younger than {policy.min_age:g}s"
     if job.since_move < policy.min_stay:
         return f"landed less than {policy.min_stay:g}s ago"
-    cost = job.rss_mb / policy.transfer_mb_s
-    if cost > policy.cost_share * job.age:
+    need = old_enough_at(job, policy, gap)
+    if job.age >= need:
+        return None
+    if need > policy.min_age / max(gap, 1.0) + 1e-9:
         return f"moving {job.rss_mb:.0f} MB would cost more than it gains"
-    return None
+    return f"younger than {need:.2g}s"
+
+
+def old_enough_at(job: JobLoad, policy: Policy, gap: float) -> float:
+    """The age from which ``job`` is worth moving to relieve ``gap`` jobs per CPU.
+
+    The criterion of Harchol-Balter and Downey ("Exploiting process lifetime distributions
+    for dynamic load balancing", 1997): a process that has run for t seconds is likely to
+    run about as long again, and moving it is worth while when its age exceeds the cost
+    of the move over the difference in load, age > cost / (n - m).  Here the cost is
+    min_age (what a move costs a small job, in seconds of its time) and its memory over
+    transfer_rate, paid off at cost_share of its age: a job that would share one CPU with
+    seven others moves after an eighth of min_age, while one job too many between two
+    nodes waits the whole of it."""
+    gap = max(gap, 1.0)
+    cost = job.rss_mb / policy.transfer_mb_s / policy.cost_share
+    return max(policy.min_age, cost) / gap
 
 
 def narrows(src: float, dst: float, src_after: float, dst_after: float) -> bool:
@@ -152,7 +170,7 @@ def imbalance(src: NodeLoad, others: list[NodeLoad],
     The target is the node with the least pressure that can take a job; the move must help
     by more than the threshold and must not simply reverse the imbalance (that is how jobs
     ping-pong).  Cheap: callers ask it before looking at any job."""
-    fastest = max([src.speed, *(o.speed for o in others)] or [1.0])
+    fastest = _fastest(src, others)
     p_src = src.pressure(fastest)
     targets = [o for o in others if o.can_take]
     if not targets:
@@ -168,16 +186,22 @@ def imbalance(src: NodeLoad, others: list[NodeLoad],
     return best, f"{src.name} {p_src:.2f} -> {best.name} {p_dst:.2f}"
 
 
+def _fastest(src: NodeLoad, others: list[NodeLoad]) -> float:
+    return max([src.speed, *(o.speed for o in others)] or [1.0])
+
+
 def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
            policy: Policy) -> Decision:
     """Whether to move one job off ``src``, which, and where (see :func:`imbalance`)."""
     best, loads = imbalance(src, others, policy)
     if best is None:
         return Decision(None, None, loads)
+    fastest = _fastest(src, others)
+    gap = src.pressure(fastest) - best.pressure(fastest)
     refusals = []
     eligible = []
     for job in jobs:
-        refusal = job_refusal(job, policy)
+        refusal = job_refusal(job, policy, gap)
         if refusal:
             refusals.append(f"{job.id}: {refusal}")
         else:
@@ -185,7 +209,7 @@ def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
     if not eligible:
         why = "; ".join(refusals) if refusals else "it runs no cluster job"
         return Decision(None, None, f"{src.name} is loaded ({loads}) but no job can move: "
-                        f"{why}", _soonest(jobs, policy))
+                        f"{why}", _soonest(jobs, policy, gap))
     # Send a guest home when its home is the target; else the cheapest to move (memory
     # in MEMORY_STEP steps); among equals, one with an even serial number, the first
     # started of them.  Consecutive jobs are split between nodes this way, so a batch
@@ -198,7 +222,7 @@ def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
     job = min(eligible, key=lambda j: (key(j), _id_order(j.id)))
     if key(job)[2]:
         wait = _soonest([j for j in jobs if key(j)[:2] == key(job)[:2] and not key(j)[2]],
-                        policy)
+                        policy, gap)
         if wait is not None and wait <= EVEN_WAIT:
             return Decision(None, None, f"{loads}: waiting {wait:.1f}s for a job to be old "
                             "enough to move", wait)
@@ -206,11 +230,10 @@ def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
                     f"{job.age:.0f}s)")
 
 
-def _soonest(jobs: list[JobLoad], policy: Policy) -> float | None:
+def _soonest(jobs: list[JobLoad], policy: Policy, gap: float) -> float | None:
     """Seconds until a job refused for its age, its recent landing or its cost (which
     its age pays off) may move: the balancer looks again then, not at its next interval."""
-    waits = [max(policy.min_age - j.age, policy.min_stay - j.since_move,
-                 j.rss_mb / policy.transfer_mb_s / policy.cost_share - j.age, 0.0)
+    waits = [max(old_enough_at(j, policy, gap) - j.age, policy.min_stay - j.since_move, 0.0)
              for j in jobs if not j.stay and not j.cannot_move]
     return min(waits) if waits else None
 

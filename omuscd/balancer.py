@@ -204,6 +204,11 @@ class Balancer:
         self.moving = True
         self.said = ""
         log.info("balancing: moving %s", decision.reason)
+        # the figures the move is measured against, taken before it: a node tells its
+        # load at once when a job leaves or lands (Sampler.at_once), often before the
+        # move is over here, and a base taken after that counted the move twice (a node
+        # that had sent 2 of its 7 jobs away thought it had 3)
+        bases = {n: self.demand_of(n) for n in (decision.target, source)}
         try:
             text = await self.d.jobs.act(decision.job, "migrate", 0, to=str(decision.target))
         except JobError as e:
@@ -213,8 +218,8 @@ class Balancer:
             # the source still has it
             now = trio.current_time()
             until = now + PENDING_FOR
-            self.pending.append((until, decision.target, 1.0, self.demand_of(decision.target)))
-            self.pending.append((until, source, -1.0, self.demand_of(source)))
+            self.pending.append((until, decision.target, 1.0, bases[decision.target]))
+            self.pending.append((until, source, -1.0, bases[source]))
             self.moved_last = True
             self.say(f"balancing: {decision.reason}: {text}")
         finally:

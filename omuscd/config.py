@@ -252,7 +252,9 @@ PARAMS: tuple[Param, ...] = (
     Param("balance_threshold", "float", 0.6, "difference in load per CPU below which "
           "nodes count as balanced (hysteresis against ping-pong)", lo=0.1, hi=100,
           runtime=True, metavar="LOAD"),
-    Param("min_job_age", "float", 0.5, "seconds a job runs before it is worth moving",
+    Param("min_job_age", "float", 0.5, "seconds a job runs before it is worth moving to a "
+          "node with one job per CPU less; a fraction of it where the difference is bigger "
+          "(an eighth for eight)",
           lo=0, hi=86400, runtime=True),
     Param("min_stay", "float", 5.0, "seconds a job stays where it landed before it may "
           "move again", lo=0, hi=86400, runtime=True),

@@ -51,7 +51,7 @@ class Daemon:
         self.protocol = cfg.wire_version if cfg.wire_version is not None else PROTOCOL_VERSION
         self.codec = wire.Codec(key, cfg.node_id, self.boot, self.inc, self.protocol,
                                 cfg.max_clock_skew)
-        self.sampler = Sampler(cfg.cpus)
+        self.sampler = Sampler(cfg.cpus, self._job_inits)
         self.members = Membership(self._initial_entry(), self._timing(),
                                   id_explicit=cfg.node_id_explicit)
         self.bus = EventBus()
@@ -243,6 +243,10 @@ class Daemon:
         for dest in targets:
             self.send_message(wire.LEAVE, {"entry": old}, dest)
         self.codec.node_id = self.members.my_id
+
+    def _job_inits(self) -> set[int]:
+        """The init of each job running here: a helper of ours, not load."""
+        return {j.pid for j in self.jobs.all_jobs() if j.pid is not None and j.node == self.node_id}
 
     def jobs_changed(self) -> None:
         """A job started, ended, arrived or left here: gossip the load at once, as the

@@ -2,21 +2,27 @@
 
 ``load`` is demand per lent CPU: 1.0 means every lent CPU is busy, above 1.0 means work is
 waiting.  Utilisation alone saturates at 100 % whether one task or four want a CPU, so when
-the lent CPUs are busy the runnable tasks on them are counted too (each process's state and
-the CPU it last ran on, from /proc): four CPU-bound jobs on one lent CPU are load 4.0.  The
-scan costs a millisecond or two, so it is made only when the lent CPUs are more than half
-busy; an idle node pays nothing for it.
+the lent CPUs are busy the tasks that keep them wanted are counted too (each process's
+state, the CPU it last ran on and how long it has been runnable, from /proc; see
+:class:`RunQueue`): four CPU-bound jobs on one lent CPU are load 4.0.  The scan costs a
+millisecond or two, so it is made only when the lent CPUs are more than half busy; an idle
+node pays nothing for it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
 from omuscd import proctab
+
+log = logging.getLogger(__name__)
 
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
@@ -32,20 +38,65 @@ class LoadSample:
     mem_free_mb: int
 
 
-def runnable_on(cpus: set[int], me: int | None = None) -> int:
-    """Processes running or waiting to run whose last CPU is one of ``cpus``, but not
+class RunQueue:
+    """Counts the tasks that keep the lent CPUs wanted: processes runnable now, whose last
+    CPU is a lent one, and which have been runnable (running or waiting for a CPU) for at
+    least half the time since the last count, or since they were created (the kernel's
+    per-task ``/proc/PID/schedstat``).  A CPU-bound job always is; a daemon, a shell or
+    a client caught running at the instant of the count is not: a bare snapshot had a node
+    with three jobs gossip load 5.00 and send one of them away.  Not counted either:
     kernel threads (the kernel's own work, not demand that moving a job could relieve),
-    nor this daemon, nor the CRIU it runs to move a job, with the processes CRIU is
-    restoring: a move in progress is not load (counted, it made a node that had just
-    taken a job look busy enough to send one straight back, or too busy to take the
-    next)."""
-    me = os.getpid() if me is None else me
-    table = proctab.scan(skip=me)
-    criu = {p.pid for p in table.values() if p.ppid == me and p.comm in CRIU_COMMANDS}
-    moving = {p.pid for below in proctab.descendants(table, criu).values() for p in below}
-    moving |= criu
-    return sum(1 for p in table.values()
-               if p.state == b"R" and p.cpu in cpus and not p.kernel and p.pid not in moving)
+    this daemon, the CRIU it runs to move a job and the processes CRIU is restoring (a
+    move in progress is not load: counted, it made a node that had just taken a job look
+    busy enough to send one straight back), and the processes the caller names: the
+    daemon's own helpers, such as each job's init, which sleeps but for a moment after a
+    job starts or lands (new, and so counted on its state alone: a node with 2 jobs said
+    3 just after taking one)."""
+
+    #: share of the time since the last count a task must have been runnable
+    STEADY = 0.5
+    #: a task seen for less than this (seconds) is counted on its state alone
+    MIN_SPAN = 0.05
+
+    def __init__(self) -> None:
+        # pid -> (its runnable nanoseconds, seconds after boot) at the last count
+        self.seen: dict[int, tuple[int, float]] = {}
+
+    def count(self, cpus: set[int], me: int | None = None,
+              leave_out: Collection[int] = ()) -> int:
+        me = os.getpid() if me is None else me
+        table = proctab.scan(skip=me)
+        criu = {p.pid for p in table.values() if p.ppid == me and p.comm in CRIU_COMMANDS}
+        moving = {p.pid for below in proctab.descendants(table, criu).values() for p in below}
+        moving |= criu
+        moving.update(leave_out)
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        seen: dict[int, tuple[int, float]] = {}
+        n = 0
+        for p in table.values():
+            if p.state != b"R" or p.cpu not in cpus or p.kernel or p.pid in moving:
+                continue
+            ns = proctab.runnable_ns(p.pid)
+            if ns is None:  # the kernel keeps no figures: the state must do
+                n += 1
+                continue
+            base, since = self.seen.get(p.pid, (0, p.started))
+            if since < p.started:  # the pid was reused
+                base, since = 0, p.started
+            if now - since < self.MIN_SPAN:
+                n += 1
+                seen[p.pid] = (base, since)
+                continue
+            seen[p.pid] = (ns, now)
+            if (ns - base) / 1e9 >= self.STEADY * (now - since):
+                n += 1
+        self.seen = seen
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("runnable on %s: %d of %s", sorted(cpus), n, ", ".join(
+                f"{p.pid} {p.comm.decode(errors='replace')} {now - p.started:.2f}s"
+                for p in table.values() if p.state == b"R" and p.cpu in cpus
+                and not p.kernel and p.pid not in moving))
+        return n
 
 
 def usable(lent: list[int], ncpus: int) -> list[int]:
@@ -82,11 +133,13 @@ class Sampler:
     that the extra sample shows the time after the change alone (the regular one is not
     disturbed)."""
 
-    def __init__(self, lent: list[int]):
+    def __init__(self, lent: list[int], helpers: Callable[[], Collection[int]] = tuple):
         self.lent = lent
+        self.helpers = helpers  # pids of ours that are not demand (the jobs' inits)
         self.base = psutil.cpu_times(percpu=True)
         self.window: list[Any] | None = None  # CPU times when jobs last came or went
         self.last = LoadSample(0.0, 0.0, 0, self._mem())
+        self.runq = RunQueue()
 
     @staticmethod
     def _mem() -> int:
@@ -100,14 +153,15 @@ class Sampler:
         """A first figure the moment jobs came or went, before any CPU time has passed to
         measure: the tasks runnable on the lent CPUs now, which is what a CPU-bound job
         adds or takes away (an idle node was noticed a quarter of a second late, each time
-        a job ended).  Only a fall is believed at once: a snapshot taken as a move ends
-        catches the daemons and CRIU still running (a node with 2 jobs said 5), and a
-        rise is counted by the node that caused it anyway.  The settled sample follows."""
+        a job ended; a node that had just started eight jobs said 5 for a while).  A rise
+        is believed as well as a fall since the count leaves out what merely happens to
+        be running at the instant (see :class:`RunQueue`): a bare snapshot taken as a
+        move ended caught the daemons and CRIU (a node with 2 jobs said 5).  The settled
+        sample follows."""
         lent = usable(self.lent, len(self.base))
-        runnable = runnable_on(set(lent))
-        load = round(runnable / len(lent), 3)
-        if load < self.last.load:
-            self.last = LoadSample(load, self.last.util, runnable, self.last.mem_free_mb)
+        runnable = self.runq.count(set(lent), leave_out=self.helpers())
+        self.last = LoadSample(round(runnable / len(lent), 3), self.last.util, runnable,
+                               self.last.mem_free_mb)
         return self.last
 
     def sample(self) -> LoadSample:
@@ -116,7 +170,8 @@ class Sampler:
         self.base, self.window = now, None
         lent = usable(self.lent, len(per_cpu))
         busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
-        runnable = runnable_on(set(lent)) if busy else None
+        runnable = (self.runq.count(set(lent), leave_out=self.helpers()) if busy
+                    else None)
         load, util = compute_load(per_cpu, self.lent, runnable)
         runq = runnable if runnable is not None else round(util * len(lent) / 100)
         self.last = LoadSample(load, util, runq, self._mem())

@@ -26,6 +26,7 @@ class Proc:
     cpu_seconds: float  # its own user and system time and that of its reaped children
     rss: int  # resident bytes
     kernel: bool  # a kernel thread (kworker, ksoftirqd...): the kernel's, not a process
+    started: float  # seconds after boot (CLOCK_BOOTTIME) that it was created
 
 
 def scan(skip: int | None = None) -> dict[int, Proc]:
@@ -43,10 +44,23 @@ def scan(skip: int | None = None) -> dict[int, Proc]:
             v = tail.split()
             table[pid] = Proc(pid, int(v[1]), head.split(b"(", 1)[-1], v[0], int(v[36]),
                               sum(int(x) for x in v[11:15]) / _TICK, int(v[21]) * _PAGE,
-                              bool(int(v[6]) & _PF_KTHREAD))
+                              bool(int(v[6]) & _PF_KTHREAD), int(v[19]) / _TICK)
         except (OSError, ValueError, IndexError):
             continue
     return table
+
+
+def runnable_ns(pid: int) -> int | None:
+    """Nanoseconds the process has been runnable, running or waiting for a CPU, since it
+    was created (``/proc/PID/schedstat``), or None where the kernel does not keep it."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            run, wait, slices = f.read().split()[:3]
+    except (OSError, ValueError):
+        return None
+    if run == wait == slices == b"0":  # scheduler statistics off: nothing is kept
+        return None
+    return int(run) + int(wait)
 
 
 def descendants(table: dict[int, Proc], roots: set[int]) -> dict[int, list[Proc]]:

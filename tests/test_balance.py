@@ -44,20 +44,20 @@ def test_policy_moves_only_what_helps():
     # nodes), the first given of them; an odd one when no even one can move
     assert decide(node(1, 4.0), [node(2, 0.0)], [job(12), job(9), job(10)], p).job == "1.10"
     assert decide(node(1, 4.0), [node(2, 0.0)], [job(9), job(11)], p).job == "1.9"
-    # an even one that is nearly old enough is waited for
-    wait = decide(node(1, 4.0), [node(2, 0.0)], [job(9), job(10, age=0.6)], p)
-    assert wait.job is None and wait.retry_in == pytest.approx(0.4)
+    # an even one that is nearly old enough is waited for (2 against 0: min_age / 2)
+    wait = decide(node(1, 2.0), [node(2, 0.0)], [job(9), job(10, age=0.3)], p)
+    assert wait.job is None and wait.retry_in == pytest.approx(0.2)
     # memory within one step counts as equal; a cheaper step goes first
     assert decide(node(1, 4.0), [node(2, 0.0)], [job(1, rss_mb=3.0), job(2, rss_mb=9.0)],
                   p).job == "1.2"
     assert decide(node(1, 4.0), [node(2, 0.0)], [job(2, rss_mb=90.0), job(1, rss_mb=3.0)],
                   p).job == "1.1"
     # too young only: the balancer is told when to look again
-    soon = decide(node(1, 4.0), [node(2, 0.0)], [job(1, age=0.25), job(2, age=0.5)], p)
-    assert soon.job is None and soon.retry_in == pytest.approx(0.5)
+    soon = decide(node(1, 2.0), [node(2, 0.0)], [job(1, age=0.1), job(2, age=0.25)], p)
+    assert soon.job is None and soon.retry_in == pytest.approx(0.25)
     assert decide(node(1, 4.0), [node(2, 0.0, can_take=False)], [job(1)], p).job is None
-    young = decide(node(1, 4.0), [node(2, 0.0)], [job(1, age=0.5)], p)
-    assert young.job is None and "younger" in young.reason
+    young = decide(node(1, 2.0), [node(2, 0.0)], [job(1, age=0.25)], p)
+    assert young.job is None and "younger than 0.5s" in young.reason
     landed = decide(node(1, 4.0), [node(2, 0.0)], [job(1, since_move=2.0)], p)
     assert landed.job is None and "landed" in landed.reason
     big = decide(node(1, 4.0), [node(2, 0.0)], [job(1, rss_mb=9000.0, age=10.0)], p)
@@ -68,6 +68,61 @@ def test_policy_moves_only_what_helps():
     faster = decide(node(1, 3.0), [NodeLoad(2, "slow", 1, 500, 0.4),
                                    NodeLoad(3, "fast", 1, 2000, 0.4)], [job(1)], p)
     assert faster.target == 3
+
+
+def test_the_busier_the_source_the_younger_a_job_may_move():
+    """Harchol-Balter and Downey's criterion: worth moving when age > cost / (n - m).  A
+    job behind seven others goes after an eighth of min_age; one job too many waits the
+    whole of it; a job's memory raises its cost the same way."""
+    p = Policy(min_age=1.0, transfer_mb_s=100.0, cost_share=0.5)
+    young = [job(2, age=0.15)]
+    assert decide(node(1, 8.0), [node(2, 0.0)], young, p).job == "1.2"
+    refused = decide(node(1, 4.0), [node(2, 0.0)], young, p)
+    assert refused.job is None and "younger than 0.25s" in refused.reason
+    assert refused.retry_in == pytest.approx(0.1)
+    assert decide(node(1, 2.0), [node(2, 0.0)], [job(2, age=0.45)], p).job is None
+    assert decide(node(1, 2.0), [node(2, 0.0)], [job(2, age=0.5)], p).job == "1.2"
+    # 100 MB at 100 MB/s, paid at half its age: 2 s of age, 1 s with a gap of 2
+    big = [job(2, rss_mb=100.0, age=0.8)]
+    costly = decide(node(1, 2.0), [node(2, 0.0)], big, p)
+    assert costly.job is None and "cost more" in costly.reason
+    assert costly.retry_in == pytest.approx(0.2)
+    assert decide(node(1, 4.0), [node(2, 0.0)], big, p).job == "1.2"
+
+
+def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
+    """The source gossips its lower load the moment the job has left (often before the
+    move is over where it was decided); the move made there must not then be taken off
+    that figure a second time.  Nor may the target's figure count the job twice."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from omuscd.balance import Decision
+    from omuscd.balancer import Balancer
+    from omuscd.membership import ALIVE
+
+    me = {"load": 7.0, "cpus": 1, "speed": 1000, "flags": ["criu"]}
+    b_entry = {"load": 0.0, "cpus": 1, "speed": 1000, "flags": ["criu"]}
+    b = SimpleNamespace(id=2, name="b", entry=b_entry, state=ALIVE, auth="ok")
+
+    async def act(job: str, what: str, sig: int, to: str) -> str:
+        me["load"] = 6.0  # the source's own figure, at once
+        await trio.sleep(0.1)
+        b_entry["load"] = 1.0  # the target's, gossiped once the job runs there
+        return "moved"
+
+    d = SimpleNamespace(node_id=1, name="a", publish=lambda events: None,
+                        members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b]),
+                        jobs=SimpleNamespace(flags=set(), act=act),
+                        mover=SimpleNamespace(available=True))
+
+    async def main() -> dict[int, float]:
+        bal = Balancer(d)
+        await bal.move(Decision("1.1", 2, "test"), 1)
+        return {n: x.demand for n, x in bal.loads(trio.current_time()).items()}
+
+    assert trio.run(main) == {1: 6.0, 2: 1.0}
 
 
 REASON = criu_problem()

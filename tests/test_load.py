@@ -4,7 +4,7 @@ import sys
 import time
 
 from omuscd import proctab
-from omuscd.load import compute_load, runnable_on
+from omuscd.load import RunQueue, compute_load
 
 
 def test_load_is_busy_share_or_runnable_per_lent_cpu():
@@ -30,8 +30,12 @@ def test_runnable_tasks_are_counted_on_their_cpu(tmp_path):
         under = [p for p in proctab.scan().values() if p.ppid == criu.pid]
         assert len(under) == 2, under
         # the middle of five: a transient process of the machine's own may add one
-        counts = [runnable_on({cpu}) for _ in range(5)]
+        queue = RunQueue()
+        counts = [queue.count({cpu}) for _ in range(5)]
         assert sorted(counts)[2] == 3, counts
+        # and what the caller says is its own (the daemon: each job's init)
+        counts = [queue.count({cpu}, leave_out={hogs[0].pid}) for _ in range(5)]
+        assert sorted(counts)[2] == 2, counts
     finally:
         os.killpg(criu.pid, 9)
         criu.wait()
@@ -39,6 +43,34 @@ def test_runnable_tasks_are_counted_on_their_cpu(tmp_path):
             h.kill()
             h.wait()
 
+
+
+def test_a_task_caught_running_is_not_load_until_it_keeps_running():
+    """Counted are the tasks that stayed runnable, not whatever was running at the instant
+    of the count: a process that slept most of its life and has just woken (a daemon, a
+    shell, a client) is not load; if it goes on using the CPU it is, at the next count."""
+    cpu = max(os.sched_getaffinity(0))
+    pin = lambda: os.sched_setaffinity(0, {cpu})  # noqa: E731
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=pin)
+            for _ in range(2)]
+    waker = subprocess.Popen([sys.executable, "-c",
+                              "import sys, time; time.sleep(1.5); print(flush=True)\n"
+                              "while True: pass"], stdout=subprocess.PIPE, preexec_fn=pin)
+    try:
+        queue = RunQueue()
+        time.sleep(0.5)
+        assert queue.count({cpu}) == 2  # the hogs; the waker sleeps
+        waker.stdout.readline()  # it has woken and spins from now on
+        time.sleep(0.1)
+        state = proctab.scan()[waker.pid].state
+        first = queue.count({cpu})  # runnable now, but for a small part of its life
+        time.sleep(0.6)
+        second = queue.count({cpu})  # runnable all the time since the last count
+        assert (state, first, second) == (b"R", 2, 3)
+    finally:
+        for h in [*hogs, waker]:
+            h.kill()
+            h.wait()
 
 
 def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
@@ -53,26 +85,27 @@ def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
                   [t(9.0, 1.0, 0.0)],    # the change: 90 % busy until then
                   [t(9.0, 11.0, 0.0)]])  # the extra sample: idle since
     monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: next(times))
-    monkeypatch.setattr(load, "runnable_on", lambda cpus, me=None: 0)
+    monkeypatch.setattr(load.RunQueue, "count", lambda self, cpus, me=None, leave_out=(): 0)
     s = load.Sampler([0])
     s.new_window()
     assert s.sample().util == 0.0
     assert load.busy_percent([t(0.0, 0.0, 0.0)], [t(9.0, 11.0, 0.0)]) == [45.0]
 
 
-def test_a_fall_in_load_is_told_at_once_a_rise_waits_for_the_settled_sample(monkeypatch):
-    """When jobs come or go the runnable tasks are counted there and then; a fall is
-    believed (a node whose job ended is idle now), a rise is not (a snapshot at the end of
-    a move catches the daemons and CRIU still running)."""
+def test_a_change_in_load_is_told_at_once(monkeypatch):
+    """When jobs come or go the tasks that keep the lent CPUs wanted are counted there and
+    then, a fall (a node whose job ended is idle now) as well as a rise (a node that has
+    just started eight jobs has eight, not what its last sample saw)."""
     from omuscd import load
 
     runnable = {"now": 4}
-    monkeypatch.setattr(load, "runnable_on", lambda cpus, me=None: runnable["now"])
+    monkeypatch.setattr(load.RunQueue, "count",
+                        lambda self, cpus, me=None, leave_out=(): runnable["now"])
     s = load.Sampler([0])
     s.last = load.LoadSample(4.0, 100.0, 4, 1000)
     runnable["now"] = 3
     assert s.at_once().load == 3.0 and s.last.runq == 3
-    runnable["now"] = 5
-    assert s.at_once().load == 3.0  # a rise: the settled sample will say
+    runnable["now"] = 8
+    assert s.at_once().load == 8.0 and s.last.runq == 8
     runnable["now"] = 0
     assert s.at_once().load == 0.0
