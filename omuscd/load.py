@@ -67,36 +67,38 @@ class RunQueue:
         me = os.getpid() if me is None else me
         table = proctab.scan(skip=me)
         criu = {p.pid for p in table.values() if p.ppid == me and p.comm in CRIU_COMMANDS}
-        moving = {p.pid for below in proctab.descendants(table, criu).values() for p in below}
-        moving |= criu
-        moving.update(leave_out)
+        not_load = {p.pid for below in proctab.descendants(table, criu).values()
+                    for p in below}
+        not_load |= criu
+        not_load.update(leave_out)
         now = time.clock_gettime(time.CLOCK_BOOTTIME)
         seen: dict[int, tuple[int, float]] = {}
-        n = 0
+        counted: list[proctab.Proc] = []
+        passing: list[proctab.Proc] = []  # runnable now, but not for long enough
         for p in table.values():
-            if p.state != b"R" or p.cpu not in cpus or p.kernel or p.pid in moving:
+            if p.state != b"R" or p.cpu not in cpus or p.kernel or p.pid in not_load:
                 continue
             ns = proctab.runnable_ns(p.pid)
             if ns is None:  # the kernel keeps no figures: the state must do
-                n += 1
+                counted.append(p)
                 continue
             base, since = self.seen.get(p.pid, (0, p.started))
             if since < p.started:  # the pid was reused
                 base, since = 0, p.started
             if now - since < self.MIN_SPAN:
-                n += 1
+                counted.append(p)
                 seen[p.pid] = (base, since)
                 continue
             seen[p.pid] = (ns, now)
-            if (ns - base) / 1e9 >= self.STEADY * (now - since):
-                n += 1
+            steady = (ns - base) / 1e9 >= self.STEADY * (now - since)
+            (counted if steady else passing).append(p)
         self.seen = seen
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("runnable on %s: %d of %s", sorted(cpus), n, ", ".join(
-                f"{p.pid} {p.comm.decode(errors='replace')} {now - p.started:.2f}s"
-                for p in table.values() if p.state == b"R" and p.cpu in cpus
-                and not p.kernel and p.pid not in moving))
-        return n
+            def names(procs: list[proctab.Proc]) -> str:
+                return ", ".join(f"{p.pid} {p.comm.decode(errors='replace')}" for p in procs)
+            log.debug("runnable on CPUs %s: %d (%s); passing: %s", sorted(cpus), len(counted),
+                      names(counted), names(passing) or "none")
+        return len(counted)
 
 
 def usable(lent: list[int], ncpus: int) -> list[int]:
