@@ -39,12 +39,13 @@ class LoadSample:
 
 
 class RunQueue:
-    """Counts the tasks that keep the lent CPUs wanted: processes runnable now, whose last
+    """Counts the tasks that keep the lent CPUs wanted: threads runnable now, whose last
     CPU is a lent one, and which have been runnable (running or waiting for a CPU) for at
     least half the time since the last count, or since they were created (the kernel's
     per-task ``/proc/PID/schedstat``).  A CPU-bound job always is; a daemon, a shell or
     a client caught running at the instant of the count is not: a bare snapshot had a node
-    with three jobs gossip load 5.00 and send one of them away.  Not counted either:
+    with three jobs gossip load 5.00 and send one of them away.  Threads, not processes:
+    a job whose first thread waits while three others compute is three.  Not counted:
     kernel threads (the kernel's own work, not demand that moving a job could relieve),
     this daemon, the CRIU it runs to move a job and the processes CRIU is restoring (a
     move in progress is not load: counted, it made a node that had just taken a job look
@@ -75,8 +76,9 @@ class RunQueue:
         seen: dict[int, tuple[int, float]] = {}
         counted: list[proctab.Proc] = []
         passing: list[proctab.Proc] = []  # runnable now, but not for long enough
-        for p in table.values():
-            if p.state != b"R" or p.cpu not in cpus or p.kernel or p.pid in not_load:
+        for p in (t for proc in table.values() if not proc.kernel and proc.pid not in not_load
+                  for t in proctab.tasks(proc)):
+            if p.state != b"R" or p.cpu not in cpus:
                 continue
             ns = proctab.runnable_ns(p.pid)
             if ns is None:  # the kernel keeps no figures: the state must do

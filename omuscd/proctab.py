@@ -18,7 +18,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass(slots=True)
 class Proc:
-    pid: int
+    pid: int  # or, for a thread (see tasks), its thread id
     ppid: int
     comm: bytes
     state: bytes  # R running or runnable, S sleeping, T stopped, ...
@@ -27,6 +27,20 @@ class Proc:
     rss: int  # resident bytes
     kernel: bool  # a kernel thread (kworker, ksoftirqd...): the kernel's, not a process
     started: float  # seconds after boot (CLOCK_BOOTTIME) that it was created
+    threads: int  # how many threads it has (state and cpu are those of the first)
+
+
+def _read(path: str, pid: int) -> Proc | None:
+    """The ``stat`` file at ``path``; None if it is gone or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head, tail = f.read().rsplit(b")", 1)
+        v = tail.split()
+        return Proc(pid, int(v[1]), head.split(b"(", 1)[-1], v[0], int(v[36]),
+                    sum(int(x) for x in v[11:15]) / _TICK, int(v[21]) * _PAGE,
+                    bool(int(v[6]) & _PF_KTHREAD), int(v[19]) / _TICK, int(v[17]))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def scan(skip: int | None = None) -> dict[int, Proc]:
@@ -36,23 +50,29 @@ def scan(skip: int | None = None) -> dict[int, Proc]:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if pid == skip:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                head, tail = f.read().rsplit(b")", 1)
-            v = tail.split()
-            table[pid] = Proc(pid, int(v[1]), head.split(b"(", 1)[-1], v[0], int(v[36]),
-                              sum(int(x) for x in v[11:15]) / _TICK, int(v[21]) * _PAGE,
-                              bool(int(v[6]) & _PF_KTHREAD), int(v[19]) / _TICK)
-        except (OSError, ValueError, IndexError):
-            continue
+        if pid != skip and (p := _read(f"/proc/{pid}/stat", pid)) is not None:
+            table[pid] = p
     return table
 
 
+def tasks(proc: Proc) -> list[Proc]:
+    """Each thread of a process, with its own state and CPU: a process's own figures are
+    those of its first thread, which may sleep while its other threads compute (an
+    OpenMP or Java program).  A single-threaded process is itself."""
+    if proc.threads <= 1:
+        return [proc]
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+    except (OSError, ValueError):
+        return [proc]
+    found = [_read(f"/proc/{proc.pid}/task/{tid}/stat", tid) for tid in tids]
+    return [t for t in found if t is not None]
+
+
 def runnable_ns(pid: int) -> int | None:
-    """Nanoseconds the process has been runnable, running or waiting for a CPU, since it
-    was created (``/proc/PID/schedstat``), or None where the kernel does not keep it."""
+    """Nanoseconds the process (or thread: ``pid`` may be a thread id) has been runnable,
+    running or waiting for a CPU, since it was created (``/proc/PID/schedstat``), or None
+    where the kernel does not keep it."""
     try:
         with open(f"/proc/{pid}/schedstat", "rb") as f:
             run, wait, slices = f.read().split()[:3]

@@ -73,6 +73,36 @@ def test_a_task_caught_running_is_not_load_until_it_keeps_running():
             h.wait()
 
 
+def test_each_computing_thread_of_a_job_is_counted():
+    """A process's own state is its first thread's: one that waits for three threads
+    computing (OpenMP, Java, Python's hashlib) is three tasks wanting the CPU, not none."""
+    cpu = max(os.sched_getaffinity(0))
+    code = ("import hashlib, threading\n"
+            "data = bytes(32 << 20)\n"
+            "def spin():\n"
+            "    while True:\n"
+            "        hashlib.sha256(data).digest()  # without the GIL\n"
+            "ts = [threading.Thread(target=spin) for _ in range(3)]\n"
+            "[t.start() for t in ts]\n"
+            "print(flush=True)\n"
+            "[t.join() for t in ts]\n")
+    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        job.stdout.readline()
+        queue = RunQueue()
+        time.sleep(0.3)
+        counts = []
+        for _ in range(5):
+            counts.append(queue.count({cpu}))
+            time.sleep(0.2)
+        assert proctab.scan()[job.pid].state == b"S"  # its first thread waits
+        assert sorted(counts)[2] == 3, counts
+    finally:
+        job.kill()
+        job.wait()
+
+
 def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
     """Busy until a job ended, idle since: the sample after the change says idle (the
     window since the last regular sample would say 45 % busy)."""
