@@ -21,7 +21,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from common import cpu_seconds, workdir
@@ -42,10 +44,24 @@ def solo(binary: str, n: int) -> float:
     return time.perf_counter() - t
 
 
-def batch(nodes, binary: str, sizes: list[int]) -> tuple[float, list[float], float]:
-    """The makespan; the idle seconds of each CPU and the daemons' CPU seconds meanwhile."""
+@dataclass
+class Run:
+    took: float  # the makespan
+    idle: list[float]  # seconds each CPU idled meanwhile
+    kernel: float  # CPU seconds spent in the kernel (system, interrupts), all processes
+    daemons: float  # CPU seconds of the two daemons (their own, user and system)
+    jobs: float = 0.0  # CPU seconds of the batch's jobs
+    moves: int = 0
+
+
+def _kernel(times: list[Any]) -> float:
+    return sum(t.system + t.irq + t.softirq for t in times)
+
+
+def batch(nodes, binary: str, sizes: list[int]) -> Run:
+    """The makespan, and where the CPUs' time went meanwhile."""
     node = nodes[0]
-    idle0 = [c.idle for c in psutil.cpu_times(percpu=True)]
+    before = psutil.cpu_times(percpu=True)
     daemons0 = sum(cpu_seconds(d.popen.pid) for d in nodes)
     t = time.perf_counter()
     # attached, as a user would start them: each client ends with its job, so the end of
@@ -62,14 +78,15 @@ def batch(nodes, binary: str, sizes: list[int]) -> tuple[float, list[float], flo
     for c in clients:
         c.wait(timeout=600)
     took = time.perf_counter() - t
-    idle = [c.idle - i for c, i in zip(psutil.cpu_times(percpu=True), idle0, strict=True)]
+    after = psutil.cpu_times(percpu=True)
+    idle = [a.idle - b.idle for a, b in zip(after, before, strict=True)]
     daemons = sum(cpu_seconds(d.popen.pid) for d in nodes) - daemons0
     # a makespan counts only if every job finished its work
     bad = [(c.returncode, c.stderr.read().decode(errors="replace")) for c in clients
            if c.returncode != 0]
     if bad:
         raise SystemExit(f"jobs did not finish cleanly: {bad}")
-    return took, idle, daemons
+    return Run(took, idle, _kernel(after) - _kernel(before), daemons)
 
 
 def main() -> None:
@@ -104,23 +121,23 @@ def main() -> None:
             wait_for(lambda: "b" in nodes[0].nodes(), 10, "a to see b")
             for d in nodes:
                 d.ctl("set balancing off")
-            off, _, _ = batch(nodes, binary, sizes)
+            off = batch(nodes, binary, sizes).took
             for d in nodes:
                 d.ctl("set balancing on")
             defaults = {k: nodes[0].json(f"get {k}")[k] for k, _ in variant}
             settings = [("defaults", list(defaults.items()))] + (
                 [(" ".join(args.compare), variant)] if variant else [])
-            results: dict[str, list[tuple[float, list[float], float, float, int]]] = {
-                name: [] for name, _ in settings}
+            results: dict[str, list[Run]] = {name: [] for name, _ in settings}
             for _ in range(args.runs):
                 for name, kvs in settings:
                     for d in nodes:
                         for k, v in kvs:
                             d.ctl(f"set {k} {v}")
-                    on, idle, daemons = batch(nodes, binary, sizes)
+                    run = batch(nodes, binary, sizes)
                     done = nodes[0].json("jobs --all")["jobs"][-len(sizes):]
-                    results[name].append((on, idle, daemons, sum(j["cpu"] for j in done),
-                                          sum(j["migrations"] for j in done)))
+                    run.jobs = sum(j["cpu"] for j in done)
+                    run.moves = sum(j["migrations"] for j in done)
+                    results[name].append(run)
         finally:
             for d in nodes:
                 d.stop()
@@ -130,21 +147,21 @@ def main() -> None:
     print(f"  balancing off:                    {off:6.1f}s  ({off / bound:.2f}x the bound)")
     for name, runs in results.items():
         print(f"  balancing on ({name}):")
-        for on, idle, daemons, jobs_cpu, moves in runs:
-            print(f"    {on:6.1f}s  ({on / bound:.2f}x the bound, {moves} migrations)  "
-                  + where(on, idle, daemons, jobs_cpu))
-        mean = sum(r[0] for r in runs) / len(runs) / bound
+        for r in runs:
+            print(f"    {r.took:6.1f}s  ({r.took / bound:.2f}x the bound, {r.moves} "
+                  f"migrations)  " + where(r))
+        mean = sum(r.took for r in runs) / len(runs) / bound
         print(f"    mean {mean:.3f}x the bound over {len(runs)} run(s)  target <= 1.15x -> "
               f"{'met' if mean <= 1.15 else 'MISSED'}")
 
 
-def where(on: float, idle: list[float], daemons: float, jobs_cpu: float) -> str:
+def where(r: Run) -> str:
     """Where the time of a balanced run went, for whoever works on it next."""
-    cap = on * len(idle)
-    other = cap - jobs_cpu - sum(idle)
-    return (f"{len(idle)} CPUs x {on:.1f}s = jobs {jobs_cpu:.1f}s + idle {sum(idle):.1f}s "
-            f"({', '.join(f'{i:.1f}' for i in idle)}) + other {other:.1f}s (daemons "
-            f"{daemons:.1f}s; CRIU, clients, kernel)")
+    other = r.took * len(r.idle) - r.jobs - sum(r.idle)
+    return (f"{len(r.idle)} CPUs x {r.took:.1f}s = jobs {r.jobs:.1f}s + idle "
+            f"{sum(r.idle):.1f}s ({', '.join(f'{i:.1f}' for i in r.idle)}) + other "
+            f"{other:.1f}s (daemons {r.daemons:.1f}s; in the kernel, all processes: "
+            f"{r.kernel:.1f}s)")
 
 
 if __name__ == "__main__":
