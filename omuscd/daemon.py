@@ -256,8 +256,7 @@ class Daemon:
         # the extra sample measures the time after the last change only, and at least
         # LOAD_SETTLE of it (a burst of changes postpones it; regular samples go on)
         self.sampler.new_window()
-        self.sampler.at_once()  # told at once; the settled sample follows
-        self.gossip_due = True
+        self.gossip_due = True  # the timer loop counts and tells, once for a burst
         self.sample_due = trio.current_time() + LOAD_SETTLE
         if self._retime is not None:
             self._retime.set()
@@ -278,6 +277,7 @@ class Daemon:
                 self.balancer.poke()
             if self.gossip_due:  # jobs came or went: the figure at once, and look now
                 self.gossip_due = False
+                self.sampler.at_once()  # the settled sample follows
                 next_round = now
                 self.balancer.poke()
             if now >= next_sample:

@@ -153,6 +153,9 @@ class Sampler:
         """Measure the next sample from now: what the CPUs did before no longer counts."""
         self.window = psutil.cpu_times(percpu=True)
 
+    def _runnable(self, lent: list[int]) -> int:
+        return self.runq.count(set(lent), leave_out=self.helpers())
+
     def at_once(self) -> LoadSample:
         """A first figure the moment jobs came or went, before any CPU time has passed to
         measure: the tasks runnable on the lent CPUs now, which is what a CPU-bound job
@@ -163,7 +166,7 @@ class Sampler:
         move ended caught the daemons and CRIU (a node with 2 jobs said 5).  The settled
         sample follows."""
         lent = usable(self.lent, len(self.base))
-        runnable = self.runq.count(set(lent), leave_out=self.helpers())
+        runnable = self._runnable(lent)
         self.last = LoadSample(round(runnable / len(lent), 3), self.last.util, runnable,
                                self.last.mem_free_mb)
         return self.last
@@ -174,8 +177,7 @@ class Sampler:
         self.base, self.window = now, None
         lent = usable(self.lent, len(per_cpu))
         busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
-        runnable = (self.runq.count(set(lent), leave_out=self.helpers()) if busy
-                    else None)
+        runnable = self._runnable(lent) if busy else None
         load, util = compute_load(per_cpu, self.lent, runnable)
         runq = runnable if runnable is not None else round(util * len(lent) / 100)
         self.last = LoadSample(load, util, runq, self._mem())
