@@ -328,40 +328,43 @@ class Daemon:
         self.open_sockets()
         self.jobs.migrations.clean_images()
         await self.mover.check()
-        if self.mover.available:
-            self.members.me["flags"] = sorted({*self.members.me["flags"], "criu"})
-        c = self.cfg
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._signals)
-            assert self.sock is not None
-            nursery.start_soon(self._receive, self.sock)
-            if self.bsock is not None:
-                nursery.start_soon(self._receive, self.bsock)
-            self.jobs.nursery = nursery
-            self.jobs.recover()
-            if self.channel_key is not None:
-                try:
-                    listeners = await trio.open_tcp_listeners(c.port, host=c.address)
-                except OSError as e:
-                    raise OSError(f"cannot bind TCP {c.address}:{c.port} for the cluster "
-                                  f"channel: {e.strerror}") from None
-                await nursery.start(trio.serve_listeners, self.jobs.serve, listeners)
-            await nursery.start(self.control.serve_tcp, c.control_bind, c.control_port)
-            await nursery.start(self.control.serve_unix, c.control_socket)
-            self.log_start()
-            nursery.start_soon(self._timer_loop)
-            nursery.start_soon(self.balancer.run)
-            sd_notify("READY=1")
-            if self.on_ready is not None:
-                self.on_ready()
-            task_status.started()
-            await self._shutdown.wait()
-            sd_notify("STOPPING=1")
-            self._depart()
-            nursery.cancel_scope.cancel()
-        for s in (self.sock, self.bsock):
-            if s is not None:
-                s.close()
+        try:
+            if self.mover.available:
+                self.members.me["flags"] = sorted({*self.members.me["flags"], "criu"})
+            c = self.cfg
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals)
+                assert self.sock is not None
+                nursery.start_soon(self._receive, self.sock)
+                if self.bsock is not None:
+                    nursery.start_soon(self._receive, self.bsock)
+                self.jobs.nursery = nursery
+                self.jobs.recover()
+                if self.channel_key is not None:
+                    try:
+                        listeners = await trio.open_tcp_listeners(c.port, host=c.address)
+                    except OSError as e:
+                        raise OSError(f"cannot bind TCP {c.address}:{c.port} for the cluster "
+                                      f"channel: {e.strerror}") from None
+                    await nursery.start(trio.serve_listeners, self.jobs.serve, listeners)
+                await nursery.start(self.control.serve_tcp, c.control_bind, c.control_port)
+                await nursery.start(self.control.serve_unix, c.control_socket)
+                self.log_start()
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self.balancer.run)
+                sd_notify("READY=1")
+                if self.on_ready is not None:
+                    self.on_ready()
+                task_status.started()
+                await self._shutdown.wait()
+                sd_notify("STOPPING=1")
+                self._depart()
+                nursery.cancel_scope.cancel()
+            for s in (self.sock, self.bsock):
+                if s is not None:
+                    s.close()
+        finally:
+            self.mover.close()  # however the daemon ends
         log.info("stopped (%s)", self.shutdown_reason)
         return self.exit_code
 

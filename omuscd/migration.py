@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import trio
 
 from omuscd import balance
@@ -49,6 +48,7 @@ from omuscd.membership import DEAD
 from omuscd.migrate import Inherit, MoveError
 from omuscd.pages import receive_pages, send_pages, socket_pair
 from omuscd.priority import urgent
+from omuscd.proctab import tree
 
 if TYPE_CHECKING:
     from omuscd.jobctl import JobControl
@@ -60,14 +60,6 @@ IMAGE_STREAM = 9  # data frames carrying image and spool bytes
 STEP_TIMEOUT = 30.0
 DUMP_NICE = -20  # the nice of a job while CRIU dumps it (see _emigrate)
 RESTORE_TIMEOUT = 120.0
-
-
-def tree(pid: int) -> list[int]:
-    try:
-        root = psutil.Process(pid)
-        return [pid, *(p.pid for p in root.children(recursive=True))]
-    except psutil.Error:
-        return []
 
 
 def nice_of(pid: int) -> int | None:

@@ -83,6 +83,37 @@ def runnable_ns(pid: int) -> int | None:
     return int(run) + int(wait)
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it, from the kernel's list of each task's
+    children (``/proc/PID/task/TID/children``, which CRIU needs too): a few reads for a
+    job, where a pass over the whole table (psutil's ``children``) read every process's
+    stat file, 1.2 ms with 75 processes and paid five times per move.  Empty if ``pid``
+    is gone.  Like any listing of running processes, a child forked meanwhile may be
+    missed; a frozen job's list is exact."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:  # gone
+            continue
+        out.append(p)
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except FileNotFoundError:
+                if not os.path.exists(f"/proc/{p}/task/{tid}"):
+                    continue  # the thread ended
+                # a kernel without CONFIG_PROC_CHILDREN: the whole table, once
+                table = scan()
+                return [pid, *(q.pid for q in descendants(table, {pid})[pid])] \
+                    if pid in table else []
+            except (OSError, ValueError):
+                continue
+    return out
+
+
 def descendants(table: dict[int, Proc], roots: set[int]) -> dict[int, list[Proc]]:
     """For each of ``roots``, the processes below it."""
     kids: dict[int, list[Proc]] = {}

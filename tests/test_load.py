@@ -3,6 +3,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from omuscd import proctab
 from omuscd.load import RunQueue, compute_load
 
@@ -139,3 +141,30 @@ def test_a_change_in_load_is_told_at_once(monkeypatch):
     assert s.at_once().load == 8.0 and s.last.runq == 8
     runnable["now"] = 0
     assert s.at_once().load == 0.0
+
+
+def test_a_job_tree_is_read_from_the_kernels_lists_of_children():
+    # a shell whose children are a sleeper, a thread-spawning process with a child of
+    # its own (found through its second thread's list too), and a grandchild
+    script = ("import os, threading, time\n"
+              "def spawn():\n"
+              "    os.spawnlp(os.P_NOWAIT, 'sleep', 'sleep', '30')\n"
+              "t = threading.Thread(target=spawn); t.start(); t.join()\n"
+              "time.sleep(30)\n")
+    top = subprocess.Popen(["sh", "-c", f"sleep 30 & {sys.executable} -c \"$0\" & "
+                            "sh -c 'sleep 30 & wait' & wait", script])
+    try:
+        want: set[int] = set()
+        for _ in range(100):
+            want = {top.pid, *(c.pid for c in psutil.Process(top.pid).children(True))}
+            if len(want) == 6:
+                break
+            time.sleep(0.05)
+        assert len(want) == 6
+        got = proctab.tree(top.pid)
+        assert got[0] == top.pid and sorted(got) == sorted(want)
+    finally:
+        for pid in reversed(proctab.tree(top.pid)):
+            os.kill(pid, 9)
+        top.wait()
+    assert proctab.tree(top.pid) == []

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import trio
 
 from omuscd.client import ControlClient
-from omuscd.migrate.criu import PRIVATE_CRIU, find_criu
+from omuscd.migrate.criu import KDAT_DIR, KDAT_NAME, PRIVATE_CRIU, Criu, find_criu, fs_type
 from tests.cluster import can_netns, namespace_cluster, start_daemon, wait_for
 
 
@@ -405,3 +407,46 @@ def test_a_job_that_ends_while_its_target_gets_ready_stays_ended(cluster):
     time.sleep(0.5)
     view = n["a"].json(f"job {job}")
     assert view["state"] == "exited" and view["status"] == "killed by signal 9", view
+
+
+def test_criu_learns_the_kernel_once_per_daemon_not_at_every_move(workdir, reaper):
+    """CRIU keeps what it found out about the kernel in /run only if /run is a tmpfs; on
+    other machines it probed at every dump, page server and restore (25 ms of frozen
+    time each here).  While a daemon runs, CRIU finds a cache either way; when it stops,
+    a cache it wrote is gone and CRIU's own (on a tmpfs) is left alone."""
+    cache = KDAT_DIR / KDAT_NAME
+    ours = fs_type(KDAT_DIR) != "tmpfs"
+    d = start_daemon("kd", ["--address", "127.0.0.41", "--control-bind", "127.0.0.41",
+                            "--insecure"], workdir)
+    reaper.append(d)
+    assert d.json("status")["migration"].startswith("criu 4")
+    assert ("probed once, kept in" in d.log()) == ours, d.log()
+    log = workdir / "check.log"
+    subprocess.run([find_criu(None), "check", "-v4", "-o", str(log)], capture_output=True)
+    assert f"Loaded kdat cache from {cache}" in log.read_text()
+    assert d.stop() == 0
+    assert cache.exists() != ours
+
+
+def test_the_feature_cache_is_removed_only_by_whoever_wrote_it():
+    where = Path(__file__).resolve().parent  # the checkout: on a disk, not a tmpfs
+    for replaced in (False, True):
+        d = where / f"omuscd-kdat-test-{os.getpid()}"
+        d.mkdir()
+        try:
+            criu = Criu(find_criu(None))
+            trio.run(criu.keep_features, d)
+            cache = d / KDAT_NAME
+            if fs_type(where) == "tmpfs":  # CRIU would keep its own here
+                assert not cache.exists()
+                continue
+            assert cache.stat().st_size > 16 and cache.stat().st_mode & 0o777 == 0o600
+            if replaced:  # another daemon on this machine wrote its own meanwhile
+                other = d / "other"
+                other.write_bytes(cache.read_bytes())
+                os.replace(other, cache)
+            criu.close()
+            assert cache.exists() == replaced
+            assert [p.name for p in d.iterdir()] == ([KDAT_NAME] if replaced else [])
+        finally:
+            subprocess.run(["rm", "-rf", str(d)])

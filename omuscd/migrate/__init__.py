@@ -40,6 +40,10 @@ class Mover(Protocol):
         """``criu 4.1.1``, or why migration is off on this node."""
         ...
 
+    def close(self) -> None:
+        """Undo what starting the mechanism set up on this machine (the daemon stops)."""
+        ...
+
     def cannot_move(self, init_pid: int) -> str | None:
         """Why this job cannot be moved (checked before freezing), or None."""
         ...
