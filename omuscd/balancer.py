@@ -74,6 +74,7 @@ class Balancer:
         self.moving = False
         self.moved_last = False
         self.said = ""
+        self.said_balanced = ""
         self.no_controller = False
         self.owner_high_since: float | None = None
         self.owner_low_since: float | None = None
@@ -100,20 +101,22 @@ class Balancer:
         self.d.publish([Event(kind, text, {})])
 
     def demand_of(self, node_id: int) -> float:
-        """A node's demand (load times lent CPUs) as last sampled or gossiped."""
-        if node_id == self.d.node_id:
-            e = self.d.members.me
-        else:
-            node = self.d.members.nodes.get(node_id)
-            if node is None:
-                return 0.0
-            e = node.entry
-        return float(e["load"]) * int(e["cpus"])
+        """Another node's demand (load times lent CPUs) as last gossiped."""
+        node = self.d.members.nodes.get(node_id)
+        if node is None:
+            return 0.0
+        return float(node.entry["load"]) * int(node.entry["cpus"])
 
     def loads(self, now: float) -> dict[int, NodeLoad]:
         """Every node's load, with the moves made here that its figures do not show yet.
         A pending move is counted until its node's own figure has moved by as much (or
-        PENDING_FOR has passed), so that a move is neither forgotten nor counted twice."""
+        PENDING_FOR has passed), so that a move is neither forgotten nor counted twice.
+
+        This node's own figure is the count taken the moment its jobs last came or went
+        (Sampler.at_once), never corrected: it already shows every move, and a correction
+        measured against a figure taken while jobs were still starting took moves off
+        twice (a node that had started 8 jobs and sent 3 away thought it had 2, not 5,
+        and held the fourth move back for 3 s)."""
         self.pending = [p for p in self.pending if p[0] > now]
         moved: dict[int, tuple[float, float]] = {}  # node -> (sum of deltas, base demand)
         for _, node, delta, base in self.pending:
@@ -129,8 +132,8 @@ class Balancer:
         me = self.d.members.me
         jc = self.d.jobs
         out = {self.d.node_id: NodeLoad(
-            self.d.node_id, self.d.name, me["cpus"], me["speed"], float(me["load"]),
-            extra.get(self.d.node_id, 0.0) + len([h for h in self.held if h > now]),
+            self.d.node_id, self.d.name, me["cpus"], me["speed"], self.d.sampler.last.load,
+            len([h for h in self.held if h > now]),
             self.d.mover.available and not {"blocked", "quiet"} & jc.flags)}
         for node in self.d.members.live_nodes():
             e = node.entry
@@ -139,6 +142,12 @@ class Balancer:
             out[node.id] = NodeLoad(node.id, node.name, e["cpus"], e["speed"],
                                     float(e["load"]), extra.get(node.id, 0.0), ok)
         return out
+
+    def _pending_text(self, now: float) -> str:
+        if not self.pending:
+            return ""
+        return " (moves not shown yet: " + ", ".join(
+            f"node {n} {d:+g} from {b:g}, {u - now:.1f}s more" for u, n, d, b in self.pending) + ")"
 
     def job_load(self, job: Job, now_wall: float) -> JobLoad:
         """A job's facts for the policy; its memory as last measured (local_jobs and
@@ -208,7 +217,8 @@ class Balancer:
         # load at once when a job leaves or lands (Sampler.at_once), often before the
         # move is over here, and a base taken after that counted the move twice (a node
         # that had sent 2 of its 7 jobs away thought it had 3)
-        bases = {n: self.demand_of(n) for n in (decision.target, source)}
+        bases = {n: self.demand_of(n) for n in (decision.target, source)
+                 if n != self.d.node_id}  # this node's own count needs no correction
         try:
             text = await self.d.jobs.act(decision.job, "migrate", 0, to=str(decision.target))
         except JobError as e:
@@ -218,8 +228,9 @@ class Balancer:
             # the source still has it
             now = trio.current_time()
             until = now + PENDING_FOR
-            self.pending.append((until, decision.target, 1.0, bases[decision.target]))
-            self.pending.append((until, source, -1.0, bases[source]))
+            for node, delta in ((decision.target, 1.0), (source, -1.0)):
+                if node in bases:
+                    self.pending.append((until, node, delta, bases[node]))
             self.moved_last = True
             self.say(f"balancing: {decision.reason}: {text}")
         finally:
@@ -235,6 +246,9 @@ class Balancer:
         if target is None:  # nothing to gain: no need to look at the jobs
             if not why.startswith("balanced"):
                 self.say(f"balancing: {why}")
+            elif why != self.said_balanced:  # not news for watch, but for a debug log
+                self.said_balanced = why
+                log.debug("balancing: %s%s", why, self._pending_text(now))
             return
         decision = decide(me, list(loads.values()), self.local_jobs(), self.policy())
         if decision.job is None:

@@ -90,32 +90,38 @@ def test_the_busier_the_source_the_younger_a_job_may_move():
     assert decide(node(1, 4.0), [node(2, 0.0)], big, p).job == "1.2"
 
 
-def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
-    """The source gossips its lower load the moment the job has left (often before the
-    move is over where it was decided); the move made there must not then be taken off
-    that figure a second time.  Nor may the target's figure count the job twice."""
+def _stand_in(me_load: float, b_load: float, act):
+    """A daemon as the balancer sees it: this node a (id 1, one CPU) and node b (id 2)."""
     from types import SimpleNamespace
 
+    from omuscd.membership import ALIVE
+
+    me = {"load": me_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
+    b_entry = {"load": b_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
+    b = SimpleNamespace(id=2, name="b", entry=b_entry, state=ALIVE, auth="ok")
+    return SimpleNamespace(node_id=1, name="a", publish=lambda events: None,
+                           members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b]),
+                           sampler=SimpleNamespace(last=SimpleNamespace(load=me_load)),
+                           jobs=SimpleNamespace(flags=set(), act=act),
+                           mover=SimpleNamespace(available=True))
+
+
+def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
+    """The source counts its jobs the moment one has left (often before the move is over
+    where it was decided); the move made there must not then be taken off that figure a
+    second time.  Nor may the target's figure count the job twice."""
     import trio
 
     from omuscd.balance import Decision
     from omuscd.balancer import Balancer
-    from omuscd.membership import ALIVE
-
-    me = {"load": 7.0, "cpus": 1, "speed": 1000, "flags": ["criu"]}
-    b_entry = {"load": 0.0, "cpus": 1, "speed": 1000, "flags": ["criu"]}
-    b = SimpleNamespace(id=2, name="b", entry=b_entry, state=ALIVE, auth="ok")
 
     async def act(job: str, what: str, sig: int, to: str) -> str:
-        me["load"] = 6.0  # the source's own figure, at once
+        d.sampler.last.load = 6.0  # the source's own count, at once
         await trio.sleep(0.1)
-        b_entry["load"] = 1.0  # the target's, gossiped once the job runs there
+        d.members.nodes[2].entry["load"] = 1.0  # the target's, gossiped once it runs there
         return "moved"
 
-    d = SimpleNamespace(node_id=1, name="a", publish=lambda events: None,
-                        members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b]),
-                        jobs=SimpleNamespace(flags=set(), act=act),
-                        mover=SimpleNamespace(available=True))
+    d = _stand_in(7.0, 0.0, act)
 
     async def main() -> dict[int, float]:
         bal = Balancer(d)
@@ -123,6 +129,35 @@ def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
         return {n: x.demand for n, x in bal.loads(trio.current_time()).items()}
 
     assert trio.run(main) == {1: 6.0, 2: 1.0}
+
+
+def test_moves_made_while_jobs_still_start_are_not_taken_off_twice():
+    """Eight jobs started at once: the first move is decided while this node counts 5 of
+    them, and three moves later it has 5 and the target 3.  Its own count shows that;
+    the moves corrected against the figure of 5 made it 2 (and then 4 against 4, for
+    PENDING_FOR: the fourth move waited 3 s while the target could have run it)."""
+    import trio
+
+    from omuscd.balance import Decision
+    from omuscd.balancer import Balancer
+
+    own = iter([7.0, 6.0, 5.0])  # after each move (the other jobs have started by then)
+
+    async def act(job: str, what: str, sig: int, to: str) -> str:
+        d.sampler.last.load = next(own)
+        await trio.sleep(0.05)
+        d.members.nodes[2].entry["load"] += 1.0
+        return "moved"
+
+    d = _stand_in(5.0, 0.0, act)
+
+    async def main() -> dict[int, float]:
+        bal = Balancer(d)
+        for i in range(3):
+            await bal.move(Decision(f"1.{i}", 2, "test"), 1)
+        return {n: x.demand for n, x in bal.loads(trio.current_time()).items()}
+
+    assert trio.run(main) == {1: 5.0, 2: 3.0}
 
 
 REASON = criu_problem()
