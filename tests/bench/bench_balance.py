@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ class Run:
     idle: list[float]  # seconds each CPU idled meanwhile
     kernel: float  # CPU seconds spent in the kernel (system, interrupts), all processes
     daemons: float  # CPU seconds of the two daemons (their own, user and system)
+    clients: float  # CPU seconds of the `omuscd run` clients
     jobs: float = 0.0  # CPU seconds of the batch's jobs
     moves: int = 0
 
@@ -63,6 +65,7 @@ def batch(nodes, binary: str, sizes: list[int]) -> Run:
     node = nodes[0]
     before = psutil.cpu_times(percpu=True)
     daemons0 = sum(cpu_seconds(d.popen.pid) for d in nodes)
+    clients0 = _children()
     t = time.perf_counter()
     # attached, as a user would start them: each client ends with its job, so the end of
     # the batch is seen without asking the daemons over and over (ten `jobs` a second had
@@ -86,7 +89,12 @@ def batch(nodes, binary: str, sizes: list[int]) -> Run:
            if c.returncode != 0]
     if bad:
         raise SystemExit(f"jobs did not finish cleanly: {bad}")
-    return Run(took, idle, _kernel(after) - _kernel(before), daemons)
+    return Run(took, idle, _kernel(after) - _kernel(before), daemons, _children() - clients0)
+
+
+def _children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -160,8 +168,8 @@ def where(r: Run) -> str:
     other = r.took * len(r.idle) - r.jobs - sum(r.idle)
     return (f"{len(r.idle)} CPUs x {r.took:.1f}s = jobs {r.jobs:.1f}s + idle "
             f"{sum(r.idle):.1f}s ({', '.join(f'{i:.1f}' for i in r.idle)}) + other "
-            f"{other:.1f}s (daemons {r.daemons:.1f}s; in the kernel, all processes: "
-            f"{r.kernel:.1f}s)")
+            f"{other:.1f}s (daemons {r.daemons:.1f}s, clients {r.clients:.1f}s; in the "
+            f"kernel, all processes: {r.kernel:.1f}s)")
 
 
 if __name__ == "__main__":
