@@ -53,6 +53,21 @@ MAX_BACKOFF = 30.0
 
 
 @dataclass
+class _Pending:
+    """A move made here that another node's gossiped figures may not show yet."""
+
+    until: float  # forgotten then at the latest (PENDING_FOR)
+    node: int
+    delta: float  # +1: the job arrives there; -1: it leaves
+    base: float  # the node's demand when the move began
+    count: int | None  # its count of jobs moved in (or out) then, if it gossips one
+
+    @property
+    def side(self) -> int:
+        return 0 if self.delta > 0 else 1  # index in a gossiped entry's "moves"
+
+
+@dataclass
 class _Request:
     """A request for room of ours, while its offers come in."""
 
@@ -67,8 +82,7 @@ class Balancer:
         self.rid = 0
         self.requests: dict[int, _Request] = {}  # ours, collecting offers, by request id
         self.held: list[float] = []  # until when offered room is held for requesters
-        # moves made here: (until, node, demand change, the node's demand when made)
-        self.pending: list[tuple[float, int, float, float]] = []
+        self.pending: list[_Pending] = []  # moves made here, until the nodes' figures show them
         self.backoff = 0.0
         self.backoff_until = 0.0
         self.moving = False
@@ -107,22 +121,41 @@ class Balancer:
             return 0.0
         return float(node.entry["load"]) * int(node.entry["cpus"])
 
+    def moves_of(self, node_id: int) -> list[int] | None:
+        """Another node's gossiped count of jobs moved in and out, None if it tells none."""
+        node = self.d.members.nodes.get(node_id)
+        moves = node.entry.get("moves") if node is not None else None
+        return list(moves) if isinstance(moves, list) and len(moves) == 2 else None
+
     def loads(self, now: float) -> dict[int, NodeLoad]:
         """Every node's load, with the moves made here that its figures do not show yet.
-        A pending move is counted until its node's own figure has moved by as much (or
-        PENDING_FOR has passed), so that a move is neither forgotten nor counted twice.
+
+        A node counts the jobs moved in and out of it and gossips the counts with its
+        load, counted the moment a job lands or leaves: a move it has counted is in its
+        figure.  (Judged by how far its figure had moved instead, a move was counted on
+        after the job, or another one, had ended there: a node whose only job ended was
+        taken for busy and stayed idle for up to PENDING_FOR; that is still the way for
+        a node that gossips no counts.)
 
         This node's own figure is the count taken the moment its jobs last came or went
         (Sampler.at_once), never corrected: it already shows every move, and a correction
         measured against a figure taken while jobs were still starting took moves off
         twice (a node that had started 8 jobs and sent 3 away thought it had 2, not 5,
         and held the fourth move back for 3 s)."""
-        self.pending = [p for p in self.pending if p[0] > now]
-        moved: dict[int, tuple[float, float]] = {}  # node -> (sum of deltas, base demand)
-        for _, node, delta, base in self.pending:
-            total, first = moved.get(node, (0.0, base))
-            moved[node] = (total + delta, first)
-        extra: dict[int, float] = {}
+        def shown(p: _Pending) -> bool:
+            moves = self.moves_of(p.node)
+            return p.count is not None and moves is not None and moves[p.side] > p.count
+
+        self.pending = [p for p in self.pending if p.until > now and not shown(p)]
+        counted: dict[int, float] = {}  # nodes that tell their moves: what is not shown
+        moved: dict[int, tuple[float, float]] = {}  # the others: (sum of deltas, base)
+        for p in self.pending:
+            if p.count is not None and self.moves_of(p.node) is not None:
+                counted[p.node] = counted.get(p.node, 0.0) + p.delta
+            else:
+                total, first = moved.get(p.node, (0.0, p.base))
+                moved[p.node] = (total + p.delta, first)
+        extra = dict(counted)
         for node, (total, base) in moved.items():
             seen = self.demand_of(node) - base  # what its figure shows of them already
             if total > 0:
@@ -147,7 +180,8 @@ class Balancer:
         if not self.pending:
             return ""
         return " (moves not shown yet: " + ", ".join(
-            f"node {n} {d:+g} from {b:g}, {u - now:.1f}s more" for u, n, d, b in self.pending) + ")"
+            f"node {p.node} {p.delta:+g} from {p.base:g}, {p.until - now:.1f}s more"
+            for p in self.pending) + ")"
 
     def job_load(self, job: Job, now_wall: float) -> JobLoad:
         """A job's facts for the policy; its memory as last measured (local_jobs and
@@ -217,7 +251,7 @@ class Balancer:
         # load at once when a job leaves or lands (Sampler.at_once), often before the
         # move is over here, and a base taken after that counted the move twice (a node
         # that had sent 2 of its 7 jobs away thought it had 3)
-        bases = {n: self.demand_of(n) for n in (decision.target, source)
+        bases = {n: (self.demand_of(n), self.moves_of(n)) for n in (decision.target, source)
                  if n != self.d.node_id}  # this node's own count needs no correction
         try:
             text = await self.d.jobs.act(decision.job, "migrate", 0, to=str(decision.target))
@@ -230,7 +264,9 @@ class Balancer:
             until = now + PENDING_FOR
             for node, delta in ((decision.target, 1.0), (source, -1.0)):
                 if node in bases:
-                    self.pending.append((until, node, delta, bases[node]))
+                    demand, moves = bases[node]
+                    count = moves[0 if delta > 0 else 1] if moves is not None else None
+                    self.pending.append(_Pending(until, node, delta, demand, count))
             self.moved_last = True
             self.say(f"balancing: {decision.reason}: {text}")
         finally:

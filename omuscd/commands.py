@@ -616,7 +616,8 @@ COMMANDS: dict[str, Command] = _cmds(
             details="STATE is alive, suspect, dead or incompatible. LOAD is demand per\n"
                     "lent CPU (1.0 = all busy). AUTH: key, unverified or insecure."),
     Command("node", (Arg("node", max_len=64),), "everything known about one node, by id or "
-            "name", h_node, json=True),
+            "name", h_node, json=True,
+            details="moved_in, moved_out: jobs migrated to and from it since it started."),
     Command("set", (Arg("key", max_len=40), Arg("value", max_len=40)),
             "change a tunable at run time (see 'get')", h_set, admin=True),
     Command("get", (Arg("key", optional=True, max_len=40),), "show tunables", h_get,

@@ -74,6 +74,9 @@ class Daemon:
         self.shutdown_reason: str | None = None
         self._shutdown = trio.Event()
         self._retime = None  # set to a trio.Event by the timer loop: wake it up early
+        # jobs that moved in and out of this node since it started, gossiped: a node that
+        # moved a job here or away knows when this node's figures show that move
+        self.moves = [0, 0]
         self.sample_due: float | None = None  # an extra load sample, after jobs changed
         self.gossip_due = False  # jobs changed: gossip the figure of Sampler.at_once now
         self.exit_code = exitcodes.OK
@@ -88,7 +91,7 @@ class Daemon:
                 "name": c.node_name[:64], "addr": c.address, "port": c.port,
                 "role": c.topology, "rel": RELEASE, "st": "up", "cpus": len(c.cpus),
                 "speed": int(c.cpu_speed_mhz), "mem": s.mem_free_mb, "load": s.load,
-                "util": s.util, "runq": s.runq, "jobs": 0, "flags": []}
+                "util": s.util, "runq": s.runq, "jobs": 0, "flags": [], "moves": [0, 0]}
 
     def _timing(self) -> Timing:
         c = self.cfg
@@ -302,7 +305,8 @@ class Daemon:
     def _gossip_round(self, now: float, announce: bool) -> None:
         s = self.sampler.last
         self.members.beat(load=s.load, util=s.util, runq=s.runq, mem=s.mem_free_mb,
-                          role=self.cfg.topology, jobs=self.jobs.counts())
+                          role=self.cfg.topology, jobs=self.jobs.counts(),
+                          moves=list(self.moves))
         target = self.members.gossip_target()
         if target is not None:
             self._send_entries(wire.GOSSIP, self.members.gossip_entries(
@@ -453,7 +457,8 @@ class Daemon:
                 "util": round(float(me["util"]), 1), "runq": me["runq"], "cpus": me["cpus"],
                 "speed": me["speed"], "mem_free_mb": me["mem"], "jobs": self.jobs.counts(),
                 "release": me["rel"], "flags": sorted(self.members.me["flags"]),
-                "auth": self.auth_label, "last_heard": 0.0, "state_since":
+                "auth": self.auth_label, "moved_in": self.moves[0],
+                "moved_out": self.moves[1], "last_heard": 0.0, "state_since":
                 round(now - self.started, 1), "self": True}
         others = sorted(self.members.nodes.values(), key=lambda n: n.id)
         inc = sorted(self.members.incompatible.values(), key=lambda n: n.id)

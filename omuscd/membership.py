@@ -59,6 +59,7 @@ class Node:
             "util": round(float(e["util"]), 1), "runq": e["runq"], "cpus": e["cpus"],
             "speed": e["speed"], "mem_free_mb": e["mem"], "jobs": e["jobs"],
             "release": e["rel"], "flags": list(e["flags"]), "auth": self.auth,
+            "moved_in": e.get("moves", [0, 0])[0], "moved_out": e.get("moves", [0, 0])[1],
             "last_heard": round(max(0.0, now - self.heard), 1),
             "state_since": round(max(0.0, now - self.since), 1),
         }

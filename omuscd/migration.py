@@ -407,6 +407,7 @@ class Migrations:
     def _drop(self, job: Job, target: int) -> None:
         """The target runs the job: kill the frozen copy here, without reporting an end."""
         job.node_changed = True
+        self.d.moves[1] += 1
         # The launcher (unshare, if the job started here) goes first: seeing its child
         # killed it would say so on the job's stderr.  Killing the init (PID 1 of the
         # job's namespace) then ends the namespace.  node_changed keeps both quiet here.
@@ -589,6 +590,7 @@ class Migrations:
             record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
         record.notify()
         self.jc.save(record)
+        self.d.moves[0] += 1
         self.d.balancer.landed()
         jc._nursery().start_soon(self._watch_adopted, record, pid, run)
 

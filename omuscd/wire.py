@@ -216,6 +216,10 @@ def check_entry(e: Any) -> dict[str, Any]:
         raise WireError("malformed", "entry values out of range")
     if not all(isinstance(f, str) for f in e["flags"]) or len(e["flags"]) > 16:
         raise WireError("malformed", "entry flags")
+    moves = e.get("moves", [0, 0])  # optional: the jobs moved in and out since its start
+    if not (isinstance(moves, list) and len(moves) == 2 and
+            all(type(m) is int and 0 <= m < 2**53 for m in moves)):
+        raise WireError("malformed", "entry field 'moves'")
     return e
 
 

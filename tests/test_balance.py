@@ -90,7 +90,7 @@ def test_the_busier_the_source_the_younger_a_job_may_move():
     assert decide(node(1, 4.0), [node(2, 0.0)], big, p).job == "1.2"
 
 
-def _stand_in(me_load: float, b_load: float, act):
+def _stand_in(me_load: float, b_load: float, act, b_moves: list[int] | None = None):
     """A daemon as the balancer sees it: this node a (id 1, one CPU) and node b (id 2)."""
     from types import SimpleNamespace
 
@@ -98,6 +98,8 @@ def _stand_in(me_load: float, b_load: float, act):
 
     me = {"load": me_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
     b_entry = {"load": b_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
+    if b_moves is not None:
+        b_entry["moves"] = b_moves
     b = SimpleNamespace(id=2, name="b", entry=b_entry, state=ALIVE, auth="ok")
     return SimpleNamespace(node_id=1, name="a", publish=lambda events: None,
                            members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b]),
@@ -158,6 +160,37 @@ def test_moves_made_while_jobs_still_start_are_not_taken_off_twice():
         return {n: x.demand for n, x in bal.loads(trio.current_time()).items()}
 
     assert trio.run(main) == {1: 5.0, 2: 3.0}
+
+
+def test_a_move_the_target_has_counted_is_not_added_again_after_a_job_ends_there():
+    """The target counts the jobs moved in and gossips the count with its load.  When it
+    has counted the move, its figure is believed: here its other job ends just after,
+    and it is idle with one job; judged by how far its figure had moved (what a node
+    that gossips no count still gets), it looked busy with two for PENDING_FOR."""
+    import trio
+
+    from omuscd.balance import Decision
+    from omuscd.balancer import Balancer
+
+    async def act(job: str, what: str, sig: int, to: str) -> str:
+        d.sampler.last.load = 2.0
+        b = d.members.nodes[2].entry
+        b["load"] = 2.0
+        if "moves" in b:
+            b["moves"] = [b["moves"][0] + 1, b["moves"][1]]  # counted as the job landed
+        await trio.sleep(0.05)
+        b["load"] = 1.0  # and its other job ended
+        return "moved"
+
+    async def main() -> float:
+        bal = Balancer(d)
+        await bal.move(Decision("1.1", 2, "test"), 1)
+        return bal.loads(trio.current_time())[2].demand
+
+    d = _stand_in(3.0, 1.0, act, b_moves=[4, 2])
+    assert trio.run(main) == 1.0
+    d = _stand_in(3.0, 1.0, act)  # an older node, no counts: the old way
+    assert trio.run(main) == 2.0
 
 
 REASON = criu_problem()

@@ -122,11 +122,19 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     ref_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     p = start(n["a"], PY, "-c", CHECKSUM, count, "omuscd-migration-test-1")
     job = job_of(n["a"], "omuscd-migration-test-1")
+    def counted() -> dict[str, tuple[int, int]]:  # as node a sees itself and b
+        return {v["name"]: (v["moved_in"], v["moved_out"]) for v in n["a"].json("nodes")["nodes"]}
+
+    moves = counted()
     time.sleep(1)  # each stay a good share of the CPU time, so that a lost one shows
     there = n["a"].ctl(f"migrate {job} b")
     assert there.code == 200 and "migrated to b" in there.text, there
     assert n["a"].json(f"job {job}")["node_name"] == "b"
     time.sleep(1)
+    # each node counts what moved in and out, and gossips it (the balancers of the other
+    # nodes see from it that a move of theirs shows in its load)
+    wait_for(lambda: counted() == {"a": (moves["a"][0], moves["a"][1] + 1),
+                                   "b": (moves["b"][0] + 1, moves["b"][1])}, 5, "the counts")
     back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
     assert back.code == 200 and "migrated to a" in back.text, back
     # its memory went while it was dumped, relayed over the cluster channel

@@ -118,13 +118,19 @@ def test_bodies_that_are_not_objects_are_malformed():
 
 @pytest.mark.parametrize("change", [
     {"id": 0}, {"id": "5"}, {"port": 0}, {"st": "gone"}, {"load": True}, {"age": -1},
-    {"name": "x" * 65}, {"flags": [1]}, {"hb": None},
+    {"name": "x" * 65}, {"flags": [1]}, {"hb": None}, {"moves": [1]}, {"moves": [1, "2"]},
+    {"moves": [-1, 0]}, {"moves": [True, 0]}, {"moves": {"in": 1, "out": 0}},
 ])
 def test_bad_entries_are_malformed(change):
     with pytest.raises(WireError, match="malformed"):
         wire.check_entry(entry(**change))
     with pytest.raises(WireError, match="malformed"):
         wire.check_entry({k: v for k, v in entry().items() if k != "mem"})
+
+
+def test_the_count_of_moves_is_optional_in_an_entry():
+    assert wire.check_entry(entry(moves=[3, 1]))["moves"] == [3, 1]
+    assert "moves" not in wire.check_entry(entry())  # from an older node
 
 
 def test_entries_are_split_under_the_datagram_limit():
