@@ -60,7 +60,9 @@ class _Pending:
     node: int
     delta: float  # +1: the job arrives there; -1: it leaves
     base: float  # the node's demand when the move began
-    count: int | None  # its count of jobs moved in (or out) then, if it gossips one
+    expect: int | None  # its count of jobs moved in (or out) that shows this move, if it
+    # gossips one: one more than its count when the move began, or than the count that
+    # shows the move made before this one, whichever is more (its gossip may lag)
 
     @property
     def side(self) -> int:
@@ -144,13 +146,13 @@ class Balancer:
         and held the fourth move back for 3 s)."""
         def shown(p: _Pending) -> bool:
             moves = self.moves_of(p.node)
-            return p.count is not None and moves is not None and moves[p.side] > p.count
+            return p.expect is not None and moves is not None and moves[p.side] >= p.expect
 
         self.pending = [p for p in self.pending if p.until > now and not shown(p)]
         counted: dict[int, float] = {}  # nodes that tell their moves: what is not shown
         moved: dict[int, tuple[float, float]] = {}  # the others: (sum of deltas, base)
         for p in self.pending:
-            if p.count is not None and self.moves_of(p.node) is not None:
+            if p.expect is not None and self.moves_of(p.node) is not None:
                 counted[p.node] = counted.get(p.node, 0.0) + p.delta
             else:
                 total, first = moved.get(p.node, (0.0, p.base))
@@ -265,8 +267,13 @@ class Balancer:
             for node, delta in ((decision.target, 1.0), (source, -1.0)):
                 if node in bases:
                     demand, moves = bases[node]
-                    count = moves[0 if delta > 0 else 1] if moves is not None else None
-                    self.pending.append(_Pending(until, node, delta, demand, count))
+                    side = 0 if delta > 0 else 1
+                    expect = None
+                    if moves is not None:
+                        before = [p.expect for p in self.pending if p.node == node and
+                                  p.side == side and p.expect is not None]
+                        expect = max([moves[side], *before]) + 1
+                    self.pending.append(_Pending(until, node, delta, demand, expect))
             self.moved_last = True
             self.say(f"balancing: {decision.reason}: {text}")
         finally:

@@ -407,7 +407,6 @@ class Migrations:
     def _drop(self, job: Job, target: int) -> None:
         """The target runs the job: kill the frozen copy here, without reporting an end."""
         job.node_changed = True
-        self.d.moves[1] += 1
         # The launcher (unshare, if the job started here) goes first: seeing its child
         # killed it would say so on the job's stderr.  Killing the init (PID 1 of the
         # job's namespace) then ends the namespace.  node_changed keeps both quiet here.
@@ -590,17 +589,19 @@ class Migrations:
             record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
         record.notify()
         self.jc.save(record)
-        self.d.moves[0] += 1
         self.d.balancer.landed()
         jc._nursery().start_soon(self._watch_adopted, record, pid, run)
 
     async def _watch_adopted(self, job: Job, pid: int, run: int) -> None:
+        # counted with the load, at the same instant: a node that gossiped the one
+        # without the other would have its move taken as shown in a load that lacks it
+        self.d.moves[0] += 1
         self.d.jobs_changed()  # it arrived
         try:
             if await adopt(job, self.jc.spool, pid, run) and job.home == self.jc.me:
                 self.jc._finished(job)
         finally:
-            self.d.jobs_changed()  # it ended or left
+            self.d.job_gone(job)
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         job = self.jc.find(str(msg.get("job")))

@@ -193,6 +193,33 @@ def test_a_move_the_target_has_counted_is_not_added_again_after_a_job_ends_there
     assert trio.run(main) == 2.0
 
 
+def test_moves_made_faster_than_the_target_gossips_stay_pending_each():
+    """Three moves to a node whose gossip has shown only the first of them: the other
+    two are still counted on its figure (each waits for its own count; all three had
+    waited for the first, and the next look sent a fifth job to a node that had four)."""
+    import trio
+
+    from omuscd.balance import Decision
+    from omuscd.balancer import Balancer
+
+    async def act(job: str, what: str, sig: int, to: str) -> str:
+        d.sampler.last.load -= 1.0
+        await trio.sleep(0.05)
+        return "moved"
+
+    d = _stand_in(8.0, 0.0, act, b_moves=[0, 0])
+
+    async def main() -> float:
+        bal = Balancer(d)
+        for i in range(3):
+            await bal.move(Decision(f"1.{i}", 2, "test"), 1)
+        b = d.members.nodes[2].entry
+        b["load"], b["moves"] = 1.0, [1, 0]  # its gossip, sent when the first landed
+        return bal.loads(trio.current_time())[2].demand
+
+    assert trio.run(main) == 3.0
+
+
 REASON = criu_problem()
 
 
