@@ -11,7 +11,6 @@ import json
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 _LINE = re.compile(r"^(\d{3})([ -])(.*)$")
@@ -21,10 +20,23 @@ class ProtocolError(Exception):
     """The daemon said something that is not a numbered reply line."""
 
 
-@dataclass
 class Reply:
-    code: int
-    lines: list[str]
+    """A reply: its code and its lines.  A plain class, not a dataclass: that module took
+    6 ms of every ``omuscd run`` to import, a quarter of the client's start."""
+
+    __slots__ = ("code", "lines")
+
+    def __init__(self, code: int, lines: list[str]) -> None:
+        self.code, self.lines = code, lines
+
+    def __repr__(self) -> str:
+        return f"Reply(code={self.code!r}, lines={self.lines!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reply) and (self.code, self.lines) == (other.code,
+                                                                          other.lines)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
 
     @property
     def ok(self) -> bool:

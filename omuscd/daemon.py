@@ -267,15 +267,6 @@ class Daemon:
         if self._retime is not None:
             self._retime.set()
 
-    def job_gone(self, job: Any) -> None:
-        """A job's processes here have ended: it exited, or its frozen copy was killed
-        after a move (then it counts as moved out, with the load counted in the same
-        instant; counted as it was killed, a dying copy still showed as runnable and the
-        node sent one job too many)."""
-        if job.node_changed:
-            self.moves[1] += 1
-        self.jobs_changed()
-
     # ------------------------------------------------------------------ the timer loop
     async def _timer_loop(self) -> None:
         """Gossip rounds, load samples and membership timeouts, in one task that sleeps

@@ -383,7 +383,7 @@ class JobControl:
         try:
             await runner(job, env, task_status=task_status)
         finally:
-            self.d.job_gone(job)
+            self.d.jobs_changed()
 
     def _nursery(self) -> trio.Nursery:
         assert self.nursery is not None, "the daemon is not running"

@@ -407,6 +407,13 @@ class Migrations:
     def _drop(self, job: Job, target: int) -> None:
         """The target runs the job: kill the frozen copy here, without reporting an end."""
         job.node_changed = True
+        # Counted out now, with the load counted in the same instant, while the frozen
+        # copy is stopped (not load): the balancer looks again as soon as the move is
+        # over, and counted only once the copy's processes were reaped, the node still
+        # had it (it sent a fifth job to a node with four).  Counted after the kill, the
+        # dying copy showed as runnable.
+        self.d.moves[1] += 1
+        self.d.jobs_changed()
         # The launcher (unshare, if the job started here) goes first: seeing its child
         # killed it would say so on the job's stderr.  Killing the init (PID 1 of the
         # job's namespace) then ends the namespace.  node_changed keeps both quiet here.
@@ -601,7 +608,7 @@ class Migrations:
             if await adopt(job, self.jc.spool, pid, run) and job.home == self.jc.me:
                 self.jc._finished(job)
         finally:
-            self.d.job_gone(job)
+            self.d.jobs_changed()  # it ended or left
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         job = self.jc.find(str(msg.get("job")))

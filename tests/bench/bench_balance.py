@@ -54,6 +54,8 @@ class Run:
     clients: float  # CPU seconds of the `omuscd run` clients
     jobs: float = 0.0  # CPU seconds of the batch's jobs
     moves: int = 0
+    wall: tuple[float, float] = (0.0, 0.0)  # the batch's start and end, wall clock
+    lag: tuple[float, float] = (0.0, 0.0)  # first job's start after it, last end before it
 
 
 def _kernel(times: list[Any]) -> float:
@@ -66,6 +68,7 @@ def batch(nodes, binary: str, sizes: list[int]) -> Run:
     before = psutil.cpu_times(percpu=True)
     daemons0 = sum(cpu_seconds(d.popen.pid) for d in nodes)
     clients0 = _children()
+    wall0 = time.time()
     t = time.perf_counter()
     # attached, as a user would start them: each client ends with its job, so the end of
     # the batch is seen without asking the daemons over and over (ten `jobs` a second had
@@ -81,6 +84,7 @@ def batch(nodes, binary: str, sizes: list[int]) -> Run:
     for c in clients:
         c.wait(timeout=600)
     took = time.perf_counter() - t
+    wall1 = time.time()
     after = psutil.cpu_times(percpu=True)
     idle = [a.idle - b.idle for a, b in zip(after, before, strict=True)]
     daemons = sum(cpu_seconds(d.popen.pid) for d in nodes) - daemons0
@@ -89,7 +93,8 @@ def batch(nodes, binary: str, sizes: list[int]) -> Run:
            if c.returncode != 0]
     if bad:
         raise SystemExit(f"jobs did not finish cleanly: {bad}")
-    return Run(took, idle, _kernel(after) - _kernel(before), daemons, _children() - clients0)
+    return Run(took, idle, _kernel(after) - _kernel(before), daemons, _children() - clients0,
+               wall=(wall0, wall1))
 
 
 def _children() -> float:
@@ -145,6 +150,8 @@ def main() -> None:
                     done = nodes[0].json("jobs --all")["jobs"][-len(sizes):]
                     run.jobs = sum(j["cpu"] for j in done)
                     run.moves = sum(j["migrations"] for j in done)
+                    run.lag = (min(j["started"] for j in done) - run.wall[0],
+                               run.wall[1] - max(j["ended"] for j in done))
                     results[name].append(run)
         finally:
             for d in nodes:
@@ -169,7 +176,8 @@ def where(r: Run) -> str:
     return (f"{len(r.idle)} CPUs x {r.took:.1f}s = jobs {r.jobs:.1f}s + idle "
             f"{sum(r.idle):.1f}s ({', '.join(f'{i:.1f}' for i in r.idle)}) + other "
             f"{other:.1f}s (daemons {r.daemons:.1f}s, clients {r.clients:.1f}s; in the "
-            f"kernel, all processes: {r.kernel:.1f}s)")
+            f"kernel, all processes: {r.kernel:.1f}s); the first job started "
+            f"{r.lag[0]:.2f}s in, the last client ended {r.lag[1]:.2f}s after its job")
 
 
 if __name__ == "__main__":
