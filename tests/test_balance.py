@@ -220,6 +220,33 @@ def test_moves_made_faster_than_the_target_gossips_stay_pending_each():
     assert trio.run(main) == 3.0
 
 
+def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_stopped():
+    """The balancer looks again the moment a move is over: the source must by then have
+    counted the job out, with its load, as the target counts it in.  Counted once the
+    copy's processes were reaped, it came too late (a fifth job went to a node with
+    four); counted after the kill, the dying copy showed as runnable."""
+    import signal
+    from types import SimpleNamespace
+
+    from omuscd import proctab
+    from omuscd.migration import Migrations
+
+    copy = subprocess.Popen(["sleep", "30"])
+    os.kill(copy.pid, signal.SIGSTOP)
+    wait_for(lambda: proctab.scan()[copy.pid].state == b"T", 5, "the copy to stop")
+    seen: list[tuple[list[int], bytes]] = []
+    d = SimpleNamespace(moves=[3, 1], cfg=SimpleNamespace(state_dir="/nonexistent"))
+    d.jobs_changed = lambda: seen.append((list(d.moves), proctab.scan()[copy.pid].state))
+    jc = SimpleNamespace(d=d, guests={}, node_name=lambda n: "b")
+    job = SimpleNamespace(id="1.1", pid=copy.pid, launcher=None, node_changed=False)
+    try:
+        Migrations(jc)._drop(job, 2)
+    finally:
+        copy.kill()
+    assert copy.wait(5) == -signal.SIGKILL
+    assert seen == [([3, 2], b"T")]
+
+
 REASON = criu_problem()
 
 
