@@ -267,13 +267,12 @@ class Balancer:
             for node, delta in ((decision.target, 1.0), (source, -1.0)):
                 if node in bases:
                     demand, moves = bases[node]
-                    side = 0 if delta > 0 else 1
-                    expect = None
+                    new = _Pending(until, node, delta, demand, None)
                     if moves is not None:
                         before = [p.expect for p in self.pending if p.node == node and
-                                  p.side == side and p.expect is not None]
-                        expect = max([moves[side], *before]) + 1
-                    self.pending.append(_Pending(until, node, delta, demand, expect))
+                                  p.side == new.side and p.expect is not None]
+                        new.expect = max([moves[new.side], *before]) + 1
+                    self.pending.append(new)
             self.moved_last = True
             self.say(f"balancing: {decision.reason}: {text}")
         finally:

@@ -319,8 +319,11 @@ def measure(job: Job) -> None:
 
 
 def tree_usage(pid: int) -> tuple[float, float]:
-    """CPU seconds and resident MB of a job's processes below its init (``pid``)."""
-    return _usage(proctab.descendants(proctab.scan(), {pid})[pid])
+    """CPU seconds and resident MB of a job's processes below its init (``pid``): only
+    theirs read (proctab.tree), not the whole process table, since it is measured while
+    the job is frozen for a move."""
+    procs = [p for q in proctab.tree(pid)[1:] if (p := proctab.read(q)) is not None]
+    return _usage(procs)
 
 
 def _usage(procs: list[proctab.Proc]) -> tuple[float, float]:

@@ -43,6 +43,11 @@ def _read(path: str, pid: int) -> Proc | None:
         return None
 
 
+def read(pid: int) -> Proc | None:
+    """One process; None if it is gone."""
+    return _read(f"/proc/{pid}/stat", pid)
+
+
 def scan(skip: int | None = None) -> dict[int, Proc]:
     """Every process but ``skip``; one that ends while being read is left out."""
     table: dict[int, Proc] = {}
@@ -50,7 +55,7 @@ def scan(skip: int | None = None) -> dict[int, Proc]:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if pid != skip and (p := _read(f"/proc/{pid}/stat", pid)) is not None:
+        if pid != skip and (p := read(pid)) is not None:
             table[pid] = p
     return table
 
