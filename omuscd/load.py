@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
+#: CPU seconds (per lent CPU) a sample must span to say anything: the kernel counts CPU
+#: time in ticks of 10 ms, and a sample over a window of a few milliseconds read 0 % busy.
+MIN_WINDOW = 0.05
 #: How CRIU shows in /proc: itself, or the loader of tests/install-criu's private copy.
 CRIU_COMMANDS = (b"criu", b"ld-linux-x86-64")
 
@@ -102,6 +105,25 @@ class RunQueue:
                       names(counted), names(passing) or "none")
         return len(counted)
 
+    def resumed(self, pids: Iterable[int]) -> None:
+        """These processes were stopped and have just been let go (a job restored stopped
+        and committed, or a job resumed after a move that failed): judge them from now on.
+        Their stopped time would count against them otherwise, since they were runnable
+        for a small part of the time since the last count, or since CRIU created them: a
+        CPU-bound job that had just landed was left out, and a node with two jobs said one
+        and offered room it did not have (bench_balance: a job came to it, then one went
+        back)."""
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        for pid in pids:
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except (OSError, ValueError):
+                continue
+            for tid in tids:
+                ns = proctab.runnable_ns(tid)
+                if ns is not None:
+                    self.seen[tid] = (ns, now)
+
 
 def usable(lent: list[int], ncpus: int) -> list[int]:
     """The lent CPUs this machine has (all of them if it has none of those)."""
@@ -153,6 +175,10 @@ class Sampler:
         """Measure the next sample from now: what the CPUs did before no longer counts."""
         self.window = psutil.cpu_times(percpu=True)
 
+    def resumed(self, pids: Iterable[int]) -> None:
+        """See :meth:`RunQueue.resumed`."""
+        self.runq.resumed(pids)
+
     def _runnable(self, lent: list[int]) -> int:
         return self.runq.count(set(lent), leave_out=self.helpers())
 
@@ -172,10 +198,19 @@ class Sampler:
         return self.last
 
     def sample(self) -> LoadSample:
+        """The load over the time since the last sample, or since jobs last came or went.
+        A window too short to measure (a regular sample falling just after a change)
+        leaves the figure counted at the change, and the window, as they are: measured, it
+        said 0 % busy, and a node running two jobs told the others it was idle (one more
+        came; another move undid it)."""
         now = psutil.cpu_times(percpu=True)
-        per_cpu = busy_percent(self.window if self.window is not None else self.base, now)
+        since = self.window if self.window is not None else self.base
+        lent = usable(self.lent, len(now))
+        if min((sum(now[c]) - sum(since[c]) for c in lent if c < len(since)),
+               default=MIN_WINDOW) < MIN_WINDOW:
+            return self.last
+        per_cpu = busy_percent(since, now)
         self.base, self.window = now, None
-        lent = usable(self.lent, len(per_cpu))
         busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
         runnable = self._runnable(lent) if busy else None
         load, util = compute_load(per_cpu, self.lent, runnable)

@@ -400,6 +400,7 @@ class Migrations:
             if nice is not None:  # its own priority back (see _emigrate)
                 renice_tree(job.pid, nice)
             signal_tree(job.pid, signal.SIGCONT)
+            self.d.sampler.resumed(tree(job.pid))
         job.state = RUNNING
         job.notify()
         log.warning("job %s resumed on this node after a failed move", job.id)
@@ -516,6 +517,7 @@ class Migrations:
                 if m.get("op") != "commit":
                     raise ChannelError("no commit")
                 signal_tree(pid, signal.SIGCONT)
+                self.d.sampler.resumed(tree(pid))  # its load counts from now
                 self._adopted(job, pid)
                 pid = None
                 await ch.send({"op": "running"})

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +76,35 @@ def test_a_task_caught_running_is_not_load_until_it_keeps_running():
             h.wait()
 
 
+def test_a_job_let_go_after_being_stopped_counts_at_once():
+    """A job restored stopped by CRIU and let go when its move commits (or one resumed
+    after a failed move) was stopped for most of its life so far: judged on that life, it
+    looked like a task caught running and a node with two jobs said one.  Told that the
+    job has been let go, the count takes it from that moment."""
+    cpu = max(os.sched_getaffinity(0))
+    pin = lambda: os.sched_setaffinity(0, {cpu})  # noqa: E731
+    steady, landed = (subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                       preexec_fn=pin) for _ in range(2))
+    try:
+        os.kill(landed.pid, signal.SIGSTOP)  # as CRIU restores it: created, then stopped
+        queue = RunQueue()
+        time.sleep(0.5)
+        # one count each time (a second one at once would judge it afresh anyway), of
+        # these two alone: whatever else the machine runs is left out
+        others = set(proctab.scan()) - {steady.pid, landed.pid}
+        assert queue.count({cpu}, leave_out=others) == 1  # the steady one
+        os.kill(landed.pid, signal.SIGCONT)
+        queue.resumed([landed.pid])
+        first = queue.count({cpu}, leave_out=others)  # as the daemon counts, at once
+        time.sleep(0.3)
+        later = queue.count({cpu}, leave_out=others)
+        assert (first, later) == (2, 2)
+    finally:
+        for h in (steady, landed):
+            h.kill()
+            h.wait()
+
+
 def test_each_computing_thread_of_a_job_is_counted():
     """A process's own state is its first thread's: one that waits for three threads
     computing (OpenMP, Java, Python's hashlib) is three tasks wanting the CPU, not none."""
@@ -122,6 +152,31 @@ def test_the_extra_sample_measures_the_time_after_the_change_alone(monkeypatch):
     s.new_window()
     assert s.sample().util == 0.0
     assert load.busy_percent([t(0.0, 0.0, 0.0)], [t(9.0, 11.0, 0.0)]) == [45.0]
+
+
+def test_a_sample_too_short_to_measure_leaves_the_figure_counted_at_the_change(
+        monkeypatch):
+    """A regular sample a few milliseconds after jobs came or went spans no clock tick of
+    CPU time: measured, it said idle, and a node running two jobs gossiped 0.00 (another
+    job came to it).  The figure counted at the change stands until there is time enough
+    to measure."""
+    from collections import namedtuple
+
+    from omuscd import load
+
+    t = namedtuple("t", "user idle iowait")
+    times = iter([[t(0.0, 0.0, 0.0)],      # the last sample
+                  [t(9.0, 1.0, 0.0)],      # the change
+                  [t(9.0, 1.0, 0.0)],      # a regular sample 5 ms later: no tick passed
+                  [t(9.3, 1.0, 0.0)]])     # the extra sample, 0.3 s on: busy
+    monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: next(times))
+    monkeypatch.setattr(load.RunQueue, "count", lambda self, cpus, me=None, leave_out=(): 2)
+    s = load.Sampler([0])
+    s.new_window()
+    assert s.at_once().load == 2.0  # two jobs wanting the one lent CPU
+    assert s.sample().load == 2.0  # not 0.00
+    settled = s.sample()
+    assert (settled.load, settled.util) == (2.0, 100.0)
 
 
 def test_a_change_in_load_is_told_at_once(monkeypatch):
