@@ -40,7 +40,7 @@ from omuscd.balance import (
     narrows,
 )
 from omuscd.events import Event
-from omuscd.jobs import RUNNING, Job, JobError, refresh_usage
+from omuscd.jobs import RUNNING, Job, JobError, refresh_usage, starting
 from omuscd.membership import ALIVE
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class Balancer:
         self.pending: list[_Pending] = []  # moves made here, until the nodes' figures show them
         self.backoff = 0.0
         self.backoff_until = 0.0
+        self.backoff_demand: dict[int, float] = {}  # the others' demand when we backed off
         self.moving = False
         self.moved_last = False
         self.said = ""
@@ -198,7 +199,7 @@ class Balancer:
     def local_jobs(self) -> list[JobLoad]:
         now = time.time()
         jobs = [j for j in self.d.jobs.all_jobs()
-                if j.node == self.d.node_id and j.state == RUNNING]
+                if j.node == self.d.node_id and j.state == RUNNING and not starting(j)]
         refresh_usage(jobs)  # one pass for all (a pass per job cost one scan each)
         return [self.job_load(j, now) for j in jobs]
 
@@ -226,8 +227,11 @@ class Balancer:
                 log.exception("balancing: internal error")
                 await trio.sleep(self.cfg.balance_interval)
 
-    def landed(self) -> None:
-        """A job arrived here: the room held for it is taken by the job itself now."""
+    def release_hold(self) -> None:
+        """A job arrived here, or a move here was given up: the room held for it is
+        taken by the job itself now, or free again.  (Held on after a move that failed,
+        it made this node look a job busier than it was for offer_hold: it volunteered for
+        nothing more, and the busy node backed off.)"""
         if self.held:
             self.held.pop(0)
 
@@ -280,9 +284,12 @@ class Balancer:
 
     # ------------------------------------------------------------------ peer to peer
     async def peer_tick(self, now: float) -> None:
-        if now < self.backoff_until:
-            return
         loads = self.loads(now)
+        if now < self.backoff_until:
+            if not self.room_since_backoff(loads):
+                return
+            self.backoff_until = 0.0
+            self.say("balancing: a node has room now; asking again")
         me = loads.pop(self.d.node_id)
         target, why = imbalance(me, list(loads.values()), self.policy())
         if target is None:  # nothing to gain: no need to look at the jobs
@@ -315,12 +322,21 @@ class Balancer:
         if not offers:
             self.backoff = min(MAX_BACKOFF, max(self.backoff * 2, self.cfg.balance_interval))
             self.backoff_until = trio.current_time() + self.backoff
+            self.backoff_demand = {n.id: n.demand for n in loads.values()}
             self.say(f"balancing: no node volunteered for job {decision.job}; asking again "
                      f"in {self.backoff:.0f}s")
             return
         self.backoff = 0.0
         _, target = min(offers)
         await self.move(Decision(decision.job, target, decision.reason), self.d.node_id)
+
+    def room_since_backoff(self, loads: dict[int, NodeLoad]) -> bool:
+        """Whether a node has gained room for a job since no node volunteered: the wait
+        is for a cluster that has none, and ends at the news.  (Jobs ended on the only
+        other node, whose held room had kept it from volunteering; this node kept its
+        four jobs for another 4 s of backoff while that node idled.)"""
+        return any(n.can_take and n.demand <= self.backoff_demand.get(n.id, n.demand) - 1
+                   for i, n in loads.items() if i != self.d.node_id)
 
     def on_request(self, body: dict[str, Any], source: tuple[str, int], sender: int) -> None:
         """A busy node asks for room: offer it if we have it, and hold it a while."""

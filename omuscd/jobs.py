@@ -286,6 +286,26 @@ def init_pid(pid: int) -> int | None:
     return children[0].pid if children else None
 
 
+def starting(job: Job) -> bool:
+    """Whether a job started here is still starting: its init has not yet made itself
+    the session leader and started the command.  CRIU cannot dump it then (the session
+    leader is outside the job's PID namespace): the balancer, which may pick a job a
+    tenth of a second old when eight share one CPU, froze such a job, failed and resumed
+    it, and the room the other node held for it kept that node from offering more.
+    A job restored or adopted here (no launcher) has started."""
+    if job.launcher is None:
+        return False
+    pid = job.pid if job.pid is not None else init_pid(job.launcher)
+    if pid is None:  # unshare has not forked the init yet
+        return True
+    try:
+        if os.getsid(pid) != pid:
+            return True
+    except OSError:  # gone: it is ending, not starting
+        return False
+    return len(proctab.tree(pid)) < 2
+
+
 def catches(pid: int, sig: int) -> bool:
     """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask); True when that
     cannot be read, so that the caller's kill says what is wrong."""

@@ -42,6 +42,7 @@ from omuscd.jobs import (
     JobError,
     adopt,
     init_pid,
+    starting,
     tree_usage,
 )
 from omuscd.membership import DEAD
@@ -288,6 +289,8 @@ class Migrations:
             job.pid = init_pid(job.launcher)
         if job.pid is None:
             raise JobError(f"job {job.id} has no process here")
+        if starting(job):
+            raise JobError(f"job {job.id} is still starting; it can move in a moment")
         why = mover.cannot_move(job.pid)
         if why:
             job.cannot_move = why
@@ -464,6 +467,7 @@ class Migrations:
                 raise JobError(f"node {self.d.name}: working directory {job.cwd} does not "
                                "exist")
         except (JobError, KeyError, TypeError) as e:
+            self.d.balancer.release_hold()  # the room held for this move is free again
             await ch.send({"op": "refused", "reason": str(e)})
             return
         images = self.images / f"{job.id}.in"
@@ -532,6 +536,7 @@ class Migrations:
                 if pager is not None and pager.returncode is None:
                     pager.kill()
                 self.d.mover.keep_log(images / "page-server.log", "page-server")
+                self.d.balancer.release_hold()  # the room held for this move is free again
                 log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
                             e)
                 try:
@@ -598,7 +603,7 @@ class Migrations:
             record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
         record.notify()
         self.jc.save(record)
-        self.d.balancer.landed()
+        self.d.balancer.release_hold()  # the job takes the room held for it
         jc._nursery().start_soon(self._watch_adopted, record, pid, run)
 
     async def _watch_adopted(self, job: Job, pid: int, run: int) -> None:

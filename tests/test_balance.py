@@ -247,6 +247,94 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     assert seen == [([3, 2], b"T")]
 
 
+
+def test_news_of_room_ends_the_backoff_of_a_request_nobody_answered():
+    """No node volunteered (the other had 3 jobs and room held for one more), so this
+    node waits before asking again, 4 s at the third try.  Jobs ending there meanwhile
+    ended the wait only when it ran out; the news that the node has room ends it now.
+    Less than a job's worth of change does not."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from omuscd import config
+    from omuscd.balancer import Balancer
+
+    d = _stand_in(4.0, 3.0, None)
+    d.cfg = SimpleNamespace(**config.defaults())
+
+    async def main() -> list[bool]:
+        bal = Balancer(d)
+        far = trio.current_time() + 4.0
+        bal.backoff_until, bal.backoff_demand = far, {2: 3.0}
+        seen = []
+        for b_load in (3.0, 2.5):  # no news, then less than a job's worth
+            d.members.nodes[2].entry["load"] = b_load
+            await bal.peer_tick(trio.current_time())
+            seen.append(bal.backoff_until == far)
+        d.members.nodes[2].entry["load"] = 1.0  # two of its jobs ended
+        d.sampler.last.load = 1.0  # (and so did ours: nothing to move, the wait is over)
+        await bal.peer_tick(trio.current_time())
+        return [*seen, bal.backoff_until == far]
+
+    assert trio.run(main) == [True, True, False]
+
+
+def test_room_held_for_a_move_that_does_not_come_is_free_again():
+    """A node that offered room holds it for offer_hold (5 s): counted as a job more.  A
+    move that then failed (a job frozen before its init had started, refused by CRIU)
+    left it looking a job busier for those 5 s: it volunteered for nothing while the busy
+    node backed off.  A refused or abandoned incoming move frees the room."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from omuscd.balancer import Balancer
+    from omuscd.migration import Migrations
+
+    d = _stand_in(3.0, 5.0, None)
+    d.cfg = SimpleNamespace(state_dir="/nonexistent")
+    d.balancer = Balancer(d)
+    said = []
+
+    async def send(msg):
+        said.append(msg["op"])
+
+    async def main() -> tuple[int, int]:
+        d.balancer.held = [trio.current_time() + 5.0]
+        before = d.balancer.loads(trio.current_time())[1].pending
+        await Migrations(SimpleNamespace(d=d)).immigrate(SimpleNamespace(send=send), {})
+        return before, d.balancer.loads(trio.current_time())[1].pending
+
+    assert trio.run(main) == (1, 0)
+    assert said == ["refused"]
+
+
+def test_a_job_still_starting_is_not_picked_to_move():
+    """A job whose init has not yet made itself the session leader and started the command
+    cannot be dumped (CRIU: the session leader is outside the PID namespace); the balancer
+    picked such jobs a tenth of a second old, froze them, failed and resumed them."""
+    from types import SimpleNamespace
+
+    from omuscd import proctab
+    from omuscd.jobs import starting
+
+    loose = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])  # no session yet
+    ready = subprocess.Popen(["setsid", "sh", "-c", "sleep 30 & wait"])
+    try:
+        wait_for(lambda: len(proctab.tree(ready.pid)) == 2, 10, "the command to start")
+        # started here: launched by unshare (any process stands in for it here)
+        assert starting(SimpleNamespace(pid=loose.pid, launcher=os.getpid()))
+        assert not starting(SimpleNamespace(pid=ready.pid, launcher=os.getpid()))
+        assert starting(SimpleNamespace(pid=None, launcher=loose.pid))  # init not forked
+        # restored or adopted here: it has started, whatever its shape
+        assert not starting(SimpleNamespace(pid=loose.pid, launcher=None))
+    finally:
+        for p in (loose, ready):
+            os.killpg(p.pid, 9) if p is ready else p.kill()
+            p.wait()
+
+
 REASON = criu_problem()
 
 
