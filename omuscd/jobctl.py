@@ -464,14 +464,21 @@ class JobControl:
                     ch = None
                     await trio.sleep(delay)
                     delay = min(delay * 2, 2.0)
-        self.links.pop(job.id, None)
-        self.scopes.pop(job.id, None)
+        if self.links.get(job.id) is ch:
+            self.links.pop(job.id, None)
+        if self.scopes.get(job.id) is scope:  # a follower started since keeps its own
+            self.scopes.pop(job.id, None)
         if ch is not None:
             await ch.aclose()
 
     async def _receive_remote(self, job: Job, ch: Channel) -> None:
+        scope = self.scopes.get(job.id)
         while True:
             msg = await ch.receive()
+            if scope is not None and scope.cancel_called:
+                # following stopped (the job is coming here, with its whole spool) while
+                # this was on its way: appended, it would be there twice
+                return
             if isinstance(msg, tuple):
                 stream, data = msg
                 if stream in (STDOUT, STDERR):

@@ -33,6 +33,7 @@ from omuscd import balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
 from omuscd.jobs import (
+    FINAL,
     MIGRATING,
     MOVED,
     RUNNING,
@@ -473,6 +474,9 @@ class Migrations:
         images = self.images / f"{job.id}.in"
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(parents=True)
+        home = jc.home.get(job.id) if job.home == jc.me else None
+        if home is not None:
+            self._stop_following(home)
         with urgent():  # the job is frozen at its source meanwhile: see omuscd.priority
             pid = None
             pager = None
@@ -537,6 +541,8 @@ class Migrations:
                     pager.kill()
                 self.d.mover.keep_log(images / "page-server.log", "page-server")
                 self.d.balancer.release_hold()  # the room held for this move is free again
+                if home is not None:
+                    self._follow_again(home)
                 log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
                             e)
                 try:
@@ -550,18 +556,50 @@ class Migrations:
                     pages.socket.close()
                 shutil.rmtree(images, ignore_errors=True)
 
+    def _stop_following(self, job: Job) -> None:
+        """The job comes home: stop taking in its output from the node it leaves.  That
+        node's spool comes with the move and holds all of it, also what it had not yet
+        sent (it looks at a quiet job's output every quarter of a second): taken in as
+        well, after the spool, the user saw it twice."""
+        scope = self.jc.scopes.get(job.id)
+        if scope is not None:
+            scope.cancel()
+
+    def _follow_again(self, job: Job) -> None:
+        """The move home failed: the job runs on where it was; follow it again, from
+        the end of the spool here (which may be that node's, received for the move)."""
+        if job.state in FINAL or job.node == self.jc.me:
+            return
+        for stream in (STDOUT, STDERR):
+            try:
+                job.offsets[stream] = self.jc.spool.path(job.id, stream).stat().st_size
+            except OSError:
+                pass
+        self.jc._nursery().start_soon(self.jc._follow, job, None)
+
     async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
         got = 0
-        with open(path, "wb") as f:
-            while got < size:
-                with trio.fail_after(STEP_TIMEOUT):
-                    item = await ch.receive(borrow=True)
-                if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
-                    raise ChannelError("expected image data")
-                f.write(item[1])
-                got += len(item[1])
-        if got != size:
-            raise ChannelError(f"{path.name}: got {got} bytes of {size}")
+        # written beside and put in place whole: at the home, readers of the output read
+        # the spool meanwhile (the same bytes, and more)
+        part = path.with_name(f".{path.name}.part")
+        try:
+            with open(part, "wb") as f:
+                while got < size:
+                    with trio.fail_after(STEP_TIMEOUT):
+                        item = await ch.receive(borrow=True)
+                    if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
+                        raise ChannelError("expected image data")
+                    f.write(item[1])
+                    got += len(item[1])
+            if got != size:
+                raise ChannelError(f"{path.name}: got {got} bytes of {size}")
+            if path.exists():
+                shutil.copymode(path, part)
+                st = path.stat()
+                os.chown(part, st.st_uid, st.st_gid)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
 
     async def _restore(self, job: Job, images: Path, spool_dir: Path,
                        paths: dict[str, str]) -> int:

@@ -151,6 +151,87 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert f"job {job} migrated to b: frozen" in feed and f"job {job} migrated to a" in feed
 
 
+def test_a_job_coming_home_right_after_a_line_repeats_no_output(cluster):
+    """The job writes a line and is frozen to come home before its node has seen the
+    line (it looks at a quiet job's files every quarter of a second).  The node's spool,
+    sent with the move, holds the line, and the home was still taking in what that node
+    sends of the output as it sees it: the line came again that way, after the spool,
+    and the user saw it twice."""
+    _, _, _, n = cluster
+    bursts = ("import time\n"
+              "for k in range(5):\n"
+              "    end = time.time() + 0.8\n"
+              "    while time.time() < end: pass\n"
+              "    print('line', k, flush=True)\n")
+    p = start(n["a"], PY, "-c", bursts, "omuscd-migration-test-home")
+    job = job_of(n["a"], "omuscd-migration-test-home")
+    assert n["a"].ctl(f"migrate {job} b").code == 200
+    out_there = n["b"].state_dir / "spool" / job / "stdout"
+    for k in range(2):  # come home the moment a line is written, then go again
+        size = out_there.stat().st_size
+        wait_for(lambda size=size: out_there.stat().st_size > size, 10, f"line {k} there")
+        back = n["a"].ctl(f"migrate {job} home")
+        assert back.code == 200, back
+        if k == 0:
+            assert n["a"].ctl(f"migrate {job} b").code == 200
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (0, b"")
+    assert out == b"".join(b"line %d\n" % k for k in range(5))
+
+
+def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp_path):
+    """Coming home, the job's output stops being followed from the node it leaves (see
+    above).  If the move then fails, the job runs on there: the home follows it again,
+    from the end of its spool (which may by then be that node's, received for the
+    move), so that nothing comes twice and nothing is missed."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from omuscd.jobs import Job, Owner, Spool
+    from omuscd.migration import Migrations
+
+    record = Job("10.7", Owner(os.getuid(), os.getgid(), [], "root"), home=10, node=20,
+                 node_name="b", argv=["x"], cwd="/tmp")
+    spool = Spool(str(tmp_path))
+    spool.create(record)
+    spool.append(record.id, 1, b"line 0\nline 1\n")  # the source's, received for the move
+    record.offsets = {1: 7, 2: 0}  # what had been followed before
+    followed: list[tuple[str, dict[int, int]]] = []
+    said: list[str] = []
+
+    async def follow(job, ch):
+        followed.append((job.id, dict(job.offsets)))
+
+    async def main() -> bool:
+        async with trio.open_nursery() as nursery:
+            following = trio.CancelScope()
+            mover = SimpleNamespace(available=True, streams=False, describe=lambda: "criu",
+                                    keep_log=lambda *a: "")
+            d = SimpleNamespace(name="a", mover=mover, balancer=SimpleNamespace(
+                release_hold=lambda: None), cfg=SimpleNamespace(
+                state_dir=str(tmp_path), stream_pages=False))
+            jc = SimpleNamespace(d=d, me=10, home={record.id: record},
+                                 scopes={record.id: following}, spool=spool,
+                                 _check_guest_ok=lambda owner, local: None,
+                                 _nursery=lambda: nursery, _follow=follow)
+            replies = iter([{"op": "bogus"}])
+
+            async def send(msg):
+                said.append(msg["op"])
+
+            async def receive_msg():
+                return next(replies)
+
+            ch = SimpleNamespace(send=send, receive_msg=receive_msg)
+            await Migrations(jc).immigrate(ch, {"job": record.wire()})
+            return following.cancel_called
+
+    assert trio.run(main) is True  # following stopped when the move began
+    assert said == ["ready", "failed"]
+    assert followed == [("10.7", {1: 14, 2: 0})]  # again, from the end of the spool
+
+
 def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     _, _, _, n = cluster
     flag = tmp_path / "go"
