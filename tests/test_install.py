@@ -39,3 +39,16 @@ def test_a_plain_install_has_every_module_and_starts(tmp_path):
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().startswith(str(target))
+
+
+def test_the_run_client_imports_only_what_it_needs():
+    """`omuscd run` starts a Python process per job: what it imports is paid by every job
+    (a batch of clients starting at once delays its first job by the sum).  None of these
+    is needed to start and attach to a job without --stdin."""
+    heavy = ["typing", "threading", "dataclasses", "trio", "psutil", "omuscd.cli",
+             "omuscd.config", "omuscd.daemon"]
+    code = ("import sys; from omuscd import entry, runclient; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True)
+    assert r.stdout.split() == []
