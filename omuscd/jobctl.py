@@ -300,11 +300,7 @@ class JobControl:
                 job.state = RUNNING
             # what arrived before the restart is in the spool files, whatever the record
             # says: following again starts from there (no line twice)
-            for stream in (STDOUT, STDERR):
-                try:
-                    job.offsets[stream] = self.spool.path(job.id, stream).stat().st_size
-                except OSError:
-                    job.offsets[stream] = 0
+            job.offsets.update(self.spool.ends(job.id))
             if job.node == self.me:
                 self._nursery().start_soon(self._watch_again, job)
             else:
@@ -471,6 +467,13 @@ class JobControl:
         if ch is not None:
             await ch.aclose()
 
+    def stop_following(self, job_id: str) -> None:
+        """Stop taking in a job's output from the node it ran on (it is lost, comes
+        here, or is rerun elsewhere); a frame already on its way is dropped."""
+        scope = self.scopes.get(job_id)
+        if scope is not None:
+            scope.cancel()
+
     async def _receive_remote(self, job: Job, ch: Channel) -> None:
         scope = self.scopes.get(job.id)
         while True:
@@ -508,9 +511,7 @@ class JobControl:
         job.reason = f"{reason} at {time.strftime('%H:%M:%S')}"
         job.notify()
         self.save(job)
-        scope = self.scopes.get(job.id)
-        if scope is not None:
-            scope.cancel()
+        self.stop_following(job.id)
         self.d.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
                               {"job": job.id, "reason": job.reason})])
 

@@ -200,6 +200,17 @@ class Spool:
         except OSError:
             return b""
 
+    def ends(self, job_id: str) -> dict[int, int]:
+        """The size of each output file (0 for one that is missing): where what has
+        arrived ends, and so where following the job's output goes on from."""
+        out = {}
+        for stream in STREAM_FILES:
+            try:
+                out[stream] = self.path(job_id, stream).stat().st_size
+            except OSError:
+                out[stream] = 0
+        return out
+
     def append(self, job_id: str, stream: int, data: bytes) -> None:
         with open(self.path(job_id, stream), "ab") as f:
             f.write(data)

@@ -197,9 +197,7 @@ class Migrations:
         if env is None:
             raise JobError(f"job {job.id}: its environment is not known here any more")
         source, source_name = job.node, job.node_name
-        scope = jc.scopes.get(job.id)
-        if scope is not None:  # stop following the old copy
-            scope.cancel()
+        jc.stop_following(job.id)  # the old copy
         if source == jc.me:
             self._drop(job, target)
         else:
@@ -252,9 +250,7 @@ class Migrations:
         job.notify()
         self.jc.save(job)
         if target == self.jc.me:
-            scope = self.jc.scopes.get(job.id)
-            if scope is not None:
-                scope.cancel()
+            self.jc.stop_following(job.id)
         elif job.id not in self.jc.scopes:
             self.jc._nursery().start_soon(self.jc._follow, job, None)
 
@@ -476,7 +472,11 @@ class Migrations:
         images.mkdir(parents=True)
         home = jc.home.get(job.id) if job.home == jc.me else None
         if home is not None:
-            self._stop_following(home)
+            # It comes home: its output is no longer taken in from the node it leaves.
+            # That node's spool comes with the move and holds all of it, also what it had
+            # not yet sent (it looks at a quiet job's files every quarter of a second):
+            # taken in as well, after the spool, the user saw it twice.
+            jc.stop_following(job.id)
         with urgent():  # the job is frozen at its source meanwhile: see omuscd.priority
             pid = None
             pager = None
@@ -556,25 +556,12 @@ class Migrations:
                     pages.socket.close()
                 shutil.rmtree(images, ignore_errors=True)
 
-    def _stop_following(self, job: Job) -> None:
-        """The job comes home: stop taking in its output from the node it leaves.  That
-        node's spool comes with the move and holds all of it, also what it had not yet
-        sent (it looks at a quiet job's output every quarter of a second): taken in as
-        well, after the spool, the user saw it twice."""
-        scope = self.jc.scopes.get(job.id)
-        if scope is not None:
-            scope.cancel()
-
     def _follow_again(self, job: Job) -> None:
         """The move home failed: the job runs on where it was; follow it again, from
         the end of the spool here (which may be that node's, received for the move)."""
         if job.state in FINAL or job.node == self.jc.me:
             return
-        for stream in (STDOUT, STDERR):
-            try:
-                job.offsets[stream] = self.jc.spool.path(job.id, stream).stat().st_size
-            except OSError:
-                pass
+        job.offsets.update(self.jc.spool.ends(job.id))
         self.jc._nursery().start_soon(self.jc._follow, job, None)
 
     async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
@@ -624,11 +611,8 @@ class Migrations:
             record = job
             record.changed = trio.Event()
             jc.guests[job.id] = record
-        else:  # it comes home: the books are here (moved() will find them up to date)
-            record.migrations += 1
-            scope = jc.scopes.get(job.id)  # it was followed from elsewhere: no longer
-            if scope is not None:
-                scope.cancel()
+        else:  # it comes home: the books are here (moved() will find them up to date);
+            record.migrations += 1  # following it from elsewhere stopped as the move began
         record.node, record.node_name = jc.me, self.d.name
         run = record.new_stay()
         record.state = RUNNING
@@ -637,8 +621,7 @@ class Migrations:
         record.landed_at = time.time()
         record.pid = pid
         record.cpu_moved = job.cpu_moved
-        for stream in (STDOUT, STDERR):
-            record.offsets[stream] = jc.spool.path(job.id, stream).stat().st_size
+        record.offsets.update(jc.spool.ends(job.id))
         record.notify()
         self.jc.save(record)
         self.d.balancer.release_hold()  # the job takes the room held for it

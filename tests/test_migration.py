@@ -188,6 +188,7 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
 
     import trio
 
+    from omuscd.jobctl import JobControl
     from omuscd.jobs import Job, Owner, Spool
     from omuscd.migration import Migrations
 
@@ -215,6 +216,7 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
                                  scopes={record.id: following}, spool=spool,
                                  _check_guest_ok=lambda owner, local: None,
                                  _nursery=lambda: nursery, _follow=follow)
+            jc.stop_following = lambda job_id: JobControl.stop_following(jc, job_id)
             replies = iter([{"op": "bogus"}])
 
             async def send(msg):
