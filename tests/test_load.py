@@ -207,7 +207,8 @@ def test_a_job_tree_is_read_from_the_kernels_lists_of_children():
               "t = threading.Thread(target=spawn); t.start(); t.join()\n"
               "time.sleep(30)\n")
     top = subprocess.Popen(["sh", "-c", f"sleep 30 & {sys.executable} -c \"$0\" & "
-                            "sh -c 'sleep 30 & wait' & wait", script])
+                            "sh -c 'sleep 30 & wait' & wait", script],
+                           start_new_session=True)
     try:
         want: set[int] = set()
         for _ in range(100):
@@ -219,7 +220,8 @@ def test_a_job_tree_is_read_from_the_kernels_lists_of_children():
         got = proctab.tree(top.pid)
         assert got[0] == top.pid and sorted(got) == sorted(want)
     finally:
-        for pid in reversed(proctab.tree(top.pid)):
-            os.kill(pid, 9)
+        # the whole group at once: killed one by one, a shell whose child died first
+        # could exit and be reaped before its own turn came (ESRCH)
+        os.killpg(top.pid, 9)
         top.wait()
     assert proctab.tree(top.pid) == []
