@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from omuscd import balance
+from omuscd import balance, postcopy, proctab
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
 from omuscd.jobs import (
@@ -48,6 +49,7 @@ from omuscd.jobs import (
 )
 from omuscd.membership import DEAD
 from omuscd.migrate import Inherit, MoveError
+from omuscd.migrate.lazy import PAGE, PageMap, PageServer
 from omuscd.pages import receive_pages, send_pages, socket_pair
 from omuscd.priority import urgent
 from omuscd.proctab import tree
@@ -310,18 +312,22 @@ class Migrations:
                         images: Path) -> dict[str, Any]:
         jc = self.jc
         mover = self.d.mover
-        # the memory goes while it is dumped (see omuscd.pages), else it is copied after
+        # the memory goes while it is dumped (see omuscd.pages), else it is copied after;
+        # a big job's follows it once it runs on the target (see omuscd.postcopy)
         streaming = mover.streams and self.d.cfg.stream_pages
+        lazy = self._post_copy(job, target)
         try:
             await ch.send({"op": "immigrate", "job": job.wire(),
-                           **({"pages": True} if streaming else {})})
+                           **({"pages": True} if streaming else {}),
+                           **({"lazy": True} if lazy else {})})
             with trio.fail_after(STEP_TIMEOUT):
                 reply = await ch.receive_msg()
         except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"the target did not answer: {e}") from None
         if reply.get("op") != "ready":
             raise JobError(str(reply.get("reason", "the target refused")))
-        streaming = streaming and reply.get("pages") is True  # an older target: copied
+        lazy = lazy and reply.get("lazy") is True  # an older target: not post-copy
+        streaming = streaming and not lazy and reply.get("pages") is True  # older: copied
         if job.state != RUNNING:  # it ended while the target got ready: nothing to move
             raise JobError(f"job {job.id} ended before it could move ({job.state})")
         job.state = MIGRATING
@@ -347,17 +353,26 @@ class Migrations:
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
         sent = paged
         try:
+            # post-copy: of the memory, only the pages the restore reads itself go now
+            eager = self._eager_runs(images) if lazy else {}
             for f in sorted(images.iterdir()):
                 if f.suffix == ".log":
                     continue
-                sent += await self._send_file(ch, "file", f.name, f)
+                if f.name in eager:
+                    sent += await self._send_sparse(ch, f, eager[f.name])
+                else:
+                    sent += await self._send_file(ch, "file", f.name, f)
             for out in (STDOUT, STDERR):
                 sent += await self._send_file(ch, "spool", str(out), jc.spool.path(job.id, out))
             transferred = trio.current_time()
             await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "nice": nice, "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
                 "stderr": str(jc.spool.path(job.id, STDERR)),
-                "status": str(jc.spool.dir(job.id) / "status")}})
+                "status": str(jc.spool.dir(job.id) / "status")},
+                **({"lazy": True} if lazy else {})})
+            if lazy:
+                return await self._serve_memory(job, target, ch, images, nice, frozen,
+                                                dumped, transferred, sent)
             with trio.fail_after(RESTORE_TIMEOUT):
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
@@ -384,6 +399,92 @@ class Migrations:
                  transferred - dumped, now - transferred, sent / 1e6)
         self._drop(job, target)
         return {"freeze": freeze, "bytes": sent}
+
+    def _post_copy(self, job: Job, target: int) -> bool:
+        """Whether this move is post-copy (see omuscd.postcopy): a big job, not going
+        home (there the output is read as it is written, and a failed post-copy move
+        does again what the target's copy did)."""
+        least = self.d.cfg.post_copy_mb
+        if not least or not self.d.mover.lazy or target == job.home or job.pid is None:
+            return False
+        resident = sum(p.rss for q in tree(job.pid) if (p := proctab.read(q)) is not None)
+        return resident >= least * (1 << 20)
+
+    @staticmethod
+    def _eager_runs(images: Path) -> dict[str, list[tuple[int, int]]]:
+        """For each process's pages image: where the pages are that its restore reads
+        itself (offset, length); the others come on demand.  Images of other memory
+        (shared memory) are not named: they go whole."""
+        runs: dict[str, list[tuple[int, int]]] = {}
+        for f in images.glob("pagemap-*.img"):
+            pid = f.stem.split("-", 1)[1]
+            if pid.isdigit():
+                pm = PageMap.read(images, int(pid))
+                runs[f"pages-{pm.pages_id}.img"] = [(r.offset, r.pages * PAGE)
+                                                    for r in pm.eager()]
+        return runs
+
+    async def _send_sparse(self, ch: Channel, path: Path, runs: list[tuple[int, int]]) -> int:
+        """Send these parts of ``path`` (the target leaves the rest a hole)."""
+        size = path.stat().st_size
+        await ch.send({"op": "sparse", "name": path.name, "size": size,
+                       "runs": [[offset, length] for offset, length in runs]})
+        with open(path, "rb") as f:
+            for offset, length in runs:
+                done = 0
+                while done < length:
+                    chunk = os.pread(f.fileno(), min(CHUNK, length - done), offset + done)
+                    if not chunk:
+                        raise OSError(f"{path.name} is shorter than its pagemap")
+                    await ch.send_data(IMAGE_STREAM, chunk)
+                    done += len(chunk)
+        return sum(length for _, length in runs)
+
+    async def _serve_memory(self, job: Job, target: int, ch: Channel, images: Path,
+                            nice: int | None, frozen: float, dumped: float,
+                            transferred: float, sent: int) -> dict[str, Any]:
+        """Post-copy, once the target has everything but the memory: commit when it has
+        restored the job, then answer its page requests until it runs the job with all
+        of its memory (see omuscd.postcopy)."""
+        server = PageServer(images)
+        committed: list[float] = []
+
+        async def on_message(m: dict[str, Any]) -> bool:
+            op = m.get("op")
+            if op == "restored" and not committed:
+                await ch.send({"op": "commit"})  # it runs there from now
+                committed.append(trio.current_time())
+                return False
+            if op == "running" and committed:
+                return True
+            raise MoveError(str(m.get("reason") or f"unexpected {op!r}"))
+
+        try:
+            await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message)
+        except MoveError as e:  # the target said it failed (its copy is gone), or asked
+            # for what is not there: it kills its copy when the channel closes
+            if committed:
+                await ch.aclose()
+            if not committed or not await self._ask_target(job, target):
+                self._resume(job, nice)
+                raise JobError(f"move failed, job resumed here: {e}") from None
+        except (ChannelError, trio.TooSlowError) as e:
+            if committed:
+                await ch.aclose()  # the target kills its copy when the channel closes
+            if not committed or not await self._ask_target(job, target):
+                self._resume(job, nice)
+                raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
+        finally:
+            server.close()
+        now = trio.current_time()
+        freeze = (committed[0] if committed else now) - frozen
+        moved = sent + server.served * PAGE
+        log.info("job %s frozen %.3fs: dump %.3fs, transfer %.3fs, restore %.3fs; its "
+                 "memory followed in %.3fs (post-copy); %.1f MB", job.id, freeze,
+                 dumped - frozen, transferred - dumped, frozen + freeze - transferred,
+                 now - frozen - freeze, moved / 1e6)
+        self._drop(job, target)
+        return {"freeze": freeze, "bytes": moved}
 
     async def _send_file(self, ch: Channel, op: str, name: str, path: Path) -> int:
         size = path.stat().st_size
@@ -483,7 +584,10 @@ class Migrations:
             pages = None
             try:
                 ready: dict[str, Any] = {"op": "ready"}
-                if msg.get("pages") is True and mover.streams and self.d.cfg.stream_pages:
+                lazy = msg.get("lazy") is True and mover.lazy
+                if lazy:
+                    ready["lazy"] = True
+                elif msg.get("pages") is True and mover.streams and self.d.cfg.stream_pages:
                     pages, theirs = socket_pair()
                     try:
                         pager = await mover.page_server(images, theirs.fileno())
@@ -505,11 +609,19 @@ class Migrations:
                     if op == "file":
                         name = os.path.basename(str(m["name"]))
                         await self._receive_file(ch, images / name, int(m["size"]))
+                    elif op == "sparse" and lazy:
+                        name = os.path.basename(str(m["name"]))
+                        await self._receive_sparse(ch, images / name, m["size"], m["runs"])
                     elif op == "spool":
                         stream = int(m["name"])
                         if stream not in (STDOUT, STDERR):
                             raise ChannelError("bad spool stream")
                         await self._receive_file(ch, jc.spool.path(job.id, stream), int(m["size"]))
+                    elif op == "restore" and lazy and m.get("lazy") is True:
+                        job.cpu_moved = float(m.get("cpu", job.cpu_moved))
+                        await self._restore_lazy(job, ch, images, spool_dir, dict(m["paths"]),
+                                                 m.get("nice"))
+                        return
                     elif op == "restore":
                         paths = dict(m["paths"])
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
@@ -588,15 +700,107 @@ class Migrations:
         finally:
             part.unlink(missing_ok=True)
 
+    async def _receive_sparse(self, ch: Channel, path: Path, size: Any, runs: Any) -> None:
+        """A file of ``size`` bytes of which only ``runs`` (offset, length) come."""
+        try:
+            parts = [(int(offset), int(length)) for offset, length in runs]
+            size = int(size)
+        except (TypeError, ValueError):
+            raise ChannelError("bad sparse file") from None
+        end = 0
+        for offset, length in parts:
+            if offset < end or length < 0 or offset + length > size:
+                raise ChannelError(f"{path.name}: parts out of order or past its end")
+            end = offset + length
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for offset, length in parts:
+                got = 0
+                while got < length:
+                    with trio.fail_after(STEP_TIMEOUT):
+                        item = await ch.receive(borrow=True)
+                    if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
+                        raise ChannelError("expected image data")
+                    if got + len(item[1]) > length:
+                        raise ChannelError(f"{path.name}: a part longer than announced")
+                    os.pwrite(f.fileno(), item[1], offset + got)
+                    got += len(item[1])
+
+    async def _restore_lazy(self, job: Job, ch: Channel, images: Path, spool_dir: Path,
+                            paths: dict[str, str], nice: Any) -> None:
+        """Post-copy (see omuscd.postcopy): restore the job without the memory that can
+        come later, resume it on the commit, relay its page requests to the source, and
+        take it into the books once it has every page.  Any failure kills this copy
+        before its page source goes, then raises (the source resumes its own)."""
+        key = f"in:{job.id}"
+        self.moving.add(key)  # 'has' waits for the outcome
+        mine, theirs = socket_pair()
+        lazyd = None
+        guard = None
+        pid = None
+        try:
+            try:
+                lazyd = await self.d.mover.lazy_pages(images, theirs.fileno())
+            finally:
+                theirs.close()
+            relay = postcopy.Relay(ch, mine)
+            failed: Exception | None = None
+            async with trio.open_nursery() as nursery:  # errors leave it by hand: no groups
+                await nursery.start(relay.run)
+                try:
+                    pid = await self._restore(job, images, spool_dir, paths, lazy=True)
+                    guard = await _guard(pid, mine.socket.fileno())
+                    if isinstance(nice, int):
+                        renice_tree(pid, max(-20, min(19, nice)))
+                    await ch.send({"op": "restored", "pid": pid, "paged": 0})
+                    if (await relay.message(STEP_TIMEOUT)).get("op") != "commit":
+                        raise ChannelError("no commit")
+                    signal_tree(pid, signal.SIGCONT)  # it runs; its memory follows
+                    log.info("job %s runs here; its memory follows from %s (post-copy)",
+                             job.id, self.jc.node_name(ch.peer_id))
+                    while lazyd.returncode is None:
+                        relay.check()
+                        with trio.move_on_after(0.25):
+                            await lazyd.wait()
+                    if lazyd.returncode != 0:
+                        kept = self.d.mover.keep_log(images / "lazy-pages.log", "lazy-pages")
+                        raise MoveError(f"criu lazy-pages failed (exit {lazyd.returncode})"
+                                        f"{kept}")
+                except (ChannelError, MoveError, OSError, trio.TooSlowError) as e:
+                    failed = e
+                nursery.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
+            self.d.sampler.resumed(tree(pid))  # its load counts from now
+            self._adopted(job, pid)
+            pid = None
+            await ch.send({"op": "running"})
+        finally:
+            if pid is not None:  # not taken: this copy must not run, and goes first
+                signal_tree(pid, signal.SIGKILL)
+            if guard is not None:  # the job is ours or dead: the guard has nothing to do
+                await _guard_done(guard)
+            if pid is not None:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            if lazyd is not None and lazyd.returncode is None:
+                lazyd.kill()
+                with trio.CancelScope(shield=True):
+                    await lazyd.wait()
+            mine.socket.close()
+            self.moving.discard(key)
+
     async def _restore(self, job: Job, images: Path, spool_dir: Path,
-                       paths: dict[str, str]) -> int:
+                       paths: dict[str, str], lazy: bool = False) -> int:
         fds = [os.open(spool_dir / "stdout", os.O_WRONLY | os.O_APPEND),
                os.open(spool_dir / "stderr", os.O_WRONLY | os.O_APPEND),
                os.open(spool_dir / "status", os.O_RDWR | os.O_CREAT, 0o600)]
         try:
             inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
                        Inherit(paths["status"], fds[2])]
-            pid = await self.d.mover.restore(images, inherit, images / "restored.pid")
+            pid = await self.d.mover.restore(images, inherit, images / "restored.pid", lazy)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -639,6 +843,33 @@ class Migrations:
             self.d.jobs_changed()  # it ended or left
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
+        # a post-copy move of it in progress here ends either way first
+        with trio.move_on_after(STEP_TIMEOUT / 2):
+            while f"in:{msg.get('job')}" in self.moving:
+                await trio.sleep(0.05)
         job = self.jc.find(str(msg.get("job")))
         running = job is not None and job.node == self.jc.me and job.state == RUNNING
         await ch.send({"op": "has", "running": running, "time": time.time()})
+
+
+#: Kills a lazily restored job ("$0") if this daemon dies before the job has all of its
+#: memory.  It holds the daemon's end of the lazy-pages socket too: that end closing with
+#: the daemon would end lazy-pages, and the job would then read zeros for pages not yet
+#: there.  Told "done" when the job is taken or already killed.
+GUARD = 'read -r word; [ "$word" = done ] || kill -KILL "$0"'
+
+
+async def _guard(pid: int, fd: int) -> trio.Process:
+    return await trio.lowlevel.open_process(["sh", "-c", GUARD, str(pid)],
+                                            stdin=subprocess.PIPE, pass_fds=(fd,))
+
+
+async def _guard_done(guard: trio.Process) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            assert guard.stdin is not None
+            await guard.stdin.send_all(b"done\n")
+            await guard.stdin.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        await guard.wait()

@@ -75,12 +75,15 @@ def start(node, *argv: str) -> subprocess.Popen[bytes]:
 
 
 def job_of(node, marker: str) -> str:
+    """The id of the running job whose command has ``marker``, once its command runs (a
+    job still starting is not moved: see jobs.starting)."""
     def find() -> str | None:
         for j in node.json("jobs")["jobs"]:
             if marker in j["command"] and j["state"] == "running":
                 return j["id"]
         return None
     wait_for(find, 10, f"the job {marker} to be listed")
+    wait_for(lambda: job_processes(marker), 10, f"the command of the job {marker} to run")
     return find() or ""
 
 
@@ -127,8 +130,14 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
 
     moves = counted()
     time.sleep(1)  # each stay a good share of the CPU time, so that a lost one shows
-    there = n["a"].ctl(f"migrate {job} b")
+    # out post-copy (small as it is): it computes on b while its memory follows
+    assert n["a"].ctl("set post_copy_mb 1").ok
+    try:
+        there = n["a"].ctl(f"migrate {job} b")
+    finally:
+        n["a"].ctl("set post_copy_mb 128")
     assert there.code == 200 and "migrated to b" in there.text, there
+    assert "(post-copy)" in frozen_line(n["a"], job)
     assert n["a"].json(f"job {job}")["node_name"] == "b"
     time.sleep(1)
     # each node counts what moved in and out, and gossips it (the balancers of the other
@@ -137,8 +146,8 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
                                    "b": (moves["b"][0] + 1, moves["b"][1])}, 5, "the counts")
     back = n["b"].ctl(f"migrate {job} home")  # from another node: routed to the home
     assert back.code == 200 and "migrated to a" in back.text, back
-    # its memory went while it was dumped, relayed over the cluster channel
-    assert "(memory streamed to the target)" in frozen_line(n["a"], job)
+    # home: its memory went while it was dumped, relayed over the cluster channel
+    assert "(memory streamed to the target)" in frozen_line(n["b"], job)
     out, err = p.communicate(timeout=120)
     assert p.returncode == ref.returncode == 0, err
     assert out == ref.stdout and err == ref.stderr == b""
@@ -242,7 +251,8 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     assert moved.code == 200, moved
     mb = float(moved.text.split("frozen")[1].split(",")[1].split()[0])
     assert mb >= 256
-    assert "(memory streamed to the target)" in frozen_line(n["a"], job)
+    # big, and not going home: post-copy (its memory followed once it ran on b)
+    assert "(post-copy)" in frozen_line(n["a"], job)
     # it was dumped at a high priority; it runs at its own again
     # (the frozen copy at the source, killed on the target's word, may take a moment)
     wait_for(lambda: len(job_processes("omuscd-migration-test-2")) == 1, 10,
@@ -258,14 +268,20 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     # after 10 s, and a parent-death signal restored into the job once killed it then.
     time.sleep(12)
     assert n["a"].json(f"job {job}")["state"] == "running"
-    # and home again, its memory copied after the dump this time
-    assert n["b"].ctl("set stream_pages off").ok
-    try:
-        back = n["b"].ctl(f"migrate {job} home")
-    finally:
-        n["b"].ctl("set stream_pages on")
+    # home again: never post-copy there, its memory streamed while it is dumped
+    back = n["b"].ctl(f"migrate {job} home")
     assert back.code == 200 and "migrated to a" in back.text, back
-    assert "streamed" not in frozen_line(n["b"], job)
+    assert "(memory streamed to the target)" in frozen_line(n["b"], job)
+    # and out once more, its memory copied after the dump this time
+    assert n["a"].ctl("set stream_pages off").ok and n["a"].ctl("set post_copy_mb 0").ok
+    try:
+        out_again = n["a"].ctl(f"migrate {job} b")
+    finally:
+        n["a"].ctl("set stream_pages on")
+        n["a"].ctl("set post_copy_mb 128")
+    assert out_again.code == 200 and "migrated to b" in out_again.text, out_again
+    line = frozen_line(n["a"], job)
+    assert "streamed" not in line and "post-copy" not in line, line
     flag.touch()
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
@@ -466,6 +482,41 @@ def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluste
     commands = job_processes("omuscd-migration-test-4")
     assert len(commands) == 1, commands
     assert os.getpriority(os.PRIO_PROCESS, commands[0]) == 0  # its own priority again
+    state = open(f"/proc/{commands[0]}/stat").read().rsplit(")", 1)[1].split()[0]
+    assert state in ("S", "R"), state
+    flag.touch()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
+    n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
+
+
+def test_target_killed_while_the_memory_follows_leaves_one_copy_at_the_source(cluster):
+    """Post-copy: the job already runs on the target, its memory still coming, when the
+    target daemon dies.  The guard kills the target's copy (which would read zeros where
+    its memory was not yet), and the source resumes its own, intact."""
+    lan, work, key, n = cluster
+    flag = work / "go-7"
+    p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-7")
+    result: dict[str, object] = {}
+
+    def migrate() -> None:
+        with ControlClient.unix(n["a"].socket, timeout=120) as c:
+            result["reply"] = c.command(f"migrate {job} b")
+
+    t = threading.Thread(target=migrate)
+    t.start()
+
+    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+             "the job to run on b while its memory follows", interval=0.002)
+    n["b"].stop(signal.SIGKILL)
+    t.join(60)
+    reply = result["reply"]
+    assert reply.code == 500 and "resumed here" in reply.text, reply  # type: ignore[union-attr]
+    view = n["a"].json(f"job {job}")
+    assert view["state"] == "running" and view["node_name"] == "a"
+    wait_for(lambda: len(job_processes("omuscd-migration-test-7")) == 1, 10,
+             "the target's copy to be killed")
+    commands = job_processes("omuscd-migration-test-7")
     state = open(f"/proc/{commands[0]}/stat").read().rsplit(")", 1)[1].split()[0]
     assert state in ("S", "R"), state
     flag.touch()

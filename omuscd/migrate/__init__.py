@@ -77,6 +77,19 @@ class Mover(Protocol):
         """Wait until the page server has everything; returns the bytes it received."""
         ...
 
-    async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path) -> int:
-        """Restore the job stopped, as a child of this daemon; return its init's pid."""
+    @property
+    def lazy(self) -> bool:
+        """Whether a restore can leave the job's memory to come later (post-copy)."""
+        ...
+
+    async def lazy_pages(self, images: Path, pages: int) -> Any:
+        """On the target: start what fills a lazily restored job's memory on demand from
+        a page server (omuscd.migrate.lazy) at the other end of the connected socket
+        ``pages``; returns once ready; the process ends when the job has every page."""
+        ...
+
+    async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
+                      lazy: bool = False) -> int:
+        """Restore the job stopped, as a child of this daemon; return its init's pid.
+        ``lazy``: the memory that can come later is left to :meth:`lazy_pages`."""
         ...

@@ -96,6 +96,11 @@ class Criu:
         """Whether dumps can stream pages to the target (CRIU's page server)."""
         return self.available
 
+    @property
+    def lazy(self) -> bool:
+        """Whether a restore can leave the memory to come later (post-copy)."""
+        return self.available
+
     def describe(self) -> str:
         return f"criu {self.version}" if self.version else f"off ({self.reason})"
 
@@ -323,9 +328,44 @@ class Criu:
                             f"{_first_error(images / 'page-server.log')}")
         return sum(f.stat().st_size for f in images.glob("pages-*.img"))
 
-    async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path) -> int:
+    async def lazy_pages(self, images: Path, pages: int) -> trio.Process:
+        """Start ``criu lazy-pages`` for a restore from ``images`` whose memory comes on
+        demand from a page server at the other end of the connected socket ``pages``
+        (see omuscd.migrate.lazy); returns once it is ready.  It ends, by itself, once
+        the restored job has every page."""
+        assert self.path is not None
+        r, w = os.pipe()
+        try:
+            proc = await trio.lowlevel.open_process(
+                [self.path, "lazy-pages", "--page-server", "--ps-socket", str(pages),
+                 "-D", str(images), "--status-fd", str(w), "-o", "lazy-pages.log", "-v2"],
+                pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        finally:
+            os.close(w)
+        # Not real-time, unlike the other CRIU runs: once the restore is over it polls
+        # without sleeping until the job has every page, and at real-time priority it
+        # would starve this daemon, which relays those pages, on the same CPU.
+        ready = trio.lowlevel.FdStream(r)
+        try:
+            with trio.move_on_after(10):
+                if await ready.receive_some(1):
+                    return proc
+        finally:
+            await ready.aclose()
+        proc.kill()
+        await proc.wait()
+        raise MoveError(f"criu lazy-pages did not start: "
+                        f"{_first_error(images / 'lazy-pages.log')}")
+
+    async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
+                      lazy: bool = False) -> int:
+        """``lazy``: the memory that can come later is left to a running
+        :meth:`lazy_pages` for the same images."""
         args = ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
                 "--leave-stopped", "--pidfile", str(pidfile), "-o", "restore.log", "-v2"]
+        if lazy:
+            args.append("--lazy-pages")
         for item in inherit:
             # CRIU names a regular file by its path without the leading slash
             args += ["--inherit-fd", f"fd[{item.fd}]:{item.path.lstrip('/')}"]

@@ -5,6 +5,11 @@ jobs of 64 MB, 256 MB and 1 GB of resident memory, beside a bare ``criu dump`` p
 Target (issue 4): <= 1.25x the bare pair at 256 MB and above.
 Needs root and a working CRIU (tests/install-criu).
 
+Each job moves twice: as the daemon moves it by default (post-copy from post_copy_mb,
+128 MB: frozen while it is dumped and its small images travel, its memory following once
+it runs on the target; the time that took is printed too), and with post_copy_mb 0 (its
+memory streamed while it is dumped, inside the freeze).  The verdict is on the first.
+
 Two nodes on one machine: each node (its daemon, and so its CRIU and its jobs) is pinned
 to a CPU of its own, as two machines would be, and the bare pair runs on the source's CPU.
 Two bare pairs: "kept" keeps the dumped job (stopped) until the restored copy exists, as a
@@ -113,21 +118,36 @@ def main() -> None:
                 reply = nodes[0].ctl(f"migrate {job} b")
                 assert reply.ok, reply
                 freeze = float(reply.text.split("frozen ")[1].split("s,")[0])
+                line = [ln for ln in nodes[0].log().splitlines()
+                        if f"job {job} frozen" in ln][-1]
+                follow = (float(line.split("memory followed in ")[1].split("s")[0])
+                          if "post-copy" in line else 0.0)
+                back = nodes[1].ctl(f"migrate {job} home")  # never post-copy
+                assert back.ok, back
+                assert nodes[0].ctl("set post_copy_mb 0").ok
+                try:
+                    again = nodes[0].ctl(f"migrate {job} b")
+                finally:
+                    nodes[0].ctl(f"set post_copy_mb {config.PARAM_BY_NAME['post_copy_mb'].default}")
+                assert again.ok, again
+                streamed = float(again.text.split("frozen ")[1].split("s,")[0])
                 killed = nodes[0].ctl(f"kill {job} KILL")
                 assert killed.ok, killed
                 p.wait(60)
-                rows.append((mb, kept_pair, killed_pair, freeze))
+                rows.append((mb, kept_pair, killed_pair, freeze, follow, streamed))
         finally:
             for d in nodes:
                 d.stop()
     print("migration freeze time (stopped on the source until running on the target)")
     print(f"{'size':>8} {'bare pair kept':>15} {'killed':>8} {'omuscd migrate':>15} "
-          f"{'ratio':>6} {'vs killed':>9}")
-    for mb, kept, killed, freeze in rows:
+          f"{'ratio':>6} {'vs killed':>9} {'memory after':>13} {'streamed':>9} {'ratio':>6}")
+    for mb, kept, killed, freeze, follow, streamed in rows:
         verdict = "" if mb < 256 else ("  target <= 1.25x: " +
                                       ("met" if freeze / kept <= 1.25 else "MISSED"))
+        after = f"{follow:>12.3f}s" if follow else f"{'(pre-copy)':>13}"
         print(f"{mb:>6}MB {kept:>14.3f}s {killed:>7.3f}s {freeze:>14.3f}s "
-              f"{freeze / kept:>6.2f} {freeze / killed:>9.2f}{verdict}")
+              f"{freeze / kept:>6.2f} {freeze / killed:>9.2f} {after} {streamed:>8.3f}s "
+              f"{streamed / kept:>6.2f}{verdict}")
 
 
 if __name__ == "__main__":
