@@ -280,6 +280,7 @@ class JobControl:
         A job that ran here and still runs is watched again; one that ended meanwhile gets
         the end its init wrote; one that runs elsewhere is followed again once its node is
         heard from, or lost if it is not heard from in time.  Finished ones are history."""
+        marks = self.migrations.interrupted()
         for rec in self.spool.saved():
             try:
                 job = Job.from_wire(rec)
@@ -301,10 +302,14 @@ class JobControl:
             # what arrived before the restart is in the spool files, whatever the record
             # says: following again starts from there (no line twice)
             job.offsets.update(self.spool.ends(job.id))
-            if job.node == self.me:
+            if job.node == self.me and job.id in marks:  # frozen by a move cut short
+                self._nursery().start_soon(self.migrations.settle, job, marks.pop(job.id))
+            elif job.node == self.me:
                 self._nursery().start_soon(self._watch_again, job)
             else:
                 self._nursery().start_soon(self._follow_again, job)
+        for stale in marks:  # of jobs that are history, or not booked here
+            self.migrations.unmark(stale)
         recovered = [j.id for j in self.all_jobs() if j.state not in FINAL]
         if recovered:
             log.info("jobs of this node from before the restart: %s", ", ".join(recovered))

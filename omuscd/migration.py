@@ -18,6 +18,7 @@ frozen and asks T (``has``) until T answers or is declared dead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -103,6 +104,9 @@ class Migrations:
         self.jc = jc
         self.d = jc.d
         self.images = Path(self.d.cfg.state_dir) / "images"
+        # a job frozen for a move, until the move ends either way: where it was going
+        # (read back after a restart that cut the move short; see settle)
+        self.marks = Path(self.d.cfg.state_dir) / "moving"
         self.moving: set[str] = set()  # jobs being moved: one move of a job at a time
 
     def clean_images(self) -> None:
@@ -337,6 +341,7 @@ class Migrations:
         # The freeze is shorter at DUMP_NICE; CRIU restores the nice value, so the target
         # puts the job's own back (and so does a resume here).
         nice = nice_of(job.pid)  # type: ignore[arg-type]
+        self._mark(job, target, nice)
         if nice is not None:
             renice_tree(job.pid, DUMP_NICE)  # type: ignore[arg-type]
         frozen = trio.current_time()
@@ -495,6 +500,7 @@ class Migrations:
         return size
 
     def _resume(self, job: Job, nice: int | None) -> None:
+        self.unmark(job.id)
         if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
             return
         if job.pid is not None:
@@ -508,6 +514,7 @@ class Migrations:
 
     def _drop(self, job: Job, target: int) -> None:
         """The target runs the job: kill the frozen copy here, without reporting an end."""
+        self.unmark(job.id)
         job.node_changed = True
         # Counted out now, with the load counted in the same instant, while the frozen
         # copy is stopped (not load): the balancer looks again as soon as the move is
@@ -841,6 +848,75 @@ class Migrations:
                 self.jc._finished(job)
         finally:
             self.d.jobs_changed()  # it ended or left
+
+    def _mark(self, job: Job, target: int, nice: int | None) -> None:
+        try:
+            self.marks.mkdir(exist_ok=True)
+            (self.marks / job.id).write_text(json.dumps({"target": target, "nice": nice}))
+        except OSError as e:  # the move goes on; only a restart in its middle would miss it
+            log.warning("job %s: cannot note its move in %s: %s", job.id, self.marks,
+                        e.strerror)
+
+    def unmark(self, job_id: str) -> None:
+        try:
+            (self.marks / job_id).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def interrupted(self) -> dict[str, dict[str, Any]]:
+        """The moves a restart cut short: job id, where it was going and its nice."""
+        found: dict[str, dict[str, Any]] = {}
+        try:
+            entries = list(self.marks.iterdir())
+        except OSError:
+            return found
+        for f in entries:
+            try:
+                mark = json.loads(f.read_text())
+                found[f.name] = {"target": int(mark["target"]), "nice": mark.get("nice")}
+            except (OSError, ValueError, TypeError, KeyError):
+                log.warning("unreadable move note %s; removed", f)
+                self.unmark(f.name)
+        return found
+
+    async def settle(self, job: Job, mark: dict[str, Any]) -> None:
+        """This daemon stopped while it moved ``job``, which it had frozen: the job is
+        still stopped here.  If the target took it before the move was cut short, this
+        copy goes and the job is followed there; else it resumes here.  Never two
+        copies: the target runs it only once it has confirmed it to us or, asked now,
+        says so; and a target that never got it has killed its copy (post-copy)."""
+        target, nice = mark["target"], mark.get("nice")
+        grace = self.d.cfg.dead_timeout + 2 * self.d.cfg.gossip_interval + 1
+        with trio.move_on_after(grace):  # until the cluster is heard from
+            while self.d.members.nodes.get(target) is None:
+                await trio.sleep(0.1)
+        there = (target != self.jc.me and self.d.members.nodes.get(target) is not None
+                 and await self._ask_target(job, target))
+        from omuscd.jobctl import _is_job_init  # (a cycle at import time)
+        pid = job.pid if job.pid is not None and _is_job_init(job.pid) else None
+        name = self.jc.node_name(target)
+        if there:
+            log.warning("job %s: its move to %s was cut short when this daemon stopped, "
+                        "and %s runs it: the copy left here goes", job.id, name, name)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)  # the init of its PID namespace: all of it
+            if job.home == self.jc.me:
+                self.moved(job, target)
+            else:
+                job.node, job.state, job.reason = target, MOVED, f"moved to {name}"
+                job.notify()
+                self.jc.save(job)
+                self.jc.guests.pop(job.id, None)
+        else:
+            log.warning("job %s: its move to %s was cut short when this daemon stopped; "
+                        "it resumes here", job.id, name)
+            if pid is not None:
+                if isinstance(nice, int):
+                    renice_tree(pid, nice)
+                signal_tree(pid, signal.SIGCONT)
+                self.d.sampler.resumed(tree(pid))
+            self.jc._nursery().start_soon(self.jc._watch_again, job)
+        self.unmark(job.id)
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         # a post-copy move of it in progress here ends either way first

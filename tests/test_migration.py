@@ -525,6 +525,63 @@ def test_target_killed_while_the_memory_follows_leaves_one_copy_at_the_source(cl
     n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
 
 
+BIG_COUNTER = """
+import sys, time
+data = bytearray(b"x" * (256 << 20))                     # resident: moved post-copy
+n = 0
+while True:
+    n += 1
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{n}\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_a_move_cut_short_by_the_source_dying_is_settled_when_it_restarts(cluster, tmp_path):
+    """The source daemon dies while the job runs on the target and its memory follows:
+    the target kills its copy (its page source gone), and the source, started again,
+    finds the job it had frozen for the move, asks the target, and resumes it."""
+    lan, work, key, n = cluster
+    out = tmp_path / "count"
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                        "--detach", "--", PY, "-c", BIG_COUNTER, str(out),
+                        "omuscd-migration-test-8"], capture_output=True, text=True, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    wait_for(lambda: out.exists() and len(out.read_text().split()) > 3, 30, "the counter")
+
+    def migrate() -> None:
+        try:
+            with ControlClient.unix(n["a"].socket, timeout=120) as c:
+                c.command(f"migrate {job} b")
+        except (OSError, ConnectionError, ValueError):
+            pass  # the daemon died under it
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+             "the job to run on b while its memory follows", interval=0.002)
+    n["a"].stop(signal.SIGKILL)
+    t.join(30)
+    wait_for(lambda: "incoming move abandoned" in n["b"].log(), 30, "b to give it up")
+    wait_for(lambda: len(job_processes("omuscd-migration-test-8")) == 1, 10,
+             "b's copy to be killed")
+    stopped = job_processes("omuscd-migration-test-8")[0]
+    state = open(f"/proc/{stopped}/stat").read().rsplit(")", 1)[1].split()[0]
+    assert state == "T", state  # a's copy, frozen for the move
+    n["a"] = start_daemon("a", ["--key-file", str(key)], work, netns=lan.ns(0))
+    wait_for(lambda: f"job {job}: its move to b was cut short when this daemon stopped; "
+             "it resumes here" in n["a"].log(), 30, "a to settle the move")
+    seen = len(out.read_text().split())
+    wait_for(lambda: len(out.read_text().split()) > seen + 3, 10, "the counter to go on")
+    assert job_processes("omuscd-migration-test-8") == [stopped]  # one copy, a's
+    view = n["a"].json(f"job {job}")
+    assert view["state"] == "running" and view["node_name"] == "a"
+    assert not list((n["a"].state_dir / "moving").iterdir())
+    assert n["a"].ctl(f"kill {job} KILL").ok
+    wait_for(lambda: n["a"].json(f"job {job}")["state"] == "exited", 10, "its end")
+
+
 def test_a_job_that_ends_while_its_target_gets_ready_stays_ended(cluster):
     """The source checks the job again once the target is ready: a job that ended in
     between was marked migrating over its end, its dump failed, and the 'resume' put it
@@ -592,3 +649,74 @@ def test_the_feature_cache_is_removed_only_by_whoever_wrote_it():
             assert [p.name for p in d.iterdir()] == ([KDAT_NAME] if replaced else [])
         finally:
             subprocess.run(["rm", "-rf", str(d)])
+
+
+@pytest.mark.parametrize("target_runs_it", [True, False])
+def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_it):
+    """(Stand-ins for the cluster, a real stopped process for the job.)  After a restart,
+    a job frozen for a move that was cut short goes if its target says it runs it, and
+    is followed there; else it resumes here, at its own nice again."""
+    from types import SimpleNamespace
+
+    from omuscd.jobs import MIGRATING, Job, Owner
+    from omuscd.membership import ALIVE
+    from omuscd.migration import Migrations
+
+    frozen = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "jobinit"])
+    try:
+        os.kill(frozen.pid, signal.SIGSTOP)
+        wait_for(lambda: psutil.Process(frozen.pid).status() == psutil.STATUS_STOPPED, 5,
+                 "the stand-in job to stop")
+        os.setpriority(os.PRIO_PROCESS, frozen.pid, -20)  # as frozen for a dump
+        record = Job("10.9", Owner(os.getuid(), os.getgid(), [], "root"), home=10, node=10,
+                     node_name="a", argv=["x"], cwd="/tmp", pid=frozen.pid)
+        record.state = MIGRATING
+        asked: list[dict] = []
+        followed: list[str] = []
+        watched: list[str] = []
+        resumed: list[list[int]] = []
+
+        async def request(node, msg, timeout):
+            asked.append({"node": node, **msg})
+            return {"op": "has", "running": target_runs_it}
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                async def follow(job, ch):
+                    followed.append(job.id)
+
+                async def watch_again(job):
+                    watched.append(job.id)
+
+                d = SimpleNamespace(
+                    name="a", cfg=SimpleNamespace(state_dir=str(tmp_path), dead_timeout=6.0,
+                                                  gossip_interval=0.5),
+                    members=SimpleNamespace(nodes={20: SimpleNamespace(state=ALIVE)}),
+                    sampler=SimpleNamespace(resumed=resumed.append))
+                jc = SimpleNamespace(d=d, me=10, home={record.id: record}, guests={},
+                                     scopes={}, request=request, save=lambda job: None,
+                                     node_name=lambda n: {10: "a", 20: "b"}[n],
+                                     _nursery=lambda: nursery, _follow=follow,
+                                     _watch_again=watch_again,
+                                     stop_following=lambda job_id: None)
+                m = Migrations(jc)
+                m._mark(record, 20, 0)
+                mark = m.interrupted()[record.id]
+                assert mark == {"target": 20, "nice": 0}
+                await m.settle(record, mark)
+                assert m.interrupted() == {}
+
+        trio.run(main)
+        assert asked == [{"node": 20, "op": "has", "job": "10.9"}]
+        if target_runs_it:
+            assert frozen.wait(5) == -signal.SIGKILL
+            assert (record.node, record.node_name, record.migrations) == (20, "b", 1)
+            assert followed == ["10.9"] and watched == [] and resumed == []
+        else:
+            assert psutil.Process(frozen.pid).status() != psutil.STATUS_STOPPED
+            assert os.getpriority(os.PRIO_PROCESS, frozen.pid) == 0
+            assert record.node == 10 and watched == ["10.9"] and followed == []
+            assert resumed == [[frozen.pid]]
+    finally:
+        frozen.kill()
+        frozen.wait()
