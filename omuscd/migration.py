@@ -314,7 +314,6 @@ class Migrations:
 
     async def _emigrate(self, job: Job, target: int, ch: Channel,
                         images: Path) -> dict[str, Any]:
-        jc = self.jc
         mover = self.d.mover
         # the memory goes while it is dumped (see omuscd.pages), else it is copied after;
         # a big job's follows it once it runs on the target (see omuscd.postcopy)
@@ -345,6 +344,22 @@ class Migrations:
         if nice is not None:
             renice_tree(job.pid, DUMP_NICE)  # type: ignore[arg-type]
         frozen = trio.current_time()
+        committed: list[float] = []  # when the target was told to run it
+        try:
+            return await self._move_frozen(job, target, ch, images, nice, frozen,
+                                           streaming, lazy, committed)
+        except trio.Cancelled:  # this daemon stops: settle it first, where it can
+            with trio.CancelScope(shield=True):
+                await self._cut_short(job, target, ch, nice, bool(committed))
+            raise
+
+    async def _move_frozen(self, job: Job, target: int, ch: Channel, images: Path,
+                           nice: int | None, frozen: float, streaming: bool, lazy: bool,
+                           committed: list[float]) -> dict[str, Any]:
+        """The move from the freeze on (see _emigrate); ``committed`` gets the time the
+        target was told to run the job."""
+        jc = self.jc
+        mover = self.d.mover
         paged = 0
         try:
             if streaming:
@@ -377,7 +392,7 @@ class Migrations:
                 **({"lazy": True} if lazy else {})})
             if lazy:
                 return await self._serve_memory(job, target, ch, images, nice, frozen,
-                                                dumped, transferred, sent)
+                                                dumped, transferred, sent, committed)
             with trio.fail_after(RESTORE_TIMEOUT):
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
@@ -387,6 +402,7 @@ class Migrations:
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
         # the point of no return is the target's 'running'
         try:
+            committed.append(trio.current_time())
             await ch.send({"op": "commit"})
             with trio.fail_after(STEP_TIMEOUT):
                 reply = await ch.receive_msg()
@@ -404,6 +420,32 @@ class Migrations:
                  transferred - dumped, now - transferred, sent / 1e6)
         self._drop(job, target)
         return {"freeze": freeze, "bytes": sent}
+
+    async def _cut_short(self, job: Job, target: int, ch: Channel, nice: int | None,
+                         committed: bool) -> None:
+        """This daemon stops (SIGTERM) while ``job`` is frozen for a move.  Closing the
+        channel makes the target drop a copy it has not been told to run, or is still
+        feeding its memory (post-copy); one it was told to run may be running there, so
+        it is asked.  Without an answer in time the job stays frozen, and the move is
+        settled when this daemon starts again (see settle)."""
+        await ch.aclose()
+        if job.state != MIGRATING:  # settled already
+            return
+        if not committed:
+            log.warning("job %s: its move was cut short by this daemon stopping",
+                        job.id)
+            self._resume(job, nice)
+            return
+        with trio.move_on_after(STEP_TIMEOUT):
+            if await self._ask_target(job, target):
+                self._drop(job, target)
+            else:
+                log.warning("job %s: its move was cut short by this daemon stopping",
+                            job.id)
+                self._resume(job, nice)
+            return
+        log.warning("job %s stays frozen: %s did not say whether it runs it; settled when "
+                    "this daemon starts again", job.id, self.jc.node_name(target))
 
     def _post_copy(self, job: Job, target: int) -> bool:
         """Whether this move is post-copy (see omuscd.postcopy): a big job, not going
@@ -447,18 +489,18 @@ class Migrations:
 
     async def _serve_memory(self, job: Job, target: int, ch: Channel, images: Path,
                             nice: int | None, frozen: float, dumped: float,
-                            transferred: float, sent: int) -> dict[str, Any]:
+                            transferred: float, sent: int,
+                            committed: list[float]) -> dict[str, Any]:
         """Post-copy, once the target has everything but the memory: commit when it has
         restored the job, then answer its page requests until it runs the job with all
         of its memory (see omuscd.postcopy)."""
         server = PageServer(images)
-        committed: list[float] = []
 
         async def on_message(m: dict[str, Any]) -> bool:
             op = m.get("op")
             if op == "restored" and not committed:
-                await ch.send({"op": "commit"})  # it runs there from now
                 committed.append(trio.current_time())
+                await ch.send({"op": "commit"})  # it runs there from now
                 return False
             if op == "running" and committed:
                 return True

@@ -582,6 +582,47 @@ def test_a_move_cut_short_by_the_source_dying_is_settled_when_it_restarts(cluste
     wait_for(lambda: n["a"].json(f"job {job}")["state"] == "exited", 10, "its end")
 
 
+def test_a_source_stopped_by_sigterm_while_the_memory_follows_resumes_the_job(cluster,
+                                                                              tmp_path):
+    """SIGTERM on the source while a post-copy move's memory follows: before it exits, it
+    closes the move (the target kills its copy), learns from the target that it does not
+    run the job, and resumes it: one copy, running, no restart needed."""
+    lan, work, key, n = cluster
+    out = tmp_path / "count"
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                        "--detach", "--", PY, "-c", BIG_COUNTER, str(out),
+                        "omuscd-migration-test-9"], capture_output=True, text=True, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    wait_for(lambda: out.exists() and len(out.read_text().split()) > 3, 30, "the counter")
+
+    def migrate() -> None:
+        try:
+            with ControlClient.unix(n["a"].socket, timeout=120) as c:
+                c.command(f"migrate {job} b")
+        except (OSError, ConnectionError, ValueError):
+            pass  # the daemon stopped under it
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    try:
+        wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+                 "the job to run on b while its memory follows", interval=0.002)
+        assert n["a"].stop(signal.SIGTERM, timeout=60) == 0
+        t.join(30)
+        assert f"job {job}: its move was cut short by this daemon stopping" in n["a"].log()
+        wait_for(lambda: len(job_processes("omuscd-migration-test-9")) == 1, 10,
+                 "b's copy to be killed")
+        (left,) = job_processes("omuscd-migration-test-9")
+        state = open(f"/proc/{left}/stat").read().rsplit(")", 1)[1].split()[0]
+        assert state in ("S", "R"), state  # a's copy, running again
+        seen = len(out.read_text().split())
+        wait_for(lambda: len(out.read_text().split()) > seen + 3, 10, "the counter to go on")
+    finally:
+        subprocess.run(["pkill", "-9", "-f", "omuscd-migration-test-9"], capture_output=True)
+        n["a"] = start_daemon("a", ["--key-file", str(key)], work, netns=lan.ns(0))
+
+
 def test_a_job_that_ends_while_its_target_gets_ready_stays_ended(cluster):
     """The source checks the job again once the target is ready: a job that ended in
     between was marked migrating over its end, its dump failed, and the 'resume' put it
