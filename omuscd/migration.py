@@ -176,13 +176,16 @@ class Migrations:
                                   f"{job.node_name}: {e}", {"job": job.id, "reason": str(e)})])
             raise
         self.moved(job, target)
+        # post-copy: how long its memory took to follow, once it ran on the target
+        followed = {"followed": round(stats["followed"], 4)} if stats.get("followed") else {}
         self._remember(job, {"from": source, "to": target, "freeze": round(stats["freeze"], 4),
-                             "bytes": stats["bytes"]})
+                             "bytes": stats["bytes"], **followed})
         text = (f"job {job.id} migrated to {name}: frozen {stats['freeze']:.3f}s, "
-                f"{stats['bytes'] / 1e6:.1f} MB moved")
+                f"{stats['bytes'] / 1e6:.1f} MB moved" +
+                (f" (its memory followed in {stats['followed']:.3f}s)" if followed else ""))
         self.d.publish([Event("migrated", text, {"job": job.id, "to": target,
                                                  "freeze": stats["freeze"],
-                                                 "bytes": stats["bytes"]})])
+                                                 "bytes": stats["bytes"], **followed})])
         return text
 
     def has_mover(self, node_id: int) -> bool:
@@ -269,7 +272,8 @@ class Migrations:
             raise JobError(f"node {job.node_name} did not finish the move: {e}") from None
         if reply.get("op") != "migrated":
             raise JobError(str(reply.get("reason", "refused")))
-        return {"freeze": float(reply["freeze"]), "bytes": int(reply["bytes"])}
+        return {"freeze": float(reply["freeze"]), "bytes": int(reply["bytes"]),
+                "followed": float(reply.get("followed", 0.0))}
 
     # ------------------------------------------------------------------ on the source
     async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
@@ -531,7 +535,7 @@ class Migrations:
                  dumped - frozen, transferred - dumped, frozen + freeze - transferred,
                  now - frozen - freeze, moved / 1e6)
         self._drop(job, target)
-        return {"freeze": freeze, "bytes": moved}
+        return {"freeze": freeze, "bytes": moved, "followed": now - frozen - freeze}
 
     async def _send_file(self, ch: Channel, op: str, name: str, path: Path) -> int:
         size = path.stat().st_size

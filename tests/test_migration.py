@@ -253,6 +253,9 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     assert mb >= 256
     # big, and not going home: post-copy (its memory followed once it ran on b)
     assert "(post-copy)" in frozen_line(n["a"], job)
+    assert "(its memory followed in " in moved.text, moved
+    record = n["a"].json(f"job {job}")["moves"][-1]
+    assert record["followed"] > 0 and record["freeze"] > 0, record
     # it was dumped at a high priority; it runs at its own again
     # (the frozen copy at the source, killed on the target's word, may take a moment)
     wait_for(lambda: len(job_processes("omuscd-migration-test-2")) == 1, 10,
