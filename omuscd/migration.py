@@ -698,10 +698,7 @@ class Migrations:
                     ValueError) as e:
                 if pid is not None:  # restored but not committed: this copy must not run
                     signal_tree(pid, signal.SIGKILL)
-                    try:
-                        os.waitpid(pid, 0)
-                    except ChildProcessError:
-                        pass
+                    _reap(pid)
                 if pager is not None and pager.returncode is None:
                     pager.kill()
                 self.d.mover.keep_log(images / "page-server.log", "page-server")
@@ -834,10 +831,7 @@ class Migrations:
             if guard is not None:  # the job is ours or dead: the guard has nothing to do
                 await _guard_done(guard)
             if pid is not None:
-                try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
-                    pass
+                _reap(pid)
             if lazyd is not None and lazyd.returncode is None:
                 lazyd.kill()
                 with trio.CancelScope(shield=True):
@@ -979,6 +973,14 @@ class Migrations:
 #: the daemon would end lazy-pages, and the job would then read zeros for pages not yet
 #: there.  Told "done" when the job is taken or already killed.
 GUARD = 'read -r word; [ "$word" = done ] || kill -KILL "$0"'
+
+
+def _reap(pid: int) -> None:
+    """Collect a killed restored job (CRIU made it this daemon's child)."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 async def _guard(pid: int, fd: int) -> trio.Process:

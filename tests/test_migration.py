@@ -457,24 +457,44 @@ def test_root_takes_over_a_process_by_pid(cluster, tmp_path):
         outsider.wait()
 
 
-def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluster):
-    lan, work, key, n = cluster
-    flag = work / "go-4"
-    p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-4")
+def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, object]]:
+    """``migrate JOB WHERE`` sent to ``node`` in a thread (joined by the caller); its
+    reply lands in the dict, unless the daemon stops under it."""
     result: dict[str, object] = {}
 
     def migrate() -> None:
-        with ControlClient.unix(n["a"].socket, timeout=120) as c:
-            result["reply"] = c.command(f"migrate {job} b")
+        try:
+            with ControlClient.unix(node.socket, timeout=120) as c:
+                result["reply"] = c.command(f"migrate {job} {where}")
+        except (OSError, ConnectionError, ValueError):
+            pass
 
     t = threading.Thread(target=migrate)
     t.start()
-    # kill the target while the 256 MB of memory are on their way (streamed to its page
-    # server as they are dumped, or copied after the dump)
+    return t, result
+
+
+@pytest.mark.parametrize("when", ["transfer", "post-copy"])
+def test_target_killed_mid_move_leaves_one_copy_running_at_the_source(cluster, when):
+    """The target daemon dies while the 256 MB job's images are on their way
+    ("transfer"), or once the job runs there and its memory follows ("post-copy"): then
+    the guard kills the target's copy, which would read zeros where its memory was not
+    yet.  Either way the source resumes its own copy, intact: exactly one runs."""
+    lan, work, key, n = cluster
+    flag = work / f"go-4-{when}"
+    tag = f"omuscd-migration-test-4-{when}"
+    p, ready, job = memory_job(n["a"], flag, tag)
+    t, result = migrating(n["a"], job, "b")
+
     def arriving() -> bool:
         return any(f.stat().st_size > 16 << 20
                    for f in (n["b"].state_dir / "images").glob("*/pages-*.img"))
-    wait_for(arriving, 30, "the transfer to begin", interval=0.005)
+
+    if when == "transfer":
+        wait_for(arriving, 30, "the transfer to begin", interval=0.005)
+    else:
+        wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+                 "the job to run on b while its memory follows", interval=0.002)
     n["b"].stop(signal.SIGKILL)
     t.join(60)
     reply = result["reply"]
@@ -482,44 +502,9 @@ def test_target_killed_mid_transfer_leaves_one_copy_running_at_the_source(cluste
     view = n["a"].json(f"job {job}")
     assert view["state"] == "running" and view["node_name"] == "a"
     # exactly one copy, and it runs (not left frozen)
-    commands = job_processes("omuscd-migration-test-4")
-    assert len(commands) == 1, commands
+    wait_for(lambda: len(job_processes(tag)) == 1, 10, "one copy")
+    commands = job_processes(tag)
     assert os.getpriority(os.PRIO_PROCESS, commands[0]) == 0  # its own priority again
-    state = open(f"/proc/{commands[0]}/stat").read().rsplit(")", 1)[1].split()[0]
-    assert state in ("S", "R"), state
-    flag.touch()
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
-    n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
-
-
-def test_target_killed_while_the_memory_follows_leaves_one_copy_at_the_source(cluster):
-    """Post-copy: the job already runs on the target, its memory still coming, when the
-    target daemon dies.  The guard kills the target's copy (which would read zeros where
-    its memory was not yet), and the source resumes its own, intact."""
-    lan, work, key, n = cluster
-    flag = work / "go-7"
-    p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-7")
-    result: dict[str, object] = {}
-
-    def migrate() -> None:
-        with ControlClient.unix(n["a"].socket, timeout=120) as c:
-            result["reply"] = c.command(f"migrate {job} b")
-
-    t = threading.Thread(target=migrate)
-    t.start()
-
-    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
-             "the job to run on b while its memory follows", interval=0.002)
-    n["b"].stop(signal.SIGKILL)
-    t.join(60)
-    reply = result["reply"]
-    assert reply.code == 500 and "resumed here" in reply.text, reply  # type: ignore[union-attr]
-    view = n["a"].json(f"job {job}")
-    assert view["state"] == "running" and view["node_name"] == "a"
-    wait_for(lambda: len(job_processes("omuscd-migration-test-7")) == 1, 10,
-             "the target's copy to be killed")
-    commands = job_processes("omuscd-migration-test-7")
     state = open(f"/proc/{commands[0]}/stat").read().rsplit(")", 1)[1].split()[0]
     assert state in ("S", "R"), state
     flag.touch()
@@ -540,30 +525,29 @@ while True:
 """
 
 
+def moving_post_copy(n, out: Path, tag: str) -> tuple[str, threading.Thread]:
+    """A 256 MB counting job started on a and being moved to b: returns once it runs on
+    b while its memory still follows (the move's thread still waiting)."""
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                        "--detach", "--", PY, "-c", BIG_COUNTER, str(out), tag],
+                       capture_output=True, text=True, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    wait_for(lambda: out.exists() and len(out.read_text().split()) > 3, 30, "the counter")
+
+    t, _ = migrating(n["a"], job, "b")
+    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+             "the job to run on b while its memory follows", interval=0.002)
+    return job, t
+
+
 def test_a_move_cut_short_by_the_source_dying_is_settled_when_it_restarts(cluster, tmp_path):
     """The source daemon dies while the job runs on the target and its memory follows:
     the target kills its copy (its page source gone), and the source, started again,
     finds the job it had frozen for the move, asks the target, and resumes it."""
     lan, work, key, n = cluster
     out = tmp_path / "count"
-    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
-                        "--detach", "--", PY, "-c", BIG_COUNTER, str(out),
-                        "omuscd-migration-test-8"], capture_output=True, text=True, cwd="/tmp")
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.strip()
-    wait_for(lambda: out.exists() and len(out.read_text().split()) > 3, 30, "the counter")
-
-    def migrate() -> None:
-        try:
-            with ControlClient.unix(n["a"].socket, timeout=120) as c:
-                c.command(f"migrate {job} b")
-        except (OSError, ConnectionError, ValueError):
-            pass  # the daemon died under it
-
-    t = threading.Thread(target=migrate)
-    t.start()
-    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
-             "the job to run on b while its memory follows", interval=0.002)
+    job, t = moving_post_copy(n, out, "omuscd-migration-test-8")
     n["a"].stop(signal.SIGKILL)
     t.join(30)
     wait_for(lambda: "incoming move abandoned" in n["b"].log(), 30, "b to give it up")
@@ -592,25 +576,8 @@ def test_a_source_stopped_by_sigterm_while_the_memory_follows_resumes_the_job(cl
     run the job, and resumes it: one copy, running, no restart needed."""
     lan, work, key, n = cluster
     out = tmp_path / "count"
-    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
-                        "--detach", "--", PY, "-c", BIG_COUNTER, str(out),
-                        "omuscd-migration-test-9"], capture_output=True, text=True, cwd="/tmp")
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.strip()
-    wait_for(lambda: out.exists() and len(out.read_text().split()) > 3, 30, "the counter")
-
-    def migrate() -> None:
-        try:
-            with ControlClient.unix(n["a"].socket, timeout=120) as c:
-                c.command(f"migrate {job} b")
-        except (OSError, ConnectionError, ValueError):
-            pass  # the daemon stopped under it
-
-    t = threading.Thread(target=migrate)
-    t.start()
+    job, t = moving_post_copy(n, out, "omuscd-migration-test-9")
     try:
-        wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
-                 "the job to run on b while its memory follows", interval=0.002)
         assert n["a"].stop(signal.SIGTERM, timeout=60) == 0
         t.join(30)
         assert f"job {job}: its move was cut short by this daemon stopping" in n["a"].log()

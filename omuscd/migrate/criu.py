@@ -296,28 +296,11 @@ class Criu:
         """Start a page server that writes the pages of one dump, read from the connected
         socket ``pages``, into ``images``; it ends when that dump is done.  Returns once it
         is ready."""
-        assert self.path is not None
-        r, w = os.pipe()
-        try:
-            proc = await trio.lowlevel.open_process(
-                [self.path, "page-server", "--images-dir", str(images), "--ps-socket",
-                 str(pages), "--status-fd", str(w), "-o", "page-server.log", "-v2"],
-                pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
-        finally:
-            os.close(w)
+        proc = await self._start_ready(
+            ["page-server", "--images-dir", str(images), "--ps-socket", str(pages)],
+            images / "page-server.log", pages)
         make_realtime(proc.pid)
-        ready = trio.lowlevel.FdStream(r)
-        try:
-            with trio.move_on_after(10):
-                if await ready.receive_some(1):
-                    return proc
-        finally:
-            await ready.aclose()
-        proc.kill()
-        await proc.wait()
-        raise MoveError(f"criu page-server did not start: "
-                        f"{_first_error(images / 'page-server.log')}")
+        return proc
 
     async def page_server_done(self, proc: trio.Process, images: Path) -> int:
         """Wait for the page server's end; the bytes of pages it received."""
@@ -333,19 +316,25 @@ class Criu:
         demand from a page server at the other end of the connected socket ``pages``
         (see omuscd.migrate.lazy); returns once it is ready.  It ends, by itself, once
         the restored job has every page."""
+        # Not real-time, unlike the other CRIU runs: once the restore is over it polls
+        # without sleeping until the job has every page, and at real-time priority it
+        # would starve this daemon, which relays those pages, on the same CPU.
+        return await self._start_ready(
+            ["lazy-pages", "--page-server", "--ps-socket", str(pages), "-D", str(images)],
+            images / "lazy-pages.log", pages)
+
+    async def _start_ready(self, args: list[str], logfile: Path, pages: int) -> trio.Process:
+        """Start a CRIU server (``args``; its log ``logfile``) given the socket ``pages``;
+        return it once it says it is ready (--status-fd), or raise MoveError."""
         assert self.path is not None
         r, w = os.pipe()
         try:
             proc = await trio.lowlevel.open_process(
-                [self.path, "lazy-pages", "--page-server", "--ps-socket", str(pages),
-                 "-D", str(images), "--status-fd", str(w), "-o", "lazy-pages.log", "-v2"],
+                [self.path, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"],
                 pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
         finally:
             os.close(w)
-        # Not real-time, unlike the other CRIU runs: once the restore is over it polls
-        # without sleeping until the job has every page, and at real-time priority it
-        # would starve this daemon, which relays those pages, on the same CPU.
         ready = trio.lowlevel.FdStream(r)
         try:
             with trio.move_on_after(10):
@@ -355,8 +344,7 @@ class Criu:
             await ready.aclose()
         proc.kill()
         await proc.wait()
-        raise MoveError(f"criu lazy-pages did not start: "
-                        f"{_first_error(images / 'lazy-pages.log')}")
+        raise MoveError(f"criu {args[0]} did not start: {_first_error(logfile)}")
 
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
                       lazy: bool = False) -> int:
