@@ -662,6 +662,27 @@ def test_the_feature_cache_is_removed_only_by_whoever_wrote_it():
             subprocess.run(["rm", "-rf", str(d)])
 
 
+def test_post_copy_is_offered_only_where_the_kernel_lets_criu_restore_lazily(tmp_path):
+    """A node whose kernel lacks non-cooperative userfaultfd (criu check --feature
+    uffd-noncoop) still moves jobs, with their memory inside the freeze; it offers no
+    post-copy, which its restores would fail."""
+    real = find_criu(None)
+    fake = tmp_path / "criu"
+    fake.write_text('#!/bin/sh\n'
+                    'if [ "$*" = "check --feature uffd-noncoop" ]; then\n'
+                    '  echo "uffd-noncoop is NOT supported" >&2; exit 1\n'
+                    f'fi\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    for path, lazy in ((real, True), (str(fake), False)):
+        criu = Criu(path)
+        try:
+            trio.run(criu.check)
+            assert criu.available and criu.describe().startswith("criu 4"), criu.reason
+            assert criu.lazy is lazy, path
+        finally:
+            criu.close()
+
+
 @pytest.mark.parametrize("target_runs_it", [True, False])
 def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_it):
     """(Stand-ins for the cluster, a real stopped process for the job.)  After a restart,

@@ -86,6 +86,7 @@ class Criu:
         self.reason = "not checked yet"
         self.keep_logs = keep_logs  # where the log of a failed dump or restore is kept
         self.kdat: tuple[Path, int] | None = None  # the feature cache written here (inode)
+        self.uffd = False  # the kernel lets CRIU restore lazily (post-copy)
 
     @property
     def available(self) -> bool:
@@ -98,8 +99,9 @@ class Criu:
 
     @property
     def lazy(self) -> bool:
-        """Whether a restore can leave the memory to come later (post-copy)."""
-        return self.available
+        """Whether a restore can leave the memory to come later (post-copy): CRIU's
+        lazy-pages needs the kernel's non-cooperative userfaultfd."""
+        return self.available and self.uffd
 
     def describe(self) -> str:
         return f"criu {self.version}" if self.version else f"off ({self.reason})"
@@ -133,6 +135,15 @@ class Criu:
         self.version = version
         self.reason = ""
         await self.keep_features()
+        try:
+            u = await trio.run_process([self.path, "check", "--feature", "uffd-noncoop"],
+                                       capture_stdout=True, capture_stderr=True, check=False)
+            self.uffd = u.returncode == 0
+        except OSError:
+            self.uffd = False
+        if not self.uffd:
+            log.info("criu: this kernel has no non-cooperative userfaultfd: jobs move with "
+                     "their memory inside the freeze here (no post-copy)")
 
     async def keep_features(self, where: Path = KDAT_DIR) -> None:
         """Have CRIU find out what the kernel can do once, not at every dump and restore.
