@@ -683,7 +683,8 @@ COMMANDS: dict[str, Command] = _cmds(
             "move your running job (or, for root, any process by PID) to a node (id or "
             "name), home, or best", h_migrate,
             details="The job freezes, its images and output move over the cluster\n"
-                    "channel, it resumes there; on any failure it resumes where it was.\n"
+                    "channel, it resumes there (a big job's memory follows once it runs\n"
+                    "there: post-copy); on any failure it resumes where it was.\n"
                     "Refused with the reason when it cannot move (stay, TCP connection,\n"
                     "shared memory, io_uring, a device mapping, traced, no CRIU).\n"
                     "JOB may be a PID of this node (root only): the process and its\n"
