@@ -593,6 +593,42 @@ def test_a_source_stopped_by_sigterm_while_the_memory_follows_resumes_the_job(cl
         n["a"] = start_daemon("a", ["--key-file", str(key)], work, netns=lan.ns(0))
 
 
+FORKED = """
+import hashlib, os, sys, time
+block = hashlib.sha256(b"omuscd").digest() * 32768      # 1 MiB
+data = bytearray(block * 160)                            # 160 MiB, then shared copy-on-write
+child = os.fork()
+if child == 0:
+    data[0:1] = b"c"                                     # one page of its own
+who = "child" if child == 0 else "parent"
+print(who, "ready", hashlib.sha256(data).hexdigest(), flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+print(who, "after", hashlib.sha256(data).hexdigest(), flush=True)
+if child:
+    os.waitpid(child, 0)
+"""
+
+
+def test_a_forked_job_sharing_its_memory_moves_post_copy_intact(cluster, tmp_path):
+    """Two processes sharing 160 MB copy-on-write (one page changed in the child):
+    post-copy gives each its own memory back, every page right."""
+    _, _, _, n = cluster
+    flag = tmp_path / "go"
+    p = start(n["a"], PY, "-c", FORKED, str(flag), "omuscd-migration-test-10")
+    assert p.stdout is not None
+    ready = sorted(p.stdout.readline().split() + p.stdout.readline().split())
+    job = job_of(n["a"], "omuscd-migration-test-10")
+    moved = n["a"].ctl(f"migrate {job} b")
+    assert moved.code == 200 and "its memory followed in" in moved.text, moved
+    flag.touch()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    after = sorted(out.split())
+    assert len(after) == 6 and [w for w in after if w not in (b"after",)] == [
+        w for w in ready if w not in (b"ready",)], (ready, after)
+
+
 def test_a_job_that_ends_while_its_target_gets_ready_stays_ended(cluster):
     """The source checks the job again once the target is ready: a job that ended in
     between was marked migrating over its end, its dump failed, and the 'resume' put it
