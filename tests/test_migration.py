@@ -629,6 +629,39 @@ def test_a_forked_job_sharing_its_memory_moves_post_copy_intact(cluster, tmp_pat
         w for w in ready if w not in (b"ready",)], (ready, after)
 
 
+QUICK_END = """
+import os, sys, time
+data = bytearray(b"x" * (256 << 20))
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+print("bye", flush=True)
+sys.exit(7)
+"""
+
+
+def test_a_job_that_ends_while_its_memory_follows_ends_once_on_the_target(cluster, tmp_path):
+    """Post-copy: the job ends on the target before the rest of its memory is there.
+    The move completes (lazy-pages has nothing more to fetch for it), the source's
+    frozen copy goes, and the end is booked once, with its status and output."""
+    _, _, _, n = cluster
+    flag = tmp_path / "go"
+    p = start(n["a"], PY, "-c", QUICK_END, str(flag), "omuscd-migration-test-11")
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    job = job_of(n["a"], "omuscd-migration-test-11")
+    t, result = migrating(n["a"], job, "b")
+    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+             "the job to run on b while its memory follows", interval=0.002)
+    flag.touch()
+    t.join(60)
+    assert result["reply"].code == 200, result  # type: ignore[attr-defined]
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7 and out == b"bye\n", (p.returncode, out, err)
+    view = n["a"].json(f"job {job}")
+    assert view["state"] == "exited" and view["node_name"] == "b", view
+    assert job_processes("omuscd-migration-test-11") == []
+
+
 def test_a_job_that_ends_while_its_target_gets_ready_stays_ended(cluster):
     """The source checks the job again once the target is ready: a job that ended in
     between was marked migrating over its end, its dump failed, and the 'resume' put it
