@@ -29,10 +29,29 @@ from omuscd.migrate.lazy import (
     REQUEST,
     PageMap,
     PageServer,
-    copy_eager,
 )
 from tests.cluster import wait_for
 from tests.test_migration import REASON
+
+
+def copy_eager(images: Path, pid: int, dest: Path) -> int:
+    """What the source sends of a pages image for a post-copy move (migration's
+    _send_sparse and _receive_sparse, without the channel): only the pages the restore
+    reads itself, at their places, the rest a hole; the bytes written."""
+    pm = PageMap.read(images, pid)
+    name = f"pages-{pm.pages_id}.img"
+    written = 0
+    with open(images / name, "rb") as src, open(dest / name, "wb") as out:
+        out.truncate(os.fstat(src.fileno()).st_size)
+        for run in pm.eager():
+            data = os.pread(src.fileno(), run.pages * PAGE, run.offset)
+            os.pwrite(out.fileno(), data, run.offset)
+            written += len(data)
+    return written
+
+
+def lazy_pages(pm: PageMap) -> int:
+    return sum(r.pages for r in pm.runs if r.lazy)
 
 
 def varint(n: int) -> bytes:
@@ -73,7 +92,7 @@ def test_the_pagemap_says_where_each_page_is_and_which_come_later(tmp_path):
     assert pm.pages_id == 7
     assert [(r.vaddr, r.pages, r.lazy, r.offset) for r in pm.runs] == [
         (0x10000, 2, False, 0), (0x20000, 3, True, 2 * PAGE), (0x40000, 5, True, 5 * PAGE)]
-    assert pm.size == 10 * PAGE and pm.lazy_pages() == 8
+    assert lazy_pages(pm) == 8
     assert [r.vaddr for r in pm.eager()] == [0x10000]
     assert pm.find(0x20000 + 2 * PAGE).vaddr == 0x20000
     assert pm.find(0x20000 + 3 * PAGE) is None and pm.find(0x30000) is None
@@ -237,7 +256,7 @@ def test_a_job_restored_lazily_gets_all_its_memory_from_the_server(tmp_path):
                 for pm in src.glob("pagemap-*.img"):
                     pid = int(pm.stem.split("-")[1])
                     copy_eager(src, pid, dest)
-                    lazy += PageMap.read(src, pid).lazy_pages()
+                    lazy += lazy_pages(PageMap.read(src, pid))
                 mine, theirs = socket.socketpair()
                 daemon = await criu.lazy_pages(dest, theirs.fileno())
                 theirs.close()
@@ -319,3 +338,35 @@ def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
             lazyd_end.close()
 
     trio.run(main)
+
+
+def test_the_target_writes_a_sparse_image_and_refuses_a_bad_one(tmp_path):
+    """migration's _receive_sparse: the announced parts land at their places, the rest
+    is a hole; parts out of order, past the end, longer than announced, or not numbers
+    are refused (ChannelError: the move is abandoned, nothing restored)."""
+    from types import SimpleNamespace
+
+    from omuscd.channel import ChannelError
+    from omuscd.migration import IMAGE_STREAM, Migrations
+
+    m = Migrations(SimpleNamespace(d=SimpleNamespace(cfg=SimpleNamespace(
+        state_dir=str(tmp_path)))))
+
+    def channel(frames: list[bytes]) -> SimpleNamespace:
+        items = iter([(IMAGE_STREAM, f) for f in frames])
+
+        async def receive(borrow: bool = False):
+            return next(items)
+        return SimpleNamespace(receive=receive)
+
+    path = tmp_path / "pages-1.img"
+    trio.run(m._receive_sparse, channel([b"ab", b"cd", b"ef"]), path, 10,
+             [[1, 4], [8, 2]])
+    assert path.read_bytes() == b"\0abcd\0\0\0ef"
+    for size, runs, frames in ((10, [[4, 2], [1, 2]], [b"xx", b"yy"]),  # out of order
+                               (10, [[9, 2]], [b"xx"]),                 # past the end
+                               (10, [[0, 2]], [b"xxx"]),                # longer
+                               ("ten", [[0, 2]], [b"xx"]),              # not a number
+                               (10, [[0]], [b"xx"])):                   # not a pair
+        with pytest.raises(ChannelError):
+            trio.run(m._receive_sparse, channel(frames), path, size, runs)

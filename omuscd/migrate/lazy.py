@@ -132,17 +132,9 @@ class PageMap:
             offset += pages * PAGE
         return cls(pages_id, runs)
 
-    @property
-    def size(self) -> int:
-        """The length of the pages image these entries describe."""
-        return self.runs[-1].offset + self.runs[-1].pages * PAGE if self.runs else 0
-
     def eager(self) -> list[Run]:
         """The runs the restore reads from the pages image itself (not lazy)."""
         return [r for r in self.runs if not r.lazy]
-
-    def lazy_pages(self) -> int:
-        return sum(r.pages for r in self.runs if r.lazy)
 
     def find(self, vaddr: int) -> Run | None:
         """The run holding the page at ``vaddr``, or None."""
@@ -150,24 +142,6 @@ class PageMap:
         if i >= 0 and vaddr < self.runs[i].end:
             return self.runs[i]
         return None
-
-
-def copy_eager(images: Path, pid: int, dest: Path) -> int:
-    """Write into ``dest`` (a directory) the pages image of ``pid`` holding only the pages
-    the restore reads itself, at their places (the rest a hole); the bytes written."""
-    pm = PageMap.read(images, pid)
-    name = f"pages-{pm.pages_id}.img"
-    written = 0
-    with open(images / name, "rb") as src, open(dest / name, "wb") as out:
-        out.truncate(pm.size)
-        for run in pm.eager():
-            length = run.pages * PAGE
-            data = os.pread(src.fileno(), length, run.offset)
-            if len(data) != length:
-                raise MoveError(f"{name} is shorter than its pagemap")
-            os.pwrite(out.fileno(), data, run.offset)
-            written += length
-    return written
 
 
 class PageServer:
