@@ -435,13 +435,8 @@ class Migrations:
         await ch.aclose()
         if job.state != MIGRATING:  # settled already
             return
-        if not committed:
-            log.warning("job %s: its move was cut short by this daemon stopping",
-                        job.id)
-            self._resume(job, nice)
-            return
         with trio.move_on_after(STEP_TIMEOUT):
-            if await self._ask_target(job, target):
+            if committed and await self._ask_target(job, target):
                 self._drop(job, target)
             else:
                 log.warning("job %s: its move was cut short by this daemon stopping",
@@ -512,16 +507,11 @@ class Migrations:
 
         try:
             await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message)
-        except MoveError as e:  # the target said it failed (its copy is gone), or asked
-            # for what is not there: it kills its copy when the channel closes
+        except (MoveError, ChannelError, trio.TooSlowError) as e:
+            # the target failed (its copy is gone), the channel broke, or it asked for
+            # what is not there: a copy it still has is killed when the channel closes
             if committed:
                 await ch.aclose()
-            if not committed or not await self._ask_target(job, target):
-                self._resume(job, nice)
-                raise JobError(f"move failed, job resumed here: {e}") from None
-        except (ChannelError, trio.TooSlowError) as e:
-            if committed:
-                await ch.aclose()  # the target kills its copy when the channel closes
             if not committed or not await self._ask_target(job, target):
                 self._resume(job, nice)
                 raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
@@ -583,13 +573,16 @@ class Migrations:
                     pass
         jc = self.jc
         if job.id in jc.guests:
-            job.node = target
-            job.state = MOVED
-            job.reason = f"moved to {jc.node_name(target)}"
-            job.notify()
-            jc.save(job)
-            jc.guests.pop(job.id, None)
+            self._guest_gone(job, target)
         log.info("job %s moved to %s", job.id, jc.node_name(target))
+
+    def _guest_gone(self, job: Job, target: int) -> None:
+        """A guest's record here once ``target`` runs it: finished, as moved there."""
+        job.node, job.state = target, MOVED
+        job.reason = f"moved to {self.jc.node_name(target)}"
+        job.notify()
+        self.jc.save(job)
+        self.jc.guests.pop(job.id, None)
 
     async def _ask_target(self, job: Job, target: int) -> bool:
         """After an unanswered commit: does the target run the job?  Ask until it answers
@@ -943,10 +936,7 @@ class Migrations:
             if job.home == self.jc.me:
                 self.moved(job, target)
             else:
-                job.node, job.state, job.reason = target, MOVED, f"moved to {name}"
-                job.notify()
-                self.jc.save(job)
-                self.jc.guests.pop(job.id, None)
+                self._guest_gone(job, target)
         else:
             log.warning("job %s: its move to %s was cut short when this daemon stopped; "
                         "it resumes here", job.id, name)

@@ -28,8 +28,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
-
 from omuscd.migrate import MoveError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -209,21 +207,3 @@ class PageServer:
                 answer = END
             answers.append(answer)
         return answers
-
-    async def serve(self, stream: trio.abc.Stream) -> int:
-        """Answer requests read from ``stream`` until the daemon says it has everything;
-        returns the pages served.  MoveError if the stream ends before that or carries
-        something CRIU would not send."""
-        try:
-            while not self.done:
-                got = await stream.receive_some(65536)
-                if not got:
-                    raise MoveError("lazy pages: the lazy-pages daemon went away before it "
-                                    "had every page")
-                for answer in self.feed(got):
-                    await stream.send_all(answer)
-            return self.served
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            raise MoveError(f"lazy pages: {e}") from None
-        finally:
-            self.close()
