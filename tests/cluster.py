@@ -269,3 +269,82 @@ def namespace_cluster(names: str | list[str], extra: Callable[[int], list[str]] 
                     d.popen.wait()
             if leftovers:
                 subprocess.run(["pkill", "-f", leftovers], capture_output=True)
+
+
+@dataclass
+class User:
+    """An ordinary account made for a test, with an interpreter it can execute (the
+    default ``python3`` here lives under /root, mode 0700) that imports this tree's
+    ``omuscd`` (a copy readable by everyone): ``omuscd run`` and scripts as that user."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    python: str
+
+    def run_argv(self, socket: str, *args: str) -> list[str]:
+        """``omuscd run --connect SOCKET ARGS`` as this user would type it."""
+        return [self.python, "-m", "omuscd", "run", "--connect", socket, *args]
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """Start ``argv`` as this user (own uid, gid, no other groups), in its home,
+        with a plain environment of its own."""
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.home),
+               "USER": self.name, "LOGNAME": self.name, **kw.pop("env", {})}
+        return subprocess.Popen(argv, user=self.uid, group=self.gid, extra_groups=[],
+                                cwd=kw.pop("cwd", str(self.home)), env=env,
+                                stdin=kw.pop("stdin", subprocess.DEVNULL),
+                                stdout=kw.pop("stdout", subprocess.PIPE),
+                                stderr=kw.pop("stderr", subprocess.PIPE), **kw)
+
+    def run(self, argv: list[str], timeout: float = 120, **kw: Any
+            ) -> subprocess.CompletedProcess[bytes]:
+        p = self.popen(argv, **kw)
+        out, err = p.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+@contextmanager
+def ordinary_user(tag: str = "u") -> Iterator[User]:
+    """Create an ordinary user (and its group) for one test, remove it and all it left
+    (its processes, its home) afterwards.  Its home is under a 0755 directory of /tmp,
+    the same path on every node of a namespace cluster (they share the filesystem)."""
+    import pwd
+    import shutil
+
+    name = f"omt{os.getpid() % 100000}{tag}"[:31]
+    base = Path(tempfile.mkdtemp(prefix="omtu-"))
+    os.chmod(base, 0o755)
+    home = base / name
+    subprocess.run(["userdel", "-f", name], capture_output=True)  # a leftover of a crash
+    sh("useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
+       "--user-group", name)
+    try:
+        pw = pwd.getpwnam(name)
+        home.mkdir(mode=0o700)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        # an interpreter this user can run, importing a readable copy of this tree
+        lib = base / "lib"
+        root = Path(__file__).resolve().parent.parent
+        for pkg in ("omuscd", "tui"):
+            shutil.copytree(root / pkg, lib / pkg,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        venv = base / "venv"
+        sh("/usr/bin/python3", "-m", "venv", "--without-pip", str(venv))
+        site = next(venv.glob("lib/python3*/site-packages"))
+        (site / "omuscd-tests.pth").write_text(f"{lib}\n")
+        for d, _dirs, files in os.walk(base):
+            if Path(d) == home or Path(d).is_relative_to(home):
+                continue
+            os.chmod(d, 0o755)
+            for f in files:
+                p = Path(d) / f
+                if not p.is_symlink():
+                    os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
+        yield User(name, pw.pw_uid, pw.pw_gid, home, str(venv / "bin" / "python"))
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        time.sleep(0.1)
+        subprocess.run(["userdel", "-f", name], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
