@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from omuscd.client import ControlClient
+from omuscd.migrate.criu import PRIVATE_CRIU
 from tests.cluster import (
     User,
     as_user,
@@ -474,6 +475,29 @@ def test_a_bad_environment_is_refused_clearly(cluster, env):
         assert reply.code == 500 and "environment" in reply.text, reply
     assert n["a"].ctl("version").code == 200
     assert len(n["a"].json("jobs")["jobs"]) == before
+
+
+def test_the_daemons_own_path_does_not_choose_its_helpers(workdir, reaper):
+    """Whatever PATH the daemon was started with (an admin's shell, sudo) does not pick
+    the programs it runs as root: they come from the system directories only."""
+    rec = workdir / "planted.rec"
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    for name in (*PLANTED, "criu"):
+        real = shutil.which(name, path=SYSTEM_PATH) or (
+            PRIVATE_CRIU if name == "criu" else None)
+        (bin_dir / name).write_text(
+            f'#!/bin/sh\necho "{name} $(/usr/bin/id -u)" >> {rec}\nexec {real} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    d = start_daemon("path", ["--address", "127.0.0.42", "--control-bind", "127.0.0.42",
+                              "--insecure"], workdir,
+                     env={"PATH": f"{bin_dir}:{os.environ.get('PATH', SYSTEM_PATH)}"})
+    reaper.append(d)
+    r = subprocess.run([sys.executable, "-m", "omuscd", "run", "--connect", d.socket, "--",
+                        "/bin/echo", "ran"], capture_output=True, timeout=60, cwd="/tmp")
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.stderr
+    assert d.json("status")["migration"].startswith("criu 4")  # found where it belongs
+    assert not rec.exists(), rec.read_text()
 
 
 def test_dead_node_loses_its_jobs_and_run_exits_124(cluster):
