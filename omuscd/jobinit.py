@@ -1,8 +1,10 @@
 """The init process of one job: PID 1 of the job's own PID namespace.
 
-Run by the daemon as ``unshare --pid --fork python3 -I -S jobinit.py STATUS_FD CPUS UID
-GID GROUPS CWD -- ARGV...`` (a file run by path, importing only the standard library, so that
-it starts in a few milliseconds).
+Run by the daemon as ``unshare --pid --fork python3 -I -S jobinit.py STATUS_FD ENV_FD CPUS
+UID GID GROUPS CWD -- ARGV...`` (a file run by path, importing only the standard library, so
+that it starts in a few milliseconds).  It starts as root with a fixed environment: the
+caller's environment is the JSON object on ENV_FD, and only the command, started once it
+has become the caller, gets it (its PATH lookup happens then, as the caller).
 
 Why it exists: a job must live in its own PID namespace so that it can be checkpointed and
 restored elsewhere without PID clashes, and its session leader must be inside that
@@ -20,7 +22,7 @@ import os
 import resource
 import signal
 import sys
-import warnings  # noqa: F401 - os.execvp imports it lazily; after setuid it may be unreadable
+import warnings  # noqa: F401 - os.execvpe imports it lazily; after setuid it may be unreadable
 
 #: Handled in this order: the daemon takes the last one caught as the sign that all are.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -34,8 +36,19 @@ def write_status(fd: int, status: dict) -> None:
     os.fsync(fd)
 
 
-def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
-    """Fork and exec the command as the caller; exec errors come back on a pipe."""
+def read_env(fd: int) -> dict:
+    """The caller's environment from ``fd``, which is closed: neither the command nor a
+    checkpoint of the job keeps it."""
+    with os.fdopen(fd, "rb") as f:
+        env = json.loads(f.read())
+    if not isinstance(env, dict):
+        raise OSError("the environment given is not an object")
+    return env
+
+
+def start(argv: list, uid: str, gid: str, groups: str, cwd: str, env: dict) -> int:
+    """Fork and exec the command as the caller, with the caller's environment (the PATH
+    lookup too: as the caller); exec errors come back on a pipe."""
     r, w = os.pipe()
     os.set_inheritable(w, False)
     pid = os.fork()
@@ -50,7 +63,7 @@ def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
             if uid != "-":
                 os.setuid(int(uid))
             os.chdir(cwd)
-            os.execvp(argv[0], argv)
+            os.execvpe(argv[0], argv, env)
         except OSError as e:
             os.write(w, f"{e.filename or argv[0]}: {e.strerror}".encode())
         except BaseException as e:
@@ -65,13 +78,18 @@ def start(argv: list, uid: str, gid: str, groups: str, cwd: str) -> int:
 
 
 def main() -> int:
-    status_fd, cpus, uid, gid, groups, cwd, sep, *argv = sys.argv[1:]
+    status_fd, env_fd, cpus, uid, gid, groups, cwd, sep, *argv = sys.argv[1:]
     if sep != "--" or not argv:
-        print("usage: jobinit.py STATUS_FD CPUS UID GID GROUPS CWD -- ARGV...",
+        print("usage: jobinit.py STATUS_FD ENV_FD CPUS UID GID GROUPS CWD -- ARGV...",
               file=sys.stderr)
         return 2
     status = int(status_fd)
     os.set_inheritable(status, False)  # the command must not inherit it
+    try:
+        env = read_env(int(env_fd))
+    except (OSError, ValueError) as e:
+        write_status(status, {"error": f"cannot read the job's environment: {e}"})
+        return 127
     os.setsid()
     if cpus:
         os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
@@ -90,7 +108,7 @@ def main() -> int:
     for s in FORWARDED:
         signal.signal(s, forward)
     try:
-        child = start(argv, uid, gid, groups, cwd)
+        child = start(argv, uid, gid, groups, cwd, env)
     except OSError as e:
         write_status(status, {"error": str(e)})
         return 127

@@ -18,7 +18,6 @@ import logging
 import os
 import pwd
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import psutil
 import trio
 
-from omuscd import proctab
+from omuscd import proctab, rootexec
 
 log = logging.getLogger("omuscd.jobs")
 
@@ -250,9 +249,36 @@ class Spool:
         return out
 
 
+def check_env(argv: list[str], env: dict[str, str]) -> None:
+    """Refuse, with the reason, what exec cannot carry: a variable name that is empty or
+    holds '=', a NUL anywhere, text that has no bytes (found here, not as an odd failure
+    in the job's init)."""
+    for name, value in env.items():
+        if not name or "=" in name or not _exec_text(name):
+            raise JobError(f"environment variable name {name[:40]!r} is not valid")
+        if not _exec_text(value):
+            raise JobError(f"environment variable {name[:40]!r} has a value exec cannot "
+                           "carry (a NUL character or unencodable text)")
+    if not all(_exec_text(word) for word in argv):
+        raise JobError("the command has a word exec cannot carry (a NUL character or "
+                       "unencodable text)")
+
+
+def _exec_text(text: str) -> bool:
+    try:
+        return b"\0" not in os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+
+
 def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) -> None:
     """Fail early, naming the node and the path, when the job cannot start here (omuscd
-    assumes the same paths on every node: a shared home or NFS)."""
+    assumes the same paths on every node: a shared home or NFS).
+
+    This runs as root on the caller's paths and PATH, but only looks (stat, access): it
+    opens and runs nothing.  The job's init runs the command as the caller, through the
+    caller's PATH, and reports what that finds (see jobinit.start)."""
+    check_env(argv, env)
     if not os.path.isdir(cwd):
         raise JobError(f"node {node}: working directory {cwd} does not exist")
     prog = argv[0]
@@ -267,23 +293,27 @@ def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) ->
                        f"{env.get('PATH', os.defpath)}")
 
 
-def launch_argv(job: Job, cpus: list[int], status_fd: int) -> list[str]:
+def launch_argv(job: Job, cpus: list[int], status_fd: int, env_fd: int) -> list[str]:
     """``unshare --pid --fork`` then our init: the job gets its own PID namespace with its
-    session leader inside it (setsid happens in the init, never outside).
+    session leader inside it (setsid happens in the init, never outside).  Both run as
+    root: absolute paths found at start (omuscd.rootexec), and the caller's environment
+    only on ``env_fd``, for the command the init starts as the caller.
 
     Not ``--kill-child``: it gives the init a parent-death signal, which CRIU restores,
     and a restored init's parent is the daemon thread that ran criu; when trio retired
     that idle worker thread, the kernel killed the migrated job (found in the console's
     first session: jobs died ten seconds after a move)."""
+    unshare = rootexec.need(rootexec.UNSHARE, "unshare")
+    python = rootexec.need(rootexec.PYTHON, "python3")
     if os.geteuid() == 0:
-        ns = ["unshare", "--pid", "--fork"]
+        ns = [unshare, "--pid", "--fork"]
         uid, gid = str(job.owner.uid), str(job.owner.gid)
         groups = ",".join(str(g) for g in job.owner.groups)
     else:  # an unprivileged daemon: a user namespace makes the PID namespace possible
-        ns = ["unshare", "--user", "--map-current-user", "--pid", "--fork"]
+        ns = [unshare, "--user", "--map-current-user", "--pid", "--fork"]
         uid = gid = "-"
         groups = ""
-    return [*ns, sys.executable, "-I", "-S", JOBINIT, str(status_fd),
+    return [*ns, python, "-I", "-S", JOBINIT, str(status_fd), str(env_fd),
             ",".join(str(c) for c in cpus), uid, gid, groups, job.cwd, "--", *job.argv]
 
 
@@ -361,6 +391,24 @@ def _usage(procs: list[proctab.Proc]) -> tuple[float, float]:
     return sum(p.cpu_seconds for p in procs), sum(p.rss for p in procs) / (1024 * 1024)
 
 
+def env_file(env: dict[str, str]) -> int:
+    """A descriptor of an anonymous in-memory file holding ``env`` (JSON), read from the
+    start: how the caller's environment reaches the job's init, never through the
+    environment (the init's interpreter and unshare run as root) nor its arguments (seen
+    by every user in ps, and limited in size)."""
+    fd = os.memfd_create("omuscd-env", os.MFD_CLOEXEC)
+    try:
+        data = json.dumps(env).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int],
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> bool:
     """Start ``job`` on this node and watch it until it ends (see :func:`watch`)."""
@@ -376,10 +424,11 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
         job.stdin_pipe = trio.lowlevel.FdStream(feed)
     else:
         null = os.open(os.devnull, os.O_RDONLY)
+    env_fd = env_file(env)
     try:
         proc = await trio.lowlevel.open_process(
-            launch_argv(job, cpus, status), stdin=null, stdout=out, stderr=err,
-            env=env, cwd="/", pass_fds=(status,))
+            launch_argv(job, cpus, status, env_fd), stdin=null, stdout=out, stderr=err,
+            env=rootexec.HELPER_ENV, cwd="/", pass_fds=(status, env_fd))
     except OSError as e:
         raise JobError(f"cannot start the job: {e.strerror or e}") from None
     finally:
@@ -387,6 +436,7 @@ async def supervise(job: Job, spool: Spool, env: dict[str, str], cpus: list[int]
         err.close()
         os.close(null)
         os.close(status)
+        os.close(env_fd)
     job.launcher = proc.pid
     for _ in range(200):  # unshare forks the init at once; give it a moment
         job.pid = init_pid(proc.pid)

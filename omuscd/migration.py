@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from omuscd import balance, postcopy, proctab
+from omuscd import balance, postcopy, proctab, rootexec
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
 from omuscd.jobs import (
@@ -974,8 +974,9 @@ def _reap(pid: int) -> None:
 
 
 async def _guard(pid: int, fd: int) -> trio.Process:
-    return await trio.lowlevel.open_process(["sh", "-c", GUARD, str(pid)],
-                                            stdin=subprocess.PIPE, pass_fds=(fd,))
+    return await trio.lowlevel.open_process(
+        [rootexec.need(rootexec.SH, "sh"), "-c", GUARD, str(pid)], stdin=subprocess.PIPE,
+        pass_fds=(fd,), env=rootexec.HELPER_ENV)
 
 
 async def _guard_done(guard: trio.Process) -> None:

@@ -3,9 +3,11 @@ output and exit status as if local, signals, lost nodes, permissions, placement.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,10 +19,13 @@ import uuid
 import pytest
 
 from omuscd.client import ControlClient
+from omuscd.migrate.criu import PRIVATE_CRIU
 from tests.cluster import (
+    User,
     as_user,
     can_netns,
     namespace_cluster,
+    ordinary_user,
     start_daemon,
     wait_for,
 )
@@ -330,6 +335,169 @@ def test_text_attach_for_telnet_users(cluster):
     # stdout and stderr are two files: their relative order is not defined
     assert sorted(reply.lines[1:3]) == ["hi", "stderr: oops"]
     assert reply.lines[3:] == ["exit 0"]
+
+
+#: Where a planted helper looks for the real one (the test's own trusted places).
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: Programs a root daemon might look up by name: each planted in the user's PATH.
+PLANTED = ("unshare", "python3", "sh", "env", "nsenter", "criu", "setpriv")
+PLACES = {"home": ("--home",), "remote": ("--node", "b")}
+
+
+def _record_file(user: User, name: str) -> str:
+    """A file the user owns (so the user's own processes can append to it too)."""
+    rec = user.home / name
+    rec.touch(mode=0o600)
+    os.chown(rec, user.uid, user.gid)
+    return str(rec)
+
+
+def _plant(user: User, rec: str) -> str:
+    """A directory in the user's home with a program for each of PLANTED that notes its
+    name and ``id -u`` then runs the real one: the directory to put first in PATH."""
+    bin_dir = user.home / "bin"
+    bin_dir.mkdir()
+    for name in PLANTED:
+        real = shutil.which(name, path=SYSTEM_PATH)
+        then = f'exec {real} "$@"' if real else "exit 1"
+        (bin_dir / name).write_text(
+            f'#!/bin/sh\necho "{name} $(/usr/bin/id -u)" >> {rec}\n{then}\n')
+        (bin_dir / name).chmod(0o755)
+    shutil.chown(bin_dir, user.uid, user.gid)
+    for f in bin_dir.iterdir():
+        shutil.chown(f, user.uid, user.gid)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("place", sorted(PLACES))
+def test_a_planted_path_never_runs_as_root(cluster, place):
+    """A user's PATH naming the user's own ``unshare`` (or any helper the daemon runs)
+    must not run it as root: the job starts as usual, the planted programs run only as
+    the user (the job's own ``sh`` through the user's PATH, which must still reach it)."""
+    _, _, _, n = cluster
+    with ordinary_user(f"p{place[0]}") as user:
+        rec = _record_file(user, "planted.rec")
+        bin_dir = _plant(user, rec)
+        r = user.run(user.run_argv(n["a"].socket, *PLACES[place], "--", "sh", "-c",
+                                   'echo "job ran"; /usr/bin/id -u'),
+                     env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, timeout=60)
+        assert (r.returncode, r.stdout) == (0, f"job ran\n{user.uid}\n".encode()), r.stderr
+        ran = [line.split() for line in open(rec).read().splitlines()]
+        assert not [who for who in ran if who[1] == "0"], ran  # nothing of it ran as root
+        assert ["sh", str(user.uid)] in ran  # the job's command: the user's PATH, as the user
+
+
+def _preload_library(user: User, rec: str) -> str:
+    """A library whose constructor appends its process's uid and PID namespace to
+    ``rec``: whoever loads it says so."""
+    src = user.home / "rec.c"
+    src.write_text(
+        "#include <fcntl.h>\n#include <stdio.h>\n#include <unistd.h>\n"
+        "__attribute__((constructor)) static void note(void) {\n"
+        "  char ns[64] = \"?\", line[128];\n"
+        "  ssize_t n = readlink(\"/proc/self/ns/pid\", ns, sizeof ns - 1);\n"
+        "  if (n > 0) ns[n] = 0;\n"
+        f"  int fd = open(\"{rec}\", O_WRONLY | O_APPEND);\n"
+        "  if (fd < 0) return;\n"
+        "  int len = snprintf(line, sizeof line, \"%u %s\\n\", (unsigned)getuid(), ns);\n"
+        "  if (write(fd, line, len) < 0) {}\n"
+        "  close(fd);\n}\n")
+    lib = user.home / "rec.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    shutil.chown(lib, user.uid, user.gid)
+    return str(lib)
+
+
+@pytest.mark.parametrize("place", sorted(PLACES))
+def test_ld_preload_never_loads_as_root(cluster, place):
+    """An LD_PRELOAD in the caller's environment is loaded by nothing that runs as root;
+    the user's own job does load it, as the user, inside the job's PID namespace (the
+    environment still reaches the job)."""
+    _, _, _, n = cluster
+    with ordinary_user(f"l{place[0]}") as user:
+        rec = _record_file(user, "preload.rec")
+        lib = _preload_library(user, rec)
+        r = user.run(user.run_argv(n["a"].socket, *PLACES[place], "--", "sh", "-c",
+                                   'echo "job ran"'),
+                     env={"LD_PRELOAD": lib}, timeout=60)
+        assert (r.returncode, r.stdout) == (0, b"job ran\n"), r.stderr
+        loads = [line.split() for line in open(rec).read().splitlines()]
+        assert not [who for who in loads if who[0] == "0"], loads
+        ours = os.readlink("/proc/self/ns/pid")  # the client's too
+        in_job = [ns for uid, ns in loads if uid == str(user.uid) and ns != ours]
+        assert in_job, loads  # the job's sh loaded it, as the user, in its own namespace
+
+
+@pytest.mark.parametrize("place", sorted(PLACES))
+def test_an_ordinary_users_job_has_callers_env_cwd_and_groups(cluster, place):
+    """What the caller had reaches the job that has become the caller: variables (the
+    user's PATH among them), working directory, supplementary groups."""
+    _, _, _, n = cluster
+    with ordinary_user(f"e{place[0]}") as user:
+        group = f"{user.name}x"[:31]
+        subprocess.run(["groupadd", group], check=True)
+        try:
+            gid = subprocess.run(["getent", "group", group], capture_output=True, text=True,
+                                 check=True).stdout.split(":")[2]
+            work = user.home / "work dir"
+            work.mkdir()
+            shutil.chown(work, user.uid, user.gid)
+            marker = uuid.uuid4().hex
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(user.home), "OMT_VAR": marker,
+                   "OMT_SPACE": "a b\nc"}
+            p = subprocess.Popen(
+                user.run_argv(n["a"].socket, *PLACES[place], "--", "sh", "-c",
+                              'echo "$PWD|$OMT_VAR|$OMT_SPACE|$PATH|$(id -u)|$(id -G)"'),
+                user=user.uid, group=user.gid, extra_groups=[int(gid)], cwd=str(work),
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+            out, err = p.communicate(timeout=60)
+        finally:
+            subprocess.run(["groupdel", group], capture_output=True)
+        assert p.returncode == 0, err
+        pwd, var, space, path, uid, groups = out.decode().rstrip("\n").split("|")
+        assert (pwd, var, space, path, uid) == (str(work), marker, "a b\nc", "/usr/bin:/bin",
+                                                str(user.uid))
+        assert sorted(groups.split()) == sorted({str(user.gid), gid})
+
+
+@pytest.mark.parametrize("env", [{"A=B": "x"}, {"": "x"}, {"A\u0000B": "x"},
+                                 {"A": "x\u0000y"}])
+def test_a_bad_environment_is_refused_clearly(cluster, env):
+    """Names the kernel cannot carry are refused with a reason before anything starts."""
+    _, _, _, n = cluster
+    coded = base64.b64encode(json.dumps(env).encode()).decode()
+    argv = base64.b64encode(json.dumps(["true"]).encode()).decode()
+    before = len(n["a"].json("jobs")["jobs"])
+    for place in PLACES.values():
+        with ControlClient.unix(n["a"].socket) as c:
+            reply = c.command(f"run {' '.join(place)} --cwd /tmp --env {coded} --argv {argv}")
+        assert reply.code == 500 and "environment" in reply.text, reply
+    assert n["a"].ctl("version").code == 200
+    assert len(n["a"].json("jobs")["jobs"]) == before
+
+
+def test_the_daemons_own_path_does_not_choose_its_helpers(workdir, reaper):
+    """Whatever PATH the daemon was started with (an admin's shell, sudo) does not pick
+    the programs it runs as root: they come from the system directories only."""
+    rec = workdir / "planted.rec"
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    for name in (*PLANTED, "criu"):
+        real = shutil.which(name, path=SYSTEM_PATH) or (
+            PRIVATE_CRIU if name == "criu" else None)
+        (bin_dir / name).write_text(
+            f'#!/bin/sh\necho "{name} $(/usr/bin/id -u)" >> {rec}\nexec {real} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    d = start_daemon("path", ["--address", "127.0.0.42", "--control-bind", "127.0.0.42",
+                              "--insecure"], workdir,
+                     env={"PATH": f"{bin_dir}:{os.environ.get('PATH', SYSTEM_PATH)}"})
+    reaper.append(d)
+    r = subprocess.run([sys.executable, "-m", "omuscd", "run", "--connect", d.socket, "--",
+                        "/bin/echo", "ran"], capture_output=True, timeout=60, cwd="/tmp")
+    assert (r.returncode, r.stdout) == (0, b"ran\n"), r.stderr
+    assert d.json("status")["migration"].startswith("criu 4")  # found where it belongs
+    assert not rec.exists(), rec.read_text()
 
 
 def test_dead_node_loses_its_jobs_and_run_exits_124(cluster):

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import trio
 
+from omuscd import rootexec
 from omuscd.migrate import Inherit, MoveError
 from omuscd.priority import make_realtime
 from omuscd.proctab import tree
@@ -61,7 +62,7 @@ def fs_type(path: Path) -> str:
 def find_criu(given: str | None) -> str | None:
     if given:
         return given
-    for candidate in (shutil.which("criu"), PRIVATE_CRIU):
+    for candidate in (rootexec.find("criu"), PRIVATE_CRIU):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -116,7 +117,8 @@ class Criu:
             return
         try:
             v = await trio.run_process([self.path, "--version"], capture_stdout=True,
-                                       capture_stderr=True, check=False)
+                                       capture_stderr=True, check=False,
+                                       env=rootexec.HELPER_ENV)
             text = v.stdout.decode(errors="replace")
             version = next((ln.split()[1] for ln in text.splitlines()
                             if ln.startswith("Version:")), "")
@@ -124,7 +126,8 @@ class Criu:
                 self.reason = f"{self.path} is criu {version or '?'}; need >= {MIN_MAJOR}"
                 return
             c = await trio.run_process([self.path, "check"], capture_stdout=True,
-                                       capture_stderr=True, check=False)
+                                       capture_stderr=True, check=False,
+                                       env=rootexec.HELPER_ENV)
         except (OSError, ValueError) as e:
             self.reason = f"cannot run {self.path}: {e}"
             return
@@ -137,7 +140,8 @@ class Criu:
         await self.keep_features()
         try:
             u = await trio.run_process([self.path, "check", "--feature", "uffd-noncoop"],
-                                       capture_stdout=True, capture_stderr=True, check=False)
+                                       capture_stdout=True, capture_stderr=True, check=False,
+                                       env=rootexec.HELPER_ENV)
             self.uffd = u.returncode == 0
         except OSError:
             self.uffd = False
@@ -159,8 +163,9 @@ class Criu:
             return
         try:
             r = await trio.run_process(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PROBE,
-                 self.path], capture_stdout=True, capture_stderr=True, check=False)
+                [rootexec.need(rootexec.UNSHARE, "unshare"), "--mount", "--propagation",
+                 "private", rootexec.need(rootexec.SH, "sh"), "-c", _PROBE, self.path],
+                capture_stdout=True, capture_stderr=True, check=False, env=rootexec.HELPER_ENV)
         except OSError as e:
             log.info("criu: cannot keep its kernel features (%s); it probes them at "
                      "every dump and restore", e)
@@ -271,7 +276,7 @@ class Criu:
                 proc = await nursery.start(functools.partial(
                     trio.run_process, [self.path, *args], check=False,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    pass_fds=pass_fds, restore_signals=False))
+                    pass_fds=pass_fds, restore_signals=False, env=rootexec.HELPER_ENV))
                 make_realtime(proc.pid, cpus)
         if proc.returncode != 0:
             kept = self.keep_log(logfile, args[0])
@@ -343,7 +348,7 @@ class Criu:
             proc = await trio.lowlevel.open_process(
                 [self.path, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"],
                 pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
+                stderr=subprocess.DEVNULL, env=rootexec.HELPER_ENV)
         finally:
             os.close(w)
         ready = trio.lowlevel.FdStream(r)
