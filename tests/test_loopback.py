@@ -212,13 +212,13 @@ def test_control_port_robustness(trio_nodes):
 def test_too_many_sessions_get_421(trio_nodes):
     socks = []
     try:
-        for _ in range(16):  # control_user_sessions: root's on TCP count as anyone's
+        for _ in range(64):  # control_user_sessions: root's on TCP count as anyone's
             s = socket.create_connection(("127.0.0.2", CTL), timeout=5)
             assert s.makefile("rb").readline().startswith(b"220 ")
             socks.append(s)
         with socket.create_connection(("127.0.0.2", CTL), timeout=5) as extra:
             assert extra.makefile("rb").readline().startswith(
-                b"421 too many sessions for you (16 at once)")
+                b"421 too many sessions for you (64 at once)")
         assert trio_nodes[0].ctl("version").code == 200  # the Unix socket has its own room
     finally:
         for s in socks:
@@ -467,13 +467,13 @@ def test_idle_connections_of_one_user_do_not_lock_root_out(workdir, key, reaper)
                        stdin=subprocess.PIPE)
         assert p.stdin is not None and p.stdout is not None
         opened = p.stdout.readline().decode().strip().split(maxsplit=2)
-        assert opened == ["16", "54", "421 too many sessions for you (16 at once); close one "
+        assert opened == ["64", "6", "421 too many sessions for you (64 at once); close one "
                           "or try again later"]
         # root gets through both doors while the user holds all it may
         assert d.ctl("version").code == 200
         out = telnet("127.0.0.22", CTL, [("version\n", 0.3), ("quit\n", 0.3)])
         assert "200 omuscd-" in out and "221 bye" in out
-        assert d.json("status")["control_sessions"] == 17  # the user's and the one asking
+        assert d.json("status")["control_sessions"] == 65  # the user's and the one asking
         p.stdin.write(b"\n")
         p.stdin.flush()
         closed = p.stdout.readline().decode().strip().split(maxsplit=2)
