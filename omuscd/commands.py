@@ -54,7 +54,8 @@ REPLY_CODES: dict[int, str] = {
     ATTACHED: "attached: binary job frames follow", UNKNOWN: "unknown command",
     BAD_ARGS: "wrong arguments",
     TOO_LONG: "line too long", NOT_TEXT: "not a line of text", NOT_FOUND: "no such node or key",
-    BUSY: "too many sessions", FAILED: "failed", NOT_PERMITTED: "not permitted for this user",
+    BUSY: "closing: too many sessions, or idle too long", FAILED: "failed",
+    NOT_PERMITTED: "not permitted for this user",
     AUTH_REQUIRED: "authentication required", AUTH_FAILED: "authentication failed",
 }
 

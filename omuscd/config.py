@@ -208,6 +208,16 @@ PARAMS: tuple[Param, ...] = (
           metavar="FILE"),
     Param("control_socket", "str", None, "Unix control socket for local clients "
           "(default: STATE_DIR/control.sock)", metavar="PATH"),
+    Param("control_sessions", "int", 256, "control sessions open at once, both doors together; "
+          "root and the daemon's user on the Unix socket have as many again of their own",
+          lo=1, hi=10000, runtime=True),
+    Param("control_user_sessions", "int", 64, "control sessions one user may hold at once "
+          "(each 'omuscd run' holds one while its job runs; clients the daemon cannot "
+          "identify share one allowance per address)",
+          lo=1, hi=10000, runtime=True),
+    Param("control_idle_timeout", "float", 300.0, "seconds a control session may send no line "
+          "before it is closed (not while it attaches to a job or watches; an unanswered "
+          "password challenge gets 10 s at most)", lo=1, hi=86400, runtime=True),
     # process
     Param("state_dir", "str", None, "state directory (default: /var/lib/omuscd as root, "
           "else $XDG_STATE_HOME/omuscd)", metavar="DIR"),

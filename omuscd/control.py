@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ log = logging.getLogger("omuscd.control")
 
 IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 IP, BRK, AO, EL = 244, 243, 245, 248
-MAX_SESSIONS = 64
+#: an unanswered password challenge holds a session this long at most
+AUTH_TIMEOUT = 10.0
 
 
 class Interrupt:
@@ -44,6 +46,13 @@ class Interrupt:
 
 class TooLong:
     """A line longer than :data:`commands.MAX_LINE` bytes (already discarded)."""
+
+
+@dataclass(frozen=True)
+class Idle:
+    """The client sent no whole line for ``seconds``."""
+
+    seconds: float
 
 
 class TelnetFilter:
@@ -191,6 +200,29 @@ class Session:
     async def send(self, reply: Reply) -> None:
         await self.stream.send_all(reply.render())
 
+    def _idle_limit(self) -> float:
+        """Seconds this session may stay silent: the tunable, or less while a password
+        challenge is unanswered (nobody types a SHA-256 by hand)."""
+        idle = float(self.daemon.cfg.control_idle_timeout)
+        return idle if self.authenticated else min(idle, AUTH_TIMEOUT)
+
+    async def _next_line(self, reader: LineReader) -> object:
+        """The next item from the client, or :class:`Idle` if it sent no whole line in
+        time.  Attached and watching sessions read without this bound: their client is
+        waiting for the daemon, not the other way round."""
+        limit = self._idle_limit()
+        with trio.move_on_after(limit):
+            return await reader.next()
+        return Idle(limit)
+
+    async def _reply(self, reply: Reply) -> bool:
+        """Send a reply, giving up (False) on a client that does not read it in time."""
+        with trio.move_on_after(float(self.daemon.cfg.control_idle_timeout)):
+            await self.send(reply)
+            return True
+        log.info("control: %s (%s) did not read its reply; closed", self.peer, self.user)
+        return False
+
     async def run(self) -> None:
         reader = LineReader(self.stream, self.max_line)
         greeting = [f"{VERSION_STRING} node {self.daemon.name} "
@@ -199,10 +231,18 @@ class Session:
             self.authenticated = False
             self.challenge = secrets.token_hex(16)
             greeting.append(f"challenge {self.challenge}: answer 'auth RESPONSE'")
-        await self.send(Reply(commands.GREETING, greeting))
+        if not await self._reply(Reply(commands.GREETING, greeting)):
+            return
         while True:
-            item = await reader.next()
+            item = await self._next_line(reader)
             if item is None:
+                return
+            if isinstance(item, Idle):
+                log.info("control: %s (%s) sent nothing for %g s; closed", self.peer,
+                         self.user, item.seconds)
+                with trio.move_on_after(2):
+                    await self.send(commands.err(commands.BUSY, f"idle for {item.seconds:g} "
+                                                 "s: closing this session"))
                 return
             if isinstance(item, Interrupt):
                 continue
@@ -225,7 +265,8 @@ class Session:
                                          "log")
             if reply is None:
                 continue
-            await self.send(reply)
+            if not await self._reply(reply):
+                return
             if reply.attach is not None:
                 if reply.binary:
                     await self._attach_binary(reader, reply.attach, reply.follow)
@@ -248,7 +289,8 @@ class Session:
         want = hashlib.sha256(c + b"\n" + self.secret + c + b"\n").hexdigest()
         if hmac.compare_digest(words[1].lower(), want):
             self.authenticated = True
-            self.uid, self.gid, self.groups = 0, 0, [0]  # the password is root's
+            # the password is root's: full rights, as root has on the Unix socket
+            self.uid, self.gid, self.groups, self.admin = 0, 0, [0], True
             return commands.ok("authenticated")
         log.warning("control: failed authentication from %s", self.peer)
         return Reply(commands.AUTH_FAILED, ["authentication failed"], close=True)
@@ -305,6 +347,13 @@ class Session:
                 return
             await changed.wait()
 
+    async def _signal(self, job: Any, sig: int) -> None:
+        """Forward a signal from an attached client, with the session's own rights (an
+        unidentified session has none: it never stands for root)."""
+        if self.uid is None:
+            raise commands.JobError("this session has no identity")
+        await self.daemon.jobs.act(job.id, "kill", self.uid, sig)
+
     def _end_doc(self, job: Any) -> dict[str, Any]:
         doc = {"job": job.id, "state": job.state, "status": job.status_code(),
                "exit": job.exit, "text": job.exit_text(), "reason": job.reason,
@@ -330,8 +379,7 @@ class Session:
                         del buf[:FRAME.size + length]
                         try:
                             if kind == FRAME_SIGNAL and length == 1:
-                                await self.daemon.jobs.act(job.id, "kill", self.uid or 0,
-                                                           payload[0])
+                                await self._signal(job, payload[0])
                             elif kind == FRAME_STDIN and payload:
                                 await self.daemon.jobs.feed_stdin(job, payload)
                             elif kind == FRAME_STDIN_EOF:
@@ -359,7 +407,7 @@ class Session:
         False if the client left."""
         offsets = {s: (job.offsets[s] if follow else 0) for s in (FRAME_STDOUT, FRAME_STDERR)}
         partial = {FRAME_STDOUT: b"", FRAME_STDERR: b""}
-        gone = False
+        gone = ended = False
         code = commands.OUTPUT
 
         async def emit(stream: int, line: bytes) -> None:
@@ -375,8 +423,7 @@ class Session:
                     item = await reader.next()
                     if isinstance(item, Interrupt):
                         try:
-                            await self.daemon.jobs.act(job.id, "kill", self.uid or 0,
-                                                       signal.SIGINT)
+                            await self._signal(job, signal.SIGINT)
                         except commands.JobError:
                             pass
                         continue
@@ -387,42 +434,103 @@ class Session:
             nursery.start_soon(until_input)
             async for item in self._output(job, offsets):
                 if item is None:
-                    for stream, rest in partial.items():
-                        if rest:
-                            await emit(stream, rest)
-                    doc = self._end_doc(job)
-                    await self.send(Reply(code, [doc["text"] or job.state]))
-                    nursery.cancel_scope.cancel()
-                    return True
+                    ended = True
+                    break
                 stream, data = item
                 *lines, partial[stream] = (partial[stream] + data).split(b"\n")
                 for line in lines:
                     await emit(stream, line)
+            # stop reading before the last line goes out: the client's next command,
+            # typed as soon as it sees that line, is a command, not a detach
+            nursery.cancel_scope.cancel()
+        if ended:
+            for stream, rest in partial.items():
+                if rest:
+                    await emit(stream, rest)
+            doc = self._end_doc(job)
+            await self.send(Reply(code, [doc["text"] or job.state]))
+            return True
         if gone:
             return False
         await self.send(Reply(code, [f"detached from job {job.id}"]))
         return True
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who is at the other end of a session, and what that gives them.  One rule for both
+    doors (:func:`rights_of`): the Unix socket learns the uid from SO_PEERCRED, the
+    loopback TCP port from the kernel's socket table (:func:`loopback_owner`)."""
+
+    user: str
+    admin: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] = field(default_factory=list)
+
+
+def rights_of(uid: int, gid: int | None, groups: list[int], user: str) -> Identity:
+    """Root and the daemon's own user may do everything; anyone else acts on their own
+    jobs and reads the cluster."""
+    return Identity(user, uid in (0, os.geteuid()), uid, gid, groups)
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 class ControlServer:
-    """Serves sessions on the TCP control port and on the Unix socket."""
+    """Serves sessions on the TCP control port and on the Unix socket.
+
+    Sessions are counted per user (uid; a client the daemon cannot identify counts by its
+    address) and overall, so no user can take the port from the others; root's and the
+    daemon user's sessions on the Unix socket count apart, so nobody can lock them out."""
 
     def __init__(self, daemon: Daemon, secret: bytes | None):
         self.daemon = daemon
         self.secret = secret
-        self.sessions = 0
+        self.sessions = 0  # every open session (status shows it)
+        self.shared = 0  # those counted against control_sessions
+        self.reserved = 0  # root's and the daemon user's Unix-socket sessions
+        self.per_key: dict[object, int] = {}
 
-    async def _serve(self, stream: trio.abc.Stream, peer: str, admin: bool, user: str,
-                     secret: bytes | None, **identity: Any) -> None:
-        if self.sessions >= MAX_SESSIONS:
+    def _refusal(self, key: object, reserved: bool) -> str | None:
+        """Why a new session may not open now, or None."""
+        cfg = self.daemon.cfg
+        total = int(cfg.control_sessions)
+        if reserved:
+            if self.reserved >= total:
+                return f"too many sessions for root ({total} at once); try again later"
+            return None
+        if self.per_key.get(key, 0) >= int(cfg.control_user_sessions):
+            return (f"too many sessions for you ({int(cfg.control_user_sessions)} at once); "
+                    "close one or try again later")
+        if self.shared >= total:
+            return f"too many sessions ({total} at once); try again later"
+        return None
+
+    async def _serve(self, stream: trio.abc.Stream, peer: str, who: Identity, key: object,
+                     secret: bytes | None, max_line: int = commands.MAX_LINE,
+                     reserved: bool = False) -> None:
+        refusal = self._refusal(key, reserved)
+        if refusal is not None:
+            log.info("control: refused a session from %s (%s): %s", peer, who.user, refusal)
             with trio.move_on_after(2):
-                await stream.send_all(commands.err(commands.BUSY, "too many sessions; try "
-                                                   "again later").render())
-            await stream.aclose()
+                await stream.send_all(commands.err(commands.BUSY, refusal).render())
+            await trio.aclose_forcefully(stream)
             return
         self.sessions += 1
-        session = Session(self.daemon, stream, peer, admin, user, secret, **identity)
-        log.debug("control: session from %s (%s)", peer, user)
+        if reserved:
+            self.reserved += 1
+        else:
+            self.shared += 1
+            self.per_key[key] = self.per_key.get(key, 0) + 1
+        session = Session(self.daemon, stream, peer, who.admin, who.user, secret, uid=who.uid,
+                          gid=who.gid, groups=list(who.groups), max_line=max_line)
+        log.debug("control: session from %s (%s)", peer, who.user)
         try:
             await session.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
@@ -431,28 +539,43 @@ class ControlServer:
             log.exception("control: internal error in a session from %s (closed)", peer)
         finally:
             self.sessions -= 1
+            if reserved:
+                self.reserved -= 1
+            else:
+                self.shared -= 1
+                self.per_key[key] -= 1
+                if not self.per_key[key]:
+                    del self.per_key[key]
             await trio.aclose_forcefully(stream)
 
     async def handle_tcp(self, stream: trio.SocketStream) -> None:
         try:
-            host, port = stream.socket.getpeername()[:2]
-            peer = f"{host}:{port}"
+            local = stream.socket.getsockname()
+            remote = stream.socket.getpeername()
+            peer = f"{remote[0]}:{remote[1]}"
         except OSError:
+            local = remote = None
             peer = "?"
-        # TCP carries no identity: whoever passes the password (or reaches loopback when
-        # none is set) controls the daemon, as with the original telnet port.
-        await self._serve(stream, peer, True, f"tcp:{peer}", self.secret)
+        if self.secret is not None:
+            # beyond loopback, or by choice: the password is the way in (it is root's)
+            who = Identity(f"tcp:{peer}")
+        else:
+            who = tcp_identity(stream.socket.family, local, remote, peer)
+        # unidentified clients share one allowance per address (on loopback: one)
+        key = ("uid", who.uid) if who.uid is not None else ("addr", remote and remote[0])
+        await self._serve(stream, peer, who, key, self.secret)
 
     async def handle_unix(self, stream: trio.SocketStream) -> None:
         pid, uid, gid = peer_cred(stream.socket)
-        try:
-            user = pwd.getpwuid(uid).pw_name if uid is not None else "?"
-        except KeyError:
-            user = str(uid)
-        admin = uid is not None and uid in (0, os.geteuid())
+        if uid is None:  # cannot happen on Linux; no identity, no rights
+            who = Identity("?")
+        else:
+            who = rights_of(uid, gid, peer_groups(pid), user_name(uid))
         # the socket's owner is known from the kernel: no password needed
-        await self._serve(stream, f"unix:{user}", admin, user, None, uid=uid,
-                          gid=gid, groups=peer_groups(pid), max_line=UNIX_MAX_LINE)
+        # root's and the daemon user's sessions here have room of their own: whatever
+        # others hold, 'omuscd ctl' and 'omuscd run' as root get through
+        await self._serve(stream, f"unix:{who.user}", who, ("uid", who.uid), None,
+                          max_line=UNIX_MAX_LINE, reserved=who.admin)
 
     async def serve_tcp(self, host: str, port: int,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -504,6 +627,86 @@ def peer_groups(pid: int | None) -> list[int]:
     except (OSError, ValueError):
         pass
     return []
+
+
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLMSG_ERROR, NLM_F_REQUEST = 4, 20, 2, 1
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
+DIAG_REQ = struct.Struct("=BBBBI")  # struct inet_diag_req_v2, up to its socket id
+SOCKID = struct.Struct("!HH16s16s")  # inet_diag_sockid: ports and addresses (big endian)
+SOCKID_TAIL = struct.Struct("=III")  # ... interface, cookie (host order)
+DIAG_MSG_TAIL = struct.Struct("=IIIII")  # inet_diag_msg after its id: expires .. inode
+TCP_SYN_RECV, TCP_TIME_WAIT = 3, 6
+
+
+def _diag_addr(family: int, host: str) -> bytes:
+    raw = socket.inet_pton(family, host.split("%")[0])
+    return raw + b"\0" * (16 - len(raw))
+
+
+def loopback_owner(family: int, local: tuple[Any, ...], peer: tuple[Any, ...]
+                   ) -> int | None:
+    """The uid owning the client end of a TCP connection made on this machine, from the
+    kernel (NETLINK_SOCK_DIAG, one exact lookup of the 4-tuple: no scan of the socket
+    table).  The client's socket has our peer as its local end and our local end as its
+    remote.  None when there is no such live socket: it closed already (its orphaned or
+    TIME_WAIT remains report uid 0, which must never be taken for root), or the client is
+    not on this machine."""
+    req = DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    req += SOCKID.pack(peer[1], local[1], _diag_addr(family, peer[0]),
+                       _diag_addr(family, local[0]))
+    req += SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    msg = NLMSG.pack(NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1)
+            nl.sendto(msg, (0, 0))
+            data = nl.recv(8192)
+    except OSError as e:
+        log.warning("control: cannot ask the kernel who owns a loopback connection: %s", e)
+        return None
+    # inet_diag_msg: family, state, timer, retrans (a byte each), the socket id, the rest
+    tail = NLMSG.size + 4 + SOCKID.size + SOCKID_TAIL.size
+    if len(data) < tail + DIAG_MSG_TAIL.size:
+        return None  # NLMSG_ERROR: no such socket
+    _length, kind, _flags, _seq, _pid = NLMSG.unpack_from(data)
+    state = data[NLMSG.size + 1]
+    if kind != SOCK_DIAG_BY_FAMILY or data[NLMSG.size] != family:
+        return None
+    *_, uid, inode = DIAG_MSG_TAIL.unpack_from(data, tail)
+    if inode == 0 or state in (TCP_SYN_RECV, TCP_TIME_WAIT):
+        return None  # no process holds it any more: its uid field means nothing
+    return int(uid)
+
+
+def tcp_identity(family: int, local: tuple[Any, ...] | None,
+                 remote: tuple[Any, ...] | None, peer: str) -> Identity:
+    """The rights of a TCP client without a password: those of its account, if it is on
+    this machine (a loopback peer) and the kernel names the socket's owner and the account
+    exists; else none but reading (it might be anyone; refusing would only make it retry).
+    Groups come from the account (os.getgrouplist), not from the process (the kernel
+    names the socket, not its process), and the primary group is the account's."""
+    unknown = Identity(f"an unidentified client at {peer}")
+    if local is None or remote is None:
+        return unknown
+    try:
+        addr = ipaddress.ip_address(remote[0].split("%")[0])
+    except ValueError:
+        return unknown
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # the kernel's lookup follows the mapping too
+    if not addr.is_loopback:
+        return unknown
+    uid = loopback_owner(family, local, remote)
+    if uid is None:
+        return unknown
+    try:
+        pw = pwd.getpwuid(uid)
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except (KeyError, OSError):
+        log.info("control: %s is uid %d, which has no account here: read-only", peer, uid)
+        return unknown
+    return rights_of(uid, pw.pw_gid, groups, pw.pw_name)
 
 
 async def _unix_in_use(path: str) -> bool:

@@ -71,3 +71,84 @@ def test_binary_is_flagged_not_decoded():
 def test_interrupt_marker_clears_the_partial_line():
     got = lines_from(b"hal" + bytes([IAC, IP]) + b"ok\n")
     assert isinstance(got[0], Interrupt) and got[1:] == ["ok"]
+
+
+# --------------------------------------------------------------------------- who is it
+def _pair(family: int, host: str, client_fd: bool = True):
+    import socket
+
+    srv = socket.socket(family)
+    srv.bind((host, 0))
+    srv.listen(4096)
+    return srv
+
+
+def test_loopback_owner_names_the_other_users_socket_never_a_closed_one():
+    """The kernel names the account of the process at the other end; once that process
+    is gone, its socket's remains (orphaned, TIME_WAIT: uid 0 in the kernel's answer)
+    must not make the connection root's."""
+    import socket
+    import subprocess
+
+    from omuscd.control import loopback_owner, tcp_identity
+    from tests.cluster import ordinary_user
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        srv = _pair(family, host)
+        port = srv.getsockname()[1]
+        with ordinary_user(f"lo{family}") as user, srv:
+            client = user.popen([user.python, "-c",
+                                 "import socket, sys\n"
+                                 f"s = socket.create_connection(({host!r}, {port}))\n"
+                                 "print('connected', flush=True); sys.stdin.read()"],
+                                stdin=subprocess.PIPE)
+            assert client.stdout is not None and client.stdout.readline() == b"connected\n"
+            conn, remote = srv.accept()
+            with conn:
+                local = conn.getsockname()
+                assert loopback_owner(family, local, remote) == user.uid
+                who = tcp_identity(family, local, remote, "peer")
+                assert (who.uid, who.gid, who.user, who.admin) == (user.uid, user.gid,
+                                                                   user.name, False)
+                assert who.groups == [user.gid]
+                # not our own end, nor a port nobody holds
+                assert loopback_owner(family, remote, local) == 0  # the daemon's end: root
+                assert loopback_owner(family, local, (remote[0], 1)) is None
+                client.kill()
+                client.wait()
+                assert loopback_owner(family, local, remote) is None
+                assert tcp_identity(family, local, remote, "peer").uid is None
+            # a connection that closed before it was accepted: nobody, not root
+            late = user.popen([user.python, "-c",
+                               f"import socket; socket.create_connection(({host!r}, {port}))"
+                               ".close()"])
+            late.wait()
+            conn, remote = srv.accept()
+            with conn:
+                assert loopback_owner(family, conn.getsockname(), remote) is None
+
+
+def test_loopback_owner_is_one_lookup_not_a_scan():
+    """Exact lookups: the cost does not grow with the number of open connections (a scan
+    of /proc/net/tcp would take milliseconds each with thousands)."""
+    import socket
+    import time
+
+    from omuscd.control import loopback_owner
+
+    srv = _pair(socket.AF_INET, "127.0.0.1")
+    clients, conns = [], []
+    try:
+        for _ in range(3000):
+            clients.append(socket.create_connection(srv.getsockname()))
+            conns.append(srv.accept()[0])
+        start = time.perf_counter()
+        for c in conns[:1000]:
+            assert loopback_owner(socket.AF_INET, c.getsockname(), c.getpeername()) == 0
+        each = (time.perf_counter() - start) / 1000
+        print(f"one lookup among 3000 connections: {each * 1e6:.0f} us")
+        assert each < 0.002
+    finally:
+        for s in clients + conns:
+            s.close()
+        srv.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,7 +12,17 @@ import time
 import pytest
 
 from omuscd import client, config, wire
-from tests.cluster import PYTHON, omuscd_command, start_daemon, telnet, wait_for
+from tests.cluster import (
+    PYTHON,
+    User,
+    can_netns,
+    namespace_cluster,
+    omuscd_command,
+    ordinary_user,
+    start_daemon,
+    telnet,
+    wait_for,
+)
 
 PORT = 24270
 CTL = 24271
@@ -201,16 +212,19 @@ def test_control_port_robustness(trio_nodes):
 def test_too_many_sessions_get_421(trio_nodes):
     socks = []
     try:
-        for _ in range(64):
+        for _ in range(64):  # control_user_sessions: root's on TCP count as anyone's
             s = socket.create_connection(("127.0.0.2", CTL), timeout=5)
-            s.recv(200)
+            assert s.makefile("rb").readline().startswith(b"220 ")
             socks.append(s)
         with socket.create_connection(("127.0.0.2", CTL), timeout=5) as extra:
-            assert extra.makefile("rb").readline().startswith(b"421 ")
+            assert extra.makefile("rb").readline().startswith(
+                b"421 too many sessions for you (64 at once)")
+        assert trio_nodes[0].ctl("version").code == 200  # the Unix socket has its own room
     finally:
         for s in socks:
             s.close()
-    wait_for(lambda: trio_nodes[0].ctl("version").code == 200, 3, "sessions to free up")
+    wait_for(lambda: trio_nodes[0].json("status")["control_sessions"] == 1, 3,
+             "sessions to free up (the one asking is left)")
 
 
 @pytest.mark.skipif(subprocess.run(["which", "telnet"], capture_output=True).returncode,
@@ -246,6 +260,7 @@ def test_password_challenge(workdir, key, reaper):
         assert f.readline() == b""  # closed after a failure
     with client.ControlClient.tcp("127.0.0.8", CTL, config.read_secret(str(secret))) as c:
         assert c.command("status").ok
+        assert c.command("set gossip_interval 0.3").ok  # the password is root's
     # the Unix socket identifies its user by the kernel: no password
     assert d.ctl("status").ok
 
@@ -327,3 +342,199 @@ def test_ctl_exit_codes(trio_nodes, workdir):
     r = subprocess.run([*run[:-1], str(workdir / "none.sock"), "status"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "cannot talk" in r.stderr
+
+
+# --------------------------------------------------------------------------- who is telnet
+NO_TELNET = subprocess.run(["which", "telnet"], capture_output=True).returncode != 0
+
+
+def telnet_as(user: User, addr: str, port: int, script: list[tuple[str, float]]) -> str:
+    """The real telnet client, run by ``user`` (see :func:`tests.cluster.telnet`)."""
+    p = user.popen(["telnet", addr, str(port)], stdin=subprocess.PIPE,
+                   stderr=subprocess.STDOUT)
+    assert p.stdin is not None
+    time.sleep(0.5)
+    for text, pause in script:
+        p.stdin.write(text.encode())
+        p.stdin.flush()
+        time.sleep(pause)
+    out, _ = p.communicate(timeout=10)
+    return out.decode(errors="replace")
+
+
+def started(out: str) -> str:
+    m = re.search(r"^200 job (\S+) started", out, re.M)
+    assert m, out
+    return m.group(1)
+
+
+def root_job(d, marker: str) -> str:
+    """A job of root's, started through the Unix socket."""
+    reply = d.ctl(f"run --json --home --cwd /tmp -- sh -c 'exec sleep 300' {marker}")
+    assert reply.code == 200, reply
+    return reply.json()["job"]
+
+
+def running(d, job: str) -> bool:
+    return d.json(f"job {job}")["state"] == "running"
+
+
+@pytest.mark.skipif(NO_TELNET, reason="the telnet client is not installed")
+def test_telnet_on_loopback_gives_an_ordinary_user_their_accounts_rights(workdir, key, reaper):
+    d = start_daemon("tu", base("127.0.0.20", key), workdir)
+    reaper.append(d)
+    theirs = root_job(d, "r")
+    with ordinary_user("tel") as user:
+        out = telnet_as(user, "127.0.0.20", CTL, [("set gossip_interval 1\n", 0.3),
+                                                   ("block\n", 0.3),
+                                                   ("run --home -- sleep 301\n", 1),
+                                                   ("run --user root -- id\n", 0.5),
+                                                   ("quit\n", 0.3)])
+        for cmd in ("set", "block"):
+            assert f"501 '{cmd}' is for root or the daemon's user (you are {user.name})" in out
+        mine = started(out)
+        view = d.json(f"job {mine}")
+        assert (view["owner"], view["uid"]) == (user.name, user.uid)  # run as the account
+        assert "501 only root may run jobs as another user" in out
+        wait_for(lambda: running(d, mine), 10, "the user's job to run")
+        out = telnet_as(user, "127.0.0.20", CTL, [
+            ("set gossip_interval 1\n", 0.3), ("shutdown\n", 0.3), ("block\n", 0.3),
+            ("topology drone\n", 0.3), ("log debug\n", 0.3), ("expel\n", 0.3),
+            (f"kill {theirs}\n", 0.5), (f"stay {theirs}\n", 0.5),
+            (f"output {theirs}\n", 0.3), ("nodes\n", 0.3), ("jobs\n", 0.5),
+            (f"kill {mine} KILL\n", 0.5), ("quit\n", 0.3)])
+        for cmd in ("set", "shutdown", "block", "topology", "log", "expel"):
+            assert f"501 '{cmd}' is for root or the daemon's user (you are {user.name})" in out
+        assert out.count(f"500 job {theirs} belongs to root") == 3, out
+        assert "200 1 nodes" in out and "200 2 jobs" in out
+        assert f"200 signal 9 sent to job {mine}" in out
+        wait_for(lambda: d.json(f"job {mine}")["state"] == "exited", 10, "the user's job end")
+    # nothing of the daemon's changed, root's job runs on
+    assert d.alive() and running(d, theirs)
+    assert d.json("get gossip_interval") == {"gossip_interval": 0.2}
+    assert d.json("status")["topology"] == "peer"
+    assert "blocked" not in d.json("node tu")["flags"]
+
+
+@pytest.mark.skipif(NO_TELNET, reason="the telnet client is not installed")
+def test_telnet_on_loopback_as_root_has_roots_rights(workdir, key, reaper):
+    d = start_daemon("tr", base("127.0.0.21", key), workdir)
+    reaper.append(d)
+    with ordinary_user("tr") as user:
+        out = telnet_as(user, "127.0.0.21", CTL, [("run --home -- sleep 303\n", 1)])
+        theirs = started(out)
+        wait_for(lambda: running(d, theirs), 10, "the user's job to run")
+        out = telnet("127.0.0.21", CTL, [
+            ("set gossip_interval 0.3\n", 0.3), ("block\n", 0.3), ("noblock\n", 0.3),
+            ("run --home -- sleep 302\n", 1), (f"kill {theirs} KILL\n", 0.5),
+            ("quit\n", 0.3)])
+        assert "200 gossip_interval = 0.3" in out and "501" not in out, out
+        mine = started(out)
+        assert d.json(f"job {mine}")["owner"] == "root"
+        assert f"200 signal 9 sent to job {theirs}" in out
+        wait_for(lambda: d.json(f"job {theirs}")["state"] == "exited", 10, "their job's end")
+    assert d.json("get gossip_interval") == {"gossip_interval": 0.3}
+    out = telnet("127.0.0.21", CTL, [(f"kill {mine}\n", 0.5), ("shutdown\n", 1)])
+    assert f"200 signal 15 sent to job {mine}" in out and "200 shutting down" in out
+    assert d.popen.wait(10) == 0
+
+
+IDLE = """
+import socket, sys, time
+socks, refused = [], []
+for _ in range(int(sys.argv[3])):
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+    line = s.makefile("rb").readline()
+    if line.startswith(b"220 "):
+        socks.append(s)  # held open, silent
+    else:
+        refused.append(line)
+print(len(socks), len(refused), refused[0].decode().strip() if refused else "", flush=True)
+sys.stdin.readline()  # the test checks root gets through meanwhile
+start, last = time.monotonic(), []
+for s in socks:
+    f = s.makefile("rb")
+    last.append(b"".join(iter(f.readline, b"")))  # to the daemon's close
+print(round(time.monotonic() - start, 1), len(set(last)), last[0].decode().strip(), flush=True)
+"""
+
+
+@pytest.mark.skipif(NO_TELNET, reason="the telnet client is not installed")
+def test_idle_connections_of_one_user_do_not_lock_root_out(workdir, key, reaper):
+    d = start_daemon("idle", base("127.0.0.22", key, "--control-idle-timeout", "6"), workdir)
+    reaper.append(d)
+    with ordinary_user("idl") as user:
+        p = user.popen([user.python, "-c", IDLE, "127.0.0.22", str(CTL), "70"],
+                       stdin=subprocess.PIPE)
+        assert p.stdin is not None and p.stdout is not None
+        opened = p.stdout.readline().decode().strip().split(maxsplit=2)
+        assert opened == ["64", "6", "421 too many sessions for you (64 at once); close one "
+                          "or try again later"]
+        # root gets through both doors while the user holds all it may
+        assert d.ctl("version").code == 200
+        out = telnet("127.0.0.22", CTL, [("version\n", 0.3), ("quit\n", 0.3)])
+        assert "200 omuscd-" in out and "221 bye" in out
+        assert d.json("status")["control_sessions"] == 65  # the user's and the one asking
+        p.stdin.write(b"\n")
+        p.stdin.flush()
+        closed = p.stdout.readline().decode().strip().split(maxsplit=2)
+        p.wait(10)
+    # each was told why, then closed, within the timeout of its last line
+    assert float(closed[0]) < 6 + 3 and closed[1:] == ["1",
+                                                       "421 idle for 6 s: closing this session"]
+    assert d.json("status")["control_sessions"] == 1  # the one asking
+
+
+def test_silent_session_is_closed_an_attached_or_watching_one_is_not(workdir, key, reaper):
+    d = start_daemon("att", base("127.0.0.23", key, "--control-idle-timeout", "2"), workdir)
+    reaper.append(d)
+    with socket.create_connection(("127.0.0.23", CTL), timeout=10) as silent:
+        start = time.monotonic()
+        f = silent.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        assert f.readline() == b"421 idle for 2 s: closing this session\r\n"
+        assert f.readline() == b""
+        assert 1.5 < time.monotonic() - start < 5
+    with socket.create_connection(("127.0.0.23", CTL), timeout=20) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        s.sendall(b"run --home -- sh -c 'sleep 5; echo finished'\r\n")
+        job = started(f.readline().decode())
+        s.sendall(f"attach {job}\r\n".encode())
+        start = time.monotonic()
+        lines = [f.readline() for _ in range(3)]
+        assert lines[0].startswith(b"230-attached to job") and lines[1] == b"230-finished\r\n"
+        assert lines[2] == b"230 exit 0\r\n" and time.monotonic() - start > 3
+        s.sendall(b"watch\r\n")
+        assert f.readline().startswith(b"210-watching")
+        time.sleep(4)  # twice the idle timeout, waiting for events
+        s.sendall(b"\r\n")
+        while (line := f.readline()) and not line.startswith(b"210 "):
+            assert line.startswith(b"210-"), line
+        assert line == b"210 end of watch\r\n"
+        s.sendall(b"version\r\n")
+        assert f.readline().startswith(b"200 omuscd-")
+
+
+def _criu_problem() -> str | None:
+    from tests.test_migration import REASON
+
+    return can_netns() or REASON
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(NO_TELNET or _criu_problem() is not None,
+                    reason=str(_criu_problem()) if not NO_TELNET else "no telnet client")
+def test_telnet_on_loopback_as_root_migrates_a_job():
+    with namespace_cluster("ab", prefix=f"omt{os.getpid() % 10000}t",
+                           leftovers="omuscd-telnet-move") as (lan, _work, _key, n):
+        job = root_job(n["a"], "omuscd-telnet-move")
+        wait_for(lambda: running(n["a"], job), 10, "the job to run")
+        time.sleep(1)  # past min_job_age: its command runs
+        out = telnet("127.0.0.1", 4271, [(f"migrate {job} b\n", 8), ("quit\n", 0.3)],
+                     netns=lan.ns(0))
+        assert re.search(rf"^200 job {re.escape(job)} migrated to b", out, re.M), out
+        view = n["a"].json(f"job {job}")
+        assert view["node_name"] == "b" and view["migrations"] == 1 and view["state"] == \
+            "running"
+        assert n["b"].ctl(f"kill {job}").code == 200
