@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from omuscd import ids
 from omuscd.config import TUNABLES, ConfigError
 from omuscd.jobs import JobError, Owner
 
@@ -116,7 +117,7 @@ class Arg:
     name: str
     optional: bool = False
     choices: tuple[str, ...] | None = None
-    kind: str = "word"  # word | int | float
+    kind: str = "word"  # word | int | float | job | job-or-pid | node (see omuscd.ids)
     lo: float | None = None
     hi: float | None = None
     max_len: int = 256
@@ -132,6 +133,10 @@ class Arg:
             raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}")
         if self.choices:
             return value.lower()
+        if self.kind == "job" or (self.kind == "job-or-pid" and not value.isdigit()):
+            return ids.job_id(value)  # BadId is a ValueError: the same 4xx
+        if self.kind == "node":
+            return ids.node_name(value)
         if self.kind in ("int", "float"):
             try:
                 num: float = int(value) if self.kind == "int" else float(value)
@@ -443,6 +448,12 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
     if len(chosen) > 1:
         return err(BAD_ARGS, "choose one of --best, --home, --node, --among")
     how = chosen[0] if chosen else "best"
+    try:  # node names as everywhere (see omuscd.ids)
+        for name in [a["node"]] if a.get("node") else (a.get("among") or "").split(","):
+            if name:
+                ids.node_name(name)
+    except ids.BadId as e:
+        return err(BAD_ARGS, str(e))
     placement = Placement(how, a.get("node"), (a.get("among") or "").split(",") or None)
     env: dict[str, str]
     if a.get("env"):
@@ -577,7 +588,7 @@ def _flag(flag: str, on: bool) -> Handler:
     return handler
 
 
-_AT_NODE = (Arg("node", optional=True, max_len=64),)
+_AT_NODE = (Arg("node", optional=True, kind="node"),)
 _AT_NODE_DETAILS = ("NODE (id or name) sets it on another node, over the authenticated\n"
                     "cluster channel; without it, on this node.")
 
@@ -616,7 +627,7 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("nodes", (), "the node table, this node first (marked *)", h_nodes, json=True,
             details="STATE is alive, suspect, dead or incompatible. LOAD is demand per\n"
                     "lent CPU (1.0 = all busy). AUTH: key, unverified or insecure."),
-    Command("node", (Arg("node", max_len=64),), "everything known about one node, by id or "
+    Command("node", (Arg("node", kind="node"),), "everything known about one node, by id or "
             "name", h_node, json=True,
             details="moved_in, moved_out: jobs migrated to and from it since it started."),
     Command("set", (Arg("key", max_len=40), Arg("value", max_len=40)),
@@ -656,15 +667,15 @@ COMMANDS: dict[str, Command] = _cmds(
                     "holding newlines). Only root may give --user. Answers with the job id."),
     Command("jobs", (), "the cluster's jobs, the same on every node (--all: also ended)",
             h_jobs, json=True, options=(Opt("all"),)),
-    Command("job", (Arg("job", max_len=40),), "everything known about one job", h_job,
+    Command("job", (Arg("job", kind="job"),), "everything known about one job", h_job,
             json=True),
-    Command("kill", (Arg("job", max_len=40), Arg("signal", optional=True, max_len=16)),
+    Command("kill", (Arg("job", kind="job"), Arg("signal", optional=True, max_len=16)),
             "send a signal (default TERM) to your job, wherever it runs", h_kill),
-    Command("stay", (Arg("job", max_len=40),), "keep your job where it runs", h_stay),
-    Command("nostay", (Arg("job", max_len=40),), "let your job migrate again", h_nostay),
-    Command("output", (Arg("job", max_len=40),), "the last lines of your job's output",
+    Command("stay", (Arg("job", kind="job"),), "keep your job where it runs", h_stay),
+    Command("nostay", (Arg("job", kind="job"),), "let your job migrate again", h_nostay),
+    Command("output", (Arg("job", kind="job"),), "the last lines of your job's output",
             h_output, options=(Opt("lines", "N", 6),)),
-    Command("attach", (Arg("job", max_len=40),), "stream your job's output (from the "
+    Command("attach", (Arg("job", kind="job"),), "stream your job's output (from the "
             "start, or --follow from now)", h_attach, options=(Opt("binary"), Opt("follow")),
             details="Text: 230- lines, stderr prefixed; a line detaches, Ctrl-C (IAC IP)\n"
                     "sends SIGINT. --binary: framed, for omuscd run (omuscd(8))."),
@@ -680,7 +691,7 @@ COMMANDS: dict[str, Command] = _cmds(
             _flag("quiet", True), admin=True, details=_AT_NODE_DETAILS),
     Command("noquiet", _AT_NODE, "announce this node again", _flag("quiet", False),
             admin=True, details=_AT_NODE_DETAILS),
-    Command("migrate", (Arg("job", max_len=40), Arg("where", max_len=64)),
+    Command("migrate", (Arg("job", kind="job-or-pid"), Arg("where", kind="node")),
             "move your running job (or, for root, any process by PID) to a node (id or "
             "name), home, or best", h_migrate,
             details="The job freezes, its images and output move over the cluster\n"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
-from omuscd import balance, channel, jobinit
+from omuscd import balance, channel, ids, jobinit
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
 from omuscd.jobs import (
@@ -45,6 +45,7 @@ from omuscd.jobs import (
     catches,
     check_runnable,
     init_pid,
+    job_order,
     measure,
     refresh_usage,
     supervise,
@@ -329,8 +330,7 @@ class JobControl:
         job.run += 1
         if not await watch(job, self.spool, poll, wait, job.run):
             return
-        status = self.spool.dir(job.id) / "status"
-        if not status.exists() or not status.read_text().strip():
+        if not self.spool.status(job.id).strip():
             why = "it ended while this daemon was down and left no status"
             job.exit = None  # watch guessed one; it is not known
             if job.home == self.me:
@@ -490,7 +490,11 @@ class JobControl:
             if isinstance(msg, tuple):
                 stream, data = msg
                 if stream in (STDOUT, STDERR):
-                    self.spool.append(job.id, stream, data)
+                    try:
+                        self.spool.append(job.id, stream, data)
+                    except OSError as e:  # refused (logged), or the disk is full
+                        log.warning("job %s: output from %s not kept here: %s", job.id,
+                                    job.node_name, e)
                     job.offsets[stream] += len(data)
                     job.notify()
                 continue
@@ -566,6 +570,12 @@ class JobControl:
                 return
             msg = await ch.receive_msg()
             op = msg.get("op")
+            bad = _bad_ids(op, msg)
+            if bad:
+                log.warning("cluster channel: node %s sent %s with %s; refused",
+                            ch.peer.get("node"), str(op)[:20], bad)
+                await ch.send({"op": "refused", "reason": bad, "text": bad})
+                return
             if op == "exec":
                 await self._serve_exec(ch, msg)
             elif op == "attach":
@@ -587,7 +597,7 @@ class JobControl:
                 try:
                     if job is None or job.node != self.me:
                         raise JobError(f"job {msg.get('job')} does not run on {self.d.name}")
-                    stats = await self.migrations.emigrate(job, int(msg["to"]))
+                    stats = await self.migrations.emigrate(job, ids.node_id(msg["to"]))
                     await ch.send({"op": "migrated", **stats})
                 except JobError as e:
                     await ch.send({"op": "failed", "reason": str(e)})
@@ -621,7 +631,10 @@ class JobControl:
 
     async def _serve_exec(self, ch: Channel, msg: dict[str, Any]) -> None:
         try:
-            job = Job.from_wire(msg["job"])
+            try:
+                job = Job.from_wire(msg["job"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise JobError(f"bad job record: {e}") from None
             env = {str(k): str(v) for k, v in dict(msg.get("env", {})).items()}
             if job.node != self.me:
                 raise JobError(f"job {job.id} was meant for node {job.node}, not {self.me}")
@@ -830,10 +843,11 @@ class JobControl:
         out: dict[str, Job] = {}
         for records in homes.values():
             for rec in records:
-                out[rec["id"]] = Job.from_wire(rec)
+                if (job := _peer_record(rec)) is not None:
+                    out[job.id] = job
         for rec in guests:
-            if rec["home"] not in homes and rec["id"] not in out:
-                job = Job.from_wire(rec)
+            job = _peer_record(rec)
+            if job is not None and job.home not in homes and job.id not in out:
                 job.reason = job.reason or "home node unreachable"
                 out[job.id] = job
         return sorted(out.values(), key=_job_order)
@@ -898,13 +912,14 @@ class JobControl:
 
 
 def _home_of(job_id: str) -> int | None:
-    head = job_id.split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    try:
+        return ids.home_of(job_id)
+    except ids.BadId:
+        return None
 
 
 def _job_order(job: Job) -> tuple[int, int]:
-    home, _, n = job.id.partition(".")
-    return (int(home) if home.isdigit() else 0, int(n) if n.isdigit() else 0)
+    return job_order(job.id)
 
 
 def _is_job_init(pid: int) -> bool:
@@ -914,3 +929,32 @@ def _is_job_init(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE and any("jobinit" in a for a in p.cmdline())
     except psutil.Error:
         return False
+
+
+#: The cluster-channel requests that name a job, and those that name a node ("to").
+_JOB_OPS = ("attach", "emigrate", "drop", "has", "act")
+_TO_OPS = ("emigrate", "drop")
+
+
+def _bad_ids(op: Any, msg: dict[str, Any]) -> str:
+    """Why a peer's request names no valid job or node ("" when it does): refused before
+    it is looked at, so that a bad id never reaches a path or a table."""
+    try:
+        if op in _JOB_OPS:
+            ids.job_id(msg.get("job"))
+        if op in _TO_OPS:
+            ids.node_id(msg.get("to"))
+        if op == "act" and msg.get("to"):
+            ids.node_name(msg.get("to"))
+    except ids.BadId as e:
+        return str(e)
+    return ""
+
+
+def _peer_record(rec: Any) -> Job | None:
+    """A job record from a peer's listing; None (and a log line) for one that is not."""
+    try:
+        return Job.from_wire(rec)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("a peer listed a bad job record (%s); left out", e)
+        return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ import trio
 from omuscd import balance, postcopy, proctab, rootexec
 from omuscd.channel import Channel, ChannelError
 from omuscd.events import Event
+from omuscd.ids import is_job_id
 from omuscd.jobs import (
     FINAL,
     MIGRATING,
@@ -41,10 +43,13 @@ from omuscd.jobs import (
     RUNNING,
     STDERR,
     STDOUT,
+    STREAM_FILES,
     Job,
     JobError,
     adopt,
     init_pid,
+    open_private,
+    private_dir,
     starting,
     tree_usage,
 )
@@ -110,8 +115,28 @@ class Migrations:
         self.moving: set[str] = set()  # jobs being moved: one move of a job at a time
 
     def clean_images(self) -> None:
-        """Image directories left by a crash are removed at start."""
+        """Image directories left by a crash are removed at start (a link there, never
+        made by this daemon, is removed, not followed)."""
+        if self.images.is_symlink():
+            self.images.unlink()
         shutil.rmtree(self.images, ignore_errors=True)
+
+    def _images_dir(self, name: str) -> Path:
+        """A fresh directory for one move's images, ``STATE_DIR/images/NAME``: the
+        daemon's own, 0700, in ``images`` (0700 too), made without following a link.
+        CRIU writes there with its own umask; no other user can reach what it writes (a
+        job's memory).  JobError if it cannot be made."""
+        try:
+            top = private_dir(self.images)
+            try:
+                shutil.rmtree(name, dir_fd=top, ignore_errors=True)
+                os.close(private_dir(name, dir_fd=top))
+            finally:
+                os.close(top)
+        except OSError as e:
+            log.warning("cannot make %s/%s for a move: %s", self.images, name, e)
+            raise JobError(f"cannot make a directory for the images: {e}") from None
+        return self.images / name
 
     # ------------------------------------------------------------------ on the home node
     def choose_target(self, job: Job, where: str) -> int:
@@ -218,7 +243,10 @@ class Migrations:
             if reply.get("op") != "dropped":
                 raise JobError(str(reply.get("reason", "the source refused")))
         for stream in (STDOUT, STDERR):  # its output starts again
-            jc.spool.path(job.id, stream).write_bytes(b"")
+            try:
+                jc.spool.truncate(job.id, stream)
+            except (OSError, ValueError) as e:
+                log.warning("job %s: cannot empty its output: %s", job.id, e)
             job.offsets[stream] = 0
         job.generation += 1
         job.node, job.node_name = target, jc.node_name(target)
@@ -306,9 +334,11 @@ class Migrations:
             ch = await self.jc.connect(target)
         except ChannelError as e:
             raise JobError(f"cannot reach the target: {e}") from None
-        images = self.images / f"{job.id}.out"
-        shutil.rmtree(images, ignore_errors=True)
-        images.mkdir(parents=True)
+        try:
+            images = self._images_dir(f"{job.id}.out")
+        except JobError:
+            await ch.aclose()
+            raise
         try:
             with urgent():  # the job is frozen meanwhile: see omuscd.priority
                 return await self._emigrate(job, target, ch, images)
@@ -387,7 +417,7 @@ class Migrations:
                 else:
                     sent += await self._send_file(ch, "file", f.name, f)
             for out in (STDOUT, STDERR):
-                sent += await self._send_file(ch, "spool", str(out), jc.spool.path(job.id, out))
+                sent += await self._send_spool(ch, job, out)
             transferred = trio.current_time()
             await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "nice": nice, "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
@@ -528,11 +558,24 @@ class Migrations:
         return {"freeze": freeze, "bytes": moved, "followed": now - frozen - freeze}
 
     async def _send_file(self, ch: Channel, op: str, name: str, path: Path) -> int:
-        size = path.stat().st_size
-        await ch.send({"op": op, "name": name, "size": size})
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
+        return await self._send_fd(ch, op, name, open_private(str(path), os.O_RDONLY))
+
+    async def _send_spool(self, ch: Channel, job: Job, stream: int) -> int:
+        return await self._send_fd(ch, "spool", str(stream),
+                                   self.jc.spool.open_stream(job.id, stream))
+
+    @staticmethod
+    async def _send_fd(ch: Channel, op: str, name: str, fd: int) -> int:
+        """Send the file open on ``fd`` (closed here), as it is now."""
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            await ch.send({"op": op, "name": name, "size": size})
+            sent = 0
+            while sent < size and (chunk := f.read(min(CHUNK, size - sent))):
                 await ch.send_data(IMAGE_STREAM, chunk)
+                sent += len(chunk)
+        if sent != size:
+            raise OSError(f"{name} became shorter while it was sent")
         return size
 
     def _resume(self, job: Job, nice: int | None) -> None:
@@ -610,13 +653,11 @@ class Migrations:
             if not os.path.isdir(job.cwd):
                 raise JobError(f"node {self.d.name}: working directory {job.cwd} does not "
                                "exist")
-        except (JobError, KeyError, TypeError) as e:
+            images = self._images_dir(f"{job.id}.in")
+        except (JobError, KeyError, TypeError, ValueError) as e:
             self.d.balancer.release_hold()  # the room held for this move is free again
             await ch.send({"op": "refused", "reason": str(e)})
             return
-        images = self.images / f"{job.id}.in"
-        shutil.rmtree(images, ignore_errors=True)
-        images.mkdir(parents=True)
         home = jc.home.get(job.id) if job.home == jc.me else None
         if home is not None:
             # It comes home: its output is no longer taken in from the node it leaves.
@@ -653,16 +694,24 @@ class Migrations:
                         m = await ch.receive_msg()
                     op = m.get("op")
                     if op == "file":
-                        name = os.path.basename(str(m["name"]))
-                        await self._receive_file(ch, images / name, int(m["size"]))
+                        name = _image_name(m["name"])
+                        fd = open_private(str(images / name),
+                                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                        with os.fdopen(fd, "wb") as f:
+                            await self._receive_file(ch, f, name, int(m["size"]))
                     elif op == "sparse" and lazy:
-                        name = os.path.basename(str(m["name"]))
+                        name = _image_name(m["name"])
                         await self._receive_sparse(ch, images / name, m["size"], m["runs"])
                     elif op == "spool":
                         stream = int(m["name"])
                         if stream not in (STDOUT, STDERR):
                             raise ChannelError("bad spool stream")
-                        await self._receive_file(ch, jc.spool.path(job.id, stream), int(m["size"]))
+                        # put in place whole: at the home, readers of the output read the
+                        # spool meanwhile (the same bytes, and more)
+                        with jc.spool.replacing(job.id, stream) as fd, \
+                                os.fdopen(os.dup(fd), "wb") as f:
+                            await self._receive_file(ch, f, STREAM_FILES[stream],
+                                                     int(m["size"]))
                     elif op == "restore" and lazy and m.get("lazy") is True:
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
                         await self._restore_lazy(job, ch, images, spool_dir, dict(m["paths"]),
@@ -719,29 +768,19 @@ class Migrations:
         job.offsets.update(self.jc.spool.ends(job.id))
         self.jc._nursery().start_soon(self.jc._follow, job, None)
 
-    async def _receive_file(self, ch: Channel, path: Path, size: int) -> None:
+    async def _receive_file(self, ch: Channel, f: Any, name: str, size: int) -> None:
+        """``size`` bytes from the channel into the open file ``f``."""
         got = 0
-        # written beside and put in place whole: at the home, readers of the output read
-        # the spool meanwhile (the same bytes, and more)
-        part = path.with_name(f".{path.name}.part")
-        try:
-            with open(part, "wb") as f:
-                while got < size:
-                    with trio.fail_after(STEP_TIMEOUT):
-                        item = await ch.receive(borrow=True)
-                    if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
-                        raise ChannelError("expected image data")
-                    f.write(item[1])
-                    got += len(item[1])
-            if got != size:
-                raise ChannelError(f"{path.name}: got {got} bytes of {size}")
-            if path.exists():
-                shutil.copymode(path, part)
-                st = path.stat()
-                os.chown(part, st.st_uid, st.st_gid)
-            os.replace(part, path)
-        finally:
-            part.unlink(missing_ok=True)
+        while got < size:
+            with trio.fail_after(STEP_TIMEOUT):
+                item = await ch.receive(borrow=True)
+            if not isinstance(item, tuple) or item[0] != IMAGE_STREAM:
+                raise ChannelError("expected image data")
+            f.write(item[1])
+            got += len(item[1])
+        if got != size:
+            raise ChannelError(f"{name}: got {got} bytes of {size}")
+        f.flush()
 
     async def _receive_sparse(self, ch: Channel, path: Path, size: Any, runs: Any) -> None:
         """A file of ``size`` bytes of which only ``runs`` (offset, length) come."""
@@ -755,7 +794,8 @@ class Migrations:
             if offset < end or length < 0 or offset + length > size:
                 raise ChannelError(f"{path.name}: parts out of order or past its end")
             end = offset + length
-        with open(path, "wb") as f:
+        with os.fdopen(open_private(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                       "wb") as f:
             f.truncate(size)
             for offset, length in parts:
                 got = 0
@@ -834,9 +874,7 @@ class Migrations:
 
     async def _restore(self, job: Job, images: Path, spool_dir: Path,
                        paths: dict[str, str], lazy: bool = False) -> int:
-        fds = [os.open(spool_dir / "stdout", os.O_WRONLY | os.O_APPEND),
-               os.open(spool_dir / "stderr", os.O_WRONLY | os.O_APPEND),
-               os.open(spool_dir / "status", os.O_RDWR | os.O_CREAT, 0o600)]
+        fds = self.jc.spool.job_files(job.id)  # the restored job writes through these
         try:
             inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
                        Inherit(paths["status"], fds[2])]
@@ -883,9 +921,15 @@ class Migrations:
             self.d.jobs_changed()  # it ended or left
 
     def _mark(self, job: Job, target: int, nice: int | None) -> None:
+        data = json.dumps({"target": target, "nice": nice}).encode()
         try:
-            self.marks.mkdir(exist_ok=True)
-            (self.marks / job.id).write_text(json.dumps({"target": target, "nice": nice}))
+            top = private_dir(self.marks)
+            try:
+                fd = open_private(job.id, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, top)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            finally:
+                os.close(top)
         except OSError as e:  # the move goes on; only a restart in its middle would miss it
             log.warning("job %s: cannot note its move in %s: %s", job.id, self.marks,
                         e.strerror)
@@ -904,8 +948,13 @@ class Migrations:
         except OSError:
             return found
         for f in entries:
+            if not is_job_id(f.name):
+                log.warning("%s: not a move note of this daemon; left alone", f)
+                continue
             try:
-                mark = json.loads(f.read_text())
+                fd = open_private(str(f), os.O_RDONLY)
+                with os.fdopen(fd, "rb") as r:
+                    mark = json.loads(r.read(4096))
                 found[f.name] = {"target": int(mark["target"]), "nice": mark.get("nice")}
             except (OSError, ValueError, TypeError, KeyError):
                 log.warning("unreadable move note %s; removed", f)
@@ -963,6 +1012,17 @@ class Migrations:
 #: the daemon would end lazy-pages, and the job would then read zeros for pages not yet
 #: there.  Told "done" when the job is taken or already killed.
 GUARD = 'read -r word; [ "$word" = done ] || kill -KILL "$0"'
+
+
+def _image_name(name: Any) -> str:
+    """The name of an image file a peer sends: a plain name in the images directory,
+    never a path, nothing hidden, nothing of the daemon's own (ChannelError otherwise)."""
+    if not isinstance(name, str) or not _IMAGE_NAME.fullmatch(name):
+        raise ChannelError(f"bad image file name {str(name)[:40]!r}")
+    return name
+
+
+_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
 
 def _reap(pid: int) -> None:

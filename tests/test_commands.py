@@ -35,8 +35,11 @@ def test_parse_accepts_case_quotes_and_json():
     assert p.command.name == "nodes" and p.json
     p = parse("log DEBUG")
     assert p.args == {"level": "debug"}
-    p = parse("node 'my node'")
-    assert p.args == {"node": "my node"}
+    p = parse("node 'my-node'")
+    assert p.args == {"node": "my-node"}
+    with pytest.raises(ParseError) as e:  # not a node name (omuscd.ids)
+        parse("node 'my node'")
+    assert e.value.code == 401
     assert parse("   ") is None
 
 

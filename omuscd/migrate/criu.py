@@ -35,6 +35,9 @@ MIN_MAJOR = 4
 #: Where CRIU keeps what it found out about the kernel (KDAT_RUNDIR, fixed at its build).
 KDAT_DIR = Path("/run")
 KDAT_NAME = "criu.kdat"
+#: What CRIU writes (images: a job's memory; logs) is for no one but the daemon.  A
+#: restored job gets its own umask back from its images.
+PRIVATE_UMASK = 0o077
 # CRIU reads the cache from KDAT_DIR whatever the filesystem, but writes it only to a
 # tmpfs (so that a reboot into another kernel drops it).  Here it is probed in a private
 # mount namespace with a tmpfs over /run, and the result copied out.
@@ -271,12 +274,13 @@ class Criu:
         # restore_signals=False: CRIU keeps this daemon's SIGPIPE ignored, so a page stream
         # cut under a dump is an error it handles (resuming the job), not its death.
         # Real-time while the job is frozen: see omuscd.priority.
-        with open(said, "wb") as out:
+        with open(said, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
             async with trio.open_nursery() as nursery:
                 proc = await nursery.start(functools.partial(
                     trio.run_process, [self.path, *args], check=False,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    pass_fds=pass_fds, restore_signals=False, env=rootexec.HELPER_ENV))
+                    pass_fds=pass_fds, restore_signals=False, env=rootexec.HELPER_ENV,
+                    umask=PRIVATE_UMASK))
                 make_realtime(proc.pid, cpus)
         if proc.returncode != 0:
             kept = self.keep_log(logfile, args[0])
@@ -293,6 +297,7 @@ class Criu:
         dest = self.keep_logs / f"criu-{what}-failed.log"
         try:
             shutil.copyfile(logfile, dest)
+            os.chmod(dest, 0o600)  # it tells of another user's job
         except OSError:
             return ""
         return f" (full log: {dest})"
@@ -348,7 +353,7 @@ class Criu:
             proc = await trio.lowlevel.open_process(
                 [self.path, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"],
                 pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, env=rootexec.HELPER_ENV)
+                stderr=subprocess.DEVNULL, env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
         finally:
             os.close(w)
         ready = trio.lowlevel.FdStream(r)
