@@ -327,3 +327,110 @@ def test_ctl_exit_codes(trio_nodes, workdir):
     r = subprocess.run([*run[:-1], str(workdir / "none.sock"), "status"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "cannot talk" in r.stderr
+
+
+# ------------------------------------------------------------------ bounds, the state lock
+# Addresses 127.0.0.41.. belong to this block.  Every start here runs under a 1 GB address
+# space limit: a CPU list expanded before it is checked must fail, not eat the machine.
+def limited_run(args: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(omuscd_command(args), capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)
+
+
+NON_FINITE = ["nan", "NaN", "inf", "-inf", "1e400"]
+
+
+def test_set_refuses_non_finite_numbers_and_the_daemon_lives_on(workdir, key, reaper):
+    d = start_daemon("setnan", base("127.0.0.41", key), workdir)
+    reaper.append(d)
+    before = d.json("get")
+    for name in ("gossip_interval", "dead_timeout", "load_interval", "balance_interval",
+                 "reclaim_above", "max_clock_skew"):
+        for value in NON_FINITE:
+            r = d.ctl(f"set {name} {value}")
+            assert 400 <= r.code < 500, (name, value, r)
+            assert name in r.text and value in r.text and "allowed" in r.text, r.text
+    for name, value in (("gossip_window", "1e400"), ("post_copy_mb", "9" * 39),
+                        ("gossip_window", "nan"), ("post_copy_mb", "-1")):
+        r = d.ctl(f"set {name} {value}")
+        assert 400 <= r.code < 500 and name in r.text and "allowed" in r.text, r
+    time.sleep(2)  # ten gossip rounds: a NaN interval crashed the daemon within seconds
+    assert d.alive() and d.json("get") == before
+    assert d.ctl("nodes").code == 200
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--gossip-interval", "nan"], "gossip_interval: 'nan' is not a finite number"),
+    (["--dead-timeout", "NaN"], "dead_timeout: 'NaN' is not a finite number"),
+    (["--reclaim-above", "inf"], "reclaim_above: 'inf' is not a finite number"),
+    (["--balance-threshold", "nan"], "allowed: 0.1..100"),
+    (["--port", "1e400"], "port: '1e400' is not an integer"),
+    (["--cpus", "0-99999999999"], "above the maximum 8191"),
+])
+def test_non_finite_switches_exit_2_naming_the_parameter(workdir, args, msg):
+    r = limited_run(base("127.0.0.42", None, *args, "--state-dir", str(workdir)))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert msg in r.stderr and "allowed" in r.stderr
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("gossip_interval = nan\n", "gossip_interval: 'nan' is not a finite number"),
+    ("load_interval = inf\n", "load_interval: 'inf' is not a finite number"),
+    ("dead_timeout = -inf\n", "dead_timeout: '-inf' is not a finite number"),
+    ("port = 99999999999999999999999\n", "above the maximum 65535"),
+    ("gossip_window = 1e400\n", "gossip_window: 'inf' is not an integer"),
+    ('cpus = "0-99999999999"\n', "above the maximum 8191"),
+    ('cpus = "0-4,7-99999999999999999999"\n', "above the maximum 8191"),
+])
+def test_non_finite_or_huge_file_values_exit_2(workdir, text, msg):
+    conf = workdir / "bad.toml"
+    conf.write_text(text)
+    r = limited_run(base("127.0.0.43", None, "--config", str(conf), "--state-dir",
+                         str(workdir / "s")))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(conf) in r.stderr and msg in r.stderr and "allowed" in r.stderr
+
+
+def test_non_utf8_config_file_exits_2_naming_it(workdir):
+    conf = workdir / "latin1.toml"
+    conf.write_bytes(b"node_name = \"caf\xe9\"\n")
+    r = limited_run(base("127.0.0.44", None, "--config", str(conf), "--state-dir",
+                         str(workdir / "s")))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"config file {conf}: not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
+    conf = workdir / "omuscd.toml"
+    conf.write_text("gossip_window = 8\n")
+    d = start_daemon("hupbad", base("127.0.0.45", key, "--config", str(conf)), workdir)
+    reaper.append(d)
+    before = d.json("get")
+    bad_files = [
+        b"gossip_window = 4\ngossip_interval = nan\n",
+        b"gossip_window = 4\nload_interval = inf\n",
+        b"gossip_window = 4\ncpus = \"0-99999999999\"\n",
+        b"gossip_window = 4\n# caf\xe9\n",
+        b"gossip_window = 4\ngossip_interval = 5\n",  # suspect_timeout 1.5 < 2 * 5
+    ]
+    for n, data in enumerate(bad_files, 1):
+        conf.write_bytes(data)
+        d.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda n=n: d.log().count("configuration left as it was") == n, 5,
+                 f"bad reload {n} refused")
+        assert d.alive() and d.json("get") == before, data
+    log = d.log()
+    assert "gossip_interval: 'nan' is not a finite number" in log and "not UTF-8" in log
+    assert str(conf) in log
+    time.sleep(1)
+    assert d.alive() and d.ctl("nodes").code == 200
+    # a good file still takes, several values at once
+    conf.write_text("gossip_window = 4\ngossip_interval = 0.5\nsuspect_timeout = 2\n")
+    d.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.json("get")["gossip_window"] == 4, 5, "good reload")
+    assert d.json("get")["suspect_timeout"] == 2.0
