@@ -434,3 +434,32 @@ def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
     d.popen.send_signal(signal.SIGHUP)
     wait_for(lambda: d.json("get")["gossip_window"] == 4, 5, "good reload")
     assert d.json("get")["suspect_timeout"] == 2.0
+
+
+def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
+    d = start_daemon("nanins", base("127.0.0.46", None, "--insecure"), workdir)
+    reaper.append(d)
+    before = d.json("status")["packets"]["malformed"]
+    forger = wire.Codec(None, 77, 5, 1)
+    now = time.time()
+    bad = [
+        forger.encode(wire.HELLO, {"entry": {**fake_entry(77), "load": float("nan")}}, now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "mem": float("inf")}]},
+                      now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "speed": 1e308 * 10}]},
+                      now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "util": -1.0}]}, now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "jobs": -5}]}, now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "age": 10**400}]}, now),
+        forger.encode(wire.REQUEST, {"rid": 1, "pressure": float("nan"), "cpus": 1}, now),
+    ]
+    send_datagrams("127.0.0.46", bad)
+    wait_for(lambda: d.json("status")["packets"]["malformed"] - before == len(bad), 3,
+             f"{len(bad)} malformed datagrams counted")
+    assert d.ctl("nodes").code == 200 and "fake77" not in d.nodes()
+    assert d.ctl("node fake77").code != 500
+    # the honest form of the same entry is taken: the drop was for the number alone
+    send_datagrams("127.0.0.46", [forger.encode(wire.HELLO, {"entry": fake_entry(77)},
+                                                time.time())])
+    wait_for(lambda: "fake77" in d.nodes(), 3, "the honest entry")
+    assert d.ctl("nodes").code == 200 and d.alive()
