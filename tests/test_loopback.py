@@ -463,3 +463,58 @@ def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
                                                 time.time())])
     wait_for(lambda: "fake77" in d.nodes(), 3, "the honest entry")
     assert d.ctl("nodes").code == 200 and d.alive()
+
+
+def test_second_daemon_on_a_state_dir_in_use_exits_4_touching_nothing(workdir, key, reaper):
+    first = start_daemon("lockd", base("127.0.0.47", key), workdir)
+    reaper.append(first)
+    state = first.state_dir
+    images = state / "images"
+    images.mkdir(exist_ok=True)
+    (images / "pages-1.img").write_bytes(b"a job's memory on its way")
+    sock_inode = os.stat(first.socket).st_ino
+    listing = sorted(p.name for p in state.iterdir())
+    # another address and ports: only the directory is shared
+    for extra in ([], ["--daemon", "--pidfile", str(workdir / "second.pid"),
+                       "--log-file", str(workdir / "second.log")]):
+        r = subprocess.run(omuscd_command([
+            "--address", "127.0.0.48", "--port", str(PORT + 7), "--control-bind",
+            "127.0.0.48", "--control-port", str(CTL + 7), "--key-file", key,
+            "--state-dir", str(state), *extra]), capture_output=True, text=True, timeout=20)
+        assert r.returncode == 4, r.stderr
+        assert f"state directory {state} is in use by another daemon" in r.stderr
+        assert f"pid {first.popen.pid}" in r.stderr
+        assert (images / "pages-1.img").read_bytes() == b"a job's memory on its way"
+        assert os.stat(first.socket).st_ino == sock_inode
+        assert sorted(p.name for p in state.iterdir()) == listing
+        assert first.alive() and first.ctl("version").code == 200
+    assert not (workdir / "second.pid").exists()
+
+
+def test_state_lock_survives_daemonizing(workdir, key):
+    state = workdir / "dm"
+    args = base("127.0.0.49", key, "--daemon", "--pidfile", str(workdir / "dm.pid"),
+                "--log-file", str(workdir / "dm.log"), "--state-dir", str(state))
+    r = subprocess.run(omuscd_command(args), capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    pid = int((workdir / "dm.pid").read_text())
+    try:
+        (state / "images").mkdir(exist_ok=True)
+        (state / "images" / "keep").write_text("x")
+        r = subprocess.run(omuscd_command(base("127.0.0.50", key, "--state-dir", str(state))),
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 4 and f"in use by another daemon (pid {pid})" in r.stderr
+        assert (state / "images" / "keep").read_text() == "x"
+    finally:
+        with client.ControlClient.unix(str(state / "control.sock")) as c:
+            assert c.command("shutdown").ok
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5, "the daemon to exit")
+    # the lock went with it: the directory can be used again
+    d = subprocess.Popen(omuscd_command(base("127.0.0.50", key, "--state-dir", str(state))),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: client.ControlClient.unix(str(state / "control.sock")).command(
+            "version").ok, 10, "a new daemon on the freed directory")
+    finally:
+        d.terminate()
+        d.wait(10)
