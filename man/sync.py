@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omuscd.commands import COMMANDS
-from omuscd.config import PARAMS
+from omuscd.config import PARAMS, format_number
 
 MAN = Path(__file__).resolve().parent
 KINDS = {"str": "string", "int": "integer", "float": "number (seconds)", "bool": "boolean",
@@ -53,7 +53,7 @@ def options() -> str:
         if p.kind == "bool" and p.default:
             text += ". Default: on"
         if p.lo is not None:
-            text += f"; range {p.lo:g} to {p.hi:g}"
+            text += f"; range {format_number(p.lo)} to {format_number(p.hi)}"
         if p.runtime:
             text += "; a tunable (set/get, reread on SIGHUP)"
         out += [".TP", head, esc(text) + "."]
@@ -69,7 +69,7 @@ def keys() -> str:
         if p.default not in (None, []):
             text += f". Default: {str(p.default).lower() if p.kind == 'bool' else p.default}"
         if p.lo is not None:
-            text += f"; range {p.lo:g} to {p.hi:g}"
+            text += f"; range {format_number(p.lo)} to {format_number(p.hi)}"
         if p.choices:
             text += "; one of " + ", ".join(p.choices)
         if p.runtime:

@@ -343,7 +343,8 @@ class Balancer:
         if self.cfg.topology != "peer" or not self.cfg.balancing:
             return
         try:
-            rid, theirs, cpus = int(body["rid"]), float(body["pressure"]), int(body["cpus"])
+            rid, cpus = int(body["rid"]), int(body["cpus"])
+            theirs = wire.finite(body["pressure"])
         except (KeyError, TypeError, ValueError):
             raise wire.WireError("malformed", "bad balancing request") from None
         now = trio.current_time()
@@ -364,7 +365,7 @@ class Balancer:
 
     def on_offer(self, body: dict[str, Any], sender: int) -> None:
         try:
-            rid, after = int(body["rid"]), float(body["after"])
+            rid, after = int(body["rid"]), wire.finite(body["after"])
         except (KeyError, TypeError, ValueError):
             raise wire.WireError("malformed", "bad balancing offer") from None
         request = self.requests.get(rid)

@@ -6,6 +6,8 @@ parameter table in :mod:`omuscd.config`, so ``--help`` lists every one with its 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -37,7 +39,8 @@ ports, CPUs) and finds its peers by broadcast. Control it with
 
 EPILOG = f"""\
 exit status: 0 clean shutdown; 1 runtime failure (port in use, already running);
-2 usage or configuration error; 3 node id clash with an explicit --node-id.
+2 usage or configuration error; 3 node id clash with an explicit --node-id;
+4 the state directory is in use by another daemon (nothing in it was touched).
 omuscd ctl: 0 success, 1 no connection, 4 request refused (4xx), 5 failed (5xx).
 omuscd console: 0 quit, 1 no connection, 2 no terminal or usage error.
 
@@ -263,6 +266,47 @@ def _write_pidfile(path: str) -> None:
     os.replace(tmp, path)
 
 
+LOCK_FILE = "lock"
+
+
+class StateDirInUse(Exception):
+    """Another daemon holds the state directory's lock."""
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """Take the state directory for this daemon: an exclusive flock on STATE_DIR/lock,
+    held through the returned descriptor for the daemon's life (the kernel drops it when
+    the process ends, however it ends).  Taken before anything in the directory is read,
+    cleaned or written, so that a second daemon started on a directory in use leaves it
+    alone (one once deleted the first daemon's images/).  The file is opened without
+    following a link and is close-on-exec, so a job never inherits the lock."""
+    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StateDirInUse(f"state directory {state_dir} is in use by another daemon"
+                                f"{holder} (lock {path}); give each daemon a --state-dir "
+                                "of its own") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    """' (pid N)' from the lock file's content, for the message; '' if unreadable."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
 def _daemonize() -> int | None:
     """Double fork.  The original process waits on a pipe until the daemon says it is
     ready (or why it failed), so its exit status is the truth.  Returns the pipe's write
@@ -331,16 +375,29 @@ def run_daemon(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if cfg.daemon:
         ready_fd = _daemonize()
-    setup_logging(cfg)
-    log = logging.getLogger("omuscd")
 
     def report(code: int, text: str) -> None:
         if ready_fd is not None:
             os.write(ready_fd, f"{code} {text}".encode())
             os.close(ready_fd)
 
+    # the lock first, in the process that lives on (after the forks of --daemon): before
+    # the log file, the pid file or any clean-up can touch the directory
     try:
-        os.makedirs(cfg.state_dir, exist_ok=True)
+        state_lock = lock_state_dir(cfg.state_dir)
+    except StateDirInUse as e:
+        print(f"omuscd: {e}", file=sys.stderr)
+        report(exitcodes.STATE_IN_USE, str(e))
+        return exitcodes.STATE_IN_USE
+    except OSError as e:
+        print(f"omuscd: cannot lock the state directory {cfg.state_dir}: {e.strerror}",
+              file=sys.stderr)
+        report(EXIT_FAILURE, f"cannot lock the state directory {cfg.state_dir}: {e.strerror}")
+        return EXIT_FAILURE
+    setup_logging(cfg)
+    log = logging.getLogger("omuscd")
+
+    try:
         if cfg.daemon:
             _write_pidfile(cfg.pidfile)
     except OSError as e:
@@ -371,4 +428,5 @@ def run_daemon(args: argparse.Namespace) -> int:
                 os.unlink(cfg.pidfile)
             except OSError:
                 pass
+        os.close(state_lock)  # the last thing: the directory is free for the next daemon
     return code

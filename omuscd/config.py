@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterable
@@ -28,6 +30,17 @@ from omuscd.paths import (
 
 log = logging.getLogger("omuscd.config")
 
+#: The highest CPU number a CPU list may name: Linux's largest NR_CPUS (CONFIG_MAXSMP) is
+#: 8192.  Checked on each range before it is expanded, so that ``0-99999999999`` is an
+#: error rather than a list of 10^11 numbers (it once took 23 GB before the kernel's OOM
+#: killer ended the daemon).
+MAX_CPU = 8191
+#: A config file larger than this is not one (a mistaken --config /dev/zero must not
+#: fill the daemon's memory, at start or on SIGHUP).
+MAX_CONFIG_BYTES = 1 << 20
+#: Entries of a list parameter (``peer``).
+MAX_LIST = 1024
+_CPU_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
 class ConfigError(Exception):
@@ -36,22 +49,27 @@ class ConfigError(Exception):
 
 # --------------------------------------------------------------------------- parsers
 def parse_cpu_list(text: str) -> list[int]:
-    """Parse a Linux CPU list (``0,2-3``) into sorted unique CPU numbers."""
+    """Parse a Linux CPU list (``0,2-3``) into sorted unique CPU numbers.
+
+    Every number is checked against :data:`MAX_CPU` before a range is expanded, so the
+    work and memory spent are bounded by the machine's possible CPUs, not by the text."""
     cpus: set[int] = set()
     for part in str(text).split(","):
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            lo_s, hi_s = part.split("-", 1)
-            lo, hi = int(lo_s), int(hi_s)
-            if lo > hi:
-                raise ValueError(f"bad CPU range {part!r}")
-            cpus.update(range(lo, hi + 1))
-        else:
-            cpus.add(int(part))
-    if not cpus or min(cpus) < 0:
-        raise ValueError(f"bad CPU list {text!r}")
+        m = _CPU_PART.fullmatch(part)
+        if m is None:
+            raise ValueError(f"bad CPU list item {part[:40]!r} (want N or N-M)")
+        lo_s, hi_s = m.group(1), m.group(2) or m.group(1)
+        if max(len(lo_s), len(hi_s)) > 5 or int(hi_s) > MAX_CPU or int(lo_s) > MAX_CPU:
+            raise ValueError(f"CPU number in {part[:40]!r} is above the maximum {MAX_CPU}")
+        lo, hi = int(lo_s), int(hi_s)
+        if lo > hi:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(lo, hi + 1))
+    if not cpus:
+        raise ValueError(f"bad CPU list {str(text)[:40]!r}")
     return sorted(cpus)
 
 
@@ -124,45 +142,95 @@ class Param:
         return "--" + self.name.replace("_", "-")
 
     def convert(self, value: Any) -> Any:
-        """Convert and bound-check ``value`` (from a switch, the file or ``set``)."""
+        """Convert and bound-check ``value`` (from a switch, the file or ``set``).
+
+        A number must be finite (NaN passes every ``<`` test, so it would slip through
+        the bounds below and crash the daemon later) and within ``lo..hi``; the error
+        names the parameter, the value and the allowed range."""
         if value is None or (self.default is None and self.kind in ("int", "float")
                              and str(value).lower() in ("off", "none")):
             if self.default is None:
                 return None  # an optional value, switched off
         try:
             if self.kind == "int":
-                if isinstance(value, bool):
-                    raise ValueError("not an integer")
-                v: Any = int(value)
+                v: Any = _int(value)
             elif self.kind == "float":
-                if isinstance(value, bool):
-                    raise ValueError("not a number")
-                v = float(value)
+                v = _float(value)
             elif self.kind == "bool":
                 v = _bool(value)
             elif self.kind == "list":
                 v = [str(x) for x in value] if isinstance(value, list) else [str(value)]
+                if len(v) > MAX_LIST:
+                    raise ValueError(f"more than {MAX_LIST} entries")
             elif self.kind == "cpus":
                 v = parse_cpu_list(value) if value is not None else None
             else:
                 v = None if value is None else str(value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{self.name}: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(f"{self.name}: {e}{self._allowed()}") from None
         if self.kind in ("int", "float"):
             if self.lo is not None and v < self.lo:
-                raise ConfigError(f"{self.name}: {v} is below the minimum {self.lo:g}")
+                raise ConfigError(f"{self.name}: {v} is below the minimum "
+                                  f"{format_number(self.lo)}{self._allowed()}")
             if self.hi is not None and v > self.hi:
-                raise ConfigError(f"{self.name}: {v} is above the maximum {self.hi:g}")
+                raise ConfigError(f"{self.name}: {v} is above the maximum "
+                                  f"{format_number(self.hi)}{self._allowed()}")
         if self.choices and v not in self.choices:
             raise ConfigError(f"{self.name}: {v!r} is not one of {', '.join(self.choices)}")
         return v
 
+    def _allowed(self) -> str:
+        text = self.bounds_text()
+        return f" (allowed: {text})" if text else ""
+
     def bounds_text(self) -> str:
         if self.choices:
             return "|".join(self.choices)
+        if self.kind == "cpus":
+            return f"a CPU list such as 0,2-3 with CPUs 0..{MAX_CPU}"
         if self.lo is not None or self.hi is not None:
-            return f"{self.lo:g}..{self.hi:g}"
+            off = " or off" if self.default is None else ""
+            return f"{format_number(self.lo)}..{format_number(self.hi)}{off}"
         return ""
+
+
+def format_number(x: float | None) -> str:
+    """A bound as people write it: 4294967294, not 4.29497e+09."""
+    if x is None:
+        return "unbounded"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _int(value: Any) -> int:
+    """An integer from a switch, the file or ``set``: no booleans, no fractions, no
+    digits beyond what any parameter could need."""
+    if isinstance(value, bool):
+        raise ValueError("not an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{str(value)!r} is not an integer")
+        return int(value)
+    if isinstance(value, str) and len(value.strip()) > 40:
+        raise ValueError(f"{value[:20]!r}... is not an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{str(value)[:40]!r} is not an integer") from None
+
+
+def _float(value: Any) -> float:
+    """A finite number: 'nan', 'inf' and '1e400' (infinite once parsed) are refused."""
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    if isinstance(value, str) and len(value.strip()) > 40:
+        raise ValueError(f"{value[:20]!r}... is not a number")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"{str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{str(value)[:40]!r} is not a finite number")
+    return v
 
 
 AUTO = "auto"
@@ -312,15 +380,21 @@ class Config:
         param = PARAM_BY_NAME.get(name)
         if param is None:
             raise ConfigError(f"no such parameter: {name}")
-        v = param.convert(value)
-        old = self.values.get(name)
-        self.values[name] = v
-        try:
-            check_consistency(self)
-        except ConfigError:
-            self.values[name] = old
-            raise
-        return v
+        return self.set_many({name: value})[name]
+
+    def set_many(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Set several parameters at once (a reread file): all are converted and the result
+        checked as a whole before any takes effect, so a bad value changes nothing and
+        values that must move together (gossip_interval and suspect_timeout) can."""
+        converted = {}
+        for name, value in changes.items():
+            param = PARAM_BY_NAME.get(name)
+            if param is None:
+                raise ConfigError(f"no such parameter: {name}")
+            converted[name] = param.convert(value)
+        check_consistency(Config(values={**self.values, **converted}))
+        self.values.update(converted)
+        return converted
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.values)
@@ -352,9 +426,18 @@ def read_toml(path: str) -> dict[str, Any]:
     typo never silently leaves a default in place."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes; "
+                          "not a configuration file")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{data[e.start]:02x} "
+                          f"on line {line}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     out: dict[str, Any] = {}
@@ -362,8 +445,11 @@ def read_toml(path: str) -> dict[str, Any]:
         name = key.replace("-", "_")
         param = PARAM_BY_NAME.get(name)
         if param is None or not param.in_file:
-            raise ConfigError(f"config file {path}: unknown key {key!r}")
-        out[name] = param.convert(value)
+            raise ConfigError(f"config file {path}: unknown key {key[:40]!r}")
+        try:
+            out[name] = param.convert(value)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
     return out
 
 

@@ -410,11 +410,11 @@ class Daemon:
         sd_notify("RELOADING=1")
         try:
             values = read_toml(path)
+            changed = {name: value for name, value in values.items()
+                       if name in TUNABLES and self.cfg.values.get(name) != value}
+            self.set_tunables(changed)  # all or nothing
             for name, value in values.items():
-                if name in TUNABLES:
-                    if self.cfg.values.get(name) != value:
-                        self.set_tunable(name, value)
-                elif self.cfg.values.get(name) != value:
+                if name not in TUNABLES and self.cfg.values.get(name) != value:
                     log.warning("SIGHUP: %s changed in %s; it takes effect at restart",
                                 name, path)
         except ConfigError as e:
@@ -427,13 +427,18 @@ class Daemon:
                 "package": __version__}
 
     def set_tunable(self, name: str, value: Any) -> Any:
-        v = self.cfg.set(name, value)
+        return self.set_tunables({name: value})[name]
+
+    def set_tunables(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change tunables together; ConfigError (and nothing changed) if any is bad."""
+        values = self.cfg.set_many(changes)
         self.members.timing = self._timing()
         self.codec.max_skew = self.cfg.max_clock_skew
-        self.publish([Event("config", f"{name} set to {v}", {"key": name, "value": v})])
-        if self._retime is not None:
+        self.publish([Event("config", f"{name} set to {v}", {"key": name, "value": v})
+                      for name, v in values.items()])
+        if values and self._retime is not None:
             self._retime.set()
-        return v
+        return values
 
     def set_topology(self, role: str) -> str:
         self.cfg.values["topology"] = role

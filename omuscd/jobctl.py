@@ -490,11 +490,7 @@ class JobControl:
             if isinstance(msg, tuple):
                 stream, data = msg
                 if stream in (STDOUT, STDERR):
-                    try:
-                        self.spool.append(job.id, stream, data)
-                    except OSError as e:  # refused (logged), or the disk is full
-                        log.warning("job %s: output from %s not kept here: %s", job.id,
-                                    job.node_name, e)
+                    self._append(job, stream, data)
                     job.offsets[stream] += len(data)
                     job.notify()
                 continue
@@ -508,10 +504,24 @@ class JobControl:
             elif op == "exit":
                 job.cpu = float(msg.get("cpu", job.cpu))
                 job.exit = msg.get("exit") or {"code": 0}
+                if job.cut and isinstance(job.exit, dict):  # cut here, at home
+                    job.exit.setdefault("cut", job.cut)
                 job.state, job.ended = EXITED, time.time()
                 job.notify()
                 self._finished(job)
                 return
+
+    def _append(self, job: Job, stream: int, data: bytes) -> None:
+        """Keep a remote job's output here.  A write that fails (a full state filesystem)
+        must not end the daemon: the job runs on, and its end tells the user that the
+        output is incomplete (Job.cut)."""
+        try:
+            self.spool.append(job.id, stream, data)
+        except OSError as e:
+            if not job.cut:
+                log.warning("job %s: cannot keep its output: %s", job.id, e.strerror or e)
+                job.cut = (f"cannot keep the job's output on node {self.d.name}: "
+                           f"{e.strerror or e}")
 
     def mark_lost(self, job: Job, reason: str) -> None:
         if job.state in FINAL:

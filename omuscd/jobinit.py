@@ -30,10 +30,15 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 
 
 def write_status(fd: int, status: dict) -> None:
+    """A status that cannot be written (a full filesystem) is left out: the daemon then
+    takes this init's exit status, which carries the command's."""
     data = json.dumps(status).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except OSError:
+        pass
 
 
 def read_env(fd: int) -> dict:

@@ -41,6 +41,12 @@ STDOUT, STDERR = 1, 2
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
 JOBINIT = str(Path(__file__).with_name("jobinit.py"))
 TAIL_MIN, TAIL_MAX = 0.01, 0.25  # seconds between looks at a job's output files
+#: Free bytes below which the filesystem of a job's spool counts as full.  The job writes
+#: its output itself, through descriptors it inherited, so only it sees ENOSPC; a write
+#: that did not fit fails after filling what was left, so a filesystem it cut short has
+#: less than one write's worth free afterwards (128 KiB: the largest buffer of cat and
+#: of most stdio).  Looked at when a burst of output stops and when the job ends.
+SPOOL_FULL_BELOW = 128 * 1024
 KEEP_EXITED = 1000  # finished records kept per node
 
 
@@ -98,6 +104,7 @@ class Job:
     run: int = 0  # this node's count of the job's stays here: only the current one ends it
     pid: int | None = None  # on the node running it: the job's init, seen from outside
     landed_at: float = field(default=0.0, repr=False)  # wall time it last arrived here
+    cut: str = ""  # why its output may be incomplete (a full state filesystem), else ""
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
     def new_stay(self) -> int:
@@ -751,14 +758,19 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any, run: int) -> bool:
     Cancellation (the daemon stopping) leaves the job running: it is not ours to kill."""
     generation = job.generation  # a rerun elsewhere makes this run history
     delay = TAIL_MIN
+    burst = False  # output grew since the last look at the free space
     while True:
         if job.pid is None and job.launcher is not None:  # a slow fork of unshare
             job.pid = init_pid(job.launcher)
         if _poll_sizes(job, spool):
             job.notify()
             delay = TAIL_MIN
+            burst = True
         else:
             delay = min(TAIL_MAX, delay * 2)
+            if burst:  # output stopped: because the filesystem is full?
+                burst = False
+                job.cut = job.cut or spool_full(spool, job)
         if poll() is not None:
             break
         with trio.move_on_after(delay):
@@ -782,9 +794,29 @@ async def watch(job: Job, spool: Spool, poll: Any, wait: Any, run: int) -> bool:
     if not job.exit:
         code = poll() or 0
         job.exit = {"signal": -code} if code < 0 else {"code": code}
+    job.cut = job.cut or spool_full(spool, job)
+    if job.cut and isinstance(job.exit, dict):  # travels home with the exit, and ends
+        job.exit["cut"] = job.cut  # 'omuscd run' with a status of its own
     job.state, job.ended = EXITED, time.time()
     job.notify()
     return True
+
+
+def spool_full(spool: Spool, job: Job) -> str:
+    """Why the job's output may be incomplete, or '': the filesystem of its spool has
+    less than :data:`SPOOL_FULL_BELOW` free for the job's user (root may use the blocks
+    a filesystem reserves).  One statvfs: cheap enough for every burst of output."""
+    try:
+        st = os.statvfs(spool.dir(job.id))
+    except OSError:
+        return ""
+    free = (st.f_bfree if job.owner.uid == 0 else st.f_bavail) * st.f_frsize
+    if free >= SPOOL_FULL_BELOW:
+        return ""
+    log.warning("job %s: the filesystem of %s is full (%d KiB free): its output may be "
+                "cut short", job.id, spool.root, free // 1024)
+    return (f"the state filesystem of node {job.node_name} ({spool.root}) is full "
+            f"({free // 1024} KiB free)")
 
 
 def _poll_sizes(job: Job, spool: Spool) -> bool:

@@ -37,6 +37,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 EXIT_LOST = 124  # the node running the job died: the job is lost
 EXIT_NOT_STARTED = 125  # the job could not be started (no such program, no node, refused)
 EXIT_DAEMON = 123  # the local daemon could not be reached or went away
+EXIT_OUTPUT_CUT = 122  # the job ended but its output is incomplete (a full state filesystem)
 
 
 def _connect(target: str | None) -> ControlClient:
@@ -47,7 +48,8 @@ RUN_DESCRIPTION = (
     "Run CMD on the node with the most room (or as placed), with your working directory, "
     "environment, user and groups; print its output as it comes, forward Ctrl-C, SIGTERM "
     "and SIGHUP to it, and exit with its status (128+N if signal N killed it; 124 if its "
-    "node died; 125 if it could not start; 123 if the local daemon went away). omuscd "
+    "node died; 125 if it could not start; 123 if the local daemon went away; 122 if its "
+    "output is incomplete because a state filesystem is full). omuscd "
     "assumes the same paths on every node.")
 
 
@@ -238,6 +240,11 @@ def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False,
                 if end.get("exit") and "error" in end["exit"]:
                     print(f"omuscd: job {end['job']} on {end['node']}: {end['text']}",
                           file=sys.stderr)
+                cut = (end.get("exit") or {}).get("cut")
+                if cut:  # never silently: say so, and exit with a status of our own
+                    print(f"omuscd: job {end['job']}: output incomplete: {cut} (the job "
+                          f"itself: {end['text'] or end['state']})", file=sys.stderr)
+                    return EXIT_OUTPUT_CUT
                 return int(end["status"])
     except (OSError, ConnectionError, ValueError, struct.error) as e:
         print(f"omuscd: lost the local daemon ({e}); the job runs on: 'omuscd attach {job}'",

@@ -180,9 +180,38 @@ class Codec:
         return Packet(header, body, signed)
 
 
+#: The largest integer a datagram may carry (boot ids and incarnations are below 2**63).
+MAX_WIRE_INT = 2**64
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # 1e400 parses as infinity
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return v
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 21:  # a sign and 20 digits: enough for 2**64
+        raise ValueError("integer too large")
+    v = int(text)
+    if abs(v) > MAX_WIRE_INT:
+        raise ValueError("integer too large")
+    return v
+
+
 def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The body as a dict, or None.  Python's JSON reader takes NaN, Infinity and numbers
+    too large for a double (as infinity) by default; a peer must not get them into the
+    node table, where a NaN load once made 'nodes' fail for an hour, so they make the
+    body malformed here, at the door, for every message type."""
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
+                          parse_float=_finite_float, parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
@@ -200,6 +229,19 @@ ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
     "flags": (list,),
 }
 ENTRY_STATUS = ("up", "left")
+#: The range of each numeric entry field, both ends included: what a real node can send,
+#: with room to spare.  Anything else (a negative count, a load of 10^300, an age that
+#: overflows a float when divided) drops the datagram as malformed.
+ENTRY_RANGES: dict[str, tuple[float, float]] = {
+    "id": (1, 2**32 - 1), "boot": (0, 2**63), "inc": (0, 2**63), "hb": (0, 2**63),
+    "age": (0, 2**53),  # milliseconds
+    "port": (1, 65535), "cpus": (0, 65536), "speed": (0, 10**7),  # MHz
+    "mem": (0, 2**40),  # MB
+    "load": (0, 10**6), "util": (0, 10**6), "runq": (0, 10**7), "jobs": (0, 10**7),
+}
+#: Longest text of each string field (characters).
+ENTRY_LENGTHS = {"name": 64, "addr": 15, "role": 16, "rel": 32, "st": 8}
+MAX_FLAG_LEN = 32
 
 
 def check_entry(e: Any) -> dict[str, Any]:
@@ -210,17 +252,34 @@ def check_entry(e: Any) -> dict[str, Any]:
         v = e.get(name)
         if not isinstance(v, types) or isinstance(v, bool):
             raise WireError("malformed", f"entry field {name!r} missing or of wrong type")
-    if e["st"] not in ENTRY_STATUS or not 1 <= e["id"] < 2**32 or e["age"] < 0:
+    for name, (lo, hi) in ENTRY_RANGES.items():
+        v = e[name]
+        if not lo <= v <= hi:  # False for NaN too
+            raise WireError("malformed", f"entry field {name!r} out of range")
+    for name, most in ENTRY_LENGTHS.items():
+        if len(e[name]) > most:
+            raise WireError("malformed", f"entry field {name!r} too long")
+    if e["st"] not in ENTRY_STATUS:
         raise WireError("malformed", "entry values out of range")
-    if not 1 <= e["port"] <= 65535 or len(e["name"]) > 64 or len(e["addr"]) > 15:
-        raise WireError("malformed", "entry values out of range")
-    if not all(isinstance(f, str) for f in e["flags"]) or len(e["flags"]) > 16:
+    if not all(isinstance(f, str) and len(f) <= MAX_FLAG_LEN for f in e["flags"]) \
+            or len(e["flags"]) > 16:
         raise WireError("malformed", "entry flags")
     moves = e.get("moves", [0, 0])  # optional: the jobs moved in and out since its start
     if not (isinstance(moves, list) and len(moves) == 2 and
             all(type(m) is int and 0 <= m < 2**53 for m in moves)):
         raise WireError("malformed", "entry field 'moves'")
     return e
+
+
+def finite(value: Any) -> float:
+    """A number from a peer's message as a finite float; WireError('malformed') for
+    anything else (a string such as "nan" too, which float() would take)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WireError("malformed", "not a number")
+    v = float(value)
+    if not math.isfinite(v):
+        raise WireError("malformed", "not a finite number")
+    return v
 
 
 def check_entries(body: dict[str, Any], key: str = "entries") -> list[dict[str, Any]]:

@@ -130,3 +130,117 @@ def test_secret_files_readable_by_others_are_refused(tmp_path):
     path.write_text("short")
     with pytest.raises(ConfigError, match="fewer than 16"):
         config.read_secret(str(path))
+
+
+# --------------------------------------------------------------------------- bounds
+# Every number from a switch, the file or 'set' must be finite and within its range: NaN
+# passes every '<' test, and 'set gossip_interval nan' once crashed the daemon in seconds.
+FLOATS = [p.name for p in config.PARAMS if p.kind == "float"]
+INTS = [p.name for p in config.PARAMS if p.kind == "int"]
+
+
+def test_every_numeric_parameter_has_both_bounds():
+    for p in config.PARAMS:
+        if p.kind in ("int", "float"):
+            assert p.lo is not None and p.hi is not None, p.name
+            assert p.lo <= p.hi, p.name
+
+
+@pytest.mark.parametrize("name", FLOATS)
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", "Infinity", "1e400", "-1e400",
+                                 float("nan"), float("inf")])
+def test_set_refuses_non_finite_floats_and_changes_nothing(name, bad):
+    cfg = config.merge({}, None)
+    before = dict(cfg.values)
+    with pytest.raises(ConfigError) as e:
+        cfg.set(name, bad)
+    msg = str(e.value)
+    assert msg.startswith(f"{name}: ") and "allowed: " in msg and "finite" in msg
+    assert cfg.values == before
+
+
+@pytest.mark.parametrize("name", INTS)
+@pytest.mark.parametrize("bad", ["nan", "inf", "1e400", "9" * 5000, str(2**70), 2**70,
+                                 float("inf"), 1.5, "-" + "9" * 30])
+def test_set_refuses_absurd_integers(name, bad):
+    cfg = config.merge({}, None)
+    before = dict(cfg.values)
+    with pytest.raises(ConfigError) as e:
+        cfg.set(name, bad)
+    assert str(e.value).startswith(f"{name}: ") and "allowed: " in str(e.value)
+    assert cfg.values == before
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("gossip_interval = nan\n", "gossip_interval: 'nan' is not a finite number"),
+    ("dead_timeout = inf\n", "dead_timeout: 'inf' is not a finite number"),
+    ("reclaim_above = -inf\n", "reclaim_above: '-inf' is not a finite number"),
+    ("transfer_rate = 1e400\n", "transfer_rate: 'inf' is not a finite number"),
+    ("port = inf\n", "port: 'inf' is not an integer"),
+    ("port = 123456789012345678901234567890\n", "port: 123456789012345678901234567890 is "
+     "above the maximum 65535"),
+    ("post_copy_mb = -99999999999999999999\n", "below the minimum 0"),
+    ("node_id = 99999999999\n", "above the maximum 4294967294"),
+])
+def test_toml_non_finite_and_huge_numbers_are_refused(tmp_path, text, msg):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.merge({}, str(f))
+    assert str(f) in str(e.value) and msg in str(e.value) and "allowed: " in str(e.value)
+
+
+@pytest.mark.parametrize("cpus", ["0-99999999999", "0-8192", "99999999999",
+                                  "0-" + "9" * 5000, "1-0x10", "0-3,+4", "\u0663"])
+def test_cpu_lists_are_bounded_before_they_are_expanded(tmp_path, cpus):
+    """Refused from the text, in a process limited to 512 MB and 20 s: building the list
+    first (10^11 numbers) once took 23 GB before the kernel killed the daemon."""
+    import resource
+    import subprocess
+    import sys
+
+    f = tmp_path / "c.toml"
+    f.write_text(f'cpus = "{cpus}"\n')
+    code = ("import sys; from omuscd import config\n"
+            "try:\n    config.merge({}, sys.argv[1])\n"
+            "except config.ConfigError as e:\n    print(e); sys.exit(2)\n")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+
+    r = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True,
+                       timeout=20, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr[-500:]
+    assert str(f) in r.stdout and "cpus: " in r.stdout and "(allowed: a CPU list" in r.stdout
+
+
+def test_largest_cpu_list_is_still_taken():
+    assert config.parse_cpu_list(f"0-{config.MAX_CPU}")[-1] == config.MAX_CPU
+
+
+def test_non_utf8_file_names_the_file(tmp_path):
+    f = tmp_path / "latin1.toml"
+    f.write_bytes(b"# caf\xe9\nport = 5000\n")
+    with pytest.raises(ConfigError) as e:
+        config.merge({}, str(f))
+    assert str(f) in str(e.value) and "not UTF-8" in str(e.value) and "line 1" in str(e.value)
+
+
+def test_huge_file_is_refused_without_reading_it_all(tmp_path):
+    f = tmp_path / "big.toml"
+    f.write_bytes(b"#" * (config.MAX_CONFIG_BYTES + 10))
+    with pytest.raises(ConfigError, match="larger than"):
+        config.merge({}, str(f))
+
+
+def test_set_many_is_all_or_nothing():
+    cfg = config.merge({}, None)
+    before = dict(cfg.values)
+    with pytest.raises(ConfigError):
+        cfg.set_many({"gossip_window": 8, "load_interval": "nan"})
+    with pytest.raises(ConfigError):
+        cfg.set_many({"gossip_interval": 2.0})  # suspect_timeout 3 < 2 * 2
+    assert cfg.values == before
+    # together they are consistent, though neither alone would be
+    assert cfg.set_many({"gossip_interval": 2.0, "suspect_timeout": 5.0, "dead_timeout": 9})
+    assert (cfg.gossip_interval, cfg.suspect_timeout) == (2.0, 5.0)

@@ -83,8 +83,10 @@ def test_every_reply_code_is_documented():
 
 def test_every_exit_status_is_documented():
     documented = {int(unroff(c)) for c in tagged(section("omuscd.8", "EXIT STATUS"))}
-    daemon_codes = {exitcodes.OK, exitcodes.FAILURE, exitcodes.USAGE, exitcodes.ID_CLASH}
-    run_codes = {runclient.EXIT_DAEMON, runclient.EXIT_LOST, runclient.EXIT_NOT_STARTED}
+    daemon_codes = {exitcodes.OK, exitcodes.FAILURE, exitcodes.USAGE, exitcodes.ID_CLASH,
+                    exitcodes.STATE_IN_USE}
+    run_codes = {runclient.EXIT_DAEMON, runclient.EXIT_LOST, runclient.EXIT_NOT_STARTED,
+                 runclient.EXIT_OUTPUT_CUT}
     assert documented == daemon_codes | run_codes
     ctl = unroff(section("omuscd.8", "EXIT STATUS"))
     for code in (exitcodes.CTL_NO_CONNECTION, exitcodes.CTL_REFUSED, exitcodes.CTL_FAILED):

@@ -538,3 +538,194 @@ def test_telnet_on_loopback_as_root_migrates_a_job():
         assert view["node_name"] == "b" and view["migrations"] == 1 and view["state"] == \
             "running"
         assert n["b"].ctl(f"kill {job}").code == 200
+
+
+# ------------------------------------------------------------------ bounds, the state lock
+# Addresses 127.0.0.41.. belong to this block.  Every start here runs under a 1 GB address
+# space limit: a CPU list expanded before it is checked must fail, not eat the machine.
+def limited_run(args: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(omuscd_command(args), capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)
+
+
+NON_FINITE = ["nan", "NaN", "inf", "-inf", "1e400"]
+
+
+def test_set_refuses_non_finite_numbers_and_the_daemon_lives_on(workdir, key, reaper):
+    d = start_daemon("setnan", base("127.0.0.41", key), workdir)
+    reaper.append(d)
+    before = d.json("get")
+    for name in ("gossip_interval", "dead_timeout", "load_interval", "balance_interval",
+                 "reclaim_above", "max_clock_skew"):
+        for value in NON_FINITE:
+            r = d.ctl(f"set {name} {value}")
+            assert 400 <= r.code < 500, (name, value, r)
+            assert name in r.text and value in r.text and "allowed" in r.text, r.text
+    for name, value in (("gossip_window", "1e400"), ("post_copy_mb", "9" * 39),
+                        ("gossip_window", "nan"), ("post_copy_mb", "-1")):
+        r = d.ctl(f"set {name} {value}")
+        assert 400 <= r.code < 500 and name in r.text and "allowed" in r.text, r
+    time.sleep(2)  # ten gossip rounds: a NaN interval crashed the daemon within seconds
+    assert d.alive() and d.json("get") == before
+    assert d.ctl("nodes").code == 200
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--gossip-interval", "nan"], "gossip_interval: 'nan' is not a finite number"),
+    (["--dead-timeout", "NaN"], "dead_timeout: 'NaN' is not a finite number"),
+    (["--reclaim-above", "inf"], "reclaim_above: 'inf' is not a finite number"),
+    (["--balance-threshold", "nan"], "allowed: 0.1..100"),
+    (["--port", "1e400"], "port: '1e400' is not an integer"),
+    (["--cpus", "0-99999999999"], "above the maximum 8191"),
+])
+def test_non_finite_switches_exit_2_naming_the_parameter(workdir, args, msg):
+    r = limited_run(base("127.0.0.42", None, *args, "--state-dir", str(workdir)))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert msg in r.stderr and "allowed" in r.stderr
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("gossip_interval = nan\n", "gossip_interval: 'nan' is not a finite number"),
+    ("load_interval = inf\n", "load_interval: 'inf' is not a finite number"),
+    ("dead_timeout = -inf\n", "dead_timeout: '-inf' is not a finite number"),
+    ("port = 99999999999999999999999\n", "above the maximum 65535"),
+    ("gossip_window = 1e400\n", "gossip_window: 'inf' is not an integer"),
+    ('cpus = "0-99999999999"\n', "above the maximum 8191"),
+    ('cpus = "0-4,7-99999999999999999999"\n', "above the maximum 8191"),
+])
+def test_non_finite_or_huge_file_values_exit_2(workdir, text, msg):
+    conf = workdir / "bad.toml"
+    conf.write_text(text)
+    r = limited_run(base("127.0.0.43", None, "--config", str(conf), "--state-dir",
+                         str(workdir / "s")))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(conf) in r.stderr and msg in r.stderr and "allowed" in r.stderr
+
+
+def test_non_utf8_config_file_exits_2_naming_it(workdir):
+    conf = workdir / "latin1.toml"
+    conf.write_bytes(b"node_name = \"caf\xe9\"\n")
+    r = limited_run(base("127.0.0.44", None, "--config", str(conf), "--state-dir",
+                         str(workdir / "s")))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"config file {conf}: not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
+    conf = workdir / "omuscd.toml"
+    conf.write_text("gossip_window = 8\n")
+    d = start_daemon("hupbad", base("127.0.0.45", key, "--config", str(conf)), workdir)
+    reaper.append(d)
+    before = d.json("get")
+    bad_files = [
+        b"gossip_window = 4\ngossip_interval = nan\n",
+        b"gossip_window = 4\nload_interval = inf\n",
+        b"gossip_window = 4\ncpus = \"0-99999999999\"\n",
+        b"gossip_window = 4\n# caf\xe9\n",
+        b"gossip_window = 4\ngossip_interval = 5\n",  # suspect_timeout 1.5 < 2 * 5
+    ]
+    for n, data in enumerate(bad_files, 1):
+        conf.write_bytes(data)
+        d.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda n=n: d.log().count("configuration left as it was") == n, 5,
+                 f"bad reload {n} refused")
+        assert d.alive() and d.json("get") == before, data
+    log = d.log()
+    assert "gossip_interval: 'nan' is not a finite number" in log and "not UTF-8" in log
+    assert str(conf) in log
+    time.sleep(1)
+    assert d.alive() and d.ctl("nodes").code == 200
+    # a good file still takes, several values at once
+    conf.write_text("gossip_window = 4\ngossip_interval = 0.5\nsuspect_timeout = 2\n")
+    d.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.json("get")["gossip_window"] == 4, 5, "good reload")
+    assert d.json("get")["suspect_timeout"] == 2.0
+
+
+def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
+    d = start_daemon("nanins", base("127.0.0.46", None, "--insecure"), workdir)
+    reaper.append(d)
+    before = d.json("status")["packets"]["malformed"]
+    forger = wire.Codec(None, 77, 5, 1)
+    now = time.time()
+    bad = [
+        forger.encode(wire.HELLO, {"entry": {**fake_entry(77), "load": float("nan")}}, now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "mem": float("inf")}]},
+                      now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "speed": 1e308 * 10}]},
+                      now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "util": -1.0}]}, now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "jobs": -5}]}, now),
+        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "age": 10**400}]}, now),
+        forger.encode(wire.REQUEST, {"rid": 1, "pressure": float("nan"), "cpus": 1}, now),
+    ]
+    send_datagrams("127.0.0.46", bad)
+    wait_for(lambda: d.json("status")["packets"]["malformed"] - before == len(bad), 3,
+             f"{len(bad)} malformed datagrams counted")
+    assert d.ctl("nodes").code == 200 and "fake77" not in d.nodes()
+    assert d.ctl("node fake77").code != 500
+    # the honest form of the same entry is taken: the drop was for the number alone
+    send_datagrams("127.0.0.46", [forger.encode(wire.HELLO, {"entry": fake_entry(77)},
+                                                time.time())])
+    wait_for(lambda: "fake77" in d.nodes(), 3, "the honest entry")
+    assert d.ctl("nodes").code == 200 and d.alive()
+
+
+def test_second_daemon_on_a_state_dir_in_use_exits_4_touching_nothing(workdir, key, reaper):
+    first = start_daemon("lockd", base("127.0.0.47", key), workdir)
+    reaper.append(first)
+    state = first.state_dir
+    images = state / "images"
+    images.mkdir(exist_ok=True)
+    (images / "pages-1.img").write_bytes(b"a job's memory on its way")
+    sock_inode = os.stat(first.socket).st_ino
+    listing = sorted(p.name for p in state.iterdir())
+    # another address and ports: only the directory is shared
+    for extra in ([], ["--daemon", "--pidfile", str(workdir / "second.pid"),
+                       "--log-file", str(workdir / "second.log")]):
+        r = subprocess.run(omuscd_command([
+            "--address", "127.0.0.48", "--port", str(PORT + 7), "--control-bind",
+            "127.0.0.48", "--control-port", str(CTL + 7), "--key-file", key,
+            "--state-dir", str(state), *extra]), capture_output=True, text=True, timeout=20)
+        assert r.returncode == 4, r.stderr
+        assert f"state directory {state} is in use by another daemon" in r.stderr
+        assert f"pid {first.popen.pid}" in r.stderr
+        assert (images / "pages-1.img").read_bytes() == b"a job's memory on its way"
+        assert os.stat(first.socket).st_ino == sock_inode
+        assert sorted(p.name for p in state.iterdir()) == listing
+        assert first.alive() and first.ctl("version").code == 200
+    assert not (workdir / "second.pid").exists()
+
+
+def test_state_lock_survives_daemonizing(workdir, key):
+    state = workdir / "dm"
+    args = base("127.0.0.49", key, "--daemon", "--pidfile", str(workdir / "dm.pid"),
+                "--log-file", str(workdir / "dm.log"), "--state-dir", str(state))
+    r = subprocess.run(omuscd_command(args), capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    pid = int((workdir / "dm.pid").read_text())
+    try:
+        (state / "images").mkdir(exist_ok=True)
+        (state / "images" / "keep").write_text("x")
+        r = subprocess.run(omuscd_command(base("127.0.0.50", key, "--state-dir", str(state))),
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 4 and f"in use by another daemon (pid {pid})" in r.stderr
+        assert (state / "images" / "keep").read_text() == "x"
+    finally:
+        with client.ControlClient.unix(str(state / "control.sock")) as c:
+            assert c.command("shutdown").ok
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5, "the daemon to exit")
+    # the lock went with it: the directory can be used again
+    d = subprocess.Popen(omuscd_command(base("127.0.0.50", key, "--state-dir", str(state))),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: client.ControlClient.unix(str(state / "control.sock")).command(
+            "version").ok, 10, "a new daemon on the freed directory")
+    finally:
+        d.terminate()
+        d.wait(10)

@@ -1,3 +1,4 @@
+import json
 import random
 import struct
 
@@ -149,3 +150,55 @@ def test_header_layout_is_the_documented_one():
     magic, version, mtype, flags, nid = struct.unpack_from(">4sHBBI", data)
     assert (magic, version, mtype, flags, nid) == (b"OMUS", 1, 4, 1, 5)
     assert wire.HEADER.size == 44 and len(data) == 44 + len(b"{}") + 32
+
+
+# --------------------------------------------------------------------------- bounds
+# A NaN load gossiped to an insecure node once made 'nodes' answer 500 for an hour: a
+# number that is not finite, or absurd for its field, drops the datagram at decode.
+def signed_body(a: Codec, raw: bytes, mtype: int = wire.GOSSIP) -> bytes:
+    """A datagram carrying ``raw`` as its body byte for byte (json.dumps would write NaN
+    as a bare NaN too, but a forger need not use it)."""
+    a.seq += 1
+    head = wire.HEADER.pack(wire.MAGIC, 1, mtype, wire.FLAG_SIGNED, 5, 77, 1, a.seq, NOW)
+    return head + raw + a._tag(head + raw)
+
+
+@pytest.mark.parametrize("field", ["load", "util", "speed", "mem", "cpus", "runq", "hb"])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_non_finite_numbers_in_an_entry_are_malformed(field, number):
+    a, b = pair()
+    good = json.dumps({"entries": [entry()]}).encode()
+    assert wire.check_entries(b.decode(signed_body(a, good), NOW).body) == [entry()]
+    bad = json.dumps({"entries": [entry(**{field: "@"})]}).encode().replace(
+        b'"@"', number.encode())
+    with pytest.raises(WireError, match="malformed"):
+        b.decode(signed_body(a, bad), NOW)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"rid": 1, "pressure": NaN, "cpus": 2}', b'{"rid": 1, "after": Infinity}',
+    b'{"rid": 1, "after": 1e999}', b'{"rid": 1' + b"0" * 30 + b', "after": 1}',
+])
+def test_non_finite_or_huge_numbers_in_any_body_are_malformed(raw):
+    a, b = pair()
+    with pytest.raises(WireError, match="malformed"):
+        b.decode(signed_body(a, raw, wire.REQUEST), NOW)
+
+
+@pytest.mark.parametrize("change", [
+    {"load": -0.5}, {"load": 1e300}, {"util": -1}, {"speed": -1}, {"speed": 1e12},
+    {"mem": -5}, {"mem": 2**62}, {"cpus": -1}, {"cpus": 10**9}, {"runq": -1},
+    {"jobs": -3}, {"jobs": 2**60}, {"hb": -1}, {"hb": 2**64}, {"inc": -1}, {"boot": -7},
+    {"age": 2**60}, {"role": "r" * 17}, {"rel": "1" * 33},
+    {"flags": ["f" * 33]}, {"load": float("nan")}, {"util": float("inf")},
+])
+def test_absurd_entry_values_are_malformed(change):
+    with pytest.raises(WireError, match="malformed"):
+        wire.check_entry(entry(**change))
+
+
+def test_finite_rejects_what_float_would_take():
+    assert wire.finite(2) == 2.0 and wire.finite(0.5) == 0.5
+    for bad in ("nan", "1.5", float("nan"), float("-inf"), True, None, [1]):
+        with pytest.raises(WireError, match="malformed"):
+            wire.finite(bad)
