@@ -17,7 +17,14 @@ import trio
 
 from omuscd.client import ControlClient
 from omuscd.migrate.criu import KDAT_DIR, KDAT_NAME, PRIVATE_CRIU, Criu, find_criu, fs_type
-from tests.cluster import can_netns, namespace_cluster, start_daemon, wait_for
+from tests.cluster import (
+    User,
+    can_netns,
+    namespace_cluster,
+    ordinary_user,
+    start_daemon,
+    wait_for,
+)
 
 
 def criu_problem() -> str | None:
@@ -62,7 +69,7 @@ print("after", hashlib.sha256(data).hexdigest(), flush=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    with namespace_cluster("ab", prefix=f"omm{os.getpid() % 10000}x",
+    with namespace_cluster("ab", prefix=f"omm{os.getpid() % 10000}x", open_to_all=True,
                            leftovers="omuscd-migration-test") as c:
         for d in c[3].values():
             assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
@@ -158,6 +165,68 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert view["cpu"] >= 0.75 * ref_cpu, (view["cpu"], ref_cpu)
     feed = n["a"].log()
     assert f"job {job} migrated to b: frozen" in feed and f"job {job} migrated to a" in feed
+
+
+def ids_and_caps(pid: int) -> tuple[set[int], set[int], int]:
+    """The uids and gids (real, effective, saved, fs) and effective capabilities of
+    ``pid``."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return ({int(x) for x in fields["Uid"]}, {int(x) for x in fields["Gid"]},
+            int(fields["CapEff"][0], 16))
+
+
+def user_job_runs_as_its_user(user: User, tag: str) -> None:
+    """Every process of the job has only the user's ids; the command has no capability,
+    its init only the two CRIU's parasite needs in it (see omuscd.jobinit.drop_init)."""
+    from omuscd.jobinit import KEPT_CAPS
+
+    command = job_processes(tag)
+    assert len(command) == 1, command
+    init = psutil.Process(command[0]).ppid()
+    assert "jobinit" in open(f"/proc/{init}/cmdline").read()
+    for pid, caps in ((init, KEPT_CAPS), (command[0], 0)):
+        assert ids_and_caps(pid) == ({user.uid}, {user.gid}, caps), (pid, ids_and_caps(pid))
+
+
+def test_an_ordinary_users_job_moves_there_and_back_byte_for_byte(cluster):
+    """An ordinary user's job moves post-copy and back pre-copy like root's: CRIU reads
+    every task's limits, which a root without CAP_SYS_RESOURCE (this machine's) may do
+    only with the task's real ids; a job whose init was root and whose command was the
+    user's could be dumped by no one ("Can't get rlimit 0: Operation not permitted")."""
+    _, _, _, n = cluster
+    count = "20000000"  # several seconds of CPU: it must not end during the moves
+    tag = "omuscd-migration-test-user"
+    argv = ["/usr/bin/python3", "-c", CHECKSUM, count]
+    with ordinary_user("mv") as user:
+        ref = user.run(argv)
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", *argv, tag))
+        job = job_of(n["a"], tag)
+        assert n["a"].json(f"job {job}")["owner"] == user.name
+        user_job_runs_as_its_user(user, tag)
+        time.sleep(1)
+        assert n["a"].ctl("set post_copy_mb 1").ok  # out post-copy
+        try:
+            there = n["a"].ctl(f"migrate {job} b")  # root moves it
+        finally:
+            n["a"].ctl("set post_copy_mb 128")
+        assert there.code == 200 and "migrated to b" in there.text, there
+        assert "(post-copy)" in frozen_line(n["a"], job)
+        assert n["a"].json(f"job {job}")["node_name"] == "b"
+        user_job_runs_as_its_user(user, tag)  # restored with its ids and capabilities
+        time.sleep(1)
+        back = user.run([user.python, "-m", "omuscd", "ctl", "--connect", n["b"].socket,
+                         "migrate", job, "home"])  # its owner brings it home
+        assert back.returncode == 0 and b"migrated to a" in back.stdout, back
+        assert "(memory streamed to the target)" in frozen_line(n["b"], job)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == ref.returncode == 0, err
+        assert out == ref.stdout and err == ref.stderr == b""
+        view = n["a"].json(f"job {job}")
+        assert view["migrations"] == 2 and view["state"] == "exited", view
 
 
 def test_a_job_coming_home_right_after_a_line_repeats_no_output(cluster):

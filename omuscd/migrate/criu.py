@@ -8,6 +8,13 @@ until the hand-over commits).  The job's output and status files are handed to C
 tracker handled here or around: PIDs clash unless the job has its own PID namespace (it
 does); files must exist at the same path on the target (the shared filesystem, and
 ``--inherit-fd`` for the spool); the session leader is inside the namespace (the job init).
+
+Another user's job is dumped by a root CRIU with that user's *real* uid and gid (``setpriv
+--ruid --rgid``; its effective ids and capabilities stay root's): CRIU reads every task's
+limits, which the kernel allows to a caller without CAP_SYS_RESOURCE (a container's root)
+only if its real ids are the task's; the job's init has become that user for this (see
+omuscd.jobinit.drop_init).  The user may signal that CRIU (they share its real uid): they
+can only spoil their own job's move, which a bounded dump turns into a resumed job.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 import psutil
 import trio
 
+from omuscd import proctab
 from omuscd.migrate import Inherit, MoveError
 from omuscd.priority import make_realtime
 from omuscd.proctab import tree
@@ -31,6 +39,13 @@ log = logging.getLogger("omuscd.migrate")
 #: Where ``tests/install-criu`` puts Debian 13's criu on a Debian 12 machine.
 PRIVATE_CRIU = "/var/cache/omuscd-criu/bin/criu"
 MIN_MAJOR = 4
+#: Changes only the real ids of the CRIU it runs (util-linux, like unshare).
+SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)),
+               None)
+#: How long a dump may take: this, plus a second for each DUMP_RATE bytes the job holds.
+#: Its user can stop a CRIU that has their real uid; the job resumes when this is over.
+DUMP_SECONDS = 60.0
+DUMP_RATE = 10 << 20
 #: Where CRIU keeps what it found out about the kernel (KDAT_RUNDIR, fixed at its build).
 KDAT_DIR = Path("/run")
 KDAT_NAME = "criu.kdat"
@@ -75,6 +90,26 @@ def _first_error(logfile: Path) -> str:
         return "no log"
     errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
     return (errors[0] if errors else (lines[-1] if lines else "no log")).strip()[:300]
+
+
+def real_ids(pid: int) -> tuple[int, int] | None:
+    """The real uid and gid of process ``pid`` (None if it is gone)."""
+    uid = gid = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if uid is None or gid is None else (uid, gid)
+
+
+def resident(pid: int) -> int:
+    """The bytes the processes of ``pid``'s tree hold in memory."""
+    return sum(p.rss for q in tree(pid) if (p := proctab.read(q)) is not None)
 
 
 class Criu:
@@ -259,20 +294,27 @@ class Criu:
         return self.cannot_move(pid)
 
     async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = (),
-                    cpus: set[int] | None = None) -> None:
+                    cpus: set[int] | None = None, prefix: tuple[str, ...] = (),
+                    limit: float = float("inf")) -> None:
+        """Run CRIU (after ``prefix``, a command that execs it); killed after ``limit``
+        seconds (MoveError)."""
         assert self.path is not None
         # what it prints, should it stop before logging (a .log: not sent with the images)
         said = logfile.with_name(f"{logfile.stem}-output.log")
         # restore_signals=False: CRIU keeps this daemon's SIGPIPE ignored, so a page stream
         # cut under a dump is an error it handles (resuming the job), not its death.
-        # Real-time while the job is frozen: see omuscd.priority.
-        with open(said, "wb") as out:
+        # Real-time while the job is frozen: see omuscd.priority.  A prefix execs CRIU, so
+        # the process made real-time is CRIU.
+        with open(said, "wb") as out, trio.move_on_after(limit) as bound:
             async with trio.open_nursery() as nursery:
                 proc = await nursery.start(functools.partial(
-                    trio.run_process, [self.path, *args], check=False,
+                    trio.run_process, [*prefix, self.path, *args], check=False,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     pass_fds=pass_fds, restore_signals=False))
                 make_realtime(proc.pid, cpus)
+        if bound.cancelled_caught:
+            kept = self.keep_log(logfile, args[0])
+            raise MoveError(f"criu {args[0]} took more than {limit:.0f}s: stopped{kept}")
         if proc.returncode != 0:
             kept = self.keep_log(logfile, args[0])
             cause = _first_error(logfile)
@@ -301,7 +343,38 @@ class Criu:
             cpus = os.sched_getaffinity(init_pid)
         except OSError:
             cpus = None
-        await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus)
+        limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
+        await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus,
+                         await self._as_owner(init_pid), limit)
+
+    async def _as_owner(self, init_pid: int) -> tuple[str, ...]:
+        """The prefix that runs CRIU with the real ids of the job whose init is
+        ``init_pid`` (see the module's doc); nothing for root's jobs."""
+        ids = real_ids(init_pid)
+        if ids is None or ids == (0, 0):
+            return ()
+        if SETPRIV is None:
+            raise MoveError("moving another user's job needs setpriv (util-linux)")
+        await self._features_known()
+        uid, gid = ids
+        return (SETPRIV, "--ruid", str(uid), "--rgid", str(gid), "--keep-groups", "--")
+
+    async def _features_known(self) -> None:
+        """Make sure CRIU's cache of the kernel's features exists: a CRIU whose real uid is
+        not root cannot probe them (creating namespaces), and another daemon on this
+        machine may have removed the cache it wrote.  A stat, unless it is missing."""
+        if (KDAT_DIR / KDAT_NAME).exists():
+            return
+        log.info("criu: %s is missing; probing the kernel's features again",
+                 KDAT_DIR / KDAT_NAME)
+        if fs_type(KDAT_DIR) not in ("tmpfs", ""):
+            await self.keep_features()
+            return
+        try:  # on a tmpfs CRIU keeps them itself, once it probed them as root
+            await trio.run_process([self.path, "check"], capture_stdout=True,  # type: ignore
+                                   capture_stderr=True, check=False)
+        except OSError as e:
+            log.info("criu: cannot probe the kernel's features: %s", e)
 
     async def page_server(self, images: Path, pages: int) -> trio.Process:
         """Start a page server that writes the pages of one dump, read from the connected
