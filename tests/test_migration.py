@@ -179,16 +179,17 @@ def ids_and_caps(pid: int) -> tuple[set[int], set[int], int]:
             int(fields["CapEff"][0], 16))
 
 
+INIT_CAPS = (1 << 1) | (1 << 21)  # CAP_DAC_OVERRIDE, CAP_SYS_ADMIN
+
+
 def user_job_runs_as_its_user(user: User, tag: str) -> None:
     """Every process of the job has only the user's ids; the command has no capability,
     its init only the two CRIU's parasite needs in it (see omuscd.jobinit.drop_init)."""
-    from omuscd.jobinit import KEPT_CAPS
-
     command = job_processes(tag)
     assert len(command) == 1, command
     init = psutil.Process(command[0]).ppid()
     assert "jobinit" in open(f"/proc/{init}/cmdline").read()
-    for pid, caps in ((init, KEPT_CAPS), (command[0], 0)):
+    for pid, caps in ((init, INIT_CAPS), (command[0], 0)):
         assert ids_and_caps(pid) == ({user.uid}, {user.gid}, caps), (pid, ids_and_caps(pid))
 
 
@@ -227,6 +228,63 @@ def test_an_ordinary_users_job_moves_there_and_back_byte_for_byte(cluster):
         assert out == ref.stdout and err == ref.stderr == b""
         view = n["a"].json(f"job {job}")
         assert view["migrations"] == 2 and view["state"] == "exited", view
+
+
+# As a user: send a signal to the first CRIU dump started from now on that runs with this
+# user's real uid (only the processes started since itself are looked at: a dump lasts a
+# fraction of a second, and it must be caught at its start)
+USER_SIGNALS_CRIU = r"""
+import os, sys
+def started(pid):  # in clock ticks since boot (pids wrap around: 32768 here)
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+me, first = str(os.getuid()), started("self")
+while True:
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or started(pid) < first:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if uid == me and b"dump" in cmd and any(a.endswith(b"/criu") for a in cmd):
+            os.kill(int(pid), int(sys.argv[1]))
+            sys.exit(0)
+"""
+
+
+def test_an_ordinary_user_can_only_spoil_the_move_of_their_own_job(cluster):
+    """The CRIU that dumps a user's job runs with that user's real uid (see
+    omuscd.migrate.criu), so the user may signal it: that fails this move only, and the
+    job runs on, intact, here; it moves after (and 'expel' sends it home)."""
+    _, _, _, n = cluster
+    tag = "omuscd-migration-test-spoil"
+    with ordinary_user("sp") as user:
+        flag = user.home / "go"
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", "/usr/bin/python3",
+                                     "-c", MEMORY, str(flag), tag))
+        assert p.stdout is not None
+        ready = p.stdout.readline().split()
+        job = job_of(n["a"], tag)
+        spoiler = user.popen(["/usr/bin/python3", "-c", USER_SIGNALS_CRIU,
+                              str(int(signal.SIGKILL))])
+        time.sleep(0.5)  # it scans /proc already
+        spoilt = n["a"].ctl(f"migrate {job} b")
+        assert spoiler.wait(5) == 0  # it found, and could kill, a dump with its real uid
+        assert spoilt.code == 500 and "job resumed here" in spoilt.text, spoilt
+        assert n["a"].json(f"job {job}")["state"] == "running"
+        moved = n["a"].ctl(f"migrate {job} b")
+        assert moved.code == 200 and "migrated to b" in moved.text, moved
+        expel = n["b"].ctl("expel")
+        assert expel.ok and f"job {job} migrated to a" in expel.text, expel
+        flag.touch()
+        out, err = p.communicate(timeout=60)
+        assert (p.returncode, err) == (0, b"")
+        assert out.split() == [b"after", ready[1]]
+        assert n["a"].json(f"job {job}")["migrations"] == 2
 
 
 def test_a_job_coming_home_right_after_a_line_repeats_no_output(cluster):

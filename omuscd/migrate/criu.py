@@ -112,6 +112,17 @@ def resident(pid: int) -> int:
     return sum(p.rss for q in tree(pid) if (p := proctab.read(q)) is not None)
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+async def _kill(proc: trio.Process) -> None:
+    """Stop a CRIU run that is cancelled: SIGKILL at once (a stopped CRIU would sit on a
+    SIGTERM; the tasks it froze go on when their tracer is gone)."""
+    proc.kill()
+
+
 class Criu:
     name = "criu"
 
@@ -120,7 +131,10 @@ class Criu:
         self.version = ""
         self.reason = "not checked yet"
         self.keep_logs = keep_logs  # where the log of a failed dump or restore is kept
-        self.kdat: tuple[Path, int] | None = None  # the feature cache written here (inode)
+        # the feature cache written here: where, and its identity (inode and time: an inode
+        # number alone is soon reused by another daemon's cache on this machine)
+        self.kdat: tuple[Path, tuple[int, int]] | None = None
+        self.kdat_data = b""  # its contents, to write it again should it go
         self.uffd = False  # the kernel lets CRIU restore lazily (post-copy)
 
     @property
@@ -205,29 +219,37 @@ class Criu:
             log.info("criu: cannot keep its kernel features (%s); it probes them at "
                      "every dump and restore", said[-1] if said else f"exit {r.returncode}")
             return
+        self.kdat_data = r.stdout
+        if not self._write_features(where):
+            return
+        log.info("criu: %s is not a tmpfs, where CRIU would keep what it knows of the "
+                 "kernel; probed once, kept in %s until this daemon stops", where,
+                 where / KDAT_NAME)
+
+    def _write_features(self, where: Path) -> bool:
+        """Put the probed feature cache where CRIU looks for it (atomically)."""
         dest = where / KDAT_NAME
         tmp = where / f".{KDAT_NAME}.omuscd-{os.getpid()}"
         try:
-            tmp.write_bytes(r.stdout)
+            tmp.write_bytes(self.kdat_data)
             os.chmod(tmp, 0o600)
             os.replace(tmp, dest)
-            self.kdat = (dest, dest.stat().st_ino)
+            self.kdat = (dest, _identity(dest))
         except OSError as e:
             tmp.unlink(missing_ok=True)
             log.info("criu: cannot write %s: %s", dest, e.strerror)
-            return
-        log.info("criu: %s is not a tmpfs, where CRIU would keep what it knows of the "
-                 "kernel; probed once, kept in %s until this daemon stops", where, dest)
+            return False
+        return True
 
     def close(self) -> None:
         """Remove the feature cache written at start, unless another daemon on this
         machine has written its own since."""
         if self.kdat is None:
             return
-        path, inode = self.kdat
+        path, identity = self.kdat
         self.kdat = None
         try:
-            if path.stat().st_ino == inode:
+            if _identity(path) == identity:
                 path.unlink()
         except OSError:
             pass
@@ -310,7 +332,7 @@ class Criu:
                 proc = await nursery.start(functools.partial(
                     trio.run_process, [*prefix, self.path, *args], check=False,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    pass_fds=pass_fds, restore_signals=False))
+                    pass_fds=pass_fds, restore_signals=False, deliver_cancel=_kill))
                 make_realtime(proc.pid, cpus)
         if bound.cancelled_caught:
             kept = self.keep_log(logfile, args[0])
@@ -365,10 +387,9 @@ class Criu:
         machine may have removed the cache it wrote.  A stat, unless it is missing."""
         if (KDAT_DIR / KDAT_NAME).exists():
             return
-        log.info("criu: %s is missing; probing the kernel's features again",
-                 KDAT_DIR / KDAT_NAME)
-        if fs_type(KDAT_DIR) not in ("tmpfs", ""):
-            await self.keep_features()
+        log.info("criu: %s is missing; writing it again", KDAT_DIR / KDAT_NAME)
+        if self.kdat_data:  # probed at start
+            self._write_features(KDAT_DIR)
             return
         try:  # on a tmpfs CRIU keeps them itself, once it probed them as root
             await trio.run_process([self.path, "check"], capture_stdout=True,  # type: ignore
