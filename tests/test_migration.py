@@ -191,6 +191,11 @@ def user_job_runs_as_its_user(user: User, tag: str) -> None:
     assert "jobinit" in open(f"/proc/{init}/cmdline").read()
     for pid, caps in ((init, INIT_CAPS), (command[0], 0)):
         assert ids_and_caps(pid) == ({user.uid}, {user.gid}, caps), (pid, ids_and_caps(pid))
+    # the user cannot look into the init, nor write to its memory: it holds capabilities
+    # they do not have (and changing uid made it non-dumpable)
+    for what, mode in (("environ", "rb"), ("mem", "r+b")):
+        tried = user.run(["/usr/bin/python3", "-c", f"open('/proc/{init}/{what}', '{mode}')"])
+        assert tried.returncode == 1 and b"PermissionError" in tried.stderr, tried
 
 
 def test_an_ordinary_users_job_moves_there_and_back_byte_for_byte(cluster):

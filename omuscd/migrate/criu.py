@@ -183,6 +183,7 @@ class Criu:
             return
         self.version = version
         self.reason = ""
+        self._check_wrapper()
         await self.keep_features()
         try:
             u = await trio.run_process([self.path, "check", "--feature", "uffd-noncoop"],
@@ -193,6 +194,20 @@ class Criu:
         if not self.uffd:
             log.info("criu: this kernel has no non-cooperative userfaultfd: jobs move with "
                      "their memory inside the freeze here (no post-copy)")
+
+    def _check_wrapper(self) -> None:
+        """Say so if CRIU is a shell script that gives up root when run with another real
+        uid (dash does, unless started with -p): other users' jobs would not move."""
+        try:
+            with open(self.path or "", "rb") as f:
+                first = f.readline(100).split()
+        except OSError:
+            return
+        if first[:1] in ([b"#!/bin/sh"], [b"#!/bin/dash"]) and b"-p" not in first:
+            log.warning("criu: %s is a script run by %s without -p, which drops root when "
+                        "it dumps another user's job: those jobs cannot move (make its "
+                        "first line '%s -p'; tests/install-criu does)", self.path,
+                        first[0][2:].decode(), first[0].decode())
 
     async def keep_features(self, where: Path = KDAT_DIR) -> None:
         """Have CRIU find out what the kernel can do once, not at every dump and restore.
