@@ -476,6 +476,8 @@ def test_an_ordinary_users_jobs_are_balanced_too(cluster):
     (the dump of a user's job failed before, "Can't get rlimit", so the balancer moved
     only root's)."""
     n = cluster
+    # open, whatever an earlier test left (reclaim closes b for a while)
+    wait_for(lambda: "blocked" not in n["a"].nodes()["b"]["flags"], 30, "b to be open")
     with ordinary_user("bal") as user:
         jobs = []
         for _ in range(2):
@@ -486,7 +488,10 @@ def test_an_ordinary_users_jobs_are_balanced_too(cluster):
             jobs.append(r.stdout.decode().strip())
         try:
             assert {n["a"].json(f"job {j}")["owner"] for j in jobs} == {user.name}
-            wait_for(lambda: spread(n, jobs) == ["a", "b"], 30, "one job to move to b")
+            try:
+                wait_for(lambda: spread(n, jobs) == ["a", "b"], 30, "one job to move to b")
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{decisions(n)}") from None
             failed = [ln for ln in n["a"].log().splitlines()
                       if "failed" in ln and any(f"job {j} " in ln for j in jobs)]
             assert not failed, failed
