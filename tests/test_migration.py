@@ -16,7 +16,15 @@ import pytest
 import trio
 
 from omuscd.client import ControlClient
-from omuscd.migrate.criu import KDAT_DIR, KDAT_NAME, PRIVATE_CRIU, Criu, find_criu, fs_type
+from omuscd.migrate.criu import (
+    KDAT_DIR,
+    KDAT_NAME,
+    PRIVATE_CRIU,
+    RESOURCE_CAP,
+    Criu,
+    find_criu,
+    fs_type,
+)
 from tests.cluster import (
     User,
     can_netns,
@@ -290,6 +298,26 @@ def test_an_ordinary_user_can_only_spoil_the_move_of_their_own_job(cluster):
         assert (p.returncode, err) == (0, b"")
         assert out.split() == [b"after", ready[1]]
         assert n["a"].json(f"job {job}")["migrations"] == 2
+
+
+def test_a_set_user_id_program_in_a_users_job_is_refused_before_the_freeze(cluster):
+    """Root here lacks CAP_SYS_RESOURCE: a process whose ids differ from the job's (a
+    set-user-ID program) cannot be dumped by anyone.  Said before anything is frozen."""
+    _, _, _, n = cluster
+    with ordinary_user("su") as user:
+        setuid_sleep = user.home.parent / "omuscd-migration-test-suid"  # root's, 0755
+        setuid_sleep.write_bytes(Path("/usr/bin/sleep").read_bytes())
+        os.chmod(setuid_sleep, 0o4755)
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", str(setuid_sleep), "30"))
+        job = job_of(n["a"], "omuscd-migration-test-suid")
+        r = n["a"].ctl(f"migrate {job} b")
+        if RESOURCE_CAP:  # root may read anyone's limits: it moves
+            assert r.code == 200, r
+        else:
+            assert r.code == 500 and "cannot move" in r.text and "set-user-ID" in r.text, r
+            assert f"job {job} resumed" not in n["a"].log()  # never frozen
+        assert n["a"].ctl(f"kill {job} KILL").ok
+        p.communicate(timeout=10)
 
 
 def test_a_job_coming_home_right_after_a_line_repeats_no_output(cluster):

@@ -42,6 +42,18 @@ MIN_MAJOR = 4
 #: Changes only the real ids of the CRIU it runs (util-linux, like unshare).
 SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)),
                None)
+def _has_resource_cap() -> bool:
+    """Whether this process may read any process's limits (CAP_SYS_RESOURCE, bit 24);
+    without it (some containers), only those of a process with its real ids."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(ln.split()[1] for ln in f if ln.startswith("CapEff:"))
+        return bool(int(eff, 16) >> 24 & 1)
+    except (OSError, StopIteration, ValueError):
+        return False
+
+
+RESOURCE_CAP = _has_resource_cap()
 #: How long a dump may take: this, plus a second for each DUMP_RATE bytes the job holds.
 #: Its user can stop a CRIU that has their real uid; the job resumes when this is over.
 DUMP_SECONDS = 60.0
@@ -274,14 +286,22 @@ class Criu:
         pids = tree(init_pid)
         if not pids:
             return "the job has no process here"
+        owner = real_ids(init_pid)
         for pid in pids:
             try:
                 p = psutil.Process(pid)
                 with open(f"/proc/{p.pid}/status") as f:
-                    tracer = next((ln.split()[1] for ln in f if ln.startswith("TracerPid")),
-                                  "0")
+                    status = dict(ln.split(":", 1) for ln in f if ":" in ln)
+                tracer = status.get("TracerPid", "0").strip()
                 if tracer != "0":
                     return f"process {p.pid} is being traced (by pid {tracer})"
+                ids = ({int(x) for x in status["Uid"].split()[:3]},
+                       {int(x) for x in status["Gid"].split()[:3]})
+                if not RESOURCE_CAP and owner and ids != ({owner[0]}, {owner[1]}):
+                    return (f"process {p.pid} runs with other user or group ids than the "
+                            f"job's (a set-user-ID or set-group-ID program?): uids "
+                            f"{sorted(ids[0])}, gids {sorted(ids[1])}; CRIU reads its "
+                            f"limits, which root without CAP_SYS_RESOURCE may not here")
                 for c in p.net_connections(kind="tcp"):
                     if c.status == psutil.CONN_ESTABLISHED and c.raddr:
                         return (f"process {p.pid} has an established TCP connection to "
