@@ -15,18 +15,72 @@ forwards signals to it, reaps orphans, and writes how the command ended to the f
 on STATUS_FD (a JSON object: ``{"code": N}``, ``{"signal": N}`` or ``{"error": TEXT}``).
 A descriptor, not a path: after a migration the restored init writes to the new node's
 spool, because the daemon there hands CRIU its own file for that descriptor.
+
+For another user's job the init, too, becomes that user once the command is started (see
+:func:`drop_init`): CRIU can then dump the whole tree with that user's real ids.
 """
 
 import json
 import os
 import resource
 import signal
+import struct
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it lazily; after setuid it may be unreadable
 
 #: Handled in this order: the daemon takes the last one caught as the sign that all are.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
+
+
+#: What the init keeps of root once it is the job's user (see drop_init): bit numbers of
+#: CAP_DAC_OVERRIDE and CAP_SYS_ADMIN in <linux/capability.h>.
+KEPT_CAPS = (1 << 1) | (1 << 21)
+_PR_SET_KEEPCAPS = 8
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def dropping(uid: str) -> bool:
+    """Whether this init becomes the job's user: a root daemon's job of another user."""
+    return uid not in ("-", "0") and os.geteuid() == 0
+
+
+def drop_init(uid: str, gid: str, groups: str) -> None:
+    """Become the job's user, keeping only CAP_SYS_ADMIN and CAP_DAC_OVERRIDE.
+
+    Why: CRIU reads every task's limits (prlimit), which the kernel allows only to a caller
+    whose real uid and gid are those of the task, or that has CAP_SYS_RESOURCE; where root
+    lacks it (containers, some hosts), a tree of a root init and a user's command could be
+    dumped by no one.  Made one user's, the tree is dumped by a root CRIU running with that
+    user's real ids (omuscd.migrate.criu).  Why those two capabilities: CRIU's parasite, in
+    this init (the root of the dump), makes "proc.crtools" in its working directory and
+    mounts the job's /proc there.  That directory is "/", writable by root only, so that no
+    user can plant a link there.  The user cannot trace or read this process (it holds
+    capabilities they do not have, and changing uid made it non-dumpable); what they can do
+    to it (signal it, set its limits) only harms their own job.  It never execs.
+
+    Called right after the command is forked (which drops itself fully, then execs), so
+    that the tree is one user's almost from its start.  Raises OSError if it cannot (the
+    init then ends with that error: it must not run as the user with more than this)."""
+    import ctypes  # imported by main() before the fork when needed: no delay here
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(ret: int, what: str) -> None:
+        if ret != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"job init: {what}: {os.strerror(err)}")
+
+    os.chdir("/")
+    check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "keep capabilities")
+    os.setgroups([int(g) for g in groups.split(",") if g])
+    os.setresgid(int(gid), int(gid), int(gid))
+    os.setresuid(int(uid), int(uid), int(uid))
+    header = ctypes.create_string_buffer(struct.pack("Ii", _CAPABILITY_VERSION_3, 0))
+    # effective, permitted, inheritable (capabilities 0-31), then the same for 32-63
+    data = ctypes.create_string_buffer(struct.pack("6I", KEPT_CAPS, KEPT_CAPS, 0, 0, 0, 0))
+    check(libc.capset(header, data), "set capabilities")
+    check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "reset keep capabilities")
 
 
 def write_status(fd: int, status: dict) -> None:
@@ -75,6 +129,8 @@ def start(argv: list, uid: str, gid: str, groups: str, cwd: str, env: dict) -> i
             os.write(w, f"{argv[0]}: {e!r}".encode())
         os._exit(127)
     os.close(w)
+    if dropping(uid):
+        drop_init(uid, gid, groups)
     err = os.read(r, 4096)
     os.close(r)
     if err:
@@ -112,6 +168,8 @@ def main() -> int:
 
     for s in FORWARDED:
         signal.signal(s, forward)
+    if dropping(uid):
+        import ctypes  # noqa: F401 - for drop_init, which must follow the fork at once
     try:
         child = start(argv, uid, gid, groups, cwd, env)
     except OSError as e:

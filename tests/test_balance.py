@@ -11,7 +11,7 @@ import time
 import pytest
 
 from omuscd.balance import JobLoad, NodeLoad, Policy, decide
-from tests.cluster import namespace_cluster, wait_for
+from tests.cluster import namespace_cluster, ordinary_user, wait_for
 from tests.test_migration import criu_problem
 
 PY = sys.executable
@@ -343,7 +343,7 @@ def cluster():
     if REASON:
         pytest.skip(REASON)
     with namespace_cluster("ab", lambda i: ["--cpus", str(i), *FAST],
-                           prefix=f"omb{os.getpid() % 10000}x",
+                           prefix=f"omb{os.getpid() % 10000}x", open_to_all=True,
                            leftovers="omuscd-balance-test") as (_, _, _, nodes):
         yield nodes
 
@@ -469,3 +469,31 @@ def test_reclaim_empties_a_node_whose_owner_load_rises(cluster):
             p.kill()
         n["b"].ctl("set reclaim_above off")
         kill_all(n, jobs)
+
+
+def test_an_ordinary_users_jobs_are_balanced_too(cluster):
+    """Two busy jobs of an ordinary user on one CPU of a, none on b: one of them moves
+    (the dump of a user's job failed before, "Can't get rlimit", so the balancer moved
+    only root's)."""
+    n = cluster
+    # open, whatever an earlier test left (reclaim closes b for a while)
+    wait_for(lambda: "blocked" not in n["a"].nodes()["b"]["flags"], 30, "b to be open")
+    with ordinary_user("bal") as user:
+        jobs = []
+        for _ in range(2):
+            r = user.run(user.run_argv(n["a"].socket, "--home", "--detach", "--",
+                                       "/usr/bin/python3", "-c", HOG,
+                                       "omuscd-balance-test-user"))
+            assert r.returncode == 0, r.stderr
+            jobs.append(r.stdout.decode().strip())
+        try:
+            assert {n["a"].json(f"job {j}")["owner"] for j in jobs} == {user.name}
+            try:
+                wait_for(lambda: spread(n, jobs) == ["a", "b"], 30, "one job to move to b")
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{decisions(n)}") from None
+            failed = [ln for ln in n["a"].log().splitlines()
+                      if "failed" in ln and any(f"job {j} " in ln for j in jobs)]
+            assert not failed, failed
+        finally:
+            kill_all(n, jobs)

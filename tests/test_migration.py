@@ -16,8 +16,23 @@ import pytest
 import trio
 
 from omuscd.client import ControlClient
-from omuscd.migrate.criu import KDAT_DIR, KDAT_NAME, PRIVATE_CRIU, Criu, find_criu, fs_type
-from tests.cluster import can_netns, namespace_cluster, start_daemon, wait_for
+from omuscd.migrate.criu import (
+    KDAT_DIR,
+    KDAT_NAME,
+    PRIVATE_CRIU,
+    RESOURCE_CAP,
+    Criu,
+    find_criu,
+    fs_type,
+)
+from tests.cluster import (
+    User,
+    can_netns,
+    namespace_cluster,
+    ordinary_user,
+    start_daemon,
+    wait_for,
+)
 
 
 def criu_problem() -> str | None:
@@ -62,7 +77,7 @@ print("after", hashlib.sha256(data).hexdigest(), flush=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    with namespace_cluster("ab", prefix=f"omm{os.getpid() % 10000}x",
+    with namespace_cluster("ab", prefix=f"omm{os.getpid() % 10000}x", open_to_all=True,
                            leftovers="omuscd-migration-test") as c:
         for d in c[3].values():
             assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
@@ -158,6 +173,151 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     assert view["cpu"] >= 0.75 * ref_cpu, (view["cpu"], ref_cpu)
     feed = n["a"].log()
     assert f"job {job} migrated to b: frozen" in feed and f"job {job} migrated to a" in feed
+
+
+def ids_and_caps(pid: int) -> tuple[set[int], set[int], int]:
+    """The uids and gids (real, effective, saved, fs) and effective capabilities of
+    ``pid``."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return ({int(x) for x in fields["Uid"]}, {int(x) for x in fields["Gid"]},
+            int(fields["CapEff"][0], 16))
+
+
+INIT_CAPS = (1 << 1) | (1 << 21)  # CAP_DAC_OVERRIDE, CAP_SYS_ADMIN
+
+
+def user_job_runs_as_its_user(user: User, tag: str) -> None:
+    """Every process of the job has only the user's ids; the command has no capability,
+    its init only the two CRIU's parasite needs in it (see omuscd.jobinit.drop_init)."""
+    command = job_processes(tag)
+    assert len(command) == 1, command
+    init = psutil.Process(command[0]).ppid()
+    assert "jobinit" in open(f"/proc/{init}/cmdline").read()
+    for pid, caps in ((init, INIT_CAPS), (command[0], 0)):
+        assert ids_and_caps(pid) == ({user.uid}, {user.gid}, caps), (pid, ids_and_caps(pid))
+    # the user cannot look into the init, nor write to its memory: it holds capabilities
+    # they do not have (and changing uid made it non-dumpable)
+    for what, mode in (("environ", "rb"), ("mem", "r+b")):
+        tried = user.run(["/usr/bin/python3", "-c", f"open('/proc/{init}/{what}', '{mode}')"])
+        assert tried.returncode == 1 and b"PermissionError" in tried.stderr, tried
+
+
+def test_an_ordinary_users_job_moves_there_and_back_byte_for_byte(cluster):
+    """An ordinary user's job moves post-copy and back pre-copy like root's: CRIU reads
+    every task's limits, which a root without CAP_SYS_RESOURCE (this machine's) may do
+    only with the task's real ids; a job whose init was root and whose command was the
+    user's could be dumped by no one ("Can't get rlimit 0: Operation not permitted")."""
+    _, _, _, n = cluster
+    count = "20000000"  # several seconds of CPU: it must not end during the moves
+    tag = "omuscd-migration-test-user"
+    argv = ["/usr/bin/python3", "-c", CHECKSUM, count]
+    with ordinary_user("mv") as user:
+        ref = user.run(argv)
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", *argv, tag))
+        job = job_of(n["a"], tag)
+        assert n["a"].json(f"job {job}")["owner"] == user.name
+        user_job_runs_as_its_user(user, tag)
+        time.sleep(1)
+        assert n["a"].ctl("set post_copy_mb 1").ok  # out post-copy
+        try:
+            there = n["a"].ctl(f"migrate {job} b")  # root moves it
+        finally:
+            n["a"].ctl("set post_copy_mb 128")
+        assert there.code == 200 and "migrated to b" in there.text, there
+        assert "(post-copy)" in frozen_line(n["a"], job)
+        assert n["a"].json(f"job {job}")["node_name"] == "b"
+        user_job_runs_as_its_user(user, tag)  # restored with its ids and capabilities
+        time.sleep(1)
+        back = user.run([user.python, "-m", "omuscd", "ctl", "--connect", n["b"].socket,
+                         "migrate", job, "home"])  # its owner brings it home
+        assert back.returncode == 0 and b"migrated to a" in back.stdout, back
+        assert "(memory streamed to the target)" in frozen_line(n["b"], job)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == ref.returncode == 0, err
+        assert out == ref.stdout and err == ref.stderr == b""
+        view = n["a"].json(f"job {job}")
+        assert view["migrations"] == 2 and view["state"] == "exited", view
+
+
+# As a user: send a signal to the first CRIU dump started from now on that runs with this
+# user's real uid (only the processes started since itself are looked at: a dump lasts a
+# fraction of a second, and it must be caught at its start)
+USER_SIGNALS_CRIU = r"""
+import os, sys
+def started(pid):  # in clock ticks since boot (pids wrap around: 32768 here)
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+me, first = str(os.getuid()), started("self")
+while True:
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or started(pid) < first:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if uid == me and b"dump" in cmd and any(a.endswith(b"/criu") for a in cmd):
+            os.kill(int(pid), int(sys.argv[1]))
+            sys.exit(0)
+"""
+
+
+def test_an_ordinary_user_can_only_spoil_the_move_of_their_own_job(cluster):
+    """The CRIU that dumps a user's job runs with that user's real uid (see
+    omuscd.migrate.criu), so the user may signal it: that fails this move only, and the
+    job runs on, intact, here; it moves after (and 'expel' sends it home)."""
+    _, _, _, n = cluster
+    tag = "omuscd-migration-test-spoil"
+    with ordinary_user("sp") as user:
+        flag = user.home / "go"
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", "/usr/bin/python3",
+                                     "-c", MEMORY, str(flag), tag))
+        assert p.stdout is not None
+        ready = p.stdout.readline().split()
+        job = job_of(n["a"], tag)
+        spoiler = user.popen(["/usr/bin/python3", "-c", USER_SIGNALS_CRIU,
+                              str(int(signal.SIGKILL))])
+        time.sleep(0.5)  # it scans /proc already
+        spoilt = n["a"].ctl(f"migrate {job} b")
+        assert spoiler.wait(5) == 0  # it found, and could kill, a dump with its real uid
+        assert spoilt.code == 500 and "job resumed here" in spoilt.text, spoilt
+        assert n["a"].json(f"job {job}")["state"] == "running"
+        moved = n["a"].ctl(f"migrate {job} b")
+        assert moved.code == 200 and "migrated to b" in moved.text, moved
+        expel = n["b"].ctl("expel")
+        assert expel.ok and f"job {job} migrated to a" in expel.text, expel
+        flag.touch()
+        out, err = p.communicate(timeout=60)
+        assert (p.returncode, err) == (0, b"")
+        assert out.split() == [b"after", ready[1]]
+        assert n["a"].json(f"job {job}")["migrations"] == 2
+
+
+def test_a_set_user_id_program_in_a_users_job_is_refused_before_the_freeze(cluster):
+    """Root here lacks CAP_SYS_RESOURCE: a process whose ids differ from the job's (a
+    set-user-ID program) cannot be dumped by anyone.  Said before anything is frozen."""
+    _, _, _, n = cluster
+    with ordinary_user("su") as user:
+        setuid_sleep = user.home.parent / "omuscd-migration-test-suid"  # root's, 0755
+        setuid_sleep.write_bytes(Path("/usr/bin/sleep").read_bytes())
+        os.chmod(setuid_sleep, 0o4755)
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", str(setuid_sleep), "30"))
+        job = job_of(n["a"], "omuscd-migration-test-suid")
+        r = n["a"].ctl(f"migrate {job} b")
+        if RESOURCE_CAP:  # root may read anyone's limits: it moves
+            assert r.code == 200, r
+        else:
+            assert r.code == 500 and "cannot move" in r.text and "set-user-ID" in r.text, r
+            assert f"job {job} resumed" not in n["a"].log()  # never frozen
+        assert n["a"].ctl(f"kill {job} KILL").ok
+        p.communicate(timeout=10)
 
 
 def test_a_job_coming_home_right_after_a_line_repeats_no_output(cluster):

@@ -8,6 +8,13 @@ until the hand-over commits).  The job's output and status files are handed to C
 tracker handled here or around: PIDs clash unless the job has its own PID namespace (it
 does); files must exist at the same path on the target (the shared filesystem, and
 ``--inherit-fd`` for the spool); the session leader is inside the namespace (the job init).
+
+Another user's job is dumped by a root CRIU with that user's *real* uid and gid (``setpriv
+--ruid --rgid``; its effective ids and capabilities stay root's): CRIU reads every task's
+limits, which the kernel allows to a caller without CAP_SYS_RESOURCE (a container's root)
+only if its real ids are the task's; the job's init has become that user for this (see
+omuscd.jobinit.drop_init).  The user may signal that CRIU (they share its real uid): they
+can only spoil their own job's move, which a bounded dump turns into a resumed job.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 import psutil
 import trio
 
-from omuscd import rootexec
+from omuscd import proctab, rootexec
 from omuscd.migrate import Inherit, MoveError
 from omuscd.priority import make_realtime
 from omuscd.proctab import tree
@@ -32,6 +39,26 @@ log = logging.getLogger("omuscd.migrate")
 #: Where ``tests/install-criu`` puts Debian 13's criu on a Debian 12 machine.
 PRIVATE_CRIU = "/var/cache/omuscd-criu/bin/criu"
 MIN_MAJOR = 4
+#: Changes only the real ids of the CRIU it runs (util-linux, like unshare).
+SETPRIV = rootexec.find("setpriv")
+
+
+def _has_resource_cap() -> bool:
+    """Whether this process may read any process's limits (CAP_SYS_RESOURCE, bit 24);
+    without it (some containers), only those of a process with its real ids."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(ln.split()[1] for ln in f if ln.startswith("CapEff:"))
+        return bool(int(eff, 16) >> 24 & 1)
+    except (OSError, StopIteration, ValueError):
+        return False
+
+
+RESOURCE_CAP = _has_resource_cap()
+#: How long a dump may take: this, plus a second for each DUMP_RATE bytes the job holds.
+#: Its user can stop a CRIU that has their real uid; the job resumes when this is over.
+DUMP_SECONDS = 60.0
+DUMP_RATE = 10 << 20
 #: Where CRIU keeps what it found out about the kernel (KDAT_RUNDIR, fixed at its build).
 KDAT_DIR = Path("/run")
 KDAT_NAME = "criu.kdat"
@@ -81,6 +108,37 @@ def _first_error(logfile: Path) -> str:
     return (errors[0] if errors else (lines[-1] if lines else "no log")).strip()[:300]
 
 
+def real_ids(pid: int) -> tuple[int, int] | None:
+    """The real uid and gid of process ``pid`` (None if it is gone)."""
+    uid = gid = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if uid is None or gid is None else (uid, gid)
+
+
+def resident(pid: int) -> int:
+    """The bytes the processes of ``pid``'s tree hold in memory."""
+    return sum(p.rss for q in tree(pid) if (p := proctab.read(q)) is not None)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+async def _kill(proc: trio.Process) -> None:
+    """Stop a CRIU run that is cancelled: SIGKILL at once (a stopped CRIU would sit on a
+    SIGTERM; the tasks it froze go on when their tracer is gone)."""
+    proc.kill()
+
+
 class Criu:
     name = "criu"
 
@@ -89,7 +147,10 @@ class Criu:
         self.version = ""
         self.reason = "not checked yet"
         self.keep_logs = keep_logs  # where the log of a failed dump or restore is kept
-        self.kdat: tuple[Path, int] | None = None  # the feature cache written here (inode)
+        # the feature cache written here: where, and its identity (inode and time: an inode
+        # number alone is soon reused by another daemon's cache on this machine)
+        self.kdat: tuple[Path, tuple[int, int]] | None = None
+        self.kdat_data = b""  # its contents, to write it again should it go
         self.uffd = False  # the kernel lets CRIU restore lazily (post-copy)
 
     @property
@@ -140,6 +201,7 @@ class Criu:
             return
         self.version = version
         self.reason = ""
+        self._check_wrapper()
         await self.keep_features()
         try:
             u = await trio.run_process([self.path, "check", "--feature", "uffd-noncoop"],
@@ -151,6 +213,20 @@ class Criu:
         if not self.uffd:
             log.info("criu: this kernel has no non-cooperative userfaultfd: jobs move with "
                      "their memory inside the freeze here (no post-copy)")
+
+    def _check_wrapper(self) -> None:
+        """Say so if CRIU is a shell script that gives up root when run with another real
+        uid (dash does, unless started with -p): other users' jobs would not move."""
+        try:
+            with open(self.path or "", "rb") as f:
+                first = f.readline(100).split()
+        except OSError:
+            return
+        if first[:1] in ([b"#!/bin/sh"], [b"#!/bin/dash"]) and b"-p" not in first:
+            log.warning("criu: %s is a script run by %s without -p, which drops root when "
+                        "it dumps another user's job: those jobs cannot move (make its "
+                        "first line '%s -p'; tests/install-criu does)", self.path,
+                        first[0][2:].decode(), first[0].decode())
 
     async def keep_features(self, where: Path = KDAT_DIR) -> None:
         """Have CRIU find out what the kernel can do once, not at every dump and restore.
@@ -178,29 +254,37 @@ class Criu:
             log.info("criu: cannot keep its kernel features (%s); it probes them at "
                      "every dump and restore", said[-1] if said else f"exit {r.returncode}")
             return
+        self.kdat_data = r.stdout
+        if not self._write_features(where):
+            return
+        log.info("criu: %s is not a tmpfs, where CRIU would keep what it knows of the "
+                 "kernel; probed once, kept in %s until this daemon stops", where,
+                 where / KDAT_NAME)
+
+    def _write_features(self, where: Path) -> bool:
+        """Put the probed feature cache where CRIU looks for it (atomically)."""
         dest = where / KDAT_NAME
         tmp = where / f".{KDAT_NAME}.omuscd-{os.getpid()}"
         try:
-            tmp.write_bytes(r.stdout)
+            tmp.write_bytes(self.kdat_data)
             os.chmod(tmp, 0o600)
             os.replace(tmp, dest)
-            self.kdat = (dest, dest.stat().st_ino)
+            self.kdat = (dest, _identity(dest))
         except OSError as e:
             tmp.unlink(missing_ok=True)
             log.info("criu: cannot write %s: %s", dest, e.strerror)
-            return
-        log.info("criu: %s is not a tmpfs, where CRIU would keep what it knows of the "
-                 "kernel; probed once, kept in %s until this daemon stops", where, dest)
+            return False
+        return True
 
     def close(self) -> None:
         """Remove the feature cache written at start, unless another daemon on this
         machine has written its own since."""
         if self.kdat is None:
             return
-        path, inode = self.kdat
+        path, identity = self.kdat
         self.kdat = None
         try:
-            if path.stat().st_ino == inode:
+            if _identity(path) == identity:
                 path.unlink()
         except OSError:
             pass
@@ -210,14 +294,22 @@ class Criu:
         pids = tree(init_pid)
         if not pids:
             return "the job has no process here"
+        owner = real_ids(init_pid)
         for pid in pids:
             try:
                 p = psutil.Process(pid)
                 with open(f"/proc/{p.pid}/status") as f:
-                    tracer = next((ln.split()[1] for ln in f if ln.startswith("TracerPid")),
-                                  "0")
+                    status = dict(ln.split(":", 1) for ln in f if ":" in ln)
+                tracer = status.get("TracerPid", "0").strip()
                 if tracer != "0":
                     return f"process {p.pid} is being traced (by pid {tracer})"
+                ids = ({int(x) for x in status["Uid"].split()[:3]},
+                       {int(x) for x in status["Gid"].split()[:3]})
+                if not RESOURCE_CAP and owner and ids != ({owner[0]}, {owner[1]}):
+                    return (f"process {p.pid} runs with other user or group ids than the "
+                            f"job's (a set-user-ID or set-group-ID program?): uids "
+                            f"{sorted(ids[0])}, gids {sorted(ids[1])}; CRIU reads its "
+                            f"limits, which root without CAP_SYS_RESOURCE may not here")
                 for c in p.net_connections(kind="tcp"):
                     if c.status == psutil.CONN_ESTABLISHED and c.raddr:
                         return (f"process {p.pid} has an established TCP connection to "
@@ -267,21 +359,29 @@ class Criu:
         return self.cannot_move(pid)
 
     async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = (),
-                    cpus: set[int] | None = None) -> None:
+                    cpus: set[int] | None = None, prefix: tuple[str, ...] = (),
+                    limit: float = float("inf")) -> None:
+        """Run CRIU (after ``prefix``, a command that execs it); killed after ``limit``
+        seconds (MoveError)."""
         assert self.path is not None
         # what it prints, should it stop before logging (a .log: not sent with the images)
         said = logfile.with_name(f"{logfile.stem}-output.log")
         # restore_signals=False: CRIU keeps this daemon's SIGPIPE ignored, so a page stream
         # cut under a dump is an error it handles (resuming the job), not its death.
-        # Real-time while the job is frozen: see omuscd.priority.
-        with open(said, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+        # Real-time while the job is frozen: see omuscd.priority.  A prefix execs CRIU, so
+        # the process made real-time is CRIU.
+        with open(said, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out, \
+                trio.move_on_after(limit) as bound:
             async with trio.open_nursery() as nursery:
                 proc = await nursery.start(functools.partial(
-                    trio.run_process, [self.path, *args], check=False,
+                    trio.run_process, [*prefix, self.path, *args], check=False,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     pass_fds=pass_fds, restore_signals=False, env=rootexec.HELPER_ENV,
-                    umask=PRIVATE_UMASK))
+                    umask=PRIVATE_UMASK, deliver_cancel=_kill))
                 make_realtime(proc.pid, cpus)
+        if bound.cancelled_caught:
+            kept = self.keep_log(logfile, args[0])
+            raise MoveError(f"criu {args[0]} took more than {limit:.0f}s: stopped{kept}")
         if proc.returncode != 0:
             kept = self.keep_log(logfile, args[0])
             cause = _first_error(logfile)
@@ -311,7 +411,37 @@ class Criu:
             cpus = os.sched_getaffinity(init_pid)
         except OSError:
             cpus = None
-        await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus)
+        limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
+        await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus,
+                         await self._as_owner(init_pid), limit)
+
+    async def _as_owner(self, init_pid: int) -> tuple[str, ...]:
+        """The prefix that runs CRIU with the real ids of the job whose init is
+        ``init_pid`` (see the module's doc); nothing for root's jobs."""
+        ids = real_ids(init_pid)
+        if ids is None or ids == (0, 0):
+            return ()
+        if SETPRIV is None:
+            raise MoveError("moving another user's job needs setpriv (util-linux)")
+        await self._features_known()
+        uid, gid = ids
+        return (SETPRIV, "--ruid", str(uid), "--rgid", str(gid), "--keep-groups", "--")
+
+    async def _features_known(self) -> None:
+        """Make sure CRIU's cache of the kernel's features exists: a CRIU whose real uid is
+        not root cannot probe them (creating namespaces), and another daemon on this
+        machine may have removed the cache it wrote.  A stat, unless it is missing."""
+        if (KDAT_DIR / KDAT_NAME).exists():
+            return
+        log.info("criu: %s is missing; writing it again", KDAT_DIR / KDAT_NAME)
+        if self.kdat_data:  # probed at start
+            self._write_features(KDAT_DIR)
+            return
+        try:  # on a tmpfs CRIU keeps them itself, once it probed them as root
+            await trio.run_process([self.path, "check"], capture_stdout=True,  # type: ignore
+                                   capture_stderr=True, check=False)
+        except OSError as e:
+            log.info("criu: cannot probe the kernel's features: %s", e)
 
     async def page_server(self, images: Path, pages: int) -> trio.Process:
         """Start a page server that writes the pages of one dump, read from the connected
