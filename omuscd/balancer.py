@@ -39,9 +39,9 @@ from omuscd.balance import (
     imbalance,
     narrows,
 )
+from omuscd.cluster.membership import ALIVE
 from omuscd.events import Event
 from omuscd.jobs import RUNNING, Job, JobError, refresh_usage, starting
-from omuscd.membership import ALIVE
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon

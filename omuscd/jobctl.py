@@ -27,6 +27,7 @@ import trio
 
 from omuscd import balance, channel, ids, jobinit
 from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.membership import ALIVE, SUSPECT
 from omuscd.events import Event
 from omuscd.jobs import (
     EXITED,
@@ -51,7 +52,6 @@ from omuscd.jobs import (
     supervise,
     watch,
 )
-from omuscd.membership import ALIVE, SUSPECT
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon

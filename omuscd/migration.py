@@ -34,6 +34,7 @@ import trio
 
 from omuscd import balance, postcopy, proctab, rootexec
 from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.membership import DEAD
 from omuscd.events import Event
 from omuscd.ids import is_job_id
 from omuscd.jobs import (
@@ -53,7 +54,6 @@ from omuscd.jobs import (
     starting,
     tree_usage,
 )
-from omuscd.membership import DEAD
 from omuscd.migrate import Inherit, MoveError
 from omuscd.migrate.lazy import PAGE, PageMap, PageServer
 from omuscd.pages import receive_pages, send_pages, socket_pair

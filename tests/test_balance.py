@@ -94,7 +94,7 @@ def _stand_in(me_load: float, b_load: float, act, b_moves: list[int] | None = No
     """A daemon as the balancer sees it: this node a (id 1, one CPU) and node b (id 2)."""
     from types import SimpleNamespace
 
-    from omuscd.membership import ALIVE
+    from omuscd.cluster.membership import ALIVE
 
     me = {"load": me_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
     b_entry = {"load": b_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}

@@ -1,6 +1,6 @@
 import pytest
 
-from omuscd.membership import ALIVE, DEAD, SUSPECT, IdClash, Membership, Timing
+from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, IdClash, Membership, Timing
 from tests.test_wire import entry
 
 

@@ -919,8 +919,8 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
     is followed there; else it resumes here, at its own nice again."""
     from types import SimpleNamespace
 
+    from omuscd.cluster.membership import ALIVE
     from omuscd.jobs import MIGRATING, Job, Owner
-    from omuscd.membership import ALIVE
     from omuscd.migration import Migrations
 
     frozen = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "jobinit"])

@@ -19,7 +19,7 @@ from typing import Any
 
 from omuscd.events import Event
 
-log = logging.getLogger("omuscd.membership")
+log = logging.getLogger("omuscd.cluster.membership")
 
 ALIVE, SUSPECT, DEAD, INCOMPATIBLE = "alive", "suspect", "dead", "incompatible"
 STATES = (ALIVE, SUSPECT, DEAD, INCOMPATIBLE)
