@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omuscd import ids
 from omuscd.paths import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_CONTROL_PORT,
@@ -582,7 +583,12 @@ def autodetect(cfg: Config,
         cfg.detected["broadcast"] = f"of {chosen.name}" if v["broadcast"] else "none available"
     elif v["broadcast"] == "off":
         v["broadcast"] = None
-    if v["node_name"] is None:
+    if v["node_name"] is not None:
+        try:  # the one rule for names: commands and peers must be able to name it
+            ids.node_name(v["node_name"])
+        except ids.BadId as e:
+            raise ConfigError(f"node_name: {e}") from None
+    else:
         host = socket.gethostname().split(".")[0] or "node"
         loop = ipaddress.IPv4Address(v["address"]).is_loopback
         v["node_name"] = f"{host}-{v['address']}" if loop else host

@@ -279,6 +279,8 @@ def test_control_beyond_loopback_without_secret_is_refused(workdir):
     (["--key-file", "/nonexistent/k"], 2, "omuscd keygen"),
     (["--config", "/nonexistent.toml"], 2, "cannot read config"),
     (["--cpus", "4000"], 2, "not available"),
+    (["--node-name", "my node"], 2, "node_name: 'my node' is not a node name"),
+    (["--node-name", "../x"], 2, "is not a node name"),
 ])
 def test_usage_errors_exit_2(workdir, args, code, msg):
     r = subprocess.run(omuscd_command([*args, "--state-dir", str(workdir)]),

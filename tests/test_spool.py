@@ -230,11 +230,12 @@ def test_another_user_cannot_read_a_moving_jobs_images(cluster, user):
     tops = [str(n[x].state_dir / "images") for x in "ab"]
     with ordinary_user("sq") as other:
         script = BIG % (SECRET, MARK)
-        r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
-                            "--detach", "--", PY, "-c", script], capture_output=True,
-                           text=True, cwd="/tmp")
+        # the job of one ordinary user, the snoop another's
+        r = user.run(user.run_argv(n["a"].socket, "--home", "--detach", "--",
+                                   "/usr/bin/python3", "-c", script))
         assert r.returncode == 0, r.stderr
-        job = r.stdout.strip()
+        job = r.stdout.decode().strip()
+        assert n["a"].json(f"job {job}")["owner"] == user.name
         wait_for(lambda: "ready" in n["a"].ctl(f"output {job}").text, 30, "the job's memory")
         seen: dict[str, int] = {}  # what root saw there during the moves, and its mode
         stop = threading.Event()
