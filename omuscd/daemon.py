@@ -1,9 +1,13 @@
-"""The daemon: one trio run, one nursery, one owner of the node's state.
+"""The daemon: wiring only.  It builds the layers, owns the one nursery and passes it in,
+handles signals and tells systemd how it is.
 
-Tasks: the UDP receivers (unicast and broadcast), the timer loop (gossip rounds, load
-samples and membership timeouts, sleeping exactly until the next one is due, so an idle
-daemon wakes only for those), the control servers and the signal handler.  SIGTERM or
-SIGINT announces our departure and cancels the nursery; SIGHUP rereads the config file.
+Layers, dependencies pointing down (see the README's design notes):
+cluster/ (gossip, rounds, settings) -> jobs and migrations -> balance/ -> control/.
+Each layer hears of the ones below through hooks or protocols they declare; this module
+connects them.  Tasks in the nursery: the UDP receivers, the timer loop (cluster.rounds),
+the cluster channel server, the control servers, the balancer, the signal handler, and
+what the job layer starts.  SIGTERM or SIGINT announces our departure and cancels the
+nursery; SIGHUP rereads the config file.
 """
 
 from __future__ import annotations
@@ -20,25 +24,30 @@ from typing import Any
 import trio
 
 from omuscd import channel, exitcodes, wire
-from omuscd.balancer import Balancer
+from omuscd.balance.balancer import Balancer
+from omuscd.balance.core import Services as BalanceServices
 from omuscd.cluster.gossip import Gossip
-from omuscd.cluster.membership import Membership, Timing
+from omuscd.cluster.membership import Membership
 from omuscd.cluster.rounds import Rounds
-from omuscd.config import TUNABLES, Config, ConfigError, format_cpu_list, read_toml
-from omuscd.control import ControlServer
+from omuscd.cluster.settings import Settings, timing_of
+from omuscd.config import TUNABLES, Config, ConfigError, read_toml
+from omuscd.control.server import ControlServer
+from omuscd.control.services import Services as ControlServices
+from omuscd.control.status import Status
 from omuscd.events import Event, EventBus
 from omuscd.jobctl import JobControl
 from omuscd.load import Sampler
 from omuscd.migrate.criu import Criu, find_criu
-from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING, __version__
+from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING
 
 log = logging.getLogger("omuscd")
 
 
-
 class Daemon:
-    """State and I/O of one node.  Handlers in :mod:`omuscd.commands` read it through the
-    methods below; only these methods change it."""
+    """One node, wired.  The job and migration layers still receive it and read the
+    members below (cfg, name, node_id, members, counters, boot, protocol, security,
+    channel_key, mover, sampler, moves, balancer, publish, jobs_changed) until they take
+    services of their own; nothing else may."""
 
     def __init__(self, cfg: Config, key: bytes | None, security: str,
                  control_secret: bytes | None = None):
@@ -49,39 +58,58 @@ class Daemon:
         self.protocol = cfg.wire_version if cfg.wire_version is not None else PROTOCOL_VERSION
         self.codec = wire.Codec(key, cfg.node_id, self.boot, self.inc, self.protocol,
                                 cfg.max_clock_skew)
-        self.sampler = Sampler(cfg.cpus, self._job_inits)
-        members = Membership(self._initial_entry(), self._timing(),
-                             id_explicit=cfg.node_id_explicit)
-        self.gossip = Gossip(cfg, self.codec, members, security)
-        self.rounds = Rounds(cfg, self.gossip, self.sampler, self._figures,
-                             lambda: self.balancer.poke())
         self.bus = EventBus()
-        self.control = ControlServer(self, control_secret)
         # The cluster channel: keyed, or trusting under --insecure; a read-only node
         # (no key) opens none and runs no guest jobs.
         self.channel_key = key if key is not None else (
             channel.INSECURE_KEY if security == "insecure" else None)
-        self.mover = Criu(find_criu(cfg.criu), Path(cfg.state_dir))
-        self.jobs = JobControl(self)
-        self.balancer = Balancer(self)
-        g = self.gossip
-        g.on_events = self.publish
-        g.on_change = self.rounds.wake
-        g.on_load_jump = self.balancer.poke
-        g.on_id_clash = self._id_clash
-        g.handlers[wire.REQUEST] = self.balancer.on_request
-        g.handlers[wire.OFFER] = lambda body, src, sender: self.balancer.on_offer(body, sender)
-        self.started_wall = time.time()
-        self.shutdown_reason: str | None = None
-        self._shutdown = trio.Event()
         # jobs that moved in and out of this node since it started, gossiped: a node that
         # moved a job here or away knows when this node's figures show that move
         self.moves = [0, 0]
+        self.shutdown_reason: str | None = None
+        self._shutdown = trio.Event()
         self.exit_code = exitcodes.OK
         self.on_ready: Callable[[], None] | None = None
         self.hangup_stops = False  # under --tui, SIGHUP means the terminal is gone
+        self._build_cluster()
+        self.mover = Criu(find_criu(cfg.criu), Path(cfg.state_dir))
+        self.jobs = JobControl(self)
+        self._build_balancer()
+        self._build_control(control_secret)
 
-    # ------------------------------------------------------------------ identity
+    # ------------------------------------------------------------------ wiring
+    def _build_cluster(self) -> None:
+        cfg = self.cfg
+        self.sampler = Sampler(cfg.cpus, self._job_inits)
+        members = Membership(self._initial_entry(), timing_of(cfg),
+                             id_explicit=cfg.node_id_explicit)
+        self.gossip = Gossip(cfg, self.codec, members, self.security)
+        self.rounds = Rounds(cfg, self.gossip, self.sampler, self._figures,
+                             lambda: self.balancer.poke())
+        self.settings = Settings(cfg, self.gossip, self.rounds)
+        self.gossip.on_events = self.publish
+        self.gossip.on_change = self.rounds.wake
+        self.gossip.on_id_clash = self._id_clash
+
+    def _build_balancer(self) -> None:
+        self.balancer = Balancer(BalanceServices(
+            self.cfg, self.members, self.sampler, self.jobs, lambda: self.mover.available,
+            self.publish, self.gossip.send_message))
+        g = self.gossip
+        g.on_load_jump = self.balancer.poke
+        g.handlers[wire.REQUEST] = self.balancer.on_request
+        g.handlers[wire.OFFER] = self.balancer.on_offer
+
+    def _build_control(self, secret: bytes | None) -> None:
+        self.status = Status(
+            self.cfg, self.security, self.protocol, self.gossip, self.sampler, self.bus,
+            self.moves, self.channel_key is not None, lambda: self.mover.describe(),
+            lambda: self.jobs.counts(), lambda: self.control.sessions,
+            lambda: self.rounds.started)
+        self.control = ControlServer(ControlServices(
+            self.cfg, self.jobs, self.status, self.settings, self.bus, self.request_shutdown),
+            secret)
+
     def _initial_entry(self) -> dict[str, Any]:
         c = self.cfg
         s = self.sampler.last
@@ -91,15 +119,20 @@ class Daemon:
                 "speed": int(c.cpu_speed_mhz), "mem": s.mem_free_mb, "load": s.load,
                 "util": s.util, "runq": s.runq, "jobs": 0, "flags": [], "moves": [0, 0]}
 
-    def _timing(self) -> Timing:
-        c = self.cfg
-        return Timing(c.suspect_timeout, c.dead_timeout, c.forget_after)
-
     def _figures(self) -> dict[str, Any]:
         """What this node gossips beside its load: its role, jobs and moves."""
         return {"role": self.cfg.topology, "jobs": self.jobs.counts(),
                 "moves": list(self.moves)}
 
+    def _job_inits(self) -> set[int]:
+        """The init of each job running here: a helper of ours, not load."""
+        return {j.pid for j in self.jobs.all_jobs() if j.pid is not None and j.node == self.node_id}
+
+    def _id_clash(self, text: str) -> None:
+        self.exit_code = exitcodes.ID_CLASH
+        self.request_shutdown("node id clash")
+
+    # ------------------------------------------------------------------ for the lower layers
     @property
     def members(self) -> Membership:
         return self.gossip.members
@@ -107,14 +140,6 @@ class Daemon:
     @property
     def counters(self) -> dict[str, int]:
         return self.gossip.counters
-
-    @property
-    def auth_label(self) -> str:
-        return self.gossip.auth_label
-
-    @property
-    def started(self) -> float:
-        return self.rounds.started
 
     @property
     def name(self) -> str:
@@ -125,26 +150,22 @@ class Daemon:
         return self.members.my_id
 
     def publish(self, events: list[Event]) -> None:
+        """Every event of every layer: logged, to the watchers, and to the job layer."""
         for ev in events:
             log.info("%s", ev.text)
             self.bus.publish(ev)
         if events:
             self.jobs.on_events(events)
 
-    def send_message(self, mtype: int, body: dict[str, Any], dest: tuple[str, int]) -> None:
-        self.gossip.send_message(mtype, body, dest)
-
-    def _id_clash(self, text: str) -> None:
-        self.exit_code = exitcodes.ID_CLASH
-        self.request_shutdown("node id clash")
-
-    def _job_inits(self) -> set[int]:
-        """The init of each job running here: a helper of ours, not load."""
-        return {j.pid for j in self.jobs.all_jobs() if j.pid is not None and j.node == self.node_id}
-
     def jobs_changed(self) -> None:
         """A job started, ended, arrived or left here: see Rounds.jobs_changed."""
         self.rounds.jobs_changed()
+
+    def set_tunable(self, name: str, value: Any) -> Any:
+        return self.settings.set_tunable(name, value)
+
+    def tunables(self) -> dict[str, Any]:
+        return self.settings.tunables()
 
     # ------------------------------------------------------------------ lifetime
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
@@ -176,7 +197,7 @@ class Daemon:
                 await nursery.start(self.control.serve_unix, c.control_socket)
                 self.log_start()
                 nursery.start_soon(self.rounds.run)
-                nursery.start_soon(self.balancer.run)
+                nursery.start_soon(self.balancer.run, nursery)
                 sd_notify("READY=1")
                 if self.on_ready is not None:
                     self.on_ready()
@@ -221,7 +242,7 @@ class Daemon:
             values = read_toml(path)
             changed = {name: value for name, value in values.items()
                        if name in TUNABLES and self.cfg.values.get(name) != value}
-            self.set_tunables(changed)  # all or nothing
+            self.settings.set_tunables(changed)  # all or nothing
             for name, value in values.items():
                 if name not in TUNABLES and self.cfg.values.get(name) != value:
                     log.warning("SIGHUP: %s changed in %s; it takes effect at restart",
@@ -230,136 +251,17 @@ class Daemon:
             log.error("SIGHUP: %s; configuration left as it was", e)
         sd_notify("READY=1")
 
-    # ------------------------------------------------------------------ for commands
-    def version_info(self) -> dict[str, Any]:
-        return {"version": VERSION_STRING, "release": RELEASE, "protocol": self.protocol,
-                "package": __version__}
-
-    def set_tunable(self, name: str, value: Any) -> Any:
-        return self.set_tunables({name: value})[name]
-
-    def set_tunables(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Change tunables together; ConfigError (and nothing changed) if any is bad."""
-        values = self.cfg.set_many(changes)
-        self.members.timing = self._timing()
-        self.codec.max_skew = self.cfg.max_clock_skew
-        self.publish([Event("config", f"{name} set to {v}", {"key": name, "value": v})
-                      for name, v in values.items()])
-        if values:
-            self.rounds.wake()
-        return values
-
-    def set_topology(self, role: str) -> str:
-        self.cfg.values["topology"] = role
-        self.members.set_role(role)
-        self.publish([Event("config", f"topology set to {role}", {"key": "topology",
-                                                                  "value": role})])
-        return f"topology {role}"
-
-    def tunables(self) -> dict[str, Any]:
-        return {name: self.cfg.values[name] for name in TUNABLES}
-
-    def set_log_level(self, level: str) -> None:
-        logging.getLogger("omuscd").setLevel(level.upper())
-        log.info("log level set to %s", level)
-
-    def node_views(self) -> list[dict[str, Any]]:
-        now = trio.current_time()
-        me = {**self.members.own_entry()}
-        mine = {"id": me["id"], "name": me["name"], "address": me["addr"], "port": me["port"],
-                "role": me["role"], "state": "alive", "load": round(float(me["load"]), 2),
-                "util": round(float(me["util"]), 1), "runq": me["runq"], "cpus": me["cpus"],
-                "speed": me["speed"], "mem_free_mb": me["mem"], "jobs": self.jobs.counts(),
-                "release": me["rel"], "flags": sorted(self.members.me["flags"]),
-                "auth": self.auth_label, "moved_in": self.moves[0],
-                "moved_out": self.moves[1], "last_heard": 0.0, "state_since":
-                round(now - self.started, 1), "self": True}
-        others = sorted(self.members.nodes.values(), key=lambda n: n.id)
-        inc = sorted(self.members.incompatible.values(), key=lambda n: n.id)
-        return [mine] + [n.view(now) for n in others] + [n.view(now) for n in inc]
-
-    def node_view(self, key: str) -> dict[str, Any] | None:
-        if key in (str(self.node_id), self.name):
-            return self.node_views()[0]
-        node = self.members.find(key)
-        if node is None:
-            node = next((n for n in self.members.incompatible.values()
-                         if str(n.id) == key or n.name == key), None)
-        return node.view(trio.current_time()) if node else None
-
-    def status(self) -> dict[str, Any]:
-        c = self.cfg
-        s = self.sampler.last
-        return {
-            "version": VERSION_STRING, "protocol": self.protocol, "node": self.name,
-            "id": self.node_id, "id_source": c.detected.get("node_id", "given"),
-            "interface": c.interface, "interface_source": c.detected.get("interface", "given"),
-            "address": c.address, "broadcast": c.broadcast, "port": c.port,
-            "peers": [f"{h}:{p}" for h, p in c.peers],
-            "control": f"{c.control_bind}:{c.control_port}",
-            "control_socket": c.control_socket, "topology": c.topology,
-            "cpus": format_cpu_list(c.cpus), "cpu_count": c.cpu_count,
-            "migration": self.mover.describe(),
-            "speed_mhz": int(c.cpu_speed_mhz), "security": self.security,
-            "key_file": c.key_file if self.security == "key" else None,
-            "load": s.load, "util": s.util, "runq": s.runq, "mem_free_mb": s.mem_free_mb,
-            "nodes": self.members.counts(), "packets": dict(self.counters),
-            "uptime": round(time.time() - self.started_wall, 1),
-            "watchers": self.bus.subscribers,
-            "watchers_dropped": self.bus.dropped_subscribers,
-            "control_sessions": self.control.sessions,
-            "log_level": logging.getLevelName(logging.getLogger("omuscd").getEffectiveLevel())
-            .lower(), "config_file": c.config_file, "state_dir": c.state_dir,
-            "pid": os.getpid(),
-        }
-
-    def status_lines(self, st: dict[str, Any]) -> list[str]:
-        c = self.cfg
-        sec = {
-            "key": f"key {c.key_file} (HMAC-SHA256): authenticated cluster",
-            "read-only": "read-only: no cluster key, so this node shows the cluster but "
-                         "exchanges no processes; fix: 'omuscd keygen /etc/omuscd.key', "
-                         "copy it to every node, restart (or --insecure on a trusted LAN)",
-            "insecure": "insecure: no key, every packet trusted (--insecure)",
-        }[self.security]
-        counts = ", ".join(f"{n} {k}" for k, n in st["nodes"].items())
-        p = st["packets"]
-        drops = ", ".join(f"{r} {p[r]}" for r in wire.DROP_REASONS)
-        return [
-            f"node: {st['node']} (id {st['id']}, {st['id_source']})",
-            f"version: {st['version']} (wire protocol {st['protocol']})",
-            f"interface: {c.interface} ({st['interface_source']}), address {c.address}, "
-            f"broadcast {c.broadcast or 'off'}",
-            f"ports: cluster {c.port}/udp{'+tcp' if self.channel_key else ''}, "
-            f"control {st['control']}, "
-            f"socket {c.control_socket}",
-            f"peers: {' '.join(st['peers']) or 'none (broadcast discovery only)'}",
-            f"topology: {c.topology}",
-            f"migration: {self.mover.describe()}",
-            f"cpus: {st['cpus']} lent of {c.cpu_count}, {st['speed_mhz']} MHz"
-            f" ({c.detected.get('cpus', 'given')})",
-            f"security: {sec}",
-            f"load: {st['load']:.2f} (util {st['util']:.1f}%, runq {st['runq']}), "
-            f"memory free {st['mem_free_mb']} MB",
-            f"cluster: {counts} (besides this node)",
-            f"packets: in {p['in']}, out {p['out']}, send errors {p['send-errors']}",
-            f"dropped: {drops}",
-            f"uptime: {st['uptime']:.0f}s, pid {st['pid']}, watchers {st['watchers']} "
-            f"({st['watchers_dropped']} dropped for falling behind), "
-            f"control sessions {st['control_sessions']}, log level {st['log_level']}",
-            f"files: config {st['config_file'] or 'none'}, state {st['state_dir']}",
-        ]
-
     def log_start(self) -> None:
         c = self.cfg
         log.info("%s starting as node %s (id %d, %s)", VERSION_STRING, c.node_name,
                  c.node_id, c.detected.get("node_id", "given"))
-        for line in self.status_lines(self.status())[2:9]:
+        for line in self.status.status_lines(self.status.status())[2:9]:
             log.info("%s", line)
         if self.security == "read-only":
             log.warning("no cluster key (%s): read-only, no processes will be exchanged; "
                         "create one with 'omuscd keygen %s' and copy it to every node, "
                         "or pass --insecure on a trusted LAN", c.key_file, c.key_file)
+
 
 
 def sd_notify(state: str) -> None:

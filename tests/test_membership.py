@@ -1,7 +1,7 @@
 import pytest
 
 from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, IdClash, Membership, Timing
-from tests.test_wire import entry
+from tests.fakes import wire_entry as entry
 
 
 def me(nid=1, inc=10, boot=100):
