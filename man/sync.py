@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omuscd.commands import COMMANDS
 from omuscd.config import PARAMS, format_number
+from omuscd.control.commands import COMMANDS
 
 MAN = Path(__file__).resolve().parent
 KINDS = {"str": "string", "int": "integer", "float": "number (seconds)", "bool": "boolean",

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from omuscd.client import ControlClient, Reply
 
 PYTHON = sys.executable
@@ -348,3 +350,88 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
         time.sleep(0.1)
         subprocess.run(["userdel", "-f", name], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- shared checks
+
+
+def criu_problem() -> str | None:
+    """Why real CRIU moves cannot be tested here (no namespaces, no CRIU, a failing
+    ``criu check``), or None."""
+    from omuscd.migrate.criu import PRIVATE_CRIU, find_criu
+
+    reason = can_netns()
+    if reason:
+        return reason
+    criu = find_criu(None)
+    if criu is None:
+        return f"no CRIU (neither criu in PATH nor {PRIVATE_CRIU}; tests/install-criu makes one)"
+    r = subprocess.run([criu, "check"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"'criu check' fails on this machine: {(r.stderr or r.stdout).strip()[-200:]}"
+    return None
+
+
+def inprocess_daemon(workdir: Path, addr: str, port: int, peers: tuple[str, ...] = (),
+                     **kw: Any) -> Any:
+    """A daemon object in this process (not started): for trio runs under a MockClock
+    and for the command table on a real node's services.  --insecure, on loopback."""
+    from omuscd import config
+    from omuscd.daemon import Daemon as Node
+
+    cfg = config.merge({"address": addr, "port": port, "control_port": port + 1,
+                        "peer": list(peers), "control_bind": addr,
+                        "state_dir": str(workdir / addr), "node_name": addr,
+                        "insecure": True, **kw}, None)
+    config.autodetect(cfg)
+    return Node(cfg, None, "insecure")
+
+
+# ---------------------------------------------------------------------- cluster fixtures
+# Every cluster a test module starts, one fixture each, all named "cluster" for the tests
+# that use them: a module imports the one it needs (``from tests.cluster import jobs_lan``)
+# and its tests take ``cluster``.
+
+#: balancing tests look every second and let jobs move after a second, stay three
+FAST_BALANCE = ["--balance-interval", "1", "--min-job-age", "1", "--min-stay", "3"]
+LAN_SIZE = 8  # the broadcast LAN: seven daemons and one free address
+
+
+@pytest.fixture(scope="module", name="cluster")
+def balance_lan() -> Iterator[dict[str, Daemon]]:
+    """Nodes a and b in namespaces, lending CPU 0 and CPU 1, balancing fast; open to
+    every user; real CRIU."""
+    reason = criu_problem()
+    if reason:
+        pytest.skip(reason)
+    with namespace_cluster("ab", lambda i: ["--cpus", str(i), *FAST_BALANCE],
+                           prefix=f"omb{os.getpid() % 10000}x", open_to_all=True,
+                           leftovers="omuscd-balance-test") as (_, _, _, nodes):
+        yield nodes
+
+
+@pytest.fixture(scope="module", name="cluster")
+def jobs_lan() -> Iterator[tuple[Any, ...]]:
+    """Nodes a, b, c; each lends one CPU (--cpus 0), like small idle boxes."""
+    with namespace_cluster("abc", lambda i: ["--cpus", "0"], open_to_all=True,
+                           leftovers="omuscd-test-job") as c:
+        yield c
+
+
+@pytest.fixture(scope="module", name="cluster")
+def broadcast_lan() -> Iterator[tuple[Any, ...]]:
+    """Seven nodes of an eight-node LAN, started with nothing but a key: they configure
+    themselves and find each other by broadcast."""
+    names = [f"node{i}" for i in range(LAN_SIZE - 1)]
+    with namespace_cluster(names, size=LAN_SIZE) as (lan, work, key, nodes):
+        yield lan, work, key, list(nodes.values())
+
+
+@pytest.fixture(scope="module", name="cluster")
+def examples_lan() -> Iterator[tuple[Any, dict[str, Daemon]]]:
+    """Nodes a and b in namespaces, for the examples' scripts."""
+    reason = can_netns()
+    if reason:
+        pytest.skip(reason)
+    with namespace_cluster("ab", prefix=f"omx{os.getpid() % 10000}x") as (lan, _, _, nodes):
+        yield lan, nodes

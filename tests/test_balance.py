@@ -11,12 +11,15 @@ import time
 import pytest
 
 from omuscd.balance import JobLoad, NodeLoad, Policy, decide
-from tests.cluster import namespace_cluster, ordinary_user, wait_for
-from tests.test_migration import criu_problem
+from tests.cluster import (
+    balance_lan,  # noqa: F401 (the "cluster" fixture)
+    ordinary_user,
+    wait_for,
+)
+from tests.fakes import balance_services
 
 PY = sys.executable
 HOG = "import sys\nwhile True: pass\n"
-FAST = ["--balance-interval", "1", "--min-job-age", "1", "--min-stay", "3"]
 
 
 def node(i: int, load: float, cpus: int = 1, **kw) -> NodeLoad:
@@ -90,24 +93,6 @@ def test_the_busier_the_source_the_younger_a_job_may_move():
     assert decide(node(1, 4.0), [node(2, 0.0)], big, p).job == "1.2"
 
 
-def _stand_in(me_load: float, b_load: float, act, b_moves: list[int] | None = None):
-    """A daemon as the balancer sees it: this node a (id 1, one CPU) and node b (id 2)."""
-    from types import SimpleNamespace
-
-    from omuscd.cluster.membership import ALIVE
-
-    me = {"load": me_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
-    b_entry = {"load": b_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
-    if b_moves is not None:
-        b_entry["moves"] = b_moves
-    b = SimpleNamespace(id=2, name="b", entry=b_entry, state=ALIVE, auth="ok")
-    return SimpleNamespace(node_id=1, name="a", publish=lambda events: None,
-                           members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b]),
-                           sampler=SimpleNamespace(last=SimpleNamespace(load=me_load)),
-                           jobs=SimpleNamespace(flags=set(), act=act),
-                           mover=SimpleNamespace(available=True))
-
-
 def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
     """The source counts its jobs the moment one has left (often before the move is over
     where it was decided); the move made there must not then be taken off that figure a
@@ -115,7 +100,7 @@ def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
     import trio
 
     from omuscd.balance import Decision
-    from omuscd.balancer import Balancer
+    from omuscd.balance.core import Core
 
     async def act(job: str, what: str, sig: int, to: str) -> str:
         d.sampler.last.load = 6.0  # the source's own count, at once
@@ -123,10 +108,10 @@ def test_a_move_is_counted_once_when_the_source_tells_its_load_at_once():
         d.members.nodes[2].entry["load"] = 1.0  # the target's, gossiped once it runs there
         return "moved"
 
-    d = _stand_in(7.0, 0.0, act)
+    d = balance_services(7.0, 0.0, act)
 
     async def main() -> dict[int, float]:
-        bal = Balancer(d)
+        bal = Core(d)
         await bal.move(Decision("1.1", 2, "test"), 1)
         return {n: x.demand for n, x in bal.loads(trio.current_time()).items()}
 
@@ -141,7 +126,7 @@ def test_moves_made_while_jobs_still_start_are_not_taken_off_twice():
     import trio
 
     from omuscd.balance import Decision
-    from omuscd.balancer import Balancer
+    from omuscd.balance.core import Core
 
     own = iter([7.0, 6.0, 5.0])  # after each move (the other jobs have started by then)
 
@@ -151,10 +136,10 @@ def test_moves_made_while_jobs_still_start_are_not_taken_off_twice():
         d.members.nodes[2].entry["load"] += 1.0
         return "moved"
 
-    d = _stand_in(5.0, 0.0, act)
+    d = balance_services(5.0, 0.0, act)
 
     async def main() -> dict[int, float]:
-        bal = Balancer(d)
+        bal = Core(d)
         for i in range(3):
             await bal.move(Decision(f"1.{i}", 2, "test"), 1)
         return {n: x.demand for n, x in bal.loads(trio.current_time()).items()}
@@ -170,7 +155,7 @@ def test_a_move_the_target_has_counted_is_not_added_again_after_a_job_ends_there
     import trio
 
     from omuscd.balance import Decision
-    from omuscd.balancer import Balancer
+    from omuscd.balance.core import Core
 
     async def act(job: str, what: str, sig: int, to: str) -> str:
         d.sampler.last.load = 2.0
@@ -183,13 +168,13 @@ def test_a_move_the_target_has_counted_is_not_added_again_after_a_job_ends_there
         return "moved"
 
     async def main() -> float:
-        bal = Balancer(d)
+        bal = Core(d)
         await bal.move(Decision("1.1", 2, "test"), 1)
         return bal.loads(trio.current_time())[2].demand
 
-    d = _stand_in(3.0, 1.0, act, b_moves=[4, 2])
+    d = balance_services(3.0, 1.0, act, b_moves=[4, 2])
     assert trio.run(main) == 1.0
-    d = _stand_in(3.0, 1.0, act)  # an older node, no counts: the old way
+    d = balance_services(3.0, 1.0, act)  # an older node, no counts: the old way
     assert trio.run(main) == 2.0
 
 
@@ -200,17 +185,17 @@ def test_moves_made_faster_than_the_target_gossips_stay_pending_each():
     import trio
 
     from omuscd.balance import Decision
-    from omuscd.balancer import Balancer
+    from omuscd.balance.core import Core
 
     async def act(job: str, what: str, sig: int, to: str) -> str:
         d.sampler.last.load -= 1.0
         await trio.sleep(0.05)
         return "moved"
 
-    d = _stand_in(8.0, 0.0, act, b_moves=[0, 0])
+    d = balance_services(8.0, 0.0, act, b_moves=[0, 0])
 
     async def main() -> float:
-        bal = Balancer(d)
+        bal = Core(d)
         for i in range(3):
             await bal.move(Decision(f"1.{i}", 2, "test"), 1)
         b = d.members.nodes[2].entry
@@ -253,28 +238,26 @@ def test_news_of_room_ends_the_backoff_of_a_request_nobody_answered():
     node waits before asking again, 4 s at the third try.  Jobs ending there meanwhile
     ended the wait only when it ran out; the news that the node has room ends it now.
     Less than a job's worth of change does not."""
-    from types import SimpleNamespace
 
     import trio
 
-    from omuscd import config
-    from omuscd.balancer import Balancer
+    from omuscd.balance.core import Core
+    from omuscd.balance.peer import Peer
 
-    d = _stand_in(4.0, 3.0, None)
-    d.cfg = SimpleNamespace(**config.defaults())
+    d = balance_services(4.0, 3.0, None)
 
     async def main() -> list[bool]:
-        bal = Balancer(d)
+        bal = Peer(Core(d))
         far = trio.current_time() + 4.0
         bal.backoff_until, bal.backoff_demand = far, {2: 3.0}
         seen = []
         for b_load in (3.0, 2.5):  # no news, then less than a job's worth
             d.members.nodes[2].entry["load"] = b_load
-            await bal.peer_tick(trio.current_time())
+            await bal.tick(trio.current_time())
             seen.append(bal.backoff_until == far)
         d.members.nodes[2].entry["load"] = 1.0  # two of its jobs ended
         d.sampler.last.load = 1.0  # (and so did ours: nothing to move, the wait is over)
-        await bal.peer_tick(trio.current_time())
+        await bal.tick(trio.current_time())
         return [*seen, bal.backoff_until == far]
 
     assert trio.run(main) == [True, True, False]
@@ -289,22 +272,22 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
 
     import trio
 
-    from omuscd.balancer import Balancer
+    from omuscd.balance.balancer import Balancer
     from omuscd.migration import Migrations
 
-    d = _stand_in(3.0, 5.0, None)
-    d.cfg = SimpleNamespace(state_dir="/nonexistent")
-    d.balancer = Balancer(d)
+    s = balance_services(3.0, 5.0, None)
+    d = SimpleNamespace(cfg=SimpleNamespace(state_dir="/nonexistent"), balancer=Balancer(s),
+                        mover=SimpleNamespace(available=True), name="a")
     said = []
 
     async def send(msg):
         said.append(msg["op"])
 
     async def main() -> tuple[int, int]:
-        d.balancer.held = [trio.current_time() + 5.0]
-        before = d.balancer.loads(trio.current_time())[1].pending
+        d.balancer.core.held = [trio.current_time() + 5.0]
+        before = d.balancer.core.loads(trio.current_time())[1].pending
         await Migrations(SimpleNamespace(d=d)).immigrate(SimpleNamespace(send=send), {})
-        return before, d.balancer.loads(trio.current_time())[1].pending
+        return before, d.balancer.core.loads(trio.current_time())[1].pending
 
     assert trio.run(main) == (1, 0)
     assert said == ["refused"]
@@ -334,18 +317,6 @@ def test_a_job_still_starting_is_not_picked_to_move():
             os.killpg(p.pid, 9) if p is ready else p.kill()
             p.wait()
 
-
-REASON = criu_problem()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if REASON:
-        pytest.skip(REASON)
-    with namespace_cluster("ab", lambda i: ["--cpus", str(i), *FAST],
-                           prefix=f"omb{os.getpid() % 10000}x", open_to_all=True,
-                           leftovers="omuscd-balance-test") as (_, _, _, nodes):
-        yield nodes
 
 def hogs(n, count: int, tag: str) -> list[str]:
     jobs = []

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from omuscd import commands
-from omuscd.commands import COMMANDS, ParseError, parse
-from tests.test_timing import make
+from omuscd.control import commands, protocol
+from omuscd.control.commands import COMMANDS, ParseError, parse
+from tests.cluster import inprocess_daemon as make
 
 
 def test_every_command_has_syntax_and_help():
@@ -15,14 +15,14 @@ def test_every_command_has_syntax_and_help():
 
 
 @pytest.mark.parametrize("line,code", [
-    ("frobnicate", commands.UNKNOWN),
-    ("node", commands.BAD_ARGS),
-    ("node a b", commands.BAD_ARGS),
-    ("log loud", commands.BAD_ARGS),
-    ("status --jsn", commands.BAD_ARGS),
-    ("quit --json", commands.BAD_ARGS),  # not a listing
-    ("get 'unclosed", commands.BAD_ARGS),
-    ("node " + "x" * 100, commands.BAD_ARGS),
+    ("frobnicate", protocol.UNKNOWN),
+    ("node", protocol.BAD_ARGS),
+    ("node a b", protocol.BAD_ARGS),
+    ("log loud", protocol.BAD_ARGS),
+    ("status --jsn", protocol.BAD_ARGS),
+    ("quit --json", protocol.BAD_ARGS),  # not a listing
+    ("get 'unclosed", protocol.BAD_ARGS),
+    ("node " + "x" * 100, protocol.BAD_ARGS),
 ])
 def test_bad_lines_get_4xx(line, code):
     with pytest.raises(ParseError) as e:
@@ -49,7 +49,7 @@ def test_completion_comes_from_the_table():
 
 @dataclass
 class Ctx:
-    daemon: object
+    services: object
     admin: bool = True
     authenticated: bool = True
     user: str = "test"
@@ -60,7 +60,7 @@ class Ctx:
 
 @pytest.fixture
 def ctx(workdir):
-    return Ctx(make(workdir, "127.0.0.31", 14280))
+    return Ctx(make(workdir, "127.0.0.31", 14280).control.services)
 
 
 def run(ctx, line):
@@ -75,7 +75,7 @@ def test_help_lists_every_command(ctx):
     for name in COMMANDS:
         assert any(line.startswith(name) for line in reply.lines)
     assert run(ctx, "help node").lines[0] == "node node [--json]"
-    assert run(ctx, "help nope").code == commands.NOT_FOUND
+    assert run(ctx, "help nope").code == protocol.NOT_FOUND
 
 
 def test_listings_answer_one_json_line(ctx):
@@ -91,33 +91,33 @@ def test_set_get_and_bounds(ctx):
     assert run(ctx, "set dead_timeout 9").lines == ["dead_timeout = 9.0"]
     assert run(ctx, "get dead-timeout --json").json
     assert json.loads(run(ctx, "get --json").lines[0])["dead_timeout"] == 9.0
-    assert run(ctx, "set dead_timeout 0").code == commands.BAD_ARGS
-    assert run(ctx, "set port 1").code == commands.NOT_FOUND  # not a runtime tunable
-    assert run(ctx, "get nope").code == commands.NOT_FOUND
-    assert ctx.daemon.cfg.dead_timeout == 9.0
+    assert run(ctx, "set dead_timeout 0").code == protocol.BAD_ARGS
+    assert run(ctx, "set port 1").code == protocol.NOT_FOUND  # not a runtime tunable
+    assert run(ctx, "get nope").code == protocol.NOT_FOUND
+    assert ctx.services.cfg.dead_timeout == 9.0
 
 
 def test_admin_and_auth_gates(ctx):
     ctx.admin = False
-    assert run(ctx, "shutdown").code == commands.NOT_PERMITTED
-    assert run(ctx, "set dead_timeout 8").code == commands.NOT_PERMITTED
+    assert run(ctx, "shutdown").code == protocol.NOT_PERMITTED
+    assert run(ctx, "set dead_timeout 8").code == protocol.NOT_PERMITTED
     assert run(ctx, "status").code == 200
     ctx.authenticated = False
-    assert run(ctx, "status").code == commands.AUTH_REQUIRED
+    assert run(ctx, "status").code == protocol.AUTH_REQUIRED
     assert run(ctx, "help").code == 200
 
 
 def test_node_lookup(ctx):
     assert run(ctx, "node 127.0.0.31").code == 200
-    assert run(ctx, f"node {ctx.daemon.node_id} --json").json
-    assert run(ctx, "node ghost").code == commands.NOT_FOUND
+    assert run(ctx, f"node {ctx.services.status.node_id} --json").json
+    assert run(ctx, "node ghost").code == protocol.NOT_FOUND
 
 
 def test_line_breaks_inside_a_line_are_escaped():
-    assert commands.Reply(200, ["a\nb", "c\r\nd"]).render() == b"200-a\\nb\r\n200 c\\r\\nd\r\n"
+    assert protocol.Reply(200, ["a\nb", "c\r\nd"]).render() == b"200-a\\nb\r\n200 c\\r\\nd\r\n"
 
 
 def test_multiline_framing():
-    r = commands.Reply(200, ["a", "b", "c"])
+    r = protocol.Reply(200, ["a", "b", "c"])
     assert r.render() == b"200-a\r\n200-b\r\n200 c\r\n"
-    assert commands.Reply(210, ["x"], stream=True).render() == b"210-x\r\n"
+    assert protocol.Reply(210, ["x"], stream=True).render() == b"210-x\r\n"

@@ -8,7 +8,7 @@ import time
 import pytest
 import urwid
 
-from omuscd import commands
+from omuscd.control import commands
 from tests.consoledata import cluster, job, node
 from tui.app import Console
 from tui.palette import PALETTE

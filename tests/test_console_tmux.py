@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from omuscd import config
-from tests.cluster import PYTHON, start_daemon, wait_for
-from tests.test_migration import criu_problem
+from tests.cluster import PYTHON, criu_problem, start_daemon, wait_for
 
 REASON = "tmux is not installed" if shutil.which("tmux") is None else criu_problem()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

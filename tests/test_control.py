@@ -1,7 +1,7 @@
 import trio
 import trio.testing
 
-from omuscd.control import (
+from omuscd.control.session import (
     AO,
     DO,
     DONT,
@@ -90,7 +90,7 @@ def test_loopback_owner_names_the_other_users_socket_never_a_closed_one():
     import socket
     import subprocess
 
-    from omuscd.control import loopback_owner, tcp_identity
+    from omuscd.control.identity import loopback_owner, tcp_identity
     from tests.cluster import ordinary_user
 
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
@@ -134,7 +134,7 @@ def test_loopback_owner_is_one_lookup_not_a_scan():
     import socket
     import time
 
-    from omuscd.control import loopback_owner
+    from omuscd.control.identity import loopback_owner
 
     srv = _pair(socket.AF_INET, "127.0.0.1")
     clients, conns = [], []

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from omuscd import cli, commands, exitcodes, runclient
+from omuscd import cli, exitcodes, runclient
 from omuscd.config import PARAMS
+from omuscd.control import commands, protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
@@ -78,7 +79,7 @@ def test_every_command_is_in_omuscd_commands_7_with_its_syntax():
 
 def test_every_reply_code_is_documented():
     documented = {int(c) for c in tagged(section("omuscd-commands.7", "REPLIES"))}
-    assert documented == set(commands.REPLY_CODES)
+    assert documented == set(protocol.REPLY_CODES)
 
 
 def test_every_exit_status_is_documented():

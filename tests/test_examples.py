@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 from omuscd import config
-from tests.cluster import can_netns, namespace_cluster, start_daemon, wait_for
-from tests.test_migration import criu_problem
+from tests.cluster import (
+    can_netns,
+    criu_problem,
+    examples_lan,  # noqa: F401 (the "cluster" fixture)
+    start_daemon,
+    wait_for,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PY = sys.executable
@@ -63,13 +68,6 @@ def test_sd_notify_reports_ready_and_stopping(workdir, reaper):
         got = [s.recv(100) for _ in range(1)]
         assert b"STOPPING=1" in got
 
-
-@pytest.fixture(scope="module")
-def cluster(built):
-    if NETNS:
-        pytest.skip(NETNS)
-    with namespace_cluster("ab", prefix=f"omx{os.getpid() % 10000}x") as (lan, _, _, nodes):
-        yield lan, nodes
 
 def env_for(node) -> dict[str, str]:
     return {**os.environ, "OMUSCD_SOCKET": node.socket,

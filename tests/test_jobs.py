@@ -24,7 +24,7 @@ from tests.cluster import (
     User,
     as_user,
     can_netns,
-    namespace_cluster,
+    jobs_lan,  # noqa: F401 (the "cluster" fixture)
     ordinary_user,
     start_daemon,
     wait_for,
@@ -36,13 +36,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=R
 SCRIPT = ('for i in 1 2 3; do echo "out $i"; echo "err $i" >&2; done; '
           'printf "no newline"; exit 7')
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Nodes a, b, c; each lends one CPU (--cpus 0), like small idle boxes."""
-    with namespace_cluster("abc", lambda i: ["--cpus", "0"], open_to_all=True,
-                           leftovers="omuscd-test-job") as c:
-        yield c
 
 def run(node, *args: str, cwd: str | None = None, user: int | None = None,
         **kw) -> subprocess.CompletedProcess[bytes]:

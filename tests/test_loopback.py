@@ -15,7 +15,7 @@ from omuscd import client, config, wire
 from tests.cluster import (
     PYTHON,
     User,
-    can_netns,
+    criu_problem,
     namespace_cluster,
     omuscd_command,
     ordinary_user,
@@ -518,15 +518,12 @@ def test_silent_session_is_closed_an_attached_or_watching_one_is_not(workdir, ke
         assert f.readline().startswith(b"200 omuscd-")
 
 
-def _criu_problem() -> str | None:
-    from tests.test_migration import REASON
-
-    return can_netns() or REASON
+CRIU = criu_problem()  # namespaces, CRIU and 'criu check'
 
 
 @pytest.mark.netns
-@pytest.mark.skipif(NO_TELNET or _criu_problem() is not None,
-                    reason=str(_criu_problem()) if not NO_TELNET else "no telnet client")
+@pytest.mark.skipif(NO_TELNET or CRIU is not None,
+                    reason=str(CRIU) if not NO_TELNET else "no telnet client")
 def test_telnet_on_loopback_as_root_migrates_a_job():
     with namespace_cluster("ab", prefix=f"omt{os.getpid() % 10000}t",
                            leftovers="omuscd-telnet-move") as (lan, _work, _key, n):

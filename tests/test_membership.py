@@ -1,7 +1,7 @@
 import pytest
 
 from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, IdClash, Membership, Timing
-from tests.test_wire import entry
+from tests.fakes import wire_entry as entry
 
 
 def me(nid=1, inc=10, boot=100):
@@ -135,3 +135,121 @@ def test_our_previous_life_in_gossip_is_no_clash():
     assert m.my_id == 5
     # the same id elsewhere is still a clash
     assert kinds(m.merge(entry(5, inc=10, boot=4, addr="198.18.0.9"), 0.0, "key")) == ["clash"]
+
+
+# ---------------------------------------------------------------------- this node's flags
+
+
+def test_this_nodes_flags_are_set_through_membership_and_gossiped_sorted():
+    m = table()
+    m.set_flag("quiet", True)
+    m.set_flag("criu", True)
+    m.set_flag("criu", True)  # twice is once
+    assert m.own_entry()["flags"] == ["criu", "quiet"] and m.has_flag("quiet")
+    m.set_flag("quiet", False)
+    m.set_flag("blocked", False)  # lowering a flag that is not raised changes nothing
+    assert m.own_entry()["flags"] == ["criu"] and not m.has_flag("quiet")
+    m.set_role("controller")
+    assert m.own_entry()["role"] == "controller"
+
+
+# ---------------------------------------------------------------------- the UDP half
+
+
+KEY = b"k" * 32
+
+
+class _Sent:
+    """Datagrams the gossip layer sent, kept instead of sent (its socket's sendto)."""
+
+    def __init__(self) -> None:
+        self.out: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, dest: tuple[str, int]) -> int:
+        self.out.append((data, dest))
+        return len(data)
+
+
+def _gossip(security: str = "key"):
+    """Node 1 (the one under test) and a codec for node 6 talking to it."""
+    from omuscd import wire
+    from omuscd.cluster.gossip import Gossip
+    from tests.fakes import fake_cfg
+
+    cfg = fake_cfg(address="198.18.0.1", port=4270, broadcast=None, peers=[],
+                   balance_threshold=0.5)
+    g = Gossip(cfg, wire.Codec(KEY, 1, 100, 10), table(), security)
+    g.raw = _Sent()  # type: ignore[assignment]
+    return g, wire.Codec(KEY, 6, 88, 2)
+
+
+SIX = ("198.18.0.6", 4270)
+
+
+def _hello(codec, wall: float) -> bytes:
+    from omuscd import wire
+
+    return codec.encode(wire.HELLO, {"entry": entry(6, boot=88, inc=2), "reply": False}, wall)
+
+
+def test_topology_datagrams_reach_their_handler_only_from_known_nodes():
+    """REQUEST and OFFER belong to the balancer; the gossip layer hands them to whoever
+    registered for them, and only from a node it knows (never on a read-only node).  A
+    handler's WireError is counted as a drop; nothing raises out of the receive path."""
+    import time
+
+    from omuscd import wire
+
+    g, six = _gossip()
+    got = []
+    g.handlers[wire.REQUEST] = lambda body, src, sender: got.append((body, src, sender))
+    wall = time.time()
+    g.handle_datagram(six.encode(wire.REQUEST, {"rid": 1}, wall), SIX, 5.0, wall)
+    assert got == [] and g.counters["in"] == 1  # node 6 is not known yet
+    g.handle_datagram(_hello(six, wall), SIX, 5.0, wall)
+    assert 6 in g.members.nodes
+    g.handle_datagram(six.encode(wire.REQUEST, {"rid": 2}, wall), SIX, 5.1, wall)
+    assert got == [({"rid": 2}, SIX, 6)]
+
+    def malformed(body, src, sender):
+        raise wire.WireError("malformed", "bad balancing request")
+
+    g.handlers[wire.REQUEST] = malformed
+    before = g.counters["malformed"]
+    g.handle_datagram(six.encode(wire.REQUEST, {"rid": "x"}, wall), SIX, 5.2, wall)
+    assert g.counters["malformed"] == before + 1
+
+    ro, six = _gossip("read-only")
+    ro.handlers[wire.REQUEST] = lambda body, src, sender: got.append("read-only")
+    ro.handle_datagram(_hello(six, wall), SIX, 5.0, wall)
+    ro.handle_datagram(six.encode(wire.REQUEST, {"rid": 3}, wall), SIX, 5.1, wall)
+    assert got == [({"rid": 2}, SIX, 6)]
+
+
+def test_membership_news_and_load_jumps_are_told_through_the_hooks():
+    """A join goes to on_events (the daemon publishes it), with on_change to wake the
+    timer loop; a node's gossiped load moving by balance_threshold calls on_load_jump
+    (the balancer looks at once); a smaller move does not.  Time is the caller's."""
+    import time
+
+    from omuscd import wire
+
+    g, six = _gossip()
+    told: list[str] = []
+    g.on_events = lambda events: told.extend(e.kind for e in events)
+    g.on_change = lambda: told.append("change")
+    g.on_load_jump = lambda: told.append("jump")
+    wall = time.time()
+    g.handle_datagram(_hello(six, wall), SIX, 7.0, wall)
+    assert told == ["join", "change"]
+    assert g.members.nodes[6].heard == pytest.approx(7.0)
+
+    def gossip(load: float, hb: int) -> bytes:
+        e = entry(6, boot=88, inc=2, hb=hb, load=load)
+        [data] = wire.pack_entries(six, wire.GOSSIP, [e], wall, {})
+        return data
+
+    told.clear()
+    g.handle_datagram(gossip(0.7, 4), SIX, 7.5, wall)  # 0.5 -> 0.7: below the threshold
+    g.handle_datagram(gossip(1.5, 5), SIX, 8.0, wall)  # 0.7 -> 1.5: a jump
+    assert told == ["jump"]

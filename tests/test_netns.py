@@ -9,21 +9,20 @@ import time
 
 import pytest
 
-from tests.cluster import can_netns, namespace_cluster, start_daemon, telnet, wait_for
+from tests.cluster import (
+    LAN_SIZE,
+    broadcast_lan,  # noqa: F401 (the "cluster" fixture)
+    can_netns,
+    start_daemon,
+    telnet,
+    wait_for,
+)
 
 REASON = can_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
-N = 8
+N = LAN_SIZE
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Seven nodes of an eight-node LAN, started with nothing but a key: they configure
-    themselves and find each other by broadcast."""
-    with namespace_cluster([f"node{i}" for i in range(N - 1)], size=N) as (lan, work, key,
-                                                                           nodes):
-        yield lan, work, key, list(nodes.values())
 
 def test_plug_and_pray_choices(cluster):
     lan, _, _, daemons = cluster

@@ -6,15 +6,7 @@ import trio
 import trio.testing
 
 from omuscd import config
-from omuscd.daemon import Daemon
-
-
-def make(workdir, addr, port, peers=(), **kw):
-    cfg = config.merge({"address": addr, "port": port, "control_port": port + 1,
-                        "peer": list(peers), "control_bind": addr, "state_dir": str(workdir / addr),
-                        "node_name": addr, "insecure": True, **kw}, None)
-    config.autodetect(cfg)
-    return Daemon(cfg, None, "insecure")
+from tests.cluster import inprocess_daemon as make
 
 
 def run_virtual(fn):

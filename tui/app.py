@@ -17,8 +17,8 @@ from typing import Any
 import trio
 import urwid
 
-from omuscd import commands
 from omuscd.client import Reply
+from omuscd.control import commands
 from tui.palette import PALETTE, want_mono
 from tui.source import ClusterSource, Model
 from tui.views import VIEWS, Feed, JobTable, NodeTable, header, totals

@@ -16,7 +16,20 @@ from tui.link import Connector, Link, LinkError, connector, describe
 from tui.source import ClusterSource, Model
 
 if TYPE_CHECKING:
-    from omuscd.daemon import Daemon
+    from typing import Protocol
+
+    from omuscd.control.server import ControlServer
+
+    class Daemon(Protocol):
+        """The daemon as the in-process console uses it (omuscd.daemon is imported by
+        omuscd.cli alone)."""
+
+        control: ControlServer
+        hangup_stops: bool
+
+        async def run(self, task_status: trio.TaskStatus[None] = ...) -> int: ...
+
+        def request_shutdown(self, reason: str) -> None: ...
 
 log = logging.getLogger("omuscd")
 

@@ -103,6 +103,23 @@ class Membership:
     def own_entry(self) -> dict[str, Any]:
         return {**self.me, "age": 0}
 
+    def set_flag(self, flag: str, on: bool) -> None:
+        """Raise or lower one of this node's flags ("criu", "blocked", "quiet", ...); the
+        next gossip round carries it.  The one writer of ``me["flags"]``."""
+        flags = set(self.me["flags"])
+        if on:
+            flags.add(flag)
+        else:
+            flags.discard(flag)
+        self.me["flags"] = sorted(flags)
+
+    def has_flag(self, flag: str) -> bool:
+        return flag in self.me["flags"]
+
+    def set_role(self, role: str) -> None:
+        """This node's topology role, gossiped from the next round on."""
+        self.me["role"] = role
+
     # ------------------------------------------------------------------ merging news
     def merge(self, entry: dict[str, Any], now: float, auth: str,
               source: tuple[str, int] | None = None) -> list[Event]:

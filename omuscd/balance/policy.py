@@ -1,4 +1,4 @@
-"""The policy: which node should run a job.
+"""The policy: which node should run a job, and which job moves where.
 
 One module decides for every caller: placement of new jobs now; migration decisions for
 both topologies (peer-to-peer and controller/drone) will live here too, so that the same

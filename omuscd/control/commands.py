@@ -4,9 +4,10 @@
 handler, as the Varnish CLI does.  The same table drives the parser, ``help``, the
 console's completion and the test that checks the man page, so none of them can drift.
 
-Replies are numbered like SMTP: ``2xx`` success, ``4xx`` bad request, ``5xx`` refused or
-failed; ``NNN-text`` continues a reply and ``NNN text`` ends it.  With ``--json`` a listing
-answers in one line, ``200 {...}``.
+Handlers receive the session (:class:`Context`) and through it the node's
+:class:`~omuscd.control.services.Services`: the job layer, the status views, the
+settings, the event bus; never the daemon.  Reply codes and the reply's wire form are in
+:mod:`omuscd.control.protocol`.
 """
 
 from __future__ import annotations
@@ -22,87 +23,37 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from omuscd import ids
 from omuscd.config import TUNABLES, ConfigError
+from omuscd.control.protocol import (
+    ATTACHED,
+    AUTH_REQUIRED,
+    BAD_ARGS,
+    BYE,
+    FAILED,
+    NOT_FOUND,
+    NOT_PERMITTED,
+    OK,
+    OUTPUT,
+    UNKNOWN,
+    WATCHING,
+    Reply,
+    err,
+    json_reply,
+    ok,
+)
+from omuscd.control.services import Services
 from omuscd.jobs import JobError, Owner
 
-if TYPE_CHECKING:
-    from omuscd.daemon import Daemon
-
-# Reply codes (documented in omuscd-commands(7)).
-OK = 200
-WATCHING = 210
-GREETING = 220
-BYE = 221
-OUTPUT = 230
-ATTACHED = 250
-UNKNOWN = 400
-BAD_ARGS = 401
-TOO_LONG = 402
-NOT_TEXT = 403
-NOT_FOUND = 404
-FAILED = 500
-NOT_PERMITTED = 501
-AUTH_REQUIRED = 530
-AUTH_FAILED = 531
-BUSY = 421
-
-REPLY_CODES: dict[int, str] = {
-    OK: "success", WATCHING: "event stream (watch)", GREETING: "greeting on connect",
-    BYE: "closing the session", OUTPUT: "job output (text attach)",
-    ATTACHED: "attached: binary job frames follow", UNKNOWN: "unknown command",
-    BAD_ARGS: "wrong arguments",
-    TOO_LONG: "line too long", NOT_TEXT: "not a line of text", NOT_FOUND: "no such node or key",
-    BUSY: "closing: too many sessions, or idle too long", FAILED: "failed",
-    NOT_PERMITTED: "not permitted for this user",
-    AUTH_REQUIRED: "authentication required", AUTH_FAILED: "authentication failed",
-}
-
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_LINE = 4096
-
-
-@dataclass
-class Reply:
-    code: int
-    lines: list[str]
-    stream: bool = False  # the session streams events after this reply (watch)
-    json: bool = False
-    close: bool = False  # the session ends after this reply
-    attach: Any = None  # the job whose output the session streams after this reply
-    binary: bool = False
-    follow: bool = False
-    recent: int = 0  # watch: replay this many recent events first
-
-    def render(self) -> bytes:
-        """Wire form: CR LF line ends (the telnet NVT convention).  A line break inside a
-        line (a command's argument, say) is escaped: it would end the reply early."""
-        lines = [ln.replace("\r", "\\r").replace("\n", "\\n") for ln in self.lines or [""]]
-        if self.stream:  # more lines follow this reply: it stays open
-            out = [f"{self.code}-{ln}" for ln in lines]
-        else:
-            out = [f"{self.code}-{ln}" for ln in lines[:-1]] + [f"{self.code} {lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode()
-
-
-def ok(*lines: str) -> Reply:
-    return Reply(OK, list(lines) or ["ok"])
-
-
-def err(code: int, text: str) -> Reply:
-    return Reply(code, [text])
-
-
-def json_reply(doc: Any) -> Reply:
-    return Reply(OK, [json.dumps(doc, separators=(",", ":"), sort_keys=False)], json=True)
 
 
 class Context(Protocol):
     """What a handler may know of the session that called it."""
 
-    daemon: Daemon
+    services: Services
     admin: bool  # may change the daemon (set, log, shutdown)
     authenticated: bool
     user: str
@@ -321,17 +272,17 @@ def h_help(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 def h_version(ctx: Context, a: dict[str, Any]) -> Reply:
-    v = ctx.daemon.version_info()
+    v = ctx.services.status.version_info()
     if a["json"]:
         return json_reply(v)
     return ok(f"{v['version']} (protocol {v['protocol']}, python package {v['package']})")
 
 
 def h_status(ctx: Context, a: dict[str, Any]) -> Reply:
-    st = ctx.daemon.status()
+    st = ctx.services.status.status()
     if a["json"]:
         return json_reply(st)
-    return ok(*ctx.daemon.status_lines(st))
+    return ok(*ctx.services.status.status_lines(st))
 
 
 NODE_HEADER = ["ID", "NAME", "ADDRESS", "ROLE", "STATE", "LOAD", "UTIL%", "CPUS", "MHZ",
@@ -339,7 +290,7 @@ NODE_HEADER = ["ID", "NAME", "ADDRESS", "ROLE", "STATE", "LOAD", "UTIL%", "CPUS"
 
 
 def h_nodes(ctx: Context, a: dict[str, Any]) -> Reply:
-    views = ctx.daemon.node_views()
+    views = ctx.services.status.node_views()
     if a["json"]:
         return json_reply({"nodes": views})
     rows = [[("*" if v.get("self") else "") + str(v["id"]), v["name"],
@@ -347,7 +298,7 @@ def h_nodes(ctx: Context, a: dict[str, Any]) -> Reply:
              f"{v['util']:.1f}", str(v["cpus"]), str(int(v["speed"])),
              f"{v['mem_free_mb']}M", str(v["jobs"]), v["auth"],
              fmt_duration(v["last_heard"]) + " ago"] for v in views]
-    counts = ctx.daemon.members.counts()
+    counts = ctx.services.status.node_counts()
     summary = f"{len(views)} nodes: this one and " + (
         ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no others")
     return ok(*table(rows, NODE_HEADER), summary)
@@ -355,7 +306,7 @@ def h_nodes(ctx: Context, a: dict[str, Any]) -> Reply:
 
 def h_node(ctx: Context, a: dict[str, Any]) -> Reply:
     try:
-        view = ctx.daemon.node_view(a["node"])
+        view = ctx.services.status.node_view(a["node"])
     except ValueError as e:
         return err(BAD_ARGS, str(e))
     if view is None:
@@ -370,14 +321,14 @@ def h_set(ctx: Context, a: dict[str, Any]) -> Reply:
     if key not in TUNABLES:
         return err(NOT_FOUND, f"no tunable {a['key'][:40]!r}; 'get' lists them")
     try:
-        value = ctx.daemon.set_tunable(key, a["value"])
+        value = ctx.services.settings.set_tunable(key, a["value"])
     except ConfigError as e:
         return err(BAD_ARGS, str(e))
     return ok(f"{key} = {value}")
 
 
 def h_get(ctx: Context, a: dict[str, Any]) -> Reply:
-    values = ctx.daemon.tunables()
+    values = ctx.services.settings.tunables()
     key = a.get("key")
     if key is not None:
         key = key.replace("-", "_")
@@ -391,7 +342,7 @@ def h_get(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 def h_log(ctx: Context, a: dict[str, Any]) -> Reply:
-    ctx.daemon.set_log_level(a["level"])
+    ctx.services.settings.set_log_level(a["level"])
     return ok(f"log level {a['level']}")
 
 
@@ -410,7 +361,7 @@ def h_quit(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 def h_shutdown(ctx: Context, a: dict[str, Any]) -> Reply:
-    ctx.daemon.request_shutdown(f"'shutdown' from {ctx.user}")
+    ctx.services.shutdown(f"'shutdown' from {ctx.user}")
     return Reply(OK, ["shutting down"], close=True)
 
 
@@ -478,7 +429,7 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
     cwd = a.get("cwd") or env.get("HOME", "/")
     if not os.path.isabs(cwd):
         return err(BAD_ARGS, "--cwd must be an absolute path")
-    job = await ctx.daemon.jobs.start(owner, argv, cwd, env, placement,
+    job = await ctx.services.jobs.start(owner, argv, cwd, env, placement,
                                       stay=bool(a.get("stay")),
                                       restartable=bool(a.get("restartable")),
                                       stdin=bool(a.get("stdin")))
@@ -493,13 +444,13 @@ JOB_HEADER = ["JOB", "OWNER", "HOME", "NODE", "STATE", "CPU", "RSS", "MIG", "AGE
 
 
 async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
-    jobs = await ctx.daemon.jobs.cluster_jobs()
+    jobs = await ctx.services.jobs.cluster_jobs()
     if not a.get("all"):
         jobs = [j for j in jobs if j.state != "exited"]
     views = [j.view() for j in jobs]
     if a["json"]:
         return json_reply({"jobs": views})
-    names = ctx.daemon.jobs.node_name
+    names = ctx.services.jobs.node_name
     now = time.time()
     rows = [[j.id, j.owner.user, names(j.home), j.node_name, j.state, f"{j.cpu:.1f}s",
              f"{j.rss_mb:.0f}M", str(j.migrations), fmt_duration((j.ended or now) - j.started),
@@ -509,7 +460,7 @@ async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 async def h_job(ctx: Context, a: dict[str, Any]) -> Reply:
-    jobs = {j.id: j for j in await ctx.daemon.jobs.cluster_jobs()}
+    jobs = {j.id: j for j in await ctx.services.jobs.cluster_jobs()}
     job = jobs.get(a["job"])
     if job is None:
         return err(NOT_FOUND, f"no job {a['job'][:40]!r}; 'jobs --all' lists them")
@@ -534,19 +485,19 @@ def parse_signal(text: str) -> int:
 async def h_kill(ctx: Context, a: dict[str, Any]) -> Reply:
     uid = _need_identity(ctx)
     sig = parse_signal(a.get("signal") or "TERM")
-    return ok(await ctx.daemon.jobs.act(a["job"], "kill", uid, sig))
+    return ok(await ctx.services.jobs.act(a["job"], "kill", uid, sig))
 
 
 async def h_stay(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(await ctx.daemon.jobs.act(a["job"], "stay", _need_identity(ctx)))
+    return ok(await ctx.services.jobs.act(a["job"], "stay", _need_identity(ctx)))
 
 
 async def h_nostay(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(await ctx.daemon.jobs.act(a["job"], "nostay", _need_identity(ctx)))
+    return ok(await ctx.services.jobs.act(a["job"], "nostay", _need_identity(ctx)))
 
 
 def _own_job(ctx: Context, job_id: str) -> Any:
-    jc = ctx.daemon.jobs
+    jc = ctx.services.jobs
     job = jc.find(job_id)
     if job is None:
         raise JobError(f"no job {job_id!r} here: output and attach work on the job's home "
@@ -562,7 +513,7 @@ def h_output(ctx: Context, a: dict[str, Any]) -> Reply:
     n = int(a.get("lines") or 20)
     if not 1 <= n <= 10000:
         return err(BAD_ARGS, "--lines must be between 1 and 10000")
-    spool = ctx.daemon.jobs.spool
+    spool = ctx.services.jobs.spool
     out = [f"stdout: {ln}" for ln in spool.tail_lines(job.id, 1, n)]
     out += [f"stderr: {ln}" for ln in spool.tail_lines(job.id, 2, n)]
     return ok(*out, f"job {job.id} {job.state}{': ' + job.exit_text() if job.exit else ''}")
@@ -579,12 +530,12 @@ def h_attach(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 def h_topology(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(ctx.daemon.set_topology(a["role"]))
+    return ok(ctx.services.settings.set_topology(a["role"]))
 
 
 def _flag(flag: str, on: bool) -> Handler:
     async def handler(ctx: Context, a: dict[str, Any]) -> Reply:
-        return ok(await ctx.daemon.jobs.set_flag_at(a.get("node"), flag, on))
+        return ok(await ctx.services.jobs.set_flag_at(a.get("node"), flag, on))
     return handler
 
 
@@ -599,16 +550,16 @@ async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
         if uid != 0:
             return err(NOT_PERMITTED, "only root may move a process that is not a cluster "
                        "job (migrate PID NODE)")
-        return ok(await ctx.daemon.jobs.take_over(int(a["job"]), a["where"]))
-    return ok(await ctx.daemon.jobs.act(a["job"], "migrate", uid, to=a["where"]))
+        return ok(await ctx.services.jobs.take_over(int(a["job"]), a["where"]))
+    return ok(await ctx.services.jobs.act(a["job"], "migrate", uid, to=a["where"]))
 
 
 async def h_expel(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(*await ctx.daemon.jobs.expel())
+    return ok(*await ctx.services.jobs.expel())
 
 
 async def h_bring(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(*await ctx.daemon.jobs.bring())
+    return ok(*await ctx.services.jobs.bring())
 
 
 def _cmds(*cmds: Command) -> dict[str, Command]:
