@@ -993,6 +993,7 @@ class Migrations:
             if pid is not None:
                 if isinstance(nice, int):
                     renice_tree(pid, nice)
+                self.d.mover.relock(pid)  # its file locks, lent for the move
                 signal_tree(pid, signal.SIGCONT)
                 self.d.sampler.resumed(tree(pid))
             self.jc._nursery().start_soon(self.jc._watch_again, job)

@@ -53,7 +53,7 @@ elif kind == "posix":
     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 else:
     fcntl.lockf(os.open(path, os.O_RDONLY), fcntl.LOCK_SH | fcntl.LOCK_NB)
-if len(sys.argv) > 4:  # memory enough for a move to take a while
+if sys.argv[4:5] and sys.argv[4].isdigit():  # memory enough for a move to take a while
     data = bytearray(b"x" * (int(sys.argv[4]) << 20))
 print("locked", flush=True)
 n = 0
@@ -259,3 +259,50 @@ def test_a_move_failing_after_the_dump_gives_the_job_its_locks_back(cluster, tmp
             p.communicate()
         n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
     assert p.returncode == 0 and out == b"done True\n", err
+
+
+BIG_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+data = bytearray(b"x" * (256 << 20))                     # resident: moved post-copy
+n = 0
+while True:
+    n += 1
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{n}\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_a_move_cut_short_by_the_source_dying_gives_the_locks_back_when_it_restarts(
+        cluster, tmp_path):
+    """The source daemon dies while the job runs on the target and its memory follows:
+    the target kills its copy (and so its locks); the source, started again, resumes
+    its frozen copy with the locks it had lent (noted in its state directory)."""
+    lan, work, key, n = cluster
+    os.chmod(tmp_path, 0o755)
+    path, out, tag = tmp_path / "locked", tmp_path / "count", f"{TAG}-settle"
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                        "--detach", "--", PY, "-c", BIG_HOLD, str(path), str(out), tag],
+                       capture_output=True, text=True, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    wait_for(lambda: out.exists() and len(out.read_text().split()) > 3, 30, "the counter")
+    t, _ = migrating(n["a"], job, "b")
+    wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 30,
+             "the job to run on b while its memory follows", interval=0.002)
+    n["a"].stop(signal.SIGKILL)
+    t.join(30)
+    wait_for(lambda: "incoming move abandoned" in n["b"].log(), 30, "b to give it up")
+    wait_for(lambda: len(job_processes(tag)) == 1, 10, "b's copy to be killed")
+    assert lock_taken(path, "posix") == 0  # a's frozen copy lent it, b's copy is gone
+    n["a"] = start_daemon("a", ["--key-file", str(key)], work, netns=lan.ns(0))
+    wait_for(lambda: f"job {job}: its move to b was cut short when this daemon stopped; "
+             "it resumes here" in n["a"].log(), 30, "a to settle the move")
+    seen = len(out.read_text().split())
+    wait_for(lambda: len(out.read_text().split()) > seen + 3, 10, "the counter to go on")
+    assert lock_taken(path, "posix") == errno.EAGAIN  # held again
+    assert not list(n["a"].state_dir.glob("lent-locks-*"))
+    assert n["a"].ctl(f"kill {job} KILL").ok
+    wait_for(lambda: n["a"].json(f"job {job}")["state"] == "exited", 10, "its end")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import logging
 import os
 import platform
@@ -30,7 +31,7 @@ import struct
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import psutil
@@ -689,8 +690,7 @@ class Criu:
     def lend(self, init_pid: int) -> None:
         """Take the locks of the job just dumped (frozen) off it, so that its restored
         copy can take them (see FileLock); kept to give back should the move fail."""
-        for gone in [p for p in self.lent if not os.path.exists(f"/proc/{p}")]:
-            del self.lent[gone]  # moved: the frozen copy was killed, its locks with it
+        self._forget_gone()
         held = held_locks(tree(init_pid))
         if not held:
             return
@@ -703,13 +703,57 @@ class Criu:
             raise MoveError(f"cannot lend the lock of process {h.pid} on {h.path} to the "
                             f"restored job: {why}")
         self.lent[init_pid] = held
+        self._note_lent(init_pid, held)
         log.info("job with init %d: %d file lock(s) lent to its restored copy", init_pid,
                  len(held))
+
+    def _lent_note(self, init_pid: int) -> Path:
+        return (self.keep_logs or Path("/nonexistent")) / f"lent-locks-{init_pid}.json"
+
+    def _note_lent(self, init_pid: int, held: list[HeldLock]) -> None:
+        """Write down what was lent, for a daemon that restarts in the middle of the move
+        and resumes the job (its init's start time tells it from a later process)."""
+        if self.keep_logs is None or (init := proctab.read(init_pid)) is None:
+            return
+        data = json.dumps({"started": init.started, "locks": [
+            [*astuple(h.lock), h.pid, h.fd, h.path] for h in held]}).encode()
+        try:
+            fd = os.open(self._lent_note(init_pid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                         os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.info("criu: cannot note the locks lent by job %d: %s", init_pid, e)
+
+    def _noted_lent(self, init_pid: int) -> list[HeldLock]:
+        """The locks noted by :meth:`_note_lent` for this very process, if any."""
+        try:
+            fd = os.open(self._lent_note(init_pid), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                note = json.loads(f.read(1 << 20))
+            init = proctab.read(init_pid)
+            if init is None or note["started"] != init.started:
+                return []
+            return [HeldLock(FileLock(*v[:7]), *v[7:]) for v in note["locks"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    def _forget_gone(self) -> None:
+        """Drop what was lent by jobs that moved (the frozen copy was killed, and the
+        locks with it)."""
+        for gone in [p for p in self.lent if not os.path.exists(f"/proc/{p}")]:
+            del self.lent[gone]
+            self._lent_note(gone).unlink(missing_ok=True)
 
     def relock(self, init_pid: int) -> None:
         """The move failed: give the frozen job back the locks lent for it, before it
         resumes."""
-        held = self.lent.pop(init_pid, [])
+        held = self.lent.pop(init_pid, None)
+        if held is None:  # this daemon restarted meanwhile (see Migrations.settle)
+            held = self._noted_lent(init_pid)
+        self._lent_note(init_pid).unlink(missing_ok=True)
         for h, why in move_locks(held, take=True):
             log.error("job with init %d: its process %d could not take back its %s lock "
                       "on %s after a failed move (%s): it runs without it", init_pid, h.pid,
