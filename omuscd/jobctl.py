@@ -374,8 +374,8 @@ class JobControl:
     def refresh_reasons(self, jobs: list[Job]) -> None:
         """Why each job running here cannot move, known before anyone tries (the
         mechanism's checks of its processes, their files and locks): looked at when the
-        jobs are listed, at most every REASONS_EVERY seconds (one look at a job of four
-        processes costs about 1 ms; the machine's locks are read once for all)."""
+        jobs are listed, at most every REASONS_EVERY seconds (measured: 1.5 ms for a job
+        of four processes; the machine's locks are read once for all, 0.06 ms)."""
         now = time.monotonic()
         if now - self._reasons_at < REASONS_EVERY or not self.d.mover.available:
             return

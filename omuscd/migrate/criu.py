@@ -244,8 +244,10 @@ def held_locks(pids: list[int]) -> list[HeldLock]:
 def _involves(pids: list[int], locks: list[FileLock]) -> bool:
     """Whether any of ``locks`` may be one of these processes' (cheap: no fdinfo read)."""
     mine = set(pids)
-    return any(lk.pid in mine or lk.pid <= 0 or lk.kind != "POSIX" for lk in locks
-               if not lk.blocked)
+    # a flock's pid is its taker's, who may have left it to the job and ended
+    return any(lk.pid in mine or lk.pid <= 0 or
+               (lk.kind != "POSIX" and not psutil.pid_exists(lk.pid))
+               for lk in locks if not lk.blocked)
 
 
 def lock_problem(pids: list[int], locks: list[FileLock]) -> str | None:
@@ -589,7 +591,9 @@ class Criu:
                     if target == "anon_inode:[io_uring]":
                         return f"process {p.pid} uses io_uring"
                 with open(f"/proc/{p.pid}/maps") as f:
-                    for line in f:
+                    maps = f.read()
+                if " /dev/" in maps or " /SYSV" in maps:  # (most jobs: a look, not a parse)
+                    for line in maps.splitlines():
                         parts = line.split(maxsplit=5)
                         path = parts[5].strip() if len(parts) > 5 else ""
                         if path.startswith("/dev/shm/") or path.startswith("/SYSV"):
