@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -42,15 +43,21 @@ rows = c.execute("select i, v from t order by i").fetchall()
 print("digest", hashlib.sha256(repr(rows).encode()).hexdigest(), len(rows), flush=True)
 """
 
-# Holds a lock of kind argv[2] ("flock", "posix" or "posix-read") on argv[1] until a flag file.
+# Holds a lock of kind argv[2] ("flock", "posix", "ofd", "posix-read" or "ofd-read") on
+# argv[1] until a flag file appears.
 HOLD = """
-import fcntl, os, sys, time
+import fcntl, os, struct, sys, time
 path, kind, flag = sys.argv[1], sys.argv[2], sys.argv[3]
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 if kind == "flock":
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 elif kind == "posix":
     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+elif kind == "ofd":  # a write lock on the whole file, owned by the open file description
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hh4xqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+elif kind == "ofd-read":
+    fcntl.fcntl(os.open(path, os.O_RDONLY), fcntl.F_OFD_SETLK,
+                struct.pack("hh4xqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
 else:
     fcntl.lockf(os.open(path, os.O_RDONLY), fcntl.LOCK_SH | fcntl.LOCK_NB)
 if sys.argv[4:5] and sys.argv[4].isdigit():  # memory enough for a move to take a while
@@ -143,7 +150,7 @@ def test_sqlite_mid_transaction_moves_twice_and_its_database_is_whole(cluster, t
     assert check.stdout.strip() == "ok", check
 
 
-@pytest.mark.parametrize("kind", ["flock", "posix"])
+@pytest.mark.parametrize("kind", ["flock", "posix", "ofd"])
 def test_a_lock_held_across_moves_is_held_after_each(cluster, tmp_path, kind):
     _, _, _, n = cluster
     os.chmod(tmp_path, 0o755)
@@ -153,6 +160,7 @@ def test_a_lock_held_across_moves_is_held_after_each(cluster, tmp_path, kind):
         assert p.stdout is not None and p.stdout.readline() == b"locked\n"
         job = job_of(n["a"], f"{TAG}-{kind}")
         assert lock_taken(path, kind) == errno.EWOULDBLOCK
+        assert n["a"].json(f"job {job}")["cannot_move"] == ""
         assert "migrated to b" in move(n["a"], job, "b")
         assert n["a"].json(f"job {job}")["node_name"] == "b"
         assert lock_taken(path, kind) == errno.EWOULDBLOCK  # the restored job's
@@ -168,22 +176,29 @@ def test_a_lock_held_across_moves_is_held_after_each(cluster, tmp_path, kind):
     assert lock_taken(path, kind) == 0  # the job's end released it, nothing else holds it
 
 
+@pytest.mark.parametrize("kind", ["posix", "ofd"])
 def test_a_lock_shared_with_a_process_outside_the_job_is_refused_before_the_freeze(
-        cluster, tmp_path):
+        cluster, tmp_path, kind):
     _, _, _, n = cluster
     os.chmod(tmp_path, 0o755)
     path, flag = tmp_path / "shared", tmp_path / "go"
     path.write_bytes(b"x")
     outside = os.open(path, os.O_RDONLY)
-    fcntl.lockf(outside, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a read lock held here
-    p = start(n["a"], PY, "-c", HOLD, str(path), "posix-read", str(flag), f"{TAG}-shared")
+    if kind == "posix":  # a read lock held here, which the job's read lock does not exclude
+        fcntl.lockf(outside, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        who = f"process {os.getpid()}, outside the job,"
+    else:  # an OFD lock: /proc/locks does not say whose (pid -1)
+        fcntl.fcntl(outside, fcntl.F_OFD_SETLK,
+                    struct.pack("hh4xqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
+        who = "a process outside the job"
+    tag = f"{TAG}-shared-{kind}"
+    p = start(n["a"], PY, "-c", HOLD, str(path), f"{kind}-read", str(flag), tag)
     try:
         assert p.stdout is not None and p.stdout.readline() == b"locked\n"
-        job = job_of(n["a"], f"{TAG}-shared")
+        job = job_of(n["a"], tag)
         r = n["a"].ctl(f"migrate {job} b")
         assert r.code == 500, r
-        assert f"cannot move: process {os.getpid()}, outside the job, also holds a lock on " \
-               f"{path}" in r.text, r
+        assert f"cannot move: {who} also holds a lock on {path}" in r.text, r
         assert "resumed" not in r.text  # refused before the freeze, not after a dump
         assert f"job {job} frozen" not in n["a"].log()
         assert not (n["a"].state_dir / "criu-dump-failed.log").exists()
@@ -195,7 +210,7 @@ def test_a_lock_shared_with_a_process_outside_the_job_is_refused_before_the_free
         wait_for(lambda: n["a"].json(f"job {job}")["cannot_move"] == "", 5,
                  "the reason to go")
         assert "migrated to b" in move(n["a"], job, "b")
-        assert lock_taken(path, "posix") == errno.EAGAIN
+        assert lock_taken(path, "posix") == errno.EAGAIN  # the job's read lock, on b
         flag.touch()
         out, err = p.communicate(timeout=30)
     finally:
