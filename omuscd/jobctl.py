@@ -49,6 +49,7 @@ from omuscd.jobs import (
     job_order,
     measure,
     refresh_usage,
+    starting,
     supervise,
     watch,
 )
@@ -63,6 +64,8 @@ INIT_READY_WAIT = 2.0  # seconds a signal waits for a starting job's init to cat
 INFO_EVERY = 2.0
 CHUNK = 256 * 1024
 NODE_FLAGS = ("blocked", "lstay", "quiet")
+#: How old the reasons jobs here cannot move may be when the jobs are listed (seconds).
+REASONS_EVERY = 1.0
 
 
 @dataclass
@@ -89,6 +92,7 @@ class JobControl:
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
+        self._reasons_at = -REASONS_EVERY  # when refresh_reasons last looked
         from omuscd.migration import Migrations
 
         self.migrations = Migrations(self)
@@ -367,6 +371,20 @@ class JobControl:
             return ""
         return f"no CRIU on node {self.d.name} ({self.d.mover.describe()})"
 
+    def refresh_reasons(self, jobs: list[Job]) -> None:
+        """Why each job running here cannot move, known before anyone tries (the
+        mechanism's checks of its processes, their files and locks): looked at when the
+        jobs are listed, at most every REASONS_EVERY seconds (measured: 1.5 ms for a job
+        of four processes; the machine's locks are read once for all, 0.06 ms)."""
+        now = time.monotonic()
+        if now - self._reasons_at < REASONS_EVERY or not self.d.mover.available:
+            return
+        self._reasons_at = now
+        here = {j.pid: j for j in jobs if j.node == self.me and j.state == RUNNING
+                and j.pid is not None and not starting(j)}
+        for pid, why in self.d.mover.reasons(list(here)).items():
+            here[pid].cannot_move = self.static_cannot_move(here[pid]) or why or ""
+
     async def _launch(self, table: dict[str, Job], runner: Any, job: Job,
                       env: dict[str, str]) -> None:
         """Book the job in ``table`` and start it; unbook it if it cannot start."""
@@ -622,6 +640,7 @@ class JobControl:
                                    "text": self.set_flag(flag, bool(msg.get("on")))})
             elif op == "jobs":
                 refresh_usage([j for j in self.all_jobs() if j.node == self.me])
+                self.refresh_reasons(self.all_jobs())
                 await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
                                "guests": [j.wire() for j in self.guests.values()]})
             elif op == "act":
@@ -845,6 +864,7 @@ class JobControl:
                 if node.auth != "unverified":
                     nursery.start_soon(ask, node.id)
         refresh_usage([j for j in self.all_jobs() if j.node == self.me])
+        self.refresh_reasons(self.all_jobs())
         homes = {self.me: [j.wire() for j in self.home.values()]}
         guests = [j.wire() for j in self.guests.values()]
         for nid, a in answers.items():
@@ -860,6 +880,8 @@ class JobControl:
             if job is not None and job.home not in homes and job.id not in out:
                 job.reason = job.reason or "home node unreachable"
                 out[job.id] = job
+            elif job is not None and job.id in out and out[job.id].node == job.node:
+                out[job.id].cannot_move = job.cannot_move  # as the node running it knows
         return sorted(out.values(), key=_job_order)
 
     async def expel(self) -> list[str]:

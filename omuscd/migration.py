@@ -585,6 +585,7 @@ class Migrations:
         if job.pid is not None:
             if nice is not None:  # its own priority back (see _emigrate)
                 renice_tree(job.pid, nice)
+            self.d.mover.relock(job.pid)  # its file locks, lent for the move
             signal_tree(job.pid, signal.SIGCONT)
             self.d.sampler.resumed(tree(job.pid))
         job.state = RUNNING
@@ -992,6 +993,7 @@ class Migrations:
             if pid is not None:
                 if isinstance(nice, int):
                     renice_tree(pid, nice)
+                self.d.mover.relock(pid)  # its file locks, lent for the move
                 signal_tree(pid, signal.SIGCONT)
                 self.d.sampler.resumed(tree(pid))
             self.jc._nursery().start_soon(self.jc._watch_again, job)

@@ -953,7 +953,8 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
                     name="a", cfg=SimpleNamespace(state_dir=str(tmp_path), dead_timeout=6.0,
                                                   gossip_interval=0.5),
                     members=SimpleNamespace(nodes={20: SimpleNamespace(state=ALIVE)}),
-                    sampler=SimpleNamespace(resumed=resumed.append))
+                    sampler=SimpleNamespace(resumed=resumed.append),
+                    mover=Criu(None, tmp_path))  # gives back locks lent for the move
                 jc = SimpleNamespace(d=d, me=10, home={record.id: record}, guests={},
                                      scopes={}, request=request, save=lambda job: None,
                                      node_name=lambda n: {10: "a", 20: "b"}[n],

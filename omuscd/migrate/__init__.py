@@ -48,6 +48,15 @@ class Mover(Protocol):
         """Why this job cannot be moved (checked before freezing), or None."""
         ...
 
+    def reasons(self, init_pids: list[int]) -> dict[int, str | None]:
+        """:meth:`cannot_move` for several jobs at once (what they share read once)."""
+        ...
+
+    def relock(self, init_pid: int) -> None:
+        """A move failed after the dump: give the frozen job back what the dump lent
+        (its file locks) before it resumes."""
+        ...
+
     def cannot_adopt(self, pid: int) -> str | None:
         """Why a process that is not a cluster job cannot be taken over and moved (its
         session, its terminal, what :meth:`cannot_move` finds), or None."""
