@@ -226,7 +226,7 @@ class JobControl:
         self.placed.append(placed)
         try:
             if target == self.me:
-                check_runnable(argv, cwd, env, self.d.name)
+                check_runnable(argv, cwd, env, self.d.name, owner)
                 self._check_guest_ok(owner, local=True)
                 job.cannot_move = self.static_cannot_move(job)
                 await self._launch(self.home, self._run_local, job, env)
@@ -651,7 +651,7 @@ class JobControl:
             if job.id in self.guests:
                 raise JobError(f"job {job.id} already runs here")
             self._check_guest_ok(job.owner, local=False)
-            check_runnable(job.argv, job.cwd, env, self.d.name)
+            check_runnable(job.argv, job.cwd, env, self.d.name, job.owner)
             job.offsets = {STDOUT: 0, STDERR: 0}
             job.changed = trio.Event()
             await self._launch(self.guests, self._run_guest, job, env)

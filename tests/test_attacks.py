@@ -4,6 +4,7 @@ and checks they gain nothing (see omuscd(8), SECURITY)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 
@@ -104,3 +105,32 @@ def test_a_socket_restored_by_criu_does_not_lend_root_its_rights():
         out, err = p.communicate(timeout=60)
         assert b"501 'set' is for root or the daemon's user" in out, (out, err)
         assert n["b"].ctl("get gossip_interval").text == before
+
+
+def test_what_root_sees_behind_a_closed_directory_is_not_told(workdir, reaper):
+    """'omuscd run' checks the program and working directory before it starts a job; as
+    root, that check sees through directories the user may not search.  Whether a file or
+    a directory exists there must not show in the answers (the job's init, as the user,
+    answers instead)."""
+    d = loopback_daemon("cl", "127.0.0.62", workdir, reaper)
+    closed = workdir / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "there").write_text("#!/bin/sh\n")
+    os.chmod(closed / "there", 0o755)
+    (closed / "dir").mkdir()
+    with ordinary_user("cl") as user:
+        def answer(*args: str, path: str = "/usr/bin:/bin") -> tuple[int, str]:
+            r = user.run([user.python, "-m", "omuscd", *args], env={"PATH": path})
+            said = (r.stdout + r.stderr).decode()
+            return r.returncode, re.sub(r"job \S+", "job J", said).replace(
+                "nothing", "X").replace("there", "X").replace("dir", "X")
+
+        run = ["run", "--connect", d.socket, "--"]
+        ctl = ["ctl", "--connect", d.socket, "run", "--cwd"]
+        first = answer(*run, str(closed / "there"))
+        assert "Permission denied" in first[1], first  # from the init, as the user
+        assert first == answer(*run, str(closed / "nothing"))
+        assert answer(*ctl, str(closed / "dir"), "--", "true") == \
+            answer(*ctl, str(closed / "nothing"), "--", "true")
+        assert answer(*run, "there", path=str(closed)) == \
+            answer(*run, "nothing", path=str(closed))
