@@ -134,3 +134,89 @@ def test_what_root_sees_behind_a_closed_directory_is_not_told(workdir, reaper):
             answer(*ctl, str(closed / "nothing"), "--", "true")
         assert answer(*run, "there", path=str(closed)) == \
             answer(*run, "nothing", path=str(closed))
+
+
+# As the user, in a job: a file of theirs open for appending; written to once the flag
+# exists (after the move).
+APPENDER = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+os.write(fd, b"written by the job\n")
+print("written", flush=True)
+"""
+# As the user: once the first CRIU dump with this user's real uid started from now on
+# has ended, put a link to ARGV[2] where the directory ARGV[1] was.
+SWAP_AFTER_DUMP = r"""
+import os, sys, time
+def started(pid):
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+me, first, dump, passes = str(os.getuid()), started("self"), None, 0
+while dump is None:
+    passes += 1
+    if passes == 2:
+        print("watching", flush=True)
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or started(pid) < first:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if uid == me and b"dump" in cmd and any(a.endswith(b"/criu") for a in cmd):
+            dump = pid
+while os.path.exists(f"/proc/{dump}"):
+    time.sleep(0.0005)
+os.rename(sys.argv[1], sys.argv[1] + ".old")
+os.symlink(sys.argv[2], sys.argv[1])
+print("swapped", flush=True)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_a_moved_job_reopens_only_what_its_user_could_open():
+    """CRIU restores a moved job's open files by their path, as root.  The user may change
+    what that path leads to between the dump and the restore (a directory of theirs made a
+    link to a directory of root's): the restored job must not get a root file open for
+    writing, which the user could not open.  The move fails (the restored copy is killed
+    on the target) and the job resumes, intact, at the source."""
+    with namespace_cluster("ab", prefix=f"omf{os.getpid() % 10000}x", open_to_all=True,
+                           leftovers="omuscd-attack-test") as (_, work, _, n), \
+            ordinary_user("fs") as user:
+        roots = work / "roots"
+        roots.mkdir(mode=0o755)
+        target = roots / "f"
+        target.write_bytes(b"root's own file\n")
+        os.chmod(target, 0o644)
+        mine = user.home / "d"
+        user.run(["/bin/sh", "-c", f"mkdir {mine} && printf 'a user file....\\n' > {mine}/f"])
+        assert (mine / "f").stat().st_size == target.stat().st_size
+        flag = user.home / "go"
+        tag = "omuscd-attack-test-file"
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", "/usr/bin/python3",
+                                     "-c", APPENDER, str(mine / "f"), str(flag), tag))
+        assert p.stdout is not None and p.stdout.readline().split() == [b"ready"]
+        job = job_of(n["a"], tag)
+        swapper = user.popen(["/usr/bin/python3", "-c", SWAP_AFTER_DUMP, str(mine),
+                              str(roots)])
+        assert swapper.stdout is not None
+        assert swapper.stdout.readline() == b"watching\n"  # it scans /proc already
+        moved = user.run([user.python, "-m", "omuscd", "ctl", "--connect", n["a"].socket,
+                          "migrate", job, "b"])
+        assert swapper.communicate(timeout=10)[0] == b"swapped\n"
+        assert moved.returncode == 5, moved
+        assert b"the restored job holds what" in moved.stderr, moved
+        assert f"{target} is not {user.name}'s to open (w)".encode() in moved.stderr, moved
+        assert n["a"].json(f"job {job}")["node_name"] == "a"  # resumed at the source
+        flag.touch()
+        out, err = p.communicate(timeout=30)
+        assert (p.returncode, out, err) == (0, b"written\n", b"")
+        assert target.read_bytes() == b"root's own file\n"
+        assert (mine.parent / "d.old" / "f").read_bytes().endswith(b"written by the job\n")
