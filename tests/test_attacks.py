@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from omuscd import config
-from tests.cluster import namespace_cluster, ordinary_user, start_daemon
+from tests.cluster import namespace_cluster, omuscd_command, ordinary_user, start_daemon
 from tests.test_migration import REASON, job_of
 
 CTL = 24271
@@ -220,3 +220,26 @@ def test_a_moved_job_reopens_only_what_its_user_could_open():
         assert (p.returncode, out, err) == (0, b"written\n", b"")
         assert target.read_bytes() == b"root's own file\n"
         assert (mine.parent / "d.old" / "f").read_bytes().endswith(b"written by the job\n")
+
+
+def test_a_state_directory_a_user_made_is_refused(workdir):
+    """Root following the README (``--state-dir /tmp/n2``) where a user made /tmp/n2 first,
+    or one inside a directory others may write: the user would own what the daemon keeps
+    (they could put images of their making where CRIU restores from).  The daemon exits 1,
+    naming the directory, and creates nothing there."""
+    os.chmod(workdir, 0o1777)  # as /tmp
+    with ordinary_user("sd") as user:
+        theirs = workdir / "n2"
+        assert user.run(["/bin/mkdir", "-m", "0755", str(theirs)]).returncode == 0
+        shared = workdir / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o777)  # writable by all, not sticky
+        for state, named in ((theirs, f"{theirs} belongs to uid {user.uid}"),
+                             (shared / "n3", f"{shared}, above it, belongs to uid 0 "
+                                             "(mode 777)")):
+            r = subprocess.run(omuscd_command(["--insecure", "--address", "127.0.0.63",
+                                               "--control-bind", "127.0.0.63",
+                                               "--state-dir", str(state)]),
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1 and named in r.stderr, r
+            assert list(state.iterdir()) == []
