@@ -562,8 +562,9 @@ class ControlServer:
         else:
             who = await trio.to_thread.run_sync(  # a scan of /proc: not in the loop
                 tcp_identity, stream.socket.family, local, remote, peer)
-        # unidentified clients share one allowance per address (on loopback: one)
-        key = ("uid", who.uid) if who.uid is not None else ("addr", remote and remote[0])
+        # unidentified clients share one allowance per address; on loopback, one for all
+        # (every 127.x.y.z is a source address any local user may bind)
+        key = ("uid", who.uid) if who.uid is not None else ("addr", _source(remote))
         await self._serve(stream, peer, who, key, self.secret)
 
     async def handle_unix(self, stream: trio.SocketStream) -> None:
@@ -606,6 +607,19 @@ class ControlServer:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _source(remote: tuple[Any, ...] | None) -> str | None:
+    """The address an unidentified client is counted by: its own, or "loopback"."""
+    if remote is None:
+        return None
+    try:
+        addr = ipaddress.ip_address(remote[0].split("%")[0])
+    except ValueError:
+        return remote[0]
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return "loopback" if addr.is_loopback else str(addr)
 
 
 def peer_cred(sock: trio.socket.SocketType) -> tuple[int | None, int | None, int | None]:

@@ -243,3 +243,47 @@ def test_a_state_directory_a_user_made_is_refused(workdir):
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 1 and named in r.stderr, r
             assert list(state.iterdir()) == []
+
+
+# As the user: hold NUM sessions on HOST:PORT from each of the source addresses given,
+# until stdin closes; say how many the daemon let in.
+HOLD_SESSIONS = r"""
+import socket, sys
+host, port, num, *sources = sys.argv[1:]
+held = []
+for src in sources:
+    for _ in range(int(num)):
+        s = socket.socket()
+        s.bind((src, 0))
+        s.connect((host, int(port)))
+        if s.recv(4096).startswith(b"220"):
+            held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_unidentified_loopback_sessions_share_one_allowance(workdir, reaper):
+    """Unidentified TCP sessions are counted by address; on loopback every 127.x.y.z is a
+    source a local user may bind.  With a control password (every TCP session starts
+    unidentified) one user connecting from four of them filled every shared session, and
+    another user's 'omuscd ctl' on the Unix socket was refused."""
+    key = workdir / "cluster.key"
+    secret = workdir / "pw.secret"
+    config.write_key(str(key))
+    config.write_key(str(secret))
+    d = start_daemon("lo", ["--address", "127.0.0.64", "--port", "24270", "--control-bind",
+                            "127.0.0.64", "--control-port", str(CTL), "--key-file", str(key),
+                            "--control-secret", str(secret)], workdir)
+    reaper.append(d)
+    os.chmod(workdir, 0o755)
+    os.chmod(d.state_dir, 0o755)
+    with ordinary_user("ho") as hog, ordinary_user("ot") as other:
+        holder = hog.popen(["/usr/bin/python3", "-c", HOLD_SESSIONS, "127.0.0.64", str(CTL),
+                            "64", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"],
+                           stdin=subprocess.PIPE)
+        assert holder.stdout is not None
+        assert int(holder.stdout.readline()) == 64  # one allowance for them all
+        r = other.run([other.python, "-m", "omuscd", "ctl", "--connect", d.socket, "nodes"])
+        holder.communicate(b"", timeout=20)
+    assert r.returncode == 0, r
