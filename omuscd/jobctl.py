@@ -14,6 +14,7 @@ its own:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -87,6 +88,8 @@ class JobControl:
         # (node id, when, job id): jobs placed recently, not yet visible in the node's load
         self.placed: list[tuple[int, float, str]] = []
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
+        # incoming channel connections not yet authenticated, per source (see _serve)
+        self.handshaking: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
         from omuscd.migration import Migrations
@@ -568,12 +571,27 @@ class JobControl:
             await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        # Anyone may connect; until the challenge is answered a connection is held for up
+        # to channel.HANDSHAKE_TIMEOUT.  Bounded per source address (every loopback
+        # address counting as one), or a local user holding thousands ran the daemon out
+        # of descriptors: no job could start, no control session open.
+        source = _source_of(stream)
+        if self.handshaking.get(source, 0) >= MAX_HANDSHAKES:
+            self.d.counters["channel-refused"] += 1
+            await trio.aclose_forcefully(stream)
+            return
+        self.handshaking[source] = self.handshaking.get(source, 0) + 1
         try:
             ch = await channel.accept(stream, self.d.channel_key, self.hello())
         except ChannelError as e:
             self.d.counters["channel-refused"] += 1
             log.warning("cluster channel: refused a connection: %s", e)
+            await trio.aclose_forcefully(stream)
             return
+        finally:
+            self.handshaking[source] -= 1
+            if not self.handshaking[source]:
+                del self.handshaking[source]
         try:
             if ch.peer.get("proto") != self.d.protocol:
                 await ch.send({"op": "refused", "reason": "incompatible protocol version"})
@@ -919,6 +937,23 @@ class JobControl:
         self.d.publish([Event("config", f"node {'now' if on else 'no longer'} {flag}",
                               {"key": flag, "value": on})])
         return f"{flag}: {'on' if on else 'off'}"
+
+
+#: Cluster-channel connections from one source address (all of loopback being one) that
+#: may be waiting to authenticate at once.
+MAX_HANDSHAKES = 64
+
+
+def _source_of(stream: trio.SocketStream) -> str:
+    """The address a connection is counted by (see JobControl._serve)."""
+    try:
+        host = str(stream.socket.getpeername()[0]).split("%")[0]
+        addr = ipaddress.ip_address(host)
+    except (OSError, ValueError, IndexError):
+        return "?"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return "loopback" if addr.is_loopback else str(addr)
 
 
 def _home_of(job_id: str) -> int | None:

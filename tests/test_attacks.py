@@ -287,3 +287,40 @@ def test_unidentified_loopback_sessions_share_one_allowance(workdir, reaper):
         r = other.run([other.python, "-m", "omuscd", "ctl", "--connect", d.socket, "nodes"])
         holder.communicate(b"", timeout=20)
     assert r.returncode == 0, r
+
+
+# As the user: hold NUM connections to HOST:PORT for a while; say how many were accepted
+# and then still open (not closed at once by the daemon).
+HOLD_CONNECTIONS = r"""
+import socket, sys, time
+host, port, num = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = [socket.create_connection((host, port)) for _ in range(num)]
+time.sleep(1)
+open_ = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        open_ += s.recv(1) != b""
+    except BlockingIOError:
+        open_ += 1
+print(open_, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_unauthenticated_cluster_connections_are_bounded(workdir, reaper):
+    """Anyone may connect to the cluster port; a connection is held until it answers the
+    key's challenge or a timeout.  A local user holding thousands ran the daemon out of
+    descriptors (it then could start no job and open no control session); now only a
+    few may wait at once from one address, all of loopback counting as one."""
+    d = loopback_daemon("cc", "127.0.0.65", workdir, reaper)
+    with ordinary_user("cc") as user:
+        holder = user.popen(["/usr/bin/python3", "-c", HOLD_CONNECTIONS, "127.0.0.65",
+                             "24270", "900"], stdin=subprocess.PIPE)
+        assert holder.stdout is not None
+        held = int(holder.stdout.readline())
+        fds = len(os.listdir(f"/proc/{d.popen.pid}/fd"))
+        holder.communicate(b"", timeout=20)
+    assert held <= 64, held
+    assert fds < 200, fds
+    assert d.ctl("status").ok
