@@ -84,6 +84,7 @@ def test_a_socket_restored_by_criu_does_not_lend_root_its_rights():
     root's for the kernel on the target.  Connected to the loopback control port there,
     it must still have only the job user's rights."""
     with namespace_cluster("ab", prefix=f"oma{os.getpid() % 10000}x", open_to_all=True,
+                           extra=lambda i: ["--no-balancing"],  # only the user moves it
                            leftovers="omuscd-attack-test") as (_, _, _, n), \
             ordinary_user("as") as user:
         tag = "omuscd-attack-test-sock"
@@ -188,6 +189,7 @@ def test_a_moved_job_reopens_only_what_its_user_could_open():
     writing, which the user could not open.  The move fails (the restored copy is killed
     on the target) and the job resumes, intact, at the source."""
     with namespace_cluster("ab", prefix=f"omf{os.getpid() % 10000}x", open_to_all=True,
+                           extra=lambda i: ["--no-balancing"],  # only the user moves it
                            leftovers="omuscd-attack-test") as (_, work, _, n), \
             ordinary_user("fs") as user:
         roots = work / "roots"
