@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import shlex
+import stat
 import sys
 from typing import Any
 
@@ -281,6 +282,11 @@ def lock_state_dir(state_dir: str) -> int:
     alone (one once deleted the first daemon's images/).  The file is opened without
     following a link and is close-on-exec, so a job never inherits the lock."""
     os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    why = unsafe_state_dir(state_dir)
+    if why is not None:
+        raise OSError(errno.EPERM, f"{why}: another user could change what the daemon "
+                      "keeps there (its lock, control socket, spool and CRIU images); give "
+                      "it a directory of its own")
     path = os.path.join(state_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
@@ -296,6 +302,32 @@ def lock_state_dir(state_dir: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def unsafe_state_dir(state_dir: str) -> str | None:
+    """Why another account could change the state directory's contents, or None.
+
+    Why: the daemon runs as root and CRIU restores what it finds in STATE_DIR/images; a
+    directory a user made (``--state-dir /tmp/n2`` where they made /tmp/n2 first), or one
+    inside a directory they may rename things in, would be theirs to fill.  The directory
+    must be this daemon's and writable by it alone; every directory above it (as given,
+    and after links) root's or the daemon's, and writable by no one else unless sticky."""
+    me = os.geteuid()
+    given = os.path.abspath(state_dir)
+    for top in {given, os.path.realpath(given)}:
+        st = os.stat(top)
+        if st.st_uid != me or st.st_mode & 0o022:
+            return (f"{top} belongs to uid {st.st_uid} (mode {st.st_mode & 0o777:o}), not "
+                    f"to this daemon (uid {me}) alone")
+        d = top
+        while d != "/":
+            d = os.path.dirname(d)
+            st = os.stat(d)
+            open_to_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+            if st.st_uid not in (0, me) or open_to_others:
+                return (f"{d}, above it, belongs to uid {st.st_uid} (mode "
+                        f"{st.st_mode & 0o7777:o})")
+    return None
 
 
 def _lock_holder(fd: int) -> str:

@@ -14,6 +14,7 @@ its own:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -90,6 +91,8 @@ class JobControl:
         # (node id, when, job id): jobs placed recently, not yet visible in the node's load
         self.placed: list[tuple[int, float, str]] = []
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
+        # incoming channel connections not yet authenticated, per source (see _serve)
+        self.handshaking: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
         self._reasons_at = -REASONS_EVERY  # when refresh_reasons last looked
@@ -230,7 +233,7 @@ class JobControl:
         self.placed.append(placed)
         try:
             if target == self.me:
-                check_runnable(argv, cwd, env, self.d.name)
+                check_runnable(argv, cwd, env, self.d.name, owner)
                 self._check_guest_ok(owner, local=True)
                 job.cannot_move = self.static_cannot_move(job)
                 await self._launch(self.home, self._run_local, job, env)
@@ -586,12 +589,27 @@ class JobControl:
             await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        # Anyone may connect; until the challenge is answered a connection is held for up
+        # to channel.HANDSHAKE_TIMEOUT.  Bounded per source address (every loopback
+        # address counting as one), or a local user holding thousands ran the daemon out
+        # of descriptors: no job could start, no control session open.
+        source = _source_of(stream)
+        if self.handshaking.get(source, 0) >= MAX_HANDSHAKES:
+            self.d.counters["channel-refused"] += 1
+            await trio.aclose_forcefully(stream)
+            return
+        self.handshaking[source] = self.handshaking.get(source, 0) + 1
         try:
             ch = await channel.accept(stream, self.d.channel_key, self.hello())
         except ChannelError as e:
             self.d.counters["channel-refused"] += 1
             log.warning("cluster channel: refused a connection: %s", e)
+            await trio.aclose_forcefully(stream)
             return
+        finally:
+            self.handshaking[source] -= 1
+            if not self.handshaking[source]:
+                del self.handshaking[source]
         try:
             if ch.peer.get("proto") != self.d.protocol:
                 await ch.send({"op": "refused", "reason": "incompatible protocol version"})
@@ -670,7 +688,7 @@ class JobControl:
             if job.id in self.guests:
                 raise JobError(f"job {job.id} already runs here")
             self._check_guest_ok(job.owner, local=False)
-            check_runnable(job.argv, job.cwd, env, self.d.name)
+            check_runnable(job.argv, job.cwd, env, self.d.name, job.owner)
             job.offsets = {STDOUT: 0, STDERR: 0}
             job.changed = trio.Event()
             await self._launch(self.guests, self._run_guest, job, env)
@@ -941,6 +959,23 @@ class JobControl:
         self.d.publish([Event("config", f"node {'now' if on else 'no longer'} {flag}",
                               {"key": flag, "value": on})])
         return f"{flag}: {'on' if on else 'off'}"
+
+
+#: Cluster-channel connections from one source address (all of loopback being one) that
+#: may be waiting to authenticate at once.
+MAX_HANDSHAKES = 64
+
+
+def _source_of(stream: trio.SocketStream) -> str:
+    """The address a connection is counted by (see JobControl._serve)."""
+    try:
+        host = str(stream.socket.getpeername()[0]).split("%")[0]
+        addr = ipaddress.ip_address(host)
+    except (OSError, ValueError, IndexError):
+        return "?"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return "loopback" if addr.is_loopback else str(addr)
 
 
 def _home_of(job_id: str) -> int | None:

@@ -551,26 +551,62 @@ def _exec_text(text: str) -> bool:
         return False
 
 
-def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str) -> None:
+def check_runnable(argv: list[str], cwd: str, env: dict[str, str], node: str,
+                   owner: Owner | None = None) -> None:
     """Fail early, naming the node and the path, when the job cannot start here (omuscd
     assumes the same paths on every node: a shared home or NFS).
 
     This runs as root on the caller's paths and PATH, but only looks (stat, access): it
     opens and runs nothing.  The job's init runs the command as the caller, through the
-    caller's PATH, and reports what that finds (see jobinit.start)."""
+    caller's PATH, and reports what that finds (see jobinit.start).  For another user's
+    job it looks only where ``owner`` could look: root's answer about a path behind a
+    directory that user may not search (does /root/x exist?) is left to the init, which
+    answers as the user (else it would tell them what only root may know)."""
     check_env(argv, env)
-    if not os.path.isdir(cwd):
+    def hidden(path: str) -> bool:
+        return owner is not None and owner.uid != 0 and not may_reach(path, owner)
+
+    if not hidden(cwd) and not os.path.isdir(cwd):
         raise JobError(f"node {node}: working directory {cwd} does not exist")
     prog = argv[0]
     if "/" in prog:
         path = prog if os.path.isabs(prog) else os.path.join(cwd, prog)
+        if hidden(path):
+            return
         if not os.path.exists(path):
             raise JobError(f"node {node}: no such program {path}")
         if not os.access(path, os.X_OK) or os.path.isdir(path):
             raise JobError(f"node {node}: {path} is not executable")
-    elif shutil.which(prog, path=env.get("PATH", os.defpath)) is None:
-        raise JobError(f"node {node}: program {prog!r} not found in PATH "
-                       f"{env.get('PATH', os.defpath)}")
+        return
+    search = env.get("PATH", os.defpath)
+    if any(hidden(os.path.join(d or cwd, prog)) for d in search.split(os.pathsep)):
+        return
+    if shutil.which(prog, path=search) is None:
+        raise JobError(f"node {node}: program {prog!r} not found in PATH {search}")
+
+
+def may_reach(path: str, owner: Owner) -> bool:
+    """Whether ``owner`` may search every directory on the way to ``path`` (after its
+    links), by the permission bits (an ACL that grants more is not seen: that only
+    leaves a check to the job's init)."""
+    d = os.path.dirname(os.path.realpath(path))
+    groups = {owner.gid, *owner.groups}
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return True  # a missing directory: nothing behind it to tell
+        if st.st_uid == owner.uid:
+            bit = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            bit = st.st_mode & 0o010
+        else:
+            bit = st.st_mode & 0o001
+        if not bit:
+            return False
+        if d == "/":
+            return True
+        d = os.path.dirname(d)
 
 
 def launch_argv(job: Job, cpus: list[int], status_fd: int, env_fd: int) -> list[str]:

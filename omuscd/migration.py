@@ -56,6 +56,7 @@ from omuscd.jobs import (
 )
 from omuscd.migrate import Inherit, MoveError
 from omuscd.migrate.lazy import PAGE, PageMap, PageServer
+from omuscd.migrate.reopened import beyond_user
 from omuscd.pages import receive_pages, send_pages, socket_pair
 from omuscd.priority import urgent
 from omuscd.proctab import tree
@@ -879,10 +880,20 @@ class Migrations:
         try:
             inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
                        Inherit(paths["status"], fds[2])]
+            ours = {(st.st_dev, st.st_ino) for st in map(os.fstat, fds)}
             pid = await self.d.mover.restore(images, inherit, images / "restored.pid", lazy)
         finally:
             for fd in fds:
                 os.close(fd)
+        # CRIU reopened its files by path, as root: nothing the user could not open
+        why = beyond_user(tree(pid)[1:], job.owner, ours)
+        if why is not None:
+            signal_tree(pid, signal.SIGKILL)
+            _reap(pid)
+            log.warning("job %s of %s: restored holding what its user may not: %s", job.id,
+                        job.owner.user, why)
+            raise MoveError(f"the restored job holds what {job.owner.user} may not open "
+                            f"({why})")
         pin_tree(pid, self.d.cfg.cpus)  # CRIU restores the source's; ours is what we lend
         return pid
 

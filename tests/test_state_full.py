@@ -39,7 +39,7 @@ def full_node(workdir):
     daemon = [PYTHON, "-m", "omuscd", "--address", ADDR, "--port", str(PORT),
               "--control-bind", ADDR, "--control-port", str(CTL), "--state-dir", str(state),
               "--control-socket", str(sock), "--node-name", "full"]
-    script = (f"mount -t tmpfs -o size=512k omuscd-test {shlex.quote(str(state))} && "
+    script = (f"mount -t tmpfs -o size=512k,mode=0755 omuscd-test {shlex.quote(str(state))} && "
               f"exec {shlex.join(daemon)}")
     log = open(workdir / "full.log", "wb")
     p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",

@@ -87,12 +87,21 @@ def _diag_addr(family: int, host: str) -> bytes:
 
 def loopback_owner(family: int, local: tuple[Any, ...], peer: tuple[Any, ...]
                    ) -> int | None:
-    """The uid owning the client end of a TCP connection made on this machine, from the
-    kernel (NETLINK_SOCK_DIAG, one exact lookup of the 4-tuple: no scan of the socket
-    table).  The client's socket has our peer as its local end and our local end as its
-    remote.  None when there is no such live socket: it closed already (its orphaned or
-    TIME_WAIT remains report uid 0, which must never be taken for root), or the client is
-    not on this machine."""
+    """The uid owning the client end of a TCP connection made on this machine (see
+    :func:`loopback_socket`), or None."""
+    found = loopback_socket(family, local, peer)
+    return None if found is None else found[0]
+
+
+def loopback_socket(family: int, local: tuple[Any, ...], peer: tuple[Any, ...]
+                    ) -> tuple[int, int] | None:
+    """The uid owning the client end of a TCP connection made on this machine, and that
+    socket's inode, from the kernel (NETLINK_SOCK_DIAG, one exact lookup of the 4-tuple:
+    no scan of the socket table).  The client's socket has our peer as its local end and
+    our local end as its remote.  None when there is no such live socket: it closed
+    already (its orphaned or TIME_WAIT remains report uid 0, which must never be taken
+    for root), or the client is not on this machine.  The uid is the socket's creator's,
+    not necessarily its holder's: see :func:`holder_uids`."""
     req = DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
     req += SOCKID.pack(peer[1], local[1], _diag_addr(family, peer[0]),
                        _diag_addr(family, local[0]))
@@ -117,7 +126,53 @@ def loopback_owner(family: int, local: tuple[Any, ...], peer: tuple[Any, ...]
     *_, uid, inode = DIAG_MSG_TAIL.unpack_from(data, tail)
     if inode == 0 or state in (TCP_SYN_RECV, TCP_TIME_WAIT):
         return None  # no process holds it any more: its uid field means nothing
-    return int(uid)
+    return int(uid), int(inode)
+
+
+def holder_uids(inode: int) -> set[int]:
+    """Every uid (real, effective, saved, filesystem) of the processes that hold the socket
+    ``inode`` open (a scan of /proc; empty if none does).
+
+    Why: the kernel's uid of a socket is that of the process that created it, which need
+    not be the one using it: CRIU restores a moved job's sockets as root, and a root
+    program may make a socket and then become a user.  Such a socket, connected by the
+    user, would otherwise carry root's rights."""
+    link = f"socket:[{inode}]"
+    uids: set[int] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if not any(_link(f"/proc/{pid}/fd/{fd}") == link for fd in fds):
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                line = next(ln for ln in f if ln.startswith("Uid:"))
+            uids.update(int(u) for u in line.split()[1:])
+        except (OSError, StopIteration, ValueError):
+            continue  # gone meanwhile, or not ours to look at
+    return uids
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def source_of(remote: tuple[Any, ...] | None) -> str | None:
+    """The address an unidentified client is counted by: its own, or "loopback" (every
+    127.x.y.z is a source address any local user may bind)."""
+    if remote is None:
+        return None
+    try:
+        addr = ipaddress.ip_address(remote[0].split("%")[0])
+    except ValueError:
+        return remote[0]
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return "loopback" if addr.is_loopback else str(addr)
 
 
 def tcp_identity(family: int, local: tuple[Any, ...] | None,
@@ -138,8 +193,16 @@ def tcp_identity(family: int, local: tuple[Any, ...] | None,
         addr = addr.ipv4_mapped  # the kernel's lookup follows the mapping too
     if not addr.is_loopback:
         return unknown
-    uid = loopback_owner(family, local, remote)
-    if uid is None:
+    found = loopback_socket(family, local, remote)
+    if found is None:
+        return unknown
+    uid, inode = found
+    holders = holder_uids(inode)
+    if holders != {uid}:
+        # made by one account, held by another (a socket CRIU restored, one handed over
+        # by a root program): neither is known to be asking
+        log.info("control: %s: the socket is uid %d's, held by uids %s: read-only", peer,
+                 uid, sorted(holders) or "none")
         return unknown
     try:
         pw = pwd.getpwuid(uid)

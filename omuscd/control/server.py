@@ -16,6 +16,7 @@ from omuscd.control.identity import (
     peer_cred,
     peer_groups,
     rights_of,
+    source_of,
     tcp_identity,
     user_name,
 )
@@ -103,9 +104,10 @@ class ControlServer:
             # beyond loopback, or by choice: the password is the way in (it is root's)
             who = Identity(f"tcp:{peer}")
         else:
-            who = tcp_identity(stream.socket.family, local, remote, peer)
+            who = await trio.to_thread.run_sync(  # a scan of /proc: not in the loop
+                tcp_identity, stream.socket.family, local, remote, peer)
         # unidentified clients share one allowance per address (on loopback: one)
-        key = ("uid", who.uid) if who.uid is not None else ("addr", remote and remote[0])
+        key = ("uid", who.uid) if who.uid is not None else ("addr", source_of(remote))
         await self._serve(stream, peer, who, key, self.secret)
 
     async def handle_unix(self, stream: trio.SocketStream) -> None:

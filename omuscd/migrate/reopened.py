@@ -1,0 +1,96 @@
+"""What a restored job holds that its user could not have opened.
+
+Why: CRIU restores a job's open files, mappings and working directories by their path,
+as root, with root's rights.  The path is the one the file had at the dump; the user may
+change what it leads to before the restore (a directory of theirs made a link to one of
+root's), so the restored job could hold, say, /etc/passwd open for writing.  After the
+restore, while the job is still stopped, every file its processes hold is checked with
+its user's rights (permission bits, and every directory on its way searchable); one that
+fails fails the move, and the job resumes at the source.  The job's init is left out: the
+daemon opened its files (the spool's, given to CRIU) and chose its interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from omuscd.jobs import Owner, may_reach
+
+_R, _W, _X = 4, 2, 1
+
+
+def _allowed(st: os.stat_result, owner: Owner) -> int:
+    """The permission bits (rwx) the file's mode gives ``owner``."""
+    if st.st_uid == owner.uid:
+        return st.st_mode >> 6 & 7
+    if st.st_gid in {owner.gid, *owner.groups}:
+        return st.st_mode >> 3 & 7
+    return st.st_mode & 7
+
+
+def _fd_need(pid: int, fd: str) -> int:
+    """The rights the open flags of ``fd`` need: read, write or both (O_PATH: none)."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        flags = next(int(ln.split()[1], 8) for ln in f if ln.startswith("flags:"))
+    if flags & os.O_PATH:
+        return 0
+    mode = flags & os.O_ACCMODE
+    return _R if mode == os.O_RDONLY else _W if mode == os.O_WRONLY else _R | _W
+
+
+def _refused(path: str, st: os.stat_result, need: int, owner: Owner) -> str | None:
+    """Why ``owner`` could not hold ``path`` (the file ``st``) with the rights ``need``."""
+    deleted = path.endswith(" (deleted)")
+    if deleted:
+        path = path[: -len(" (deleted)")]
+    elif not may_reach(path, owner):
+        return f"{path} lies behind a directory {owner.user} may not search"
+    if need & ~_allowed(st, owner):
+        what = "".join(c for b, c in ((_R, "r"), (_W, "w"), (_X, "x")) if need & b)
+        return f"{path} is not {owner.user}'s to open ({what})"
+    return None
+
+
+def _held(pid: int) -> list[tuple[str, str, int]]:
+    """What process ``pid`` holds by path: (its /proc entry, the path, the rights needed)."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        entry = f"/proc/{pid}/fd/{fd}"
+        path = os.readlink(entry)
+        if path.startswith("/"):  # not a pipe, socket or anonymous inode
+            held.append((entry, path, _fd_need(pid, fd)))
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                need = _R | (_W if parts[1][1] == "w" and parts[1][3] == "s" else 0)
+                held.append((f"/proc/{pid}/map_files/{parts[0]}", parts[5].rstrip("\n"),
+                             need))
+    for name in ("cwd", "root"):
+        held.append((f"/proc/{pid}/{name}", os.readlink(f"/proc/{pid}/{name}"), _X))
+    return held
+
+
+def beyond_user(pids: list[int], owner: Owner, exempt: set[tuple[int, int]]) -> str | None:
+    """The first thing the processes ``pids`` hold (files, mappings, working and root
+    directories) that ``owner`` could not have opened, or None; files whose (device,
+    inode) is in ``exempt`` (the daemon's own) are not looked at."""
+    if owner.uid == 0:
+        return None
+    for pid in pids:
+        try:
+            held = _held(pid)
+        except OSError as e:
+            return f"cannot look at restored process {pid}: {e.strerror}"
+        for entry, path, need in held:
+            try:
+                st = os.stat(entry)
+            except OSError:
+                continue  # a mapping or file gone meanwhile
+            if (st.st_dev, st.st_ino) in exempt or stat.S_ISSOCK(st.st_mode):
+                continue
+            why = _refused(path, st, need, owner)
+            if why is not None:
+                return f"process {pid}: {why}"
+    return None
