@@ -41,7 +41,8 @@ from omuscd.balance import (
 )
 from omuscd.cluster.membership import ALIVE
 from omuscd.events import Event
-from omuscd.jobs import RUNNING, Job, JobError, refresh_usage, starting
+from omuscd.jobs.process import refresh_usage, starting
+from omuscd.jobs.record import RUNNING, Job, JobError
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omuscd import ids
 from omuscd.config import TUNABLES, ConfigError
-from omuscd.jobs import JobError, Owner
+from omuscd.jobs.record import JobError, Owner
 
 if TYPE_CHECKING:
     from omuscd.daemon import Daemon
@@ -429,7 +429,7 @@ def _need_identity(ctx: Context) -> int:
 
 
 async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
-    from omuscd.jobctl import Placement
+    from omuscd.jobs.home import Placement
 
     uid = _need_identity(ctx)
     if a.get("user"):

@@ -26,7 +26,7 @@ import trio
 
 from omuscd import commands
 from omuscd.commands import Reply
-from omuscd.jobs import FINAL, LOST
+from omuscd.jobs.record import FINAL, LOST
 from omuscd.version import VERSION_STRING
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from omuscd.cluster.membership import IdClash, Membership, Timing
 from omuscd.config import TUNABLES, Config, ConfigError, format_cpu_list, read_toml
 from omuscd.control import ControlServer
 from omuscd.events import Event, EventBus
-from omuscd.jobctl import JobControl
+from omuscd.jobs.node import JobControl
 from omuscd.load import Sampler
 from omuscd.migrate.criu import Criu, find_criu
 from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING, __version__

@@ -37,7 +37,9 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import DEAD
 from omuscd.events import Event
 from omuscd.ids import is_job_id
-from omuscd.jobs import (
+from omuscd.jobs.books import is_job_init
+from omuscd.jobs.process import adopt, init_pid, starting, tree_usage
+from omuscd.jobs.record import (
     FINAL,
     MIGRATING,
     MOVED,
@@ -47,13 +49,8 @@ from omuscd.jobs import (
     STREAM_FILES,
     Job,
     JobError,
-    adopt,
-    init_pid,
-    open_private,
-    private_dir,
-    starting,
-    tree_usage,
 )
+from omuscd.jobs.spool import open_private, private_dir
 from omuscd.migrate import Inherit, MoveError
 from omuscd.migrate.lazy import PAGE, PageMap, PageServer
 from omuscd.pages import receive_pages, send_pages, socket_pair
@@ -61,7 +58,7 @@ from omuscd.priority import urgent
 from omuscd.proctab import tree
 
 if TYPE_CHECKING:
-    from omuscd.jobctl import JobControl
+    from omuscd.jobs.node import JobControl
 
 log = logging.getLogger("omuscd.migrate")
 
@@ -103,7 +100,7 @@ def signal_tree(pid: int, sig: int) -> None:
 
 
 class Migrations:
-    """The migration side of :class:`omuscd.jobctl.JobControl`."""
+    """The migration side of :class:`omuscd.jobs.node.JobControl`."""
 
     def __init__(self, jc: JobControl):
         self.jc = jc
@@ -249,10 +246,9 @@ class Migrations:
                 log.warning("job %s: cannot empty its output: %s", job.id, e)
             job.offsets[stream] = 0
         job.generation += 1
-        job.node, job.node_name = target, jc.node_name(target)
-        job.node_changed, job.state, job.pid, job.launcher = False, RUNNING, None, None
-        job.migrations += 1
-        job.notify()
+        job.transition(RUNNING, node=target, node_name=jc.node_name(target),
+                       node_changed=False, pid=None, launcher=None,
+                       migrations=job.migrations + 1)
         try:
             if target == jc.me:
                 await jc._nursery().start(jc._run_local, job, env)
@@ -281,11 +277,8 @@ class Migrations:
         """The home's books after a move (idempotent: the source's word may come first)."""
         if job.node == target:
             return
-        job.node, job.node_name = target, self.jc.node_name(target)
-        job.migrations += 1
-        job.state = RUNNING
-        job.notify()
-        self.jc.save(job)
+        job.transition(RUNNING, node=target, node_name=self.jc.node_name(target),
+                       migrations=job.migrations + 1)
         if target == self.jc.me:
             self.jc.stop_following(job.id)
         elif job.id not in self.jc.scopes:
@@ -367,8 +360,7 @@ class Migrations:
         streaming = streaming and not lazy and reply.get("pages") is True  # older: copied
         if job.state != RUNNING:  # it ended while the target got ready: nothing to move
             raise JobError(f"job {job.id} ended before it could move ({job.state})")
-        job.state = MIGRATING
-        job.notify()
+        job.transition(MIGRATING)
         # CRIU's parasite runs in the job's own threads, on its CPUs, among the jobs that
         # made this node busy: at its own nice it would get a fraction of a CPU there.
         # The freeze is shorter at DUMP_NICE; CRIU restores the nice value, so the target
@@ -587,8 +579,7 @@ class Migrations:
                 renice_tree(job.pid, nice)
             signal_tree(job.pid, signal.SIGCONT)
             self.d.sampler.resumed(tree(job.pid))
-        job.state = RUNNING
-        job.notify()
+        job.transition(RUNNING)
         log.warning("job %s resumed on this node after a failed move", job.id)
 
     def _drop(self, job: Job, target: int) -> None:
@@ -621,10 +612,7 @@ class Migrations:
 
     def _guest_gone(self, job: Job, target: int) -> None:
         """A guest's record here once ``target`` runs it: finished, as moved there."""
-        job.node, job.state = target, MOVED
-        job.reason = f"moved to {self.jc.node_name(target)}"
-        job.notify()
-        self.jc.save(job)
+        job.transition(MOVED, node=target, reason=f"moved to {self.jc.node_name(target)}")
         self.jc.guests.pop(job.id, None)
 
     async def _ask_target(self, job: Job, target: int) -> bool:
@@ -892,20 +880,15 @@ class Migrations:
         if record is None:
             record = job
             record.changed = trio.Event()
-            jc.guests[job.id] = record
+            jc.book(jc.guests, record)
         else:  # it comes home: the books are here (moved() will find them up to date);
             record.migrations += 1  # following it from elsewhere stopped as the move began
-        record.node, record.node_name = jc.me, self.d.name
         run = record.new_stay()
-        record.state = RUNNING
+        record.offsets.update(jc.spool.ends(job.id))
         # a guest's record came before its move was booked (at the home): min_stay counts
         # from here, or balancing here would send it straight on
-        record.landed_at = time.time()
-        record.pid = pid
-        record.cpu_moved = job.cpu_moved
-        record.offsets.update(jc.spool.ends(job.id))
-        record.notify()
-        self.jc.save(record)
+        record.transition(RUNNING, node=jc.me, node_name=self.d.name, landed_at=time.time(),
+                          pid=pid, cpu_moved=job.cpu_moved)
         self.d.balancer.release_hold()  # the job takes the room held for it
         jc._nursery().start_soon(self._watch_adopted, record, pid, run)
 
@@ -974,8 +957,7 @@ class Migrations:
                 await trio.sleep(0.1)
         there = (target != self.jc.me and self.d.members.nodes.get(target) is not None
                  and await self._ask_target(job, target))
-        from omuscd.jobctl import _is_job_init  # (a cycle at import time)
-        pid = job.pid if job.pid is not None and _is_job_init(job.pid) else None
+        pid = job.pid if job.pid is not None and is_job_init(job.pid) else None
         name = self.jc.node_name(target)
         if there:
             log.warning("job %s: its move to %s was cut short when this daemon stopped, "

@@ -317,7 +317,7 @@ def test_a_job_still_starting_is_not_picked_to_move():
     from types import SimpleNamespace
 
     from omuscd import proctab
-    from omuscd.jobs import starting
+    from omuscd.jobs.process import starting
 
     loose = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])  # no session yet
     ready = subprocess.Popen(["setsid", "sh", "-c", "sleep 30 & wait"])

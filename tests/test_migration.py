@@ -192,7 +192,7 @@ INIT_CAPS = (1 << 1) | (1 << 21)  # CAP_DAC_OVERRIDE, CAP_SYS_ADMIN
 
 def user_job_runs_as_its_user(user: User, tag: str) -> None:
     """Every process of the job has only the user's ids; the command has no capability,
-    its init only the two CRIU's parasite needs in it (see omuscd.jobinit.drop_init)."""
+    its init only the two CRIU's parasite needs in it (see omuscd.jobs.jobinit.drop_init)."""
     command = job_processes(tag)
     assert len(command) == 1, command
     init = psutil.Process(command[0]).ppid()
@@ -357,8 +357,9 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
 
     import trio
 
-    from omuscd.jobctl import JobControl
-    from omuscd.jobs import Job, Owner, Spool
+    from omuscd.jobs.node import JobControl
+    from omuscd.jobs.record import Job, Owner
+    from omuscd.jobs.spool import Spool
     from omuscd.migration import Migrations
 
     record = Job("10.7", Owner(os.getuid(), os.getgid(), [], "root"), home=10, node=20,
@@ -920,7 +921,7 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
     from types import SimpleNamespace
 
     from omuscd.cluster.membership import ALIVE
-    from omuscd.jobs import MIGRATING, Job, Owner
+    from omuscd.jobs.record import MIGRATING, Job, Owner
     from omuscd.migration import Migrations
 
     frozen = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "jobinit"])
