@@ -330,7 +330,7 @@ class Daemon:
         """Run until shutdown; returns the exit code."""
         self.started = trio.current_time()
         self.open_sockets()
-        self.jobs.migrations.clean_images()
+        self.jobs.migrations.books.clean_images()
         await self.mover.check()
         try:
             if self.mover.available:

@@ -229,7 +229,7 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     from types import SimpleNamespace
 
     from omuscd import proctab
-    from omuscd.migration import Migrations
+    from omuscd.migrate.node import Migrations
 
     copy = subprocess.Popen(["sleep", "30"])
     os.kill(copy.pid, signal.SIGSTOP)
@@ -240,7 +240,7 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     jc = SimpleNamespace(d=d, guests={}, node_name=lambda n: "b")
     job = SimpleNamespace(id="1.1", pid=copy.pid, launcher=None, node_changed=False)
     try:
-        Migrations(jc)._drop(job, 2)
+        Migrations(jc).source.drop_copy(job, 2)
     finally:
         copy.kill()
     assert copy.wait(5) == -signal.SIGKILL
@@ -290,7 +290,7 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
     import trio
 
     from omuscd.balancer import Balancer
-    from omuscd.migration import Migrations
+    from omuscd.migrate.node import Migrations
 
     d = _stand_in(3.0, 5.0, None)
     d.cfg = SimpleNamespace(state_dir="/nonexistent")
@@ -303,7 +303,7 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
     async def main() -> tuple[int, int]:
         d.balancer.held = [trio.current_time() + 5.0]
         before = d.balancer.loads(trio.current_time())[1].pending
-        await Migrations(SimpleNamespace(d=d)).immigrate(SimpleNamespace(send=send), {})
+        await Migrations(SimpleNamespace(d=d)).target.immigrate(SimpleNamespace(send=send), {})
         return before, d.balancer.loads(trio.current_time())[1].pending
 
     assert trio.run(main) == (1, 0)

@@ -360,7 +360,7 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
     from omuscd.jobs.node import JobControl
     from omuscd.jobs.record import Job, Owner
     from omuscd.jobs.spool import Spool
-    from omuscd.migration import Migrations
+    from omuscd.migrate.node import Migrations
 
     record = Job("10.7", Owner(os.getuid(), os.getgid(), [], "root"), home=10, node=20,
                  node_name="b", argv=["x"], cwd="/tmp")
@@ -396,7 +396,7 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
                 return next(replies)
 
             ch = SimpleNamespace(send=send, receive_msg=receive_msg)
-            await Migrations(jc).immigrate(ch, {"job": record.wire()})
+            await Migrations(jc).target.immigrate(ch, {"job": record.wire()})
             return following.cancel_called
 
     assert trio.run(main) is True  # following stopped when the move began
@@ -922,7 +922,7 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
 
     from omuscd.cluster.membership import ALIVE
     from omuscd.jobs.record import MIGRATING, Job, Owner
-    from omuscd.migration import Migrations
+    from omuscd.migrate.node import Migrations
 
     frozen = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "jobinit"])
     try:
@@ -962,11 +962,11 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
                                      _watch_again=watch_again,
                                      stop_following=lambda job_id: None)
                 m = Migrations(jc)
-                m._mark(record, 20, 0)
-                mark = m.interrupted()[record.id]
+                m.books.mark(record, 20, 0)
+                mark = m.books.interrupted()[record.id]
                 assert mark == {"target": 20, "nice": 0}
-                await m.settle(record, mark)
-                assert m.interrupted() == {}
+                await m.recovery.settle(record, mark)
+                assert m.books.interrupted() == {}
 
         trio.run(main)
         assert asked == [{"node": 20, "op": "has", "job": "10.9"}]

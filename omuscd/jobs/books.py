@@ -50,7 +50,7 @@ class JobBooks:
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
-        from omuscd.migration import Migrations
+        from omuscd.migrate.node import Migrations
 
         self.migrations = Migrations(self)
 
@@ -187,7 +187,7 @@ class JobBooks:
         A job that ran here and still runs is watched again; one that ended meanwhile gets
         the end its init wrote; one that runs elsewhere is followed again once its node is
         heard from, or lost if it is not heard from in time.  Finished ones are history."""
-        marks = self.migrations.interrupted()
+        marks = self.migrations.books.interrupted()
         for rec in self.spool.saved():
             try:
                 job = Job.from_wire(rec)
@@ -210,13 +210,13 @@ class JobBooks:
             # says: following again starts from there (no line twice)
             job.offsets.update(self.spool.ends(job.id))
             if job.node == self.me and job.id in marks:  # frozen by a move cut short
-                self._nursery().start_soon(self.migrations.settle, job, marks.pop(job.id))
+                self._nursery().start_soon(self.migrations.recovery.settle, job, marks.pop(job.id))
             elif job.node == self.me:
                 self._nursery().start_soon(self._watch_again, job)
             else:
                 self._nursery().start_soon(self._follow_again, job)
         for stale in marks:  # of jobs that are history, or not booked here
-            self.migrations.unmark(stale)
+            self.migrations.books.unmark(stale)
         recovered = [j.id for j in self.all_jobs() if j.state not in FINAL]
         if recovered:
             log.info("jobs of this node from before the restart: %s", ", ".join(recovered))

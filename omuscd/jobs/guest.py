@@ -84,17 +84,17 @@ class GuestJobs(JobBooks):
                 offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
                 await self._pump(ch, job, offsets)
             elif op == "immigrate":
-                await self.migrations.immigrate(ch, msg)
+                await self.migrations.target.immigrate(ch, msg)
             elif op == "has":
-                await self.migrations.has(ch, msg)
+                await self.migrations.target.has(ch, msg)
             elif op == "drop":
-                await self.migrations.drop(ch, msg)
+                await self.migrations.source.serve_drop(ch, msg)
             elif op == "emigrate":
                 job = self.find(str(msg.get("job")))
                 try:
                     if job is None or job.node != self.me:
                         raise JobError(f"job {msg.get('job')} does not run on {self.d.name}")
-                    stats = await self.migrations.emigrate(job, ids.node_id(msg["to"]))
+                    stats = await self.migrations.source.emigrate(job, ids.node_id(msg["to"]))
                     await ch.send({"op": "migrated", **stats})
                 except JobError as e:
                     await ch.send({"op": "failed", "reason": str(e)})

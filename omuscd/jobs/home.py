@@ -153,7 +153,7 @@ class HomeJobs(JobBooks):
         self.spool.create(job)
         self.book(self.home, job)
         try:
-            text = await self.migrations.migrate(job, where)
+            text = await self.migrations.home.migrate(job, where)
         except JobError:
             self.home.pop(job.id, None)
             self.spool.remove(job.id)
@@ -258,7 +258,7 @@ class HomeJobs(JobBooks):
                 job.cpu = float(msg.get("cpu", job.cpu))
                 job.rss_mb = float(msg.get("rss_mb", job.rss_mb))
             elif op == "moved":  # it left that node; follow it to the next
-                self.migrations.moved(job, int(msg["node"]))
+                self.migrations.home.moved(job, int(msg["node"]))
                 return
             elif op == "exit":
                 job.cpu = float(msg.get("cpu", job.cpu))
@@ -325,7 +325,7 @@ class HomeJobs(JobBooks):
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
                                "moved now")
-            return await self.migrations.migrate(job, to or "best")
+            return await self.migrations.home.migrate(job, to or "best")
         if action == "kill":
             if job.state in FINAL:
                 raise JobError(f"job {job.id} has already ended ({job.state})")
@@ -414,7 +414,7 @@ class HomeJobs(JobBooks):
         for job in list(self.home.values()):
             if job.state == RUNNING and job.node != self.me:
                 try:
-                    out.append(await self.migrations.migrate(job, "home"))
+                    out.append(await self.migrations.home.migrate(job, "home"))
                 except JobError as e:
                     out.append(f"job {job.id}: {e}")
         return out or ["no job of this node runs elsewhere"]
