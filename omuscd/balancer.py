@@ -40,6 +40,7 @@ from omuscd.balance import (
     narrows,
 )
 from omuscd.cluster.membership import ALIVE
+from omuscd.cluster.view import ClusterView
 from omuscd.events import Event
 from omuscd.jobs.process import refresh_usage, starting
 from omuscd.jobs.record import RUNNING, Job, JobError
@@ -82,6 +83,7 @@ class _Request:
 class Balancer:
     def __init__(self, daemon: Daemon):
         self.d = daemon
+        self.view = ClusterView(daemon.members, daemon.mover)  # who may take a moved job
         self.rid = 0
         self.requests: dict[int, _Request] = {}  # ours, collecting offers, by request id
         self.held: list[float] = []  # until when offered room is held for requesters
@@ -167,17 +169,15 @@ class Balancer:
             else:
                 extra[node] = min(0.0, total - min(0.0, seen))
         me = self.d.members.me
-        jc = self.d.jobs
         out = {self.d.node_id: NodeLoad(
             self.d.node_id, self.d.name, me["cpus"], me["speed"], self.d.sampler.last.load,
             len([h for h in self.held if h > now]),
-            self.d.mover.available and not {"blocked", "quiet"} & jc.flags)}
+            not self.view.why_not(self.d.node_id, moved=True))}
         for node in self.d.members.live_nodes():
             e = node.entry
-            ok = (node.state == ALIVE and node.auth != "unverified" and "criu" in e["flags"]
-                  and not {"blocked", "quiet"} & set(e["flags"]))
             out[node.id] = NodeLoad(node.id, node.name, e["cpus"], e["speed"],
-                                    float(e["load"]), extra.get(node.id, 0.0), ok)
+                                    float(e["load"]), extra.get(node.id, 0.0),
+                                    not self.view.why_not(node.id, moved=True))
         return out
 
     def _pending_text(self, now: float) -> str:

@@ -27,7 +27,9 @@ from omuscd.control import ControlServer
 from omuscd.events import Event, EventBus
 from omuscd.jobs.node import JobControl
 from omuscd.load import Sampler
+from omuscd.migrate.books import ARRIVED, GIVEN_UP, LEFT
 from omuscd.migrate.criu import Criu, find_criu
+from omuscd.migrate.node import Migrations
 from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING, __version__
 
 log = logging.getLogger("omuscd")
@@ -62,6 +64,9 @@ class Daemon:
             channel.INSECURE_KEY if security == "insecure" else None)
         self.mover = Criu(find_criu(cfg.criu), Path(cfg.state_dir))
         self.jobs = JobControl(self)
+        self.migrations = Migrations(self.jobs, self)
+        self.jobs.moves = self.migrations
+        self.migrations.listen(self._on_move)
         self.balancer = Balancer(self)
         self.counters: dict[str, int] = {"in": 0, "out": 0, "send-errors": 0,
                                          "channel-refused": 0,
@@ -251,6 +256,16 @@ class Daemon:
         """The init of each job running here: a helper of ours, not load."""
         return {j.pid for j in self.jobs.all_jobs() if j.pid is not None and j.node == self.node_id}
 
+    def _on_move(self, what: str) -> None:
+        """A move in or out of this node: counted (gossiped with the load), and the room
+        the balancer held for an incoming one is taken, or free again."""
+        if what == ARRIVED:
+            self.moves[0] += 1
+        elif what == LEFT:
+            self.moves[1] += 1
+        if what in (ARRIVED, GIVEN_UP):
+            self.balancer.release_hold()
+
     def jobs_changed(self) -> None:
         """A job started, ended, arrived or left here: gossip the load at once, as the
         tasks runnable now (Sampler.at_once), and sample it again once the change shows
@@ -330,7 +345,7 @@ class Daemon:
         """Run until shutdown; returns the exit code."""
         self.started = trio.current_time()
         self.open_sockets()
-        self.jobs.migrations.books.clean_images()
+        self.migrations.clean_images()
         await self.mover.check()
         try:
             if self.mover.available:

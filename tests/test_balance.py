@@ -102,7 +102,8 @@ def _stand_in(me_load: float, b_load: float, act, b_moves: list[int] | None = No
         b_entry["moves"] = b_moves
     b = SimpleNamespace(id=2, name="b", entry=b_entry, state=ALIVE, auth="ok")
     return SimpleNamespace(node_id=1, name="a", publish=lambda events: None,
-                           members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b]),
+                           members=SimpleNamespace(me=me, nodes={2: b}, live_nodes=lambda: [b],
+                                                   my_id=1),
                            sampler=SimpleNamespace(last=SimpleNamespace(load=me_load)),
                            jobs=SimpleNamespace(flags=set(), act=act),
                            mover=SimpleNamespace(available=True))
@@ -229,6 +230,7 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     from types import SimpleNamespace
 
     from omuscd import proctab
+    from omuscd.daemon import Daemon
     from omuscd.migrate.node import Migrations
 
     copy = subprocess.Popen(["sleep", "30"])
@@ -237,10 +239,12 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     seen: list[tuple[list[int], bytes]] = []
     d = SimpleNamespace(moves=[3, 1], cfg=SimpleNamespace(state_dir="/nonexistent"))
     d.jobs_changed = lambda: seen.append((list(d.moves), proctab.scan()[copy.pid].state))
-    jc = SimpleNamespace(d=d, guests={}, node_name=lambda n: "b")
+    jc = SimpleNamespace(guests={}, node_name=lambda n: "b")
     job = SimpleNamespace(id="1.1", pid=copy.pid, launcher=None, node_changed=False)
+    m = Migrations(jc, d)
+    m.listen(lambda what: Daemon._on_move(d, what))  # as the daemon wires it
     try:
-        Migrations(jc).source.drop_copy(job, 2)
+        m.source.drop_copy(job, 2)
     finally:
         copy.kill()
     assert copy.wait(5) == -signal.SIGKILL
@@ -290,6 +294,7 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
     import trio
 
     from omuscd.balancer import Balancer
+    from omuscd.daemon import Daemon
     from omuscd.migrate.node import Migrations
 
     d = _stand_in(3.0, 5.0, None)
@@ -303,7 +308,9 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
     async def main() -> tuple[int, int]:
         d.balancer.held = [trio.current_time() + 5.0]
         before = d.balancer.loads(trio.current_time())[1].pending
-        await Migrations(SimpleNamespace(d=d)).target.immigrate(SimpleNamespace(send=send), {})
+        m = Migrations(SimpleNamespace(), d)
+        m.listen(lambda what: Daemon._on_move(d, what))  # as the daemon wires it
+        await m.target.immigrate(SimpleNamespace(send=send), {})
         return before, d.balancer.loads(trio.current_time())[1].pending
 
     assert trio.run(main) == (1, 0)

@@ -20,13 +20,15 @@ import trio
 from omuscd import channel, ids
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE, SUSPECT
+from omuscd.cluster.view import ClusterView
 from omuscd.events import Event
-from omuscd.jobs.process import watch
+from omuscd.jobs.host import Unwired
+from omuscd.jobs.process import adopt, watch
 from omuscd.jobs.record import FINAL, KEEP_EXITED, LOST, MIGRATING, RUNNING, Job, JobError, Owner
 from omuscd.jobs.spool import Spool
 
 if TYPE_CHECKING:
-    from omuscd.daemon import Daemon
+    from omuscd.jobs.host import Host, Moves
 
 log = logging.getLogger("omuscd.jobs")
 
@@ -37,9 +39,10 @@ NODE_FLAGS = ("blocked", "lstay", "quiet")
 class JobBooks:
     """What both sides of a node's jobs share (see the module's docstring)."""
 
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
-        self.spool = Spool(daemon.cfg.state_dir)
+    def __init__(self, host: Host):
+        self.host = host
+        self.spool = Spool(host.cfg.state_dir)
+        self.view = ClusterView(host.members, host.mover)
         self.home: dict[str, Job] = {}
         self.guests: dict[str, Job] = {}
         self.links: dict[str, Channel] = {}  # home side: job id -> channel to its node
@@ -49,14 +52,12 @@ class JobBooks:
         self.placed: list[tuple[int, float, str]] = []
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
         self.nursery: trio.Nursery | None = None
-        self._seq_path = Path(daemon.cfg.state_dir) / "jobseq"
-        from omuscd.migrate.node import Migrations
-
-        self.migrations = Migrations(self)
+        self._seq_path = Path(host.cfg.state_dir) / "jobseq"
+        self.moves: Moves = Unwired()  # the daemon wires the moves in (see jobs.host)
 
     @property
     def me(self) -> int:
-        return self.d.node_id
+        return self.host.node_id
 
     def _next_id(self) -> str:
         try:
@@ -67,17 +68,17 @@ class JobBooks:
         return f"{self.me}.{n}"
 
     def hello(self) -> dict[str, Any]:
-        return {"node": self.me, "boot": self.d.boot, "proto": self.d.protocol,
-                "name": self.d.name}
+        return {"node": self.me, "boot": self.host.boot, "proto": self.host.protocol,
+                "name": self.host.name}
 
     async def connect(self, node_id: int) -> Channel:
-        node = self.d.members.nodes.get(node_id)
+        node = self.host.members.nodes.get(node_id)
         if node is None or node.state not in (ALIVE, SUSPECT):
             raise ChannelError(f"node {node_id} is not alive")
         if node.auth == "unverified":
             raise ChannelError(f"node {node.name} is not authenticated (no cluster key)")
         addr = (node.entry["addr"], node.entry["port"])
-        return await channel.connect(addr, self.d.channel_key, self.hello())
+        return await channel.connect(addr, self.host.channel_key, self.hello())
 
     async def request(self, node_id: int, msg: dict[str, Any],
                       timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
@@ -105,8 +106,8 @@ class JobBooks:
 
     def node_name(self, node_id: int) -> str:
         if node_id == self.me:
-            return self.d.name
-        node = self.d.members.nodes.get(node_id)
+            return self.host.name
+        node = self.host.members.nodes.get(node_id)
         return node.name if node else str(node_id)
 
     def _prune(self) -> None:
@@ -130,9 +131,9 @@ class JobBooks:
         job.keep = self.save
         table[job.id] = job
 
-    def _finished(self, job: Job) -> None:
+    def finished(self, job: Job) -> None:
         """Tell that a job of this home ended (its record was kept by its transition)."""
-        self.d.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
+        self.host.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
                               f"{job.node_name}", {"job": job.id,
                                                    "status": job.status_code()})])
 
@@ -141,9 +142,9 @@ class JobBooks:
         standard input fed by the daemon (a pipe CRIU cannot take along)."""
         if job.stdin:
             return "its standard input is a pipe from omuscd run (--stdin)"
-        if self.d.mover.available or job.restartable:
+        if self.host.mover.available or job.restartable:
             return ""
-        return f"no CRIU on node {self.d.name} ({self.d.mover.describe()})"
+        return f"no CRIU on node {self.host.name} ({self.host.mover.describe()})"
 
     async def _launch(self, table: dict[str, Job], runner: Any, job: Job,
                       env: dict[str, str]) -> None:
@@ -154,7 +155,7 @@ class JobBooks:
         except JobError:
             table.pop(job.id, None)
             raise
-        self.d.jobs_changed()  # it runs here now: the load is looked at again
+        self.host.jobs_changed()  # it runs here now: the load is looked at again
 
     async def _counted(self, runner: Any, job: Job, env: dict[str, str],
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -162,21 +163,40 @@ class JobBooks:
         try:
             await runner(job, env, task_status=task_status)
         finally:
-            self.d.jobs_changed()
+            self.host.jobs_changed()
 
     def _nursery(self) -> trio.Nursery:
         assert self.nursery is not None, "the daemon is not running"
         return self.nursery
 
-    def _check_guest_ok(self, owner: Owner, local: bool) -> None:
+    def watch_again(self, job: Job) -> None:
+        """Watch a job running here whose init is no child of ours (see _watched_again)."""
+        self._nursery().start_soon(self._watched_again, job)
+
+    def watch_restored(self, job: Job, pid: int, run: int) -> None:
+        """Watch stay ``run`` of a job restored here (CRIU made its init our child); it
+        counts in the load from this instant (the caller counted its move in the same
+        one: a node that gossiped the one without the other would have its move taken as
+        shown in a load that lacks it)."""
+        self.host.jobs_changed()  # it arrived
+        self._nursery().start_soon(self._watch_restored, job, pid, run)
+
+    async def _watch_restored(self, job: Job, pid: int, run: int) -> None:
+        try:
+            if await adopt(job, self.spool, pid, run) and job.home == self.me:
+                self.finished(job)
+        finally:
+            self.host.jobs_changed()  # it ended or left
+
+    def check_guest_ok(self, owner: Owner, local: bool) -> None:
         if not local and "blocked" in self.flags:
-            raise JobError(f"node {self.d.name} is blocked: it accepts no guest jobs")
-        if not local and self.d.security == "read-only":
-            raise JobError(f"node {self.d.name} has no cluster key: it runs no guest jobs")
+            raise JobError(f"node {self.host.name} is blocked: it accepts no guest jobs")
+        if not local and self.host.security == "read-only":
+            raise JobError(f"node {self.host.name} has no cluster key: it runs no guest jobs")
         try:
             Owner.of_uid(owner.uid)
         except JobError as e:
-            raise JobError(f"node {self.d.name}: {e}") from None
+            raise JobError(f"node {self.host.name}: {e}") from None
 
     def _may(self, job: Job, uid: int) -> None:
         if uid != 0 and uid != job.owner.uid:
@@ -187,7 +207,7 @@ class JobBooks:
         A job that ran here and still runs is watched again; one that ended meanwhile gets
         the end its init wrote; one that runs elsewhere is followed again once its node is
         heard from, or lost if it is not heard from in time.  Finished ones are history."""
-        marks = self.migrations.books.interrupted()
+        marks = self.moves.interrupted()
         for rec in self.spool.saved():
             try:
                 job = Job.from_wire(rec)
@@ -210,18 +230,18 @@ class JobBooks:
             # says: following again starts from there (no line twice)
             job.offsets.update(self.spool.ends(job.id))
             if job.node == self.me and job.id in marks:  # frozen by a move cut short
-                self._nursery().start_soon(self.migrations.recovery.settle, job, marks.pop(job.id))
+                self._nursery().start_soon(self.moves.settle, job, marks.pop(job.id))
             elif job.node == self.me:
-                self._nursery().start_soon(self._watch_again, job)
+                self.watch_again(job)
             else:
                 self._nursery().start_soon(self._follow_again, job)
         for stale in marks:  # of jobs that are history, or not booked here
-            self.migrations.books.unmark(stale)
+            self.moves.unmark(stale)
         recovered = [j.id for j in self.all_jobs() if j.state not in FINAL]
         if recovered:
             log.info("jobs of this node from before the restart: %s", ", ".join(recovered))
 
-    async def _watch_again(self, job: Job) -> None:
+    async def _watched_again(self, job: Job) -> None:
         """A job started here by an earlier run of this daemon: its init is no child of
         ours now, so it is watched by its pid, and its end read from its status file."""
         pid = job.pid
@@ -245,7 +265,7 @@ class JobBooks:
                 job.transition(LOST, reason=why, ended=time.time())
             return
         if job.home == self.me:
-            self._finished(job)
+            self.finished(job)
 
     def mark_lost(self, job: Job, reason: str, ended: bool = False) -> None:
         """Book a job of this home as lost and say so; a job already finished stays as it
@@ -255,7 +275,7 @@ class JobBooks:
         job.transition(LOST, ended=time.time(),
                        reason=f"{reason} at {time.strftime('%H:%M:%S')}")
         self.stop_following(job.id)
-        self.d.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
+        self.host.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
                               {"job": job.id, "reason": job.reason})])
 
     def stop_following(self, job_id: str) -> None:
@@ -274,9 +294,9 @@ class JobBooks:
             self.flags.add(flag)
         else:
             self.flags.discard(flag)
-        keep = set(self.d.members.me["flags"]) - set(NODE_FLAGS)
-        self.d.members.me["flags"] = sorted(keep | self.flags)
-        self.d.publish([Event("config", f"node {'now' if on else 'no longer'} {flag}",
+        keep = set(self.host.members.me["flags"]) - set(NODE_FLAGS)
+        self.host.members.me["flags"] = sorted(keep | self.flags)
+        self.host.publish([Event("config", f"node {'now' if on else 'no longer'} {flag}",
                               {"key": flag, "value": on})])
         return f"{flag}: {'on' if on else 'off'}"
 

@@ -56,13 +56,13 @@ class GuestJobs(JobBooks):
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
-            ch = await channel.accept(stream, self.d.channel_key, self.hello())
+            ch = await channel.accept(stream, self.host.channel_key, self.hello())
         except ChannelError as e:
-            self.d.counters["channel-refused"] += 1
+            self.host.counters["channel-refused"] += 1
             log.warning("cluster channel: refused a connection: %s", e)
             return
         try:
-            if ch.peer.get("proto") != self.d.protocol:
+            if ch.peer.get("proto") != self.host.protocol:
                 await ch.send({"op": "refused", "reason": "incompatible protocol version"})
                 return
             msg = await ch.receive_msg()
@@ -84,17 +84,17 @@ class GuestJobs(JobBooks):
                 offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
                 await self._pump(ch, job, offsets)
             elif op == "immigrate":
-                await self.migrations.target.immigrate(ch, msg)
+                await self.moves.immigrate(ch, msg)
             elif op == "has":
-                await self.migrations.target.has(ch, msg)
+                await self.moves.has(ch, msg)
             elif op == "drop":
-                await self.migrations.source.serve_drop(ch, msg)
+                await self.moves.drop(ch, msg)
             elif op == "emigrate":
                 job = self.find(str(msg.get("job")))
                 try:
                     if job is None or job.node != self.me:
-                        raise JobError(f"job {msg.get('job')} does not run on {self.d.name}")
-                    stats = await self.migrations.source.emigrate(job, ids.node_id(msg["to"]))
+                        raise JobError(f"job {msg.get('job')} does not run on {self.host.name}")
+                    stats = await self.moves.emigrate(job, ids.node_id(msg["to"]))
                     await ch.send({"op": "migrated", **stats})
                 except JobError as e:
                     await ch.send({"op": "failed", "reason": str(e)})
@@ -137,8 +137,8 @@ class GuestJobs(JobBooks):
                 raise JobError(f"job {job.id} was meant for node {job.node}, not {self.me}")
             if job.id in self.guests:
                 raise JobError(f"job {job.id} already runs here")
-            self._check_guest_ok(job.owner, local=False)
-            check_runnable(job.argv, job.cwd, env, self.d.name)
+            self.check_guest_ok(job.owner, local=False)
+            check_runnable(job.argv, job.cwd, env, self.host.name)
             job.offsets = {STDOUT: 0, STDERR: 0}
             job.changed = trio.Event()
             await self._launch(self.guests, self._run_guest, job, env)
@@ -154,7 +154,7 @@ class GuestJobs(JobBooks):
 
     async def _run_guest(self, job: Job, env: dict[str, str],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status)
+        await supervise(job, self.spool, env, self.host.cfg.cpus, task_status=task_status)
         self._prune()
 
     async def _pump(self, ch: Channel, job: Job, offsets: dict[int, int]) -> None:

@@ -48,47 +48,44 @@ class Placement:
 class HomeJobs(JobBooks):
     """The jobs started here, wherever they run."""
 
-    def candidates(self, placement: Placement) -> list[balance.Candidate]:
+    def candidates(self, job: Job | None = None) -> list[balance.Candidate]:
+        """The nodes that may take a new job (``job`` None), or ``job`` moved there: the
+        one rule of the cluster view (ClusterView.why_not), with each node's figures and
+        the jobs placed there lately, not yet in those figures."""
         now = trio.current_time()
         self.placed = [(n, t, j) for n, t, j in self.placed if now - t < balance.PENDING_FOR
                        and (j not in self.home or self.home[j].state not in FINAL)]
         pending: dict[int, int] = {}
         for n, _, _ in self.placed:
             pending[n] = pending.get(n, 0) + 1
-        me = self.d.members.me
-        out = [balance.Candidate(self.me, self.d.name, me["cpus"], me["speed"],
-                                 float(me["load"]), pending.get(self.me, 0), True)]
-        for node in self.d.members.live_nodes():
-            e = node.entry
-            if node.state != ALIVE or node.auth == "unverified":
-                continue
-            if set(e["flags"]) & {"blocked", "quiet"}:
-                continue
-            out.append(balance.Candidate(node.id, node.name, e["cpus"], e["speed"],
-                                         float(e["load"]), pending.get(node.id, 0), False))
-        return out
+        home = job.home if job is not None else self.me
+        nodes = [(self.me, self.host.name, self.host.members.me),
+                 *((n.id, n.name, n.entry) for n in self.host.members.live_nodes())]
+        return [balance.Candidate(nid, name, e["cpus"], e["speed"], float(e["load"]),
+                                  pending.get(nid, 0), nid == self.me)
+                for nid, name, e in nodes
+                if not self.view.why_not(nid, moved=job is not None, home=home,
+                                         restartable=bool(job and job.restartable),
+                                         rss_mb=job.rss_mb if job else 0.0)]
 
     def choose(self, placement: Placement) -> tuple[int, str]:
         """The node to run a new job: ``(id, name)``, or JobError saying why none."""
         if placement.how == "home" or "lstay" in self.flags:
-            return self.me, self.d.name
-        cands = self.candidates(placement)
+            return self.me, self.host.name
+        cands = self.candidates()
         if placement.how == "node":
             key = str(placement.node)
-            if key in (str(self.me), self.d.name):
-                return self.me, self.d.name
+            if key in (str(self.me), self.host.name):
+                return self.me, self.host.name
             try:
-                node = self.d.members.find(key)
+                node = self.host.members.find(key)
             except ValueError as e:
                 raise JobError(str(e)) from None
             if node is None:
                 raise JobError(f"no node {key!r}")
             match = next((c for c in cands if c.id == node.id), None)
             if match is None:
-                why = ("blocked" if "blocked" in node.entry["flags"] else
-                       "quiet" if "quiet" in node.entry["flags"] else
-                       "not authenticated (no cluster key)" if node.auth == "unverified"
-                       else node.state)
+                why = self.view.why_not(node.id, moved=False) or node.state
                 raise JobError(f"node {node.name} cannot take jobs: {why}")
             return match.id, match.name
         if placement.how == "among":
@@ -103,7 +100,7 @@ class HomeJobs(JobBooks):
     async def start(self, owner: Owner, argv: list[str], cwd: str, env: dict[str, str],
                     placement: Placement, stay: bool = False,
                     restartable: bool = False, stdin: bool = False) -> Job:
-        if self.d.security == "read-only" and placement.how != "home":
+        if self.host.security == "read-only" and placement.how != "home":
             placement = Placement("home")  # no key: no remote execution
         target, name = self.choose(placement)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
@@ -114,17 +111,17 @@ class HomeJobs(JobBooks):
         self.placed.append(placed)
         try:
             if target == self.me:
-                check_runnable(argv, cwd, env, self.d.name)
-                self._check_guest_ok(owner, local=True)
+                check_runnable(argv, cwd, env, self.host.name)
+                self.check_guest_ok(owner, local=True)
                 job.cannot_move = self.static_cannot_move(job)
                 await self._launch(self.home, self._run_local, job, env)
             else:
-                await self._start_remote(job, env)
+                await self.start_remote(job, env)
         except JobError:
             self.placed.remove(placed)
             self.envs.pop(job.id, None)
             raise
-        self.d.publish([Event("job-start", f"job {job.id} ({' '.join(argv)[:60]}) of "
+        self.host.publish([Event("job-start", f"job {job.id} ({' '.join(argv)[:60]}) of "
                               f"{owner.user} started on {name}",
                               {"job": job.id, "node": target})])
         self.save(job)
@@ -135,8 +132,8 @@ class HomeJobs(JobBooks):
         """``migrate PID NODE`` (root): make a process of this node a cluster job homed
         here and move it.  Nothing is booked unless the move succeeds: on any failure the
         process resumes as it was, owned by nobody but itself."""
-        mover = self.d.mover
-        if self.d.security == "read-only":
+        mover = self.host.mover
+        if self.host.security == "read-only":
             raise JobError("this node has no cluster key (read-only): it exchanges no "
                            "processes; see 'status'")
         why = mover.cannot_adopt(pid) if mover.available else mover.describe()
@@ -148,28 +145,39 @@ class HomeJobs(JobBooks):
             argv, cwd = p.cmdline() or [p.name()], p.cwd()
         except psutil.Error as e:
             raise JobError(f"process {pid}: {e}") from None
-        job = Job(self._next_id(), owner, self.me, self.me, self.d.name, argv, cwd)
+        job = Job(self._next_id(), owner, self.me, self.me, self.host.name, argv, cwd)
         job.pid = pid
         self.spool.create(job)
         self.book(self.home, job)
         try:
-            text = await self.migrations.home.migrate(job, where)
+            text = await self.moves.migrate(job, where)
         except JobError:
             self.home.pop(job.id, None)
             self.spool.remove(job.id)
             raise
         self.save(job)
-        self.d.publish([Event("job-start", f"process {pid} ({' '.join(argv)[:60]}) of "
+        self.host.publish([Event("job-start", f"process {pid} ({' '.join(argv)[:60]}) of "
                               f"{owner.user} taken over as job {job.id}",
                               {"job": job.id, "node": job.node, "pid": pid})])
         return f"process {pid} is now job {job.id}; {text}"
 
+    async def run_here(self, job: Job, env: dict[str, str]) -> None:
+        """Run a job of this home here (a --restartable job rerun here)."""
+        await self._nursery().start(self._run_local, job, env)
+
+    def follow(self, job: Job, anew: bool = False) -> None:
+        """Follow a job of this home that runs elsewhere: its output and end come home.
+        Not if it is followed already, unless ``anew`` (following it was stopped, and
+        the stopped follower may not have left yet)."""
+        if anew or job.id not in self.scopes:
+            self._nursery().start_soon(self._follow, job, None)
+
     async def _run_local(self, job: Job, env: dict[str, str],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if await supervise(job, self.spool, env, self.d.cfg.cpus, task_status=task_status):
-            self._finished(job)  # it ended here (it did not move away)
+        if await supervise(job, self.spool, env, self.host.cfg.cpus, task_status=task_status):
+            self.finished(job)  # it ended here (it did not move away)
 
-    async def _start_remote(self, job: Job, env: dict[str, str]) -> None:
+    async def start_remote(self, job: Job, env: dict[str, str]) -> None:
         try:
             ch = await self.connect(job.node)
         except ChannelError as e:
@@ -224,14 +232,14 @@ class HomeJobs(JobBooks):
             await ch.aclose()
 
     async def _follow_again(self, job: Job) -> None:
-        grace = self.d.cfg.dead_timeout + 2 * self.d.cfg.gossip_interval + 1
+        grace = self.host.cfg.dead_timeout + 2 * self.host.cfg.gossip_interval + 1
         with trio.move_on_after(grace):
             while True:
-                node = self.d.members.nodes.get(job.node)
+                node = self.host.members.nodes.get(job.node)
                 if node is not None and node.state == ALIVE:
                     break
                 await trio.sleep(0.2)
-        node = self.d.members.nodes.get(job.node)
+        node = self.host.members.nodes.get(job.node)
         if node is None or node.state != ALIVE:
             self.mark_lost(job, f"node {job.node_name} was not heard from after this daemon "
                            "restarted")
@@ -258,7 +266,7 @@ class HomeJobs(JobBooks):
                 job.cpu = float(msg.get("cpu", job.cpu))
                 job.rss_mb = float(msg.get("rss_mb", job.rss_mb))
             elif op == "moved":  # it left that node; follow it to the next
-                self.migrations.home.moved(job, int(msg["node"]))
+                self.moves.moved(job, int(msg["node"]))
                 return
             elif op == "exit":
                 job.cpu = float(msg.get("cpu", job.cpu))
@@ -266,7 +274,7 @@ class HomeJobs(JobBooks):
                 if job.cut and isinstance(job.exit, dict):  # cut here, at home
                     job.exit.setdefault("cut", job.cut)
                 job.transition(EXITED, ended=time.time())
-                self._finished(job)
+                self.finished(job)
                 return
 
     def _append(self, job: Job, stream: int, data: bytes) -> None:
@@ -278,7 +286,7 @@ class HomeJobs(JobBooks):
         except OSError as e:
             if not job.cut:
                 log.warning("job %s: cannot keep its output: %s", job.id, e.strerror or e)
-                job.cut = (f"cannot keep the job's output on node {self.d.name}: "
+                job.cut = (f"cannot keep the job's output on node {self.host.name}: "
                            f"{e.strerror or e}")
 
     def on_events(self, events: list[Event]) -> None:
@@ -299,7 +307,7 @@ class HomeJobs(JobBooks):
     async def _lost_unless_back(self, job: Job, nid: int, what: str) -> None:
         """A job whose node's daemon left or restarted is lost only if that daemon does
         not take it up again in time (it keeps its guests' records too)."""
-        await trio.sleep(2 * self.d.cfg.dead_timeout)
+        await trio.sleep(2 * self.host.cfg.dead_timeout)
         if job.state not in FINAL and job.node == nid and job.id not in self.links:
             self.mark_lost(job, f"node {job.node_name} {what} and did not take the job up "
                            "again")
@@ -313,7 +321,7 @@ class HomeJobs(JobBooks):
             home = home_of(job_id)
             guest = self.guests.get(job_id)
             home_alive = home is not None and home in {n.id for n in
-                                                        self.d.members.live_nodes()}
+                                                        self.host.members.live_nodes()}
             if forwarded or not home_alive:
                 if guest is None:
                     raise JobError(f"no job {job_id}")
@@ -325,7 +333,7 @@ class HomeJobs(JobBooks):
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
                                "moved now")
-            return await self.migrations.home.migrate(job, to or "best")
+            return await self.moves.migrate(job, to or "best")
         if action == "kill":
             if job.state in FINAL:
                 raise JobError(f"job {job.id} has already ended ({job.state})")
@@ -370,7 +378,7 @@ class HomeJobs(JobBooks):
                 log.debug("jobs: node %d did not answer: %s", node_id, e)
 
         async with trio.open_nursery() as nursery:
-            for node in self.d.members.live_nodes():
+            for node in self.host.members.live_nodes():
                 if node.auth != "unverified":
                     nursery.start_soon(ask, node.id)
         refresh_usage([j for j in self.all_jobs() if j.node == self.me])
@@ -398,7 +406,7 @@ class HomeJobs(JobBooks):
             if job.state != RUNNING:
                 continue
             where = "home"
-            home = self.d.members.nodes.get(job.home)
+            home = self.host.members.nodes.get(job.home)
             if home is None or home.state != ALIVE or "blocked" in home.entry["flags"]:
                 where = "best"
             try:
@@ -414,7 +422,7 @@ class HomeJobs(JobBooks):
         for job in list(self.home.values()):
             if job.state == RUNNING and job.node != self.me:
                 try:
-                    out.append(await self.migrations.home.migrate(job, "home"))
+                    out.append(await self.moves.migrate(job, "home"))
                 except JobError as e:
                     out.append(f"job {job.id}: {e}")
         return out or ["no job of this node runs elsewhere"]
@@ -422,10 +430,10 @@ class HomeJobs(JobBooks):
     async def set_flag_at(self, node: str | None, flag: str, on: bool) -> str:
         """``block NODE`` and its kin: here, or on another node over the cluster channel
         (its daemon trusts the cluster key, as it does for migrations)."""
-        if node is None or node in (str(self.me), self.d.name):
+        if node is None or node in (str(self.me), self.host.name):
             return self.set_flag(flag, on)
         try:
-            target = self.d.members.find(node)
+            target = self.host.members.find(node)
         except ValueError as e:
             raise JobError(str(e)) from None
         if target is None or target.state == "dead":

@@ -1,6 +1,7 @@
 """What every phase of a move shares on this node: the moves in progress (one per job at a
-time), a directory for each move's images, and the notes of jobs frozen for a move, kept
-across a restart (see :mod:`omuscd.migrate.recovery`)."""
+time), a directory for each move's images, the notes of jobs frozen for a move, kept
+across a restart (see :mod:`omuscd.migrate.recovery`); what the moves need of the node
+(:class:`MoveHost`) and what they tell the layers above (:meth:`MoveBooks.tell`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,44 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omuscd.ids import is_job_id
 from omuscd.jobs.record import Job, JobError
 from omuscd.jobs.spool import open_private, private_dir
 
+if TYPE_CHECKING:
+    from omuscd.cluster.membership import Membership
+    from omuscd.config import Config
+    from omuscd.events import Event
+    from omuscd.load import Sampler
+    from omuscd.migrate import Mover
+
 log = logging.getLogger("omuscd.migrate")
+
+#: What moves tell their listeners (the daemon wires them: the balancer frees the room it
+#: held for a move, the gossip counts the moves in and out)
+ARRIVED = "arrived"  # a job moved in here: it takes the room held for it
+LEFT = "left"  # a job moved away from here: its frozen copy is gone
+GIVEN_UP = "given-up"  # a move here was refused or abandoned: the room held is free
+
+
+class MoveHost(Protocol):
+    """The node the moves run on (the daemon is one)."""
+
+    cfg: Config
+    members: Membership
+    mover: Mover
+    sampler: Sampler  # a resumed job's load counts from the moment it runs
+
+    @property
+    def name(self) -> str: ...
+
+    def publish(self, events: list[Event]) -> None: ...
+
+    def jobs_changed(self) -> None: ...
 
 
 class MoveBooks:
@@ -29,6 +60,12 @@ class MoveBooks:
         # jobs being moved: one move of a job at a time ("out:ID" at a source, "in:ID"
         # at a target, ID at the home)
         self.moving: set[str] = set()
+        self.listeners: list[Callable[[str], None]] = []
+
+    def tell(self, what: str) -> None:
+        """Tell the listeners ARRIVED, LEFT or GIVEN_UP, at the instant it happens."""
+        for listener in self.listeners:
+            listener(what)
 
     def clean_images(self) -> None:
         """Image directories left by a crash are removed at start (a link there, never

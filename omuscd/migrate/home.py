@@ -18,7 +18,7 @@ from omuscd.jobs.record import (
     Job,
     JobError,
 )
-from omuscd.migrate.books import MoveBooks
+from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.source import Source
 from omuscd.migrate.transfer import (
     RESTORE_TIMEOUT,
@@ -34,9 +34,9 @@ log = logging.getLogger("omuscd.migrate")
 class MoveHome:
     """Moves decided at the job's home: choose the target, ask the source, book the result."""
 
-    def __init__(self, jc: JobControl, books: MoveBooks, source: Source):
+    def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks, source: Source):
         self.jc = jc
-        self.d = jc.d
+        self.host = host
         self.books = books
         self.source = source
 
@@ -45,14 +45,16 @@ class MoveHome:
         if where == "home":
             return job.home
         if where == "best":
-            cands = [c for c in jc.candidates(None) if c.id != job.node]
+            # the one rule (ClusterView.why_not): a node without CRIU is no candidate
+            # for a job that cannot be rerun from the start there
+            cands = [c for c in jc.candidates(job) if c.id != job.node]
             if not cands:
                 raise JobError("no other node can take the job now")
             return balance.choose_node(cands).id
-        if where in (str(jc.me), self.d.name):
+        if where in (str(jc.me), self.host.name):
             return jc.me
         try:
-            node = self.d.members.find(where)
+            node = self.host.members.find(where)
         except ValueError as e:  # a name two nodes share: the id says which
             raise JobError(str(e)) from None
         if node is None:
@@ -87,7 +89,7 @@ class MoveHome:
             names = " and ".join(self.jc.node_name(n) for n in without)
             raise JobError(f"job {job.id} cannot move: no CRIU on {names} (a job started "
                            "with --restartable could be rerun there from the start)")
-        self.d.publish([Event("migrating", f"job {job.id} moving from {job.node_name} to "
+        self.host.publish([Event("migrating", f"job {job.id} moving from {job.node_name} to "
                               f"{name}", {"job": job.id, "from": job.node, "to": target})])
         try:
             if without:
@@ -98,7 +100,7 @@ class MoveHome:
                 stats = await self._ask_source(job, target)
         except JobError as e:
             self._remember(job, {"from": source, "to": target, "failed": str(e)})
-            self.d.publish([Event("migration-failed", f"job {job.id} stays on "
+            self.host.publish([Event("migration-failed", f"job {job.id} stays on "
                                   f"{job.node_name}: {e}", {"job": job.id, "reason": str(e)})])
             raise
         self.moved(job, target)
@@ -109,15 +111,15 @@ class MoveHome:
         text = (f"job {job.id} migrated to {name}: frozen {stats['freeze']:.3f}s, "
                 f"{stats['bytes'] / 1e6:.1f} MB moved" +
                 (f" (its memory followed in {stats['followed']:.3f}s)" if followed else ""))
-        self.d.publish([Event("migrated", text, {"job": job.id, "to": target,
+        self.host.publish([Event("migrated", text, {"job": job.id, "to": target,
                                                  "freeze": stats["freeze"],
                                                  "bytes": stats["bytes"], **followed})])
         return text
 
     def has_mover(self, node_id: int) -> bool:
         if node_id == self.jc.me:
-            return self.d.mover.available
-        node = self.d.members.nodes.get(node_id)
+            return self.host.mover.available
+        node = self.host.members.nodes.get(node_id)
         return node is not None and "criu" in node.entry["flags"]
 
     @staticmethod
@@ -155,16 +157,16 @@ class MoveHome:
                        migrations=job.migrations + 1)
         try:
             if target == jc.me:
-                await jc._nursery().start(jc._run_local, job, env)
+                await jc.run_here(job, env)
             else:
-                await jc._start_remote(job, env)
+                await jc.start_remote(job, env)
         except JobError as e:
             jc.mark_lost(job, f"stopped on {source_name} to rerun on {job.node_name}, "
                          f"which failed: {e}")
             raise
         self._remember(job, {"from": source, "to": target, "restarted": True})
         text = f"job {job.id} restarted from the beginning on {job.node_name} (no CRIU)"
-        self.d.publish([Event("migrated", text, {"job": job.id, "to": target,
+        self.host.publish([Event("migrated", text, {"job": job.id, "to": target,
                                                  "restarted": True})])
         return text
 
@@ -176,8 +178,8 @@ class MoveHome:
                        migrations=job.migrations + 1)
         if target == self.jc.me:
             self.jc.stop_following(job.id)
-        elif job.id not in self.jc.scopes:
-            self.jc._nursery().start_soon(self.jc._follow, job, None)
+        else:
+            self.jc.follow(job)
 
     async def _ask_source(self, job: Job, target: int) -> dict[str, Any]:
         try:

@@ -15,7 +15,7 @@ from omuscd.jobs.books import is_job_init
 from omuscd.jobs.record import (
     Job,
 )
-from omuscd.migrate.books import MoveBooks
+from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.home import MoveHome
 from omuscd.migrate.source import Source
 from omuscd.migrate.tree import renice_tree, signal_tree
@@ -30,9 +30,10 @@ log = logging.getLogger("omuscd.migrate")
 class Recovery:
     """Settling the moves a restart cut short."""
 
-    def __init__(self, jc: JobControl, books: MoveBooks, source: Source, home: MoveHome):
+    def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks, source: Source,
+                 home: MoveHome):
         self.jc = jc
-        self.d = jc.d
+        self.host = host
         self.books = books
         self.source = source
         self.home = home
@@ -44,11 +45,11 @@ class Recovery:
         copies: the target runs it only once it has confirmed it to us or, asked now,
         says so; and a target that never got it has killed its copy (post-copy)."""
         target, nice = mark["target"], mark.get("nice")
-        grace = self.d.cfg.dead_timeout + 2 * self.d.cfg.gossip_interval + 1
+        grace = self.host.cfg.dead_timeout + 2 * self.host.cfg.gossip_interval + 1
         with trio.move_on_after(grace):  # until the cluster is heard from
-            while self.d.members.nodes.get(target) is None:
+            while self.host.members.nodes.get(target) is None:
                 await trio.sleep(0.1)
-        there = (target != self.jc.me and self.d.members.nodes.get(target) is not None
+        there = (target != self.jc.me and self.host.members.nodes.get(target) is not None
                  and await self.source.ask_target(job, target))
         pid = job.pid if job.pid is not None and is_job_init(job.pid) else None
         name = self.jc.node_name(target)
@@ -68,6 +69,6 @@ class Recovery:
                 if isinstance(nice, int):
                     renice_tree(pid, nice)
                 signal_tree(pid, signal.SIGCONT)
-                self.d.sampler.resumed(tree(pid))
-            self.jc._nursery().start_soon(self.jc._watch_again, job)
+                self.host.sampler.resumed(tree(pid))
+            self.jc.watch_again(job)
         self.books.unmark(job.id)

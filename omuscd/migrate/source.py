@@ -28,7 +28,7 @@ from omuscd.jobs.record import (
     JobError,
 )
 from omuscd.migrate import MoveError, postcopy
-from omuscd.migrate.books import MoveBooks
+from omuscd.migrate.books import LEFT, MoveBooks, MoveHost
 from omuscd.migrate.lazy import PAGE, PageServer
 from omuscd.migrate.page_relay import send_pages
 from omuscd.migrate.transfer import (
@@ -54,9 +54,9 @@ DUMP_NICE = -20  # the nice of a job while CRIU dumps it (see _emigrate)
 class Source:
     """The source side of moves: freeze, dump, send, resume on failure, drop the copy."""
 
-    def __init__(self, jc: JobControl, books: MoveBooks):
+    def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks):
         self.jc = jc
-        self.d = jc.d
+        self.host = host
         self.books = books
 
     async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
@@ -71,10 +71,10 @@ class Source:
             self.books.moving.discard(key)
 
     async def _emigrate_checked(self, job: Job, target: int) -> dict[str, Any]:
-        mover = self.d.mover
+        mover = self.host.mover
         if not mover.available:
             raise JobError(f"cannot move: migration is {mover.describe()} on "
-                           f"{self.d.name}")
+                           f"{self.host.name}")
         if job.pid is None and job.launcher is not None:
             job.pid = init_pid(job.launcher)
         if job.pid is None:
@@ -103,11 +103,11 @@ class Source:
 
     async def _emigrate(self, job: Job, target: int, ch: Channel,
                         images: Path) -> dict[str, Any]:
-        mover = self.d.mover
+        mover = self.host.mover
         # the memory goes while it is dumped (see omuscd.migrate.page_relay), else it is
         # copied after; a big job's follows it once it runs on the target (see
         # omuscd.migrate.postcopy)
-        streaming = mover.streams and self.d.cfg.stream_pages
+        streaming = mover.streams and self.host.cfg.stream_pages
         lazy = self._post_copy(job, target)
         try:
             await ch.send({"op": "immigrate", "job": job.wire(),
@@ -148,7 +148,7 @@ class Source:
         """The move from the freeze on (see _emigrate); ``committed`` gets the time the
         target was told to run the job."""
         jc = self.jc
-        mover = self.d.mover
+        mover = self.host.mover
         paged = 0
         try:
             if streaming:
@@ -235,8 +235,8 @@ class Source:
         """Whether this move is post-copy (see omuscd.migrate.postcopy): a big job, not going
         home (there the output is read as it is written, and a failed post-copy move
         does again what the target's copy did)."""
-        least = self.d.cfg.post_copy_mb
-        if not least or not self.d.mover.lazy or target == job.home or job.pid is None:
+        least = self.host.cfg.post_copy_mb
+        if not least or not self.host.mover.lazy or target == job.home or job.pid is None:
             return False
         resident = sum(p.rss for q in tree(job.pid) if (p := proctab.read(q)) is not None)
         return resident >= least * (1 << 20)
@@ -294,7 +294,7 @@ class Source:
             if nice is not None:  # its own priority back (see _emigrate)
                 renice_tree(job.pid, nice)
             signal_tree(job.pid, signal.SIGCONT)
-            self.d.sampler.resumed(tree(job.pid))
+            self.host.sampler.resumed(tree(job.pid))
         job.transition(RUNNING)
         log.warning("job %s resumed on this node after a failed move", job.id)
 
@@ -307,8 +307,8 @@ class Source:
         # over, and counted only once the copy's processes were reaped, the node still
         # had it (it sent a fifth job to a node with four).  Counted after the kill, the
         # dying copy showed as runnable.
-        self.d.moves[1] += 1
-        self.d.jobs_changed()
+        self.books.tell(LEFT)
+        self.host.jobs_changed()
         # The launcher (unshare, if the job started here) goes first: seeing its child
         # killed it would say so on the job's stderr.  Killing the init (PID 1 of the
         # job's namespace) then ends the namespace.  node_changed keeps both quiet here.
@@ -335,7 +335,7 @@ class Source:
         """After an unanswered commit: does the target run the job?  Ask until it answers
         or is declared dead (then it does not); the copy here stays frozen meanwhile."""
         while True:
-            node = self.d.members.nodes.get(target)
+            node = self.host.members.nodes.get(target)
             if node is None or node.state == DEAD:
                 return False
             try:

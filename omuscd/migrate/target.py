@@ -17,7 +17,6 @@ import trio
 
 from omuscd import rootexec
 from omuscd.channel import Channel, ChannelError
-from omuscd.jobs.process import adopt
 from omuscd.jobs.record import (
     FINAL,
     RUNNING,
@@ -29,7 +28,7 @@ from omuscd.jobs.record import (
 )
 from omuscd.jobs.spool import open_private
 from omuscd.migrate import Inherit, MoveError, postcopy
-from omuscd.migrate.books import MoveBooks
+from omuscd.migrate.books import ARRIVED, GIVEN_UP, MoveBooks, MoveHost
 from omuscd.migrate.page_relay import receive_pages, socket_pair
 from omuscd.migrate.transfer import (
     RESTORE_TIMEOUT,
@@ -51,25 +50,25 @@ log = logging.getLogger("omuscd.migrate")
 class Target:
     """The target side of moves: check, receive, restore, commit."""
 
-    def __init__(self, jc: JobControl, books: MoveBooks):
+    def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks):
         self.jc = jc
-        self.d = jc.d
+        self.host = host
         self.books = books
 
     async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         jc = self.jc
-        mover = self.d.mover
+        mover = self.host.mover
         try:
             job = Job.from_wire(msg["job"])
             if not mover.available:
-                raise JobError(f"migration is {mover.describe()} on {self.d.name}")
-            jc._check_guest_ok(job.owner, local=job.home == jc.me)
+                raise JobError(f"migration is {mover.describe()} on {self.host.name}")
+            jc.check_guest_ok(job.owner, local=job.home == jc.me)
             if not os.path.isdir(job.cwd):
-                raise JobError(f"node {self.d.name}: working directory {job.cwd} does not "
+                raise JobError(f"node {self.host.name}: working directory {job.cwd} does not "
                                "exist")
             images = self.books.images_dir(f"{job.id}.in")
         except (JobError, KeyError, TypeError, ValueError) as e:
-            self.d.balancer.release_hold()  # the room held for this move is free again
+            self.books.tell(GIVEN_UP)  # the room held for this move is free again
             await ch.send({"op": "refused", "reason": str(e)})
             return
         home = jc.home.get(job.id) if job.home == jc.me else None
@@ -88,7 +87,7 @@ class Target:
                 lazy = msg.get("lazy") is True and mover.lazy
                 if lazy:
                     ready["lazy"] = True
-                elif msg.get("pages") is True and mover.streams and self.d.cfg.stream_pages:
+                elif msg.get("pages") is True and mover.streams and self.host.cfg.stream_pages:
                     pages, theirs = socket_pair()
                     try:
                         pager = await mover.page_server(images, theirs.fileno())
@@ -146,7 +145,7 @@ class Target:
                 if m.get("op") != "commit":
                     raise ChannelError("no commit")
                 signal_tree(pid, signal.SIGCONT)
-                self.d.sampler.resumed(tree(pid))  # its load counts from now
+                self.host.sampler.resumed(tree(pid))  # its load counts from now
                 self._adopted(job, pid)
                 pid = None
                 await ch.send({"op": "running"})
@@ -157,14 +156,14 @@ class Target:
                     _reap(pid)
                 if pager is not None and pager.returncode is None:
                     pager.kill()
-                self.d.mover.keep_log(images / "page-server.log", "page-server")
-                self.d.balancer.release_hold()  # the room held for this move is free again
+                self.host.mover.keep_log(images / "page-server.log", "page-server")
+                self.books.tell(GIVEN_UP)  # the room held for this move is free again
                 if home is not None:
                     self._follow_again(home)
                 log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
                             e)
                 try:
-                    await ch.send({"op": "failed", "reason": f"{self.d.name}: {e}"})
+                    await ch.send({"op": "failed", "reason": f"{self.host.name}: {e}"})
                 except ChannelError:
                     pass
             finally:
@@ -180,7 +179,7 @@ class Target:
         if job.state in FINAL or job.node == self.jc.me:
             return
         job.offsets.update(self.jc.spool.ends(job.id))
-        self.jc._nursery().start_soon(self.jc._follow, job, None)
+        self.jc.follow(job, anew=True)
 
     async def _restore_lazy(self, job: Job, ch: Channel, images: Path, spool_dir: Path,
                             paths: dict[str, str], nice: Any) -> None:
@@ -196,7 +195,7 @@ class Target:
         pid = None
         try:
             try:
-                lazyd = await self.d.mover.lazy_pages(images, theirs.fileno())
+                lazyd = await self.host.mover.lazy_pages(images, theirs.fileno())
             finally:
                 theirs.close()
             relay = postcopy.Relay(ch, mine)
@@ -219,7 +218,7 @@ class Target:
                         with trio.move_on_after(0.25):
                             await lazyd.wait()
                     if lazyd.returncode != 0:
-                        kept = self.d.mover.keep_log(images / "lazy-pages.log", "lazy-pages")
+                        kept = self.host.mover.keep_log(images / "lazy-pages.log", "lazy-pages")
                         raise MoveError(f"criu lazy-pages failed (exit {lazyd.returncode})"
                                         f"{kept}")
                 except (ChannelError, MoveError, OSError, trio.TooSlowError) as e:
@@ -227,7 +226,7 @@ class Target:
                 nursery.cancel_scope.cancel()
             if failed is not None:
                 raise failed
-            self.d.sampler.resumed(tree(pid))  # its load counts from now
+            self.host.sampler.resumed(tree(pid))  # its load counts from now
             self._adopted(job, pid)
             pid = None
             await ch.send({"op": "running"})
@@ -251,11 +250,11 @@ class Target:
         try:
             inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
                        Inherit(paths["status"], fds[2])]
-            pid = await self.d.mover.restore(images, inherit, images / "restored.pid", lazy)
+            pid = await self.host.mover.restore(images, inherit, images / "restored.pid", lazy)
         finally:
             for fd in fds:
                 os.close(fd)
-        pin_tree(pid, self.d.cfg.cpus)  # CRIU restores the source's; ours is what we lend
+        pin_tree(pid, self.host.cfg.cpus)  # CRIU restores the source's; ours is what we lend
         return pid
 
     def _adopted(self, job: Job, pid: int) -> None:
@@ -272,21 +271,12 @@ class Target:
         record.offsets.update(jc.spool.ends(job.id))
         # a guest's record came before its move was booked (at the home): min_stay counts
         # from here, or balancing here would send it straight on
-        record.transition(RUNNING, node=jc.me, node_name=self.d.name, landed_at=time.time(),
+        record.transition(RUNNING, node=jc.me, node_name=self.host.name, landed_at=time.time(),
                           pid=pid, cpu_moved=job.cpu_moved)
-        self.d.balancer.release_hold()  # the job takes the room held for it
-        jc._nursery().start_soon(self._watch_adopted, record, pid, run)
-
-    async def _watch_adopted(self, job: Job, pid: int, run: int) -> None:
-        # counted with the load, at the same instant: a node that gossiped the one
-        # without the other would have its move taken as shown in a load that lacks it
-        self.d.moves[0] += 1
-        self.d.jobs_changed()  # it arrived
-        try:
-            if await adopt(job, self.jc.spool, pid, run) and job.home == self.jc.me:
-                self.jc._finished(job)
-        finally:
-            self.d.jobs_changed()  # it ended or left
+        # the job takes the room held for it; its move is counted with the load, at the
+        # same instant (see JobBooks.watch_restored)
+        self.books.tell(ARRIVED)
+        jc.watch_restored(record, pid, run)
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         # a post-copy move of it in progress here ends either way first
