@@ -1,15 +1,8 @@
-"""The guest side of jobs: the cluster channel's requests served here, and the jobs run
-here for another home (exec, output pumped home, signals and input taken).
+"""The guest side of jobs: the cluster channel's connections accepted here, and the jobs run
+here for another home (exec, attach, output pumped home, signals and input taken).
 
-Messages on the cluster channel (JSON, see :mod:`omuscd.channel`), each on a connection of
-its own:
-
-- ``exec``: the home node asks a node to run a job; answered ``started`` or ``refused``,
-  after which the connection carries the job's output home (data frames), ``info``
-  (CPU, RSS) and finally ``exit``; the home node may send ``signal`` on it.
-- ``attach``: the home node reconnects to a running job from the offsets it already has.
-- ``jobs``: a node's records, for the cluster-wide ``jobs`` listing.
-- ``act``: kill/stay/nostay on behalf of a user, sent to the job's home node.
+The requests and their answers are listed in :mod:`omuscd.cluster.rpc`; the table of
+those this node serves is built in :mod:`omuscd.jobs.node`.
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ import trio
 
 from omuscd import channel, ids
 from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.rpc import refusal
 from omuscd.jobs import jobinit
 from omuscd.jobs.books import NODE_FLAGS, JobBooks
 from omuscd.jobs.process import (
@@ -30,7 +24,6 @@ from omuscd.jobs.process import (
     check_runnable,
     init_pid,
     measure,
-    refresh_usage,
     supervise,
 )
 from omuscd.jobs.record import FINAL, MOVED, STDERR, STDOUT, Job, JobError
@@ -63,68 +56,42 @@ class GuestJobs(JobBooks):
             return
         try:
             if ch.peer.get("proto") != self.host.protocol:
-                await ch.send({"op": "refused", "reason": "incompatible protocol version"})
+                await ch.send(refusal("incompatible protocol version"))
                 return
             msg = await ch.receive_msg()
-            op = msg.get("op")
-            bad = _bad_ids(op, msg)
-            if bad:
-                log.warning("cluster channel: node %s sent %s with %s; refused",
-                            ch.peer.get("node"), str(op)[:20], bad)
-                await ch.send({"op": "refused", "reason": bad, "text": bad})
-                return
-            if op == "exec":
-                await self._serve_exec(ch, msg)
-            elif op == "attach":
-                job = self.guests.get(str(msg.get("job")))
-                if job is None:
-                    await ch.send({"op": "unknown"})
-                    return
-                await ch.send({"op": "attached"})
-                offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
-                await self._pump(ch, job, offsets)
-            elif op == "immigrate":
-                await self.moves.immigrate(ch, msg)
-            elif op == "has":
-                await self.moves.has(ch, msg)
-            elif op == "drop":
-                await self.moves.drop(ch, msg)
-            elif op == "emigrate":
-                job = self.find(str(msg.get("job")))
-                try:
-                    if job is None or job.node != self.me:
-                        raise JobError(f"job {msg.get('job')} does not run on {self.host.name}")
-                    stats = await self.moves.emigrate(job, ids.node_id(msg["to"]))
-                    await ch.send({"op": "migrated", **stats})
-                except JobError as e:
-                    await ch.send({"op": "failed", "reason": str(e)})
-            elif op == "flag":
-                flag = str(msg.get("flag"))
-                if flag not in NODE_FLAGS:
-                    await ch.send({"op": "refused", "reason": f"no node flag {flag!r}"})
-                else:
-                    log.info("node flag %s %s, asked by node %s", flag,
-                             "on" if msg.get("on") else "off", ch.peer.get("node"))
-                    await ch.send({"op": "done",
-                                   "text": self.set_flag(flag, bool(msg.get("on")))})
-            elif op == "jobs":
-                refresh_usage([j for j in self.all_jobs() if j.node == self.me])
-                await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
-                               "guests": [j.wire() for j in self.guests.values()]})
-            elif op == "act":
-                try:
-                    text = await self.act(str(msg.get("job")), str(msg.get("action")),
-                                          int(msg.get("uid", -1)), int(msg.get("sig", 15)),
-                                          forwarded=True, to=str(msg.get("to", "")))
-                    await ch.send({"op": "done", "text": text})
-                except JobError as e:
-                    await ch.send({"op": "error", "text": str(e)})
-            else:
-                await ch.send({"op": "refused", "reason": f"unknown operation {op!r}"})
+            await self.ops.dispatch(ch, msg)
         except (ChannelError, KeyError, TypeError, ValueError) as e:
             log.debug("cluster channel from node %s: %s", ch.peer.get("node"), e)
         finally:
             await ch.aclose()
+
+    async def _serve_attach(self, ch: Channel, msg: dict[str, Any]) -> None:
+        job = self.guests.get(str(msg.get("job")))
+        if job is None:
+            await ch.send({"op": "unknown"})
+            return
+        await ch.send({"op": "attached"})
+        offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
+        await self._pump(ch, job, offsets)
+
+    async def _serve_emigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
+        job = self.find(str(msg.get("job")))
+        try:
+            if job is None or job.node != self.me:
+                raise JobError(f"job {msg.get('job')} does not run on {self.host.name}")
+            stats = await self.moves.emigrate(job, ids.node_id(msg["to"]))
+            await ch.send({"op": "migrated", **stats})
+        except JobError as e:
+            await ch.send(refusal(str(e), "failed"))
+
+    async def _serve_flag(self, ch: Channel, msg: dict[str, Any]) -> None:
+        flag = str(msg.get("flag"))
+        if flag not in NODE_FLAGS:
+            await ch.send(refusal(f"no node flag {flag!r}"))
+            return
+        log.info("node flag %s %s, asked by node %s", flag,
+                 "on" if msg.get("on") else "off", ch.peer.get("node"))
+        await ch.send({"op": "done", "text": self.set_flag(flag, bool(msg.get("on")))})
 
     async def _serve_exec(self, ch: Channel, msg: dict[str, Any]) -> None:
         try:
@@ -143,7 +110,7 @@ class GuestJobs(JobBooks):
             job.changed = trio.Event()
             await self._launch(self.guests, self._run_guest, job, env)
         except JobError as e:
-            await ch.send({"op": "refused", "reason": str(e)})
+            await ch.send(refusal(str(e)))
             return
         self.save(job)
         log.info("job %s of %s from node %d started: %s", job.id, job.owner.user, job.home,
@@ -255,23 +222,3 @@ class GuestJobs(JobBooks):
             os.kill(pid, sig)
         except ProcessLookupError:
             raise JobError(f"job {job.id} has already ended") from None
-
-
-#: The cluster-channel requests that name a job, and those that name a node ("to").
-_JOB_OPS = ("attach", "emigrate", "drop", "has", "act")
-_TO_OPS = ("emigrate", "drop")
-
-
-def _bad_ids(op: Any, msg: dict[str, Any]) -> str:
-    """Why a peer's request names no valid job or node ("" when it does): refused before
-    it is looked at, so that a bad id never reaches a path or a table."""
-    try:
-        if op in _JOB_OPS:
-            ids.job_id(msg.get("job"))
-        if op in _TO_OPS:
-            ids.node_id(msg.get("to"))
-        if op == "act" and msg.get("to"):
-            ids.node_name(msg.get("to"))
-    except ids.BadId as e:
-        return str(e)
-    return ""

@@ -20,6 +20,7 @@ import trio
 from omuscd import balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE
+from omuscd.cluster.rpc import error_text, refusal
 from omuscd.events import Event
 from omuscd.jobs.books import QUERY_TIMEOUT, JobBooks, home_of
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
@@ -191,7 +192,7 @@ class HomeJobs(JobBooks):
             raise JobError(f"node {job.node_name} did not answer: {e}") from None
         if reply.get("op") != "started":
             await ch.aclose()
-            raise JobError(str(reply.get("reason", "refused")))
+            raise JobError(error_text(reply))
         job.cannot_move = str(reply.get("cannot_move", ""))
         self.spool.create(job)
         self.book(self.home, job)
@@ -363,8 +364,22 @@ class HomeJobs(JobBooks):
                 f"node {self.node_name(node)}"
             raise JobError(f"{what} did not answer: {e}") from None
         if reply.get("op") != "done":
-            raise JobError(str(reply.get("text", "refused")))
+            raise JobError(error_text(reply))
         return str(reply.get("text", ""))
+
+    async def _serve_act(self, ch: Channel, msg: dict[str, Any]) -> None:
+        try:
+            text = await self.act(str(msg.get("job")), str(msg.get("action")),
+                                  int(msg.get("uid", -1)), int(msg.get("sig", 15)),
+                                  forwarded=True, to=str(msg.get("to", "")))
+            await ch.send({"op": "done", "text": text})
+        except JobError as e:
+            await ch.send(refusal(str(e), "error"))
+
+    async def _serve_jobs(self, ch: Channel, msg: dict[str, Any]) -> None:
+        refresh_usage([j for j in self.all_jobs() if j.node == self.me])
+        await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
+                       "guests": [j.wire() for j in self.guests.values()]})
 
     async def cluster_jobs(self) -> list[Job]:
         """Every job the cluster knows, the same on every node: each home node answers for
@@ -443,7 +458,7 @@ class HomeJobs(JobBooks):
         except ChannelError as e:
             raise JobError(f"node {target.name} did not answer: {e}") from None
         if reply.get("op") != "done":
-            raise JobError(f"node {target.name}: {reply.get('reason') or reply.get('text')}")
+            raise JobError(f"node {target.name}: {error_text(reply)}")
         return f"{target.name}: {reply.get('text')}"
 
 

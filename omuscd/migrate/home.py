@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from omuscd import balance
 from omuscd.channel import ChannelError
+from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
 from omuscd.jobs.record import (
     RUNNING,
@@ -144,7 +145,7 @@ class MoveHome:
             except ChannelError as e:
                 raise JobError(f"cannot stop the job on {source_name}: {e}") from None
             if reply.get("op") != "dropped":
-                raise JobError(str(reply.get("reason", "the source refused")))
+                raise JobError(error_text(reply, "the source refused"))
         for stream in (STDOUT, STDERR):  # its output starts again
             try:
                 jc.spool.truncate(job.id, stream)
@@ -189,6 +190,6 @@ class MoveHome:
         except ChannelError as e:
             raise JobError(f"node {job.node_name} did not finish the move: {e}") from None
         if reply.get("op") != "migrated":
-            raise JobError(str(reply.get("reason", "refused")))
+            raise JobError(error_text(reply))
         return {"freeze": float(reply["freeze"]), "bytes": int(reply["bytes"]),
                 "followed": float(reply.get("followed", 0.0))}

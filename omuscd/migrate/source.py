@@ -17,6 +17,7 @@ import trio
 from omuscd import proctab
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import DEAD
+from omuscd.cluster.rpc import error_text, refusal
 from omuscd.jobs.process import init_pid, starting, tree_usage
 from omuscd.jobs.record import (
     MIGRATING,
@@ -118,7 +119,7 @@ class Source:
         except (ChannelError, trio.TooSlowError) as e:
             raise JobError(f"the target did not answer: {e}") from None
         if reply.get("op") != "ready":
-            raise JobError(str(reply.get("reason", "the target refused")))
+            raise JobError(error_text(reply, "the target refused"))
         lazy = lazy and reply.get("lazy") is True  # an older target: not post-copy
         streaming = streaming and not lazy and reply.get("pages") is True  # older: copied
         if job.state != RUNNING:  # it ended while the target got ready: nothing to move
@@ -185,7 +186,7 @@ class Source:
             with trio.fail_after(RESTORE_TIMEOUT):
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
-                raise MoveError(str(reply.get("reason", "restore failed")))
+                raise MoveError(error_text(reply, "restore failed"))
         except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
             self.resume(job, nice)
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
@@ -258,7 +259,7 @@ class Source:
                 return False
             if op == "running" and committed:
                 return True
-            raise MoveError(str(m.get("reason") or f"unexpected {op!r}"))
+            raise MoveError(error_text(m, f"unexpected {op!r}"))
 
         try:
             await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message)
@@ -349,7 +350,7 @@ class Source:
         """The home asks us to stop a restartable guest it will rerun elsewhere."""
         job = self.jc.guests.get(str(msg.get("job")))
         if job is None or not job.restartable:
-            await ch.send({"op": "refused", "reason": "no such restartable job here"})
+            await ch.send(refusal("no such restartable job here"))
             return
         self.drop_copy(job, int(msg.get("to", 0)))
         await ch.send({"op": "dropped"})

@@ -17,6 +17,7 @@ import trio
 
 from omuscd import rootexec
 from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.rpc import refusal
 from omuscd.jobs.record import (
     FINAL,
     RUNNING,
@@ -69,7 +70,7 @@ class Target:
             images = self.books.images_dir(f"{job.id}.in")
         except (JobError, KeyError, TypeError, ValueError) as e:
             self.books.tell(GIVEN_UP)  # the room held for this move is free again
-            await ch.send({"op": "refused", "reason": str(e)})
+            await ch.send(refusal(str(e)))
             return
         home = jc.home.get(job.id) if job.home == jc.me else None
         if home is not None:
@@ -163,7 +164,7 @@ class Target:
                 log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
                             e)
                 try:
-                    await ch.send({"op": "failed", "reason": f"{self.host.name}: {e}"})
+                    await ch.send(refusal(f"{self.host.name}: {e}", "failed"))
                 except ChannelError:
                     pass
             finally:
