@@ -532,19 +532,19 @@ def test_restartable_job_is_rerun_where_there_is_no_criu(cluster, tmp_path):
 def test_migrate_best_chooses_a_node_that_can_take_the_job(cluster):
     """``migrate JOB best`` chose among the nodes that may take a *new* job, without
     asking whether they can restore one: the node with the most room had no CRIU, and
-    the move was refused there ("no CRIU on c").  One rule (ClusterView.why_not) now
-    decides for placement, balancing and ``migrate``: c is no candidate for this job."""
+    the move was refused there ("no CRIU on d").  One rule (ClusterView.why_not) now
+    decides for placement, balancing and ``migrate``: d is no candidate for this job."""
     lan, work, key, n = cluster
-    lan.add_node(2)
-    c = start_daemon("c", ["--key-file", str(key), "--criu", "/bin/false"], work,
-                     netns=lan.ns(2))
+    lan.add_node(3)  # (2 is the no-CRIU node of the test above)
+    d = start_daemon("d", ["--key-file", str(key), "--criu", "/bin/false"], work,
+                     netns=lan.ns(3))
     p = start(n["a"], "sleep", "60")
     placed = None
     try:
-        wait_for(lambda: "c" in n["a"].nodes() and "c" in n["b"].nodes(), 10, "c to be seen")
-        assert "criu" not in n["a"].nodes()["c"]["flags"]
+        wait_for(lambda: "d" in n["a"].nodes() and "d" in n["b"].nodes(), 10, "d to be seen")
+        assert "criu" not in n["a"].nodes()["d"]["flags"]
         job = job_of(n["a"], "sleep 60")
-        # a job placed on b just now counts there until b's figures show it: c (idle,
+        # a job placed on b just now counts there until b's figures show it: d (idle,
         # as many CPUs) has the most room of the nodes the job could go to
         r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--node",
                             "b", "--detach", "--", "sleep", "60"], capture_output=True,
@@ -559,7 +559,7 @@ def test_migrate_best_chooses_a_node_that_can_take_the_job(cluster):
             n["a"].ctl(f"kill {placed} KILL")
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=10)
-        c.stop()
+        d.stop()
 
 
 def test_stay_is_respected(cluster):
