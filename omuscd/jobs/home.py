@@ -20,7 +20,7 @@ import trio
 from omuscd import balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE
-from omuscd.cluster.rpc import error_text, refusal
+from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
 from omuscd.jobs.books import QUERY_TIMEOUT, JobBooks, home_of
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
@@ -366,20 +366,6 @@ class HomeJobs(JobBooks):
         if reply.get("op") != "done":
             raise JobError(error_text(reply))
         return str(reply.get("text", ""))
-
-    async def _serve_act(self, ch: Channel, msg: dict[str, Any]) -> None:
-        try:
-            text = await self.act(str(msg.get("job")), str(msg.get("action")),
-                                  int(msg.get("uid", -1)), int(msg.get("sig", 15)),
-                                  forwarded=True, to=str(msg.get("to", "")))
-            await ch.send({"op": "done", "text": text})
-        except JobError as e:
-            await ch.send(refusal(str(e), "error"))
-
-    async def _serve_jobs(self, ch: Channel, msg: dict[str, Any]) -> None:
-        refresh_usage([j for j in self.all_jobs() if j.node == self.me])
-        await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
-                       "guests": [j.wire() for j in self.guests.values()]})
 
     async def cluster_jobs(self) -> list[Job]:
         """Every job the cluster knows, the same on every node: each home node answers for

@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from omuscd.channel import Channel
-from omuscd.cluster.rpc import OpTable
+from omuscd.cluster.rpc import OpTable, refusal
 from omuscd.jobs.guest import GuestJobs
 from omuscd.jobs.home import HomeJobs
 from omuscd.jobs.host import Host
+from omuscd.jobs.process import refresh_usage
+from omuscd.jobs.record import JobError
 
 
 class JobControl(HomeJobs, GuestJobs):
@@ -35,6 +37,21 @@ class JobControl(HomeJobs, GuestJobs):
         ops.add("has", self._serve_has, names_job=True)
         ops.add("drop", self._serve_drop, names_job=True, names_node=True)
         return ops
+
+    async def _serve_act(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """``act`` for a user of another node, at the job's home (or where it runs)."""
+        try:
+            text = await self.act(str(msg.get("job")), str(msg.get("action")),
+                                  int(msg.get("uid", -1)), int(msg.get("sig", 15)),
+                                  forwarded=True, to=str(msg.get("to", "")))
+            await ch.send({"op": "done", "text": text})
+        except JobError as e:
+            await ch.send(refusal(str(e), "error"))
+
+    async def _serve_jobs(self, ch: Channel, msg: dict[str, Any]) -> None:
+        refresh_usage([j for j in self.all_jobs() if j.node == self.me])
+        await ch.send({"op": "jobs", "home": [j.wire() for j in self.home.values()],
+                       "guests": [j.wire() for j in self.guests.values()]})
 
     async def _serve_immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.moves.immigrate(ch, msg)
