@@ -30,14 +30,17 @@ from omuscd.cluster.gossip import Gossip
 from omuscd.cluster.membership import Membership
 from omuscd.cluster.rounds import Rounds
 from omuscd.cluster.settings import Settings, timing_of
+from omuscd.cluster.view import ClusterView
 from omuscd.config import TUNABLES, Config, ConfigError, read_toml
 from omuscd.control.server import ControlServer
 from omuscd.control.services import Services as ControlServices
 from omuscd.control.status import Status
 from omuscd.events import Event, EventBus
-from omuscd.jobctl import JobControl
+from omuscd.jobs.node import JobControl
 from omuscd.load import Sampler
+from omuscd.migrate.books import ARRIVED, GIVEN_UP, LEFT
 from omuscd.migrate.criu import Criu, find_criu
+from omuscd.migrate.node import Migrations
 from omuscd.version import PROTOCOL_VERSION, RELEASE, VERSION_STRING
 
 log = logging.getLogger("omuscd")
@@ -73,7 +76,11 @@ class Daemon:
         self.hangup_stops = False  # under --tui, SIGHUP means the terminal is gone
         self._build_cluster()
         self.mover = Criu(find_criu(cfg.criu), Path(cfg.state_dir))
+        self.view = ClusterView(self.members, self.mover)
         self.jobs = JobControl(self)
+        self.migrations = Migrations(self.jobs, self)
+        self.jobs.moves = self.migrations
+        self.migrations.listen(self._on_move)
         self._build_balancer()
         self._build_control(control_secret)
 
@@ -94,7 +101,7 @@ class Daemon:
     def _build_balancer(self) -> None:
         self.balancer = Balancer(BalanceServices(
             self.cfg, self.members, self.sampler, self.jobs, lambda: self.mover.available,
-            self.publish, self.gossip.send_message))
+            self.view, self.publish, self.gossip.send_message))
         g = self.gossip
         g.on_load_jump = self.balancer.poke
         g.handlers[wire.REQUEST] = self.balancer.on_request
@@ -157,6 +164,16 @@ class Daemon:
         if events:
             self.jobs.on_events(events)
 
+    def _on_move(self, what: str) -> None:
+        """A move in or out of this node: counted (gossiped with the load), and the room
+        the balancer held for an incoming one is taken, or free again."""
+        if what == ARRIVED:
+            self.moves[0] += 1
+        elif what == LEFT:
+            self.moves[1] += 1
+        if what in (ARRIVED, GIVEN_UP):
+            self.balancer.release_hold()
+
     def jobs_changed(self) -> None:
         """A job started, ended, arrived or left here: see Rounds.jobs_changed."""
         self.rounds.jobs_changed()
@@ -172,7 +189,7 @@ class Daemon:
         """Run until shutdown; returns the exit code."""
         self.rounds.started = trio.current_time()
         self.gossip.open_sockets()
-        self.jobs.migrations.clean_images()
+        self.migrations.clean_images()
         await self.mover.check()
         try:
             if self.mover.available:

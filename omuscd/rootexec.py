@@ -6,7 +6,7 @@ that user's code as root (their own ``unshare`` first in PATH, an ``LD_PRELOAD``
 directories only, and runs with :data:`HELPER_ENV`: neither the caller's environment nor
 the daemon's own (which may be whatever the admin's shell or ``sudo`` left) reaches it.
 The caller's environment goes only to the job's command, after the job's init has become
-the caller (see :mod:`omuscd.jobinit`).
+the caller (see :mod:`omuscd.jobs.jobinit`).
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ def balance_services(me_load: float, b_load: float, act: Any = None,
     """balance.core.Services for two nodes: this node a (id 1, one CPU, CRIU) and node b
     (id 2), each with the load given; ``sent`` collects the datagrams sent."""
     from omuscd.balance.core import Services
+    from omuscd.cluster.view import ClusterView
 
     me = {"id": 1, "name": "a", "load": me_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
     b_entry = {"load": b_load, "cpus": 1, "speed": 1000, "flags": ["criu"]}
@@ -88,8 +89,9 @@ def balance_services(me_load: float, b_load: float, act: Any = None,
         b_entry["moves"] = b_moves
     members = FakeMembers(me, {2: FakeNode(2, "b", b_entry)})
     sent: list[tuple[int, dict[str, Any], tuple[str, int]]] = []
+    view = ClusterView(members, SimpleNamespace(available=True))  # type: ignore[arg-type]
     s = Services(fake_cfg(**cfg), members, SimpleNamespace(last=SimpleNamespace(load=me_load)),
-                 FakeBalanceJobs(act), lambda: True, lambda events: None,
+                 FakeBalanceJobs(act), lambda: True, view, lambda events: None,
                  lambda *m: sent.append(m))
     s.sent = sent  # type: ignore[attr-defined]
     return s

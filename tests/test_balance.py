@@ -214,7 +214,8 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     from types import SimpleNamespace
 
     from omuscd import proctab
-    from omuscd.migration import Migrations
+    from omuscd.daemon import Daemon
+    from omuscd.migrate.node import Migrations
 
     copy = subprocess.Popen(["sleep", "30"])
     os.kill(copy.pid, signal.SIGSTOP)
@@ -222,10 +223,12 @@ def test_the_source_counts_a_move_out_with_its_load_while_the_frozen_copy_is_sto
     seen: list[tuple[list[int], bytes]] = []
     d = SimpleNamespace(moves=[3, 1], cfg=SimpleNamespace(state_dir="/nonexistent"))
     d.jobs_changed = lambda: seen.append((list(d.moves), proctab.scan()[copy.pid].state))
-    jc = SimpleNamespace(d=d, guests={}, node_name=lambda n: "b")
+    jc = SimpleNamespace(guests={}, node_name=lambda n: "b")
     job = SimpleNamespace(id="1.1", pid=copy.pid, launcher=None, node_changed=False)
+    m = Migrations(jc, d)
+    m.listen(lambda what: Daemon._on_move(d, what))  # as the daemon wires it
     try:
-        Migrations(jc)._drop(job, 2)
+        m.source.drop_copy(job, 2)
     finally:
         copy.kill()
     assert copy.wait(5) == -signal.SIGKILL
@@ -273,11 +276,12 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
     import trio
 
     from omuscd.balance.balancer import Balancer
-    from omuscd.migration import Migrations
+    from omuscd.daemon import Daemon
+    from omuscd.migrate.node import Migrations
 
     s = balance_services(3.0, 5.0, None)
     d = SimpleNamespace(cfg=SimpleNamespace(state_dir="/nonexistent"), balancer=Balancer(s),
-                        mover=SimpleNamespace(available=True), name="a")
+                        mover=SimpleNamespace(available=True), name="a", moves=[0, 0])
     said = []
 
     async def send(msg):
@@ -286,7 +290,9 @@ def test_room_held_for_a_move_that_does_not_come_is_free_again():
     async def main() -> tuple[int, int]:
         d.balancer.core.held = [trio.current_time() + 5.0]
         before = d.balancer.core.loads(trio.current_time())[1].pending
-        await Migrations(SimpleNamespace(d=d)).immigrate(SimpleNamespace(send=send), {})
+        m = Migrations(SimpleNamespace(), d)
+        m.listen(lambda what: Daemon._on_move(d, what))  # as the daemon wires it
+        await m.target.immigrate(SimpleNamespace(send=send), {})
         return before, d.balancer.core.loads(trio.current_time())[1].pending
 
     assert trio.run(main) == (1, 0)
@@ -300,7 +306,7 @@ def test_a_job_still_starting_is_not_picked_to_move():
     from types import SimpleNamespace
 
     from omuscd import proctab
-    from omuscd.jobs import starting
+    from omuscd.jobs.process import starting
 
     loose = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])  # no session yet
     ready = subprocess.Popen(["setsid", "sh", "-c", "sleep 30 & wait"])

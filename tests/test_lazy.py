@@ -36,7 +36,7 @@ from tests.test_migration import REASON
 
 def copy_eager(images: Path, pid: int, dest: Path) -> int:
     """What the source sends of a pages image for a post-copy move (migration's
-    _send_sparse and _receive_sparse, without the channel): only the pages the restore
+    send_sparse and receive_sparse, without the channel): only the pages the restore
     reads itself, at their places, the rest a hole; the bytes written."""
     pm = PageMap.read(images, pid)
     name = f"pages-{pm.pages_id}.img"
@@ -326,10 +326,10 @@ def test_a_job_restored_lazily_gets_all_its_memory_from_the_server(tmp_path):
 
 
 def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
-    """omuscd.migration's guard: if the target daemon dies before a post-copy job has
+    """omuscd.migrate.target's guard: if the target daemon dies before a post-copy job has
     every page, the job is killed, and the lazy-pages socket stays open until then (else
     lazy-pages would end and the job read zeros); told 'done', it leaves the job alone."""
-    from omuscd.migration import _guard, _guard_done
+    from omuscd.migrate.target import _guard, _guard_done
 
     async def main() -> None:
         for daemon_dies in (True, False):
@@ -358,16 +358,13 @@ def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
 
 
 def test_the_target_writes_a_sparse_image_and_refuses_a_bad_one(tmp_path):
-    """migration's _receive_sparse: the announced parts land at their places, the rest
+    """omuscd.migrate.transfer.receive_sparse: the announced parts land at their places, the rest
     is a hole; parts out of order, past the end, longer than announced, or not numbers
     are refused (ChannelError: the move is abandoned, nothing restored)."""
     from types import SimpleNamespace
 
     from omuscd.channel import ChannelError
-    from omuscd.migration import IMAGE_STREAM, Migrations
-
-    m = Migrations(SimpleNamespace(d=SimpleNamespace(cfg=SimpleNamespace(
-        state_dir=str(tmp_path)))))
+    from omuscd.migrate.transfer import IMAGE_STREAM, receive_sparse
 
     def channel(frames: list[bytes]) -> SimpleNamespace:
         items = iter([(IMAGE_STREAM, f) for f in frames])
@@ -377,7 +374,7 @@ def test_the_target_writes_a_sparse_image_and_refuses_a_bad_one(tmp_path):
         return SimpleNamespace(receive=receive)
 
     path = tmp_path / "pages-1.img"
-    trio.run(m._receive_sparse, channel([b"ab", b"cd", b"ef"]), path, 10,
+    trio.run(receive_sparse, channel([b"ab", b"cd", b"ef"]), path, 10,
              [[1, 4], [8, 2]])
     assert path.read_bytes() == b"\0abcd\0\0\0ef"
     for size, runs, frames in ((10, [[4, 2], [1, 2]], [b"xx", b"yy"]),  # out of order
@@ -386,4 +383,4 @@ def test_the_target_writes_a_sparse_image_and_refuses_a_bad_one(tmp_path):
                                ("ten", [[0, 2]], [b"xx"]),              # not a number
                                (10, [[0]], [b"xx"])):                   # not a pair
         with pytest.raises(ChannelError):
-            trio.run(m._receive_sparse, channel(frames), path, size, runs)
+            trio.run(receive_sparse, channel(frames), path, size, runs)

@@ -192,7 +192,7 @@ INIT_CAPS = (1 << 1) | (1 << 21)  # CAP_DAC_OVERRIDE, CAP_SYS_ADMIN
 
 def user_job_runs_as_its_user(user: User, tag: str) -> None:
     """Every process of the job has only the user's ids; the command has no capability,
-    its init only the two CRIU's parasite needs in it (see omuscd.jobinit.drop_init)."""
+    its init only the two CRIU's parasite needs in it (see omuscd.jobs.jobinit.drop_init)."""
     command = job_processes(tag)
     assert len(command) == 1, command
     init = psutil.Process(command[0]).ppid()
@@ -357,9 +357,10 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
 
     import trio
 
-    from omuscd.jobctl import JobControl
-    from omuscd.jobs import Job, Owner, Spool
-    from omuscd.migration import Migrations
+    from omuscd.jobs.node import JobControl
+    from omuscd.jobs.record import Job, Owner
+    from omuscd.jobs.spool import Spool
+    from omuscd.migrate.node import Migrations
 
     record = Job("10.7", Owner(os.getuid(), os.getgid(), [], "root"), home=10, node=20,
                  node_name="b", argv=["x"], cwd="/tmp")
@@ -370,21 +371,19 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
     followed: list[tuple[str, dict[int, int]]] = []
     said: list[str] = []
 
-    async def follow(job, ch):
+    def follow(job, anew=False):
         followed.append((job.id, dict(job.offsets)))
 
     async def main() -> bool:
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery():
             following = trio.CancelScope()
             mover = SimpleNamespace(available=True, streams=False, describe=lambda: "criu",
                                     keep_log=lambda *a: "")
-            d = SimpleNamespace(name="a", mover=mover, balancer=SimpleNamespace(
-                release_hold=lambda: None), cfg=SimpleNamespace(
+            d = SimpleNamespace(name="a", mover=mover, cfg=SimpleNamespace(
                 state_dir=str(tmp_path), stream_pages=False))
-            jc = SimpleNamespace(d=d, me=10, home={record.id: record},
+            jc = SimpleNamespace(me=10, home={record.id: record},
                                  scopes={record.id: following}, spool=spool,
-                                 _check_guest_ok=lambda owner, local: None,
-                                 _nursery=lambda: nursery, _follow=follow)
+                                 check_guest_ok=lambda owner, local: None, follow=follow)
             jc.stop_following = lambda job_id: JobControl.stop_following(jc, job_id)
             replies = iter([{"op": "bogus"}])
 
@@ -395,7 +394,7 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
                 return next(replies)
 
             ch = SimpleNamespace(send=send, receive_msg=receive_msg)
-            await Migrations(jc).immigrate(ch, {"job": record.wire()})
+            await Migrations(jc, d).target.immigrate(ch, {"job": record.wire()})
             return following.cancel_called
 
     assert trio.run(main) is True  # following stopped when the move began
@@ -528,6 +527,39 @@ def test_restartable_job_is_rerun_where_there_is_no_criu(cluster, tmp_path):
         assert len([ln for ln in n["a"].ctl(f"output {job}").lines if "end" in ln]) == 1
     finally:
         c.stop()
+
+
+def test_migrate_best_chooses_a_node_that_can_take_the_job(cluster):
+    """``migrate JOB best`` chose among the nodes that may take a *new* job, without
+    asking whether they can restore one: the node with the most room had no CRIU, and
+    the move was refused there ("no CRIU on d").  One rule (ClusterView.why_not) now
+    decides for placement, balancing and ``migrate``: d is no candidate for this job."""
+    lan, work, key, n = cluster
+    lan.add_node(3)  # (2 is the no-CRIU node of the test above)
+    d = start_daemon("d", ["--key-file", str(key), "--criu", "/bin/false"], work,
+                     netns=lan.ns(3))
+    p = start(n["a"], "sleep", "60")
+    placed = None
+    try:
+        wait_for(lambda: "d" in n["a"].nodes() and "d" in n["b"].nodes(), 10, "d to be seen")
+        assert "criu" not in n["a"].nodes()["d"]["flags"]
+        job = job_of(n["a"], "sleep 60")
+        # a job placed on b just now counts there until b's figures show it: d (idle,
+        # as many CPUs) has the most room of the nodes the job could go to
+        r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--node",
+                            "b", "--detach", "--", "sleep", "60"], capture_output=True,
+                           text=True, cwd="/tmp")
+        assert r.returncode == 0, r.stderr
+        placed = r.stdout.strip()
+        moved = n["a"].ctl(f"migrate {job} best")
+        assert moved.code == 200 and f"job {job} migrated to b" in moved.text, moved
+        assert n["a"].json(f"job {job}")["node_name"] == "b"
+    finally:
+        if placed:
+            n["a"].ctl(f"kill {placed} KILL")
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=10)
+        d.stop()
 
 
 def test_stay_is_respected(cluster):
@@ -920,8 +952,8 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
     from types import SimpleNamespace
 
     from omuscd.cluster.membership import ALIVE
-    from omuscd.jobs import MIGRATING, Job, Owner
-    from omuscd.migration import Migrations
+    from omuscd.jobs.record import MIGRATING, Job, Owner
+    from omuscd.migrate.node import Migrations
 
     frozen = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "jobinit"])
     try:
@@ -942,11 +974,11 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
             return {"op": "has", "running": target_runs_it}
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                async def follow(job, ch):
+            async with trio.open_nursery():
+                def follow(job, anew=False):
                     followed.append(job.id)
 
-                async def watch_again(job):
+                def watch_again(job):
                     watched.append(job.id)
 
                 d = SimpleNamespace(
@@ -955,18 +987,17 @@ def test_a_move_cut_short_is_settled_by_asking_the_target(tmp_path, target_runs_
                     members=SimpleNamespace(nodes={20: SimpleNamespace(state=ALIVE)}),
                     sampler=SimpleNamespace(resumed=resumed.append),
                     mover=Criu(None, tmp_path))  # gives back locks lent for the move
-                jc = SimpleNamespace(d=d, me=10, home={record.id: record}, guests={},
-                                     scopes={}, request=request, save=lambda job: None,
+                jc = SimpleNamespace(me=10, home={record.id: record}, guests={},
+                                     request=request, save=lambda job: None,
                                      node_name=lambda n: {10: "a", 20: "b"}[n],
-                                     _nursery=lambda: nursery, _follow=follow,
-                                     _watch_again=watch_again,
+                                     follow=follow, watch_again=watch_again,
                                      stop_following=lambda job_id: None)
-                m = Migrations(jc)
-                m._mark(record, 20, 0)
-                mark = m.interrupted()[record.id]
+                m = Migrations(jc, d)
+                m.books.mark(record, 20, 0)
+                mark = m.books.interrupted()[record.id]
                 assert mark == {"target": 20, "nice": 0}
-                await m.settle(record, mark)
-                assert m.interrupted() == {}
+                await m.recovery.settle(record, mark)
+                assert m.books.interrupted() == {}
 
         trio.run(main)
         assert asked == [{"node": 20, "op": "has", "job": "10.9"}]

@@ -13,7 +13,7 @@ import trio.testing
 
 from omuscd.channel import Channel
 from omuscd.migrate import MoveError
-from omuscd.pages import receive_pages, send_pages, socket_pair
+from omuscd.migrate.page_relay import receive_pages, send_pages, socket_pair
 
 KEY = b"k" * 32
 PAGES = os.urandom(3 << 20) + b"tail"

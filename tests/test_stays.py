@@ -11,7 +11,9 @@ import os
 import trio
 import trio.testing
 
-from omuscd.jobs import RUNNING, Job, Owner, Spool, watch
+from omuscd.jobs.process import watch
+from omuscd.jobs.record import RUNNING, Job, Owner
+from omuscd.jobs.spool import Spool
 
 
 def test_the_watcher_of_an_earlier_stay_does_not_end_a_job_brought_back(tmp_path):

@@ -10,7 +10,7 @@ import time
 from omuscd.balance.core import Core
 from omuscd.balance.policy import Decision, JobLoad, decide, imbalance
 from omuscd.cluster.membership import ALIVE
-from omuscd.jobs import RUNNING
+from omuscd.jobs.record import RUNNING
 
 
 class Controller:

@@ -18,10 +18,12 @@ from typing import Any, Protocol
 import trio
 
 from omuscd.balance.policy import PENDING_FOR, Decision, JobLoad, NodeLoad, Policy
-from omuscd.cluster.membership import ALIVE, Membership
+from omuscd.cluster.membership import Membership
+from omuscd.cluster.view import ClusterView
 from omuscd.config import Config
 from omuscd.events import Event
-from omuscd.jobs import RUNNING, Job, JobError, refresh_usage, starting
+from omuscd.jobs.process import refresh_usage, starting
+from omuscd.jobs.record import RUNNING, Job, JobError
 from omuscd.load import Sampler
 
 log = logging.getLogger("omuscd.balance")
@@ -56,6 +58,7 @@ class Services:
     sampler: Sampler
     jobs: Jobs
     can_migrate: Callable[[], bool]  # this node has a working CRIU
+    view: ClusterView  # the one rule for which nodes may take a job
     publish: Callable[[list[Event]], None]
     send: Callable[[int, dict[str, Any], tuple[str, int]], None]  # a UDP datagram
 
@@ -154,14 +157,12 @@ class Core:
         out = {s.node_id: NodeLoad(
             s.node_id, s.name, me["cpus"], me["speed"], s.sampler.last.load,
             len([h for h in self.held if h > now]),
-            s.can_migrate() and not {"blocked", "quiet"} & s.jobs.flags)}
+            not s.view.why_not(s.node_id, moved=True))}
         for node in s.members.live_nodes():
             e = node.entry
-            # which nodes may take a job (R-A: the one rule moves to ClusterView)
-            ok = (node.state == ALIVE and node.auth != "unverified" and "criu" in e["flags"]
-                  and not {"blocked", "quiet"} & set(e["flags"]))
             out[node.id] = NodeLoad(node.id, node.name, e["cpus"], e["speed"],
-                                    float(e["load"]), extra.get(node.id, 0.0), ok)
+                                    float(e["load"]), extra.get(node.id, 0.0),
+                                    not s.view.why_not(node.id, moved=True))
         return out
 
     def _not_shown(self, now: float) -> dict[int, float]:

@@ -10,7 +10,7 @@ import logging
 import trio
 
 from omuscd.balance.core import Core
-from omuscd.jobs import RUNNING
+from omuscd.jobs.record import RUNNING
 
 log = logging.getLogger("omuscd.balance")
 

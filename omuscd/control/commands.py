@@ -45,7 +45,7 @@ from omuscd.control.protocol import (
     ok,
 )
 from omuscd.control.services import Services
-from omuscd.jobs import JobError, Owner
+from omuscd.jobs.record import JobError, Owner
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -380,7 +380,7 @@ def _need_identity(ctx: Context) -> int:
 
 
 async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
-    from omuscd.jobctl import Placement
+    from omuscd.jobs.home import Placement
 
     uid = _need_identity(ctx)
     if a.get("user"):

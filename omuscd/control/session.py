@@ -31,7 +31,7 @@ from omuscd.control.protocol import (
     Reply,
 )
 from omuscd.control.services import Services
-from omuscd.jobs import FINAL, LOST, JobError
+from omuscd.jobs.record import FINAL, LOST, JobError
 from omuscd.version import VERSION_STRING
 
 log = logging.getLogger("omuscd.control")

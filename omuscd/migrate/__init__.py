@@ -3,7 +3,7 @@
 A :class:`Mover` freezes a job into a directory of images, and brings it back to life from
 such a directory on another node.  Everything around that (choosing the target, moving the
 images over the cluster channel, the atomic hand-over, the books) is the same whatever the
-mechanism, and lives in :mod:`omuscd.migration`.  CRIU is the mechanism now
+mechanism, and lives in :mod:`omuscd.migrate.node`.  CRIU is the mechanism now
 (:mod:`omuscd.migrate.criu`); a job marked ``--restartable`` can also be moved by killing it
 and running it again from the start (:data:`RESTART`), which needs no mechanism at all.
 """

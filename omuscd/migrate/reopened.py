@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import stat
 
-from omuscd.jobs import Owner, may_reach
+from omuscd.jobs.process import may_reach
+from omuscd.jobs.record import Owner
 
 _R, _W, _X = 4, 2, 1
 

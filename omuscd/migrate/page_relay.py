@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.rpc import error_text
 from omuscd.migrate import MoveError
 
 PAGE_STREAM = 10  # data frames of the page stream on a move's channel
@@ -112,7 +113,7 @@ async def _answers_in(relay: _Relay, answered: trio.CancelScope) -> None:
                 if item.get("op") == "paged":
                     relay.paged = int(item.get("bytes", 0))
                     return
-                raise ChannelError(str(item.get("reason") or f"unexpected {item.get('op')!r}"))
+                raise ChannelError(error_text(item, f"unexpected {item.get('op')!r}"))
         except (ChannelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ValueError, TypeError) as e:
             relay.fail(f"page stream: {e}")

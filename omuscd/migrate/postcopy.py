@@ -26,7 +26,7 @@ import trio
 
 from omuscd.channel import Channel, ChannelError
 from omuscd.migrate.lazy import PageServer
-from omuscd.pages import CHUNK, IDLE_TIMEOUT, PAGE_STREAM
+from omuscd.migrate.page_relay import CHUNK, IDLE_TIMEOUT, PAGE_STREAM
 
 
 async def serve(ch: Channel, server: PageServer, first_timeout: float,

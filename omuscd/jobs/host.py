@@ -1,0 +1,80 @@
+"""What the jobs of a node need from the rest of the daemon, declared here so that jobs/
+imports nothing above it: the node it runs on (:class:`Host`, which the daemon is) and the
+moves of jobs (:class:`Moves`, which :class:`omuscd.migrate.node.Migrations` implements and
+the daemon wires in)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from omuscd.channel import Channel
+    from omuscd.cluster.membership import Membership
+    from omuscd.config import Config
+    from omuscd.events import Event
+    from omuscd.jobs.record import Job
+    from omuscd.migrate import Mover
+
+
+class Host(Protocol):
+    """The node the jobs run on."""
+
+    cfg: Config
+    security: str  # "key", "read-only" or "insecure"
+    boot: int
+    protocol: int
+    channel_key: bytes | None
+    members: Membership
+    mover: Mover
+    counters: dict[str, int]
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def node_id(self) -> int: ...
+
+    def publish(self, events: list[Event]) -> None:
+        """Tell the cluster's users (events, the log) what happened."""
+
+    def jobs_changed(self) -> None:
+        """A job started, ended, arrived or left here: the load is looked at again."""
+
+
+class Moves(Protocol):
+    """What the jobs ask of the moves of this node."""
+
+    async def migrate(self, job: Job, where: str) -> str:
+        """Move a job of this home (``where``: best, home, or a node); the outcome, for
+        the user; JobError if it cannot move."""
+
+    def moved(self, job: Job, target: int) -> None:
+        """The node running a job of this home says it moved on to ``target``."""
+
+    def interrupted(self) -> dict[str, dict[str, Any]]:
+        """The moves a restart cut short: job id -> where it was going."""
+
+    async def settle(self, job: Job, mark: dict[str, Any]) -> None:
+        """A job frozen by a move a restart cut short: resume it, or let it go there."""
+
+    def unmark(self, job_id: str) -> None:
+        """Forget the note of a cut-short move of a job that is no longer here."""
+
+    async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``immigrate``: take a job moving here."""
+
+    async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
+        """Move a job running here to ``target`` (asked by its home)."""
+
+    async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``has``: whether a job runs here."""
+
+    async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``drop``: stop a restartable guest its home reruns elsewhere."""
+
+
+class Unwired:
+    """Stands for the moves until the daemon wires them in: any use is a bug."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"the moves of jobs are not wired in (asked for {name})")

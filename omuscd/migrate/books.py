@@ -1,0 +1,133 @@
+"""What every phase of a move shares on this node: the moves in progress (one per job at a
+time), a directory for each move's images, the notes of jobs frozen for a move, kept
+across a restart (see :mod:`omuscd.migrate.recovery`); what the moves need of the node
+(:class:`MoveHost`) and what they tell the layers above (:meth:`MoveBooks.tell`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from omuscd.ids import is_job_id
+from omuscd.jobs.record import Job, JobError
+from omuscd.jobs.spool import open_private, private_dir
+
+if TYPE_CHECKING:
+    from omuscd.cluster.membership import Membership
+    from omuscd.config import Config
+    from omuscd.events import Event
+    from omuscd.load import Sampler
+    from omuscd.migrate import Mover
+
+log = logging.getLogger("omuscd.migrate")
+
+#: What moves tell their listeners (the daemon wires them: the balancer frees the room it
+#: held for a move, the gossip counts the moves in and out)
+ARRIVED = "arrived"  # a job moved in here: it takes the room held for it
+LEFT = "left"  # a job moved away from here: its frozen copy is gone
+GIVEN_UP = "given-up"  # a move here was refused or abandoned: the room held is free
+
+
+class MoveHost(Protocol):
+    """The node the moves run on (the daemon is one)."""
+
+    cfg: Config
+    members: Membership
+    mover: Mover
+    sampler: Sampler  # a resumed job's load counts from the moment it runs
+
+    @property
+    def name(self) -> str: ...
+
+    def publish(self, events: list[Event]) -> None: ...
+
+    def jobs_changed(self) -> None: ...
+
+
+class MoveBooks:
+    """The moves of this node, whichever side it is on."""
+
+    def __init__(self, state_dir: str):
+        self.images = Path(state_dir) / "images"
+        # a job frozen for a move, until the move ends either way: where it was going
+        # (read back after a restart that cut the move short; see Recovery.settle)
+        self.marks = Path(state_dir) / "moving"
+        # jobs being moved: one move of a job at a time ("out:ID" at a source, "in:ID"
+        # at a target, ID at the home)
+        self.moving: set[str] = set()
+        self.listeners: list[Callable[[str], None]] = []
+
+    def tell(self, what: str) -> None:
+        """Tell the listeners ARRIVED, LEFT or GIVEN_UP, at the instant it happens."""
+        for listener in self.listeners:
+            listener(what)
+
+    def clean_images(self) -> None:
+        """Image directories left by a crash are removed at start (a link there, never
+        made by this daemon, is removed, not followed)."""
+        if self.images.is_symlink():
+            self.images.unlink()
+        shutil.rmtree(self.images, ignore_errors=True)
+
+    def images_dir(self, name: str) -> Path:
+        """A fresh directory for one move's images, ``STATE_DIR/images/NAME``: the
+        daemon's own, 0700, in ``images`` (0700 too), made without following a link.
+        CRIU writes there with its own umask; no other user can reach what it writes (a
+        job's memory).  JobError if it cannot be made."""
+        try:
+            top = private_dir(self.images)
+            try:
+                shutil.rmtree(name, dir_fd=top, ignore_errors=True)
+                os.close(private_dir(name, dir_fd=top))
+            finally:
+                os.close(top)
+        except OSError as e:
+            log.warning("cannot make %s/%s for a move: %s", self.images, name, e)
+            raise JobError(f"cannot make a directory for the images: {e}") from None
+        return self.images / name
+
+    def mark(self, job: Job, target: int, nice: int | None) -> None:
+        data = json.dumps({"target": target, "nice": nice}).encode()
+        try:
+            top = private_dir(self.marks)
+            try:
+                fd = open_private(job.id, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, top)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            finally:
+                os.close(top)
+        except OSError as e:  # the move goes on; only a restart in its middle would miss it
+            log.warning("job %s: cannot note its move in %s: %s", job.id, self.marks,
+                        e.strerror)
+
+    def unmark(self, job_id: str) -> None:
+        try:
+            (self.marks / job_id).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def interrupted(self) -> dict[str, dict[str, Any]]:
+        """The moves a restart cut short: job id, where it was going and its nice."""
+        found: dict[str, dict[str, Any]] = {}
+        try:
+            entries = list(self.marks.iterdir())
+        except OSError:
+            return found
+        for f in entries:
+            if not is_job_id(f.name):
+                log.warning("%s: not a move note of this daemon; left alone", f)
+                continue
+            try:
+                fd = open_private(str(f), os.O_RDONLY)
+                with os.fdopen(fd, "rb") as r:
+                    mark = json.loads(r.read(4096))
+                found[f.name] = {"target": int(mark["target"]), "nice": mark.get("nice")}
+            except (OSError, ValueError, TypeError, KeyError):
+                log.warning("unreadable move note %s; removed", f)
+                self.unmark(f.name)
+        return found

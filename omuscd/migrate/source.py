@@ -1,0 +1,357 @@
+"""The source of a move: the node running the job freezes it, dumps it, sends its images
+and spool to the target, and kills its frozen copy only once the target runs the job; on
+any failure before that it resumes the job here (see :mod:`omuscd.migrate.node` for the
+protocol)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from omuscd import proctab
+from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.membership import DEAD
+from omuscd.cluster.rpc import error_text, refusal
+from omuscd.jobs.process import init_pid, starting, tree_usage
+from omuscd.jobs.record import (
+    MIGRATING,
+    MOVED,
+    RUNNING,
+    STDERR,
+    STDOUT,
+    Job,
+    JobError,
+)
+from omuscd.migrate import MoveError, postcopy
+from omuscd.migrate.books import LEFT, MoveBooks, MoveHost
+from omuscd.migrate.lazy import PAGE, PageServer
+from omuscd.migrate.page_relay import send_pages
+from omuscd.migrate.transfer import (
+    RESTORE_TIMEOUT,
+    STEP_TIMEOUT,
+    eager_runs,
+    send_fd,
+    send_file,
+    send_sparse,
+)
+from omuscd.migrate.tree import nice_of, renice_tree, signal_tree
+from omuscd.priority import urgent
+from omuscd.proctab import tree
+
+if TYPE_CHECKING:
+    from omuscd.jobs.node import JobControl
+
+log = logging.getLogger("omuscd.migrate")
+
+DUMP_NICE = -20  # the nice of a job while CRIU dumps it (see _emigrate)
+
+
+class Source:
+    """The source side of moves: freeze, dump, send, resume on failure, drop the copy."""
+
+    def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks):
+        self.jc = jc
+        self.host = host
+        self.books = books
+
+    async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
+        """Move a job running here to ``target``; resume it here on any failure."""
+        key = f"out:{job.id}"
+        if key in self.books.moving or job.state != RUNNING:
+            raise JobError(f"job {job.id} is moving already")
+        self.books.moving.add(key)
+        try:
+            return await self._emigrate_checked(job, target)
+        finally:
+            self.books.moving.discard(key)
+
+    async def _emigrate_checked(self, job: Job, target: int) -> dict[str, Any]:
+        mover = self.host.mover
+        if not mover.available:
+            raise JobError(f"cannot move: migration is {mover.describe()} on "
+                           f"{self.host.name}")
+        if job.pid is None and job.launcher is not None:
+            job.pid = init_pid(job.launcher)
+        if job.pid is None:
+            raise JobError(f"job {job.id} has no process here")
+        if starting(job):
+            raise JobError(f"job {job.id} is still starting; it can move in a moment")
+        why = mover.cannot_move(job.pid)
+        if why:
+            job.cannot_move = why
+            raise JobError(f"job {job.id} cannot move: {why}")
+        try:
+            ch = await self.jc.connect(target)
+        except ChannelError as e:
+            raise JobError(f"cannot reach the target: {e}") from None
+        try:
+            images = self.books.images_dir(f"{job.id}.out")
+        except JobError:
+            await ch.aclose()
+            raise
+        try:
+            with urgent():  # the job is frozen meanwhile: see omuscd.priority
+                return await self._emigrate(job, target, ch, images)
+        finally:
+            await ch.aclose()
+            shutil.rmtree(images, ignore_errors=True)
+
+    async def _emigrate(self, job: Job, target: int, ch: Channel,
+                        images: Path) -> dict[str, Any]:
+        mover = self.host.mover
+        # the memory goes while it is dumped (see omuscd.migrate.page_relay), else it is
+        # copied after; a big job's follows it once it runs on the target (see
+        # omuscd.migrate.postcopy)
+        streaming = mover.streams and self.host.cfg.stream_pages
+        lazy = self._post_copy(job, target)
+        try:
+            await ch.send({"op": "immigrate", "job": job.wire(),
+                           **({"pages": True} if streaming else {}),
+                           **({"lazy": True} if lazy else {})})
+            with trio.fail_after(STEP_TIMEOUT):
+                reply = await ch.receive_msg()
+        except (ChannelError, trio.TooSlowError) as e:
+            raise JobError(f"the target did not answer: {e}") from None
+        if reply.get("op") != "ready":
+            raise JobError(error_text(reply, "the target refused"))
+        lazy = lazy and reply.get("lazy") is True  # an older target: not post-copy
+        streaming = streaming and not lazy and reply.get("pages") is True  # older: copied
+        if job.state != RUNNING:  # it ended while the target got ready: nothing to move
+            raise JobError(f"job {job.id} ended before it could move ({job.state})")
+        job.transition(MIGRATING)
+        # CRIU's parasite runs in the job's own threads, on its CPUs, among the jobs that
+        # made this node busy: at its own nice it would get a fraction of a CPU there.
+        # The freeze is shorter at DUMP_NICE; CRIU restores the nice value, so the target
+        # puts the job's own back (and so does a resume here).
+        nice = nice_of(job.pid)  # type: ignore[arg-type]
+        self.books.mark(job, target, nice)
+        if nice is not None:
+            renice_tree(job.pid, DUMP_NICE)  # type: ignore[arg-type]
+        frozen = trio.current_time()
+        committed: list[float] = []  # when the target was told to run it
+        try:
+            return await self._move_frozen(job, target, ch, images, nice, frozen,
+                                           streaming, lazy, committed)
+        except trio.Cancelled:  # this daemon stops: settle it first, where it can
+            with trio.CancelScope(shield=True):
+                await self._cut_short(job, target, ch, nice, bool(committed))
+            raise
+
+    async def _move_frozen(self, job: Job, target: int, ch: Channel, images: Path,
+                           nice: int | None, frozen: float, streaming: bool, lazy: bool,
+                           committed: list[float]) -> dict[str, Any]:
+        """The move from the freeze on (see _emigrate); ``committed`` gets the time the
+        target was told to run the job."""
+        jc = self.jc
+        mover = self.host.mover
+        paged = 0
+        try:
+            if streaming:
+                paged = await send_pages(ch, lambda fd: mover.dump(job.pid, images, fd))
+            else:
+                await mover.dump(job.pid, images)  # type: ignore[arg-type]
+        except MoveError as e:
+            self.resume(job, nice)  # CRIU resumes the tasks when a dump fails; make sure
+            raise JobError(f"move failed, job resumed here: {e}") from None
+        dumped = trio.current_time()
+        used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
+        sent = paged
+        try:
+            # post-copy: of the memory, only the pages the restore reads itself go now
+            eager = eager_runs(images) if lazy else {}
+            for f in sorted(images.iterdir()):
+                if f.suffix == ".log":
+                    continue
+                if f.name in eager:
+                    sent += await send_sparse(ch, f, eager[f.name])
+                else:
+                    sent += await send_file(ch, "file", f.name, f)
+            for out in (STDOUT, STDERR):
+                sent += await self._send_spool(ch, job, out)
+            transferred = trio.current_time()
+            await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "nice": nice, "paths": {
+                "stdout": str(jc.spool.path(job.id, STDOUT)),
+                "stderr": str(jc.spool.path(job.id, STDERR)),
+                "status": str(jc.spool.dir(job.id) / "status")},
+                **({"lazy": True} if lazy else {})})
+            if lazy:
+                return await self._serve_memory(job, target, ch, images, nice, frozen,
+                                                dumped, transferred, sent, committed)
+            with trio.fail_after(RESTORE_TIMEOUT):
+                reply = await ch.receive_msg()
+            if reply.get("op") != "restored":
+                raise MoveError(error_text(reply, "restore failed"))
+        except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
+            self.resume(job, nice)
+            raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
+        # the point of no return is the target's 'running'
+        try:
+            committed.append(trio.current_time())
+            await ch.send({"op": "commit"})
+            with trio.fail_after(STEP_TIMEOUT):
+                reply = await ch.receive_msg()
+            running = reply.get("op") == "running"
+        except (ChannelError, trio.TooSlowError):
+            running = await self.ask_target(job, target)
+        if not running:
+            self.resume(job, nice)
+            raise JobError("the target did not take the job; it resumed here")
+        now = trio.current_time()
+        freeze = now - frozen
+        log.info("job %s frozen %.3fs: dump %.3fs%s, transfer %.3fs, restore and commit "
+                 "%.3fs; %.1f MB", job.id, freeze, dumped - frozen,
+                 " (memory streamed to the target)" if streaming else "",
+                 transferred - dumped, now - transferred, sent / 1e6)
+        self.drop_copy(job, target)
+        return {"freeze": freeze, "bytes": sent}
+
+    async def _cut_short(self, job: Job, target: int, ch: Channel, nice: int | None,
+                         committed: bool) -> None:
+        """This daemon stops (SIGTERM) while ``job`` is frozen for a move.  Closing the
+        channel makes the target drop a copy it has not been told to run, or is still
+        feeding its memory (post-copy); one it was told to run may be running there, so
+        it is asked.  Without an answer in time the job stays frozen, and the move is
+        settled when this daemon starts again (see settle)."""
+        await ch.aclose()
+        if job.state != MIGRATING:  # settled already
+            return
+        with trio.move_on_after(STEP_TIMEOUT):
+            if committed and await self.ask_target(job, target):
+                self.drop_copy(job, target)
+            else:
+                log.warning("job %s: its move was cut short by this daemon stopping",
+                            job.id)
+                self.resume(job, nice)
+            return
+        log.warning("job %s stays frozen: %s did not say whether it runs it; settled when "
+                    "this daemon starts again", job.id, self.jc.node_name(target))
+
+    def _post_copy(self, job: Job, target: int) -> bool:
+        """Whether this move is post-copy (see omuscd.migrate.postcopy): a big job, not going
+        home (there the output is read as it is written, and a failed post-copy move
+        does again what the target's copy did)."""
+        least = self.host.cfg.post_copy_mb
+        if not least or not self.host.mover.lazy or target == job.home or job.pid is None:
+            return False
+        resident = sum(p.rss for q in tree(job.pid) if (p := proctab.read(q)) is not None)
+        return resident >= least * (1 << 20)
+
+    async def _serve_memory(self, job: Job, target: int, ch: Channel, images: Path,
+                            nice: int | None, frozen: float, dumped: float,
+                            transferred: float, sent: int,
+                            committed: list[float]) -> dict[str, Any]:
+        """Post-copy, once the target has everything but the memory: commit when it has
+        restored the job, then answer its page requests until it runs the job with all
+        of its memory (see omuscd.migrate.postcopy)."""
+        server = PageServer(images)
+
+        async def on_message(m: dict[str, Any]) -> bool:
+            op = m.get("op")
+            if op == "restored" and not committed:
+                committed.append(trio.current_time())
+                await ch.send({"op": "commit"})  # it runs there from now
+                return False
+            if op == "running" and committed:
+                return True
+            raise MoveError(error_text(m, f"unexpected {op!r}"))
+
+        try:
+            await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message)
+        except (MoveError, ChannelError, trio.TooSlowError) as e:
+            # the target failed (its copy is gone), the channel broke, or it asked for
+            # what is not there: a copy it still has is killed when the channel closes
+            if committed:
+                await ch.aclose()
+            if not committed or not await self.ask_target(job, target):
+                self.resume(job, nice)
+                raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
+        finally:
+            server.close()
+        now = trio.current_time()
+        freeze = (committed[0] if committed else now) - frozen
+        moved = sent + server.served * PAGE
+        log.info("job %s frozen %.3fs: dump %.3fs, transfer %.3fs, restore %.3fs; its "
+                 "memory followed in %.3fs (post-copy); %.1f MB", job.id, freeze,
+                 dumped - frozen, transferred - dumped, frozen + freeze - transferred,
+                 now - frozen - freeze, moved / 1e6)
+        self.drop_copy(job, target)
+        return {"freeze": freeze, "bytes": moved, "followed": now - frozen - freeze}
+
+    async def _send_spool(self, ch: Channel, job: Job, stream: int) -> int:
+        return await send_fd(ch, "spool", str(stream),
+                                   self.jc.spool.open_stream(job.id, stream))
+
+    def resume(self, job: Job, nice: int | None) -> None:
+        self.books.unmark(job.id)
+        if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
+            return
+        if job.pid is not None:
+            if nice is not None:  # its own priority back (see _emigrate)
+                renice_tree(job.pid, nice)
+            self.host.mover.relock(job.pid)  # its file locks, lent for the move
+            signal_tree(job.pid, signal.SIGCONT)
+            self.host.sampler.resumed(tree(job.pid))
+        job.transition(RUNNING)
+        log.warning("job %s resumed on this node after a failed move", job.id)
+
+    def drop_copy(self, job: Job, target: int) -> None:
+        """The target runs the job: kill the frozen copy here, without reporting an end."""
+        self.books.unmark(job.id)
+        job.node_changed = True
+        # Counted out now, with the load counted in the same instant, while the frozen
+        # copy is stopped (not load): the balancer looks again as soon as the move is
+        # over, and counted only once the copy's processes were reaped, the node still
+        # had it (it sent a fifth job to a node with four).  Counted after the kill, the
+        # dying copy showed as runnable.
+        self.books.tell(LEFT)
+        self.host.jobs_changed()
+        # The launcher (unshare, if the job started here) goes first: seeing its child
+        # killed it would say so on the job's stderr.  Killing the init (PID 1 of the
+        # job's namespace) then ends the namespace.  node_changed keeps both quiet here.
+        init = job.pid
+        if init is None and job.launcher is not None:
+            init = init_pid(job.launcher)
+        for victim in (job.launcher, init):
+            if victim is not None:
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        jc = self.jc
+        if job.id in jc.guests:
+            self.guest_gone(job, target)
+        log.info("job %s moved to %s", job.id, jc.node_name(target))
+
+    def guest_gone(self, job: Job, target: int) -> None:
+        """A guest's record here once ``target`` runs it: finished, as moved there."""
+        job.transition(MOVED, node=target, reason=f"moved to {self.jc.node_name(target)}")
+        self.jc.guests.pop(job.id, None)
+
+    async def ask_target(self, job: Job, target: int) -> bool:
+        """After an unanswered commit: does the target run the job?  Ask until it answers
+        or is declared dead (then it does not); the copy here stays frozen meanwhile."""
+        while True:
+            node = self.host.members.nodes.get(target)
+            if node is None or node.state == DEAD:
+                return False
+            try:
+                reply = await self.jc.request(target, {"op": "has", "job": job.id},
+                                              STEP_TIMEOUT)
+                return bool(reply.get("running"))
+            except ChannelError:
+                await trio.sleep(1)
+
+    async def serve_drop(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """The home asks us to stop a restartable guest it will rerun elsewhere."""
+        job = self.jc.guests.get(str(msg.get("job")))
+        if job is None or not job.restartable:
+            await ch.send(refusal("no such restartable job here"))
+            return
+        self.drop_copy(job, int(msg.get("to", 0)))
+        await ch.send({"op": "dropped"})

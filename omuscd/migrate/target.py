@@ -1,0 +1,332 @@
+"""The target of a move: check it may take the job, receive its images and spool, restore it
+stopped, and let it run on the commit (post-copy: run it, relay its page requests, keep it
+once it has all of its memory)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from omuscd import rootexec
+from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.rpc import refusal
+from omuscd.jobs.record import (
+    FINAL,
+    RUNNING,
+    STDERR,
+    STDOUT,
+    STREAM_FILES,
+    Job,
+    JobError,
+)
+from omuscd.jobs.spool import open_private
+from omuscd.migrate import Inherit, MoveError, postcopy
+from omuscd.migrate.books import ARRIVED, GIVEN_UP, MoveBooks, MoveHost
+from omuscd.migrate.page_relay import receive_pages, socket_pair
+from omuscd.migrate.reopened import beyond_user
+from omuscd.migrate.transfer import (
+    RESTORE_TIMEOUT,
+    STEP_TIMEOUT,
+    image_name,
+    receive_file,
+    receive_sparse,
+)
+from omuscd.migrate.tree import pin_tree, renice_tree, signal_tree
+from omuscd.priority import urgent
+from omuscd.proctab import tree
+
+if TYPE_CHECKING:
+    from omuscd.jobs.node import JobControl
+
+log = logging.getLogger("omuscd.migrate")
+
+
+class Target:
+    """The target side of moves: check, receive, restore, commit."""
+
+    def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks):
+        self.jc = jc
+        self.host = host
+        self.books = books
+
+    async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
+        jc = self.jc
+        mover = self.host.mover
+        try:
+            job = Job.from_wire(msg["job"])
+            if not mover.available:
+                raise JobError(f"migration is {mover.describe()} on {self.host.name}")
+            jc.check_guest_ok(job.owner, local=job.home == jc.me)
+            if not os.path.isdir(job.cwd):
+                raise JobError(f"node {self.host.name}: working directory {job.cwd} does not "
+                               "exist")
+            images = self.books.images_dir(f"{job.id}.in")
+        except (JobError, KeyError, TypeError, ValueError) as e:
+            self.books.tell(GIVEN_UP)  # the room held for this move is free again
+            await ch.send(refusal(str(e)))
+            return
+        home = jc.home.get(job.id) if job.home == jc.me else None
+        if home is not None:
+            # It comes home: its output is no longer taken in from the node it leaves.
+            # That node's spool comes with the move and holds all of it, also what it had
+            # not yet sent (it looks at a quiet job's files every quarter of a second):
+            # taken in as well, after the spool, the user saw it twice.
+            jc.stop_following(job.id)
+        with urgent():  # the job is frozen at its source meanwhile: see omuscd.priority
+            pid = None
+            pager = None
+            pages = None
+            try:
+                ready: dict[str, Any] = {"op": "ready"}
+                lazy = msg.get("lazy") is True and mover.lazy
+                if lazy:
+                    ready["lazy"] = True
+                elif msg.get("pages") is True and mover.streams and self.host.cfg.stream_pages:
+                    pages, theirs = socket_pair()
+                    try:
+                        pager = await mover.page_server(images, theirs.fileno())
+                    finally:
+                        theirs.close()
+                    ready["pages"] = True
+                await ch.send(ready)
+                spool_dir = jc.spool.create(job)
+                paged = 0
+                if pager is not None and pages is not None:
+                    proc = pager
+                    paged = await receive_pages(ch, pages, RESTORE_TIMEOUT,
+                                                lambda: mover.page_server_done(proc, images))
+                    pager = None
+                while True:
+                    with trio.fail_after(STEP_TIMEOUT):
+                        m = await ch.receive_msg()
+                    op = m.get("op")
+                    if op == "file":
+                        name = image_name(m["name"])
+                        fd = open_private(str(images / name),
+                                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                        with os.fdopen(fd, "wb") as f:
+                            await receive_file(ch, f, name, int(m["size"]))
+                    elif op == "sparse" and lazy:
+                        name = image_name(m["name"])
+                        await receive_sparse(ch, images / name, m["size"], m["runs"])
+                    elif op == "spool":
+                        stream = int(m["name"])
+                        if stream not in (STDOUT, STDERR):
+                            raise ChannelError("bad spool stream")
+                        # put in place whole: at the home, readers of the output read the
+                        # spool meanwhile (the same bytes, and more)
+                        with jc.spool.replacing(job.id, stream) as fd, \
+                                os.fdopen(os.dup(fd), "wb") as f:
+                            await receive_file(ch, f, STREAM_FILES[stream],
+                                                     int(m["size"]))
+                    elif op == "restore" and lazy and m.get("lazy") is True:
+                        job.cpu_moved = float(m.get("cpu", job.cpu_moved))
+                        await self._restore_lazy(job, ch, images, spool_dir, dict(m["paths"]),
+                                                 m.get("nice"))
+                        return
+                    elif op == "restore":
+                        paths = dict(m["paths"])
+                        job.cpu_moved = float(m.get("cpu", job.cpu_moved))
+                        pid = await self._restore(job, images, spool_dir, paths)
+                        if isinstance(m.get("nice"), int):
+                            renice_tree(pid, max(-20, min(19, m["nice"])))
+                        await ch.send({"op": "restored", "pid": pid, "paged": paged})
+                        break
+                    else:
+                        raise ChannelError(f"unexpected {op!r}")
+                with trio.fail_after(STEP_TIMEOUT):
+                    m = await ch.receive_msg()
+                if m.get("op") != "commit":
+                    raise ChannelError("no commit")
+                signal_tree(pid, signal.SIGCONT)
+                self.host.sampler.resumed(tree(pid))  # its load counts from now
+                self._adopted(job, pid)
+                pid = None
+                await ch.send({"op": "running"})
+            except (ChannelError, MoveError, JobError, trio.TooSlowError, OSError, KeyError,
+                    ValueError) as e:
+                if pid is not None:  # restored but not committed: this copy must not run
+                    signal_tree(pid, signal.SIGKILL)
+                    _reap(pid)
+                if pager is not None and pager.returncode is None:
+                    pager.kill()
+                self.host.mover.keep_log(images / "page-server.log", "page-server")
+                self.books.tell(GIVEN_UP)  # the room held for this move is free again
+                if home is not None:
+                    self._follow_again(home)
+                log.warning("job %s: incoming move abandoned: %s", msg.get("job", {}).get("id"),
+                            e)
+                try:
+                    await ch.send(refusal(f"{self.host.name}: {e}", "failed"))
+                except ChannelError:
+                    pass
+            finally:
+                if pager is not None and pager.returncode is None:
+                    pager.kill()
+                if pages is not None:
+                    pages.socket.close()
+                shutil.rmtree(images, ignore_errors=True)
+
+    def _follow_again(self, job: Job) -> None:
+        """The move home failed: the job runs on where it was; follow it again, from
+        the end of the spool here (which may be that node's, received for the move)."""
+        if job.state in FINAL or job.node == self.jc.me:
+            return
+        job.offsets.update(self.jc.spool.ends(job.id))
+        self.jc.follow(job, anew=True)
+
+    async def _restore_lazy(self, job: Job, ch: Channel, images: Path, spool_dir: Path,
+                            paths: dict[str, str], nice: Any) -> None:
+        """Post-copy (see omuscd.migrate.postcopy): restore the job without the memory that can
+        come later, resume it on the commit, relay its page requests to the source, and
+        take it into the books once it has every page.  Any failure kills this copy
+        before its page source goes, then raises (the source resumes its own)."""
+        key = f"in:{job.id}"
+        self.books.moving.add(key)  # 'has' waits for the outcome
+        mine, theirs = socket_pair()
+        lazyd = None
+        guard = None
+        pid = None
+        try:
+            try:
+                lazyd = await self.host.mover.lazy_pages(images, theirs.fileno())
+            finally:
+                theirs.close()
+            relay = postcopy.Relay(ch, mine)
+            failed: Exception | None = None
+            async with trio.open_nursery() as nursery:  # errors leave it by hand: no groups
+                await nursery.start(relay.run)
+                try:
+                    pid = await self._restore(job, images, spool_dir, paths, lazy=True)
+                    guard = await _guard(pid, mine.socket.fileno())
+                    if isinstance(nice, int):
+                        renice_tree(pid, max(-20, min(19, nice)))
+                    await ch.send({"op": "restored", "pid": pid, "paged": 0})
+                    if (await relay.message(STEP_TIMEOUT)).get("op") != "commit":
+                        raise ChannelError("no commit")
+                    signal_tree(pid, signal.SIGCONT)  # it runs; its memory follows
+                    log.info("job %s runs here; its memory follows from %s (post-copy)",
+                             job.id, self.jc.node_name(ch.peer_id))
+                    while lazyd.returncode is None:
+                        relay.check()
+                        with trio.move_on_after(0.25):
+                            await lazyd.wait()
+                    if lazyd.returncode != 0:
+                        kept = self.host.mover.keep_log(images / "lazy-pages.log", "lazy-pages")
+                        raise MoveError(f"criu lazy-pages failed (exit {lazyd.returncode})"
+                                        f"{kept}")
+                except (ChannelError, MoveError, OSError, trio.TooSlowError) as e:
+                    failed = e
+                nursery.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
+            self.host.sampler.resumed(tree(pid))  # its load counts from now
+            self._adopted(job, pid)
+            pid = None
+            await ch.send({"op": "running"})
+        finally:
+            if pid is not None:  # not taken: this copy must not run, and goes first
+                signal_tree(pid, signal.SIGKILL)
+            if guard is not None:  # the job is ours or dead: the guard has nothing to do
+                await _guard_done(guard)
+            if pid is not None:
+                _reap(pid)
+            if lazyd is not None and lazyd.returncode is None:
+                lazyd.kill()
+                with trio.CancelScope(shield=True):
+                    await lazyd.wait()
+            mine.socket.close()
+            self.books.moving.discard(key)
+
+    async def _restore(self, job: Job, images: Path, spool_dir: Path,
+                       paths: dict[str, str], lazy: bool = False) -> int:
+        fds = self.jc.spool.job_files(job.id)  # the restored job writes through these
+        try:
+            inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
+                       Inherit(paths["status"], fds[2])]
+            ours = {(st.st_dev, st.st_ino) for st in map(os.fstat, fds)}
+            pid = await self.host.mover.restore(images, inherit, images / "restored.pid", lazy)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        # CRIU reopened its files by path, as root: nothing the user could not open
+        why = beyond_user(tree(pid)[1:], job.owner, ours)
+        if why is not None:
+            signal_tree(pid, signal.SIGKILL)
+            _reap(pid)
+            log.warning("job %s of %s: restored holding what its user may not: %s", job.id,
+                        job.owner.user, why)
+            raise MoveError(f"the restored job holds what {job.owner.user} may not open "
+                            f"({why})")
+        pin_tree(pid, self.host.cfg.cpus)  # CRIU restores the source's; ours is what we lend
+        return pid
+
+    def _adopted(self, job: Job, pid: int) -> None:
+        """The restored job runs here now: keep its books and watch it."""
+        jc = self.jc
+        record = jc.home.get(job.id) if job.home == jc.me else None
+        if record is None:
+            record = job
+            record.changed = trio.Event()
+            jc.book(jc.guests, record)
+        else:  # it comes home: the books are here (moved() will find them up to date);
+            record.migrations += 1  # following it from elsewhere stopped as the move began
+        run = record.new_stay()
+        record.offsets.update(jc.spool.ends(job.id))
+        # a guest's record came before its move was booked (at the home): min_stay counts
+        # from here, or balancing here would send it straight on
+        record.transition(RUNNING, node=jc.me, node_name=self.host.name, landed_at=time.time(),
+                          pid=pid, cpu_moved=job.cpu_moved)
+        # the job takes the room held for it; its move is counted with the load, at the
+        # same instant (see JobBooks.watch_restored)
+        self.books.tell(ARRIVED)
+        jc.watch_restored(record, pid, run)
+
+    async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
+        # a post-copy move of it in progress here ends either way first
+        with trio.move_on_after(STEP_TIMEOUT / 2):
+            while f"in:{msg.get('job')}" in self.books.moving:
+                await trio.sleep(0.05)
+        job = self.jc.find(str(msg.get("job")))
+        running = job is not None and job.node == self.jc.me and job.state == RUNNING
+        await ch.send({"op": "has", "running": running, "time": time.time()})
+
+
+#: Kills a lazily restored job ("$0") if this daemon dies before the job has all of its
+#: memory.  It holds the daemon's end of the lazy-pages socket too: that end closing with
+#: the daemon would end lazy-pages, and the job would then read zeros for pages not yet
+#: there.  Told "done" when the job is taken or already killed.
+GUARD = 'read -r word; [ "$word" = done ] || kill -KILL "$0"'
+
+
+def _reap(pid: int) -> None:
+    """Collect a killed restored job (CRIU made it this daemon's child)."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+async def _guard(pid: int, fd: int) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [rootexec.need(rootexec.SH, "sh"), "-c", GUARD, str(pid)], stdin=subprocess.PIPE,
+        pass_fds=(fd,), env=rootexec.HELPER_ENV)
+
+
+async def _guard_done(guard: trio.Process) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            assert guard.stdin is not None
+            await guard.stdin.send_all(b"done\n")
+            await guard.stdin.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        await guard.wait()
