@@ -415,10 +415,23 @@ def _session(ch: Channel, key: bytes, nc: bytes, ns: bytes, ids: bytes,
 
 
 _told: set[tuple[Any, Any]] = set()
+#: Node id (as a string) -> how the last channel with that node was protected (status).
+ciphers: dict[str, str] = {}
+
+
+def describe(by_node: dict[str, str]) -> str:
+    """``status``'s line: how the last channel with each node was protected."""
+    return ", ".join(f"node {n} {how}" + (" (NOT encrypted: an older omuscd)"
+                                          if how == HMAC_ONLY else "")
+                     for n, how in by_node.items()) or "none yet"
 
 
 def _note_cipher(ch: Channel, address: str) -> None:
-    """Say once per peer boot that a channel with it is not encrypted (an older peer)."""
+    """Record how the channel with this peer is protected; say once per peer boot that
+    it is not encrypted (an older peer)."""
+    if len(ciphers) > 4096:
+        ciphers.clear()
+    ciphers[str(ch.peer.get("node"))] = ch.cipher
     if ch.cipher != HMAC_ONLY:
         return
     who = (ch.peer.get("node"), ch.peer.get("boot"))

@@ -502,12 +502,14 @@ class Daemon:
             "log_level": logging.getLevelName(logging.getLogger("omuscd").getEffectiveLevel())
             .lower(), "config_file": c.config_file, "state_dir": c.state_dir,
             "pid": os.getpid(),
+            "channels": dict(sorted(channel.ciphers.items())),
         }
 
     def status_lines(self, st: dict[str, Any]) -> list[str]:
         c = self.cfg
         sec = {
-            "key": f"key {c.key_file} (HMAC-SHA256): authenticated cluster",
+            "key": f"key {c.key_file} (HMAC-SHA256): authenticated cluster, encrypted "
+                   "channel",
             "read-only": "read-only: no cluster key, so this node shows the cluster but "
                          "exchanges no processes; fix: 'omuscd keygen /etc/omuscd.key', "
                          "copy it to every node, restart (or --insecure on a trusted LAN)",
@@ -530,6 +532,7 @@ class Daemon:
             f"cpus: {st['cpus']} lent of {c.cpu_count}, {st['speed_mhz']} MHz"
             f" ({c.detected.get('cpus', 'given')})",
             f"security: {sec}",
+            f"channels: {channel.describe(st['channels'])}",
             f"load: {st['load']:.2f} (util {st['util']:.1f}%, runq {st['runq']}), "
             f"memory free {st['mem_free_mb']} MB",
             f"cluster: {counts} (besides this node)",

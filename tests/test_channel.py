@@ -460,6 +460,11 @@ def test_a_moving_jobs_memory_and_output_are_not_readable_on_the_lan(tmp_path) -
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0, err
             assert out.count(SECRET_OUTPUT) == 20, out
+            # each side says how its channel with the other is protected
+            for me, other in (("a", "b"), ("b", "a")):
+                peer = str(n[other].json("status")["id"])
+                assert n[me].json("status")["channels"][peer] == channel.AEADS[0]
+                assert f"channels: node {peer} {channel.AEADS[0]}" in n[me].ctl("status").text
             time.sleep(0.5)
         finally:
             sniffer.send_signal(signal.SIGTERM)

@@ -2,6 +2,9 @@
 frames beside the encrypted AEAD frames, measured in the same run (these machines are
 noisy: the ratio is the figure to read).
 
+The CPU seconds each end spends per GB are printed too: they hardly depend on what
+else the machine runs, where MB/s does.
+
 Target (issue 18): the AEAD channel at >= 1 GB/s for one move's stream, and faster than
 the HMAC frames.
 
@@ -43,11 +46,13 @@ def receiver(port_q: mp.Queue, total: int) -> None:
             stream = await lst.accept()
             ch = await channel.accept(stream, KEY, {"node": 2, "boot": 2})
             got = 0
+            cpu = time.process_time()
             while got < total:
                 item = await ch.receive(borrow=True)
                 assert isinstance(item, tuple)
                 got += len(item[1])
-            await ch.send({"op": "done", "cipher": ch.cipher})
+            await ch.send({"op": "done", "cipher": ch.cipher,
+                           "cpu": time.process_time() - cpu})
             await ch.aclose()
     _on_cpu(1)
     trio.run(main)
@@ -58,22 +63,23 @@ def _on_cpu(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-async def one_round(port: int, total: int, aead: bool) -> tuple[float, str]:
-    """Seconds to send ``total`` bytes and hear they arrived; the receiver's cipher."""
+async def one_round(port: int, total: int, aead: bool) -> tuple[float, float, float, str]:
+    """Seconds to send ``total`` bytes and hear they arrived, the CPU seconds the sender
+    and the receiver spent on them, and the receiver's cipher."""
     channel.AEADS[:] = (["aes-256-gcm", "chacha20-poly1305"] if _aes() else
                         ["chacha20-poly1305", "aes-256-gcm"]) if aead else []
     ch = await channel.connect((HOST, port), KEY, {"node": 1, "boot": 1})
     data = memoryview(os.urandom(CHUNK))
     sent = 0
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     while sent < total:
         n = min(CHUNK, total - sent)
         await ch.send_data(10, data[:n])
         sent += n
     done = await ch.receive_msg()
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
     await ch.aclose()
-    return elapsed, str(done["cipher"])
+    return elapsed, cpu, float(done["cpu"]), str(done["cipher"])
 
 
 def _aes() -> bool:
@@ -90,21 +96,27 @@ def main() -> None:
     port = q.get(timeout=10)
     _on_cpu(0)
     rates: dict[str, list[float]] = {"hmac": [], "aead": []}
+    cpus: dict[str, list[tuple[float, float]]] = {"hmac": [], "aead": []}
     ciphers = {}
     print(f"load before: {os.getloadavg()[0]:.2f}; {mb} MB per round, {rounds} rounds each; "
           f"CPU AES instructions: {'yes' if _aes() else 'no'}")
     try:
         for _ in range(rounds):
             for kind in ("hmac", "aead"):
-                elapsed, cipher = trio.run(one_round, port, total, kind == "aead")
+                elapsed, sent, received, cipher = trio.run(one_round, port, total,
+                                                           kind == "aead")
                 rates[kind].append(total / elapsed / 1e6)
+                cpus[kind].append((sent / total * 1e9, received / total * 1e9))
                 ciphers[kind] = cipher
     finally:
         proc.kill()
     for kind in ("hmac", "aead"):
         r = rates[kind]
+        send = statistics.median(c[0] for c in cpus[kind])
+        receive = statistics.median(c[1] for c in cpus[kind])
         print(f"{kind:5} ({ciphers[kind]}): median {statistics.median(r):7.0f} MB/s "
-              f"(min {min(r):.0f}, max {max(r):.0f})")
+              f"(min {min(r):.0f}, max {max(r):.0f}); CPU s per GB: sender {send:.2f}, "
+              f"receiver {receive:.2f}")
     ratio = statistics.median(rates["aead"]) / statistics.median(rates["hmac"])
     print(f"ratio aead/hmac: {ratio:.2f}; target aead >= 1000 MB/s: "
           f"{'met' if statistics.median(rates['aead']) >= 1000 else 'NOT met'}")
