@@ -476,3 +476,54 @@ def test_a_moving_jobs_memory_and_output_are_not_readable_on_the_lan(tmp_path) -
     assert SECRET_MEMORY not in seen
     assert SECRET_OUTPUT not in seen
 
+
+
+def test_a_mixed_cluster_runs_and_moves_jobs_over_the_older_channel(tmp_path) -> None:
+    """A daemon of the older tree (its whole package, from git history) and a current
+    one: jobs run and move between them over the HMAC channel, which both report."""
+    from tests.test_migration import REASON, job_of
+    if REASON is not None:
+        pytest.skip(REASON)
+    from omuscd import config
+    from tests.cluster import NetnsLan, start_daemon, wait_for
+
+    old_channel()  # skips where there is no history to take the older tree from
+    old_tree = tmp_path / "old"
+    old_tree.mkdir()
+    subprocess.run(f"git -C {ROOT} archive {OLD_COMMIT} omuscd | tar -x -C {old_tree}",
+                   shell=True, check=True)
+    flag = tmp_path / "go"
+    with NetnsLan(2, prefix=f"omo{os.getpid() % 10000}x") as lan:
+        key = tmp_path / "cluster.key"
+        config.write_key(str(key))
+        new = start_daemon("a", ["--key-file", str(key)], tmp_path, netns=lan.ns(0))
+        old = start_daemon("b", ["--key-file", str(key)], tmp_path, netns=lan.ns(1),
+                           env={"PYTHONPATH": str(old_tree), "PYTHONSAFEPATH": "1"})
+        try:
+            for d in (new, old):
+                wait_for(lambda d=d: len(d.nodes()) == 1, 10, f"{d.name} to see the other")
+            assert "channels" not in old.json("status")  # it is the older code
+            ran = subprocess.run([sys.executable, "-m", "omuscd", "run", "--connect",
+                                  new.socket, "--node", "b", "--", "echo", "from-b"],
+                                 capture_output=True, timeout=60, cwd="/tmp")
+            assert (ran.returncode, ran.stdout) == (0, b"from-b\n"), ran
+            p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect",
+                                  new.socket, "--home", "--", sys.executable, "-c",
+                                  SECRETS_JOB, str(flag), "omuscd-channel-mixed"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+            job = job_of(new, "omuscd-channel-mixed")
+            moved = new.ctl(f"migrate {job} b")
+            assert moved.code == 200 and "migrated to b" in moved.text, moved
+            flag.touch()
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and out.count(SECRET_OUTPUT) == 20, (out, err)
+            peer = str(old.json("status")["id"])
+            assert new.json("status")["channels"][peer] == channel.HMAC_ONLY
+            assert "NOT encrypted" in new.log()
+        finally:
+            for d in (new, old):
+                if d.alive():
+                    d.popen.kill()
+                    d.popen.wait()
+            subprocess.run(["pkill", "-f", "omuscd-channel-mixed"], capture_output=True)
