@@ -18,7 +18,9 @@ job's output can be read on the LAN.
 An older daemon offers (or answers) no AEAD; the channel then stays as it was before:
 every frame carries an HMAC-SHA256 over its sequence number and content under a session
 key, authenticated but not encrypted.  That is logged once per peer boot and shown by
-:attr:`Channel.cipher`; it is there so that a cluster can be upgraded node by node.
+:attr:`Channel.cipher`; it is there so that a cluster can be upgraded node by node.  A
+peer that has encrypted since it started (its node id and boot, bound by the proofs)
+never gets it: an offer stripped on the way to it is refused, not obeyed.
 
 Frames (big-endian):
 
@@ -415,8 +417,29 @@ def _session(ch: Channel, key: bytes, nc: bytes, ns: bytes, ids: bytes,
 
 
 _told: set[tuple[Any, Any]] = set()
+#: Peers (node id, boot) that have used an AEAD with this daemon: a peer does not forget
+#: how to encrypt while it runs, so a later handshake of theirs without one is someone
+#: on the path stripping the offer, and is refused.
+_encrypted_before: set[tuple[str, str]] = set()
 #: Node id (as a string) -> how the last channel with that node was protected (status).
 ciphers: dict[str, str] = {}
+
+
+def _who(hello: dict[str, Any]) -> tuple[str, str]:
+    return str(hello.get("node")), str(hello.get("boot"))
+
+
+def _check_downgrade(peer: dict[str, Any], choice: str | None) -> None:
+    """Remember peers that encrypt; refuse one of them that no longer does (called once
+    the proofs have bound its node id and boot to this handshake)."""
+    who = _who(peer)
+    if choice is not None:
+        if len(_encrypted_before) > 4096:
+            _encrypted_before.clear()
+        _encrypted_before.add(who)
+    elif who in _encrypted_before:
+        raise ChannelError(f"node {who[0]} encrypted its channels before and now offers no "
+                           "encryption: refused (something on the path may be stripping it)")
 
 
 def describe(by_node: dict[str, str]) -> str:
@@ -477,6 +500,7 @@ async def _connect(address: tuple[str, int], key: bytes, me: dict[str, Any],
             terms = _terms(offer, choice)
             if not hmac.compare_digest(proof, _mac(key, b"server", nc, ns, ids, *terms)):
                 raise ChannelError(f"{address[0]} failed to prove the cluster key")
+            _check_downgrade(theirs, choice)
             await _plain_send(stream, {"proof": _mac(key, b"client", ns, nc, ids,
                                                      *terms).hex()})
             ok = await _plain_receive(ch)
@@ -517,6 +541,11 @@ async def accept(stream: trio.abc.Stream, key: bytes, me: dict[str, Any],
             if not hmac.compare_digest(proof, _mac(key, b"client", ns, nc, ids, *terms)):
                 await _plain_send(stream, {"ok": False, "error": "authentication failed"})
                 raise ChannelError("peer failed to prove the cluster key")
+            try:
+                _check_downgrade(theirs, choice)
+            except ChannelError as e:
+                await _plain_send(stream, {"ok": False, "error": "no encryption offered"})
+                raise ChannelError(str(e)) from None
             await _plain_send(stream, {"ok": True})
     except (ChannelError, ValueError, trio.TooSlowError, trio.BrokenResourceError,
             OSError) as e:

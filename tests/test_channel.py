@@ -25,8 +25,8 @@ from omuscd import channel
 from omuscd.channel import AEAD_HEAD, AEAD_TAG, Channel, ChannelError
 
 KEY = b"cluster-key-for-the-channel-test"
-CLIENT = {"node": 1, "boot": 11, "proto": 1, "name": "a"}
-SERVER = {"node": 2, "boot": 22, "proto": 1, "name": "b"}
+CLIENT = {"node": 1, "proto": 1, "name": "a"}
+SERVER = {"node": 2, "proto": 1, "name": "b"}
 MARK = b"plain-text-marker-" * 4
 #: The channel as it was before it was encrypted (the last commit with HMAC-only frames).
 OLD_COMMIT = "5e8db4a"
@@ -48,15 +48,19 @@ async def listener() -> tuple[trio.SocketListener, tuple[str, int]]:
 
 async def pair(accept: Any = channel.accept, connect: Any = channel.connect,
                via: tuple[trio.Nursery, Proxy] | None = None, key: bytes = KEY,
-               server_key: bytes | None = None) -> tuple[Any, Any]:
+               server_key: bytes | None = None, boots: tuple[int, int] | None = None
+               ) -> tuple[Any, Any]:
     """A connected (client, server) pair, optionally through a proxy (run in the given
-    nursery, which outlives the pair)."""
+    nursery, which outlives the pair); each end a fresh daemon start unless ``boots``."""
+    client, server = boots or (int.from_bytes(os.urandom(7), "big"),
+                               int.from_bytes(os.urandom(7), "big"))
     lst, addr = await listener()
     got: dict[str, Any] = {}
     async def serve() -> None:
         stream = await lst.accept()
         try:
-            got["server"] = await accept(stream, server_key or key, SERVER)
+            got["server"] = await accept(stream, server_key or key,
+                                         {**SERVER, "boot": server})
         except Exception as e:  # the client's error is the one to raise
             got["server-error"] = e
 
@@ -65,7 +69,7 @@ async def pair(accept: Any = channel.accept, connect: Any = channel.connect,
         if via is not None:
             addr = await via[0].start(via[1].run, addr)
         try:
-            got["client"] = await connect(addr, key, CLIENT)
+            got["client"] = await connect(addr, key, {**CLIENT, "boot": client})
         except Exception as e:
             got["client-error"] = e
     await lst.aclose()
@@ -336,6 +340,41 @@ def test_a_handshake_whose_offer_is_altered_fails() -> None:
             outer.cancel_scope.cancel()
         assert first and len(first[0]["aead"]) == 1
     trio.run(main)
+
+
+class StripOffer(Proxy):
+    """Removes the AEAD offer from the client's hello: the peer looks older."""
+
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, up: bool) -> None:
+        if up:
+            head = await src.receive_some(4)
+            length = int.from_bytes(head, "big")
+            body = b""
+            while len(body) < length:
+                body += await src.receive_some(length - len(body))
+            hello = json.loads(body)
+            del hello["aead"]
+            body = json.dumps(hello).encode()
+            await dst.send_all(len(body).to_bytes(4, "big") + body)
+        await super()._pump(src, dst, up)
+
+
+def test_a_stripped_offer_is_refused_from_a_peer_that_encrypted_before(caplog) -> None:
+    """Stripping the offer makes the peers look older to each other: obeyed (and logged
+    NOT encrypted) from a peer never heard encrypting, refused from one that has since
+    it started: its node id and boot are bound into the proofs."""
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            c, _ = await pair(boots=(101, 202))
+            assert c.cipher != channel.HMAC_ONLY
+            with pytest.raises(ChannelError, match="no encryption"):
+                await pair(via=(outer, StripOffer()), boots=(101, 202))
+            fresh, _ = await pair(via=(outer, StripOffer()), boots=(103, 204))
+            assert fresh.cipher == channel.HMAC_ONLY
+            outer.cancel_scope.cancel()
+    with caplog.at_level("WARNING", logger="omuscd.channel"):
+        trio.run(main)
+    assert "NOT encrypted" in caplog.text
 
 
 # ---------------------------------------------------------------------------- mixed cluster
