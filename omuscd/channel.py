@@ -125,7 +125,7 @@ class _Aead:
         """Encrypt ``data`` into ``out`` (its length plus the tag)."""
         if hasattr(self.cipher, "encrypt_into"):
             self.cipher.encrypt_into(self.nonce(), data, head, out)
-        else:  # cryptography < 46: one more copy
+        else:  # an older cryptography, without it: one more copy
             out[:] = self.cipher.encrypt(self.nonce(), bytes(data), head)
 
     def open_into(self, head: bytes, sealed: memoryview, out: memoryview) -> None:
