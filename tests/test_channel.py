@@ -203,6 +203,22 @@ def test_each_aead_works_and_a_cpu_without_aes_prefers_chacha(monkeypatch) -> No
     trio.run(main)
 
 
+def test_the_server_picks_chacha_where_either_end_lacks_aes_instructions(monkeypatch) -> None:
+    both, client_only, server_only = [channel.AES_GCM, channel.CHACHA], \
+        [channel.AES_GCM, channel.CHACHA], [channel.CHACHA, channel.AES_GCM]
+    monkeypatch.setattr(channel, "AEADS", both)
+    assert channel._choose(client_only) == channel.AES_GCM
+    assert channel._choose(server_only) == channel.CHACHA  # the client lacks them
+    assert channel._choose(["rot13", channel.AES_GCM]) == channel.AES_GCM
+    assert channel._choose(["rot13"]) is None and channel._choose([]) is None
+    monkeypatch.setattr(channel, "AEADS", server_only)  # the server lacks them
+    assert channel._choose(client_only) == channel.CHACHA
+    with pytest.raises(ChannelError, match="bad AEAD offer"):
+        channel._offer({"aead": "aes-256-gcm"})
+    with pytest.raises(ChannelError, match="bad AEAD offer"):
+        channel._offer({"aead": ["x"] * 9})
+
+
 def test_socketpair_channels_built_with_one_key_frame_with_hmac() -> None:
     """The constructor's single key: older peers' framing, byte for byte."""
     async def main() -> None:
