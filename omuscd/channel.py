@@ -56,6 +56,8 @@ TAG = 32
 AEAD_TAG = 16
 MAX_FRAME = 1 << 20
 READ_AHEAD = 65536
+#: Frames up to this size get buffers of their own; bigger ones reuse the channel's.
+SMALL = 65536
 KIND_JSON, KIND_DATA = 0, 1
 HANDSHAKE_TIMEOUT = 5.0
 #: The "key" of --insecure clusters: frames are encrypted and checked with keys anyone
@@ -196,13 +198,17 @@ class Channel:
         await self.stream.send_all(tag)
 
     async def _send_aead(self, kind: int, stream_id: int, data: bytes | memoryview) -> None:
-        """One write of header, ciphertext and tag, encrypted into the channel's own
-        buffer (reused: the lock is held until it is sent)."""
+        """One write of header, ciphertext and tag, encrypted into a buffer: the channel's
+        own for big frames (reused: the lock is held until it is sent), a small one for
+        small frames (a channel that only ever sends a request keeps no megabyte)."""
         assert self._sealer is not None
-        if self._out is None:
-            self._out = bytearray(AEAD_HEAD.size + MAX_FRAME + AEAD_TAG)
         end = AEAD_HEAD.size + len(data) + AEAD_TAG
-        out = memoryview(self._out)[:end]
+        if len(data) <= SMALL:
+            out = memoryview(bytearray(end))
+        else:
+            if self._out is None:
+                self._out = bytearray(AEAD_HEAD.size + MAX_FRAME + AEAD_TAG)
+            out = memoryview(self._out)[:end]
         head = AEAD_HEAD.pack(len(data), kind, stream_id)
         out[:AEAD_HEAD.size] = head
         self._sealer.seal_into(head, data, out[AEAD_HEAD.size:])
@@ -314,9 +320,13 @@ class Channel:
         length, kind, stream_id = AEAD_HEAD.unpack(head)
         if length > MAX_FRAME or kind not in (KIND_JSON, KIND_DATA):
             raise _Forged("bad frame header")
-        if self._sealed is None:
-            self._sealed = bytearray(MAX_FRAME + AEAD_TAG)
-        sealed = await self._payload(length + AEAD_TAG, self._sealed)
+        if length <= SMALL:
+            into = None  # a small frame: a small buffer of its own
+        else:
+            if self._sealed is None:
+                self._sealed = bytearray(MAX_FRAME + AEAD_TAG)
+            into = self._sealed
+        sealed = await self._payload(length + AEAD_TAG, into)
         if borrow and kind == KIND_DATA:
             payload = memoryview(self._frame_buffer())[:length]
         else:
