@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from omuscd import wire
+from omuscd import channel, wire
 from omuscd.cluster.gossip import Gossip
 from omuscd.config import Config, format_cpu_list
 from omuscd.events import EventBus
@@ -25,7 +25,7 @@ class Status:
     """Views of one node, built from the parts the daemon wires in."""
 
     def __init__(self, cfg: Config, security: str, protocol: int, gossip: Gossip,
-                 sampler: Sampler, events: EventBus, moves: list[int], channel: bool,
+                 sampler: Sampler, events: EventBus, moves: list[int], channel_open: bool,
                  migration: Callable[[], str], jobs_here: Callable[[], int],
                  sessions: Callable[[], int], started: Callable[[], float]):
         self.cfg = cfg
@@ -35,7 +35,7 @@ class Status:
         self.sampler = sampler
         self.bus = events
         self.moves = moves  # [moved in, moved out], the list the move layer counts in
-        self.channel = channel  # the cluster channel is open (a key or --insecure)
+        self.channel_open = channel_open  # the cluster channel is open (key or --insecure)
         self.migration = migration  # how this node migrates, in words
         self.jobs_here = jobs_here
         self.sessions = sessions  # open control sessions
@@ -105,12 +105,14 @@ class Status:
             "log_level": logging.getLevelName(logging.getLogger("omuscd").getEffectiveLevel())
             .lower(), "config_file": c.config_file, "state_dir": c.state_dir,
             "pid": os.getpid(),
+            "channels": dict(sorted(channel.ciphers.items())),
         }
 
     def status_lines(self, st: dict[str, Any]) -> list[str]:
         c = self.cfg
         sec = {
-            "key": f"key {c.key_file} (HMAC-SHA256): authenticated cluster",
+            "key": f"key {c.key_file} (HMAC-SHA256): authenticated cluster, encrypted "
+                   "channel",
             "read-only": "read-only: no cluster key, so this node shows the cluster but "
                          "exchanges no processes; fix: 'omuscd keygen /etc/omuscd.key', "
                          "copy it to every node, restart (or --insecure on a trusted LAN)",
@@ -124,7 +126,7 @@ class Status:
             f"version: {st['version']} (wire protocol {st['protocol']})",
             f"interface: {c.interface} ({st['interface_source']}), address {c.address}, "
             f"broadcast {c.broadcast or 'off'}",
-            f"ports: cluster {c.port}/udp{'+tcp' if self.channel else ''}, "
+            f"ports: cluster {c.port}/udp{'+tcp' if self.channel_open else ''}, "
             f"control {st['control']}, "
             f"socket {c.control_socket}",
             f"peers: {' '.join(st['peers']) or 'none (broadcast discovery only)'}",
@@ -133,6 +135,7 @@ class Status:
             f"cpus: {st['cpus']} lent of {c.cpu_count}, {st['speed_mhz']} MHz"
             f" ({c.detected.get('cpus', 'given')})",
             f"security: {sec}",
+            f"channels: {channel.describe(st['channels'])}",
             f"load: {st['load']:.2f} (util {st['util']:.1f}%, runq {st['runq']}), "
             f"memory free {st['mem_free_mb']} MB",
             f"cluster: {counts} (besides this node)",
