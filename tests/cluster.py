@@ -190,12 +190,17 @@ class NetnsLan:
 
 
 def telnet(addr: str, port: int, script: list[tuple[str, float]],
-           netns: str | None = None) -> str:
+           netns: str | None = None, user: User | None = None) -> str:
     """Drive the real telnet client, pausing after each piece of input as a person would
-    (it gives up at the end of its input); bytes go through its own line mode and escapes."""
+    (it gives up at the end of its input); bytes go through its own line mode and escapes.
+    ``user``: run by that account (see :func:`ordinary_user`), not by root."""
     pre = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
-    p = subprocess.Popen([*pre, "telnet", addr, str(port)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    argv = [*pre, "telnet", addr, str(port)]
+    if user is not None:
+        p = user.popen(argv, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
+    else:
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
     assert p.stdin is not None
     time.sleep(0.5)
     for text, pause in script:

@@ -351,17 +351,8 @@ NO_TELNET = subprocess.run(["which", "telnet"], capture_output=True).returncode 
 
 
 def telnet_as(user: User, addr: str, port: int, script: list[tuple[str, float]]) -> str:
-    """The real telnet client, run by ``user`` (see :func:`tests.cluster.telnet`)."""
-    p = user.popen(["telnet", addr, str(port)], stdin=subprocess.PIPE,
-                   stderr=subprocess.STDOUT)
-    assert p.stdin is not None
-    time.sleep(0.5)
-    for text, pause in script:
-        p.stdin.write(text.encode())
-        p.stdin.flush()
-        time.sleep(pause)
-    out, _ = p.communicate(timeout=10)
-    return out.decode(errors="replace")
+    """The real telnet client, run by ``user``."""
+    return telnet(addr, port, script, user=user)
 
 
 def started(out: str) -> str:

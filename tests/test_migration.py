@@ -19,7 +19,6 @@ from omuscd.client import ControlClient
 from omuscd.migrate.criu import (
     KDAT_DIR,
     KDAT_NAME,
-    PRIVATE_CRIU,
     RESOURCE_CAP,
     Criu,
     find_criu,
@@ -27,26 +26,12 @@ from omuscd.migrate.criu import (
 )
 from tests.cluster import (
     User,
-    can_netns,
+    criu_problem,
     namespace_cluster,
     ordinary_user,
     start_daemon,
     wait_for,
 )
-
-
-def criu_problem() -> str | None:
-    reason = can_netns()
-    if reason:
-        return reason
-    criu = find_criu(None)
-    if criu is None:
-        return f"no CRIU (neither criu in PATH nor {PRIVATE_CRIU}; tests/install-criu makes one)"
-    r = subprocess.run([criu, "check"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"'criu check' fails on this machine: {(r.stderr or r.stdout).strip()[-200:]}"
-    return None
-
 
 REASON = criu_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
