@@ -326,3 +326,46 @@ def test_unauthenticated_cluster_connections_are_bounded(workdir, reaper):
     assert held <= 64, held
     assert fds < 200, fds
     assert d.ctl("status").ok
+
+
+# As the user, in a job: a Unix socket bound at ARGV[1], listening until killed.
+BINDER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+print("bound", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_a_socket_bound_where_its_user_could_redirect_is_refused_before_the_freeze():
+    """CRIU binds a restored Unix socket again at its path, as root.  A socket in a
+    directory of the user's could be sent anywhere by making that directory a link
+    between the dump and the restore (root would create the socket file in, say, /etc):
+    such a job is refused before it is frozen, with the reason shown beforehand."""
+    with namespace_cluster("ab", prefix=f"omu{os.getpid() % 10000}x", open_to_all=True,
+                           extra=lambda i: ["--no-balancing"],
+                           leftovers="omuscd-attack-test") as (_, _, _, n), \
+            ordinary_user("ub") as user:
+        sock = user.home / "d" / "sock"
+        user.run(["/bin/mkdir", str(sock.parent)])
+        tag = "omuscd-attack-test-bind"
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", "/usr/bin/python3",
+                                     "-c", BINDER, str(sock), tag))
+        try:
+            assert p.stdout is not None and p.stdout.readline() == b"bound\n"
+            job = job_of(n["a"], tag)
+            shown = n["a"].json(f"job {job}")["cannot_move"]
+            assert f"Unix socket bound at {sock}" in shown, shown
+            moved = n["a"].ctl(f"migrate {job} b")
+            assert moved.code == 500 and f"bound at {sock}" in moved.text, moved
+            assert "resumed" not in moved.text  # refused before anything was frozen
+            assert "frozen" not in n["a"].log().split(f"job {job}", 1)[-1]
+            view = n["a"].json(f"job {job}")
+            assert view["state"] == "running" and view["node_name"] == "a"
+        finally:
+            p.kill()
+            p.wait()

@@ -32,6 +32,7 @@ import trio
 from omuscd import proctab, rootexec
 from omuscd.migrate import Inherit, MoveError
 from omuscd.migrate.locks import FileLock, LockLender, lock_problem, read_locks
+from omuscd.migrate.reopened import bound_by_path
 from omuscd.priority import make_realtime
 from omuscd.proctab import tree
 
@@ -343,6 +344,8 @@ class Criu:
                             return f"process {p.pid} maps a device ({path})"
             except (OSError, psutil.Error):
                 continue
+        if owner and owner != (0, 0):  # another user's job: what CRIU redoes as root
+            return bound_by_path(pids, owner)
         return None
 
     def cannot_adopt(self, pid: int) -> str | None:

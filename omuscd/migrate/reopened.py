@@ -95,3 +95,62 @@ def beyond_user(pids: list[int], owner: Owner, exempt: set[tuple[int, int]]) -> 
             if why is not None:
                 return f"process {pid}: {why}"
     return None
+
+
+def bound_by_path(pids: list[int], owner: tuple[int, int]) -> str | None:
+    """A Unix socket of the job bound at a path that its user could lead elsewhere, or
+    None: checked before a move is frozen (see Criu.cannot_move).
+
+    Why: CRIU binds a restored Unix socket again at its path, as root.  Where a directory
+    on that path is the user's (or one they may rename things in), they could make it a
+    link to one of root's between the dump and the restore, and root would create a
+    socket there (an empty /etc/nologin keeps everyone out).  A socket whose directories
+    only root may change is left to CRIU (it unlinks a stale name; bind never follows a
+    link at the last step)."""
+    uid, _gid = owner
+    bound: dict[str, str] = {}
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split(maxsplit=7)
+                if len(parts) == 8 and parts[7].startswith("/"):
+                    bound[parts[6]] = parts[7].strip()
+    except OSError:
+        return None
+    if not bound:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and (path := bound.get(target[8:-1])):
+                if _user_may_redirect(os.path.dirname(path), uid):
+                    return (f"process {pid} has a Unix socket bound at {path}, in a "
+                            f"directory its user could change: CRIU would bind it again "
+                            f"there as root")
+    return None
+
+
+def _user_may_redirect(directory: str, uid: int) -> bool:
+    """Whether ``uid`` owns, or may rename entries of, a directory on the way to (and
+    including) ``directory``: one it could replace with a link."""
+    d = directory
+    while True:
+        try:
+            st = os.lstat(d)
+        except OSError:
+            return True  # gone or unreadable: assume the worst
+        sticky = bool(st.st_mode & stat.S_ISVTX)
+        if st.st_uid == uid or stat.S_ISLNK(st.st_mode) or \
+                (st.st_mode & 0o002 and not sticky):
+            return True
+        if d == "/":
+            return False
+        d = os.path.dirname(d)
