@@ -9,6 +9,9 @@ runs on: nothing is frozen; a few ms) with :func:`gather`, sends them to the tar
 (``precheck``, see :mod:`omuscd.cluster.rpc`), and the target answers with :func:`check`:
 the first missing thing, named ("node b: working directory /srv/x does not exist").
 
+Executables and the files mapped with code (libraries) must be the same build; files
+mapped as data, like open files, need only be there (the job may be writing them, and a
+file being written is the same file on a shared file system all the same).
 "The same build" is the file's size and a hash of its first and last 4 KiB, not its
 mtime: a binary copied to each node without keeping its mtime is the same build, and a
 rebuilt one differs in the ELF headers and build-id note (first page, where CRIU looks for
@@ -72,13 +75,20 @@ def build(path: str) -> list[Any] | None:
         os.close(fd)
 
 
-def _mapped(pid: int) -> set[str]:
+def _mapped(pid: int) -> tuple[set[str], set[str]]:
+    """The files ``pid`` maps: those with code (its libraries: compared by build), and the
+    others (data, which the job may write: only their presence is checked)."""
+    code: set[str] = set()
+    data: set[str] = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return {p for line in f if len(parts := line.split(None, 5)) == 6
-                    and _real(p := parts[5].rstrip("\n"))}
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and _real(path := parts[5].rstrip("\n")):
+                    (code if "x" in parts[1] else data).add(path)
     except OSError:
-        return set()
+        pass
+    return code, data - code
 
 
 def _opened(pid: int, skip: set[str]) -> set[str]:
@@ -115,8 +125,9 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
 
 def gather(init_pid: int, skip: set[str] | None = None) -> dict[str, Any]:
     """What the job's processes need at the target, read from ``/proc`` as it runs:
-    ``cwd`` (directories), ``builds`` (executables and mapped files: path -> size and
-    digest), ``open`` (regular files open), ``cpu`` (instruction-set flags)."""
+    ``cwd`` (directories), ``builds`` (executables and the files they map with code: path
+    -> size and digest), ``open`` (regular files open or mapped as data, which the job may
+    be writing: their ends change), ``cpu`` (instruction-set flags)."""
     skip = skip or set()
     cwds: set[str] = set()
     exes: set[str] = set()
@@ -126,8 +137,9 @@ def gather(init_pid: int, skip: set[str] | None = None) -> dict[str, Any]:
             cwds.add(cwd)
         if _real(exe := _link(f"/proc/{pid}/exe")):
             exes.add(exe)
-        exes |= _mapped(pid)
-        opened |= _opened(pid, skip)
+        code, data = _mapped(pid)
+        exes |= code
+        opened |= data | _opened(pid, skip)
     budget = [BUDGET]
     cwd = _within(sorted(cwds), budget)  # what matters most first
     builds = {p: b for p in _within(sorted(exes), budget) if (b := build(p)) is not None}
