@@ -101,13 +101,18 @@ def omuscd_command(args: list[str], netns: str | None = None) -> list[str]:
 
 
 def start_daemon(name: str, args: list[str], workdir: Path, netns: str | None = None,
-                 wait: bool = True, env: dict[str, str] | None = None) -> Daemon:
+                 wait: bool = True, env: dict[str, str] | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> Daemon:
+    """``wrap``: the command that runs the daemon's (which it execs), e.g. in a mount
+    namespace of its own."""
     state = workdir / name
     state.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     full = [*args, "--state-dir", str(state), "--node-name", name]
     logf = open(log_path, "ab")
-    popen = subprocess.Popen(omuscd_command(full, netns), stdout=logf, stderr=subprocess.STDOUT,
+    command = omuscd_command(full, netns)
+    popen = subprocess.Popen(wrap(command) if wrap else command, stdout=logf,
+                             stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     logf.close()
     d = Daemon(name, popen, state, log_path, netns, full)

@@ -22,6 +22,11 @@ it carries, and its answers:
     ``flag`` (blocked, lstay, quiet), ``on``.  ``done`` with ``text``.
 ``emigrate`` (home -> the node running its job)
     ``job``, ``to``: move it there.  ``migrated`` (``freeze``, ``bytes``, ``followed``).
+``precheck`` (source -> target of a move, before the job is frozen)
+    ``job``, ``facts`` (what the job holds by path: working directories, executables and
+    mapped files with their size and digest, open files, CPU flags; see
+    :mod:`omuscd.migrate.precheck`).  ``fit``, or ``refused`` naming what the target
+    lacks.  An older target answers ``unknown operation``: the move goes on unchecked.
 ``immigrate`` (source -> target of a move)
     ``job`` (the record), ``pages`` / ``lazy`` if the source can stream or post-copy.
     ``ready``, then the move's own steps (see :mod:`omuscd.migrate.node`).

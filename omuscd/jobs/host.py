@@ -63,6 +63,9 @@ class Moves(Protocol):
     async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``immigrate``: take a job moving here."""
 
+    async def precheck(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``precheck``: could a job be restored here (asked before its freeze)."""
+
     async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
         """Move a job running here to ``target`` (asked by its home)."""
 

@@ -33,6 +33,7 @@ class JobControl(HomeJobs, GuestJobs):
         ops.add("act", self._serve_act, names_job=True, may_name_node=True)
         ops.add("flag", self._serve_flag)
         ops.add("emigrate", self._serve_emigrate, names_job=True, names_node=True)
+        ops.add("precheck", self._serve_precheck, names_job=True)
         ops.add("immigrate", self._serve_immigrate)
         ops.add("has", self._serve_has, names_job=True)
         ops.add("drop", self._serve_drop, names_job=True, names_node=True)
@@ -56,6 +57,9 @@ class JobControl(HomeJobs, GuestJobs):
 
     async def _serve_immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.moves.immigrate(ch, msg)
+
+    async def _serve_precheck(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.moves.precheck(ch, msg)
 
     async def _serve_has(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.moves.has(ch, msg)

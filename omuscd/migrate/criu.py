@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -100,14 +99,54 @@ def find_criu(given: str | None) -> str | None:
     return None
 
 
+#: Errors CRIU logs on every run here that do not make it fail: root in a container lacks
+#: CAP_SYS_RESOURCE, so CRIU cannot raise its own open-files limit, and goes on.
+HARMLESS = ("RLIMIT_NOFILE",)
+#: CRIU's closing summary ("Dumping FAILED."): the effect, not the cause
+SUMMARY = ("FAILED.", "FAILED")
+
+
+def _harmless(line: str) -> bool:
+    return any(h in line for h in HARMLESS)
+
+
+def _cause(lines: list[str]) -> str:
+    """The error that made CRIU fail: its first ``Error (`` line (``pr_err``; not a
+    ``Warn`` line that mentions an error), not a harmless one, not the closing summary;
+    else the last line."""
+    errors = [ln for ln in lines if "Error (" in ln and not _harmless(ln)]
+    causes = [ln for ln in errors if not ln.rstrip().endswith(SUMMARY)] or errors
+    return (causes[0] if causes else (lines[-1] if lines else "no log")).strip()[:300]
+
+
 def _first_error(logfile: Path) -> str:
-    """The cause, not CRIU's closing "FAILED" summary."""
+    """The cause, not CRIU's closing "FAILED" summary nor a harmless error before it."""
     try:
         lines = logfile.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
-    return (errors[0] if errors else (lines[-1] if lines else "no log")).strip()[:300]
+    return _cause(lines)
+
+
+def keep(logfile: Path, dest: Path) -> bool:
+    """Copy a failed step's log to ``dest`` (mode 0600: it tells of another user's job),
+    starting with the cause (a first line ``omuscd: the cause: ...``), the harmless
+    errors marked as such: the log's own first error is often a harmless one, which
+    sent readers the wrong way."""
+    try:
+        lines = logfile.read_text(errors="replace").splitlines()
+        head = [f"omuscd: the cause: {_cause(lines)}",
+                f"omuscd: lines marked 'harmless:' do not make CRIU fail ({', '.join(HARMLESS)})",
+                "omuscd: CRIU's log follows", ""]
+        body = [f"harmless: {ln}" if "Error (" in ln and _harmless(ln) else ln for ln in lines]
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            f.write("\n".join(head + body) + "\n")
+    except OSError:
+        return False
+    return True
 
 
 def real_ids(pid: int) -> tuple[int, int] | None:
@@ -413,12 +452,7 @@ class Criu:
         if self.keep_logs is None or not logfile.exists():
             return ""
         dest = self.keep_logs / f"criu-{what}-failed.log"
-        try:
-            shutil.copyfile(logfile, dest)
-            os.chmod(dest, 0o600)  # it tells of another user's job
-        except OSError:
-            return ""
-        return f" (full log: {dest})"
+        return f" (full log: {dest})" if keep(logfile, dest) else ""
 
     async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
         # --file-locks: the job's locks go with it (see FileLock)

@@ -75,6 +75,9 @@ class Migrations:
     async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.target.immigrate(ch, msg)
 
+    async def precheck(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.target.precheck(ch, msg)
+
     async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
         return await self.source.emigrate(job, target)
 

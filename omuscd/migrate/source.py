@@ -28,7 +28,7 @@ from omuscd.jobs.record import (
     Job,
     JobError,
 )
-from omuscd.migrate import MoveError, postcopy
+from omuscd.migrate import MoveError, postcopy, precheck
 from omuscd.migrate.books import LEFT, MoveBooks, MoveHost
 from omuscd.migrate.lazy import PAGE, PageServer
 from omuscd.migrate.page_relay import send_pages
@@ -86,6 +86,9 @@ class Source:
         if why:
             job.cannot_move = why
             raise JobError(f"job {job.id} cannot move: {why}")
+        why = await self.ask_fit(job, target)
+        if why:
+            raise JobError(f"job {job.id} cannot move: {why}")
         try:
             ch = await self.jc.connect(target)
         except ChannelError as e:
@@ -101,6 +104,30 @@ class Source:
         finally:
             await ch.aclose()
             shutil.rmtree(images, ignore_errors=True)
+
+    async def ask_fit(self, job: Job, target: int) -> str | None:
+        """Before the freeze: could the target restore the job?  Why not (naming what it
+        lacks), or None.  A target older than ``precheck`` cannot say: the move goes on,
+        and its restore says what is missing (see omuscd.migrate.precheck)."""
+        spool = self.jc.spool
+        ours = {os.path.realpath(p) for p in (spool.path(job.id, STDOUT),
+                                              spool.path(job.id, STDERR),
+                                              spool.dir(job.id) / "status")}
+        # a few ms of /proc; in a thread, as the executable may be on a slow file system
+        facts = await trio.to_thread.run_sync(precheck.gather, job.pid, ours)
+        try:
+            reply = await self.jc.request(target, {"op": "precheck", "job": job.id,
+                                                   "facts": facts}, STEP_TIMEOUT)
+        except ChannelError as e:
+            raise JobError(f"cannot reach the target: {e}") from None
+        if reply.get("op") == "fit":
+            return None
+        why = error_text(reply, "the target refused")
+        if why.startswith("unknown operation"):  # an older target
+            log.info("job %s: %s cannot check a move before the freeze", job.id,
+                     self.jc.node_name(target))
+            return None
+        return why
 
     async def _emigrate(self, job: Job, target: int, ch: Channel,
                         images: Path) -> dict[str, Any]:

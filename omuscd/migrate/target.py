@@ -28,7 +28,7 @@ from omuscd.jobs.record import (
     JobError,
 )
 from omuscd.jobs.spool import open_private
-from omuscd.migrate import Inherit, MoveError, postcopy
+from omuscd.migrate import Inherit, MoveError, postcopy, precheck
 from omuscd.migrate.books import ARRIVED, GIVEN_UP, MoveBooks, MoveHost
 from omuscd.migrate.page_relay import receive_pages, socket_pair
 from omuscd.migrate.reopened import beyond_user
@@ -56,6 +56,18 @@ class Target:
         self.jc = jc
         self.host = host
         self.books = books
+
+    async def precheck(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``precheck``: could a job holding ``facts`` (see omuscd.migrate.precheck)
+        be restored here?  Asked before the job is frozen; answered ``fit``, or refused
+        naming what is missing.  In a thread: a path may be on a slow file system."""
+        mover = self.host.mover
+        if not mover.available:
+            why: str | None = f"migration is {mover.describe()} on {self.host.name}"
+        else:
+            why = await trio.to_thread.run_sync(precheck.check, msg.get("facts"),
+                                                 self.host.name)
+        await ch.send(refusal(why) if why else {"op": "fit"})
 
     async def immigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         jc = self.jc
