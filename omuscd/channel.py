@@ -34,6 +34,7 @@ Kind 0 is a JSON object, kind 1 is data of a stream.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -43,10 +44,6 @@ import struct
 from typing import Any
 
 import trio
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger("omuscd.channel")
 
@@ -65,8 +62,24 @@ HANDSHAKE_TIMEOUT = 5.0
 INSECURE_KEY = b"omuscd-insecure-cluster"
 #: How a channel's frames are protected (:attr:`Channel.cipher`).
 AES_GCM, CHACHA, HMAC_ONLY = "aes-256-gcm", "chacha20-poly1305", "hmac-sha256"
-_AEAD_CLASSES = {AES_GCM: AESGCM, CHACHA: ChaCha20Poly1305}
+#: The AEADs a channel may use, in no order (the offer orders them).
+AEADS = (AES_GCM, CHACHA)
 _SEND_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@functools.cache
+def _crypto() -> Any:
+    """The cryptography package's pieces, imported at the first keyed channel: an idle
+    daemon opens none, and the import costs 7 MB of resident memory (bench_idle)."""
+    from types import SimpleNamespace
+
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return SimpleNamespace(InvalidTag=InvalidTag, hashes=hashes, HKDF=HKDF,
+                           aead={AES_GCM: AESGCM, CHACHA: ChaCha20Poly1305})
 
 
 def _cpu_has_aes() -> bool:
@@ -115,7 +128,7 @@ class _Aead:
     grows)."""
 
     def __init__(self, name: str, key: bytes):
-        self.cipher = _AEAD_CLASSES[name](key)
+        self.cipher = _crypto().aead[name](key)
         self.counter = 0
 
     def nonce(self) -> bytes:
@@ -137,7 +150,7 @@ class _Aead:
                 self.cipher.decrypt_into(self.nonce(), sealed, head, out)
             else:
                 out[:] = self.cipher.decrypt(self.nonce(), bytes(sealed), head)
-        except InvalidTag:
+        except _crypto().InvalidTag:
             raise _Forged("frame failed authentication") from None
 
 
@@ -397,7 +410,7 @@ def _offer(hello: dict[str, Any]) -> list[str] | None:
 def _choose(offer: list[str] | None) -> str | None:
     """The server's choice: AES-GCM where both prefer it, else ChaCha20-Poly1305 (the
     fast one on a CPU without AES instructions, at either end); None: HMAC frames."""
-    usable = [a for a in offer or [] if a in _AEAD_CLASSES]
+    usable = [a for a in offer or [] if a in AEADS]
     if not usable:
         return None
     if usable[0] == AES_GCM and AEADS[0] == AES_GCM:
@@ -420,8 +433,9 @@ def _session(ch: Channel, key: bytes, nc: bytes, ns: bytes, ids: bytes,
     if choice is None:
         ch.key = _mac(key, b"session", nc, ns)
         return
-    keys = HKDF(algorithm=hashes.SHA256(), length=64, salt=nc + ns,
-                info=b"omuscd channel|" + choice.encode() + b"|" + ids).derive(key)
+    c = _crypto()
+    keys = c.HKDF(algorithm=c.hashes.SHA256(), length=64, salt=nc + ns,
+                  info=b"omuscd channel|" + choice.encode() + b"|" + ids).derive(key)
     c2s, s2c = keys[:32], keys[32:]
     ch.use_aead(choice, c2s if client else s2c, s2c if client else c2s)
 
