@@ -59,8 +59,8 @@ class JobSignals(JobBooks):
         them with it; one moving again keeps them for that move's end."""
         while job.held and not self.moves.moving(job.id):
             if job.state in FINAL:
-                log.info("job %s ended (%s) during its move: signal(s) %s held for it "
-                         "dropped with it", job.id, job.state, job.held)
+                log.info("job %s ended (%s) during its move: held signal(s) %s dropped "
+                         "with it", job.id, job.state, job.held)
                 job.held = []
                 return
             sig = job.held.pop(0)
@@ -68,5 +68,5 @@ class JobSignals(JobBooks):
                 await self._send_signal(job, job.owner.uid, sig, fresh=True)
                 log.info("job %s: held signal %d delivered on %s", job.id, sig,
                          job.node_name)
-            except JobError as e:
-                log.warning("job %s: held signal %d not delivered: %s", job.id, sig, e)
+            except JobError as e:  # it ended where it ran before its end came home
+                log.info("job %s: held signal %d dropped: %s", job.id, sig, e)
