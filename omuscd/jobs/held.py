@@ -15,11 +15,18 @@ from typing import TYPE_CHECKING
 from omuscd.jobs.books import JobBooks
 from omuscd.jobs.record import FINAL, Job, JobError
 
+if TYPE_CHECKING:
+    from omuscd.jobs.host import Host
+
 log = logging.getLogger("omuscd.jobs")
 
 
 class JobSignals(JobBooks):
     """Signalling the jobs of this home (a part of HomeJobs)."""
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        self.delivering: set[str] = set()  # jobs whose held signals are being delivered
 
     if TYPE_CHECKING:  # given by GuestJobs and HomeJobs
         async def signal_local(self, job: Job, sig: int) -> None: ...
@@ -50,13 +57,20 @@ class JobSignals(JobBooks):
 
     def release_held(self, job: Job) -> None:
         """A move of this job ended (either way): deliver the signals held meanwhile."""
-        if job.held:
+        if job.held and job.id not in self.delivering:
+            self.delivering.add(job.id)
             self._nursery().start_soon(self._deliver_held, job)
 
     async def _deliver_held(self, job: Job) -> None:
         """Each held signal once, in order, to the job wherever it runs now; those sent
         while this runs queue behind (see act).  A job that ended during the move takes
         them with it; one moving again keeps them for that move's end."""
+        try:
+            await self._deliver_each(job)
+        finally:
+            self.delivering.discard(job.id)
+
+    async def _deliver_each(self, job: Job) -> None:
         while job.held and not self.moves.moving(job.id):
             if job.state in FINAL:
                 log.info("job %s ended (%s) during its move: held signal(s) %s dropped "
