@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from omuscd.jobs.books import JobBooks
-from omuscd.jobs.record import FINAL, Job, JobError
+from omuscd.jobs.record import FINAL, MIGRATING, Job, JobError
 
 if TYPE_CHECKING:
     from omuscd.jobs.host import Host
@@ -46,6 +46,20 @@ class JobSignals(JobBooks):
             await link.send({"op": "signal", "sig": sig})
         else:  # not followed yet (it has just moved): ask the node running it
             await self._forward_act(job.node, job.id, "kill", uid, sig)
+
+    def must_hold(self, job: Job) -> bool:
+        """Whether a signal for this job of this home waits for its move to end: once a
+        move here has frozen it (MIGRATING: before, it still runs here and takes the
+        signal, which a job that ends then stops the move), for the whole move when it
+        runs elsewhere (the home does not see when the source freezes it), and while
+        signals held before are not all out (they go first)."""
+        if job.home != self.me:
+            return False
+        if job.held:
+            return True
+        if job.node == self.me:
+            return job.state == MIGRATING
+        return self.moves.moving(job.id)
 
     def hold(self, job: Job, sig: int) -> str:
         """A signal for a job that is moving: sent now, it went to the frozen copy the

@@ -341,7 +341,7 @@ class HomeJobs(JobSignals):
                 raise JobError(f"job {job.id} has already ended ({job.state})")
             if not 1 <= sig <= 64:
                 raise JobError(f"no signal {sig}")
-            if job.home == self.me and (self.moves.moving(job.id) or job.held):
+            if self.must_hold(job):
                 return self.hold(job, sig)
             await self._send_signal(job, uid, sig)
             return f"signal {sig} sent to job {job.id} on {job.node_name}"
