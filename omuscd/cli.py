@@ -169,6 +169,11 @@ def keygen(path: str) -> int:
     return EXIT_OK
 
 
+#: ctl commands that last as long as the moves they make: the daemon bounds each move
+#: (its steps' own timeouts), the client waits for the answer however long that is
+WAITS_FOR_MOVES = ("migrate", "expel", "bring")
+
+
 def ctl(args: argparse.Namespace) -> int:
     from omuscd.client import ProtocolError, connect
 
@@ -198,6 +203,8 @@ def ctl(args: argparse.Namespace) -> int:
                 except KeyboardInterrupt:
                     pass
                 return EXIT_OK
+            if words[0].lower() in WAITS_FOR_MOVES:
+                client.wait_as_long_as_it_takes()
             reply = client.command(line)
     except (OSError, ConnectionError, ProtocolError) as e:
         print(f"omuscd ctl: {e}", file=sys.stderr)

@@ -117,6 +117,12 @@ class ControlClient:
         s.connect(path)
         return cls(s, None, timeout)
 
+    def wait_as_long_as_it_takes(self) -> None:
+        """No read timeout for the rest of the session: for commands the daemon bounds
+        itself (a move: its own steps' timeouts), where a fixed client timeout said
+        "timed out" about moves that then succeeded."""
+        self.sock.settimeout(None)
+
     def read_line(self) -> str:
         line = self.file.readline()
         if not line:

@@ -621,7 +621,9 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("job", (Arg("job", kind="job"),), "everything known about one job", h_job,
             json=True),
     Command("kill", (Arg("job", kind="job"), Arg("signal", optional=True, max_len=16)),
-            "send a signal (default TERM) to your job, wherever it runs", h_kill),
+            "send a signal (default TERM) to your job, wherever it runs", h_kill,
+            details="While the job moves, the signal is held at its home and delivered\n"
+                    "where it runs once the move ends, either way (the reply says so)."),
     Command("stay", (Arg("job", kind="job"),), "keep your job where it runs", h_stay),
     Command("nostay", (Arg("job", kind="job"),), "let your job migrate again", h_nostay),
     Command("output", (Arg("job", kind="job"),), "the last lines of your job's output",
@@ -654,7 +656,8 @@ COMMANDS: dict[str, Command] = _cmds(
                     "children become a cluster job homed here, then move. It must lead\n"
                     "its own session (setsid) without a terminal; its files must exist\n"
                     "on the target at the same paths, and its PID must be free there\n"
-                    "unless it is the init of its own PID namespace."),
+                    "unless it is the init of its own PID namespace. The answer comes\n"
+                    "when the move ends; signals sent meanwhile are held until then."),
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),

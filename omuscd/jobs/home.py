@@ -22,7 +22,8 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
-from omuscd.jobs.books import QUERY_TIMEOUT, JobBooks, home_of
+from omuscd.jobs.books import QUERY_TIMEOUT, home_of
+from omuscd.jobs.held import JobSignals
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
 from omuscd.jobs.record import (
     EXITED,
@@ -46,7 +47,7 @@ class Placement:
     among: list[str] | None = None
 
 
-class HomeJobs(JobBooks):
+class HomeJobs(JobSignals):
     """The jobs started here, wherever they run."""
 
     def candidates(self, job: Job | None = None) -> list[balance.Candidate]:
@@ -338,14 +339,11 @@ class HomeJobs(JobBooks):
         if action == "kill":
             if job.state in FINAL:
                 raise JobError(f"job {job.id} has already ended ({job.state})")
-            if job.node == self.me:
-                await self.signal_local(job, sig)
-            else:
-                link = self.links.get(job.id)
-                if link is not None:
-                    await link.send({"op": "signal", "sig": sig})
-                else:  # not followed yet (it has just moved): ask the node running it
-                    await self._forward_act(job.node, job.id, "kill", uid, sig)
+            if not 1 <= sig <= 64:
+                raise JobError(f"no signal {sig}")
+            if self.must_hold(job):
+                return self.hold(job, sig)
+            await self._send_signal(job, uid, sig)
             return f"signal {sig} sent to job {job.id} on {job.node_name}"
         if action in ("stay", "nostay"):
             job.stay = action == "stay"

@@ -51,6 +51,10 @@ class Moves(Protocol):
     def moved(self, job: Job, target: int) -> None:
         """The node running a job of this home says it moved on to ``target``."""
 
+    def moving(self, job_id: str) -> bool:
+        """Whether a move of this job, asked at its home (here), is under way: signals
+        for it are held until it ends (see HomeJobs.act)."""
+
     def interrupted(self) -> dict[str, dict[str, Any]]:
         """The moves a restart cut short: job id -> where it was going."""
 

@@ -85,6 +85,9 @@ class Job:
     pid: int | None = None  # on the node running it: the job's init, seen from outside
     landed_at: float = field(default=0.0, repr=False)  # wall time it last arrived here
     cut: str = ""  # why its output may be incomplete (a full state filesystem), else ""
+    #: at its home, signals sent while it moves, in order: delivered wherever it runs once
+    #: the move ends (see HomeJobs.release_held); not on the wire, not on disk
+    held: list[int] = field(default_factory=list, repr=False)
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
     #: keeps the record (on disk) after each transition; set by the table that books it
     keep: Callable[[Job], None] | None = field(default=None, repr=False, compare=False)
@@ -136,7 +139,7 @@ class Job:
     def _record(self) -> dict[str, Any]:
         """The plain fields (not ``asdict``: it would deep-copy the trio Event)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("changed", "stdin_pipe", "run", "landed_at", "keep")}
+             if f.name not in ("changed", "stdin_pipe", "run", "landed_at", "keep", "held")}
         d["owner"] = asdict(self.owner)
         d["argv"] = list(self.argv)
         d["exit"] = dict(self.exit) if self.exit else None
@@ -150,6 +153,8 @@ class Job:
         d["status"] = self.exit_text()
         d["cpu"] = round(self.cpu, 2)
         d["rss_mb"] = round(self.rss_mb, 1)
+        if self.held:
+            d["held"] = list(self.held)
         return d
 
     def wire(self) -> dict[str, Any]:
@@ -177,6 +182,7 @@ class Job:
         d.pop("stdin_pipe", None)
         d.pop("run", None)
         d.pop("keep", None)
+        d.pop("held", None)  # a peer's word cannot queue signals here
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -72,7 +72,10 @@ class MoveHome:
         try:
             return await self._migrate(job, where)
         finally:
+            # the one place a move ends at the job's home, either way: the signals held
+            # meanwhile go to the job wherever it runs now (see HomeJobs.act)
             self.books.moving.discard(job.id)
+            self.jc.release_held(job)
 
     async def _migrate(self, job: Job, where: str) -> str:
         if job.stay:

@@ -63,6 +63,9 @@ class Migrations:
     def moved(self, job: Job, target: int) -> None:
         self.home.moved(job, target)
 
+    def moving(self, job_id: str) -> bool:
+        return job_id in self.books.moving
+
     def interrupted(self) -> dict[str, dict[str, Any]]:
         return self.books.interrupted()
 

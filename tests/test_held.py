@@ -1,0 +1,211 @@
+"""Nothing lost during a move (#18): a signal for a moving job is held at its home and
+delivered wherever the job runs once the move ends; ``ctl migrate`` waits as long as the
+move takes.  Real CRIU between real daemons in network namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from omuscd.client import ControlClient
+from tests.cluster import namespace_cluster, wait_for
+from tests.test_migration import REASON, job_processes
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+PY = sys.executable
+TAG = "omuscd-sig-test"
+# resident memory (moved post-copy from a 1 MB threshold), then idle until killed: the
+# default action of SIGTERM, so a delivered TERM ends it with 143
+BIG = """
+import sys, time
+data = bytearray(b"x" * (int(sys.argv[1]) << 20))
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with namespace_cluster("ab", prefix=f"omg{os.getpid() % 10000}x",
+                           leftovers=TAG) as c:
+        for d in c[3].values():
+            assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
+        yield c
+
+
+def run(node, where: list[str], mb: int, tag: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``omuscd run`` of the BIG job, attached, once it is ready: the client and the job id."""
+    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, *where, "--",
+                          PY, "-c", BIG, str(mb), tag], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd="/tmp")
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    found: list[str] = []
+
+    def listed() -> bool:
+        found[:] = [j["id"] for j in node.json("jobs")["jobs"]
+                    if tag in j["command"] and j["state"] == "running"]
+        return bool(found) and bool(job_processes(tag))
+    wait_for(listed, 10, f"the job {tag} to be listed")
+    time.sleep(0.5)  # past 'still starting' (see jobs.starting)
+    return p, found[0]
+
+
+def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, object]]:
+    result: dict[str, object] = {}
+
+    def go() -> None:
+        with ControlClient.unix(node.socket, timeout=300) as c:
+            result["reply"] = c.command(f"migrate {job} {where}")
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, result
+
+
+def stopped(tag: str) -> bool:
+    """Whether the job's command is frozen (CRIU's ptrace stop, or SIGSTOP)."""
+    for pid in job_processes(tag):
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state in ("t", "T"):
+            return True
+    return False
+
+
+def test_a_kill_while_the_memory_follows_is_held_and_ends_the_job_at_the_target(cluster):
+    """``ctl kill JOB TERM`` while the job runs on b and its memory still follows from a
+    (post-copy): the reply says it is held; once the move ends the TERM reaches the job
+    on b, and ``omuscd run`` at its home exits 143.  It went to a's frozen copy, which the
+    move then killed, and the job ran on at b."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-1"
+    assert n["a"].ctl("set post_copy_mb 1").ok
+    try:
+        p, job = run(n["a"], ["--home"], 1024, tag)
+        t, result = migrating(n["a"], job, "b")
+        wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 60,
+                 "the job to run on b while its memory follows", interval=0.002)
+        reply = n["a"].ctl(f"kill {job} TERM")
+        assert reply.ok and "held" in reply.text and "until its move ends" in reply.text, reply
+        t.join(120)
+        assert result["reply"].ok, result  # type: ignore[attr-defined]
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 143, err
+        view = n["a"].json(f"job {job}")
+        assert view["state"] == "exited" and view["node_name"] == "b", view
+        assert view["exit"] == {"signal": 15}, view
+        assert "held" not in view  # delivered once, gone from the queue
+        assert f"job {job}: held signal 15 delivered on b" in n["a"].log()
+    finally:
+        n["a"].ctl("set post_copy_mb 128")
+        subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
+
+
+def test_a_term_to_omuscd_run_during_a_move_home_ends_the_job_at_home(cluster):
+    """TERM to an attached ``omuscd run`` while its job, running on b, is frozen for a
+    (pre-copy) move home: the client forwards it as a signal frame, the home holds it,
+    and once the job runs at home it ends there with 143."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-2"
+    assert n["b"].ctl("set stream_pages off").ok  # the memory copied after the dump
+    try:
+        p, job = run(n["a"], ["--node", "b"], 1024, tag)
+        assert n["a"].json(f"job {job}")["node_name"] == "b"
+        t, result = migrating(n["a"], job, "home")
+        wait_for(lambda: stopped(tag), 60, "the job to be frozen for its move",
+                 interval=0.001)
+        time.sleep(0.3)  # past the dump: its pages are on their way
+        p.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["reply"].ok, result  # type: ignore[attr-defined]
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 143, err
+        view = n["a"].json(f"job {job}")
+        assert view["state"] == "exited" and view["node_name"] == "a", view
+        assert view["exit"] == {"signal": 15}, view
+        assert f"job {job}: signal 15 held until its move ends" in n["a"].log()
+    finally:
+        n["b"].ctl("set stream_pages on")
+        subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
+
+
+def test_a_held_signal_for_a_job_that_ends_in_the_move_is_dropped_with_it(cluster,
+                                                                          tmp_path: Path):
+    """A job that ends on the target while its memory follows takes the signals held
+    for it along: none is sent to anything afterwards, and the log says so."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-3"
+    flag = tmp_path / "go"
+    code = ("import os, sys, time\ndata = bytearray(b'x' * (1024 << 20))\n"
+            "print('ready', flush=True)\n"
+            "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\nsys.exit(7)\n")
+    assert n["a"].ctl("set post_copy_mb 1").ok
+    try:
+        p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["a"].socket,
+                              "--home", "--", PY, "-c", code, str(flag), tag],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        wait_for(lambda: any(tag in j["command"] for j in n["a"].json("jobs")["jobs"]), 10,
+                 "the job")
+        time.sleep(0.5)
+        job = next(j["id"] for j in n["a"].json("jobs")["jobs"] if tag in j["command"])
+        t, _ = migrating(n["a"], job, "b")
+        wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 60,
+                 "the job to run on b while its memory follows", interval=0.002)
+        reply = n["a"].ctl(f"kill {job} USR1")  # would kill it (no handler): 138
+        assert reply.ok and "held" in reply.text, reply
+        flag.touch()
+        t.join(120)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 7, err
+        # its end may come home before the move's end or after: dropped either way
+        wait_for(lambda: f"job {job} ended (exited) during its move: held signal(s) [10] "
+                 "dropped with it" in n["a"].log() or f"job {job}: held signal 10 dropped: "
+                 f"job {job} has already ended" in n["a"].log(), 10, "the drop to be logged")
+        view = n["a"].json(f"job {job}")
+        assert view["exit"] == {"code": 7} and "held" not in view, view
+    finally:
+        n["a"].ctl("set post_copy_mb 128")
+        subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
+
+
+def test_ctl_migrate_waits_for_a_move_longer_than_ten_seconds(tmp_path: Path):
+    """``omuscd ctl migrate`` against a daemon whose move answers after 12 s (a control
+    socket speaking the protocol, answering late): it prints the answer and exits 0.  It
+    said "timed out" (exit 1) after 10 s, about moves that then succeeded."""
+    path = str(tmp_path / "ctl.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    seen: list[str] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, conn.makefile("rb") as f:
+            conn.sendall(b"220 omuscd test ready\r\n")
+            line = f.readline().decode().strip()
+            seen.append(line)
+            time.sleep(12)
+            conn.sendall(b"200 job 1.1 migrated to b: frozen 0.500s, 2048.0 MB moved\r\n")
+            f.readline()  # quit
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    r = subprocess.run([PY, "-m", "omuscd", "ctl", "--connect", path, "migrate", "1.1", "b"],
+                       capture_output=True, text=True, timeout=60)
+    srv.close()
+    assert seen == ["migrate 1.1 b"]
+    assert r.returncode == 0, r.stderr
+    assert "job 1.1 migrated to b" in r.stdout
