@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import trio
 
-from omuscd import balance
+from omuscd.balance import policy as balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE
 from omuscd.cluster.rpc import error_text

@@ -13,7 +13,20 @@ if TYPE_CHECKING:
     from omuscd.config import Config
     from omuscd.events import Event
     from omuscd.jobs.record import Job
-    from omuscd.migrate import Mover
+
+
+class Mover(Protocol):
+    """What the jobs ask of this node's mechanism of moving jobs (migrate/criu.py's Criu,
+    declared here so that this layer imports nothing above it)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+    def reasons(self, init_pids: list[int]) -> dict[int, str | None]: ...
+
+    def cannot_adopt(self, pid: int) -> str | None: ...
 
 
 class Host(Protocol):

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from omuscd import balance
+from omuscd.balance import policy as balance
 from omuscd.channel import ChannelError
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
