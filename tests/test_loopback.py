@@ -403,10 +403,13 @@ def test_telnet_on_loopback_gives_an_ordinary_user_their_accounts_rights(workdir
         assert f"200 signal 9 sent to job {mine}" in out
         wait_for(lambda: d.json(f"job {mine}")["state"] == "exited", 10, "the user's job end")
     # nothing of the daemon's changed, root's job runs on
-    assert d.alive() and running(d, theirs)
-    assert d.json("get gossip_interval") == {"gossip_interval": 0.2}
-    assert d.json("status")["topology"] == "peer"
-    assert "blocked" not in d.json("node tu")["flags"]
+    try:
+        assert d.alive() and running(d, theirs)
+        assert d.json("get gossip_interval") == {"gossip_interval": 0.2}
+        assert d.json("status")["topology"] == "peer"
+        assert "blocked" not in d.json("node tu")["flags"]
+    finally:
+        d.ctl(f"kill {theirs} KILL")  # a job outlives its daemon: not this one
 
 
 @pytest.mark.skipif(NO_TELNET, reason="the telnet client is not installed")
