@@ -34,10 +34,15 @@ def make_realtime(pid: int, cpus: set[int] | None = None) -> None:
     once, rather than at the end of a job's slice).  Set from here once it runs, not in
     the child before it execs: a function run in the child made Python fork this whole
     daemon instead of spawning (vfork), 3 ms more CPU per CRIU run, three runs a move."""
+    # the CPUs first: once real-time it may take this CPU from the daemon at once and run
+    # (a dump's first steps) before it is pinned (seen: a stand-in read both CPUs)
+    if cpus:
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass
     try:
         os.sched_setscheduler(pid, os.SCHED_RR, os.sched_param(RT_PRIORITY))
-        if cpus:
-            os.sched_setaffinity(pid, cpus)
     except OSError:
         pass
 
