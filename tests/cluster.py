@@ -364,6 +364,35 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
 
 # ---------------------------------------------------------------------- shared checks
 
+#: The start of a script run as an ordinary user: ``users_dump()`` waits for the first CRIU
+#: dump started after the script that runs with this user's real uid (the dump of their own
+#: job: see omuscd.migrate.criu) and returns its pid.  Only processes started since the
+#: script are looked at: a dump lasts a fraction of a second and must be caught at its start.
+USERS_DUMP = r"""
+import os, sys, time
+def started(pid):  # in clock ticks since boot (pids wrap around: 32768 here)
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+def users_dump(watching=lambda: None):
+    me, first, passes = str(os.getuid()), started("self"), 0
+    while True:
+        passes += 1
+        if passes == 2:
+            watching()  # the first whole look at /proc is done
+        for pid in os.listdir("/proc"):
+            try:
+                if not pid.isdigit() or started(pid) < first:
+                    continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+                with open(f"/proc/{pid}/status") as f:
+                    uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+            except (OSError, StopIteration):
+                continue
+            if uid == me and b"dump" in cmd and any(a.endswith(b"/criu") for a in cmd):
+                return int(pid)
+"""
+
 
 def criu_problem() -> str | None:
     """Why real CRIU moves cannot be tested here (no namespaces, no CRIU, a failing

@@ -11,7 +11,13 @@ import subprocess
 import pytest
 
 from omuscd import config
-from tests.cluster import namespace_cluster, omuscd_command, ordinary_user, start_daemon
+from tests.cluster import (
+    USERS_DUMP,
+    namespace_cluster,
+    omuscd_command,
+    ordinary_user,
+    start_daemon,
+)
 from tests.test_migration import REASON, job_of
 
 CTL = 24271
@@ -148,30 +154,10 @@ while not os.path.exists(sys.argv[2]):
 os.write(fd, b"written by the job\n")
 print("written", flush=True)
 """
-# As the user: once the first CRIU dump with this user's real uid started from now on
-# has ended, put a link to ARGV[2] where the directory ARGV[1] was.
-SWAP_AFTER_DUMP = r"""
-import os, sys, time
-def started(pid):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[19])
-me, first, dump, passes = str(os.getuid()), started("self"), None, 0
-while dump is None:
-    passes += 1
-    if passes == 2:
-        print("watching", flush=True)
-    for pid in os.listdir("/proc"):
-        try:
-            if not pid.isdigit() or started(pid) < first:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/status") as f:
-                uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if uid == me and b"dump" in cmd and any(a.endswith(b"/criu") for a in cmd):
-            dump = pid
+# As the user: once the first CRIU dump of their job from now on has ended, put a link to
+# ARGV[2] where the directory ARGV[1] was.
+SWAP_AFTER_DUMP = USERS_DUMP + r"""
+dump = users_dump(lambda: print("watching", flush=True))
 while os.path.exists(f"/proc/{dump}"):
     time.sleep(0.0005)
 os.rename(sys.argv[1], sys.argv[1] + ".old")

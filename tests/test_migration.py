@@ -25,6 +25,7 @@ from omuscd.migrate.criu import (
     fs_type,
 )
 from tests.cluster import (
+    USERS_DUMP,
     User,
     criu_problem,
     namespace_cluster,
@@ -228,30 +229,8 @@ def test_an_ordinary_users_job_moves_there_and_back_byte_for_byte(cluster):
         assert view["migrations"] == 2 and view["state"] == "exited", view
 
 
-# As a user: send a signal to the first CRIU dump started from now on that runs with this
-# user's real uid (only the processes started since itself are looked at: a dump lasts a
-# fraction of a second, and it must be caught at its start)
-USER_SIGNALS_CRIU = r"""
-import os, sys
-def started(pid):  # in clock ticks since boot (pids wrap around: 32768 here)
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[19])
-me, first = str(os.getuid()), started("self")
-while True:
-    for pid in os.listdir("/proc"):
-        try:
-            if not pid.isdigit() or started(pid) < first:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/status") as f:
-                uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if uid == me and b"dump" in cmd and any(a.endswith(b"/criu") for a in cmd):
-            os.kill(int(pid), int(sys.argv[1]))
-            sys.exit(0)
-"""
+# As a user: send a signal to the first CRIU dump of their job from now on.
+USER_SIGNALS_CRIU = USERS_DUMP + "os.kill(users_dump(), int(sys.argv[1]))\n"
 
 
 def test_an_ordinary_user_can_only_spoil_the_move_of_their_own_job(cluster):
