@@ -129,6 +129,7 @@ class Command:
     options: tuple[Opt, ...] = ()
     rest: str | None = None  # name of the words after "--" (a command to run)
     rest_alt: str | None = None  # an option that may carry them instead (encoded)
+    progress: bool = False  # lasts as long as moves: the session tells how far it got
 
     @property
     def syntax(self) -> str:
@@ -212,6 +213,14 @@ def parse(line: str) -> Parsed | None:
         except ValueError as e:
             raise ParseError(BAD_ARGS, f"{e}; usage: {cmd.syntax}") from None
     return Parsed(cmd, values, want_json)
+
+
+def reports_progress(line: str) -> bool:
+    """Whether the command on ``line`` may last long enough to say how far it has got
+    (a move): the session then reports its progress while it runs."""
+    words = line.split(maxsplit=1)
+    cmd = COMMANDS.get(words[0].lower()) if words else None
+    return cmd is not None and cmd.progress
 
 
 async def execute(ctx: Context, line: str) -> Reply | None:
@@ -656,7 +665,7 @@ COMMANDS: dict[str, Command] = _cmds(
             admin=True, details=_AT_NODE_DETAILS),
     Command("migrate", (Arg("job", kind="job-or-pid"), Arg("where", kind="node")),
             "move your running job (or, for root, any process by PID) to a node (id or "
-            "name), home, or best", h_migrate,
+            "name), home, or best", h_migrate, progress=True,
             details="The job freezes, its images and output move over the cluster\n"
                     "channel, it resumes there (a big job's memory follows once it runs\n"
                     "there: post-copy); on any failure it resumes where it was.\n"
@@ -672,9 +681,10 @@ COMMANDS: dict[str, Command] = _cmds(
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True,
+            progress=True,
             details="One move at a time; the answer names each job's outcome.\n"
                     + _PROGRESS_DETAILS),
-    Command("bring", (), "call this node's jobs home", h_bring, admin=True,
+    Command("bring", (), "call this node's jobs home", h_bring, admin=True, progress=True,
             details="One move at a time; the answer names each job's outcome.\n"
                     + _PROGRESS_DETAILS),
 )

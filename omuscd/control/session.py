@@ -277,20 +277,28 @@ class Session:
             if reply.close:
                 return
 
+    async def _run(self, line: str) -> Reply | None:
+        try:
+            return await commands.execute(self, line)
+        except Exception:  # a bug: this command fails, the daemon stays up
+            log.exception("control: internal error in %r", line[:80])
+            return protocol.err(protocol.FAILED, "internal error; see the daemon's log")
+
     async def _execute(self, line: str) -> Reply | None:
-        """Run one command; while it runs past PROGRESS_AFTER, tell the client how far it
-        has got (``110`` lines, from :attr:`progress`, which the moves update), and the
-        last state before the reply if any was told (a move's ``done``)."""
+        """Run one command.  A move (see commands.reports_progress) that runs past
+        PROGRESS_AFTER tells the client how far it has got (``110`` lines, from
+        :attr:`progress`, which the moves update), and its last state before the reply
+        if any was told (``done``).  Other commands run as they are: no task, no
+        checkpoint between the command and its reply (``shutdown`` answers before the
+        daemon's end cancels the session)."""
         self.progress = progress = Progress()
+        if not commands.reports_progress(line):
+            return await self._run(line)
         told = [0]  # the version of the progress last sent
         reply: Reply | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._tell_progress, progress, told)
-            try:
-                reply = await commands.execute(self, line)
-            except Exception:  # a bug: this command fails, the daemon stays up
-                log.exception("control: internal error in %r", line[:80])
-                reply = protocol.err(protocol.FAILED, "internal error; see the daemon's log")
+            reply = await self._run(line)
             nursery.cancel_scope.cancel()
         if told[0] and progress.version != told[0]:
             await self._send_progress(progress)
