@@ -191,13 +191,54 @@ def test_bring_over_telnet_shows_progress_relayed_from_the_source(cluster, tmp_p
     try:
         p, job = start(n["a"], ["--node", "b"], 40, flag, tag)
         assert n["a"].json(f"job {job}")["node_name"] == "b"
-        text = telnet("127.0.0.1", 4271, [("bring\r\n", 30.0), ("quit\r\n", 1.0)],
+        text = telnet("127.0.0.1", 4271, [("bring\r\n", 15.0), ("quit\r\n", 1.0)],
                       netns=lan.ns(0))
         progress = re.findall(rf"^110 job {re.escape(job)}: (.*?)\r?$", text, re.M)
         assert any(line.startswith("frozen, dumping") for line in progress), text
         assert progress[-1] == "done", text
         assert re.search(rf"^200 job {re.escape(job)} migrated to a", text, re.M), text
         assert text.index("110 ") < text.index(f"200 job {job}")
+        code, out, err = finish(p, flag)
+        assert code == 0 and intact(out), (out, err)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
+
+
+@pytest.mark.netns
+def test_expel_prints_progress_relayed_over_two_hops(cluster, tmp_path):
+    """``ctl expel`` at b, for a job of a's running on b: b asks a (the home), which asks
+    b (the source) to move it; b's progress goes to a and back to b's session, and ctl
+    prints it on stderr, the reply alone on stdout."""
+    _, _, _, n = cluster
+    tag, flag = f"{TAG}-4", tmp_path / "end4"
+    try:
+        p, job = start(n["a"], ["--node", "b"], 40, flag, tag)
+        assert n["a"].json(f"job {job}")["node_name"] == "b"
+        r = ctl(n["b"], "expel")
+        assert r.returncode == 0 and r.stdout.startswith(f"job {job} migrated to a"), (
+            r.stdout, r.stderr)
+        progress = r.stderr.splitlines()
+        assert any(ln.startswith(f"job {job}: frozen, dumping") for ln in progress), r.stderr
+        assert progress[-1] == f"job {job}: done", r.stderr
+        code, out, err = finish(p, flag)
+        assert code == 0 and intact(out), (out, err)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
+
+
+@pytest.mark.netns
+def test_a_move_refused_over_a_hop_says_why(cluster, tmp_path):
+    """``ctl migrate`` at b for a job of a's told to stay: b asks a for the move (with
+    progress), a refuses; ctl exits 5 with a's reason, not a dropped connection."""
+    _, _, _, n = cluster
+    tag, flag = f"{TAG}-5", tmp_path / "end5"
+    try:
+        p, job = start(n["a"], ["--home"], 1, flag, tag)
+        assert n["a"].ctl(f"stay {job}").ok
+        r = ctl(n["b"], "migrate", job, "b")
+        assert r.returncode == 5, (r.stdout, r.stderr)
+        assert r.stdout == "" and "it was told to stay" in r.stderr, r.stderr
+        assert n["a"].json(f"job {job}")["node_name"] == "a"
         code, out, err = finish(p, flag)
         assert code == 0 and intact(out), (out, err)
     finally:

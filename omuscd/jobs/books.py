@@ -50,25 +50,41 @@ async def serve_with_progress(ch: Channel, msg: dict[str, Any],
     if msg.get("progress") is not True:
         return await work(None)
     progress = Progress()
+    sent = [0]  # the version last sent
+    failed: Exception | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_relay_progress, ch, progress)
+        nursery.start_soon(_relay_progress, ch, progress, sent)
         try:
-            return await work(progress)
-        finally:
-            nursery.cancel_scope.cancel()
+            result = await work(progress)
+        except Exception as e:  # raised as it is, below: not in an exception group
+            failed = e
+        nursery.cancel_scope.cancel()
+    if progress.version != sent[0]:  # the last state (done), which the relay had no time for
+        await _send_progress(ch, progress)
+    if failed is not None:
+        raise failed
+    return result
 
 
-async def _relay_progress(ch: Channel, progress: Progress) -> None:
-    seen = 0
+async def _relay_progress(ch: Channel, progress: Progress, sent: list[int]) -> None:
+    while True:
+        version = await progress.changed_since(sent[0])
+        with trio.CancelScope(shield=True):  # a message goes out whole or not at all
+            if not await _send_progress(ch, progress):
+                return
+        sent[0] = version
+        await trio.sleep(RELAY_EVERY)
+
+
+async def _send_progress(ch: Channel, progress: Progress) -> bool:
+    """One ``progress`` message; False if the asker is gone (the work goes on)."""
     try:
-        while True:
-            seen = await progress.changed_since(seen)
-            with trio.CancelScope(shield=True):  # a message goes out whole or not at all
-                with trio.move_on_after(QUERY_TIMEOUT):
-                    await ch.send(progress.to_wire())
-            await trio.sleep(RELAY_EVERY)
+        with trio.move_on_after(QUERY_TIMEOUT):
+            await ch.send(progress.to_wire())
+        return True
     except (ChannelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
         log.debug("progress relay stopped: %s", e)
+        return False
 
 
 class JobBooks:
