@@ -307,10 +307,9 @@ class Session:
     async def _tell_progress(self, progress: Progress, told: list[int]) -> None:
         await trio.sleep(PROGRESS_AFTER)
         while True:
-            seen = await progress.changed_since(told[0])
+            told[0] = await progress.changed_since(told[0])  # the state the line shows
             with trio.CancelScope(shield=True):  # a line goes out whole or not at all
                 await self._send_progress(progress)
-            told[0] = seen
             await trio.sleep(PROGRESS_EVERY)
 
     async def _send_progress(self, progress: Progress) -> None:

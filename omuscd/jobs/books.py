@@ -68,11 +68,10 @@ async def serve_with_progress(ch: Channel, msg: dict[str, Any],
 
 async def _relay_progress(ch: Channel, progress: Progress, sent: list[int]) -> None:
     while True:
-        version = await progress.changed_since(sent[0])
+        sent[0] = await progress.changed_since(sent[0])  # the state the message carries
         with trio.CancelScope(shield=True):  # a message goes out whole or not at all
             if not await _send_progress(ch, progress):
                 return
-        sent[0] = version
         await trio.sleep(RELAY_EVERY)
 
 

@@ -100,9 +100,12 @@ class MoveBooks:
                     pass
         return total
 
-    def to_send(self, images: Path, lazy: bool) -> int:
-        """The bytes of images a move sends after the dump (a post-copy move leaves the
-        memory to follow; a streamed dump's went already and is not among them)."""
+    def to_send(self, job_id: str, images: Path, lazy: bool) -> int:
+        """The bytes of images a move of ``job_id`` sends after the dump (a post-copy
+        move leaves the memory to follow; a streamed dump's went already and is not
+        among them); 0 when nobody waits to hear (no stat in the frozen window)."""
+        if job_id not in self.progress:
+            return 0
         return self.image_bytes(images, False) + (0 if lazy else self.image_bytes(images, True))
 
     def tell(self, what: str) -> None:

@@ -194,7 +194,7 @@ class Source:
         try:
             # post-copy: of the memory, only the pages the restore reads itself go now
             eager = eager_runs(images) if lazy else {}
-            total = sent + self.books.to_send(images, lazy)
+            total = sent + self.books.to_send(job.id, images, lazy)
             for f in sorted(images.iterdir()):
                 if f.suffix == ".log":
                     continue
