@@ -210,7 +210,7 @@ def _setup_java(d: Path) -> None:
 PROGRAMS = [
     Program("bc", "echo 'scale=3300; 4*a(1)' | bc -l", ("bc",)),
     Program("xz -9", "xz -9 -T1 -k data.txt && ls -l data.txt.xz | cut -d' ' -f5", ("xz",),
-            lambda d: gen_text(d / "data.txt", 4)),
+            lambda d: gen_text(d / "data.txt", 10)),
     Program("python sieve", f"{PY3} sieve.py", (), lambda d: (d / "sieve.py").write_text(SIEVE)),
     Program("python threads", f"{PY3} threads.py", (),
             lambda d: (d / "threads.py").write_text(PY_THREADS)),
@@ -290,10 +290,13 @@ def run_plain(prog: Program, d: Path, user: User | None) -> Outcome:
     return Outcome(p.returncode, p.stdout, p.stderr, snapshot(d), time.monotonic() - t)
 
 
-def run_job(prog: Program, d: Path, a, user: User | None, moves: int, tag: str) -> Outcome:
+def run_job(prog: Program, d: Path, a, user: User | None, moves: int, tag: str,
+            plain_secs: float) -> Outcome:
     """``omuscd run --home`` at a (attached, as a user types it), moved ``moves`` times:
-    to b, home, to b..., a move every MOVE_EVERY seconds while it runs (a move asked for
-    after the job ended is not made: the program was too short)."""
+    to b, home, to b..., a move every MOVE_EVERY seconds while it runs, or more often
+    for a program whose plain run was short (a move asked for after the job ended is not
+    made: the program was too short)."""
+    gap = min(MOVE_EVERY, max(0.3, plain_secs / (moves + 2) - 0.3))
     args = ["--home", "--", "sh", "-c", prog.cmd, tag]
     t = time.monotonic()
     if user is None:
@@ -317,7 +320,7 @@ def run_job(prog: Program, d: Path, a, user: User | None, moves: int, tag: str) 
     wait_for(listed, 30, f"the job {tag}")
     done, notes = 0, []
     for i in range(moves):
-        time.sleep(MOVE_EVERY if i else MOVE_EVERY + 0.5)  # the first: past 'starting'
+        time.sleep(gap if i else gap + 0.5)  # the first: past 'starting'
         if p.poll() is not None or not job:
             notes.append(f"ended after {done} moves")
             break
@@ -372,7 +375,7 @@ def bench(a, programs: list[Program], base: Path, user: User | None, moves: int
         prepare(template, plain_dir, user)
         prepare(template, job_dir, user)
         plain = run_plain(prog, plain_dir, user)
-        job = run_job(prog, job_dir, a, user, moves, f"{TAG}-{slug}-{who}")
+        job = run_job(prog, job_dir, a, user, moves, f"{TAG}-{slug}-{who}", plain.secs)
         diff = differences(plain, job)
         if plain.code != 0:
             diff.append(f"(the plain run exited {plain.code}: "
