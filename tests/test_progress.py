@@ -301,3 +301,32 @@ def test_progress_readers_see_the_latest_state_and_never_hold_the_work_up():
 
     trio.run(main)
 
+
+
+def test_the_consoles_link_shows_progress_and_returns_the_final_reply():
+    """The console's command line: its link hands the 110 lines to the status line and
+    returns the final reply (it returned the first 110 as the reply, and the real one
+    was then read as the answer to the next command)."""
+    import trio.testing
+
+    from tui.link import Link
+
+    async def main() -> None:
+        ours, daemons = trio.testing.memory_stream_pair()
+        link, shown = Link(ours), []
+
+        async def daemon() -> None:
+            assert await daemons.receive_some() == b"migrate 1.4 b\n"
+            await daemons.send_all(b"110 job 1.4: checking\r\n110 job 1.4: done\r\n"
+                                   b"200 job 1.4 migrated to b: frozen 0.1s\r\n")
+            assert await daemons.receive_some() == b"jobs\n"
+            await daemons.send_all(b"200 no jobs\r\n")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon)
+            reply = await link.command("migrate 1.4 b", shown.append)
+            assert (reply.code, reply.text) == (200, "job 1.4 migrated to b: frozen 0.1s")
+            assert shown == ["job 1.4: checking", "job 1.4: done"]
+            assert (await link.command("jobs")).text == "no jobs"
+
+    trio.run(main)
