@@ -205,7 +205,9 @@ def ctl(args: argparse.Namespace) -> int:
                 return EXIT_OK
             if words[0].lower() in WAITS_FOR_MOVES:
                 client.wait_as_long_as_it_takes()
-            reply = client.command(line)
+            # a move's progress on stderr: stdout stays the reply alone, as scripts read it
+            reply = client.command(line, lambda text: print(text, file=sys.stderr,
+                                                            flush=True))
     except (OSError, ConnectionError, ProtocolError) as e:
         print(f"omuscd ctl: {e}", file=sys.stderr)
         return EXIT_FAILURE

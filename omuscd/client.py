@@ -15,7 +15,7 @@ import socket
 # module, and those two took a fifth of its start (omuscd.runclient)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 _LINE = re.compile(r"^(\d{3})([ -])(.*)$")
@@ -46,6 +46,11 @@ class Reply:
     @property
     def ok(self) -> bool:
         return 200 <= self.code < 300
+
+    @property
+    def preliminary(self) -> bool:
+        """A ``1xx`` line (a command's progress): its final reply is still to come."""
+        return 100 <= self.code < 200
 
     @property
     def text(self) -> str:
@@ -142,9 +147,16 @@ class ControlClient:
             if reply is not None:
                 return reply
 
-    def command(self, line: str) -> Reply:
+    def command(self, line: str, progress: Callable[[str], None] | None = None) -> Reply:
+        """Send a command; its final reply.  The preliminary replies before it (a move's
+        progress, ``110`` lines) go to ``progress`` if given, else nowhere."""
         self.sock.sendall(line.encode() + b"\n")
-        return self.read_reply()
+        while True:
+            reply = self.read_reply()
+            if not reply.preliminary:
+                return reply
+            if progress is not None:
+                progress(reply.text)
 
     def stream(self, line: str) -> Iterator[str]:
         """Send a streaming command (``watch``) and yield its lines as they come."""

@@ -269,7 +269,7 @@ class Console:
         if word == "attach":
             self.say("attach needs a terminal of its own: use 'omuscd attach JOB'", error=True)
             return
-        reply = await self.source.command(line)
+        reply = await self.source.command(line, lambda text: self.say(text))
         if after is not None:
             after(reply)
         elif len(reply.lines) > 1:

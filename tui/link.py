@@ -78,10 +78,18 @@ class Link:
             if not answer.ok:
                 raise LinkError(f"authentication: {answer.text}")
 
-    async def command(self, line: str) -> Reply:
+    async def command(self, line: str,
+                      progress: Callable[[str], None] | None = None) -> Reply:
+        """One command's final reply; the preliminary ones before it (a move's
+        progress, ``110`` lines) go to ``progress`` if given."""
         async with self._lock:
             await self._send(line)
-            return await self.reply()
+            while True:
+                reply = await self.reply()
+                if not reply.preliminary:
+                    return reply
+                if progress is not None:
+                    progress(reply.text)
 
     async def json(self, line: str) -> Any:
         reply = await self.command(line + " --json")

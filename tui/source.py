@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,12 +179,14 @@ class ClusterSource:
                 self._jobs_due.set()
         raise LinkError("the daemon ended the event stream")
 
-    async def command(self, line: str) -> Reply:
-        """Run one command of the control language for the console's command line."""
+    async def command(self, line: str,
+                      progress: Callable[[str], None] | None = None) -> Reply:
+        """Run one command of the control language for the console's command line;
+        ``progress`` hears how far a long one (a move) has got."""
         if self.link is None:
             return Reply(503, [f"not connected: {self.model.problem or 'connecting'}"])
         try:
-            reply = await self.link.command(line)
+            reply = await self.link.command(line, progress)
         except LinkError as e:
             return Reply(503, [f"not connected: {e}"])
         self._jobs_due.set()  # a command may have changed a job: look again soon

@@ -17,11 +17,13 @@ it carries, and its answers:
     The node's records: ``jobs`` with ``home`` and ``guests`` (lists of records).
 ``act`` (any node -> the job's home, or the node running it if the home is gone)
     ``job``, ``action`` (kill, stay, nostay, migrate), ``uid``, ``sig``, ``to``.
-    ``done`` with ``text``.
+    ``done`` with ``text``.  A migrate asked with ``progress`` (true) gets ``progress``
+    messages before it (see below).
 ``flag`` (any node -> a node)
     ``flag`` (blocked, lstay, quiet), ``on``.  ``done`` with ``text``.
 ``emigrate`` (home -> the node running its job)
-    ``job``, ``to``: move it there.  ``migrated`` (``freeze``, ``bytes``, ``followed``).
+    ``job``, ``to``: move it there.  ``migrated`` (``freeze``, ``bytes``, ``followed``);
+    asked with ``progress`` (true), ``progress`` messages come before it.
 ``precheck`` (source -> target of a move, before the job is frozen)
     ``job``, ``facts`` (what the job holds by path: working directories, executables and
     mapped files with their size and digest, open files, CPU flags; see
@@ -34,6 +36,11 @@ it carries, and its answers:
     ``job``.  ``has`` with ``running`` (bool) and ``time``.
 ``drop`` (home -> the node running a --restartable job it reruns elsewhere)
     ``job``, ``to``.  ``dropped``.
+
+``progress`` (before the answer to ``act`` migrate or ``emigrate``, when asked for)
+    ``job``, ``phase`` (one of omuscd.events.PHASES), ``done``, ``total`` (bytes): how far
+    the move has got, at most four a second, each the latest state; a node that did not
+    ask gets none (an older one would take the first for the answer).
 
 A request that is refused, or fails, is answered in one shape, :func:`refusal`:
 ``{"op": "refused" | "failed" | "error", "reason": WHY, "text": WHY}``.  Both fields carry

@@ -45,6 +45,7 @@ from omuscd.control.protocol import (
     ok,
 )
 from omuscd.control.services import Services
+from omuscd.events import Progress
 from omuscd.jobs.record import JobError, Owner
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -60,6 +61,7 @@ class Context(Protocol):
     uid: int | None  # known from the Unix socket's credentials, or 0 after a password
     gid: int | None
     groups: list[int]
+    progress: Progress  # how far a long command has got; the session reports it
 
 
 # --------------------------------------------------------------------------- the table
@@ -127,6 +129,7 @@ class Command:
     options: tuple[Opt, ...] = ()
     rest: str | None = None  # name of the words after "--" (a command to run)
     rest_alt: str | None = None  # an option that may carry them instead (encoded)
+    progress: bool = False  # lasts as long as moves: the session tells how far it got
 
     @property
     def syntax(self) -> str:
@@ -210,6 +213,14 @@ def parse(line: str) -> Parsed | None:
         except ValueError as e:
             raise ParseError(BAD_ARGS, f"{e}; usage: {cmd.syntax}") from None
     return Parsed(cmd, values, want_json)
+
+
+def reports_progress(line: str) -> bool:
+    """Whether the command on ``line`` may last long enough to say how far it has got
+    (a move): the session then reports its progress while it runs."""
+    words = line.split(maxsplit=1)
+    cmd = COMMANDS.get(words[0].lower()) if words else None
+    return cmd is not None and cmd.progress
 
 
 async def execute(ctx: Context, line: str) -> Reply | None:
@@ -550,16 +561,24 @@ async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
         if uid != 0:
             return err(NOT_PERMITTED, "only root may move a process that is not a cluster "
                        "job (migrate PID NODE)")
-        return ok(await ctx.services.jobs.take_over(int(a["job"]), a["where"]))
-    return ok(await ctx.services.jobs.act(a["job"], "migrate", uid, to=a["where"]))
+        return ok(await ctx.services.jobs.take_over(int(a["job"]), a["where"],
+                                                    progress=ctx.progress))
+    return ok(await ctx.services.jobs.act(a["job"], "migrate", uid, to=a["where"],
+                                          progress=ctx.progress))
 
 
 async def h_expel(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(*await ctx.services.jobs.expel())
+    return ok(*await ctx.services.jobs.expel(progress=ctx.progress))
 
 
 async def h_bring(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(*await ctx.services.jobs.bring())
+    return ok(*await ctx.services.jobs.bring(progress=ctx.progress))
+
+
+_PROGRESS_DETAILS = ("A move that lasts over a second says how far it has got in 110\n"
+                     "lines before the answer (checking, frozen, dumping, sending N of\n"
+                     "M MB, restoring, memory following N of M MB (post-copy), done);\n"
+                     "omuscd ctl prints them on stderr.")
 
 
 def _cmds(*cmds: Command) -> dict[str, Command]:
@@ -646,7 +665,7 @@ COMMANDS: dict[str, Command] = _cmds(
             admin=True, details=_AT_NODE_DETAILS),
     Command("migrate", (Arg("job", kind="job-or-pid"), Arg("where", kind="node")),
             "move your running job (or, for root, any process by PID) to a node (id or "
-            "name), home, or best", h_migrate,
+            "name), home, or best", h_migrate, progress=True,
             details="The job freezes, its images and output move over the cluster\n"
                     "channel, it resumes there (a big job's memory follows once it runs\n"
                     "there: post-copy); on any failure it resumes where it was.\n"
@@ -657,11 +676,17 @@ COMMANDS: dict[str, Command] = _cmds(
                     "its own session (setsid) without a terminal; its files must exist\n"
                     "on the target at the same paths, and its PID must be free there\n"
                     "unless it is the init of its own PID namespace. The answer comes\n"
-                    "when the move ends; signals sent meanwhile are held until then."),
+                    "when the move ends; signals sent meanwhile are held until then.\n"
+                    + _PROGRESS_DETAILS),
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
-    Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),
-    Command("bring", (), "call this node's jobs home", h_bring, admin=True),
+    Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True,
+            progress=True,
+            details="One move at a time; the answer names each job's outcome.\n"
+                    + _PROGRESS_DETAILS),
+    Command("bring", (), "call this node's jobs home", h_bring, admin=True, progress=True,
+            details="One move at a time; the answer names each job's outcome.\n"
+                    + _PROGRESS_DETAILS),
 )
 
 

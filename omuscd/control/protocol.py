@@ -2,7 +2,10 @@
 binary frames of ``attach --binary``, for the daemon's sessions and its clients.
 
 Replies are numbered like SMTP: ``2xx`` success, ``4xx`` bad request, ``5xx`` refused or
-failed; ``NNN-text`` continues a reply and ``NNN text`` ends it.  With ``--json`` a listing
+failed; ``NNN-text`` continues a reply and ``NNN text`` ends it.  A ``1xx`` line is a
+preliminary reply, as in FTP: a command still running (a move) says how far it has got
+with ``110 text`` lines, and its final reply follows; a client that only wants the final
+reply skips them.  With ``--json`` a listing
 answers in one line, ``200 {...}``.  (``omuscd run``'s client, :mod:`omuscd.runclient`,
 keeps its own copy of the frame numbers: it imports nothing it can do without.)
 """
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Reply codes (documented in omuscd-commands(7)).
+PROGRESS = 110
 OK = 200
 WATCHING = 210
 GREETING = 220
@@ -33,6 +37,7 @@ AUTH_FAILED = 531
 BUSY = 421
 
 REPLY_CODES: dict[int, str] = {
+    PROGRESS: "progress of a command still running (preliminary: its reply follows)",
     OK: "success", WATCHING: "event stream (watch)", GREETING: "greeting on connect",
     BYE: "closing the session", OUTPUT: "job output (text attach)",
     ATTACHED: "attached: binary job frames follow", UNKNOWN: "unknown command",

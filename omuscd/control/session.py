@@ -31,6 +31,7 @@ from omuscd.control.protocol import (
     Reply,
 )
 from omuscd.control.services import Services
+from omuscd.events import Progress
 from omuscd.jobs.record import FINAL, LOST, JobError
 from omuscd.version import VERSION_STRING
 
@@ -40,6 +41,10 @@ IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 IP, BRK, AO, EL = 244, 243, 245, 248
 #: an unanswered password challenge holds a session this long at most
 AUTH_TIMEOUT = 10.0
+#: a command still running after this long (a move) says how far it has got, with
+#: ``110`` lines at most every PROGRESS_EVERY seconds, until its reply
+PROGRESS_AFTER = 1.0
+PROGRESS_EVERY = 0.5
 
 
 class Interrupt:
@@ -192,6 +197,8 @@ class Session:
     gid: int | None = None
     groups: list[int] = field(default_factory=list)
     max_line: int = protocol.MAX_LINE
+    #: how far the running command has got (a move updates it; see _execute)
+    progress: Progress = field(default_factory=Progress)
 
     async def send(self, reply: Reply) -> None:
         await self.stream.send_all(reply.render())
@@ -253,12 +260,7 @@ class Session:
             assert isinstance(item, str)
             reply = self._auth(item) if item.split()[:1] == ["auth"] else None
             if reply is None:
-                try:
-                    reply = await commands.execute(self, item)
-                except Exception:  # a bug: this command fails, the daemon stays up
-                    log.exception("control: internal error in %r", item[:80])
-                    reply = protocol.err(protocol.FAILED, "internal error; see the daemon's "
-                                         "log")
+                reply = await self._execute(item)
             if reply is None:
                 continue
             if not await self._reply(reply):
@@ -274,6 +276,47 @@ class Session:
                     return
             if reply.close:
                 return
+
+    async def _run(self, line: str) -> Reply | None:
+        try:
+            return await commands.execute(self, line)
+        except Exception:  # a bug: this command fails, the daemon stays up
+            log.exception("control: internal error in %r", line[:80])
+            return protocol.err(protocol.FAILED, "internal error; see the daemon's log")
+
+    async def _execute(self, line: str) -> Reply | None:
+        """Run one command.  A move (see commands.reports_progress) that runs past
+        PROGRESS_AFTER tells the client how far it has got (``110`` lines, from
+        :attr:`progress`, which the moves update), and its last state before the reply
+        if any was told (``done``).  Other commands run as they are: no task, no
+        checkpoint between the command and its reply (``shutdown`` answers before the
+        daemon's end cancels the session)."""
+        self.progress = progress = Progress()
+        if not commands.reports_progress(line):
+            return await self._run(line)
+        told = [0]  # the version of the progress last sent
+        reply: Reply | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tell_progress, progress, told)
+            reply = await self._run(line)
+            nursery.cancel_scope.cancel()
+        if told[0] and progress.version != told[0]:
+            await self._send_progress(progress)
+        return reply
+
+    async def _tell_progress(self, progress: Progress, told: list[int]) -> None:
+        await trio.sleep(PROGRESS_AFTER)
+        while True:
+            told[0] = await progress.changed_since(told[0])  # the state the line shows
+            with trio.CancelScope(shield=True):  # a line goes out whole or not at all
+                await self._send_progress(progress)
+            await trio.sleep(PROGRESS_EVERY)
+
+    async def _send_progress(self, progress: Progress) -> None:
+        """One ``110`` line; a client that does not read it in time misses it (its
+        reply still comes, or the session ends when that is not read either)."""
+        with trio.move_on_after(float(self.services.cfg.control_idle_timeout)):
+            await self.send(Reply(protocol.PROGRESS, [progress.line()]))
 
     def _auth(self, line: str) -> Reply | None:
         if self.secret is None or self.authenticated:

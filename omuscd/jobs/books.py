@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from omuscd import channel, ids
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE, SUSPECT
 from omuscd.cluster.view import ClusterView
-from omuscd.events import Event
+from omuscd.events import Event, Progress
 from omuscd.jobs.host import Unwired
 from omuscd.jobs.process import adopt, starting, watch
 from omuscd.jobs.record import FINAL, KEEP_EXITED, LOST, MIGRATING, RUNNING, Job, JobError, Owner
@@ -36,6 +37,53 @@ QUERY_TIMEOUT = 3.0
 NODE_FLAGS = ("blocked", "lstay", "quiet")
 #: How old the reasons jobs here cannot move may be when the jobs are listed (seconds).
 REASONS_EVERY = 1.0
+#: a node relaying a move's progress to the node that asked sends at most this often
+RELAY_EVERY = 0.25
+
+
+async def serve_with_progress(ch: Channel, msg: dict[str, Any],
+                              work: Callable[[Progress | None], Awaitable[Any]]) -> Any:
+    """Do ``work`` for a request on ``ch``.  If the request asked for it (``progress``:
+    an asker that understands them), ``progress`` messages say how far the work has got
+    until it ends; the asker's reply comes after them, as before.  An asker that left
+    stops the messages, never the work."""
+    if msg.get("progress") is not True:
+        return await work(None)
+    progress = Progress()
+    sent = [0]  # the version last sent
+    failed: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_relay_progress, ch, progress, sent)
+        try:
+            result = await work(progress)
+        except Exception as e:  # raised as it is, below: not in an exception group
+            failed = e
+        nursery.cancel_scope.cancel()
+    if progress.version != sent[0]:  # the last state (done), which the relay had no time for
+        await _send_progress(ch, progress)
+    if failed is not None:
+        raise failed
+    return result
+
+
+async def _relay_progress(ch: Channel, progress: Progress, sent: list[int]) -> None:
+    while True:
+        sent[0] = await progress.changed_since(sent[0])  # the state the message carries
+        with trio.CancelScope(shield=True):  # a message goes out whole or not at all
+            if not await _send_progress(ch, progress):
+                return
+        await trio.sleep(RELAY_EVERY)
+
+
+async def _send_progress(ch: Channel, progress: Progress) -> bool:
+    """One ``progress`` message; False if the asker is gone (the work goes on)."""
+    try:
+        with trio.move_on_after(QUERY_TIMEOUT):
+            await ch.send(progress.to_wire())
+        return True
+    except (ChannelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        log.debug("progress relay stopped: %s", e)
+        return False
 
 
 class JobBooks:
@@ -86,14 +134,22 @@ class JobBooks:
         return await channel.connect(addr, self.host.channel_key, self.hello())
 
     async def request(self, node_id: int, msg: dict[str, Any],
-                      timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
+                      timeout: float = QUERY_TIMEOUT,
+                      progress: Progress | None = None) -> dict[str, Any]:
         """One request and its reply, on a connection of its own.  ChannelError when the
-        node cannot be reached or does not answer within ``timeout``."""
+        node cannot be reached or does not answer within ``timeout``.  With ``progress``
+        the node is asked to say how far it has got (see serve_with_progress): each word
+        updates ``progress`` and gives the node ``timeout`` again."""
         ch = await self.connect(node_id)
         try:
-            await ch.send(msg)
-            with trio.fail_after(timeout):
-                return await ch.receive_msg()
+            await ch.send({**msg, "progress": True} if progress is not None else msg)
+            while True:
+                with trio.fail_after(timeout):
+                    reply = await ch.receive_msg()
+                if progress is None or reply.get("op") != "progress":
+                    return reply
+                if not progress.take(reply):
+                    log.debug("node %d sent a malformed progress message", node_id)
         except trio.TooSlowError:
             raise ChannelError(f"no answer within {timeout:g}s") from None
         finally:

@@ -19,7 +19,7 @@ from omuscd import channel, ids
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.rpc import refusal
 from omuscd.jobs import jobinit
-from omuscd.jobs.books import NODE_FLAGS, JobBooks
+from omuscd.jobs.books import NODE_FLAGS, JobBooks, serve_with_progress
 from omuscd.jobs.process import (
     catches,
     check_runnable,
@@ -98,7 +98,8 @@ class GuestJobs(JobBooks):
         try:
             if job is None or job.node != self.me:
                 raise JobError(f"job {msg.get('job')} does not run on {self.host.name}")
-            stats = await self.moves.emigrate(job, ids.node_id(msg["to"]))
+            stats = await serve_with_progress(ch, msg, lambda progress: self.moves.emigrate(
+                job, ids.node_id(msg["to"]), progress))
             await ch.send({"op": "migrated", **stats})
         except JobError as e:
             await ch.send(refusal(str(e), "failed"))

@@ -21,7 +21,7 @@ from omuscd.balance import policy as balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE
 from omuscd.cluster.rpc import error_text
-from omuscd.events import Event
+from omuscd.events import Event, Progress
 from omuscd.jobs.books import QUERY_TIMEOUT, home_of
 from omuscd.jobs.held import JobSignals
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
@@ -130,7 +130,7 @@ class HomeJobs(JobSignals):
         self._prune()
         return job
 
-    async def take_over(self, pid: int, where: str) -> str:
+    async def take_over(self, pid: int, where: str, progress: Progress | None = None) -> str:
         """``migrate PID NODE`` (root): make a process of this node a cluster job homed
         here and move it.  Nothing is booked unless the move succeeds: on any failure the
         process resumes as it was, owned by nobody but itself."""
@@ -152,7 +152,7 @@ class HomeJobs(JobSignals):
         self.spool.create(job)
         self.book(self.home, job)
         try:
-            text = await self.moves.migrate(job, where)
+            text = await self.moves.migrate(job, where, progress)
         except JobError:
             self.home.pop(job.id, None)
             self.spool.remove(job.id)
@@ -315,9 +315,10 @@ class HomeJobs(JobSignals):
                            "again")
 
     async def act(self, job_id: str, action: str, uid: int, sig: int = signal.SIGTERM,
-                  forwarded: bool = False, to: str = "") -> str:
+                  forwarded: bool = False, to: str = "",
+                  progress: Progress | None = None) -> str:
         """kill, stay, nostay or migrate a job for the user ``uid``; routed to its home
-        node, which keeps the books."""
+        node, which keeps the books.  A move tells ``progress`` how far it has got."""
         job = self.home.get(job_id)
         if job is None:
             home = home_of(job_id)
@@ -329,13 +330,13 @@ class HomeJobs(JobSignals):
                     raise JobError(f"no job {job_id}")
                 job = guest  # its home is gone: the node running it answers
             else:
-                return await self._forward_act(home, job_id, action, uid, sig, to)
+                return await self._forward_act(home, job_id, action, uid, sig, to, progress)
         self._may(job, uid)
         if action == "migrate":
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
                                "moved now")
-            return await self.moves.migrate(job, to or "best")
+            return await self.moves.migrate(job, to or "best", progress)
         if action == "kill":
             if job.state in FINAL:
                 raise JobError(f"job {job.id} has already ended ({job.state})")
@@ -351,12 +352,12 @@ class HomeJobs(JobSignals):
         raise JobError(f"unknown action {action!r}")
 
     async def _forward_act(self, node: int, job_id: str, action: str, uid: int,
-                           sig: int, to: str = "") -> str:
+                           sig: int, to: str = "", progress: Progress | None = None) -> str:
         """Have ``node`` (the job's home, or the node running it) act on the job."""
         try:
             reply = await self.request(node, {"op": "act", "job": job_id, "action": action,
                                               "uid": uid, "sig": sig, "to": to},
-                                       QUERY_TIMEOUT if action != "migrate" else 300)
+                                       *((300, progress) if action == "migrate" else ()))
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \
                 f"node {self.node_name(node)}"
@@ -401,7 +402,7 @@ class HomeJobs(JobSignals):
                 out[job.id].cannot_move = job.cannot_move  # as the node running it knows
         return sorted(out.values(), key=_job_order)
 
-    async def expel(self) -> list[str]:
+    async def expel(self, progress: Progress | None = None) -> list[str]:
         """Send every guest job away: home when its home can take it, else elsewhere."""
         out = []
         for job in list(self.guests.values()):
@@ -413,18 +414,18 @@ class HomeJobs(JobSignals):
                 where = "best"
             try:
                 out.append(await self._forward_act(job.home, job.id, "migrate", 0,
-                                                   signal.SIGTERM, where))
+                                                   signal.SIGTERM, where, progress))
             except JobError as e:
                 out.append(f"job {job.id}: {e}")
         return out or ["no guest jobs here"]
 
-    async def bring(self) -> list[str]:
+    async def bring(self, progress: Progress | None = None) -> list[str]:
         """Call every job started here back home."""
         out = []
         for job in list(self.home.values()):
             if job.state == RUNNING and job.node != self.me:
                 try:
-                    out.append(await self.moves.migrate(job, "home"))
+                    out.append(await self.moves.migrate(job, "home", progress))
                 except JobError as e:
                     out.append(f"job {job.id}: {e}")
         return out or ["no job of this node runs elsewhere"]

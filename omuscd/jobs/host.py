@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from omuscd.channel import Channel
     from omuscd.cluster.membership import Membership
     from omuscd.config import Config
-    from omuscd.events import Event
+    from omuscd.events import Event, Progress
     from omuscd.jobs.record import Job
 
 
@@ -57,9 +57,10 @@ class Host(Protocol):
 class Moves(Protocol):
     """What the jobs ask of the moves of this node."""
 
-    async def migrate(self, job: Job, where: str) -> str:
+    async def migrate(self, job: Job, where: str, progress: Progress | None = None) -> str:
         """Move a job of this home (``where``: best, home, or a node); the outcome, for
-        the user; JobError if it cannot move."""
+        the user; JobError if it cannot move.  How far it has got goes to ``progress``,
+        updated as it goes (see omuscd.events.Progress)."""
 
     def moved(self, job: Job, target: int) -> None:
         """The node running a job of this home says it moved on to ``target``."""
@@ -83,8 +84,10 @@ class Moves(Protocol):
     async def precheck(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``precheck``: could a job be restored here (asked before its freeze)."""
 
-    async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
-        """Move a job running here to ``target`` (asked by its home)."""
+    async def emigrate(self, job: Job, target: int,
+                       progress: Progress | None = None) -> dict[str, Any]:
+        """Move a job running here to ``target`` (asked by its home), telling
+        ``progress`` how far it has got."""
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``has``: whether a job runs here."""

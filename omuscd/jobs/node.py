@@ -8,6 +8,7 @@ from typing import Any
 
 from omuscd.channel import Channel
 from omuscd.cluster.rpc import OpTable, refusal
+from omuscd.jobs.books import serve_with_progress
 from omuscd.jobs.guest import GuestJobs
 from omuscd.jobs.home import HomeJobs
 from omuscd.jobs.host import Host
@@ -42,9 +43,10 @@ class JobControl(HomeJobs, GuestJobs):
     async def _serve_act(self, ch: Channel, msg: dict[str, Any]) -> None:
         """``act`` for a user of another node, at the job's home (or where it runs)."""
         try:
-            text = await self.act(str(msg.get("job")), str(msg.get("action")),
-                                  int(msg.get("uid", -1)), int(msg.get("sig", 15)),
-                                  forwarded=True, to=str(msg.get("to", "")))
+            text = await serve_with_progress(ch, msg, lambda progress: self.act(
+                str(msg.get("job")), str(msg.get("action")), int(msg.get("uid", -1)),
+                int(msg.get("sig", 15)), forwarded=True, to=str(msg.get("to", "")),
+                progress=progress))
             await ch.send({"op": "done", "text": text})
         except JobError as e:
             await ch.send(refusal(str(e), "error"))

@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from omuscd.events import DUMPING, Progress
 from omuscd.ids import is_job_id
 from omuscd.jobs.record import Job, JobError
 from omuscd.jobs.spool import open_private, private_dir
@@ -61,6 +63,50 @@ class MoveBooks:
         # at a target, ID at the home)
         self.moving: set[str] = set()
         self.listeners: list[Callable[[str], None]] = []
+        # how far the moves someone waits for have got: job id -> what they read
+        self.progress: dict[str, Progress] = {}
+
+    @contextmanager
+    def reporting(self, job_id: str, progress: Progress | None) -> Iterator[None]:
+        """While a move of ``job_id`` runs here, its phases go to ``progress`` (None:
+        nobody waits to hear)."""
+        if progress is None:
+            yield
+            return
+        self.progress[job_id] = progress
+        try:
+            yield
+        finally:
+            if self.progress.get(job_id) is progress:
+                del self.progress[job_id]
+
+    def report(self, job_id: str, phase: str, done: int = 0, total: int = 0) -> None:
+        """A move of ``job_id`` got this far (see omuscd.events.PHASES): no I/O, so the
+        frozen window may call it as often as it likes."""
+        progress = self.progress.get(job_id)
+        if progress is not None:
+            progress.update(job_id, phase, done, total)
+
+    @staticmethod
+    def image_bytes(images: Path, pages: bool) -> int:
+        """The bytes of a dump's memory (``pages``: its pages images), or of its other
+        images (what a post-copy move sends before the job runs on the target)."""
+        total = 0
+        for f in images.iterdir():
+            if f.suffix != ".log" and f.name.startswith("pages-") == pages:
+                try:
+                    total += f.stat().st_size
+                except OSError:
+                    pass
+        return total
+
+    def to_send(self, job_id: str, images: Path, lazy: bool) -> int:
+        """The bytes of images a move of ``job_id`` sends after the dump (a post-copy
+        move leaves the memory to follow; a streamed dump's went already and is not
+        among them); 0 when nobody waits to hear (no stat in the frozen window)."""
+        if job_id not in self.progress:
+            return 0
+        return self.image_bytes(images, False) + (0 if lazy else self.image_bytes(images, True))
 
     def tell(self, what: str) -> None:
         """Tell the listeners ARRIVED, LEFT or GIVEN_UP, at the instant it happens."""
@@ -92,6 +138,8 @@ class MoveBooks:
         return self.images / name
 
     def mark(self, job: Job, target: int, nice: int | None) -> None:
+        """Note that ``job`` is frozen for a move to ``target`` (its nice before)."""
+        self.report(job.id, DUMPING)
         data = json.dumps({"target": target, "nice": nice}).encode()
         try:
             top = private_dir(self.marks)

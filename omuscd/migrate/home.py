@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from omuscd.balance import policy as balance
 from omuscd.channel import ChannelError
 from omuscd.cluster.rpc import error_text
-from omuscd.events import Event
+from omuscd.events import CHECKING, DONE, Event, Progress
 from omuscd.jobs.record import (
     RUNNING,
     STDERR,
@@ -62,22 +62,23 @@ class MoveHome:
             raise JobError(f"no node {where!r}")
         return node.id
 
-    async def migrate(self, job: Job, where: str) -> str:
-        """Move a job whose home is here; returns what happened, for the user."""
+    async def migrate(self, job: Job, where: str, progress: Progress | None = None) -> str:
+        """Move a job whose home is here; returns what happened, for the user.  How far
+        it has got goes to ``progress`` (from the source, wherever it is)."""
         if job.id in self.books.moving:
             raise JobError(f"job {job.id} is moving already")
         if job.state != RUNNING:
             raise JobError(f"job {job.id} is {job.state}")
         self.books.moving.add(job.id)
         try:
-            return await self._migrate(job, where)
+            return await self._migrate(job, where, progress)
         finally:
             # the one place a move ends at the job's home, either way: the signals held
             # meanwhile go to the job wherever it runs now (see HomeJobs.act)
             self.books.moving.discard(job.id)
             self.jc.release_held(job)
 
-    async def _migrate(self, job: Job, where: str) -> str:
+    async def _migrate(self, job: Job, where: str, progress: Progress | None) -> str:
         if job.stay:
             raise JobError(f"job {job.id} cannot move: it was told to stay ('nostay' lets it)")
         if job.stdin:
@@ -95,19 +96,24 @@ class MoveHome:
                            "with --restartable could be rerun there from the start)")
         self.host.publish([Event("migrating", f"job {job.id} moving from {job.node_name} to "
                               f"{name}", {"job": job.id, "from": job.node, "to": target})])
+        if progress is not None:
+            progress.update(job.id, CHECKING)
         try:
             if without:
                 return await self.restart(job, target)
             if job.node == self.jc.me:
-                stats = await self.source.emigrate(job, target)
+                with self.books.reporting(job.id, progress):
+                    stats = await self.source.emigrate(job, target)
             else:
-                stats = await self._ask_source(job, target)
+                stats = await self._ask_source(job, target, progress)
         except JobError as e:
             self._remember(job, {"from": source, "to": target, "failed": str(e)})
             self.host.publish([Event("migration-failed", f"job {job.id} stays on "
                                   f"{job.node_name}: {e}", {"job": job.id, "reason": str(e)})])
             raise
         self.moved(job, target)
+        if progress is not None:
+            progress.update(job.id, DONE)
         # post-copy: how long its memory took to follow, once it ran on the target
         followed = {"followed": round(stats["followed"], 4)} if stats.get("followed") else {}
         self._remember(job, {"from": source, "to": target, "freeze": round(stats["freeze"], 4),
@@ -185,11 +191,12 @@ class MoveHome:
         else:
             self.jc.follow(job)
 
-    async def _ask_source(self, job: Job, target: int) -> dict[str, Any]:
+    async def _ask_source(self, job: Job, target: int,
+                          progress: Progress | None = None) -> dict[str, Any]:
         try:
             reply = await self.jc.request(job.node, {"op": "emigrate", "job": job.id,
                                                      "to": target},
-                                          RESTORE_TIMEOUT + 2 * STEP_TIMEOUT)
+                                          RESTORE_TIMEOUT + 2 * STEP_TIMEOUT, progress)
         except ChannelError as e:
             raise JobError(f"node {job.node_name} did not finish the move: {e}") from None
         if reply.get("op") != "migrated":

@@ -34,6 +34,7 @@ from omuscd.migrate.target import Target
 
 if TYPE_CHECKING:
     from omuscd.channel import Channel
+    from omuscd.events import Progress
     from omuscd.jobs.node import JobControl
     from omuscd.jobs.record import Job
 
@@ -57,8 +58,8 @@ class Migrations:
         self.books.clean_images()
 
     # what the jobs ask (omuscd.jobs.host.Moves)
-    async def migrate(self, job: Job, where: str) -> str:
-        return await self.home.migrate(job, where)
+    async def migrate(self, job: Job, where: str, progress: Progress | None = None) -> str:
+        return await self.home.migrate(job, where, progress)
 
     def moved(self, job: Job, target: int) -> None:
         self.home.moved(job, target)
@@ -81,8 +82,10 @@ class Migrations:
     async def precheck(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.target.precheck(ch, msg)
 
-    async def emigrate(self, job: Job, target: int) -> dict[str, Any]:
-        return await self.source.emigrate(job, target)
+    async def emigrate(self, job: Job, target: int,
+                       progress: Progress | None = None) -> dict[str, Any]:
+        with self.books.reporting(job.id, progress):
+            return await self.source.emigrate(job, target)
 
     async def has(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.target.has(ch, msg)

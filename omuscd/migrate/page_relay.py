@@ -44,11 +44,14 @@ def socket_pair() -> tuple[trio.SocketStream, socket.socket]:
 
 
 class _Relay:
-    def __init__(self, ch: Channel, mine: trio.SocketStream):
+    def __init__(self, ch: Channel, mine: trio.SocketStream,
+                 on_sent: Callable[[int], None] | None = None):
         self.ch = ch
         self.mine = mine
         self.error = ""
         self.paged = 0
+        self.sent = 0  # bytes of CRIU's stream relayed so far
+        self.on_sent = on_sent
 
     def fail(self, why: str) -> None:
         """The first cause counts; closing our end makes CRIU fail where it stands."""
@@ -56,12 +59,14 @@ class _Relay:
         self.mine.socket.close()
 
 
-async def send_pages(ch: Channel, dump: Callable[[int], Awaitable[None]]) -> int:
+async def send_pages(ch: Channel, dump: Callable[[int], Awaitable[None]],
+                     on_sent: Callable[[int], None] | None = None) -> int:
     """On the source: run ``dump(fd)`` (CRIU writing to the page server at ``fd``) while
     relaying its socket to the target over ``ch``.  Returns the bytes the target stored;
-    raises MoveError if the dump or the stream failed (the dump has ended either way)."""
+    raises MoveError if the dump or the stream failed (the dump has ended either way).
+    ``on_sent`` hears the bytes relayed so far, as they go (a move's progress)."""
     mine, theirs = socket_pair()
-    relay = _Relay(ch, mine)
+    relay = _Relay(ch, mine, on_sent)
     answered = trio.CancelScope()
     failed: MoveError | None = None
     async with trio.open_nursery() as nursery:  # errors leave it by hand: no groups
@@ -90,6 +95,9 @@ async def _pages_out(relay: _Relay, answered: trio.CancelScope) -> None:
         while got := await sock.recv_into(buf):
             with trio.fail_after(IDLE_TIMEOUT):
                 await relay.ch.send_data(PAGE_STREAM, view[:got])
+            relay.sent += got
+            if relay.on_sent is not None:
+                relay.on_sent(relay.sent)
         await relay.ch.send({"op": "pages-end"})
     except trio.TooSlowError:
         relay.fail("the target stopped taking pages")

@@ -25,16 +25,18 @@ from typing import Any
 import trio
 
 from omuscd.channel import Channel, ChannelError
-from omuscd.migrate.lazy import PageServer
+from omuscd.migrate.lazy import PAGE, PageServer
 from omuscd.migrate.page_relay import CHUNK, IDLE_TIMEOUT, PAGE_STREAM
 
 
 async def serve(ch: Channel, server: PageServer, first_timeout: float,
-                on_message: Callable[[dict[str, Any]], Awaitable[bool]]) -> None:
+                on_message: Callable[[dict[str, Any]], Awaitable[bool]],
+                on_served: Callable[[int], None] | None = None) -> None:
     """On the source: answer the target's page requests from ``ch`` until
     ``on_message`` (given every message in between) returns True.  Raises ChannelError
     if the channel breaks, trio.TooSlowError after IDLE_TIMEOUT without a word (the
-    first: ``first_timeout``), MoveError for a request CRIU would not make."""
+    first: ``first_timeout``), MoveError for a request CRIU would not make.
+    ``on_served`` hears the bytes of memory sent so far, after each answer (progress)."""
     timeout = first_timeout
     while True:
         with trio.fail_after(timeout):
@@ -50,6 +52,8 @@ async def serve(ch: Channel, server: PageServer, first_timeout: float,
             view = memoryview(answer)
             for start in range(0, len(view), CHUNK):
                 await ch.send_data(PAGE_STREAM, view[start:start + CHUNK])
+        if on_served is not None:
+            on_served(server.served * PAGE)
 
 
 class Relay:

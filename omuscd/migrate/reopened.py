@@ -73,6 +73,14 @@ def _held(pid: int) -> list[tuple[str, str, int]]:
     return held
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def beyond_user(pids: list[int], owner: Owner, exempt: set[tuple[int, int]]) -> str | None:
     """The first thing the processes ``pids`` hold (files, mappings, working and root
     directories) that ``owner`` could not have opened, or None; files whose (device,
@@ -83,6 +91,8 @@ def beyond_user(pids: list[int], owner: Owner, exempt: set[tuple[int, int]]) -> 
         try:
             held = _held(pid)
         except OSError as e:
+            if _zombie(pid):  # ended, not yet reaped (restored as it was dumped): holds
+                continue      # nothing, and its cwd and files cannot be read
             return f"cannot look at restored process {pid}: {e.strerror}"
         for entry, path, need in held:
             try:

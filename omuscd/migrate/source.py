@@ -18,6 +18,7 @@ from omuscd import proctab
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import DEAD
 from omuscd.cluster.rpc import error_text, refusal
+from omuscd.events import DUMPING, FOLLOWING, RESTORING, SENDING
 from omuscd.jobs.process import init_pid, starting, tree_usage
 from omuscd.jobs.record import (
     MIGRATING,
@@ -180,7 +181,8 @@ class Source:
         paged = 0
         try:
             if streaming:
-                paged = await send_pages(ch, lambda fd: mover.dump(job.pid, images, fd))
+                paged = await send_pages(ch, lambda fd: mover.dump(job.pid, images, fd),
+                                         lambda n: self.books.report(job.id, DUMPING, n))
             else:
                 await mover.dump(job.pid, images)  # type: ignore[arg-type]
         except MoveError as e:
@@ -192,6 +194,7 @@ class Source:
         try:
             # post-copy: of the memory, only the pages the restore reads itself go now
             eager = eager_runs(images) if lazy else {}
+            total = sent + self.books.to_send(job.id, images, lazy)
             for f in sorted(images.iterdir()):
                 if f.suffix == ".log":
                     continue
@@ -199,6 +202,7 @@ class Source:
                     sent += await send_sparse(ch, f, eager[f.name])
                 else:
                     sent += await send_file(ch, "file", f.name, f)
+                self.books.report(job.id, SENDING, sent, total)
             for out in (STDOUT, STDERR):
                 sent += await self._send_spool(ch, job, out)
             transferred = trio.current_time()
@@ -207,6 +211,7 @@ class Source:
                 "stderr": str(jc.spool.path(job.id, STDERR)),
                 "status": str(jc.spool.dir(job.id) / "status")},
                 **({"lazy": True} if lazy else {})})
+            self.books.report(job.id, RESTORING)
             if lazy:
                 return await self._serve_memory(job, target, ch, images, nice, frozen,
                                                 dumped, transferred, sent, committed)
@@ -277,6 +282,7 @@ class Source:
         restored the job, then answer its page requests until it runs the job with all
         of its memory (see omuscd.migrate.postcopy)."""
         server = PageServer(images)
+        memory = self.books.image_bytes(images, True)
 
         async def on_message(m: dict[str, Any]) -> bool:
             op = m.get("op")
@@ -289,7 +295,8 @@ class Source:
             raise MoveError(error_text(m, f"unexpected {op!r}"))
 
         try:
-            await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message)
+            await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message,
+                                 lambda n: self.books.report(job.id, FOLLOWING, n, memory))
         except (MoveError, ChannelError, trio.TooSlowError) as e:
             # the target failed (its copy is gone), the channel broke, or it asked for
             # what is not there: a copy it still has is killed when the channel closes
