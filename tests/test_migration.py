@@ -341,8 +341,13 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
     async def main() -> bool:
         async with trio.open_nursery():
             following = trio.CancelScope()
+            async def prepare_restore(images, fds):  # its CRIU, started ahead
+                async def close():
+                    pass
+                return SimpleNamespace(close=close)
+
             mover = SimpleNamespace(available=True, streams=False, describe=lambda: "criu",
-                                    keep_log=lambda *a: "")
+                                    keep_log=lambda *a: "", prepare_restore=prepare_restore)
             d = SimpleNamespace(name="a", mover=mover, cfg=SimpleNamespace(
                 state_dir=str(tmp_path), stream_pages=False))
             jc = SimpleNamespace(me=10, home={record.id: record},
