@@ -177,6 +177,35 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
+async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: float,
+               options: Callable[[int], bytes], keep_log: Callable[[Path, str], str]
+               ) -> swrk.Response:
+    """Have ``worker`` do ``what`` (``options``: given a descriptor of ``images``);
+    killed after ``limit`` seconds (MoveError, as for any failure, naming CRIU's first
+    error; ``keep_log`` keeps its log)."""
+    logfile = images / f"{what}.log"
+    started = trio.current_time()
+    # real-time from now, not while it started (it would have taken the CPU from this
+    # daemon then): see omuscd.priority
+    make_realtime(worker.proc.pid, worker.cpus)
+    fd = swrk.open_dir(images)
+    try:
+        answer = await worker.call(kind, options(fd), limit)
+    except MoveError as e:
+        raise MoveError(f"criu {what} {e}{keep_log(logfile, what)}") from None
+    finally:
+        os.close(fd)
+    log.debug("criu %s: %.3fs", what, trio.current_time() - started)
+    if answer is not None and answer.success:
+        return answer
+    kept = keep_log(logfile, what)
+    cause = _first_error(logfile)
+    if cause == "no log":  # it stopped before logging: what did it say?
+        cause = (answer.error if answer is not None and answer.error else
+                 f"exit {worker.proc.returncode}: {worker.said_last() or 'nothing said'}")
+    raise MoveError(f"criu {what} failed: {cause}{kept}")
+
+
 class Starting:
     """A CRIU server just started (see Criu._start): :meth:`ready` once it says it is;
     whoever started it calls :meth:`ready` or :meth:`abandon`."""
@@ -463,7 +492,7 @@ class Criu:
         worker = await swrk.Worker.start(self.path, await self._as_owner(init_pid),
                                          () if pages is None else (pages,),
                                          images / "dump-output.log", PRIVATE_UMASK)
-        worker.cpus = cpus  # made real-time there once it has work (see _call)
+        worker.cpus = cpus  # made real-time there once it has work (see _ask)
         return worker
 
     async def dump(self, init_pid: int, images: Path, pages: int | None = None,
@@ -474,35 +503,9 @@ class Criu:
             worker = await self.prepare_dump(init_pid, images, pages)
         limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
         # --file-locks: the job's locks go with it (see FileLock)
-        await self._call(worker, swrk.DUMP, images, "dump", limit,
-                         lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages))
+        await _ask(worker, swrk.DUMP, images, "dump", limit,
+                   lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages), self.keep_log)
         self.lend(init_pid)
-
-    async def _call(self, worker: swrk.Worker, kind: int, images: Path, what: str,
-                    limit: float, options: Callable[[int], bytes]) -> swrk.Response:
-        """Have ``worker`` do ``what`` (``options``: given a descriptor of ``images``);
-        killed after ``limit`` seconds (MoveError, as for any failure)."""
-        logfile = images / f"{what}.log"
-        started = trio.current_time()
-        # real-time from now, not while it started (it would have taken the CPU from
-        # this daemon then): see omuscd.priority
-        make_realtime(worker.proc.pid, worker.cpus)
-        fd = swrk.open_dir(images)
-        try:
-            answer = await worker.call(kind, options(fd), limit)
-        except MoveError as e:
-            raise MoveError(f"criu {what} {e}{self.keep_log(logfile, what)}") from None
-        finally:
-            os.close(fd)
-        log.debug("criu %s: %.3fs", what, trio.current_time() - started)
-        if answer is not None and answer.success:
-            return answer
-        kept = self.keep_log(logfile, what)
-        cause = _first_error(logfile)
-        if cause == "no log":  # it stopped before logging: what did it say?
-            cause = (answer.error if answer is not None and answer.error else
-                     f"exit {worker.proc.returncode}: {worker.said_last() or 'nothing said'}")
-        raise MoveError(f"criu {what} failed: {cause}{kept}")
 
     def lend(self, init_pid: int) -> None:
         """Take the locks of the job just dumped (frozen) off it (see locks.LockLender)."""
@@ -618,9 +621,9 @@ class Criu:
         # --file-locks: it takes the job's locks again (lent by the source: see FileLock);
         # CRIU names a regular file by its path without the leading slash
         keys = [(item.path.lstrip("/"), item.fd) for item in inherit]
-        answer = await self._call(worker, swrk.RESTORE, images, "restore", float("inf"),
-                                  lambda fd: swrk.restore_options(fd, "restore.log", keys,
-                                                                  lazy))
+        answer = await _ask(worker, swrk.RESTORE, images, "restore", float("inf"),
+                            lambda fd: swrk.restore_options(fd, "restore.log", keys, lazy),
+                            self.keep_log)
         if answer.pid is None:
             raise MoveError("criu restore said nothing of the restored job")
         fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
