@@ -84,7 +84,8 @@ def test_a_job_runs_on_until_its_started_criu_is_asked(tmp_path):
             assert dumper.proc.returncode is None
             assert out.read_text().count("\n") > lines and state(init) != "T"  # runs on
             await criu.dump(init, images, worker=dumper)
-            assert state(init) == "T" and dumper.proc.returncode == 0
+            assert dumper.proc.returncode == 0  # (stopped as CRIU lets it go: a moment)
+            wait_for(lambda: state(init) == "T", 5, "the dumped job to be stopped")
             os.kill(init, signal.SIGKILL)  # the copy: the restore takes its pid
             launcher.wait()
             fd = os.open(moved, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -96,7 +97,8 @@ def test_a_job_runs_on_until_its_started_criu_is_asked(tmp_path):
                 os.close(fd)
 
         restored = trio.run(move)
-        assert state(restored) == "T" and int((images / "pid").read_text()) == restored
+        assert int((images / "pid").read_text()) == restored
+        wait_for(lambda: state(restored) == "T", 5, "the restored job to be stopped")
         last = int(out.read_text().split()[-1])
         os.kill(restored, signal.SIGCONT)
         wait_for(lambda: moved.exists() and moved.read_text().count("\n") > 2, 30,
