@@ -171,8 +171,11 @@ def main() -> None:
     runs: dict[int, list[dict[str, Any]]] = {mb: [] for mb in sizes}
     with NetnsLan(2, prefix="omb") as lan:
         debug = ["--debug"] if os.environ.get("OMB_DEBUG") else []  # CRIU's own times too
-        nodes = [start_daemon(name, ["--key-file", str(key), "--cpus", str(cpu), *debug], work,
-                              netns=lan.ns(i)) for i, (name, cpu) in enumerate(PINS)]
+        # no balancing: on a machine others use too, their load made a node look busy
+        # and its balancer moved the job being measured
+        nodes = [start_daemon(name, ["--key-file", str(key), "--cpus", str(cpu),
+                                     "--no-balancing", *debug], work, netns=lan.ns(i))
+                 for i, (name, cpu) in enumerate(PINS)]
         try:
             for d, (_, cpu) in zip(nodes, PINS, strict=True):
                 pin(d.popen.pid, cpu)
