@@ -146,3 +146,34 @@ def test_a_failed_request_says_its_cause_and_a_killed_criu_fails_the_dump(tmp_pa
             sleeper.wait()
 
     trio.run(main)
+
+
+@pytest.mark.skipif(REASON is not None, reason=str(REASON))
+def test_a_held_lazy_pages_starts_criu_only_when_told(tmp_path):
+    """Post-copy: lazy-pages' process is made before the job is frozen, CRIU itself runs
+    only once told (its images are there then); abandoned, it never ran."""
+    import socket
+
+    criu = Criu(find_criu(None))
+
+    async def main() -> None:
+        for told in (False, True):
+            images = tmp_path / f"img-{told}"
+            images.mkdir()
+            mine, theirs = socket.socketpair()
+            starting = await criu.start_lazy_pages(images, theirs.fileno(), held=True)
+            theirs.close()
+            await trio.sleep(0.3)
+            assert starting.proc.returncode is None
+            assert not (images / "lazy-pages.log").exists()  # CRIU has not run
+            if told:  # no images here: CRIU runs, and says it cannot start
+                with pytest.raises(MoveError, match="lazy-pages did not start"):
+                    await starting.ready()
+                assert (images / "lazy-pages.log").exists()
+            else:
+                await starting.abandon()
+                assert not (images / "lazy-pages.log").exists()
+            assert starting.proc.returncode is not None
+            mine.close()
+
+    trio.run(main)

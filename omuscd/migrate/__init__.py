@@ -104,10 +104,11 @@ class Mover(Protocol):
         ``pages``; returns once ready; the process ends when the job has every page."""
         ...
 
-    async def start_lazy_pages(self, images: Path, pages: int) -> Any:
-        """:meth:`lazy_pages` started as soon as ``images`` holds what it reads first,
-        without waiting: the result's ``ready()`` returns the process once it is ready,
-        its ``abandon()`` kills it."""
+    async def start_lazy_pages(self, images: Path, pages: int, held: bool = False) -> Any:
+        """:meth:`lazy_pages` started as soon as ``images`` holds what it reads first
+        (``held``: made before, started by the result's ``go()``), without waiting: the
+        result's ``ready()`` returns the process once it is ready, ``abandon()`` kills
+        it."""
         ...
 
     async def prepare_restore(self, images: Path, fds: tuple[int, ...]) -> Any:

@@ -206,19 +206,61 @@ async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: f
     raise MoveError(f"criu {what} failed: {cause}{kept}")
 
 
+#: Runs a CRIU server held (its arguments follow) once told to go: its process is made
+#: before the job is frozen, CRIU itself starts when its images are there.
+HELD = 'read -r go && [ "$go" = go ] && exec "$0" "$@"'
+
+
+async def _start(criu: str, args: list[str], logfile: Path, pages: int,
+                 held: bool = False) -> Starting:
+    """Start the CRIU server ``criu`` (``args``; its log ``logfile``) given the socket
+    ``pages``; it says when it is ready on a pipe (--status-fd).  ``held``: see HELD."""
+    r, w = os.pipe()
+    command = [criu, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"]
+    if held:
+        command = [rootexec.need(rootexec.SH, "sh"), "-c", HELD, *command]
+    try:
+        proc = await trio.lowlevel.open_process(
+            command, pass_fds=(w, pages),
+            stdin=subprocess.PIPE if held else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return Starting(proc, r, logfile, args[0])
+
+
 class Starting:
-    """A CRIU server just started (see Criu._start): :meth:`ready` once it says it is;
-    whoever started it calls :meth:`ready` or :meth:`abandon`."""
+    """A CRIU server just started (see _start): :meth:`ready` once it says it is;
+    whoever started it calls :meth:`ready` or :meth:`abandon`.  One started held (see
+    HELD) starts CRIU on :meth:`go` (:meth:`ready` says go first)."""
 
     def __init__(self, proc: trio.Process, status: int, logfile: Path, what: str):
         self.proc = proc
         self.status = trio.lowlevel.FdStream(status)  # its --status-fd, read here
         self.logfile = logfile
         self.what = what
+        self.held = proc.stdin  # held: where it is told to go
+
+    async def go(self) -> None:
+        """Let CRIU start (at once: a line to a pipe); nothing if it was not held."""
+        if self.held is None:
+            return
+        stdin, self.held = self.held, None
+        try:
+            await stdin.send_all(b"go\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it is gone: ready() says so
+        finally:
+            await stdin.aclose()
 
     async def ready(self, timeout: float = 10.0) -> trio.Process:
         """The process, once it said it is ready; MoveError (and killed) if it did not
         within ``timeout`` seconds."""
+        await self.go()
         try:
             with trio.move_on_after(timeout):
                 if await self.status.receive_some(1):
@@ -230,6 +272,9 @@ class Starting:
 
     async def abandon(self) -> None:
         """Not needed after all: killed and collected."""
+        if self.held is not None:
+            await self.held.aclose()
+            self.held = None
         if self.proc.returncode is None:
             self.proc.kill()
         with trio.CancelScope(shield=True):
@@ -569,38 +614,27 @@ class Criu:
         the restored job has every page."""
         return await (await self.start_lazy_pages(images, pages)).ready()
 
-    async def start_lazy_pages(self, images: Path, pages: int) -> Starting:
-        """:meth:`lazy_pages`, without waiting for it to be ready: started as soon as
-        ``images`` holds what it reads first (inventory.img, pstree.img, ids-PID.img), its
-        start overlaps the rest of the images travelling, in the job's freeze."""
+    async def start_lazy_pages(self, images: Path, pages: int,
+                               held: bool = False) -> Starting:
+        """:meth:`lazy_pages`, without waiting for it to be ready; ``held``: its process
+        is made now (before the job is frozen) and CRIU starts on ``go()``, once
+        ``images`` holds what it reads first (inventory.img, pstree.img, ids-PID.img):
+        its start overlaps the rest of the images travelling, in the job's freeze, and
+        makes no process then."""
         # Not real-time, unlike the other CRIU runs: once the restore is over it polls
         # without sleeping until the job has every page, and at real-time priority it
         # would starve this daemon, which relays those pages, on the same CPU.
-        return await self._start(
+        assert self.path is not None
+        return await _start(
+            self.path,
             ["lazy-pages", "--page-server", "--ps-socket", str(pages), "-D", str(images)],
-            images / "lazy-pages.log", pages)
+            images / "lazy-pages.log", pages, held)
 
     async def _start_ready(self, args: list[str], logfile: Path, pages: int) -> trio.Process:
         """Start a CRIU server (``args``; its log ``logfile``) given the socket ``pages``;
         return it once it says it is ready (--status-fd), or raise MoveError."""
-        return await (await self._start(args, logfile, pages)).ready()
-
-    async def _start(self, args: list[str], logfile: Path, pages: int) -> Starting:
-        """Start a CRIU server (``args``; its log ``logfile``) given the socket ``pages``,
-        which says when it is ready on a pipe (--status-fd)."""
         assert self.path is not None
-        r, w = os.pipe()
-        try:
-            proc = await trio.lowlevel.open_process(
-                [self.path, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"],
-                pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
-        return Starting(proc, r, logfile, args[0])
+        return await (await _start(self.path, args, logfile, pages)).ready()
 
     async def prepare_restore(self, images: Path, fds: tuple[int, ...]) -> swrk.Worker:
         """Start the CRIU that will restore a job from ``images`` (see

@@ -105,7 +105,10 @@ class Target:
                 lazy = msg.get("lazy") is True and mover.lazy
                 if lazy:
                     ready["lazy"] = True
-                    ready["lazy_start"] = True  # told 'lazy-start', starts lazy-pages then
+                    # lazy-pages and its guard made now, CRIU started when told
+                    # 'lazy-start' (once the images it reads first are here)
+                    early = await _Lazy.start(mover, images, held=True)
+                    ready["lazy_start"] = True
                 elif msg.get("pages") is True and mover.streams and self.host.cfg.stream_pages:
                     pages, theirs = socket_pair()
                     try:
@@ -139,8 +142,8 @@ class Target:
                             raise ChannelError("bad spool stream")
                         await _receive_spool(ch, prepared.fds[stream - STDOUT],
                                              STREAM_FILES[stream], int(m["size"]))
-                    elif op == "lazy-start" and lazy and early is None:
-                        early = await _Lazy.start(self.host.mover, images)
+                    elif op == "lazy-start" and lazy and early is not None:
+                        await early.starting.go()
                     elif op == "restore" and lazy and m.get("lazy") is True:
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
                         parts, early = early, None  # taken over
@@ -411,13 +414,14 @@ class _Lazy:
         self.guard = guard
 
     @classmethod
-    async def start(cls, mover: Any, images: Path) -> _Lazy:
-        """Start lazy-pages for ``images`` (which holds what it reads first) and the
-        guard; neither waited for."""
+    async def start(cls, mover: Any, images: Path, held: bool = False) -> _Lazy:
+        """Start lazy-pages for ``images`` (which holds what it reads first, unless
+        ``held``: then CRIU starts on ``starting.go()``) and the guard; neither waited
+        for."""
         mine, theirs = socket_pair()
         starting = None
         try:
-            starting = await mover.start_lazy_pages(images, theirs.fileno())
+            starting = await mover.start_lazy_pages(images, theirs.fileno(), held)
             guard = await _guard(mine.socket.fileno())
         except BaseException:
             if starting is not None:
