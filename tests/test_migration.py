@@ -635,6 +635,37 @@ def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, o
     return t, result
 
 
+def test_a_big_job_to_a_target_without_post_copy_streams_its_memory(cluster, tmp_path):
+    """A 256 MB job (post-copy by size) moving to a node whose kernel cannot restore
+    lazily: that node answers without post-copy and takes the memory streamed while it
+    is dumped; the source, which started its dump's CRIU before it knew (holding the page
+    stream's socket whatever the answer), streams it; the job moves intact."""
+    lan, work, key, n = cluster
+    fake = tmp_path / "criu"
+    fake.write_text('#!/bin/sh -p\n'
+                    'if [ "$*" = "check --feature uffd-noncoop" ]; then exit 1; fi\n'
+                    f'exec {find_criu(None)} "$@"\n')
+    fake.chmod(0o755)
+    n["b"].stop()
+    n["b"] = start_daemon("b", ["--key-file", str(key), "--criu", str(fake)], work,
+                          netns=lan.ns(1))
+    try:
+        wait_for(lambda: "b" in n["a"].nodes(), 10, "a to see b again")
+        flag = tmp_path / "go"
+        p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-nolazy")
+        moved = n["a"].ctl(f"migrate {job} b")
+        assert moved.code == 200 and "migrated to b" in moved.text, moved
+        line = frozen_line(n["a"], job)
+        assert "(memory streamed to the target)" in line and "post-copy" not in line, line
+        flag.touch()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
+    finally:
+        n["b"].stop()
+        n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
+        wait_for(lambda: "b" in n["a"].nodes(), 10, "a to see b again")
+
+
 @pytest.mark.parametrize("when", ["transfer", "post-copy"])
 def test_target_killed_mid_move_leaves_one_copy_running_at_the_source(cluster, when):
     """The target daemon dies while the 256 MB job's images are on their way

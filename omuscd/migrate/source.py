@@ -200,7 +200,9 @@ class Source:
         lazy = self._post_copy(job, target)
         # the CRIU that will dump it starts now, while the target gets ready: its start
         # is no part of the freeze (see omuscd.migrate.swrk)
-        pair = socket_pair() if streaming and not lazy else None
+        # (the page stream's socket too, should the target stream it: one that cannot
+        # move it post-copy does)
+        pair = socket_pair() if streaming else None
         try:
             worker = await mover.prepare_dump(job.pid, images,  # type: ignore[arg-type]
                                               pair[1].fileno() if pair else None)
