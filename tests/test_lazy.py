@@ -328,18 +328,32 @@ def test_a_job_restored_lazily_gets_all_its_memory_from_the_server(tmp_path):
 def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
     """omuscd.migrate.target's guard: if the target daemon dies before a post-copy job has
     every page, the job is killed, and the lazy-pages socket stays open until then (else
-    lazy-pages would end and the job read zeros); told 'done', it leaves the job alone."""
-    from omuscd.migrate.target import _guard, _guard_done
+    lazy-pages would end and the job read zeros); told 'done', it leaves the job alone.
+    It starts before the restore and is told the job's pid after it: a daemon that dies
+    before that (nothing restored) makes it end killing nothing."""
+    from omuscd.migrate.target import _guard, _guard_done, _guard_watch
 
     async def main() -> None:
-        for daemon_dies in (True, False):
+        for daemon_dies in (True, False, "before the pid"):
             job = await trio.lowlevel.open_process(["sleep", "30"])
             mine, lazyd_end = socket.socketpair()
-            guard = await _guard(job.pid, mine.fileno())
+            guard = await _guard(mine.fileno())
             mine.close()  # the daemon's own copy gone: only the guard holds it now
             lazyd_end.setblocking(False)
             with pytest.raises(BlockingIOError):  # open: no EOF for lazy-pages
                 lazyd_end.recv(1)
+            if daemon_dies == "before the pid":
+                assert guard.stdin is not None
+                await guard.stdin.aclose()
+                with trio.fail_after(10):
+                    assert await guard.wait() == 0
+                assert job.returncode is None
+                job.kill()
+                await job.wait()
+                assert lazyd_end.recv(1) == b""
+                lazyd_end.close()
+                continue
+            await _guard_watch(guard, job.pid)
             if daemon_dies:
                 assert guard.stdin is not None
                 await guard.stdin.aclose()  # as when the daemon dies

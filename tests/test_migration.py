@@ -341,8 +341,13 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
     async def main() -> bool:
         async with trio.open_nursery():
             following = trio.CancelScope()
+            async def prepare_restore(images, fds):  # its CRIU, started ahead
+                async def close():
+                    pass
+                return SimpleNamespace(close=close)
+
             mover = SimpleNamespace(available=True, streams=False, describe=lambda: "criu",
-                                    keep_log=lambda *a: "")
+                                    keep_log=lambda *a: "", prepare_restore=prepare_restore)
             d = SimpleNamespace(name="a", mover=mover, cfg=SimpleNamespace(
                 state_dir=str(tmp_path), stream_pages=False))
             jc = SimpleNamespace(me=10, home={record.id: record},
@@ -628,6 +633,37 @@ def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, o
     t = threading.Thread(target=migrate)
     t.start()
     return t, result
+
+
+def test_a_big_job_to_a_target_without_post_copy_streams_its_memory(cluster, tmp_path):
+    """A 256 MB job (post-copy by size) moving to a node whose kernel cannot restore
+    lazily: that node answers without post-copy and takes the memory streamed while it
+    is dumped; the source, which started its dump's CRIU before it knew (holding the page
+    stream's socket whatever the answer), streams it; the job moves intact."""
+    lan, work, key, n = cluster
+    fake = tmp_path / "criu"
+    fake.write_text('#!/bin/sh -p\n'
+                    'if [ "$*" = "check --feature uffd-noncoop" ]; then exit 1; fi\n'
+                    f'exec {find_criu(None)} "$@"\n')
+    fake.chmod(0o755)
+    n["b"].stop()
+    n["b"] = start_daemon("b", ["--key-file", str(key), "--criu", str(fake)], work,
+                          netns=lan.ns(1))
+    try:
+        wait_for(lambda: "b" in n["a"].nodes(), 10, "a to see b again")
+        flag = tmp_path / "go"
+        p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-nolazy")
+        moved = n["a"].ctl(f"migrate {job} b")
+        assert moved.code == 200 and "migrated to b" in moved.text, moved
+        line = frozen_line(n["a"], job)
+        assert "(memory streamed to the target)" in line and "post-copy" not in line, line
+        flag.touch()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
+    finally:
+        n["b"].stop()
+        n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
+        wait_for(lambda: "b" in n["a"].nodes(), 10, "a to see b again")
 
 
 @pytest.mark.parametrize("when", ["transfer", "post-copy"])

@@ -67,10 +67,17 @@ class Mover(Protocol):
         """Whether a dump can send its memory to the target as it goes."""
         ...
 
-    async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
+    async def prepare_dump(self, init_pid: int, images: Path,
+                           pages: int | None = None) -> Any:
+        """Before the freeze: start what will dump the job (holding ``pages``); given to
+        :meth:`dump`, and closed (``await worker.close()``) if it was not."""
+        ...
+
+    async def dump(self, init_pid: int, images: Path, pages: int | None = None,
+                   worker: Any = None) -> None:
         """Freeze the job and write its images (its memory to the connected socket
         ``pages`` if given, a page server at the other end); leave it stopped, not
-        killed."""
+        killed.  ``worker``: from :meth:`prepare_dump`."""
         ...
 
     async def page_server(self, images: Path, pages: int) -> Any:
@@ -97,8 +104,21 @@ class Mover(Protocol):
         ``pages``; returns once ready; the process ends when the job has every page."""
         ...
 
+    async def start_lazy_pages(self, images: Path, pages: int, held: bool = False) -> Any:
+        """:meth:`lazy_pages` started as soon as ``images`` holds what it reads first
+        (``held``: made before, started by the result's ``go()``), without waiting: the
+        result's ``ready()`` returns the process once it is ready, ``abandon()`` kills
+        it."""
+        ...
+
+    async def prepare_restore(self, images: Path, fds: tuple[int, ...]) -> Any:
+        """Before the images are all there: start what will restore them, holding
+        ``fds`` (those :meth:`restore` is to hand the job); closed as prepare_dump's."""
+        ...
+
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
-                      lazy: bool = False) -> int:
+                      lazy: bool = False, worker: Any = None) -> int:
         """Restore the job stopped, as a child of this daemon; return its init's pid.
-        ``lazy``: the memory that can come later is left to :meth:`lazy_pages`."""
+        ``lazy``: the memory that can come later is left to :meth:`lazy_pages`;
+        ``worker``: from :meth:`prepare_restore`."""
         ...

@@ -1,13 +1,16 @@
 """CRIU as the mechanism that moves a job (checkpoint/restore in user space).
 
-Driven through its command line: ``criu dump --leave-stopped`` on the source (the job stays
-frozen until the target confirms), ``criu restore --restore-detached --restore-sibling
---leave-stopped`` on the target (the restored init becomes this daemon's child, stopped
-until the hand-over commits).  The job's output and status files are handed to CRIU with
-``--inherit-fd``, so the restored job writes to this node's spool.  Traps from CRIU's own
-tracker handled here or around: PIDs clash unless the job has its own PID namespace (it
-does); files must exist at the same path on the target (the shared filesystem, and
-``--inherit-fd`` for the spool); the session leader is inside the namespace (the job init).
+Driven as ``criu dump --leave-stopped`` on the source (the job stays frozen until the target
+confirms) and ``criu restore --restore-detached --restore-sibling --leave-stopped`` on the
+target (the restored init becomes this daemon's child, stopped until the hand-over
+commits), each a CRIU service worker started before the job is frozen and given its
+request once it is (see omuscd.migrate.swrk: a process start less in the freeze, twice).
+Page servers and lazy-pages run from its command line.  The job's output and status files
+are handed to CRIU with ``--inherit-fd``, so the restored job writes to this node's spool.
+Traps from CRIU's own tracker handled here or around: PIDs clash unless the job has its own
+PID namespace (it does); files must exist at the same path on the target (the shared
+filesystem, and ``--inherit-fd`` for the spool); the session leader is inside the namespace
+(the job init).
 
 Another user's job is dumped by a root CRIU with that user's *real* uid and gid (``setpriv
 --ruid --rgid``; its effective ids and capabilities stay root's): CRIU reads every task's
@@ -19,17 +22,17 @@ can only spoil their own job's move, which a bounded dump turns into a resumed j
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import trio
 
 from omuscd import proctab, rootexec
-from omuscd.migrate import Inherit, MoveError
+from omuscd.migrate import Inherit, MoveError, swrk
 from omuscd.migrate.locks import FileLock, LockLender, lock_problem, read_locks
 from omuscd.migrate.reopened import bound_by_path
 from omuscd.priority import make_realtime
@@ -174,10 +177,109 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
-async def _kill(proc: trio.Process) -> None:
-    """Stop a CRIU run that is cancelled: SIGKILL at once (a stopped CRIU would sit on a
-    SIGTERM; the tasks it froze go on when their tracer is gone)."""
-    proc.kill()
+async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: float,
+               options: Callable[[int], bytes], keep_log: Callable[[Path, str], str]
+               ) -> swrk.Response:
+    """Have ``worker`` do ``what`` (``options``: given a descriptor of ``images``);
+    killed after ``limit`` seconds (MoveError, as for any failure, naming CRIU's first
+    error; ``keep_log`` keeps its log)."""
+    logfile = images / f"{what}.log"
+    started = trio.current_time()
+    # real-time from now, not while it started (it would have taken the CPU from this
+    # daemon then): see omuscd.priority
+    make_realtime(worker.proc.pid, worker.cpus)
+    fd = swrk.open_dir(images)
+    try:
+        answer = await worker.call(kind, options(fd), limit)
+    except MoveError as e:
+        raise MoveError(f"criu {what} {e}{keep_log(logfile, what)}") from None
+    finally:
+        os.close(fd)
+    log.debug("criu %s: %.3fs", what, trio.current_time() - started)
+    if answer is not None and answer.success:
+        return answer
+    kept = keep_log(logfile, what)
+    cause = _first_error(logfile)
+    if cause == "no log":  # it stopped before logging: what did it say?
+        cause = (answer.error if answer is not None and answer.error else
+                 f"exit {worker.proc.returncode}: {worker.said_last() or 'nothing said'}")
+    raise MoveError(f"criu {what} failed: {cause}{kept}")
+
+
+#: Runs a CRIU server held (its arguments follow) once told to go: its process is made
+#: before the job is frozen, CRIU itself starts when its images are there.
+HELD = 'read -r go && [ "$go" = go ] && exec "$0" "$@"'
+
+
+async def _start(criu: str, args: list[str], logfile: Path, pages: int,
+                 held: bool = False) -> Starting:
+    """Start the CRIU server ``criu`` (``args``; its log ``logfile``) given the socket
+    ``pages``; it says when it is ready on a pipe (--status-fd).  ``held``: see HELD."""
+    r, w = os.pipe()
+    command = [criu, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"]
+    if held:
+        command = [rootexec.need(rootexec.SH, "sh"), "-c", HELD, *command]
+    try:
+        proc = await trio.lowlevel.open_process(
+            command, pass_fds=(w, pages),
+            stdin=subprocess.PIPE if held else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return Starting(proc, r, logfile, args[0])
+
+
+class Starting:
+    """A CRIU server just started (see _start): :meth:`ready` once it says it is;
+    whoever started it calls :meth:`ready` or :meth:`abandon`.  One started held (see
+    HELD) starts CRIU on :meth:`go` (:meth:`ready` says go first)."""
+
+    def __init__(self, proc: trio.Process, status: int, logfile: Path, what: str):
+        self.proc = proc
+        self.status = trio.lowlevel.FdStream(status)  # its --status-fd, read here
+        self.logfile = logfile
+        self.what = what
+        self.held = proc.stdin  # held: where it is told to go
+
+    async def go(self) -> None:
+        """Let CRIU start (at once: a line to a pipe); nothing if it was not held."""
+        if self.held is None:
+            return
+        stdin, self.held = self.held, None
+        try:
+            await stdin.send_all(b"go\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it is gone: ready() says so
+        finally:
+            await stdin.aclose()
+
+    async def ready(self, timeout: float = 10.0) -> trio.Process:
+        """The process, once it said it is ready; MoveError (and killed) if it did not
+        within ``timeout`` seconds."""
+        await self.go()
+        try:
+            with trio.move_on_after(timeout):
+                if await self.status.receive_some(1):
+                    return self.proc
+        finally:
+            await self.status.aclose()
+        await self.abandon()
+        raise MoveError(f"criu {self.what} did not start: {_first_error(self.logfile)}")
+
+    async def abandon(self) -> None:
+        """Not needed after all: killed and collected."""
+        if self.held is not None:
+            await self.held.aclose()
+            self.held = None
+        if self.proc.returncode is None:
+            self.proc.kill()
+        with trio.CancelScope(shield=True):
+            await self.proc.wait()
+            await self.status.aclose()
 
 
 class Criu:
@@ -415,38 +517,6 @@ class Criu:
                 continue
         return self.cannot_move(pid)
 
-    async def _criu(self, args: list[str], logfile: Path, pass_fds: tuple[int, ...] = (),
-                    cpus: set[int] | None = None, prefix: tuple[str, ...] = (),
-                    limit: float = float("inf")) -> None:
-        """Run CRIU (after ``prefix``, a command that execs it); killed after ``limit``
-        seconds (MoveError)."""
-        assert self.path is not None
-        # what it prints, should it stop before logging (a .log: not sent with the images)
-        said = logfile.with_name(f"{logfile.stem}-output.log")
-        # restore_signals=False: CRIU keeps this daemon's SIGPIPE ignored, so a page stream
-        # cut under a dump is an error it handles (resuming the job), not its death.
-        # Real-time while the job is frozen: see omuscd.priority.  A prefix execs CRIU, so
-        # the process made real-time is CRIU.
-        with open(said, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out, \
-                trio.move_on_after(limit) as bound:
-            async with trio.open_nursery() as nursery:
-                proc = await nursery.start(functools.partial(
-                    trio.run_process, [*prefix, self.path, *args], check=False,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    pass_fds=pass_fds, restore_signals=False, env=rootexec.HELPER_ENV,
-                    umask=PRIVATE_UMASK, deliver_cancel=_kill))
-                make_realtime(proc.pid, cpus)
-        if bound.cancelled_caught:
-            kept = self.keep_log(logfile, args[0])
-            raise MoveError(f"criu {args[0]} took more than {limit:.0f}s: stopped{kept}")
-        if proc.returncode != 0:
-            kept = self.keep_log(logfile, args[0])
-            cause = _first_error(logfile)
-            if cause == "no log":  # it stopped before logging: what did it print?
-                lines = said.read_text(errors="replace").strip().splitlines()
-                cause = f"exit {proc.returncode}: {lines[-1][:300] if lines else 'nothing said'}"
-            raise MoveError(f"criu {args[0]} failed: {cause}{kept}")
-
     def keep_log(self, logfile: Path, what: str) -> str:
         """Keep the log of a failed step as STATE_DIR/criu-WHAT-failed.log; says where."""
         if self.keep_logs is None or not logfile.exists():
@@ -454,19 +524,32 @@ class Criu:
         dest = self.keep_logs / f"criu-{what}-failed.log"
         return f" (full log: {dest})" if keep(logfile, dest) else ""
 
-    async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
-        # --file-locks: the job's locks go with it (see FileLock)
-        args = ["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
-                "--file-locks", "-o", "dump.log", "-v2"]
-        if pages is not None:  # a connected socket: the page server is at its other end
-            args += ["--page-server", "--ps-socket", str(pages)]
+    async def prepare_dump(self, init_pid: int, images: Path,
+                           pages: int | None = None) -> swrk.Worker:
+        """Start the CRIU that will dump the job (see omuscd.migrate.swrk), before it is
+        frozen: with the job's real ids, on its CPUs, real-time, holding ``pages`` (a
+        connected socket: the page server at its other end) at the same number."""
+        assert self.path is not None
         try:
             cpus = os.sched_getaffinity(init_pid)
         except OSError:
             cpus = None
+        worker = await swrk.Worker.start(self.path, await self._as_owner(init_pid),
+                                         () if pages is None else (pages,),
+                                         images / "dump-output.log", PRIVATE_UMASK)
+        worker.cpus = cpus  # made real-time there once it has work (see _ask)
+        return worker
+
+    async def dump(self, init_pid: int, images: Path, pages: int | None = None,
+                   worker: swrk.Worker | None = None) -> None:
+        """``worker``: from :meth:`prepare_dump` with the same ``pages`` (else started
+        now)."""
+        if worker is None:
+            worker = await self.prepare_dump(init_pid, images, pages)
         limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
-        await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus,
-                         await self._as_owner(init_pid), limit)
+        # --file-locks: the job's locks go with it (see FileLock)
+        await _ask(worker, swrk.DUMP, images, "dump", limit,
+                   lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages), self.keep_log)
         self.lend(init_pid)
 
     def lend(self, init_pid: int) -> None:
@@ -529,48 +612,58 @@ class Criu:
         demand from a page server at the other end of the connected socket ``pages``
         (see omuscd.migrate.lazy); returns once it is ready.  It ends, by itself, once
         the restored job has every page."""
+        return await (await self.start_lazy_pages(images, pages)).ready()
+
+    async def start_lazy_pages(self, images: Path, pages: int,
+                               held: bool = False) -> Starting:
+        """:meth:`lazy_pages`, without waiting for it to be ready; ``held``: its process
+        is made now (before the job is frozen) and CRIU starts on ``go()``, once
+        ``images`` holds what it reads first (inventory.img, pstree.img, ids-PID.img):
+        its start overlaps the rest of the images travelling, in the job's freeze, and
+        makes no process then."""
         # Not real-time, unlike the other CRIU runs: once the restore is over it polls
         # without sleeping until the job has every page, and at real-time priority it
         # would starve this daemon, which relays those pages, on the same CPU.
-        return await self._start_ready(
+        assert self.path is not None
+        return await _start(
+            self.path,
             ["lazy-pages", "--page-server", "--ps-socket", str(pages), "-D", str(images)],
-            images / "lazy-pages.log", pages)
+            images / "lazy-pages.log", pages, held)
 
     async def _start_ready(self, args: list[str], logfile: Path, pages: int) -> trio.Process:
         """Start a CRIU server (``args``; its log ``logfile``) given the socket ``pages``;
         return it once it says it is ready (--status-fd), or raise MoveError."""
         assert self.path is not None
-        r, w = os.pipe()
-        try:
-            proc = await trio.lowlevel.open_process(
-                [self.path, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"],
-                pass_fds=(w, pages), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
-        finally:
-            os.close(w)
-        ready = trio.lowlevel.FdStream(r)
-        try:
-            with trio.move_on_after(10):
-                if await ready.receive_some(1):
-                    return proc
-        finally:
-            await ready.aclose()
-        proc.kill()
-        await proc.wait()
-        raise MoveError(f"criu {args[0]} did not start: {_first_error(logfile)}")
+        return await (await _start(self.path, args, logfile, pages)).ready()
+
+    async def prepare_restore(self, images: Path, fds: tuple[int, ...]) -> swrk.Worker:
+        """Start the CRIU that will restore a job from ``images`` (see
+        omuscd.migrate.swrk) before its images are all there, holding ``fds`` (the
+        files the restored job inherits) at the same numbers."""
+        assert self.path is not None
+        return await swrk.Worker.start(self.path, (), fds, images / "restore-output.log",
+                                       PRIVATE_UMASK)
 
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
-                      lazy: bool = False) -> int:
-        """``lazy``: the memory that can come later is left to a running
-        :meth:`lazy_pages` for the same images."""
-        # --file-locks: it takes the job's locks again (lent by the source: see FileLock)
-        args = ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
-                "--leave-stopped", "--file-locks", "--pidfile", str(pidfile),
-                "-o", "restore.log", "-v2"]
-        if lazy:
-            args.append("--lazy-pages")
-        for item in inherit:
-            # CRIU names a regular file by its path without the leading slash
-            args += ["--inherit-fd", f"fd[{item.fd}]:{item.path.lstrip('/')}"]
-        await self._criu(args, images / "restore.log", tuple(i.fd for i in inherit))
-        return int(pidfile.read_text().strip())
+                      lazy: bool = False, worker: swrk.Worker | None = None) -> int:
+        """Restore the job stopped, a child of this daemon; its init's pid (also written
+        to ``pidfile``).  ``lazy``: the memory that can come later is left to a running
+        :meth:`lazy_pages` for the same images.  ``worker``: from :meth:`prepare_restore`
+        holding the descriptors of ``inherit`` (else started now)."""
+        if worker is None:
+            worker = await self.prepare_restore(images, tuple(i.fd for i in inherit))
+        # --file-locks: it takes the job's locks again (lent by the source: see FileLock);
+        # CRIU names a regular file by its path without the leading slash
+        keys = [(item.path.lstrip("/"), item.fd) for item in inherit]
+        answer = await _ask(worker, swrk.RESTORE, images, "restore", float("inf"),
+                            lambda fd: swrk.restore_options(fd, "restore.log", keys, lazy),
+                            self.keep_log)
+        if answer.pid is None:
+            raise MoveError("criu restore said nothing of the restored job")
+        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, str(answer.pid).encode())
+        finally:
+            os.close(fd)
+        return answer.pid

@@ -60,12 +60,15 @@ class _Relay:
 
 
 async def send_pages(ch: Channel, dump: Callable[[int], Awaitable[None]],
+                     pair: tuple[trio.SocketStream, socket.socket] | None = None,
                      on_sent: Callable[[int], None] | None = None) -> int:
     """On the source: run ``dump(fd)`` (CRIU writing to the page server at ``fd``) while
     relaying its socket to the target over ``ch``.  Returns the bytes the target stored;
     raises MoveError if the dump or the stream failed (the dump has ended either way).
+    ``pair``: the :func:`socket_pair` to use (made before the freeze, the dump's CRIU
+    started with CRIU's end: see omuscd.migrate.swrk); both ends are closed here.
     ``on_sent`` hears the bytes relayed so far, as they go (a move's progress)."""
-    mine, theirs = socket_pair()
+    mine, theirs = pair or socket_pair()
     relay = _Relay(ch, mine, on_sent)
     answered = trio.CancelScope()
     failed: MoveError | None = None

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +34,7 @@ from omuscd.jobs.record import (
 from omuscd.migrate import MoveError, postcopy, precheck
 from omuscd.migrate.books import LEFT, MoveBooks, MoveHost
 from omuscd.migrate.lazy import PAGE, PageServer
-from omuscd.migrate.page_relay import send_pages
+from omuscd.migrate.page_relay import send_pages, socket_pair
 from omuscd.migrate.transfer import (
     RESTORE_TIMEOUT,
     STEP_TIMEOUT,
@@ -51,6 +53,65 @@ if TYPE_CHECKING:
 log = logging.getLogger("omuscd.migrate")
 
 DUMP_NICE = -20  # the nice of a job while CRIU dumps it (see _emigrate)
+
+
+def _close_pair(pair: tuple[Any, socket.socket] | None) -> None:
+    if pair is not None:
+        pair[0].socket.close()
+        pair[1].close()
+
+
+def _lazy_first(name: str) -> bool:
+    """Whether the image ``name`` is one ``criu lazy-pages`` reads as it starts, before
+    it says it is ready (criu/pstree.c, prepare_dummy_pstree): the inventory, the
+    process tree and each process's namespace ids."""
+    return name in ("inventory.img", "pstree.img") or (
+        name.startswith("ids-") and name.endswith(".img"))
+
+
+class Steps:
+    """Where a move's freeze goes: how long each step took, in order (logged with the
+    move, and read by tests/bench/bench_migrate.py).  The target times its own steps and
+    sends them with ``restored``; they are logged in their place, named ``target ...``."""
+
+    def __init__(self, start: float):
+        self.last = start
+        self.took: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        """The step ``name`` ends now (a step marked again adds up)."""
+        now = trio.current_time()
+        self.took[name] = self.took.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def target(self, reply: dict[str, Any], name: str) -> None:
+        """Mark ``name``, the time until the target's reply, split into the steps it
+        timed (``steps`` in its reply) and what is left (the channel, and waits)."""
+        theirs = reply.get("steps")
+        spent = 0.0
+        if isinstance(theirs, dict):
+            for step, took in list(theirs.items())[:16]:
+                if isinstance(step, str) and isinstance(took, float) and 0 <= took < 1e6:
+                    self.took[f"target {step[:40]}"] = took
+                    spent += took
+        now = trio.current_time()
+        self.took[name] = max(0.0, now - self.last - spent)
+        self.last = now
+
+    def resumed(self, ago: Any) -> float:
+        """The target says the job has run ``ago`` seconds already (it resumed the job,
+        then took it into its books, then answered): the last step, and so the freeze,
+        ended then.  Returns how long that was (0 if not said)."""
+        if not isinstance(ago, float) or not ago > 0 or not self.took:
+            return 0.0
+        last = next(reversed(self.took))
+        ago = min(ago, self.took[last])
+        self.took[last] -= ago
+        self.last -= ago
+        return ago
+
+    def text(self) -> str:
+        return ", ".join(f"{name} {took:.3f}s" for name, took in self.took.items())
 
 
 class Source:
@@ -138,6 +199,29 @@ class Source:
         # omuscd.migrate.postcopy)
         streaming = mover.streams and self.host.cfg.stream_pages
         lazy = self._post_copy(job, target)
+        # the CRIU that will dump it starts now, while the target gets ready: its start
+        # is no part of the freeze (see omuscd.migrate.swrk)
+        # (the page stream's socket too, should the target stream it: one that cannot
+        # move it post-copy does)
+        pair = socket_pair() if streaming else None
+        try:
+            worker = await mover.prepare_dump(job.pid, images,  # type: ignore[arg-type]
+                                              pair[1].fileno() if pair else None)
+        except (MoveError, OSError) as e:
+            _close_pair(pair)
+            raise JobError(f"cannot move: {e}") from None
+        try:
+            return await self._emigrate_ready(job, target, ch, images, streaming, lazy,
+                                              worker, pair)
+        finally:
+            await worker.close()
+            _close_pair(pair)
+
+    async def _emigrate_ready(self, job: Job, target: int, ch: Channel, images: Path,
+                              streaming: bool, lazy: bool, worker: Any,
+                              pair: tuple[Any, Any] | None) -> dict[str, Any]:
+        """The move once the CRIU that dumps the job is started: the target gets ready,
+        then the job is frozen."""
         try:
             await ch.send({"op": "immigrate", "job": job.wire(),
                            **({"pages": True} if streaming else {}),
@@ -149,6 +233,7 @@ class Source:
         if reply.get("op") != "ready":
             raise JobError(error_text(reply, "the target refused"))
         lazy = lazy and reply.get("lazy") is True  # an older target: not post-copy
+        early = lazy and reply.get("lazy_start") is True  # else it starts lazy-pages later
         streaming = streaming and not lazy and reply.get("pages") is True  # older: copied
         if job.state != RUNNING:  # it ended while the target got ready: nothing to move
             raise JobError(f"job {job.id} ended before it could move ({job.state})")
@@ -165,7 +250,10 @@ class Source:
         committed: list[float] = []  # when the target was told to run it
         try:
             return await self._move_frozen(job, target, ch, images, nice, frozen,
-                                           streaming, lazy, committed)
+                                           streaming, lazy, committed, early,
+                                           lambda fd: self.host.mover.dump(
+                                               job.pid, images, fd, worker),
+                                           pair)
         except trio.Cancelled:  # this daemon stops: settle it first, where it can
             with trio.CancelScope(shield=True):
                 await self._cut_short(job, target, ch, nice, bool(committed))
@@ -173,39 +261,50 @@ class Source:
 
     async def _move_frozen(self, job: Job, target: int, ch: Channel, images: Path,
                            nice: int | None, frozen: float, streaming: bool, lazy: bool,
-                           committed: list[float]) -> dict[str, Any]:
+                           committed: list[float], early: bool,
+                           dump: Callable[[int | None], Awaitable[None]],
+                           pair: tuple[Any, Any] | None) -> dict[str, Any]:
         """The move from the freeze on (see _emigrate); ``committed`` gets the time the
-        target was told to run the job."""
+        target was told to run the job; ``early``: the target starts lazy-pages when told
+        'lazy-start', once it has the images lazy-pages reads first (see _lazy_first);
+        ``dump(fd)``: the dump (to the page server at ``fd``, through ``pair``, if
+        streaming)."""
         jc = self.jc
-        mover = self.host.mover
         paged = 0
+        steps = Steps(frozen)
         try:
-            if streaming:
-                paged = await send_pages(ch, lambda fd: mover.dump(job.pid, images, fd),
+            if streaming and pair is not None:
+                paged = await send_pages(ch, dump, pair,
                                          lambda n: self.books.report(job.id, DUMPING, n))
             else:
-                await mover.dump(job.pid, images)  # type: ignore[arg-type]
+                await dump(None)
         except MoveError as e:
             self.resume(job, nice)  # CRIU resumes the tasks when a dump fails; make sure
             raise JobError(f"move failed, job resumed here: {e}") from None
-        dumped = trio.current_time()
+        steps.mark("dump")
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
         sent = paged
         try:
             # post-copy: of the memory, only the pages the restore reads itself go now
-            eager = eager_runs(images) if lazy else {}
+            files = sorted(f for f in images.iterdir() if f.suffix != ".log")
             total = sent + self.books.to_send(job.id, images, lazy)
-            for f in sorted(images.iterdir()):
-                if f.suffix == ".log":
-                    continue
+            if early:  # what lazy-pages reads first goes first; it starts meanwhile
+                first = [f for f in files if _lazy_first(f.name)]
+                for f in first:
+                    sent += await send_file(ch, "file", f.name, f)
+                await ch.send({"op": "lazy-start"})
+                files = [f for f in files if f not in first]
+            eager = eager_runs(images) if lazy else {}
+            for f in files:
                 if f.name in eager:
                     sent += await send_sparse(ch, f, eager[f.name])
                 else:
                     sent += await send_file(ch, "file", f.name, f)
                 self.books.report(job.id, SENDING, sent, total)
+            steps.mark("images")
             for out in (STDOUT, STDERR):
                 sent += await self._send_spool(ch, job, out)
-            transferred = trio.current_time()
+            steps.mark("spool")
             await ch.send({"op": "restore", "cpu": job.cpu_moved + used, "nice": nice, "paths": {
                 "stdout": str(jc.spool.path(job.id, STDOUT)),
                 "stderr": str(jc.spool.path(job.id, STDERR)),
@@ -214,11 +313,12 @@ class Source:
             self.books.report(job.id, RESTORING)
             if lazy:
                 return await self._serve_memory(job, target, ch, images, nice, frozen,
-                                                dumped, transferred, sent, committed)
+                                                steps, sent, committed)
             with trio.fail_after(RESTORE_TIMEOUT):
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
                 raise MoveError(error_text(reply, "restore failed"))
+            steps.target(reply, "restore wait")
         except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
             self.resume(job, nice)
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
@@ -234,12 +334,12 @@ class Source:
         if not running:
             self.resume(job, nice)
             raise JobError("the target did not take the job; it resumed here")
-        now = trio.current_time()
-        freeze = now - frozen
-        log.info("job %s frozen %.3fs: dump %.3fs%s, transfer %.3fs, restore and commit "
-                 "%.3fs; %.1f MB", job.id, freeze, dumped - frozen,
-                 " (memory streamed to the target)" if streaming else "",
-                 transferred - dumped, now - transferred, sent / 1e6)
+        steps.mark("commit")
+        ran = steps.resumed(reply.get("resumed") if reply.get("op") == "running" else None)
+        freeze = steps.last - frozen
+        log.info("job %s frozen %.3fs: %s; %.1f MB%s; it ran %.3fs before the target said so",
+                 job.id, freeze, steps.text(), sent / 1e6, " (memory streamed to the target)"
+                 if streaming else "", ran)
         self.drop_copy(job, target)
         return {"freeze": freeze, "bytes": sent}
 
@@ -275,8 +375,7 @@ class Source:
         return resident >= least * (1 << 20)
 
     async def _serve_memory(self, job: Job, target: int, ch: Channel, images: Path,
-                            nice: int | None, frozen: float, dumped: float,
-                            transferred: float, sent: int,
+                            nice: int | None, frozen: float, steps: Steps, sent: int,
                             committed: list[float]) -> dict[str, Any]:
         """Post-copy, once the target has everything but the memory: commit when it has
         restored the job, then answer its page requests until it runs the job with all
@@ -287,6 +386,7 @@ class Source:
         async def on_message(m: dict[str, Any]) -> bool:
             op = m.get("op")
             if op == "restored" and not committed:
+                steps.target(m, "restore wait")
                 committed.append(trio.current_time())
                 await ch.send({"op": "commit"})  # it runs there from now
                 return False
@@ -310,10 +410,8 @@ class Source:
         now = trio.current_time()
         freeze = (committed[0] if committed else now) - frozen
         moved = sent + server.served * PAGE
-        log.info("job %s frozen %.3fs: dump %.3fs, transfer %.3fs, restore %.3fs; its "
-                 "memory followed in %.3fs (post-copy); %.1f MB", job.id, freeze,
-                 dumped - frozen, transferred - dumped, frozen + freeze - transferred,
-                 now - frozen - freeze, moved / 1e6)
+        log.info("job %s frozen %.3fs: %s; its memory followed in %.3fs (post-copy); %.1f MB",
+                 job.id, freeze, steps.text(), now - frozen - freeze, moved / 1e6)
         self.drop_copy(job, target)
         return {"freeze": freeze, "bytes": moved, "followed": now - frozen - freeze}
 

@@ -96,11 +96,19 @@ class Target:
             pid = None
             pager = None
             pages = None
+            early: _Lazy | None = None  # lazy-pages and the guard, started ahead
+            prepared: _Prepared | None = None  # the restore's CRIU and files, ahead
             try:
+                spool_dir = jc.spool.create(job)
+                prepared = await _Prepared.start(mover, jc.spool.job_files(job.id), images)
                 ready: dict[str, Any] = {"op": "ready"}
                 lazy = msg.get("lazy") is True and mover.lazy
                 if lazy:
                     ready["lazy"] = True
+                    # lazy-pages and its guard made now, CRIU started when told
+                    # 'lazy-start' (once the images it reads first are here)
+                    early = await _Lazy.start(mover, images, held=True)
+                    ready["lazy_start"] = True
                 elif msg.get("pages") is True and mover.streams and self.host.cfg.stream_pages:
                     pages, theirs = socket_pair()
                     try:
@@ -109,7 +117,6 @@ class Target:
                         theirs.close()
                     ready["pages"] = True
                 await ch.send(ready)
-                spool_dir = jc.spool.create(job)
                 paged = 0
                 if pager is not None and pages is not None:
                     proc = pager
@@ -133,24 +140,26 @@ class Target:
                         stream = int(m["name"])
                         if stream not in (STDOUT, STDERR):
                             raise ChannelError("bad spool stream")
-                        # put in place whole: at the home, readers of the output read the
-                        # spool meanwhile (the same bytes, and more)
-                        with jc.spool.replacing(job.id, stream) as fd, \
-                                os.fdopen(os.dup(fd), "wb") as f:
-                            await receive_file(ch, f, STREAM_FILES[stream],
-                                                     int(m["size"]))
+                        await _receive_spool(ch, prepared.fds[stream - STDOUT],
+                                             STREAM_FILES[stream], int(m["size"]))
+                    elif op == "lazy-start" and lazy and early is not None:
+                        await early.starting.go()
                     elif op == "restore" and lazy and m.get("lazy") is True:
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
+                        parts, early = early, None  # taken over
                         await self._restore_lazy(job, ch, images, spool_dir, dict(m["paths"]),
-                                                 m.get("nice"))
+                                                 m.get("nice"), parts, prepared)
                         return
                     elif op == "restore":
                         paths = dict(m["paths"])
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
-                        pid = await self._restore(job, images, spool_dir, paths)
+                        steps: dict[str, float] = {}
+                        pid = await self._restore(job, images, spool_dir, paths, steps=steps,
+                                                  prepared=prepared)
                         if isinstance(m.get("nice"), int):
                             renice_tree(pid, max(-20, min(19, m["nice"])))
-                        await ch.send({"op": "restored", "pid": pid, "paged": paged})
+                        await ch.send({"op": "restored", "pid": pid, "paged": paged,
+                                       "steps": steps})
                         break
                     else:
                         raise ChannelError(f"unexpected {op!r}")
@@ -158,11 +167,14 @@ class Target:
                     m = await ch.receive_msg()
                 if m.get("op") != "commit":
                     raise ChannelError("no commit")
+                resumed = trio.current_time()
                 signal_tree(pid, signal.SIGCONT)
                 self.host.sampler.resumed(tree(pid))  # its load counts from now
                 self._adopted(job, pid)
                 pid = None
-                await ch.send({"op": "running"})
+                # how long it has run already: the source's measure of the freeze ends
+                # when the job runs, not when it hears so (see source.Steps.resumed)
+                await ch.send({"op": "running", "resumed": trio.current_time() - resumed})
             except (ChannelError, MoveError, JobError, trio.TooSlowError, OSError, KeyError,
                     ValueError) as e:
                 if pid is not None:  # restored but not committed: this copy must not run
@@ -185,6 +197,10 @@ class Target:
                     pager.kill()
                 if pages is not None:
                     pages.socket.close()
+                if early is not None:  # the move failed before its restore
+                    await early.abandon()
+                if prepared is not None:
+                    await prepared.close()
                 shutil.rmtree(images, ignore_errors=True)
 
     def _follow_again(self, job: Job) -> None:
@@ -196,32 +212,39 @@ class Target:
         self.jc.follow(job, anew=True)
 
     async def _restore_lazy(self, job: Job, ch: Channel, images: Path, spool_dir: Path,
-                            paths: dict[str, str], nice: Any) -> None:
+                            paths: dict[str, str], nice: Any, parts: _Lazy | None,
+                            prepared: _Prepared | None = None) -> None:
         """Post-copy (see omuscd.migrate.postcopy): restore the job without the memory that can
         come later, resume it on the commit, relay its page requests to the source, and
         take it into the books once it has every page.  Any failure kills this copy
-        before its page source goes, then raises (the source resumes its own)."""
+        before its page source goes, then raises (the source resumes its own).  ``parts``:
+        lazy-pages and the guard, started while the images came (else started now: an
+        older source)."""
         key = f"in:{job.id}"
         self.books.moving.add(key)  # 'has' waits for the outcome
-        mine, theirs = socket_pair()
-        lazyd = None
-        guard = None
         pid = None
         try:
-            try:
-                lazyd = await self.host.mover.lazy_pages(images, theirs.fileno())
-            finally:
-                theirs.close()
+            if parts is None:
+                parts = await _Lazy.start(self.host.mover, images)
+        except BaseException:
+            self.books.moving.discard(key)
+            raise
+        mine, guard = parts.mine, parts.guard
+        lazyd = None
+        try:
+            lazyd = await parts.starting.ready()
             relay = postcopy.Relay(ch, mine)
             failed: Exception | None = None
             async with trio.open_nursery() as nursery:  # errors leave it by hand: no groups
                 await nursery.start(relay.run)
                 try:
-                    pid = await self._restore(job, images, spool_dir, paths, lazy=True)
-                    guard = await _guard(pid, mine.socket.fileno())
+                    steps: dict[str, float] = {}
+                    pid = await self._restore(job, images, spool_dir, paths, lazy=True,
+                                              steps=steps, prepared=prepared)
+                    await _guard_watch(guard, pid)
                     if isinstance(nice, int):
                         renice_tree(pid, max(-20, min(19, nice)))
-                    await ch.send({"op": "restored", "pid": pid, "paged": 0})
+                    await ch.send({"op": "restored", "pid": pid, "paged": 0, "steps": steps})
                     if (await relay.message(STEP_TIMEOUT)).get("op") != "commit":
                         raise ChannelError("no commit")
                     signal_tree(pid, signal.SIGCONT)  # it runs; its memory follows
@@ -247,30 +270,44 @@ class Target:
         finally:
             if pid is not None:  # not taken: this copy must not run, and goes first
                 signal_tree(pid, signal.SIGKILL)
-            if guard is not None:  # the job is ours or dead: the guard has nothing to do
-                await _guard_done(guard)
+            await _guard_done(guard)  # the job is ours or dead: the guard has nothing to do
             if pid is not None:
                 _reap(pid)
             if lazyd is not None and lazyd.returncode is None:
                 lazyd.kill()
                 with trio.CancelScope(shield=True):
                     await lazyd.wait()
+            elif lazyd is None:  # it never said it was ready (and was killed then)
+                await parts.starting.abandon()
             mine.socket.close()
             self.books.moving.discard(key)
 
     async def _restore(self, job: Job, images: Path, spool_dir: Path,
-                       paths: dict[str, str], lazy: bool = False) -> int:
-        fds = self.jc.spool.job_files(job.id)  # the restored job writes through these
+                       paths: dict[str, str], lazy: bool = False,
+                       steps: dict[str, float] | None = None,
+                       prepared: _Prepared | None = None) -> int:
+        """Restore the job stopped; ``steps`` gets how long its parts took (see
+        omuscd.migrate.source.Steps); ``prepared``: its CRIU and files, made ready before
+        (else made now)."""
+        took = {} if steps is None else steps
+        start = trio.current_time()
+        if prepared is None:
+            prepared = await _Prepared.start(self.host.mover, self.jc.spool.job_files(job.id),
+                                             images)
+        fds = prepared.fds  # the restored job writes through these
         try:
             inherit = [Inherit(paths["stdout"], fds[0]), Inherit(paths["stderr"], fds[1]),
                        Inherit(paths["status"], fds[2])]
             ours = {(st.st_dev, st.st_ino) for st in map(os.fstat, fds)}
-            pid = await self.host.mover.restore(images, inherit, images / "restored.pid", lazy)
+            pid = await self.host.mover.restore(images, inherit, images / "restored.pid", lazy,
+                                                prepared.worker)
         finally:
-            for fd in fds:
-                os.close(fd)
+            await prepared.close()
+        restored = trio.current_time()
+        took["restore"] = restored - start
         # CRIU reopened its files by path, as root: nothing the user could not open
         why = beyond_user(tree(pid)[1:], job.owner, ours)
+        took["check"] = trio.current_time() - restored
         if why is not None:
             signal_tree(pid, signal.SIGKILL)
             _reap(pid)
@@ -312,11 +349,94 @@ class Target:
         await ch.send({"op": "has", "running": running, "time": time.time()})
 
 
-#: Kills a lazily restored job ("$0") if this daemon dies before the job has all of its
-#: memory.  It holds the daemon's end of the lazy-pages socket too: that end closing with
-#: the daemon would end lazy-pages, and the job would then read zeros for pages not yet
-#: there.  Told "done" when the job is taken or already killed.
-GUARD = 'read -r word; [ "$word" = done ] || kill -KILL "$0"'
+class _Prepared:
+    """What a restore needs beside its images, made ready before the job is frozen: the
+    files the restored job inherits (its stdout, stderr and status in this node's
+    spool: see JobSpool.job_files) and the CRIU that will restore it, holding them (see
+    omuscd.migrate.swrk)."""
+
+    def __init__(self, fds: tuple[int, int, int], worker: Any):
+        self.fds = fds
+        self.worker = worker
+
+    @classmethod
+    async def start(cls, mover: Any, fds: tuple[int, int, int], images: Path) -> _Prepared:
+        """Takes ``fds`` (closes them, should the worker not start)."""
+        try:
+            return cls(fds, await mover.prepare_restore(images, fds))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    async def close(self) -> None:
+        """Done with (restored, or given up): the files closed, the worker collected."""
+        fds, self.fds = self.fds, (-1, -1, -1)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        await self.worker.close()
+
+
+async def _receive_spool(ch: Channel, fd: int, name: str, size: int) -> None:
+    """The source's whole output file (``size`` bytes) written over this node's, the
+    file open on ``fd``: the restored job appends to it through its own descriptor of
+    it, given to CRIU before the file came (see _Prepared).  A descriptor of our own
+    (through /proc: the same file whatever its path leads to now) writes from its start.
+    At the home, where readers of the output read the spool meanwhile, it held a part
+    of what comes (followed from the node the job leaves): the same bytes again, and
+    more; nothing else is ever seen there."""
+    out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+    with os.fdopen(out, "wb") as f:
+        await receive_file(ch, f, name, size)
+        f.truncate(size)
+
+
+#: Kills a lazily restored job (its pid, the first line it is told) if this daemon dies
+#: before the job has all of its memory.  It holds the daemon's end of the lazy-pages
+#: socket too: that end closing with the daemon would end lazy-pages, and the job would
+#: then read zeros for pages not yet there.  Started with lazy-pages, before the job's
+#: restore (a process start less in its freeze), it is told the pid once the job is
+#: restored, and "done" when the job is taken or already killed; ended before it was told
+#: a pid (nothing restored yet), it kills nothing.
+GUARD = ('read -r pid || exit 0; read -r word; [ "$word" = done ] && exit 0; '
+         'case $pid in ""|*[!0-9]*|0|1) exit 0;; esac; kill -KILL "$pid"')
+
+
+class _Lazy:
+    """What a post-copy restore needs beside its images, started ahead of it: the
+    daemon's end of the lazy-pages socket (``mine``), ``criu lazy-pages`` starting, and
+    the guard."""
+
+    def __init__(self, mine: trio.SocketStream, starting: Any, guard: trio.Process):
+        self.mine = mine
+        self.starting = starting
+        self.guard = guard
+
+    @classmethod
+    async def start(cls, mover: Any, images: Path, held: bool = False) -> _Lazy:
+        """Start lazy-pages for ``images`` (which holds what it reads first, unless
+        ``held``: then CRIU starts on ``starting.go()``) and the guard; neither waited
+        for."""
+        mine, theirs = socket_pair()
+        starting = None
+        try:
+            starting = await mover.start_lazy_pages(images, theirs.fileno(), held)
+            guard = await _guard(mine.socket.fileno())
+        except BaseException:
+            if starting is not None:
+                await starting.abandon()
+            mine.socket.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(mine, starting, guard)
+
+    async def abandon(self) -> None:
+        """The move failed before the restore: stop both, close our end."""
+        await self.starting.abandon()
+        await _guard_done(self.guard)
+        self.mine.socket.close()
 
 
 def _reap(pid: int) -> None:
@@ -327,10 +447,20 @@ def _reap(pid: int) -> None:
         pass
 
 
-async def _guard(pid: int, fd: int) -> trio.Process:
+async def _guard(fd: int) -> trio.Process:
+    """Start the guard (see GUARD), holding ``fd`` open for as long as it runs."""
     return await trio.lowlevel.open_process(
-        [rootexec.need(rootexec.SH, "sh"), "-c", GUARD, str(pid)], stdin=subprocess.PIPE,
+        [rootexec.need(rootexec.SH, "sh"), "-c", GUARD], stdin=subprocess.PIPE,
         pass_fds=(fd,), env=rootexec.HELPER_ENV)
+
+
+async def _guard_watch(guard: trio.Process, pid: int) -> None:
+    """Tell the guard the restored job's pid: from now on it kills it if we die."""
+    assert guard.stdin is not None
+    try:
+        await guard.stdin.send_all(f"{pid}\n".encode())
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        raise MoveError(f"the guard of the restored job is gone: {e}") from None
 
 
 async def _guard_done(guard: trio.Process) -> None:

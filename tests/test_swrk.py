@@ -1,0 +1,179 @@
+"""The CRIU that dumps (or restores) a job is started before the job is frozen and waits
+for its request (omuscd.migrate.swrk): the job runs on until the request, the dump and
+the restore do what the command line did (stopped, file locks, inherited files), and a
+failure says its cause."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from omuscd.migrate import Inherit, MoveError
+from omuscd.migrate.criu import Criu, find_criu
+from omuscd.migrate.swrk import Response, decode, dump_options, restore_options
+from tests.cluster import wait_for
+from tests.test_migration import REASON
+
+JOB = """
+import sys, time
+n = 0
+while True:
+    n += 1
+    print(n, flush=True)
+    time.sleep(0.02)
+"""
+
+
+def test_the_requests_say_what_the_command_line_said():
+    """The options as CRIU reads them (images/rpc.proto: criu_opts)."""
+    dump = decode(dump_options(4242, 7, "dump.log", 9))
+    assert dump[1] == [7] and dump[2] == [4242] and dump[8] == [1]  # images fd, pid, locks
+    assert dump[9] == [2] and dump[10] == [b"dump.log"] and dump[69] == [1]  # -v2, stopped
+    assert decode(dump[11][0]) == {4: [9]}  # --ps-socket 9
+    assert 11 not in decode(dump_options(4242, 7, "dump.log", None))
+    rst = decode(restore_options(5, "restore.log", [("var/x/stdout", 3), ("a b", 4)], True))
+    assert rst[1] == [5] and rst[26] == [1] and rst[69] == [1] and rst[48] == [1]
+    assert [decode(x) for x in rst[27]] == [{1: [b"var/x/stdout"], 2: [3]},
+                                            {1: [b"a b"], 2: [4]}]
+    assert 48 not in decode(restore_options(5, "restore.log", [], False))
+    # CRIU's answer: a restore's pid; a failure's message; nothing usable: no pid
+    ok = Response(bytes([0x08, 0x02, 0x10, 0x01, 0x22, 0x03, 0x08, 0xb9, 0x60]))
+    assert ok.success and ok.pid == 12345
+    bad = Response(bytes([0x08, 0x01, 0x10, 0x00, 0x4a, 0x03]) + b"why")
+    assert not bad.success and bad.error == "why" and bad.pid is None
+    with pytest.raises(ValueError):
+        decode(bytes([0x0a, 0x05, 0x01]))  # a field longer than the message
+
+
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(REASON is not None, reason=str(REASON))
+def test_a_job_runs_on_until_its_started_criu_is_asked(tmp_path):
+    """Started ahead, the CRIU that dumps a job leaves it running; asked, it dumps it and
+    leaves it stopped; the CRIU started ahead to restore it restores it stopped, writing
+    to the file it was given (--inherit-fd), and goes on from where it was."""
+    images = tmp_path / "img"
+    images.mkdir()
+    out = tmp_path / "out"
+    with open(out, "w") as f:  # a file: CRIU restores it by path
+        launcher = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "setsid",
+                                     sys.executable, "-c", JOB], stdout=f,
+                                    stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    restored = None
+    try:
+        wait_for(lambda: out.read_text().count("\n") > 2, 30, "the job to count")
+        init = int(subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                  text=True).stdout.split()[0])
+        criu = Criu(find_criu(None))
+        moved = tmp_path / "moved"
+
+        async def move() -> int:
+            await criu.check()
+            dumper = await criu.prepare_dump(init, images)
+            lines = out.read_text().count("\n")
+            time.sleep(0.2)
+            assert dumper.proc.returncode is None
+            assert out.read_text().count("\n") > lines and state(init) != "T"  # runs on
+            await criu.dump(init, images, worker=dumper)
+            assert dumper.proc.returncode == 0  # (stopped as CRIU lets it go: a moment)
+            wait_for(lambda: state(init) == "T", 5, "the dumped job to be stopped")
+            os.kill(init, signal.SIGKILL)  # the copy: the restore takes its pid
+            launcher.wait()
+            fd = os.open(moved, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                restorer = await criu.prepare_restore(images, (fd,))
+                return await criu.restore(images, [Inherit(str(out), fd)], images / "pid",
+                                          worker=restorer)
+            finally:
+                os.close(fd)
+
+        restored = trio.run(move)
+        assert int((images / "pid").read_text()) == restored
+        wait_for(lambda: state(restored) == "T", 5, "the restored job to be stopped")
+        last = int(out.read_text().split()[-1])
+        os.kill(restored, signal.SIGCONT)
+        wait_for(lambda: moved.exists() and moved.read_text().count("\n") > 2, 30,
+                 "the restored job to count on")
+        assert int(moved.read_text().split()[0]) == last + 1  # where it was
+    finally:
+        if restored is not None:
+            os.kill(restored, signal.SIGKILL)
+            os.waitpid(restored, 0)
+        launcher.kill()
+        launcher.wait()
+
+
+@pytest.mark.skipif(REASON is not None, reason=str(REASON))
+def test_a_failed_request_says_its_cause_and_a_killed_criu_fails_the_dump(tmp_path):
+    """A dump CRIU refuses names CRIU's own error (from its log), and a CRIU killed
+    while it waited (as its user may do) fails the dump it was to do."""
+    criu = Criu(find_criu(None), tmp_path)
+    images = tmp_path / "img"
+    images.mkdir()
+
+    async def main() -> None:
+        await criu.check()
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        with pytest.raises(MoveError, match=r"criu dump failed: .*Error") as e:
+            await criu.dump(gone.pid, images)
+        assert "full log" in str(e.value) and (tmp_path / "criu-dump-failed.log").exists()
+        sleeper = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "setsid",
+                                    "sleep", "30"])
+        try:
+            wait_for(lambda: subprocess.run(["pgrep", "-P", str(sleeper.pid)],
+                                            capture_output=True).returncode == 0, 10,
+                     "the sleeper")
+            init = int(subprocess.run(["pgrep", "-P", str(sleeper.pid)],
+                                      capture_output=True, text=True).stdout.split()[0])
+            worker = await criu.prepare_dump(init, images)
+            worker.proc.kill()
+            await worker.proc.wait()
+            with pytest.raises(MoveError, match="criu dump failed"):
+                await criu.dump(init, images, worker=worker)
+            assert state(init) != "T"  # never frozen
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+
+    trio.run(main)
+
+
+@pytest.mark.skipif(REASON is not None, reason=str(REASON))
+def test_a_held_lazy_pages_starts_criu_only_when_told(tmp_path):
+    """Post-copy: lazy-pages' process is made before the job is frozen, CRIU itself runs
+    only once told (its images are there then); abandoned, it never ran."""
+    import socket
+
+    criu = Criu(find_criu(None))
+
+    async def main() -> None:
+        for told in (False, True):
+            images = tmp_path / f"img-{told}"
+            images.mkdir()
+            mine, theirs = socket.socketpair()
+            starting = await criu.start_lazy_pages(images, theirs.fileno(), held=True)
+            theirs.close()
+            await trio.sleep(0.3)
+            assert starting.proc.returncode is None
+            assert not (images / "lazy-pages.log").exists()  # CRIU has not run
+            if told:  # no images here: CRIU runs, and says it cannot start
+                with pytest.raises(MoveError, match="lazy-pages did not start"):
+                    await starting.ready()
+                assert (images / "lazy-pages.log").exists()
+            else:
+                await starting.abandon()
+                assert not (images / "lazy-pages.log").exists()
+            assert starting.proc.returncode is not None
+            mine.close()
+
+    trio.run(main)
