@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 FRAME = struct.Struct(">BI")
-FRAME_STDOUT, FRAME_STDERR, FRAME_END, FRAME_SIGNAL = 1, 2, 3, 6
+FRAME_STDOUT, FRAME_STDERR, FRAME_END, FRAME_NOTICE, FRAME_SIGNAL = 1, 2, 3, 4, 6
 FRAME_STDIN, FRAME_STDIN_EOF = 7, 8
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -72,6 +72,9 @@ def add_parsers(sub: Any) -> None:
                      help="the job may be killed and rerun from the start elsewhere")
     run.add_argument("--detach", action="store_true",
                      help="print the job id and return; see 'omuscd attach'")
+    run.add_argument("--checkpoint-every", metavar="DURATION",
+                     help="take a checkpoint of the job this often (30s, 10m, 1h30m): "
+                          "if the node running it dies, it goes on from the last one")
     run.add_argument("--stdin", action="store_true",
                      help="give the job this command's standard input (default: /dev/null); "
                      "such a job cannot migrate")
@@ -110,6 +113,15 @@ def dispatch(args: Any) -> int:
     for k in ("node", "among"):
         if getattr(args, k):
             placement += [f"--{k}", getattr(args, k)]
+    if args.checkpoint_every is not None:
+        from omuscd import duration
+
+        try:
+            duration.parse(args.checkpoint_every)
+        except ValueError as e:
+            print(f"omuscd run: --checkpoint-every: {e}", file=sys.stderr)
+            return 2
+        placement += ["--checkpoint-every", args.checkpoint_every]
     if args.stdin and args.detach:
         print("omuscd run: --stdin needs an attached client, not --detach", file=sys.stderr)
         return 2
@@ -232,6 +244,10 @@ def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False,
             if kind in out:
                 out[kind].write(payload)
                 out[kind].flush()
+            elif kind == FRAME_NOTICE:  # e.g. the job went back to its checkpoint
+                sys.stdout.flush()
+                print(f"omuscd: {payload.decode(errors='replace')}", file=sys.stderr,
+                      flush=True)
             elif kind == FRAME_END:
                 end = json.loads(payload)
                 if end["state"] == "lost":

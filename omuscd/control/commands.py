@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from omuscd import ids
+from omuscd import duration, ids
 from omuscd.config import TUNABLES, ConfigError
 from omuscd.control.protocol import (
     ATTACHED,
@@ -429,18 +429,33 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
     cwd = a.get("cwd") or env.get("HOME", "/")
     if not os.path.isabs(cwd):
         return err(BAD_ARGS, "--cwd must be an absolute path")
+    every = 0.0
+    if a.get("checkpoint-every"):
+        try:
+            every = duration.parse(a["checkpoint-every"])
+        except ValueError as e:
+            return err(BAD_ARGS, f"--checkpoint-every: {e}")
     job = await ctx.services.jobs.start(owner, argv, cwd, env, placement,
                                       stay=bool(a.get("stay")),
                                       restartable=bool(a.get("restartable")),
-                                      stdin=bool(a.get("stdin")))
+                                      stdin=bool(a.get("stdin")),
+                                      checkpoint_every=every)
     doc = {"job": job.id, "node": job.node, "name": job.node_name}
     if a["json"]:
         return json_reply(doc)
     return ok(f"job {job.id} started on {job.node_name} (id {job.node})")
 
 
-JOB_HEADER = ["JOB", "OWNER", "HOME", "NODE", "STATE", "CPU", "RSS", "MIG", "AGE", "COMMAND",
-              "NOTE"]
+JOB_HEADER = ["JOB", "OWNER", "HOME", "NODE", "STATE", "CPU", "RSS", "MIG", "AGE", "CKPT",
+              "COMMAND", "NOTE"]
+
+
+def checkpoint_note(checkpoint: dict[str, Any], now: float) -> str:
+    """A job's last checkpoint as ``AGE/SIZE`` (``12s/34M``), or ``-``."""
+    if not checkpoint:
+        return "-"
+    age = fmt_duration(max(0.0, now - float(checkpoint.get("time", now))))
+    return f"{age}/{float(checkpoint.get('size', 0)) / 1e6:.0f}M"
 
 
 async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
@@ -454,7 +469,8 @@ async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
     now = time.time()
     rows = [[j.id, j.owner.user, names(j.home), j.node_name, j.state, f"{j.cpu:.1f}s",
              f"{j.rss_mb:.0f}M", str(j.migrations), fmt_duration((j.ended or now) - j.started),
-             " ".join(j.argv)[:40], j.reason or j.exit_text() or j.cannot_move]
+             checkpoint_note(j.checkpoint, now), " ".join(j.argv)[:40],
+             j.reason or j.exit_text() or j.cannot_move]
             for j in jobs]
     return ok(*table(rows, JOB_HEADER), f"{len(jobs)} jobs")
 
@@ -467,7 +483,11 @@ async def h_job(ctx: Context, a: dict[str, Any]) -> Reply:
     view = job.view()
     if a["json"]:
         return json_reply(view)
-    return ok(*[f"{k}: {v}" for k, v in view.items()])
+    lines = [f"{k}: {v}" for k, v in view.items()]
+    if job.checkpoint:
+        lines.append(f"last checkpoint: {checkpoint_note(job.checkpoint, time.time())} "
+                     "(age/size)")
+    return ok(*lines)
 
 
 def parse_signal(text: str) -> int:
@@ -554,6 +574,10 @@ async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
     return ok(await ctx.services.jobs.act(a["job"], "migrate", uid, to=a["where"]))
 
 
+async def h_checkpoint(ctx: Context, a: dict[str, Any]) -> Reply:
+    return ok(await ctx.services.jobs.act(a["job"], "checkpoint", _need_identity(ctx)))
+
+
 async def h_expel(ctx: Context, a: dict[str, Any]) -> Reply:
     return ok(*await ctx.services.jobs.expel())
 
@@ -605,7 +629,7 @@ COMMANDS: dict[str, Command] = _cmds(
             json=True, rest="command",
             options=(Opt("best"), Opt("home"), Opt("node", "NODE", 64),
                      Opt("among", "LIST", 1024), Opt("stay"), Opt("restartable"),
-                     Opt("stdin"),
+                     Opt("stdin"), Opt("checkpoint-every", "DURATION", 32),
                      Opt("user", "USER", 64), Opt("cwd", "DIR", 4096),
                      Opt("env", "BASE64", 1 << 20), Opt("argv", "BASE64", 1 << 20)),
             rest_alt="argv",
@@ -614,6 +638,8 @@ COMMANDS: dict[str, Command] = _cmds(
                     "your home) with --env (base64 JSON; default a minimal one).\n"
                     "--stdin: its input comes from an attached client (binary frames);\n"
                     "otherwise /dev/null. Such a job cannot migrate.\n"
+                    "--checkpoint-every DURATION (30s, 10m, 1h30m; 1s to 30 days): a\n"
+                    "checkpoint that often (default: the tunable checkpoint_every).\n"
                     "--argv (base64 JSON list) may replace '-- COMMAND...' (for words\n"
                     "holding newlines). Only root may give --user. Answers with the job id."),
     Command("jobs", (), "the cluster's jobs, the same on every node (--all: also ended)",
@@ -658,6 +684,12 @@ COMMANDS: dict[str, Command] = _cmds(
                     "on the target at the same paths, and its PID must be free there\n"
                     "unless it is the init of its own PID namespace. The answer comes\n"
                     "when the move ends; signals sent meanwhile are held until then."),
+    Command("checkpoint", (Arg("job", kind="job"),), "take a checkpoint of your running "
+            "job now (it runs on)", h_checkpoint,
+            details="The job is frozen only while CRIU dumps it; its images go to its\n"
+                    "home, which keeps the last two. When the node running it dies, its\n"
+                    "home restores it from the latest on the best node that can take it.\n"
+                    "Refused with the reason when it cannot move (see migrate)."),
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),

@@ -243,6 +243,8 @@ class JobBooks:
                 self.book(self.home, job)
             if job.state in FINAL:
                 continue
+            if job.home == self.me:  # its checkpoints go on
+                self.moves.keep_checkpointed(job)
             if job.state == MIGRATING:  # cut short by the restart: it stayed at the source
                 job.transition(RUNNING)
             # what arrived before the restart is in the spool files, whatever the record

@@ -101,12 +101,14 @@ class HomeJobs(JobSignals):
 
     async def start(self, owner: Owner, argv: list[str], cwd: str, env: dict[str, str],
                     placement: Placement, stay: bool = False,
-                    restartable: bool = False, stdin: bool = False) -> Job:
+                    restartable: bool = False, stdin: bool = False,
+                    checkpoint_every: float = 0.0) -> Job:
         if self.host.security == "read-only" and placement.how != "home":
             placement = Placement("home")  # no key: no remote execution
         target, name = self.choose(placement)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
-                  restartable=restartable, stdin=stdin)
+                  restartable=restartable, stdin=stdin,
+                  checkpoint_every=checkpoint_every or self.host.cfg.checkpoint_every)
         self.envs[job.id] = env
         # counted at once: runs started concurrently must see each other's placements
         placed = (target, trio.current_time(), job.id)
@@ -128,6 +130,7 @@ class HomeJobs(JobSignals):
                               {"job": job.id, "node": target})])
         self.save(job)
         self._prune()
+        self.moves.keep_checkpointed(job)
         return job
 
     async def take_over(self, pid: int, where: str) -> str:
@@ -302,7 +305,8 @@ class HomeJobs(JobSignals):
                     if job.node != nid or job.state in FINAL:
                         continue
                     if ev.kind == "dead":
-                        self.mark_lost(job, f"node {job.node_name} {what}")
+                        if not self.moves.revive(job, f"node {job.node_name} {what}"):
+                            self.mark_lost(job, f"node {job.node_name} {what}")
                     else:  # its daemon stopped or restarted: the job may well run on
                         self._nursery().start_soon(self._lost_unless_back, job, nid, what)
 
@@ -310,7 +314,8 @@ class HomeJobs(JobSignals):
         """A job whose node's daemon left or restarted is lost only if that daemon does
         not take it up again in time (it keeps its guests' records too)."""
         await trio.sleep(2 * self.host.cfg.dead_timeout)
-        if job.state not in FINAL and job.node == nid and job.id not in self.links:
+        if job.state not in FINAL and job.node == nid and job.id not in self.links and \
+                not self.moves.revive(job, f"node {job.node_name} {what}"):
             self.mark_lost(job, f"node {job.node_name} {what} and did not take the job up "
                            "again")
 
@@ -331,6 +336,8 @@ class HomeJobs(JobSignals):
             else:
                 return await self._forward_act(home, job_id, action, uid, sig, to)
         self._may(job, uid)
+        if action == "checkpoint":
+            return await self.moves.checkpoint(job)
         if action == "migrate":
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
@@ -356,7 +363,8 @@ class HomeJobs(JobSignals):
         try:
             reply = await self.request(node, {"op": "act", "job": job_id, "action": action,
                                               "uid": uid, "sig": sig, "to": to},
-                                       QUERY_TIMEOUT if action != "migrate" else 300)
+                                       QUERY_TIMEOUT if action not in ("migrate", "checkpoint")
+                                       else 300)
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \
                 f"node {self.node_name(node)}"

@@ -73,6 +73,10 @@ class Mover(Protocol):
         killed."""
         ...
 
+    async def checkpoint(self, init_pid: int, images: Path) -> None:
+        """Write the job's images and leave it running (a checkpoint)."""
+        ...
+
     async def page_server(self, images: Path, pages: int) -> Any:
         """On the target: receive one dump's memory from the connected socket ``pages``
         into ``images``; returns once ready."""

@@ -469,6 +469,21 @@ class Criu:
                          await self._as_owner(init_pid), limit)
         self.lend(init_pid)
 
+    async def checkpoint(self, init_pid: int, images: Path) -> None:
+        """Dump a job that goes on running (``--leave-running``): a checkpoint.  The same
+        run as a move's dump (its user's real ids, real-time on the job's CPUs, bounded),
+        its file locks dumped and left where they are (nothing is lent: the job keeps
+        running here)."""
+        args = ["dump", "-t", str(init_pid), "-D", str(images), "--leave-running",
+                "--file-locks", "-o", "dump.log", "-v2"]
+        try:
+            cpus = os.sched_getaffinity(init_pid)
+        except OSError:
+            cpus = None
+        limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
+        await self._criu(args, images / "dump.log", (), cpus, await self._as_owner(init_pid),
+                         limit)
+
     def lend(self, init_pid: int) -> None:
         """Take the locks of the job just dumped (frozen) off it (see locks.LockLender)."""
         self.locks.lend(init_pid)

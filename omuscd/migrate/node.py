@@ -27,8 +27,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from omuscd.migrate.books import MoveBooks, MoveHost
+from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.home import MoveHome
 from omuscd.migrate.recovery import Recovery
+from omuscd.migrate.revive import Revival
 from omuscd.migrate.source import Source
 from omuscd.migrate.target import Target
 
@@ -48,6 +50,9 @@ class Migrations:
         self.target = Target(jc, host, self.books)
         self.home = MoveHome(jc, host, self.books, self.source)
         self.recovery = Recovery(jc, host, self.books, self.source, self.home)
+        self.checkpoints = Checkpoints(jc, host, self.books)
+        self.revival = Revival(jc, host, self.books, self.source, self.target,
+                               self.checkpoints.store)
 
     def listen(self, listener: Callable[[str], None]) -> None:
         """Hear of moves in and out (see omuscd.migrate.books: ARRIVED, LEFT, GIVEN_UP)."""
@@ -89,3 +94,16 @@ class Migrations:
 
     async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.source.serve_drop(ch, msg)
+
+    # checkpoints (omuscd.migrate.checkpoint, omuscd.migrate.revive)
+    async def checkpoint(self, job: Job) -> str:
+        return await self.checkpoints.checkpoint(job)
+
+    def keep_checkpointed(self, job: Job) -> None:
+        self.checkpoints.keep_checkpointed(job)
+
+    def revive(self, job: Job, why: str) -> bool:
+        return self.revival.revive(job, why)
+
+    async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.checkpoints.serve(ch, msg)
