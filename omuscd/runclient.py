@@ -253,6 +253,8 @@ def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False,
                 if end["state"] == "lost":
                     print(f"omuscd: {end['text']}", file=sys.stderr)
                     return EXIT_LOST
+                if end["state"] == "checkpointed":  # checkpoint --exit: resumable
+                    print(f"omuscd: {end['text']}", file=sys.stderr)
                 if end.get("exit") and "error" in end["exit"]:
                     print(f"omuscd: job {end['job']} on {end['node']}: {end['text']}",
                           file=sys.stderr)

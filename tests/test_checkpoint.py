@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import (
+    as_user,
     criu_problem,
     namespace_cluster,
     ordinary_user,
+    start_daemon,
     wait_for,
 )
 
@@ -40,13 +42,14 @@ print("done", flush=True)
 """
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def extra(i: int) -> list[str]:
     """Node a has no CRIU (a login node): its jobs are checkpointed where they run and
     kept at a, and restored elsewhere; b and c have CRIU."""
-    def extra(i: int) -> list[str]:
-        return ["--no-balancing", *(["--criu", "/nonexistent/criu"] if i == 0 else [])]
+    return ["--no-balancing", *(["--criu", "/nonexistent/criu"] if i == 0 else [])]
 
+
+@pytest.fixture(scope="module")
+def cluster():
     with namespace_cluster("abc", extra=extra, prefix=f"omk{os.getpid() % 10000}x",
                            open_to_all=True, leftovers="omuscd-ckpt-test") as c:
         n = c[3]
@@ -134,16 +137,18 @@ def survives(cluster, tmp: Path, tag: str, home: str, user=None) -> str:
     return str(view["node_name"])
 
 
-def restart_b(cluster) -> None:
-    from tests.cluster import start_daemon
-
+def restart(cluster, names: str = "b") -> None:
+    """Start the daemons ``names`` again (after a crash or a stop), as they were."""
     lan, work, key, n = cluster
-    n["b"] = start_daemon("b", ["--key-file", str(key), "--no-balancing"], work,
-                          netns=lan.ns(1))
-    os.chmod(n["b"].state_dir, 0o755)
-    for d in (n["a"], n["c"]):
-        wait_for(lambda d=d: all(x["state"] == "alive" for x in d.nodes().values()), 20,
-                 "b to be back")
+    for name in names:
+        i = "abc".index(name)
+        n[name] = start_daemon(name, ["--key-file", str(key), *extra(i)], work,
+                               netns=lan.ns(i))
+        os.chmod(n[name].state_dir, 0o755)
+    for d in n.values():
+        wait_for(lambda d=d: len(d.nodes()) == 2 and
+                 all(x["state"] == "alive" for x in d.nodes().values()), 20,
+                 f"{names} to be back")
 
 
 def test_a_roots_job_survives_the_death_of_its_node(cluster, tmp_path):
@@ -151,7 +156,7 @@ def test_a_roots_job_survives_the_death_of_its_node(cluster, tmp_path):
     try:
         assert survives(cluster, tmp_path, "omuscd-ckpt-test-root", "a") == "c"
     finally:
-        restart_b(cluster)
+        restart(cluster)
 
 
 def test_an_ordinary_users_job_survives_the_death_of_its_node(cluster):
@@ -165,4 +170,121 @@ def test_an_ordinary_users_job_survives_the_death_of_its_node(cluster):
             assert survives(cluster, tmp, "omuscd-ckpt-test-user", "c", user) == "c"
         finally:
             n["c"].ctl("noblock a")
-            restart_b(cluster)
+            restart(cluster)
+
+
+def ctl(node, *words: str, user=None) -> subprocess.CompletedProcess[bytes]:
+    argv = ["-m", "omuscd", "ctl", "--connect", node.socket, *words]
+    if user is None:
+        return subprocess.run([PY, *argv], capture_output=True, timeout=120)
+    return user.run([user.python, *argv])
+
+
+def test_checkpoint_on_demand_for_its_owner_only_the_last_two_kept(cluster):
+    _, _, _, n = cluster
+    tag = "omuscd-ckpt-test-demand"
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--node", "b",
+                        "--detach", "--", "sh", "-c",
+                        f"while :; do echo tick; sleep 0.2; done; : {tag}"],
+                       capture_output=True, cwd="/tmp", timeout=60)
+    job = r.stdout.decode().strip()
+    store = n["c"].state_dir / "spool" / job / "checkpoints"
+    try:
+        wait_for(lambda: job_view(n["c"], tag).get("state") == "running", 10, "the job")
+        time.sleep(1)  # started: its init leads its session
+        with ordinary_user("ckd") as user:
+            other = ctl(n["c"], "checkpoint", job, user=user)
+            assert other.returncode != 0 and b"belongs to root" in other.stderr, other
+            other = ctl(n["c"], "checkpoint", "--stop", job, user=user)
+            assert other.returncode != 0 and b"belongs to root" in other.stderr, other
+            assert not store.exists()
+            assert job_view(n["c"], tag)["state"] == "running"
+        for bad in ("../" + job, f"{job}/..", "1.1/../../x"):
+            r = n["c"].ctl(f"checkpoint {bad}")
+            assert r.code == 401, (bad, r)
+        assert n["c"].ctl("checkpoint --stop --exit " + job).code == 401
+        assert n["c"].ctl("checkpoint").code == 401  # a job, or --all
+        for _ in range(3):
+            r = n["c"].ctl(f"checkpoint {job}")
+            assert r.code == 200 and f"job {job} checkpointed on b" in r.text, r
+        assert sorted(os.listdir(store)) == ["2", "3"]
+        assert oct(store.stat().st_mode & 0o777) == "0o700" and store.stat().st_uid == 0
+        view = n["c"].json(f"job {job}")
+        assert view["checkpoint"]["seq"] == 3 and view["state"] == "running", view
+        listing = n["a"].ctl("jobs").text  # the same from any node
+        row = next(ln for ln in listing.splitlines() if ln.startswith(job))
+        assert "CKPT" in listing and "/" in row.split()[9], listing
+        # a node without CRIU cannot checkpoint the jobs it runs: refused, with why
+        r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                            "--detach", "--", "sleep", "30"], capture_output=True,
+                           cwd="/tmp", timeout=60)
+        here = r.stdout.decode().strip()
+        time.sleep(0.5)
+        r = n["a"].ctl(f"checkpoint {here}")
+        assert r.code == 500 and "migration is off" in r.text, r
+        n["a"].ctl(f"kill {here} KILL")
+        bad = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["c"].socket,
+                              "--checkpoint-every", "0", "--", "true"], capture_output=True)
+        assert bad.returncode == 2 and b"between 1s and 30 days" in bad.stderr, bad
+        r = n["c"].ctl("run --checkpoint-every 1x --cwd /tmp -- true")
+        assert r.code == 401 and "not a duration" in r.text, r
+    finally:
+        n["c"].ctl(f"kill {job} KILL")
+
+
+def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
+    """checkpoint --all --stop, every daemon stopped and started again, resume --all:
+    a root's and a user's job carry on, the output and appended files as uninterrupted."""
+    _, _, _, n = cluster
+    lines = "120"
+    argv = ["/usr/bin/python3", "-c", APPENDER]
+    with ordinary_user("ckr") as user:
+        work = user.home / "w"
+        as_user(user.uid, lambda: work.mkdir())
+        ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, "omuscd-ckpt-test-maint-r"],
+                             capture_output=True, timeout=60)
+        assert ref.returncode == 0
+        root_file, user_file = tmp_path / "root-out", work / "user-out"
+        p_root = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["c"].socket,
+                                   "--node", "b", "--", *argv, str(root_file), lines,
+                                   "omuscd-ckpt-test-maint-r"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, cwd="/tmp")
+        p_user = user.popen(user.run_argv(n["c"].socket, "--node", "b", "--", *argv,
+                                          str(user_file), lines, "omuscd-ckpt-test-maint-u"))
+        for tag in ("omuscd-ckpt-test-maint-r", "omuscd-ckpt-test-maint-u"):
+            wait_for(lambda tag=tag: job_view(n["c"], tag).get("state") == "running", 10,
+                     "the jobs")
+        time.sleep(2)
+        jobs = {tag: job_view(n["c"], tag)["id"]
+                for tag in ("omuscd-ckpt-test-maint-r", "omuscd-ckpt-test-maint-u")}
+        # a user's --all stops only their own job
+        mine = ctl(n["c"], "checkpoint", "--all", "--stop", user=user)
+        assert mine.returncode == 0 and jobs["omuscd-ckpt-test-maint-u"].encode() in mine.stdout
+        assert jobs["omuscd-ckpt-test-maint-r"].encode() not in mine.stdout, mine
+        assert job_view(n["c"], "omuscd-ckpt-test-maint-r")["state"] == "running"
+        assert ctl(n["c"], "checkpoint", "--all", "--stop").returncode == 0
+        for tag in jobs:
+            view = job_view(n["c"], tag)
+            assert view["state"] == "checkpointed" and view["node_name"] == "c", view
+        assert p_root.poll() is None and p_user.poll() is None  # they wait
+        sizes = (root_file.stat().st_size, user_file.stat().st_size)
+        time.sleep(1)
+        assert (root_file.stat().st_size, user_file.stat().st_size) == sizes  # stopped
+        for d in n.values():
+            d.stop()
+        assert p_root.wait(10) == 123 and p_user.wait(10) == 123  # lost their daemon
+        restart(cluster, "abc")
+        for tag in jobs:
+            assert job_view(n["c"], tag)["state"] == "checkpointed"
+        other = ctl(n["c"], "resume", jobs["omuscd-ckpt-test-maint-r"], user=user)
+        assert other.returncode != 0 and b"belongs to root" in other.stderr
+        assert job_view(n["c"], "omuscd-ckpt-test-maint-r")["state"] == "checkpointed"
+        r = ctl(n["c"], "resume", "--all")
+        assert r.returncode == 0 and r.stdout.count(b"resumed on") == 2, r
+        out = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", n["c"].socket,
+                              jobs["omuscd-ckpt-test-maint-r"]], capture_output=True, timeout=90)
+        assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
+        out = user.run([user.python, "-m", "omuscd", "attach", "--connect", n["c"].socket,
+                        jobs["omuscd-ckpt-test-maint-u"]])
+        assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
+        assert root_file.read_bytes() == user_file.read_bytes() == (tmp_path / "ref").read_bytes()

@@ -575,7 +575,35 @@ async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
 
 
 async def h_checkpoint(ctx: Context, a: dict[str, Any]) -> Reply:
-    return ok(await ctx.services.jobs.act(a["job"], "checkpoint", _need_identity(ctx)))
+    if a.get("stop") and a.get("exit"):
+        return err(BAD_ARGS, "choose one of --stop and --exit")
+    action = "checkpoint-stop" if a.get("stop") else \
+        "checkpoint-exit" if a.get("exit") else "checkpoint"
+    return await _one_or_all(ctx, a, action, "running")
+
+
+async def h_resume(ctx: Context, a: dict[str, Any]) -> Reply:
+    return await _one_or_all(ctx, a, "resume", "checkpointed", a.get("where") or "best")
+
+
+async def _one_or_all(ctx: Context, a: dict[str, Any], action: str, state: str,
+                      to: str = "") -> Reply:
+    """``action`` on the job named, or with --all on every job in ``state`` the session
+    may act on (root's: all of them), one after the other."""
+    uid = _need_identity(ctx)
+    jobs = ctx.services.jobs
+    if bool(a.get("all")) == bool(a.get("job")):
+        return err(BAD_ARGS, "name a job, or give --all")
+    if not a.get("all"):
+        return ok(await jobs.act(a["job"], action, uid, to=to))
+    out = []
+    for job in await jobs.cluster_jobs():
+        if job.state == state and uid in (0, job.owner.uid):
+            try:
+                out.append(await jobs.act(job.id, action, uid, to=to))
+            except JobError as e:
+                out.append(f"job {job.id}: {e}")
+    return ok(*out or [f"no {state} job of yours"])
 
 
 async def h_expel(ctx: Context, a: dict[str, Any]) -> Reply:
@@ -684,12 +712,22 @@ COMMANDS: dict[str, Command] = _cmds(
                     "on the target at the same paths, and its PID must be free there\n"
                     "unless it is the init of its own PID namespace. The answer comes\n"
                     "when the move ends; signals sent meanwhile are held until then."),
-    Command("checkpoint", (Arg("job", kind="job"),), "take a checkpoint of your running "
-            "job now (it runs on)", h_checkpoint,
+    Command("checkpoint", (Arg("job", kind="job", optional=True),), "take a checkpoint of "
+            "your running job now (it runs on, or --stop / --exit)", h_checkpoint,
+            options=(Opt("stop"), Opt("exit"), Opt("all")),
             details="The job is frozen only while CRIU dumps it; its images go to its\n"
                     "home, which keeps the last two. When the node running it dies, its\n"
                     "home restores it from the latest on the best node that can take it.\n"
-                    "Refused with the reason when it cannot move (see migrate)."),
+                    "--stop: then the job stops, its node freed; it waits as\n"
+                    "checkpointed ('resume'). --exit: the same, and attached clients end.\n"
+                    "--all: every running job you may act on (root: all), e.g. before\n"
+                    "stopping every daemon. Refused with the reason when it cannot move."),
+    Command("resume", (Arg("job", kind="job", optional=True),
+                       Arg("where", kind="node", optional=True)),
+            "run your checkpointed job again from its checkpoint: on a node, home, or best "
+            "(default)", h_resume, options=(Opt("all"),),
+            details="--all: every checkpointed job you may act on (root: all), each on\n"
+                    "the best node. Checkpoints survive a restart of the home daemon."),
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True),

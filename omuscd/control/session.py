@@ -33,7 +33,7 @@ from omuscd.control.protocol import (
     Reply,
 )
 from omuscd.control.services import Services
-from omuscd.jobs.record import FINAL, LOST, JobError
+from omuscd.jobs.record import CHECKPOINTED, FINAL, LOST, JobError
 from omuscd.version import VERSION_STRING
 
 log = logging.getLogger("omuscd.control")
@@ -346,8 +346,8 @@ class Session:
                         break
                     offsets[stream] += len(data)
                     yield stream, data
-            if job.state in FINAL:
-                yield None
+            if job.state in FINAL or (job.state == CHECKPOINTED and job.ended):
+                yield None  # ended (checkpoint --exit: for now)
                 return
             await changed.wait()
 
@@ -364,6 +364,9 @@ class Session:
                "node": job.node_name}
         if job.state == LOST:
             doc["text"] = f"job {job.id} lost: {job.reason}"
+        if job.state == CHECKPOINTED:
+            doc["text"] = (f"job {job.id} was checkpointed and ended: 'omuscd ctl resume "
+                           f"{job.id}' resumes it, 'omuscd attach {job.id}' follows it")
         return doc
 
     async def _attach_binary(self, reader: LineReader, job: Any, follow: bool) -> None:

@@ -24,7 +24,17 @@ from omuscd.cluster.view import ClusterView
 from omuscd.events import Event
 from omuscd.jobs.host import Unwired
 from omuscd.jobs.process import adopt, starting, watch
-from omuscd.jobs.record import FINAL, KEEP_EXITED, LOST, MIGRATING, RUNNING, Job, JobError, Owner
+from omuscd.jobs.record import (
+    CHECKPOINTED,
+    FINAL,
+    KEEP_EXITED,
+    LOST,
+    MIGRATING,
+    RUNNING,
+    Job,
+    JobError,
+    Owner,
+)
 from omuscd.jobs.spool import Spool
 
 if TYPE_CHECKING:
@@ -242,6 +252,8 @@ class JobBooks:
             else:
                 self.book(self.home, job)
             if job.state in FINAL:
+                continue
+            if job.state == CHECKPOINTED:  # stopped: it waits for 'resume'
                 continue
             if job.home == self.me:  # its checkpoints go on
                 self.moves.keep_checkpointed(job)

@@ -26,6 +26,7 @@ from omuscd.jobs.books import QUERY_TIMEOUT, home_of
 from omuscd.jobs.held import JobSignals
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
 from omuscd.jobs.record import (
+    CHECKPOINTED,
     EXITED,
     FINAL,
     RUNNING,
@@ -336,8 +337,8 @@ class HomeJobs(JobSignals):
             else:
                 return await self._forward_act(home, job_id, action, uid, sig, to)
         self._may(job, uid)
-        if action == "checkpoint":
-            return await self.moves.checkpoint(job)
+        if action in ("checkpoint", "checkpoint-stop", "checkpoint-exit", "resume"):
+            return await self.moves.checkpoint(job, action, to)
         if action == "migrate":
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
@@ -348,6 +349,8 @@ class HomeJobs(JobSignals):
                 raise JobError(f"job {job.id} has already ended ({job.state})")
             if not 1 <= sig <= 64:
                 raise JobError(f"no signal {sig}")
+            if job.state == CHECKPOINTED:  # stopped: it ends here, as if it ran
+                return self.moves.end_checkpointed(job, sig)
             if self.must_hold(job):
                 return self.hold(job, sig)
             await self._send_signal(job, uid, sig)
@@ -363,7 +366,7 @@ class HomeJobs(JobSignals):
         try:
             reply = await self.request(node, {"op": "act", "job": job_id, "action": action,
                                               "uid": uid, "sig": sig, "to": to},
-                                       QUERY_TIMEOUT if action not in ("migrate", "checkpoint")
+                                       QUERY_TIMEOUT if action in ("kill", "stay", "nostay")
                                        else 300)
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \

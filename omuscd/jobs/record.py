@@ -22,7 +22,9 @@ from omuscd import ids
 
 RUNNING, MIGRATING, EXITED, LOST = "running", "migrating", "exited", "lost"
 MOVED = "moved"  # on the node a job left: its record there is finished
-JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST)
+#: at its home: stopped after a checkpoint (checkpoint --stop/--exit), waiting for 'resume'
+CHECKPOINTED = "checkpointed"
+JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST, CHECKPOINTED)
 FINAL = (EXITED, LOST, MOVED)
 STDOUT, STDERR = 1, 2
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}

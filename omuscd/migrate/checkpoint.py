@@ -38,7 +38,17 @@ from omuscd.cluster.rpc import error_text, refusal
 from omuscd.events import Event
 from omuscd.jobs.checkpoints import CheckpointStore, Pending
 from omuscd.jobs.process import starting, tree_usage
-from omuscd.jobs.record import FINAL, RUNNING, STDERR, STDOUT, Job, JobError
+from omuscd.jobs.record import (
+    CHECKPOINTED,
+    EXITED,
+    FINAL,
+    MOVED,
+    RUNNING,
+    STDERR,
+    STDOUT,
+    Job,
+    JobError,
+)
 from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.transfer import (
@@ -78,17 +88,22 @@ def _state(pid: int) -> str:
 async def stop_tree(init: int) -> list[int]:
     """SIGSTOP every process of the job whose init is ``init`` until all stand still
     (a process forked meanwhile is stopped too); their pids.  MoveError if they do not
-    stop within STOP_TIMEOUT (then they are let go on)."""
+    stop within STOP_TIMEOUT (then they are let go on).  Each gets one SIGSTOP: a second
+    one, sent to a process already stopped, would stay pending and interrupt CRIU's
+    parasite in it ("Unexpected task interruption")."""
     deadline = trio.current_time() + STOP_TIMEOUT
+    sent: set[int] = set()
     while True:
         pids = tree(init)
         if not pids:
             raise MoveError("the job has no process here")
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
+            if pid not in sent:
+                sent.add(pid)
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
         if all(_state(p) in ("T", "t", "Z", "X", "") for p in pids) and tree(init) == pids:
             return pids
         if trio.current_time() > deadline:
@@ -139,9 +154,10 @@ class Checkpoints:
         self.every: set[str] = set()  # jobs with a periodic task
 
     # ------------------------------------------------------------- the running node
-    async def take(self, job: Job) -> tuple[Path, dict[str, Any]]:
+    async def take(self, job: Job, hold: bool = False) -> tuple[Path, dict[str, Any]]:
         """Dump ``job`` (running here) leaving it running: its images directory (the
-        caller removes it) and the checkpoint's meta.  JobError saying why not."""
+        caller removes it) and the checkpoint's meta.  JobError saying why not.
+        ``hold``: the job stays stopped after the dump, until :meth:`release`."""
         mover = self.host.mover
         if not mover.available:
             raise JobError(f"cannot checkpoint: migration is {mover.describe()} on "
@@ -164,7 +180,7 @@ class Checkpoints:
         try:
             images = self.books.images_dir(f"{job.id}.ckpt")
             try:
-                meta = await self._dump(job, images)
+                meta = await self._dump(job, images, hold)
             except BaseException:
                 shutil.rmtree(images, ignore_errors=True)
                 raise
@@ -172,7 +188,7 @@ class Checkpoints:
         finally:
             self.books.moving.discard(key)
 
-    async def _dump(self, job: Job, images: Path) -> dict[str, Any]:
+    async def _dump(self, job: Job, images: Path, hold: bool) -> dict[str, Any]:
         spool = self.jc.spool
         ours: set[tuple[int, int]] = set()
         for p in (spool.path(job.id, STDOUT), spool.path(job.id, STDERR),
@@ -189,17 +205,21 @@ class Checkpoints:
             taken = time.time()
             try:
                 pids = await stop_tree(init)
+                dumped = False
                 try:
                     files = written_files(pids[1:], ours)
                     out = spool.ends(job.id)
                     used, _ = tree_usage(init)
                     await self.host.mover.checkpoint(init, images)
+                    dumped = True
                 finally:
-                    signal_tree(init, signal.SIGCONT)
+                    if not (hold and dumped):
+                        signal_tree(init, signal.SIGCONT)
             except MoveError as e:
                 raise JobError(f"checkpoint of job {job.id} failed, it runs on: {e}") from None
             freeze = trio.current_time() - frozen
-        self.host.sampler.resumed(tree(init))
+        if not hold:
+            self.host.sampler.resumed(tree(init))
         log.info("job %s checkpointed: frozen %.3fs; %d files open for writing", job.id,
                  freeze, len(files))
         return {"time": taken, "freeze": round(freeze, 4), "node": self.jc.me,
@@ -209,67 +229,155 @@ class Checkpoints:
                           "stderr": str(spool.path(job.id, STDERR)),
                           "status": str(spool.dir(job.id) / "status")}}
 
+    def release(self, job: Job, stop: bool) -> None:
+        """After a checkpoint taken with ``hold``: the job goes on (SIGCONT), or ``stop``:
+        it is killed here without an end of its own (it waits at its home as
+        checkpointed; its record here, if a guest's, is finished)."""
+        if job.pid is None:
+            return
+        if not stop:
+            signal_tree(job.pid, signal.SIGCONT)
+            self.host.sampler.resumed(tree(job.pid))
+            return
+        job.node_changed = True  # its watcher records no end
+        for victim in (job.launcher, job.pid):
+            if victim is not None:
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.host.jobs_changed()
+        if job.id in self.jc.guests:
+            job.transition(MOVED, node=job.home, reason="checkpointed and stopped")
+            self.jc.guests.pop(job.id, None)
+        log.info("job %s stopped after its checkpoint", job.id)
+
     async def serve(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``checkpoint`` (the home asks the node running its job): ``checkpoint``
-        with the meta, the images (``file`` + data), then ``done``; or a refusal."""
+        with the meta, the images (``file`` + data), then ``done``; or a refusal.  With
+        ``stop``, the job stays stopped until the home says ``stop`` (it is killed,
+        answered ``stopped``) or anything else (it goes on)."""
         job = self.jc.find(str(msg.get("job")))
         if job is None or job.node != self.jc.me or job.home != ch.peer_id:
             await ch.send(refusal(f"job {msg.get('job')} does not run on {self.host.name} "
                                   "for that home"))
             return
+        stop = msg.get("stop") is True
         try:
-            images, meta = await self.take(job)
+            images, meta = await self.take(job, hold=stop)
         except JobError as e:
             await ch.send(refusal(str(e), "failed"))
             return
+        stopped = False
         try:
             await ch.send({"op": "checkpoint", "meta": meta})
             for f in sorted(images.iterdir()):
                 if f.suffix != ".log":
                     await send_file(ch, "file", f.name, f)
             await ch.send({"op": "done"})
+            if stop:
+                with trio.fail_after(RESTORE_TIMEOUT):
+                    stopped = (await ch.receive_msg()).get("op") == "stop"
+                if stopped:
+                    self.release(job, stop=True)
+                    await ch.send({"op": "stopped"})
+        except (ChannelError, trio.TooSlowError, OSError) as e:
+            log.warning("job %s: checkpoint cut short: %s", job.id, e)
         finally:
             shutil.rmtree(images, ignore_errors=True)
+            if stop and not stopped:
+                self.release(job, stop=False)
 
     # ------------------------------------------------------------------- the home
-    async def checkpoint(self, job: Job) -> str:
+    async def checkpoint(self, job: Job, action: str = "checkpoint") -> str:
         """Take a checkpoint of a job of this home, wherever it runs; what happened, for
-        the user.  JobError if none could be taken (the job runs on)."""
+        the user.  JobError if none could be taken (the job runs on).  ``action``
+        checkpoint-stop / checkpoint-exit: then the job is stopped (killed where it ran,
+        after its checkpoint is kept here) and waits as CHECKPOINTED for ``resume``;
+        -exit also ends its attached clients."""
         if job.home != self.jc.me:
             raise JobError(f"job {job.id}: its home node is unreachable; no checkpoint now")
         if job.state != RUNNING:
             raise JobError(f"job {job.id} is {job.state}")
+        if job.stdin:
+            raise JobError(f"job {job.id} cannot be checkpointed: its standard input is a "
+                           "pipe from omuscd run (--stdin)")
         if job.id in self.books.moving:
             raise JobError(f"job {job.id} is moving; a checkpoint waits for its end")
+        stop = action in ("checkpoint-stop", "checkpoint-exit")
+        node_name = job.node_name
         self.books.moving.add(job.id)  # one move or checkpoint at a time; signals held
         try:
-            summary = await self._checkpoint(job)
+            summary = await self._checkpoint(job, stop)
+            if stop:
+                job.transition(CHECKPOINTED, node=self.jc.me, node_name=self.host.name,
+                               pid=None, launcher=None, checkpoint=summary,
+                               ended=time.time() if action == "checkpoint-exit" else None)
         finally:
             self.books.moving.discard(job.id)
             self.jc.release_held(job)
         job.checkpoint = summary
         self.jc.save(job)
         job.notify()
-        text = (f"job {job.id} checkpointed on {job.node_name}: {summary['size'] / 1e6:.1f} "
+        text = (f"job {job.id} checkpointed on {node_name}: {summary['size'] / 1e6:.1f} "
                 f"MB, frozen {summary['freeze']:.3f}s")
+        if stop:
+            text += (f"; {'ended' if action == 'checkpoint-exit' else 'stopped'}: "
+                     f"'resume {job.id}' resumes it")
         self.host.publish([Event("checkpoint", text, {"job": job.id, **summary})])
         return text
 
-    async def _checkpoint(self, job: Job) -> dict[str, Any]:
+    async def _checkpoint(self, job: Job, stop: bool) -> dict[str, Any]:
         with self.store.begin(job.id) as pending:
             if job.node == self.jc.me:
-                meta = await self._take_here(job, pending)
-            else:
-                meta = await self._fetch(job, pending)
+                meta = await self._take_here(job, pending, stop)
+                return await self._keep(job, pending, meta, stop, None)
+            ch, meta = await self._fetch(job, pending, stop)
+            try:
+                return await self._keep(job, pending, meta, stop, ch)
+            finally:
+                await ch.aclose()
+
+    async def _keep(self, job: Job, pending: Pending, meta: dict[str, Any], stop: bool,
+                    ch: Channel | None) -> dict[str, Any]:
+        """Keep the checkpoint once the output here has reached it; a job stopped for
+        it (``stop``) is then killed where it ran (``ch``: over the channel that brought
+        the checkpoint), or let go on if it could not be kept."""
+        kept = False
+        try:
             await self._output_reached(job, meta)
+            if stop:
+                self.jc.stop_following(job.id)  # nothing more comes from where it ran
             try:
                 summary = self.store.commit(job.id, pending, meta)
             except OSError as e:
                 raise JobError(f"job {job.id}: cannot keep its checkpoint: {e}") from None
+            kept = True
+        finally:
+            if stop and ch is None:
+                self.release(job, stop=kept)
+            elif stop and ch is not None:
+                await self._stop_there(job, ch, kept)
         return {**summary, "freeze": meta.get("freeze", 0.0)}
 
-    async def _take_here(self, job: Job, pending: Pending) -> dict[str, Any]:
-        images, meta = await self.take(job)
+    async def _stop_there(self, job: Job, ch: Channel, kept: bool) -> None:
+        """Tell the node running the job to kill it (kept) or let it go on."""
+        try:
+            await ch.send({"op": "stop" if kept else "go-on"})
+            if kept:
+                with trio.fail_after(STEP_TIMEOUT):
+                    if (await ch.receive_msg()).get("op") == "stopped":
+                        return
+                raise JobError("no answer")
+        except (ChannelError, trio.TooSlowError, JobError) as e:
+            if kept:
+                log.warning("job %s: %s did not confirm it stopped it (%s); it is "
+                            "checkpointed here all the same", job.id, job.node_name, e)
+        if not kept:
+            self.jc.follow(job, anew=True)
+
+    async def _take_here(self, job: Job, pending: Pending, stop: bool) -> dict[str, Any]:
+        images, meta = await self.take(job, hold=stop)
         try:
             d = os.open(images, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
@@ -280,18 +388,26 @@ class Checkpoints:
                 os.close(d)
         except OSError as e:
             raise JobError(f"job {job.id}: cannot keep its checkpoint: {e}") from None
+        except BaseException:
+            if stop:
+                self.release(job, stop=False)
+            raise
         finally:
             shutil.rmtree(images, ignore_errors=True)
         return meta
 
-    async def _fetch(self, job: Job, pending: Pending) -> dict[str, Any]:
-        """Have the node running the job take a checkpoint; its images into ``pending``."""
+    async def _fetch(self, job: Job, pending: Pending,
+                     stop: bool) -> tuple[Channel, dict[str, Any]]:
+        """Have the node running the job take a checkpoint; its images into ``pending``.
+        The channel stays open (the caller closes it): a job stopped for the checkpoint
+        (``stop``) waits on it for its fate."""
         try:
             ch = await self.jc.connect(job.node)
         except ChannelError as e:
             raise JobError(f"cannot reach node {job.node_name}: {e}") from None
         try:
-            await ch.send({"op": "checkpoint", "job": job.id})
+            await ch.send({"op": "checkpoint", "job": job.id,
+                           **({"stop": True} if stop else {})})
             with trio.fail_after(RESTORE_TIMEOUT):
                 reply = await ch.receive_msg()
             if reply.get("op") != "checkpoint" or not isinstance(reply.get("meta"), dict):
@@ -301,7 +417,7 @@ class Checkpoints:
                 with trio.fail_after(STEP_TIMEOUT):
                     m = await ch.receive_msg()
                 if m.get("op") == "done":
-                    return meta
+                    return ch, meta
                 if m.get("op") != "file":
                     raise JobError(f"unexpected {str(m.get('op'))[:20]!r}")
                 name = image_name(m.get("name"))
@@ -309,9 +425,11 @@ class Checkpoints:
                     await receive_file(ch, f, name, int(m["size"]))
                     pending.size += int(m["size"])
         except (ChannelError, trio.TooSlowError, OSError, KeyError, ValueError) as e:
-            raise JobError(f"checkpoint of job {job.id} failed: {e or 'timeout'}") from None
-        finally:
             await ch.aclose()
+            raise JobError(f"checkpoint of job {job.id} failed: {e or 'timeout'}") from None
+        except BaseException:
+            await ch.aclose()
+            raise
 
     async def _output_reached(self, job: Job, meta: dict[str, Any]) -> None:
         """Wait until this home has the output the job had written at the checkpoint (it
@@ -329,6 +447,15 @@ class Checkpoints:
             raise JobError(f"job {job.id}: its output did not reach its home in time; "
                            "checkpoint dropped")
 
+    def end_checkpointed(self, job: Job, sig: int) -> str:
+        """A signal for a checkpointed job (it runs nowhere): it ends, killed by it, and
+        its checkpoints go."""
+        job.exit = {"signal": sig}
+        job.transition(EXITED, ended=time.time())
+        self.store.remove(job.id)
+        self.jc.finished(job)
+        return f"job {job.id} was checkpointed; it ended with signal {sig}"
+
     def keep_checkpointed(self, job: Job) -> None:
         """Take a checkpoint of ``job`` every ``job.checkpoint_every`` seconds while it
         runs (a task per job; none for a job without an interval)."""
@@ -344,6 +471,10 @@ class Checkpoints:
                 await trio.sleep(max(0.2, next_at - time.time()))
                 if job.state in FINAL:
                     return
+                if job.state == CHECKPOINTED:  # stopped: the clock starts again on resume
+                    await job.changed.wait()
+                    next_at = time.time() + every
+                    continue
                 if job.state != RUNNING or job.id in self.books.moving:
                     next_at = time.time() + min(1.0, every)  # after the move
                     continue

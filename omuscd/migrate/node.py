@@ -96,8 +96,13 @@ class Migrations:
         await self.source.serve_drop(ch, msg)
 
     # checkpoints (omuscd.migrate.checkpoint, omuscd.migrate.revive)
-    async def checkpoint(self, job: Job) -> str:
-        return await self.checkpoints.checkpoint(job)
+    async def checkpoint(self, job: Job, action: str, to: str = "") -> str:
+        if action == "resume":
+            return await self.revival.resume(job, to or "best")
+        return await self.checkpoints.checkpoint(job, action)
+
+    def end_checkpointed(self, job: Job, sig: int) -> str:
+        return self.checkpoints.end_checkpointed(job, sig)
 
     def keep_checkpointed(self, job: Job) -> None:
         self.checkpoints.keep_checkpointed(job)

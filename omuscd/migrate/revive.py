@@ -36,7 +36,16 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
 from omuscd.jobs.checkpoints import META, CheckpointStore
-from omuscd.jobs.record import FINAL, STDERR, STDOUT, STREAM_FILES, Job, JobError
+from omuscd.jobs.record import (
+    CHECKPOINTED,
+    FINAL,
+    RUNNING,
+    STDERR,
+    STDOUT,
+    STREAM_FILES,
+    Job,
+    JobError,
+)
 from omuscd.jobs.spool import open_private
 from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
@@ -112,14 +121,15 @@ class Revival:
             self.books.moving.discard(job.id)
             self.jc.release_held(job)
 
-    async def _each_checkpoint(self, job: Job) -> str | None:
-        """Try the latest checkpoint on each candidate, best first, then the one before;
-        None once the job runs again, else what went wrong."""
+    async def _each_checkpoint(self, job: Job, targets: list[int] | None = None) -> str | None:
+        """Try the latest checkpoint on each candidate (``targets``, else the best
+        first), then the one before; None once the job runs again, else what went
+        wrong."""
         tried: list[str] = []
         found = self.store.latest(job.id)
         while found is not None:
             seq, meta = found
-            for node in self._targets(job):
+            for node in targets if targets is not None else self._targets(job):
                 name = self.jc.node_name(node)
                 try:
                     await self.restore(job, node, seq, meta)
@@ -131,6 +141,47 @@ class Revival:
                     tried.append(f"{name}: {e}")
             found = self.store.latest(job.id, before=seq)
         return "; ".join(tried)[:600] or "no node can take it"
+
+    async def resume(self, job: Job, where: str) -> str:
+        """``resume JOB [NODE|home|best]``: a checkpointed job of this home runs again from
+        its latest checkpoint, there (best: the best node that can take it, the one rule;
+        home included)."""
+        if job.state != CHECKPOINTED:
+            raise JobError(f"job {job.id} is {job.state}, not checkpointed")
+        if job.id in self.books.moving:
+            raise JobError(f"job {job.id} is being resumed already")
+        targets = self._where(job, where)
+        self.books.moving.add(job.id)
+        try:
+            failed = await self._each_checkpoint(job, targets)
+        finally:
+            self.books.moving.discard(job.id)
+            self.jc.release_held(job)
+        if failed is not None:
+            raise JobError(f"job {job.id} stays checkpointed: {failed}")
+        return f"job {job.id} resumed on {job.node_name}"
+
+    def _where(self, job: Job, where: str) -> list[int]:
+        """The nodes ``where`` names for a resume, best first; JobError if none may."""
+        if where == "best":
+            targets = self._targets(job)
+            if not targets:
+                raise JobError("no node can take the job now")
+            return targets
+        if where in ("home", str(self.jc.me), self.host.name):
+            node = self.jc.me
+        else:
+            try:
+                found = self.host.members.find(where)
+            except ValueError as e:
+                raise JobError(str(e)) from None
+            if found is None:
+                raise JobError(f"no node {where[:40]!r}")
+            node = found.id
+        why = self.jc.view.why_not(node, moved=True, home=job.home, rss_mb=job.rss_mb)
+        if why:
+            raise JobError(f"node {self.jc.node_name(node)} cannot take the job: {why}")
+        return [node]
 
     def _targets(self, job: Job) -> list[int]:
         """The nodes that may take the job, best first (the one rule, the home included)."""
@@ -151,8 +202,8 @@ class Revival:
             await self._restore_there(job, node, seq, meta)
             job.revived += 1
             job.revived_to = float(meta["time"])
-            job.transition(job.state, node=node, node_name=self.jc.node_name(node),
-                           cpu_moved=float(meta.get("cpu", job.cpu_moved)))
+            job.transition(RUNNING, node=node, node_name=self.jc.node_name(node),
+                           cpu_moved=float(meta.get("cpu", job.cpu_moved)), ended=None)
             self.jc.follow(job, anew=True)  # from the end of what this home has
         self._said(job, node, meta)
 
@@ -205,6 +256,7 @@ class Revival:
                 raise
             job.revived += 1
             job.revived_to = float(meta["time"])
+            job.ended = None
             signal_tree(pid, signal.SIGCONT)
             self.host.sampler.resumed(tree(pid))
             self.target._adopted(job, pid)
