@@ -288,3 +288,33 @@ def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
                         jobs["omuscd-ckpt-test-maint-u"]])
         assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
         assert root_file.read_bytes() == user_file.read_bytes() == (tmp_path / "ref").read_bytes()
+
+
+def test_a_job_at_its_home_goes_back_to_its_checkpoint_when_the_home_starts_again(cluster,
+                                                                                  tmp_path):
+    """The home is the machine that lost power, with the job on it: when its daemon
+    starts again, the job goes on from its last checkpoint; attach shows every byte once."""
+    lan, _, _, n = cluster
+    tag, lines = "omuscd-ckpt-test-homedies", "120"
+    argv = ["/usr/bin/python3", "-c", APPENDER]
+    ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, tag], capture_output=True,
+                         timeout=60)
+    file = tmp_path / "out"
+    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--home",
+                          "--checkpoint-every", "3s", "--", *argv, str(file), lines, tag],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+    wait_for(lambda: checkpoint_taken(n["c"], tag), 20, "a checkpoint of the job")
+    job = job_view(n["c"], tag)["id"]
+    time.sleep(1)
+    victims = netns_pids(lan.ns(2))
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    n["c"].popen.wait()
+    assert p.wait(10) == 123
+    restart(cluster, "c")
+    out = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", n["c"].socket, job],
+                         capture_output=True, timeout=90)
+    assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
+    assert file.read_bytes() == (tmp_path / "ref").read_bytes()
+    view = n["c"].json(f"job {job}")
+    assert view["revived"] == 1 and view["state"] == "exited", view

@@ -643,7 +643,8 @@ COMMANDS: dict[str, Command] = _cmds(
             h_watch, json=True, options=(Opt("recent", "N", 6),),
             details="Events: join, leave, dead, suspect, alive, restart, clash,\n"
                     "incompatible, forget, config, job-start, job-exit, job-lost,\n"
-                    "migrating, migrated, migration-failed, balance, reclaim, warning.\n"
+                    "migrating, migrated, migration-failed, checkpoint, revived,\n"
+                    "balance, reclaim, warning.\n"
                     "Ctrl-C (telnet IAC IP) stops too. --recent N first replays the\n"
                     "last N events (up to 200 are kept)."),
     Command("auth", (Arg("response", max_len=64),), "answer the password challenge",

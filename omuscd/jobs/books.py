@@ -264,6 +264,10 @@ class JobBooks:
             job.offsets.update(self.spool.ends(job.id))
             if job.node == self.me and job.id in marks:  # frozen by a move cut short
                 self._nursery().start_soon(self.moves.settle, job, marks.pop(job.id))
+            elif job.node == self.me and job.home == self.me and job.checkpoint and not (
+                    job.pid is not None and is_job_init(job.pid)) and self.moves.revive(
+                    job, "it ran here and did not outlive this node's restart"):
+                pass  # the machine went down with it: back to its checkpoint
             elif job.node == self.me:
                 self.watch_again(job)
             else:

@@ -247,8 +247,9 @@ class HomeJobs(JobSignals):
                 await trio.sleep(0.2)
         node = self.host.members.nodes.get(job.node)
         if node is None or node.state != ALIVE:
-            self.mark_lost(job, f"node {job.node_name} was not heard from after this daemon "
-                           "restarted")
+            why = f"node {job.node_name} was not heard from after this daemon restarted"
+            if not self.moves.revive(job, why):
+                self.mark_lost(job, why)
             return
         await self._follow(job, None)
 
