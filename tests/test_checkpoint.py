@@ -134,6 +134,7 @@ def survives(cluster, tmp: Path, tag: str, home: str, user=None) -> str:
     view = job_view(n[home], tag)
     assert view["state"] == "exited" and view["node_name"] != "b" and view["revived"] == 1, \
         view
+    assert not (n[home].state_dir / "spool" / view["id"] / "checkpoints").exists()
     return str(view["node_name"])
 
 

@@ -22,6 +22,7 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE, SUSPECT
 from omuscd.cluster.view import ClusterView
 from omuscd.events import Event
+from omuscd.jobs.checkpoints import CheckpointStore
 from omuscd.jobs.host import Unwired
 from omuscd.jobs.process import adopt, starting, watch
 from omuscd.jobs.record import (
@@ -54,6 +55,7 @@ class JobBooks:
     def __init__(self, host: Host):
         self.host = host
         self.spool = Spool(host.cfg.state_dir)
+        self.checkpoints = CheckpointStore(self.spool)  # of the jobs of this home
         self.view = ClusterView(host.members, host.mover)
         self.home: dict[str, Job] = {}
         self.guests: dict[str, Job] = {}
@@ -147,7 +149,9 @@ class JobBooks:
         table[job.id] = job
 
     def finished(self, job: Job) -> None:
-        """Tell that a job of this home ended (its record was kept by its transition)."""
+        """Tell that a job of this home ended (its record was kept by its transition);
+        its checkpoints go (they are of no use now, and may be big)."""
+        self.checkpoints.remove(job.id)
         self.host.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
                               f"{job.node_name}", {"job": job.id,
                                                    "status": job.status_code()})])
@@ -312,6 +316,7 @@ class JobBooks:
         job.transition(LOST, ended=time.time(),
                        reason=f"{reason} at {time.strftime('%H:%M:%S')}")
         self.stop_following(job.id)
+        self.checkpoints.remove(job.id)
         self.host.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
                               {"job": job.id, "reason": job.reason})])
 

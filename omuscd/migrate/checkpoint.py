@@ -150,8 +150,16 @@ class Checkpoints:
         self.jc = jc
         self.host = host
         self.books = books
-        self.store = CheckpointStore(jc.spool)
+        self.store: CheckpointStore = jc.checkpoints
         self.every: set[str] = set()  # jobs with a periodic task
+        self.taking: dict[str, trio.CancelScope] = {}  # checkpoints under way, by job
+
+    def cancel(self, job_id: str) -> None:
+        """Cut short a checkpoint of this job under way (its node died: the channel to it
+        might only time out)."""
+        scope = self.taking.get(job_id)
+        if scope is not None:
+            scope.cancel()
 
     # ------------------------------------------------------------- the running node
     async def take(self, job: Job, hold: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -308,12 +316,18 @@ class Checkpoints:
         node_name = job.node_name
         self.books.moving.add(job.id)  # one move or checkpoint at a time; signals held
         try:
-            summary = await self._checkpoint(job, stop)
+            with trio.CancelScope() as scope:
+                self.taking[job.id] = scope
+                summary = await self._checkpoint(job, stop)
+            if scope.cancelled_caught:
+                raise JobError(f"the checkpoint of job {job.id} was cut short: "
+                               f"{job.node_name} is gone")
             if stop:
                 job.transition(CHECKPOINTED, node=self.jc.me, node_name=self.host.name,
                                pid=None, launcher=None, checkpoint=summary,
                                ended=time.time() if action == "checkpoint-exit" else None)
         finally:
+            self.taking.pop(job.id, None)
             self.books.moving.discard(job.id)
             self.jc.release_held(job)
         job.checkpoint = summary
@@ -452,8 +466,7 @@ class Checkpoints:
         its checkpoints go."""
         job.exit = {"signal": sig}
         job.transition(EXITED, ended=time.time())
-        self.store.remove(job.id)
-        self.jc.finished(job)
+        self.jc.finished(job)  # its checkpoints go
         return f"job {job.id} was checkpointed; it ended with signal {sig}"
 
     def keep_checkpointed(self, job: Job) -> None:

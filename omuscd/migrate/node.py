@@ -52,7 +52,7 @@ class Migrations:
         self.recovery = Recovery(jc, host, self.books, self.source, self.home)
         self.checkpoints = Checkpoints(jc, host, self.books)
         self.revival = Revival(jc, host, self.books, self.source, self.target,
-                               self.checkpoints.store)
+                               self.checkpoints)
 
     def listen(self, listener: Callable[[str], None]) -> None:
         """Hear of moves in and out (see omuscd.migrate.books: ARRIVED, LEFT, GIVEN_UP)."""

@@ -49,6 +49,7 @@ from omuscd.jobs.record import (
 from omuscd.jobs.spool import open_private
 from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
+from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.criu import SETPRIV
 from omuscd.migrate.source import Source
 from omuscd.migrate.target import Target
@@ -87,13 +88,14 @@ class Revival:
     """Restoring jobs of this home from their checkpoints (see the module's docstring)."""
 
     def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks, source: Source,
-                 target: Target, store: CheckpointStore):
+                 target: Target, checkpoints: Checkpoints):
         self.jc = jc
         self.host = host
         self.books = books
         self.source = source
         self.target = target
-        self.store = store
+        self.checkpoints = checkpoints
+        self.store: CheckpointStore = checkpoints.store
 
     def revive(self, job: Job, why: str) -> bool:
         """Restore ``job`` (of this home, its node gone: ``why``) from its latest
@@ -106,7 +108,8 @@ class Revival:
         return True
 
     async def _revive(self, job: Job, why: str) -> None:
-        with trio.move_on_after(RESTORE_TIMEOUT):  # a checkpoint or move under way fails
+        self.checkpoints.cancel(job.id)  # one from the node that died goes no further
+        with trio.move_on_after(RESTORE_TIMEOUT):  # a move under way fails
             while job.id in self.books.moving:
                 await trio.sleep(0.1)
         self.books.moving.add(job.id)  # signals for it are held until it runs again
