@@ -48,7 +48,8 @@ RUN_DESCRIPTION = (
     "Run CMD on the node with the most room (or as placed), with your working directory, "
     "environment, user and groups; print its output as it comes, forward Ctrl-C, SIGTERM "
     "and SIGHUP to it, and exit with its status (128+N if signal N killed it; 124 if its "
-    "node died; 125 if it could not start; 123 if the local daemon went away; 122 if its "
+    "node died with no checkpoint to go back to; 125 if it could not start; 123 if the local "
+    "daemon went away or the job was checkpointed and ended; 122 if its "
     "output is incomplete because a state filesystem is full). omuscd "
     "assumes the same paths on every node.")
 
@@ -255,6 +256,7 @@ def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False,
                     return EXIT_LOST
                 if end["state"] == "checkpointed":  # checkpoint --exit: resumable
                     print(f"omuscd: {end['text']}", file=sys.stderr)
+                    return EXIT_DAEMON  # not its end: attach again once resumed
                 if end.get("exit") and "error" in end["exit"]:
                     print(f"omuscd: job {end['job']} on {end['node']}: {end['text']}",
                           file=sys.stderr)

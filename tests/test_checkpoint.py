@@ -319,3 +319,50 @@ def test_a_job_at_its_home_goes_back_to_its_checkpoint_when_the_home_starts_agai
     assert file.read_bytes() == (tmp_path / "ref").read_bytes()
     view = n["c"].json(f"job {job}")
     assert view["revived"] == 1 and view["state"] == "exited", view
+
+
+def test_exit_then_resume_on_a_named_node_and_a_signal_for_a_checkpointed_job(cluster,
+                                                                             tmp_path):
+    _, _, _, n = cluster
+    tag, lines = "omuscd-ckpt-test-exit", "100"
+    argv = ["/usr/bin/python3", "-c", APPENDER]
+    ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, tag], capture_output=True,
+                         timeout=60)
+    file = tmp_path / "out"
+    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--node",
+                          "b", "--", *argv, str(file), lines, tag], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd="/tmp")
+    wait_for(lambda: job_view(n["c"], tag).get("state") == "running", 10, "the job")
+    job = job_view(n["c"], tag)["id"]
+    time.sleep(1.5)
+    assert "not checkpointed" in n["c"].ctl(f"resume {job}").text
+    r = n["c"].ctl(f"checkpoint --exit {job}")
+    assert r.code == 200 and "ended: 'resume" in r.text, r
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 123 and b"checkpointed and ended" in err, err
+    assert job_view(n["c"], tag)["state"] == "checkpointed"
+    r = n["c"].ctl(f"resume {job} b")
+    assert r.code == 200 and "resumed on b" in r.text, r
+    out = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", n["c"].socket, job],
+                         capture_output=True, timeout=90)
+    assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
+    assert file.read_bytes() == (tmp_path / "ref").read_bytes()
+    # a job with its input from omuscd run cannot be checkpointed; a stopped one killed
+    r = n["c"].ctl("run --node b --stdin --cwd /tmp --json -- sleep 30")
+    stdin_job = r.json()["job"]
+    time.sleep(1)
+    r = n["c"].ctl(f"checkpoint {stdin_job}")
+    assert r.code == 500 and "standard input" in r.text, r
+    n["c"].ctl(f"kill {stdin_job} KILL")
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--node", "b",
+                        "--detach", "--", "sleep", "60"], capture_output=True, cwd="/tmp")
+    sleeper = r.stdout.decode().strip()
+    time.sleep(1)
+    assert n["c"].ctl(f"checkpoint --stop {sleeper}").code == 200
+    store = n["c"].state_dir / "spool" / sleeper / "checkpoints"
+    assert store.exists()
+    r = n["c"].ctl(f"kill {sleeper} TERM")
+    assert r.code == 200 and "ended with signal 15" in r.text, r
+    view = n["c"].json(f"job {sleeper}")
+    assert view["state"] == "exited" and view["status"] == "killed by signal 15", view
+    assert not store.exists()
