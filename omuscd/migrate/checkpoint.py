@@ -213,11 +213,13 @@ class Checkpoints:
             taken = time.time()
             try:
                 pids = await stop_tree(init)
+                stopped = trio.current_time()
                 dumped = False
                 try:
                     files = written_files(pids[1:], ours)
                     out = spool.ends(job.id)
                     used, _ = tree_usage(init)
+                    noted = trio.current_time()
                     await self.host.mover.checkpoint(init, images)
                     dumped = True
                 finally:
@@ -228,8 +230,9 @@ class Checkpoints:
             freeze = trio.current_time() - frozen
         if not hold:
             self.host.sampler.resumed(tree(init))
-        log.info("job %s checkpointed: frozen %.3fs; %d files open for writing", job.id,
-                 freeze, len(files))
+        log.info("job %s checkpointed: frozen %.3fs (stopped in %.3fs, sizes noted in %.3fs, "
+                 "dump %.3fs); %d files open for writing", job.id, freeze, stopped - frozen,
+                 noted - stopped, freeze - (noted - frozen), len(files))
         return {"time": taken, "freeze": round(freeze, 4), "node": self.jc.me,
                 "out": {str(k): v for k, v in out.items()}, "files": files,
                 "cpu": job.cpu_moved + used,
@@ -362,8 +365,9 @@ class Checkpoints:
             await self._output_reached(job, meta)
             if stop:
                 self.jc.stop_following(job.id)  # nothing more comes from where it ran
-            try:
-                summary = self.store.commit(job.id, pending, meta)
+            try:  # in a thread: syncing a big job's images takes seconds of the disk
+                summary = await trio.to_thread.run_sync(self.store.commit, job.id, pending,
+                                                        meta)
             except OSError as e:
                 raise JobError(f"job {job.id}: cannot keep its checkpoint: {e}") from None
             kept = True

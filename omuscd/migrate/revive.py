@@ -242,8 +242,8 @@ class Revival:
         images = self.books.images_dir(f"{job.id}.revive")
         try:
             d = os.open(images, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                self.store.copy_to(job.id, seq, d)
+            try:  # in a thread: a big job's images take a while to copy
+                await trio.to_thread.run_sync(self.store.copy_to, job.id, seq, d)
             finally:
                 os.close(d)
             spool_dir = self.jc.spool.create(job)
