@@ -268,6 +268,9 @@ def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
             view = job_view(n["c"], tag)
             assert view["state"] == "checkpointed" and view["node_name"] == "c", view
         assert p_root.poll() is None and p_user.poll() is None  # they wait
+        for d in (n["b"], n["c"]):  # they run nowhere: no node counts them
+            wait_for(lambda d=d: d.json("nodes")["nodes"][0]["jobs"] == 0, 10,
+                     f"{d.name} to count no job")
         sizes = (root_file.stat().st_size, user_file.stat().st_size)
         time.sleep(1)
         assert (root_file.stat().st_size, user_file.stat().st_size) == sizes  # stopped

@@ -118,8 +118,10 @@ class JobBooks:
         return self.home.get(job_id) or self.guests.get(job_id)
 
     def counts(self) -> int:
-        """Cluster processes running on this node (gossiped as ``jobs``)."""
-        return sum(1 for j in self.all_jobs() if j.node == self.me and j.state not in FINAL)
+        """Cluster processes running on this node (gossiped as ``jobs``); a checkpointed
+        job (booked at its home) runs nowhere."""
+        return sum(1 for j in self.all_jobs() if j.node == self.me and j.state not in FINAL
+                   and j.state != CHECKPOINTED)
 
     def node_name(self, node_id: int) -> str:
         if node_id == self.me:
