@@ -150,9 +150,13 @@ class Checkpoints:
         self.jc = jc
         self.host = host
         self.books = books
-        self.store: CheckpointStore = jc.checkpoints
         self.every: set[str] = set()  # jobs with a periodic task
         self.taking: dict[str, trio.CancelScope] = {}  # checkpoints under way, by job
+
+    @property
+    def store(self) -> CheckpointStore:
+        """The checkpoints of this home's jobs (the job layer's, one store)."""
+        return self.jc.checkpoints
 
     def cancel(self, job_id: str) -> None:
         """Cut short a checkpoint of this job under way (its node died: the channel to it

@@ -95,7 +95,10 @@ class Revival:
         self.source = source
         self.target = target
         self.checkpoints = checkpoints
-        self.store: CheckpointStore = checkpoints.store
+
+    @property
+    def store(self) -> CheckpointStore:
+        return self.checkpoints.store
 
     def revive(self, job: Job, why: str) -> bool:
         """Restore ``job`` (of this home, its node gone: ``why``) from its latest
