@@ -72,7 +72,7 @@ def test_the_jobs_view_shows_the_last_checkpoint_and_the_checkpointed_state():
     assert "CKPT" in lines[next(i for i, ln in enumerate(lines) if "COMMAND" in ln)]
     row = next(ln for ln in lines if ln.startswith("1.1 "))
     assert "42s/3M" in row or "43s/3M" in row, row
-    assert "checkpointed" in next(ln for ln in lines if ln.startswith("1.2 "))
+    assert "ckpt-stop" in next(ln for ln in lines if ln.startswith("1.2 "))
 
 
 def test_views_switch_the_bars():

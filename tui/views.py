@@ -304,7 +304,7 @@ def totals(nodes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> Markup:
 # --------------------------------------------------------------------------- jobs
 JOB_COLS = (
     Col("id", "JOB", 7), Col("owner", "OWNER", 7, 1), Col("home", "HOME", 7, 1),
-    Col("node", "NODE", 7), Col("state", "STATE", 12), Col("cpu", "CPU", 7, 1, right=True),
+    Col("node", "NODE", 7), Col("state", "STATE", 9), Col("cpu", "CPU", 7, 1, right=True),
     Col("rss", "RSS", 5, 2, right=True), Col("mig", "MIG", 3, 2, right=True),
     Col("ckpt", "CKPT", 9, 3, right=True),
     Col("command", "COMMAND", 18, 3), Col("note", "NOTE", 10, flex=True),
@@ -321,8 +321,9 @@ class JobTable(Table):
         k = col.key
         done = j["state"] in ("exited", "lost")
         base = "dim" if done else "body"
-        if k == "state":
-            return [(f"job-{j['state']}", fit(j["state"], width))]
+        if k == "state":  # checkpointed: stopped after its checkpoint ('resume')
+            shown = "ckpt-stop" if j["state"] == "checkpointed" else j["state"]
+            return [(f"job-{j['state']}", fit(shown, width))]
         if k == "home":
             text = self.node_name(j["home"])
         elif k == "node":

@@ -119,6 +119,12 @@ class Revival:
         try:
             self.jc.stop_following(job.id)
             log.warning("job %s: %s; restoring it from its checkpoint", job.id, why)
+            # no node may take it yet (this daemon has just started, say): the others
+            # are heard from within a dead timeout
+            grace = self.host.cfg.dead_timeout + 2 * self.host.cfg.gossip_interval + 1
+            with trio.move_on_after(grace):
+                while not self._targets(job):
+                    await trio.sleep(0.5)
             failed = await self._each_checkpoint(job)
             if failed is not None:
                 self.jc.mark_lost(job, f"{why}; no checkpoint of it could be restored "
