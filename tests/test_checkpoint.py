@@ -310,10 +310,7 @@ def test_a_job_at_its_home_goes_back_to_its_checkpoint_when_the_home_starts_agai
     wait_for(lambda: checkpoint_taken(n["c"], tag), 20, "a checkpoint of the job")
     job = job_view(n["c"], tag)["id"]
     time.sleep(1)
-    victims = netns_pids(lan.ns(2))
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    n["c"].popen.wait()
+    power_off(lan, n, "c")
     assert p.wait(10) == 123
     restart(cluster, "c")
     out = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", n["c"].socket, job],
