@@ -322,6 +322,12 @@ class JobBooks:
         self.host.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
                               {"job": job.id, "reason": job.reason})])
 
+    def lost_unless_revived(self, job: Job, reason: str) -> None:
+        """A job of this home whose node is gone: back to its latest checkpoint (see
+        omuscd.migrate.revive), or lost if it has none."""
+        if not self.moves.revive(job, reason):
+            self.mark_lost(job, reason)
+
     def stop_following(self, job_id: str) -> None:
         """Stop taking in a job's output from the node it ran on (it is lost, comes
         here, or is rerun elsewhere); a frame already on its way is dropped."""

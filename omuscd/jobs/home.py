@@ -26,7 +26,6 @@ from omuscd.jobs.books import QUERY_TIMEOUT, home_of
 from omuscd.jobs.held import JobSignals
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
 from omuscd.jobs.record import (
-    CHECKPOINTED,
     EXITED,
     FINAL,
     RUNNING,
@@ -108,8 +107,7 @@ class HomeJobs(JobSignals):
             placement = Placement("home")  # no key: no remote execution
         target, name = self.choose(placement)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
-                  restartable=restartable, stdin=stdin,
-                  checkpoint_every=checkpoint_every or self.host.cfg.checkpoint_every)
+                  restartable=restartable, stdin=stdin, checkpoint_every=checkpoint_every)
         self.envs[job.id] = env
         # counted at once: runs started concurrently must see each other's placements
         placed = (target, trio.current_time(), job.id)
@@ -247,9 +245,8 @@ class HomeJobs(JobSignals):
                 await trio.sleep(0.2)
         node = self.host.members.nodes.get(job.node)
         if node is None or node.state != ALIVE:
-            why = f"node {job.node_name} was not heard from after this daemon restarted"
-            if not self.moves.revive(job, why):
-                self.mark_lost(job, why)
+            self.lost_unless_revived(job, f"node {job.node_name} was not heard from after "
+                                     "this daemon restarted")
             return
         await self._follow(job, None)
 
@@ -307,8 +304,7 @@ class HomeJobs(JobSignals):
                     if job.node != nid or job.state in FINAL:
                         continue
                     if ev.kind == "dead":
-                        if not self.moves.revive(job, f"node {job.node_name} {what}"):
-                            self.mark_lost(job, f"node {job.node_name} {what}")
+                        self.lost_unless_revived(job, f"node {job.node_name} {what}")
                     else:  # its daemon stopped or restarted: the job may well run on
                         self._nursery().start_soon(self._lost_unless_back, job, nid, what)
 
@@ -316,10 +312,9 @@ class HomeJobs(JobSignals):
         """A job whose node's daemon left or restarted is lost only if that daemon does
         not take it up again in time (it keeps its guests' records too)."""
         await trio.sleep(2 * self.host.cfg.dead_timeout)
-        if job.state not in FINAL and job.node == nid and job.id not in self.links and \
-                not self.moves.revive(job, f"node {job.node_name} {what}"):
-            self.mark_lost(job, f"node {job.node_name} {what} and did not take the job up "
-                           "again")
+        if job.state not in FINAL and job.node == nid and job.id not in self.links:
+            self.lost_unless_revived(job, f"node {job.node_name} {what} and did not take "
+                                     "the job up again")
 
     async def act(self, job_id: str, action: str, uid: int, sig: int = signal.SIGTERM,
                   forwarded: bool = False, to: str = "") -> str:
@@ -338,8 +333,8 @@ class HomeJobs(JobSignals):
             else:
                 return await self._forward_act(home, job_id, action, uid, sig, to)
         self._may(job, uid)
-        if action in ("checkpoint", "checkpoint-stop", "checkpoint-exit", "resume"):
-            return await self.moves.checkpoint(job, action, to)
+        if action.startswith(("checkpoint", "resume")) or self.moves.checkpointed(job):
+            return await self.moves.checkpoint(job, action, to, sig)
         if action == "migrate":
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
@@ -350,8 +345,6 @@ class HomeJobs(JobSignals):
                 raise JobError(f"job {job.id} has already ended ({job.state})")
             if not 1 <= sig <= 64:
                 raise JobError(f"no signal {sig}")
-            if job.state == CHECKPOINTED:  # stopped: it ends here, as if it ran
-                return self.moves.end_checkpointed(job, sig)
             if self.must_hold(job):
                 return self.hold(job, sig)
             await self._send_signal(job, uid, sig)
@@ -367,8 +360,7 @@ class HomeJobs(JobSignals):
         try:
             reply = await self.request(node, {"op": "act", "job": job_id, "action": action,
                                               "uid": uid, "sig": sig, "to": to},
-                                       QUERY_TIMEOUT if action in ("kill", "stay", "nostay")
-                                       else 300)
+                                       300 if action not in ("kill", "stay", "nostay") else 3)
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \
                 f"node {self.node_name(node)}"

@@ -92,13 +92,14 @@ class Moves(Protocol):
     async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``drop``: stop a restartable guest its home reruns elsewhere."""
 
-    async def checkpoint(self, job: Job, action: str, to: str = "") -> str:
+    async def checkpoint(self, job: Job, action: str, to: str = "", sig: int = 15) -> str:
         """``checkpoint`` (take one now), ``checkpoint-stop`` / ``checkpoint-exit``
         (then stop the job, or end it: it waits as checkpointed) or ``resume`` (on
-        ``to``: a node, home or best) a job of this home; what happened, for the user."""
+        ``to``: a node, home or best) a job of this home, or any action on a checkpointed
+        job (``kill`` ends it with ``sig``); what happened, for the user."""
 
-    def end_checkpointed(self, job: Job, sig: int) -> str:
-        """A signal for a checkpointed job: it ends, killed by it."""
+    def checkpointed(self, job: Job) -> bool:
+        """Whether the job waits as checkpointed (its actions go to :meth:`checkpoint`)."""
 
     def keep_checkpointed(self, job: Job) -> None:
         """Take checkpoints of a job of this home every ``job.checkpoint_every`` s."""

@@ -67,14 +67,11 @@ class Mover(Protocol):
         """Whether a dump can send its memory to the target as it goes."""
         ...
 
-    async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
+    async def dump(self, init_pid: int, images: Path, pages: int | None = None,
+                   running: bool = False) -> None:
         """Freeze the job and write its images (its memory to the connected socket
         ``pages`` if given, a page server at the other end); leave it stopped, not
-        killed."""
-        ...
-
-    async def checkpoint(self, init_pid: int, images: Path) -> None:
-        """Write the job's images and leave it running (a checkpoint)."""
+        killed; ``running``: leave it running (a checkpoint)."""
         ...
 
     async def page_server(self, images: Path, pages: int) -> Any:

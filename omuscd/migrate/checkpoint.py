@@ -5,7 +5,7 @@ On the node running the job (:meth:`Checkpoints.take`): the checks a move makes 
 it here settles first), then the job's processes are stopped (SIGSTOP, each of them,
 until none runs), and while they stand still: the sizes of the files they hold open for
 writing and of the job's output so far are noted, and ``criu dump --leave-running``
-writes the images (:meth:`omuscd.migrate.criu.Criu.checkpoint`: the user's real ids, a
+writes the images (:meth:`omuscd.migrate.criu.Criu.dump`: the user's real ids, a
 fixed environment, file locks dumped and left in place).  Then SIGCONT: the job was
 frozen only for the dump.  The stop makes the sizes those of the dumped instant; CRIU
 keeps the stopped state, and a restore ends with the same SIGCONT a move's commit sends.
@@ -224,7 +224,7 @@ class Checkpoints:
                     out = spool.ends(job.id)
                     used, _ = tree_usage(init)
                     noted = trio.current_time()
-                    await self.host.mover.checkpoint(init, images)
+                    await self.host.mover.dump(init, images, running=True)
                     dumped = True
                 finally:
                     if not (hold and dumped):
@@ -472,6 +472,8 @@ class Checkpoints:
     def end_checkpointed(self, job: Job, sig: int) -> str:
         """A signal for a checkpointed job (it runs nowhere): it ends, killed by it, and
         its checkpoints go."""
+        if not 1 <= sig <= 64:
+            raise JobError(f"no signal {sig}")
         job.exit = {"signal": sig}
         job.transition(EXITED, ended=time.time())
         self.jc.finished(job)  # its checkpoints go
@@ -480,6 +482,8 @@ class Checkpoints:
     def keep_checkpointed(self, job: Job) -> None:
         """Take a checkpoint of ``job`` every ``job.checkpoint_every`` seconds while it
         runs (a task per job; none for a job without an interval)."""
+        if not job.checkpoint_every and job.home == self.jc.me:  # the tunable's, at start
+            job.checkpoint_every = self.host.cfg.checkpoint_every
         if job.checkpoint_every > 0 and job.id not in self.every:
             self.every.add(job.id)
             self.jc.nursery.start_soon(self._every, job)  # type: ignore[union-attr]

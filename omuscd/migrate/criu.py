@@ -454,9 +454,12 @@ class Criu:
         dest = self.keep_logs / f"criu-{what}-failed.log"
         return f" (full log: {dest})" if keep(logfile, dest) else ""
 
-    async def dump(self, init_pid: int, images: Path, pages: int | None = None) -> None:
+    async def dump(self, init_pid: int, images: Path, pages: int | None = None,
+                   running: bool = False) -> None:
+        """``running``: a checkpoint: the job goes on (--leave-running), its locks stay."""
         # --file-locks: the job's locks go with it (see FileLock)
-        args = ["dump", "-t", str(init_pid), "-D", str(images), "--leave-stopped",
+        args = ["dump", "-t", str(init_pid), "-D", str(images),
+                "--leave-running" if running else "--leave-stopped",
                 "--file-locks", "-o", "dump.log", "-v2"]
         if pages is not None:  # a connected socket: the page server is at its other end
             args += ["--page-server", "--ps-socket", str(pages)]
@@ -467,22 +470,8 @@ class Criu:
         limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
         await self._criu(args, images / "dump.log", () if pages is None else (pages,), cpus,
                          await self._as_owner(init_pid), limit)
-        self.lend(init_pid)
-
-    async def checkpoint(self, init_pid: int, images: Path) -> None:
-        """Dump a job that goes on running (``--leave-running``): a checkpoint.  The same
-        run as a move's dump (its user's real ids, real-time on the job's CPUs, bounded),
-        its file locks dumped and left where they are (nothing is lent: the job keeps
-        running here)."""
-        args = ["dump", "-t", str(init_pid), "-D", str(images), "--leave-running",
-                "--file-locks", "-o", "dump.log", "-v2"]
-        try:
-            cpus = os.sched_getaffinity(init_pid)
-        except OSError:
-            cpus = None
-        limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
-        await self._criu(args, images / "dump.log", (), cpus, await self._as_owner(init_pid),
-                         limit)
+        if not running:
+            self.lend(init_pid)
 
     def lend(self, init_pid: int) -> None:
         """Take the locks of the job just dumped (frozen) off it (see locks.LockLender)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from omuscd.jobs.record import CHECKPOINTED
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.home import MoveHome
@@ -96,13 +97,18 @@ class Migrations:
         await self.source.serve_drop(ch, msg)
 
     # checkpoints (omuscd.migrate.checkpoint, omuscd.migrate.revive)
-    async def checkpoint(self, job: Job, action: str, to: str = "") -> str:
+    async def checkpoint(self, job: Job, action: str, to: str = "", sig: int = 15) -> str:
         if action == "resume":
             return await self.revival.resume(job, to or "best")
+        if action == "kill" and self.checkpointed(job):
+            return self.checkpoints.end_checkpointed(job, sig)
+        if action in ("stay", "nostay") and self.checkpointed(job):
+            job.stay = action == "stay"
+            return f"job {job.id} {'stays where it is' if job.stay else 'may migrate'}"
         return await self.checkpoints.checkpoint(job, action)
 
-    def end_checkpointed(self, job: Job, sig: int) -> str:
-        return self.checkpoints.end_checkpointed(job, sig)
+    def checkpointed(self, job: Job) -> bool:
+        return job.state == CHECKPOINTED
 
     def keep_checkpointed(self, job: Job) -> None:
         self.checkpoints.keep_checkpointed(job)
