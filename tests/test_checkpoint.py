@@ -366,3 +366,22 @@ def test_exit_then_resume_on_a_named_node_and_a_signal_for_a_checkpointed_job(cl
     view = n["c"].json(f"job {sleeper}")
     assert view["state"] == "exited" and view["status"] == "killed by signal 15", view
     assert not store.exists()
+
+
+def test_the_tunable_checkpoints_jobs_started_afterwards(cluster):
+    _, _, _, n = cluster
+    tag = "omuscd-ckpt-test-tunable"
+    assert n["c"].ctl("set checkpoint_every 2").ok
+    try:
+        r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--node",
+                            "b", "--detach", "--", "sh", "-c", f"sleep 60; : {tag}"],
+                           capture_output=True, cwd="/tmp", timeout=60)
+    finally:
+        assert n["c"].ctl("set checkpoint_every 0").ok
+    job = r.stdout.decode().strip()
+    try:
+        wait_for(lambda: checkpoint_taken(n["c"], tag), 20, "a checkpoint by the tunable")
+        assert n["c"].json(f"job {job}")["checkpoint_every"] == 2
+    finally:
+        n["c"].ctl(f"kill {job} KILL")
+    assert n["c"].ctl("set checkpoint_every -1").code != 200  # bounded
