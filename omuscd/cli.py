@@ -171,7 +171,7 @@ def keygen(path: str) -> int:
 
 #: ctl commands that last as long as the moves they make: the daemon bounds each move
 #: (its steps' own timeouts), the client waits for the answer however long that is
-WAITS_FOR_MOVES = ("migrate", "expel", "bring")
+WAITS_FOR_MOVES = ("migrate", "expel", "bring", "checkpoint", "resume")
 
 
 def ctl(args: argparse.Namespace) -> int:

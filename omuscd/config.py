@@ -328,6 +328,9 @@ PARAMS: tuple[Param, ...] = (
           "post-copy: frozen only while it is dumped here and its small images travel, its "
           "memory follows while it already runs on the target (not for a move to its "
           "home node); 0: never", lo=0, hi=10**7, runtime=True, metavar="MB"),
+    Param("checkpoint_every", "float", 0.0, "seconds between checkpoints of every job started "
+          "here that did not choose its own (omuscd run --checkpoint-every); 0: none",
+          lo=0, hi=10**7, runtime=True, metavar="SECONDS"),
     Param("balancing", "bool", True, "move jobs automatically from busy nodes to idle ones "
           "(off: only when told)", runtime=True),
     Param("balance_interval", "float", 1.0, "seconds between balancing decisions",

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 FRAME = struct.Struct(">BI")
-FRAME_STDOUT, FRAME_STDERR, FRAME_END, FRAME_SIGNAL = 1, 2, 3, 6
+FRAME_STDOUT, FRAME_STDERR, FRAME_END, FRAME_NOTICE, FRAME_SIGNAL = 1, 2, 3, 4, 6
 FRAME_STDIN, FRAME_STDIN_EOF = 7, 8
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -48,7 +48,8 @@ RUN_DESCRIPTION = (
     "Run CMD on the node with the most room (or as placed), with your working directory, "
     "environment, user and groups; print its output as it comes, forward Ctrl-C, SIGTERM "
     "and SIGHUP to it, and exit with its status (128+N if signal N killed it; 124 if its "
-    "node died; 125 if it could not start; 123 if the local daemon went away; 122 if its "
+    "node died with no checkpoint to go back to; 125 if it could not start; 123 if the local "
+    "daemon went away or the job was checkpointed and ended; 122 if its "
     "output is incomplete because a state filesystem is full). omuscd "
     "assumes the same paths on every node.")
 
@@ -72,6 +73,9 @@ def add_parsers(sub: Any) -> None:
                      help="the job may be killed and rerun from the start elsewhere")
     run.add_argument("--detach", action="store_true",
                      help="print the job id and return; see 'omuscd attach'")
+    run.add_argument("--checkpoint-every", metavar="DURATION",
+                     help="take a checkpoint of the job this often (30s, 10m, 1h30m): "
+                          "if the node running it dies, it goes on from the last one")
     run.add_argument("--stdin", action="store_true",
                      help="give the job this command's standard input (default: /dev/null); "
                      "such a job cannot migrate")
@@ -110,6 +114,15 @@ def dispatch(args: Any) -> int:
     for k in ("node", "among"):
         if getattr(args, k):
             placement += [f"--{k}", getattr(args, k)]
+    if args.checkpoint_every is not None:
+        from omuscd import duration
+
+        try:
+            duration.parse(args.checkpoint_every)
+        except ValueError as e:
+            print(f"omuscd run: --checkpoint-every: {e}", file=sys.stderr)
+            return 2
+        placement += ["--checkpoint-every", args.checkpoint_every]
     if args.stdin and args.detach:
         print("omuscd run: --stdin needs an attached client, not --detach", file=sys.stderr)
         return 2
@@ -232,11 +245,18 @@ def _attach(client: ControlClient, job: str, follow: bool, stdin: bool = False,
             if kind in out:
                 out[kind].write(payload)
                 out[kind].flush()
+            elif kind == FRAME_NOTICE:  # e.g. the job went back to its checkpoint
+                sys.stdout.flush()
+                print(f"omuscd: {payload.decode(errors='replace')}", file=sys.stderr,
+                      flush=True)
             elif kind == FRAME_END:
                 end = json.loads(payload)
                 if end["state"] == "lost":
                     print(f"omuscd: {end['text']}", file=sys.stderr)
                     return EXIT_LOST
+                if end["state"] == "checkpointed":  # checkpoint --exit: resumable
+                    print(f"omuscd: {end['text']}", file=sys.stderr)
+                    return EXIT_DAEMON  # not its end: attach again once resumed
                 if end.get("exit") and "error" in end["exit"]:
                     print(f"omuscd: job {end['job']} on {end['node']}: {end['text']}",
                           file=sys.stderr)

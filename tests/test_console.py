@@ -64,6 +64,17 @@ def test_columns_reflow_with_the_width():
     assert "ADDRESS" in broad[1] and "198.18.0.3:4270" in "\n".join(broad)
 
 
+def test_the_jobs_view_shows_the_last_checkpoint_and_the_checkpointed_state():
+    saved = job(1, 1, 2)
+    saved["checkpoint"] = {"seq": 3, "time": time.time() - 42, "size": 3 << 20}
+    stopped = job(1, 2, 1, state="checkpointed")
+    lines = screen(console([node(1, me=True), node(2)], [saved, stopped]), 160, 30)
+    assert "CKPT" in lines[next(i for i, ln in enumerate(lines) if "COMMAND" in ln)]
+    row = next(ln for ln in lines if ln.startswith("1.1 "))
+    assert "42s/3M" in row or "43s/3M" in row, row
+    assert "ckpt-stop" in next(ln for ln in lines if ln.startswith("1.2 "))
+
+
 def test_views_switch_the_bars():
     c = console([node(1, 0.5, me=True), node(2, 0.25)])
     seen = []

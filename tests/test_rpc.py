@@ -28,7 +28,7 @@ def test_the_docstring_names_every_request_served():
 
     served = JobControl.channel_ops(SimpleNamespace(**{
         name: None for name in dir(JobControl) if name.startswith("_serve_")})).ops
-    assert len(served) == 10
+    assert len(served) == 11
     for op in served:
         assert f"``{op}``" in (rpc.__doc__ or ""), op
 
@@ -68,6 +68,8 @@ def test_every_refusal_has_one_shape_that_old_daemons_read(workdir, reaper):
         ({"op": "drop", "job": "77.5", "to": 78}, "refused", "no such restartable job"),
         ({"op": "immigrate", "job": {"id": "77.5"}}, "refused", ""),
         ({"op": "flag", "flag": "nosuch", "on": True}, "refused", "no node flag"),
+        ({"op": "checkpoint", "job": "77.5"}, "refused", "does not run on rpc"),
+        ({"op": "checkpoint", "job": "../77.5", "stop": True}, "refused", "not a job id"),
     ]
     replies = trio.run(_ask, [m for m, _, _ in asked])
     for (msg, op, said), reply in zip(asked, replies, strict=True):

@@ -317,7 +317,9 @@ def test_bad_job_ids_are_refused_on_the_channel_and_in_commands(cluster):
                  {"op": "act", "job": bad, "action": "kill", "uid": 0, "sig": 9},
                  {"op": "emigrate", "job": bad, "to": 11},
                  {"op": "drop", "job": bad, "to": 11},
-                 {"op": "has", "job": bad}]
+                 {"op": "has", "job": bad},
+                 {"op": "checkpoint", "job": bad, "stop": True},
+                 {"op": "act", "job": bad, "action": "checkpoint-stop", "uid": 0}]
     msgs.append({"op": "emigrate", "job": "10.1", "to": "../x"})
     outside = [work / OUT, work / f"{OUT}.in", Path("/tmp", OUT), Path("/tmp", f"{OUT}.in")]
     assert not any(p.exists() for p in outside)

@@ -32,6 +32,7 @@ _ENTRIES: list[tuple[str, str, str, str]] = [
     ("job-migrating", "yellow", "default", "bold"),
     ("job-exited", "dark gray", "default", ""),
     ("job-lost", "light red", "default", "bold"),
+    ("job-checkpointed", "light cyan", "default", ""),
     ("flag", "yellow,bold", "default", "bold"),
     ("feed-good", "light green", "default", ""),
     ("feed-move", "light cyan", "default", "bold"),
@@ -55,6 +56,7 @@ FEED_ATTR: dict[str, str] = {
     "migration-failed": "feed-bad", "warning": "feed-warn",
     "migrating": "feed-move", "migrated": "feed-move", "balance": "feed-move",
     "reclaim": "feed-warn", "job-exit": "feed", "config": "dim",
+    "checkpoint": "feed-move", "revived": "feed-warn",
 }
 
 # load thresholds of the bars (demand per lent CPU; 1.0 = every lent CPU busy)

@@ -49,6 +49,15 @@ def fit(text: str, width: int, right: bool = False) -> str:
     return text.rjust(width) if right else text.ljust(width)
 
 
+def age_text(seconds: float) -> str:
+    """An age in one unit: 42s, 5m, 3h, 2d."""
+    s = max(0, int(seconds))
+    for unit, div in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= div:
+            return f"{s // div}{unit}"
+    return f"{s}s"
+
+
 def size_text(mb: float) -> str:
     if mb >= 10240:
         return f"{mb / 1024:.0f}G"
@@ -297,6 +306,7 @@ JOB_COLS = (
     Col("id", "JOB", 7), Col("owner", "OWNER", 7, 1), Col("home", "HOME", 7, 1),
     Col("node", "NODE", 7), Col("state", "STATE", 9), Col("cpu", "CPU", 7, 1, right=True),
     Col("rss", "RSS", 5, 2, right=True), Col("mig", "MIG", 3, 2, right=True),
+    Col("ckpt", "CKPT", 9, 3, right=True),
     Col("command", "COMMAND", 18, 3), Col("note", "NOTE", 10, flex=True),
 )
 
@@ -311,8 +321,9 @@ class JobTable(Table):
         k = col.key
         done = j["state"] in ("exited", "lost")
         base = "dim" if done else "body"
-        if k == "state":
-            return [(f"job-{j['state']}", fit(j["state"], width))]
+        if k == "state":  # checkpointed: stopped after its checkpoint ('resume')
+            shown = "ckpt-stop" if j["state"] == "checkpointed" else j["state"]
+            return [(f"job-{j['state']}", fit(shown, width))]
         if k == "home":
             text = self.node_name(j["home"])
         elif k == "node":
@@ -323,6 +334,10 @@ class JobTable(Table):
             text = size_text(j["rss_mb"])
         elif k == "mig":
             text = str(j["migrations"])
+        elif k == "ckpt":  # the last checkpoint: its age and size
+            c = j.get("checkpoint") or {}
+            text = (f"{age_text(time.time() - float(c.get('time', 0)))}/"
+                    f"{size_text(float(c.get('size', 0)) / (1 << 20))}") if c else "-"
         elif k == "note":
             text = j.get("reason") or j.get("status") or (
                 f"cannot move: {j['cannot_move']}" if j.get("cannot_move") else "")

@@ -36,6 +36,10 @@ it carries, and its answers:
     ``job``.  ``has`` with ``running`` (bool) and ``time``.
 ``drop`` (home -> the node running a --restartable job it reruns elsewhere)
     ``job``, ``to``.  ``dropped``.
+``checkpoint`` (home -> the node running its job)
+    ``job``: dump it, leaving it running.  ``checkpoint`` with ``meta`` (time, freeze,
+    output sizes, files open for writing and their sizes, spool paths), then the images
+    (``file`` + data frames), then ``done``; or ``failed`` with the reason.
 
 ``progress`` (before the answer to ``act`` migrate or ``emigrate``, when asked for)
     ``job``, ``phase`` (one of omuscd.events.PHASES), ``done``, ``total`` (bytes): how far

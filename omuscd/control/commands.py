@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from omuscd import ids
+from omuscd import duration, ids
 from omuscd.config import TUNABLES, ConfigError
 from omuscd.control.protocol import (
     ATTACHED,
@@ -440,18 +440,33 @@ async def h_run(ctx: Context, a: dict[str, Any]) -> Reply:
     cwd = a.get("cwd") or env.get("HOME", "/")
     if not os.path.isabs(cwd):
         return err(BAD_ARGS, "--cwd must be an absolute path")
+    every = 0.0
+    if a.get("checkpoint-every"):
+        try:
+            every = duration.parse(a["checkpoint-every"])
+        except ValueError as e:
+            return err(BAD_ARGS, f"--checkpoint-every: {e}")
     job = await ctx.services.jobs.start(owner, argv, cwd, env, placement,
                                       stay=bool(a.get("stay")),
                                       restartable=bool(a.get("restartable")),
-                                      stdin=bool(a.get("stdin")))
+                                      stdin=bool(a.get("stdin")),
+                                      checkpoint_every=every)
     doc = {"job": job.id, "node": job.node, "name": job.node_name}
     if a["json"]:
         return json_reply(doc)
     return ok(f"job {job.id} started on {job.node_name} (id {job.node})")
 
 
-JOB_HEADER = ["JOB", "OWNER", "HOME", "NODE", "STATE", "CPU", "RSS", "MIG", "AGE", "COMMAND",
-              "NOTE"]
+JOB_HEADER = ["JOB", "OWNER", "HOME", "NODE", "STATE", "CPU", "RSS", "MIG", "AGE", "CKPT",
+              "COMMAND", "NOTE"]
+
+
+def checkpoint_note(checkpoint: dict[str, Any], now: float) -> str:
+    """A job's last checkpoint as ``AGE/SIZE`` (``12s/34M``), or ``-``."""
+    if not checkpoint:
+        return "-"
+    age = fmt_duration(max(0.0, now - float(checkpoint.get("time", now))))
+    return f"{age}/{float(checkpoint.get('size', 0)) / 1e6:.0f}M"
 
 
 async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
@@ -465,7 +480,8 @@ async def h_jobs(ctx: Context, a: dict[str, Any]) -> Reply:
     now = time.time()
     rows = [[j.id, j.owner.user, names(j.home), j.node_name, j.state, f"{j.cpu:.1f}s",
              f"{j.rss_mb:.0f}M", str(j.migrations), fmt_duration((j.ended or now) - j.started),
-             " ".join(j.argv)[:40], j.reason or j.exit_text() or j.cannot_move]
+             checkpoint_note(j.checkpoint, now), " ".join(j.argv)[:40],
+             j.reason or j.exit_text() or j.cannot_move]
             for j in jobs]
     return ok(*table(rows, JOB_HEADER), f"{len(jobs)} jobs")
 
@@ -478,7 +494,11 @@ async def h_job(ctx: Context, a: dict[str, Any]) -> Reply:
     view = job.view()
     if a["json"]:
         return json_reply(view)
-    return ok(*[f"{k}: {v}" for k, v in view.items()])
+    lines = [f"{k}: {v}" for k, v in view.items()]
+    if job.checkpoint:
+        lines.append(f"last checkpoint: {checkpoint_note(job.checkpoint, time.time())} "
+                     "(age/size)")
+    return ok(*lines)
 
 
 def parse_signal(text: str) -> int:
@@ -567,6 +587,38 @@ async def h_migrate(ctx: Context, a: dict[str, Any]) -> Reply:
                                           progress=ctx.progress))
 
 
+async def h_checkpoint(ctx: Context, a: dict[str, Any]) -> Reply:
+    if a.get("stop") and a.get("exit"):
+        return err(BAD_ARGS, "choose one of --stop and --exit")
+    action = "checkpoint-stop" if a.get("stop") else \
+        "checkpoint-exit" if a.get("exit") else "checkpoint"
+    return await _one_or_all(ctx, a, action, "running")
+
+
+async def h_resume(ctx: Context, a: dict[str, Any]) -> Reply:
+    return await _one_or_all(ctx, a, "resume", "checkpointed", a.get("where") or "best")
+
+
+async def _one_or_all(ctx: Context, a: dict[str, Any], action: str, state: str,
+                      to: str = "") -> Reply:
+    """``action`` on the job named, or with --all on every job in ``state`` the session
+    may act on (root's: all of them), one after the other."""
+    uid = _need_identity(ctx)
+    jobs = ctx.services.jobs
+    if bool(a.get("all")) == bool(a.get("job")):
+        return err(BAD_ARGS, "name a job, or give --all")
+    if not a.get("all"):
+        return ok(await jobs.act(a["job"], action, uid, to=to))
+    out = []
+    for job in await jobs.cluster_jobs():
+        if job.state == state and uid in (0, job.owner.uid):
+            try:
+                out.append(await jobs.act(job.id, action, uid, to=to))
+            except JobError as e:
+                out.append(f"job {job.id}: {e}")
+    return ok(*out or [f"no {state} job of yours"])
+
+
 async def h_expel(ctx: Context, a: dict[str, Any]) -> Reply:
     return ok(*await ctx.services.jobs.expel(progress=ctx.progress))
 
@@ -610,7 +662,8 @@ COMMANDS: dict[str, Command] = _cmds(
             h_watch, json=True, options=(Opt("recent", "N", 6),),
             details="Events: join, leave, dead, suspect, alive, restart, clash,\n"
                     "incompatible, forget, config, job-start, job-exit, job-lost,\n"
-                    "migrating, migrated, migration-failed, balance, reclaim, warning.\n"
+                    "migrating, migrated, migration-failed, checkpoint, revived,\n"
+                    "balance, reclaim, warning.\n"
                     "Ctrl-C (telnet IAC IP) stops too. --recent N first replays the\n"
                     "last N events (up to 200 are kept)."),
     Command("auth", (Arg("response", max_len=64),), "answer the password challenge",
@@ -624,7 +677,7 @@ COMMANDS: dict[str, Command] = _cmds(
             json=True, rest="command",
             options=(Opt("best"), Opt("home"), Opt("node", "NODE", 64),
                      Opt("among", "LIST", 1024), Opt("stay"), Opt("restartable"),
-                     Opt("stdin"),
+                     Opt("stdin"), Opt("checkpoint-every", "DURATION", 32),
                      Opt("user", "USER", 64), Opt("cwd", "DIR", 4096),
                      Opt("env", "BASE64", 1 << 20), Opt("argv", "BASE64", 1 << 20)),
             rest_alt="argv",
@@ -633,6 +686,8 @@ COMMANDS: dict[str, Command] = _cmds(
                     "your home) with --env (base64 JSON; default a minimal one).\n"
                     "--stdin: its input comes from an attached client (binary frames);\n"
                     "otherwise /dev/null. Such a job cannot migrate.\n"
+                    "--checkpoint-every DURATION (30s, 10m, 1h30m; 1s to 30 days): a\n"
+                    "checkpoint that often (default: the tunable checkpoint_every).\n"
                     "--argv (base64 JSON list) may replace '-- COMMAND...' (for words\n"
                     "holding newlines). Only root may give --user. Answers with the job id."),
     Command("jobs", (), "the cluster's jobs, the same on every node (--all: also ended)",
@@ -678,6 +733,22 @@ COMMANDS: dict[str, Command] = _cmds(
                     "unless it is the init of its own PID namespace. The answer comes\n"
                     "when the move ends; signals sent meanwhile are held until then.\n"
                     + _PROGRESS_DETAILS),
+    Command("checkpoint", (Arg("job", kind="job", optional=True),), "take a checkpoint of "
+            "your running job now (it runs on, or --stop / --exit)", h_checkpoint,
+            options=(Opt("stop"), Opt("exit"), Opt("all")),
+            details="The job is frozen only while CRIU dumps it; its images go to its\n"
+                    "home, which keeps the last two. When the node running it dies, its\n"
+                    "home restores it from the latest on the best node that can take it.\n"
+                    "--stop: then the job stops, its node freed; it waits as\n"
+                    "checkpointed ('resume'). --exit: the same, and attached clients end.\n"
+                    "--all: every running job you may act on (root: all), e.g. before\n"
+                    "stopping every daemon. Refused with the reason when it cannot move."),
+    Command("resume", (Arg("job", kind="job", optional=True),
+                       Arg("where", kind="node", optional=True)),
+            "run your checkpointed job again from its checkpoint: on a node, home, or best "
+            "(default)", h_resume, options=(Opt("all"),),
+            details="--all: every checkpointed job you may act on (root: all), each on\n"
+                    "the best node. Checkpoints survive a restart of the home daemon."),
     Command("topology", (Arg("role", choices=("peer", "controller", "drone")),),
             "switch this node's balancing topology at run time", h_topology, admin=True),
     Command("expel", (), "send guest jobs away: home, or elsewhere", h_expel, admin=True,

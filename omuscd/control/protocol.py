@@ -52,6 +52,8 @@ MAX_LINE = 4096
 
 #: Binary attach frames (``u8 type | u32 length | payload``), daemon to client:
 FRAME_STDOUT, FRAME_STDERR, FRAME_END = 1, 2, 3
+#: a line for the user about the job (it went back to a checkpoint), printed on stderr
+FRAME_NOTICE = 4
 #: client to daemon: a signal to forward (payload: u8 signal number), input for a --stdin
 #: job, and the end of that input
 FRAME_SIGNAL, FRAME_STDIN, FRAME_STDIN_EOF = 6, 7, 8

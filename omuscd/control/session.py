@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from omuscd.control import commands, protocol
 from omuscd.control.protocol import (
     FRAME,
     FRAME_END,
+    FRAME_NOTICE,
     FRAME_SIGNAL,
     FRAME_STDERR,
     FRAME_STDIN,
@@ -32,7 +34,7 @@ from omuscd.control.protocol import (
 )
 from omuscd.control.services import Services
 from omuscd.events import Progress
-from omuscd.jobs.record import FINAL, LOST, JobError
+from omuscd.jobs.record import CHECKPOINTED, FINAL, LOST, JobError
 from omuscd.version import VERSION_STRING
 
 log = logging.getLogger("omuscd.control")
@@ -368,11 +370,17 @@ class Session:
         ended.  Readers keep their own offsets: nothing is buffered for them."""
         spool = self.services.jobs.spool
         generation = job.generation
+        revived = job.revived
         while True:
             changed = job.changed
             if job.generation != generation:  # rerun from the start elsewhere
                 generation = job.generation
                 offsets.update({FRAME_STDOUT: 0, FRAME_STDERR: 0})
+            if job.revived != revived:  # its node died: it went back to a checkpoint
+                revived = job.revived
+                at = time.strftime("%H:%M:%S", time.localtime(job.revived_to))
+                yield FRAME_NOTICE, (f"job {job.id} went back to its checkpoint of {at} "
+                                     f"and runs on {job.node_name}").encode()
             for stream in (FRAME_STDOUT, FRAME_STDERR):
                 while offsets[stream] < job.offsets[stream]:
                     data = spool.read(job.id, stream, offsets[stream],
@@ -381,8 +389,8 @@ class Session:
                         break
                     offsets[stream] += len(data)
                     yield stream, data
-            if job.state in FINAL:
-                yield None
+            if job.state in FINAL or (job.state == CHECKPOINTED and job.ended):
+                yield None  # ended (checkpoint --exit: for now)
                 return
             await changed.wait()
 
@@ -399,6 +407,9 @@ class Session:
                "node": job.node_name}
         if job.state == LOST:
             doc["text"] = f"job {job.id} lost: {job.reason}"
+        if job.state == CHECKPOINTED:
+            doc["text"] = (f"job {job.id} was checkpointed and ended: 'omuscd ctl resume "
+                           f"{job.id}' resumes it, 'omuscd attach {job.id}' follows it")
         return doc
 
     async def _attach_binary(self, reader: LineReader, job: Any, follow: bool) -> None:
@@ -476,6 +487,9 @@ class Session:
                     ended = True
                     break
                 stream, data = item
+                if stream == FRAME_NOTICE:
+                    await self.stream.send_all(f"{code}-omuscd: {data.decode()}\r\n".encode())
+                    continue
                 *lines, partial[stream] = (partial[stream] + data).split(b"\n")
                 for line in lines:
                     await emit(stream, line)

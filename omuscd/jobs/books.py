@@ -23,9 +23,20 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import ALIVE, SUSPECT
 from omuscd.cluster.view import ClusterView
 from omuscd.events import Event, Progress
+from omuscd.jobs.checkpoints import CheckpointStore
 from omuscd.jobs.host import Unwired
 from omuscd.jobs.process import adopt, starting, watch
-from omuscd.jobs.record import FINAL, KEEP_EXITED, LOST, MIGRATING, RUNNING, Job, JobError, Owner
+from omuscd.jobs.record import (
+    CHECKPOINTED,
+    FINAL,
+    KEEP_EXITED,
+    LOST,
+    MIGRATING,
+    RUNNING,
+    Job,
+    JobError,
+    Owner,
+)
 from omuscd.jobs.spool import Spool
 
 if TYPE_CHECKING:
@@ -92,6 +103,7 @@ class JobBooks:
     def __init__(self, host: Host):
         self.host = host
         self.spool = Spool(host.cfg.state_dir)
+        self.checkpoints = CheckpointStore(self.spool)  # of the jobs of this home
         self.view = ClusterView(host.members, host.mover)
         self.home: dict[str, Job] = {}
         self.guests: dict[str, Job] = {}
@@ -162,8 +174,10 @@ class JobBooks:
         return self.home.get(job_id) or self.guests.get(job_id)
 
     def counts(self) -> int:
-        """Cluster processes running on this node (gossiped as ``jobs``)."""
-        return sum(1 for j in self.all_jobs() if j.node == self.me and j.state not in FINAL)
+        """Cluster processes running on this node (gossiped as ``jobs``); a checkpointed
+        job (booked at its home) runs nowhere."""
+        return sum(1 for j in self.all_jobs() if j.node == self.me and j.state not in FINAL
+                   and j.state != CHECKPOINTED)
 
     def node_name(self, node_id: int) -> str:
         if node_id == self.me:
@@ -193,7 +207,9 @@ class JobBooks:
         table[job.id] = job
 
     def finished(self, job: Job) -> None:
-        """Tell that a job of this home ended (its record was kept by its transition)."""
+        """Tell that a job of this home ended (its record was kept by its transition);
+        its checkpoints go (they are of no use now, and may be big)."""
+        self.checkpoints.remove(job.id)
         self.host.publish([Event("job-exit", f"job {job.id} {job.exit_text()} on "
                               f"{job.node_name}", {"job": job.id,
                                                    "status": job.status_code()})])
@@ -299,6 +315,10 @@ class JobBooks:
                 self.book(self.home, job)
             if job.state in FINAL:
                 continue
+            if job.state == CHECKPOINTED:  # stopped: it waits for 'resume'
+                continue
+            if job.home == self.me:  # its checkpoints go on
+                self.moves.keep_checkpointed(job)
             if job.state == MIGRATING:  # cut short by the restart: it stayed at the source
                 job.transition(RUNNING)
             # what arrived before the restart is in the spool files, whatever the record
@@ -306,6 +326,10 @@ class JobBooks:
             job.offsets.update(self.spool.ends(job.id))
             if job.node == self.me and job.id in marks:  # frozen by a move cut short
                 self._nursery().start_soon(self.moves.settle, job, marks.pop(job.id))
+            elif job.node == self.me and job.home == self.me and job.checkpoint and not (
+                    job.pid is not None and is_job_init(job.pid)) and self.moves.revive(
+                    job, "it ran here and did not outlive this node's restart"):
+                pass  # the machine went down with it: back to its checkpoint
             elif job.node == self.me:
                 self.watch_again(job)
             else:
@@ -350,8 +374,15 @@ class JobBooks:
         job.transition(LOST, ended=time.time(),
                        reason=f"{reason} at {time.strftime('%H:%M:%S')}")
         self.stop_following(job.id)
+        self.checkpoints.remove(job.id)
         self.host.publish([Event("job-lost", f"job {job.id} lost: {job.reason}",
                               {"job": job.id, "reason": job.reason})])
+
+    def lost_unless_revived(self, job: Job, reason: str) -> None:
+        """A job of this home whose node is gone: back to its latest checkpoint (see
+        omuscd.migrate.revive), or lost if it has none."""
+        if not self.moves.revive(job, reason):
+            self.mark_lost(job, reason)
 
     def stop_following(self, job_id: str) -> None:
         """Stop taking in a job's output from the node it ran on (it is lost, comes

@@ -101,12 +101,13 @@ class HomeJobs(JobSignals):
 
     async def start(self, owner: Owner, argv: list[str], cwd: str, env: dict[str, str],
                     placement: Placement, stay: bool = False,
-                    restartable: bool = False, stdin: bool = False) -> Job:
+                    restartable: bool = False, stdin: bool = False,
+                    checkpoint_every: float = 0.0) -> Job:
         if self.host.security == "read-only" and placement.how != "home":
             placement = Placement("home")  # no key: no remote execution
         target, name = self.choose(placement)
         job = Job(self._next_id(), owner, self.me, target, name, list(argv), cwd, stay=stay,
-                  restartable=restartable, stdin=stdin)
+                  restartable=restartable, stdin=stdin, checkpoint_every=checkpoint_every)
         self.envs[job.id] = env
         # counted at once: runs started concurrently must see each other's placements
         placed = (target, trio.current_time(), job.id)
@@ -128,6 +129,7 @@ class HomeJobs(JobSignals):
                               {"job": job.id, "node": target})])
         self.save(job)
         self._prune()
+        self.moves.keep_checkpointed(job)
         return job
 
     async def take_over(self, pid: int, where: str, progress: Progress | None = None) -> str:
@@ -243,8 +245,8 @@ class HomeJobs(JobSignals):
                 await trio.sleep(0.2)
         node = self.host.members.nodes.get(job.node)
         if node is None or node.state != ALIVE:
-            self.mark_lost(job, f"node {job.node_name} was not heard from after this daemon "
-                           "restarted")
+            self.lost_unless_revived(job, f"node {job.node_name} was not heard from after "
+                                     "this daemon restarted")
             return
         await self._follow(job, None)
 
@@ -302,7 +304,7 @@ class HomeJobs(JobSignals):
                     if job.node != nid or job.state in FINAL:
                         continue
                     if ev.kind == "dead":
-                        self.mark_lost(job, f"node {job.node_name} {what}")
+                        self.lost_unless_revived(job, f"node {job.node_name} {what}")
                     else:  # its daemon stopped or restarted: the job may well run on
                         self._nursery().start_soon(self._lost_unless_back, job, nid, what)
 
@@ -311,8 +313,8 @@ class HomeJobs(JobSignals):
         not take it up again in time (it keeps its guests' records too)."""
         await trio.sleep(2 * self.host.cfg.dead_timeout)
         if job.state not in FINAL and job.node == nid and job.id not in self.links:
-            self.mark_lost(job, f"node {job.node_name} {what} and did not take the job up "
-                           "again")
+            self.lost_unless_revived(job, f"node {job.node_name} {what} and did not take "
+                                     "the job up again")
 
     async def act(self, job_id: str, action: str, uid: int, sig: int = signal.SIGTERM,
                   forwarded: bool = False, to: str = "",
@@ -332,6 +334,8 @@ class HomeJobs(JobSignals):
             else:
                 return await self._forward_act(home, job_id, action, uid, sig, to, progress)
         self._may(job, uid)
+        if action.startswith(("checkpoint", "resume")) or self.moves.checkpointed(job):
+            return await self.moves.checkpoint(job, action, to, sig)
         if action == "migrate":
             if job.home != self.me:
                 raise JobError(f"job {job.id}: its home node is unreachable; it cannot be "
@@ -357,7 +361,9 @@ class HomeJobs(JobSignals):
         try:
             reply = await self.request(node, {"op": "act", "job": job_id, "action": action,
                                               "uid": uid, "sig": sig, "to": to},
-                                       *((300, progress) if action == "migrate" else ()))
+                                       *((300, progress) if action == "migrate" else
+                                         (QUERY_TIMEOUT,) if action in ("kill", "stay", "nostay")
+                                         else (300,)))
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \
                 f"node {self.node_name(node)}"

@@ -95,6 +95,25 @@ class Moves(Protocol):
     async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``drop``: stop a restartable guest its home reruns elsewhere."""
 
+    async def checkpoint(self, job: Job, action: str, to: str = "", sig: int = 15) -> str:
+        """``checkpoint`` (take one now), ``checkpoint-stop`` / ``checkpoint-exit``
+        (then stop the job, or end it: it waits as checkpointed) or ``resume`` (on
+        ``to``: a node, home or best) a job of this home, or any action on a checkpointed
+        job (``kill`` ends it with ``sig``); what happened, for the user."""
+
+    def checkpointed(self, job: Job) -> bool:
+        """Whether the job waits as checkpointed (its actions go to :meth:`checkpoint`)."""
+
+    def keep_checkpointed(self, job: Job) -> None:
+        """Take checkpoints of a job of this home every ``job.checkpoint_every`` s."""
+
+    def revive(self, job: Job, why: str) -> bool:
+        """Restore a job of this home whose node is gone from its latest checkpoint (in
+        a task); False if it has none (it is lost)."""
+
+    async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``checkpoint``: dump a job running here, leaving it running."""
+
 
 class Unwired:
     """Stands for the moves until the daemon wires them in: any use is a bug."""

@@ -38,6 +38,7 @@ class JobControl(HomeJobs, GuestJobs):
         ops.add("immigrate", self._serve_immigrate)
         ops.add("has", self._serve_has, names_job=True)
         ops.add("drop", self._serve_drop, names_job=True, names_node=True)
+        ops.add("checkpoint", self._serve_checkpoint, names_job=True)
         return ops
 
     async def _serve_act(self, ch: Channel, msg: dict[str, Any]) -> None:
@@ -68,3 +69,6 @@ class JobControl(HomeJobs, GuestJobs):
 
     async def _serve_drop(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.moves.drop(ch, msg)
+
+    async def _serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.moves.serve_checkpoint(ch, msg)

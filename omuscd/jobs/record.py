@@ -22,7 +22,9 @@ from omuscd import ids
 
 RUNNING, MIGRATING, EXITED, LOST = "running", "migrating", "exited", "lost"
 MOVED = "moved"  # on the node a job left: its record there is finished
-JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST)
+#: at its home: stopped after a checkpoint (checkpoint --stop/--exit), waiting for 'resume'
+CHECKPOINTED = "checkpointed"
+JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST, CHECKPOINTED)
 FINAL = (EXITED, LOST, MOVED)
 STDOUT, STDERR = 1, 2
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
@@ -85,6 +87,11 @@ class Job:
     pid: int | None = None  # on the node running it: the job's init, seen from outside
     landed_at: float = field(default=0.0, repr=False)  # wall time it last arrived here
     cut: str = ""  # why its output may be incomplete (a full state filesystem), else ""
+    checkpoint_every: float = 0.0  # seconds between its checkpoints (0: the tunable's)
+    #: at its home, its last complete checkpoint: seq, time, size (omuscd.jobs.checkpoints)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    revived: int = 0  # times it went back to a checkpoint (its node died)
+    revived_to: float = 0.0  # the time of the checkpoint it last went back to
     #: at its home, signals sent while it moves, in order: delivered wherever it runs once
     #: the move ends (see HomeJobs.release_held); not on the wire, not on disk
     held: list[int] = field(default_factory=list, repr=False)

@@ -74,10 +74,11 @@ class Mover(Protocol):
         ...
 
     async def dump(self, init_pid: int, images: Path, pages: int | None = None,
-                   worker: Any = None) -> None:
+                   worker: Any = None, running: bool = False) -> None:
         """Freeze the job and write its images (its memory to the connected socket
         ``pages`` if given, a page server at the other end); leave it stopped, not
-        killed.  ``worker``: from :meth:`prepare_dump`."""
+        killed.  ``worker``: from :meth:`prepare_dump`; ``running``: leave it running
+        (a checkpoint)."""
         ...
 
     async def page_server(self, images: Path, pages: int) -> Any:

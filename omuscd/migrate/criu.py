@@ -541,16 +541,19 @@ class Criu:
         return worker
 
     async def dump(self, init_pid: int, images: Path, pages: int | None = None,
-                   worker: swrk.Worker | None = None) -> None:
+                   worker: swrk.Worker | None = None, running: bool = False) -> None:
         """``worker``: from :meth:`prepare_dump` with the same ``pages`` (else started
-        now)."""
+        now); ``running``: a checkpoint: the job goes on (--leave-running), its locks
+        stay."""
         if worker is None:
             worker = await self.prepare_dump(init_pid, images, pages)
         limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
         # --file-locks: the job's locks go with it (see FileLock)
         await _ask(worker, swrk.DUMP, images, "dump", limit,
-                   lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages), self.keep_log)
-        self.lend(init_pid)
+                   lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages, running),
+                   self.keep_log)
+        if not running:
+            self.lend(init_pid)
 
     def lend(self, init_pid: int) -> None:
         """Take the locks of the job just dumped (frozen) off it (see locks.LockLender)."""

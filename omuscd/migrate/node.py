@@ -26,9 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from omuscd.jobs.record import CHECKPOINTED
 from omuscd.migrate.books import MoveBooks, MoveHost
+from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.home import MoveHome
 from omuscd.migrate.recovery import Recovery
+from omuscd.migrate.revive import Revival
 from omuscd.migrate.source import Source
 from omuscd.migrate.target import Target
 
@@ -49,6 +52,9 @@ class Migrations:
         self.target = Target(jc, host, self.books)
         self.home = MoveHome(jc, host, self.books, self.source)
         self.recovery = Recovery(jc, host, self.books, self.source, self.home)
+        self.checkpoints = Checkpoints(jc, host, self.books)
+        self.revival = Revival(jc, host, self.books, self.source, self.target,
+                               self.checkpoints)
 
     def listen(self, listener: Callable[[str], None]) -> None:
         """Hear of moves in and out (see omuscd.migrate.books: ARRIVED, LEFT, GIVEN_UP)."""
@@ -92,3 +98,26 @@ class Migrations:
 
     async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.source.serve_drop(ch, msg)
+
+    # checkpoints (omuscd.migrate.checkpoint, omuscd.migrate.revive)
+    async def checkpoint(self, job: Job, action: str, to: str = "", sig: int = 15) -> str:
+        if action == "resume":
+            return await self.revival.resume(job, to or "best")
+        if action == "kill" and self.checkpointed(job):
+            return self.checkpoints.end_checkpointed(job, sig)
+        if action in ("stay", "nostay") and self.checkpointed(job):
+            job.stay = action == "stay"
+            return f"job {job.id} {'stays where it is' if job.stay else 'may migrate'}"
+        return await self.checkpoints.checkpoint(job, action)
+
+    def checkpointed(self, job: Job) -> bool:
+        return job.state == CHECKPOINTED
+
+    def keep_checkpointed(self, job: Job) -> None:
+        self.checkpoints.keep_checkpointed(job)
+
+    def revive(self, job: Job, why: str) -> bool:
+        return self.revival.revive(job, why)
+
+    async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.checkpoints.serve(ch, msg)

@@ -30,7 +30,8 @@ from omuscd.migrate import MoveError
 DUMP = 1  # criu_req_type
 RESTORE = 2
 #: criu_opts field numbers (images/rpc.proto)
-_IMAGES_DIR_FD, _PID, _FILE_LOCKS, _LOG_LEVEL, _LOG_FILE, _PS = 1, 2, 8, 9, 10, 11
+_IMAGES_DIR_FD, _PID, _LEAVE_RUNNING, _FILE_LOCKS = 1, 2, 3, 8
+_LOG_LEVEL, _LOG_FILE, _PS = 9, 10, 11
 _RST_SIBLING, _INHERIT_FD, _LAZY_PAGES, _LEAVE_STOPPED = 26, 27, 48, 69
 _PS_FD = 4  # criu_page_server_info.fd
 _MAX_RESPONSE = 1 << 16
@@ -92,11 +93,13 @@ def decode(buf: bytes) -> dict[int, list[int | bytes]]:
     return out
 
 
-def dump_options(init_pid: int, images_fd: int, log: str, pages: int | None) -> bytes:
-    """``criu dump -t PID --leave-stopped --file-locks -v2 -o LOG`` (and ``--page-server
-    --ps-socket PAGES``)."""
+def dump_options(init_pid: int, images_fd: int, log: str, pages: int | None,
+                 running: bool = False) -> bytes:
+    """``criu dump -t PID --leave-stopped --file-locks -v2 -o LOG``
+    (``--leave-running`` instead for a checkpoint; and ``--page-server --ps-socket PAGES``)."""
     opts = (_int(_IMAGES_DIR_FD, images_fd) + _int(_PID, init_pid) + _int(_FILE_LOCKS, 1)
-            + _int(_LOG_LEVEL, 2) + _bytes(_LOG_FILE, log.encode()) + _int(_LEAVE_STOPPED, 1))
+            + _int(_LOG_LEVEL, 2) + _bytes(_LOG_FILE, log.encode())
+            + _int(_LEAVE_RUNNING if running else _LEAVE_STOPPED, 1))
     if pages is not None:
         opts += _bytes(_PS, _int(_PS_FD, pages))
     return opts
