@@ -29,9 +29,14 @@ from omuscd.migrate import MoveError
 
 DUMP = 1  # criu_req_type
 RESTORE = 2
+#: The largest deleted-but-open file a dump carries (CRIU's default is 1 MB): sqlite3 and
+#: sort keep temporary files of tens of MB open after unlinking them, and a move of such a
+#: job failed ("Can't dump ghost file ... increase limit").  Its content travels inside the
+#: freeze, like the job's other images.
+GHOST_LIMIT = 512 << 20
 #: criu_opts field numbers (images/rpc.proto)
 _IMAGES_DIR_FD, _PID, _LEAVE_RUNNING, _FILE_LOCKS = 1, 2, 3, 8
-_LOG_LEVEL, _LOG_FILE, _PS = 9, 10, 11
+_LOG_LEVEL, _LOG_FILE, _PS, _GHOST_LIMIT = 9, 10, 11, 35
 _RST_SIBLING, _INHERIT_FD, _LAZY_PAGES, _LEAVE_STOPPED = 26, 27, 48, 69
 _PS_FD = 4  # criu_page_server_info.fd
 _MAX_RESPONSE = 1 << 16
@@ -95,11 +100,12 @@ def decode(buf: bytes) -> dict[int, list[int | bytes]]:
 
 def dump_options(init_pid: int, images_fd: int, log: str, pages: int | None,
                  running: bool = False) -> bytes:
-    """``criu dump -t PID --leave-stopped --file-locks -v2 -o LOG``
+    """``criu dump -t PID --leave-stopped --file-locks --ghost-limit GHOST_LIMIT -v2 -o LOG``
     (``--leave-running`` instead for a checkpoint; and ``--page-server --ps-socket PAGES``)."""
     opts = (_int(_IMAGES_DIR_FD, images_fd) + _int(_PID, init_pid) + _int(_FILE_LOCKS, 1)
             + _int(_LOG_LEVEL, 2) + _bytes(_LOG_FILE, log.encode())
-            + _int(_LEAVE_RUNNING if running else _LEAVE_STOPPED, 1))
+            + _int(_LEAVE_RUNNING if running else _LEAVE_STOPPED, 1)
+            + _int(_GHOST_LIMIT, GHOST_LIMIT))
     if pages is not None:
         opts += _bytes(_PS, _int(_PS_FD, pages))
     return opts
