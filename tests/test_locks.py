@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -364,3 +365,45 @@ def test_a_job_holding_a_deleted_temporary_file_of_tens_of_mb_moves_with_it(clus
     assert p.returncode == 0, err
     want = hashlib.sha256(hashlib.sha256(b"ghost").digest() * 32768 * 24).hexdigest()
     assert out.splitlines()[-1] == f"read {want}".encode()
+
+
+def test_two_jobs_moved_at_the_same_time_both_move(cluster, tmp_path):
+    """CRIU's parasite mounts the job's /proc at proc.crtools in the working directory of
+    the job's init, "/" for every job: two dumps at once (two moves, a move and a
+    checkpoint) raced for that name and one failed with "Can't create a directory"."""
+    _, _, _, n = cluster
+    os.chmod(tmp_path, 0o755)
+    jobs, procs = [], []
+    try:
+        for i in range(2):
+            # 48 MB each: dumps long enough (~0.1 s) to overlap when asked together
+            p = start(n["a"], PY, "-c", GHOST, "48", str(tmp_path / f"go{i}"), str(tmp_path),
+                      f"{TAG}-twice{i}")
+            procs.append(p)
+            assert p.stdout is not None and p.stdout.readline() == b"written\n"
+            jobs.append(job_of(n["a"], f"{TAG}-twice{i}"))
+        for where, there in (("b", n["a"]), ("home", n["b"]), ("b", n["a"]), ("home", n["b"])):
+            replies: list[object] = []
+
+            def migrate(job: str, where: str = where, there=there,
+                        replies: list[object] = replies) -> None:
+                replies.append(there.ctl(f"migrate {job} {where}"))
+
+            threads = [threading.Thread(target=migrate, args=(j,)) for j in jobs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert [r.code for r in replies] == [200, 200], replies  # type: ignore[attr-defined]
+        for i in range(2):
+            (tmp_path / f"go{i}").touch()
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                p.communicate()
+    want = hashlib.sha256(hashlib.sha256(b"ghost").digest() * 32768 * 48).hexdigest()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert out.splitlines()[-1] == f"read {want}".encode()

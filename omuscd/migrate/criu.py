@@ -33,6 +33,7 @@ import trio
 
 from omuscd import proctab, rootexec
 from omuscd.migrate import Inherit, MoveError, swrk
+from omuscd.migrate.dumplock import DumpLock
 from omuscd.migrate.locks import FileLock, LockLender, lock_problem, read_locks
 from omuscd.migrate.reopened import bound_by_path
 from omuscd.priority import make_realtime
@@ -65,6 +66,8 @@ DUMP_SECONDS = 60.0
 DUMP_RATE = 10 << 20
 #: Where CRIU keeps what it found out about the kernel (KDAT_RUNDIR, fixed at its build).
 KDAT_DIR = Path("/run")
+#: Every dump of this daemon takes turns with the others on the machine.
+DUMPS = DumpLock()
 KDAT_NAME = "criu.kdat"
 #: What CRIU writes (images: a job's memory; logs) is for no one but the daemon.  A
 #: restored job gets its own umask back from its images.
@@ -549,9 +552,10 @@ class Criu:
             worker = await self.prepare_dump(init_pid, images, pages)
         limit = DUMP_SECONDS + resident(init_pid) / DUMP_RATE
         # --file-locks: the job's locks go with it (see FileLock)
-        await _ask(worker, swrk.DUMP, images, "dump", limit,
-                   lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages, running),
-                   self.keep_log)
+        async with DUMPS.held():  # one at a time (see omuscd.migrate.dumplock)
+            await _ask(worker, swrk.DUMP, images, "dump", limit,
+                       lambda fd: swrk.dump_options(init_pid, fd, "dump.log", pages, running),
+                       self.keep_log)
         if not running:
             self.lend(init_pid)
 
