@@ -40,12 +40,15 @@ def test_urgent_makes_the_main_thread_realtime_for_its_span_only():
 
 
 def test_criu_dumps_realtime_on_the_cpus_of_the_job(tmp_path: Path):
-    """The stand-in records the policy and CPUs it was started with, then succeeds."""
+    """The stand-in, a ``criu swrk`` started before the freeze, records the policy and
+    CPUs it has once given its request, then answers that the dump worked."""
     report = tmp_path / "report"
     fake = tmp_path / "criu"
-    fake.write_text(f"#!{sys.executable}\nimport os\n"
+    fake.write_text(f"#!{sys.executable}\nimport os, socket, sys\n"
+                    "s = socket.socket(fileno=int(sys.argv[2]))\ns.recv(65536)\n"
                     f"open({str(report)!r}, 'w').write('%d %s' % (os.sched_getscheduler(0), "
-                    "sorted(os.sched_getaffinity(0))))\n")
+                    "sorted(os.sched_getaffinity(0))))\n"
+                    "s.send(bytes([0x08, 1, 0x10, 1]))  # criu_resp: DUMP, success\n")
     fake.chmod(0o755)
     cpu = max(os.sched_getaffinity(0))
     job = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
