@@ -198,7 +198,7 @@ class AntiEntropy:
                 continue
             s.learn(entry, now, None)
             if sw != "a":
-                s.on_suspect(nid, entry["boot"], entry["n"], sender, now,
+                s.on_suspect(nid, entry["boot"], entry.get("n", 0), sender, now,
                              f"node {sender} holds it {'suspect' if sw == 's' else 'dead'}")
 
     # ------------------------------------------------------------------ receiving
