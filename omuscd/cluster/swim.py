@@ -132,6 +132,7 @@ class Swim:
         self.pos = 0
         self.next_probe = self.next_sweep = float("inf")
         self.next_gossip = float("-inf")  # changes go out as soon as there are any
+        self.expected = float("inf")  # when we expected to be called next (stalls)
         self.signature = self.members.signature()
         self.sync = AntiEntropy(self)
 
@@ -165,6 +166,7 @@ class Swim:
 
     def tick(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
+        self._resumed(now)
         self._own_news()
         self._suspicions_due(now)
         self._probe_due(now, out)
@@ -175,7 +177,24 @@ class Swim:
         if now >= self.next_sweep:
             events, self.next_sweep = self.members.sweep(now)
             self.events += events
+        self.expected = self.next_due()
         return out + self.answers()
+
+    def _resumed(self, now: float) -> None:
+        """Were we stopped (SIGSTOP, a CPU hog, swapping) past a deadline?  Time we did
+        not run is no evidence against others: suspicions wait that much longer (the
+        refutations may sit unread in our socket), the probe under way gives no verdict,
+        and we count ourselves as the slow one (Lifeguard)."""
+        late = now - self.expected
+        if late <= self.params.probe_interval:
+            return
+        for s in self.suspicions.values():
+            s.start += late
+        if self.probe is not None:
+            self.probe = None
+            self.next_probe = min(self.next_probe, now)
+        self.awareness.apply(1)
+        self.expected = now
 
     def handle(self, src: Address, sender_id: int, sender_boot: int, mtype: int,
                body: dict[str, Any], now: float) -> list[Outgoing]:
@@ -205,6 +224,8 @@ class Swim:
         out: list[Outgoing] = []
         handler[1](src, sender_id, fields, now, out)
         self._settle()
+        # earlier if something became due; never later (a stall is told by tick)
+        self.expected = min(self.expected, self.next_due())
         return out + self.answers()
 
     # ------------------------------------------------------------------ sending
