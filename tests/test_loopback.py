@@ -66,6 +66,8 @@ def test_three_nodes_agree_on_the_table(trio_nodes):
         assert {v["id"] for v in views} == {2, 3, 4}
         assert all(v["state"] == "alive" and v["auth"] == "key" for v in views)
         assert views[0]["self"] and views[0]["name"] == d.name
+        # each figure's age travels with it (the probes carry them): a few seconds at most
+        assert all(0 <= v["age"] == v["last_heard"] < 5 for v in views)
     node3 = trio_nodes[0].json("node n3")
     assert node3["address"] == "127.0.0.3" and node3["cpus"] >= 1 and node3["release"] == RELEASE
 
