@@ -185,6 +185,9 @@ def test_helper_says_nack_when_the_target_is_silent_too():
     [ack] = b.handle(addr(3), 3, 1003, wire.ACK, {"seq": ping.body["seq"]}, 2.05)
     assert ack.dest == addr(1) and ack.mtype == wire.ACK and ack.body["seq"] == 42
     assert b.relays == {}
+    # a stranger cannot make b ping addresses for it
+    assert b.handle(("10.9.9.9", 4270), 99, 1099, wire.PING_REQ,
+                    {"seq": 43, "to": 3, "addr": ["10.9.9.8", 4270]}, 3.0) == []
 
 
 def test_crashed_node_is_suspect_then_dead_everywhere():

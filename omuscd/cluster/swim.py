@@ -521,7 +521,10 @@ class Swim:
     def _on_ping_req(self, src: Address, sender: int, f: tuple[int, int, Address],
                      now: float, out: list[Outgoing]) -> None:
         seq, to, addr = f
-        if to == self.members.my_id or len(self.relays) >= 64:
+        # only for a member (no stranger turns us into a pinger of other addresses),
+        # and a bounded number at once
+        if to == self.members.my_id or sender not in self.members.nodes or \
+                len(self.relays) >= 64:
             return
         node = self.members.nodes.get(to)
         self.seq += 1
