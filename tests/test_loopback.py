@@ -12,6 +12,7 @@ import time
 import pytest
 
 from omuscd import client, config, wire
+from omuscd.version import RELEASE
 from tests.cluster import (
     PYTHON,
     User,
@@ -31,7 +32,7 @@ CTL = 24271
 def base(addr: str, key: str | None, *extra: str) -> list[str]:
     args = ["--address", addr, "--port", str(PORT), "--control-bind", addr,
             "--control-port", str(CTL), "--gossip-interval", "0.2",
-            "--suspect-timeout", "1.5", "--dead-timeout", "3"]
+            "--dead-timeout", "3"]
     if key:
         args += ["--key-file", key]
     return [*args, *extra]
@@ -65,8 +66,10 @@ def test_three_nodes_agree_on_the_table(trio_nodes):
         assert {v["id"] for v in views} == {2, 3, 4}
         assert all(v["state"] == "alive" and v["auth"] == "key" for v in views)
         assert views[0]["self"] and views[0]["name"] == d.name
+        # each figure's age travels with it (the probes carry them): a few seconds at most
+        assert all(0 <= v["age"] == v["last_heard"] < 5 for v in views)
     node3 = trio_nodes[0].json("node n3")
-    assert node3["address"] == "127.0.0.3" and node3["cpus"] >= 1 and node3["release"] == "1a0"
+    assert node3["address"] == "127.0.0.3" and node3["cpus"] >= 1 and node3["release"] == RELEASE
 
 
 def test_clean_stop_announces_departure(trio_nodes):
@@ -140,16 +143,17 @@ def test_forged_unsigned_and_junk_packets_are_counted_and_ignored(trio_nodes, ke
 
 def test_other_protocol_version_is_listed_incompatible(trio_nodes, workdir, key, reaper):
     n2 = trio_nodes[0]
-    v2 = start_daemon("v2", base("127.0.0.5", key, "--peer", f"127.0.0.2:{PORT}",
-                                 "--wire-version", "2"), workdir)
-    reaper.append(v2)
-    wait_for(lambda: n2.nodes().get("v2", {}).get("state") == "incompatible", 3,
-             "v2 listed as incompatible")
+    # an old daemon (protocol 1: heartbeat gossip) beside SWIM nodes
+    v1 = start_daemon("v1", base("127.0.0.5", key, "--peer", f"127.0.0.2:{PORT}",
+                                 "--wire-version", "1"), workdir)
+    reaper.append(v1)
+    wait_for(lambda: n2.nodes().get("v1", {}).get("state") == "incompatible", 3,
+             "v1 listed as incompatible")
     assert n2.json("status")["packets"]["incompatible"] > 0
     assert {"n3", "n4"} == {n for n, v in n2.nodes().items() if v["state"] == "alive"}
-    assert "speaks protocol version 2" in n2.log()
-    wait_for(lambda: {v["state"] for v in v2.nodes().values()} == {"incompatible"}, 3,
-             "v2 to see the others as incompatible")
+    assert "speaks protocol version 1" in n2.log()
+    wait_for(lambda: {v["state"] for v in v1.nodes().values()} == {"incompatible"}, 3,
+             "v1 to see the others as incompatible")
 
 
 def test_keyless_node_is_read_only_and_refused_by_keyed_nodes(trio_nodes, workdir, reaper):
@@ -237,7 +241,7 @@ def test_real_telnet_session(trio_nodes):
         ("\x1d", 0.2), ("send ip\n", 0.4),  # IAC IP (Ctrl-C) ends the watch
         ("node n3\n", 0.4), ("quit\n", 0.5),
     ])
-    assert "220 omuscd-1a0 node n2" in out
+    assert f"220 omuscd-{RELEASE} node n2" in out
     assert "200-*2" in out and "200 3 nodes" in out
     assert "210-watching" in out and "210 end of watch" in out
     assert "200-address: 127.0.0.3" in out
@@ -559,8 +563,8 @@ def test_set_refuses_non_finite_numbers_and_the_daemon_lives_on(workdir, key, re
             r = d.ctl(f"set {name} {value}")
             assert 400 <= r.code < 500, (name, value, r)
             assert name in r.text and value in r.text and "allowed" in r.text, r.text
-    for name, value in (("gossip_window", "1e400"), ("post_copy_mb", "9" * 39),
-                        ("gossip_window", "nan"), ("post_copy_mb", "-1")):
+    for name, value in (("indirect_checks", "1e400"), ("post_copy_mb", "9" * 39),
+                        ("indirect_checks", "nan"), ("post_copy_mb", "-1")):
         r = d.ctl(f"set {name} {value}")
         assert 400 <= r.code < 500 and name in r.text and "allowed" in r.text, r
     time.sleep(2)  # ten gossip rounds: a NaN interval crashed the daemon within seconds
@@ -587,7 +591,7 @@ def test_non_finite_switches_exit_2_naming_the_parameter(workdir, args, msg):
     ("load_interval = inf\n", "load_interval: 'inf' is not a finite number"),
     ("dead_timeout = -inf\n", "dead_timeout: '-inf' is not a finite number"),
     ("port = 99999999999999999999999\n", "above the maximum 65535"),
-    ("gossip_window = 1e400\n", "gossip_window: 'inf' is not an integer"),
+    ("indirect_checks = 1e400\n", "indirect_checks: 'inf' is not an integer"),
     ('cpus = "0-99999999999"\n', "above the maximum 8191"),
     ('cpus = "0-4,7-99999999999999999999"\n', "above the maximum 8191"),
 ])
@@ -611,16 +615,16 @@ def test_non_utf8_config_file_exits_2_naming_it(workdir):
 
 def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
     conf = workdir / "omuscd.toml"
-    conf.write_text("gossip_window = 8\n")
+    conf.write_text("indirect_checks = 2\n")
     d = start_daemon("hupbad", base("127.0.0.45", key, "--config", str(conf)), workdir)
     reaper.append(d)
     before = d.json("get")
     bad_files = [
-        b"gossip_window = 4\ngossip_interval = nan\n",
-        b"gossip_window = 4\nload_interval = inf\n",
-        b"gossip_window = 4\ncpus = \"0-99999999999\"\n",
-        b"gossip_window = 4\n# caf\xe9\n",
-        b"gossip_window = 4\ngossip_interval = 5\n",  # suspect_timeout 1.5 < 2 * 5
+        b"indirect_checks = 4\ngossip_interval = nan\n",
+        b"indirect_checks = 4\nload_interval = inf\n",
+        b"indirect_checks = 4\ncpus = \"0-99999999999\"\n",
+        b"indirect_checks = 4\n# caf\xe9\n",
+        b"indirect_checks = 4\nprobe_timeout = 5\n",  # not less than probe_interval 0.5
     ]
     for n, data in enumerate(bad_files, 1):
         conf.write_bytes(data)
@@ -634,10 +638,10 @@ def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
     time.sleep(1)
     assert d.alive() and d.ctl("nodes").code == 200
     # a good file still takes, several values at once
-    conf.write_text("gossip_window = 4\ngossip_interval = 0.5\nsuspect_timeout = 2\n")
+    conf.write_text("indirect_checks = 4\nprobe_interval = 0.2\nprobe_timeout = 0.1\n")
     d.popen.send_signal(signal.SIGHUP)
-    wait_for(lambda: d.json("get")["gossip_window"] == 4, 5, "good reload")
-    assert d.json("get")["suspect_timeout"] == 2.0
+    wait_for(lambda: d.json("get")["indirect_checks"] == 4, 5, "good reload")
+    assert (d.json("get")["probe_interval"], d.json("get")["probe_timeout"]) == (0.2, 0.1)
 
 
 def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
@@ -646,15 +650,18 @@ def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
     before = d.json("status")["packets"]["malformed"]
     forger = wire.Codec(None, 77, 5, 1)
     now = time.time()
+    def change(**bad: object) -> dict:  # a membership change carrying a bad entry
+        return {"b": [{"k": "a", "e": {**fake_entry(77), **bad}}]}
+
     bad = [
         forger.encode(wire.HELLO, {"entry": {**fake_entry(77), "load": float("nan")}}, now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "mem": float("inf")}]},
+        forger.encode(wire.GOSSIP, change(mem=float("inf")), now),
+        forger.encode(wire.GOSSIP, change(speed=1e308 * 10), now),
+        forger.encode(wire.GOSSIP, change(util=-1.0), now),
+        forger.encode(wire.GOSSIP, change(jobs=-5), now),
+        forger.encode(wire.GOSSIP, change(age=10**400), now),
+        forger.encode(wire.PING, {"seq": 1, "to": 46, "me": {**fake_entry(77), "runq": -1}},
                       now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "speed": 1e308 * 10}]},
-                      now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "util": -1.0}]}, now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "jobs": -5}]}, now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "age": 10**400}]}, now),
         forger.encode(wire.REQUEST, {"rid": 1, "pressure": float("nan"), "cpus": 1}, now),
     ]
     send_datagrams("127.0.0.46", bad)
