@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from omuscd import wire
-from tests.sim import NetConfig, Simulator
+from tests.sim import NetConfig, Simulator, scenario, swim_factory
 from tests.sim.simulator import WALL0
 
 
@@ -188,3 +188,95 @@ def test_a_watch_is_reached_when_the_fraction_agrees():
     sim.run_until(3.0)
     assert w.reached_at == pytest.approx(1.01) and w.ok == {0}
     assert all_.reached_at is None and all_.need == 5
+
+
+# ---------------------------------------------------------------------------- the real core
+@pytest.fixture(scope="module")
+def swim() -> Any:
+    """Nodes that run omuscd.cluster.swim with its default parameters."""
+    return swim_factory()
+
+
+def test_a_join_is_known_by_all(swim):
+    sim = scenario.form(swim, 64, seed=21)
+    took = scenario.join_time(sim, fraction=1.0, timeout=30.0)
+    assert took is not None and took <= 3.0, took
+    assert sim.converged()
+
+
+def test_a_crash_is_dead_everywhere_within_the_bound(swim):
+    sim = scenario.form(swim, 64, seed=22)
+    took = scenario.crash_time(sim, timeout=30.0)
+    assert took is not None and took <= 10.0, took
+    assert sim.views_agree()  # the survivors still see each other alive
+
+
+def test_no_false_death_with_loss_and_a_stalled_node(swim):
+    sim = scenario.form(swim, 64, seed=23)
+    r = scenario.false_alarms(sim, 90.0, loss=0.05, stalled_fraction=1 / 64, stall=2.0,
+                              stalls_per_minute=4.0)
+    assert r.stalls >= 2, r  # the run did stall a node
+    assert r.false_deaths == 0 and r.dead_in_tables == 0, r
+    sim.net.cfg.loss = 0.0
+    assert sim.run_until_true(sim.converged, 30.0, check_every=1.0) is not None
+
+
+def test_a_partition_heals(swim):
+    sim = scenario.form(swim, 40, seed=24)
+    left = set(range(20))
+    sim.partition([left])
+    sim.run_for(40.0)  # long enough for each side to see the other dead
+    a, b = sim.nodes[0], sim.nodes[39]
+    assert a.state_of(b.id) == "dead" and b.state_of(a.id) == "dead"
+    sim.heal()
+    took = sim.run_until_true(sim.converged, 120.0, check_every=1.0)
+    assert took is not None, scenario.describe_views(sim)
+
+
+def test_bytes_per_node_do_not_grow_with_the_cluster(swim):
+    rates = {}
+    for n in (16, 128):
+        sim = scenario.form(swim, n, seed=25)
+        sim.run_for(10.0)  # past the news of the joins
+        rates[n] = scenario.summary(scenario.byte_rates(sim, 60.0))["mean"]
+    assert rates[128] <= 1.5 * rates[16] and rates[16] <= 1.5 * rates[128], rates
+    assert max(rates.values()) <= 4096, rates
+
+
+def _spoil(value: Any, rng: random.Random) -> Any:
+    """``value`` with one leaf replaced by something of the wrong type or range."""
+    if isinstance(value, dict) and value:
+        key = rng.choice(list(value))
+        return {**value, key: _spoil(value[key], rng)}
+    if isinstance(value, list) and value:
+        i = rng.randrange(len(value))
+        return [*value[:i], _spoil(value[i], rng), *value[i + 1:]]
+    return rng.choice([None, -1, 2**64, "x" * 70, 1.5, [], {}, True, "dead", 0])
+
+
+def test_a_spoiled_body_is_dropped_or_harmless(swim):
+    """What a peer holding the key could send: real SWIM bodies, one field spoiled each,
+    signed and sequenced properly.  The receiver drops each (wire.WireError, counted) or
+    takes it harmlessly: nothing else is raised and the cluster stays whole."""
+    sim = scenario.form(swim, 6, seed=26)
+    a, b = sim.nodes[0], sim.nodes[1]
+    sent: list[tuple[int, dict[str, Any]]] = []
+    real = a.codec.encode
+
+    def spy(mtype: int, body: dict[str, Any], now: float) -> bytes:
+        sent.append((mtype, body))
+        return real(mtype, body, now)
+
+    a.codec.encode = spy  # type: ignore[method-assign]
+    sim.run_for(5.0)
+    a.codec.encode = real  # type: ignore[method-assign]
+    assert len({m for m, _ in sent}) >= 2, sent  # probes and acks at least
+    rng = random.Random(7)
+    for mtype, body in sent[:40] * 5:
+        bad = _spoil(body, rng)
+        packet = a.codec.encode(mtype, bad, WALL0 + sim.now)
+        sim.clock.at(sim.now, 1, b.index, (packet, a.index))
+        sim.run_until(sim.now)
+    assert b.drops > 0
+    sim.run_for(5.0)
+    assert sim.converged()

@@ -204,7 +204,11 @@ class Simulator:
             return
         node.datagrams_in += 1
         h = packet.header
-        out = node.proto.handle(src.address, h.node_id, h.boot, h.mtype, packet.body, now)
+        try:
+            out = node.proto.handle(src.address, h.node_id, h.boot, h.mtype, packet.body, now)
+        except wire.WireError:  # a malformed body: dropped and counted, as the daemon does
+            node.drops += 1
+            out = []
         self._finish(node, out)
 
     def _tick(self, node: SimNode) -> None:
