@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     formed = sim.now
     t1 = time.monotonic()
     print(f"{a.nodes} nodes formed at {formed:.1f} simulated s ({t1 - t0:.1f} s real)")
-    r = scenario.false_alarms(sim, a.seconds, a.loss, a.stalled, a.stall) if a.stalled \
-        else scenario.false_alarms(sim, a.seconds, a.loss, 0.0, 0.0, 0.0)
+    r = scenario.false_alarms(sim, a.seconds, a.loss, a.stalled, a.stall)
     t2 = time.monotonic()
     s = scenario.summary(r.byte_rates)
     print(f"{a.seconds:.0f} simulated s at {a.loss:.0%} loss, {r.stalls} stalls: "

@@ -106,7 +106,8 @@ def false_alarms(sim: Simulator, seconds: float, loss: float, stalled_fraction: 
     ``stalls_per_minute``); count dead and suspect events about nodes that are live."""
     sim.net.cfg.loss = loss
     live = sim.live()
-    chosen = sim.rng.sample(live, max(1, round(stalled_fraction * len(live))))
+    chosen = sim.rng.sample(live, max(1, round(stalled_fraction * len(live)))) \
+        if stalled_fraction > 0 and stalls_per_minute > 0 and stall > 0 else []
     stalls = 0
     for node in chosen:
         t = sim.now + sim.rng.expovariate(stalls_per_minute / 60.0)
