@@ -5,7 +5,8 @@ Layout of one UDP datagram (big-endian; documented in omuscd(8), section WIRE PR
     off  len  field
     0    4    magic  b"OMUS"
     4    2    protocol version (= the omuscd version number)
-    6    1    message type (1 HELLO, 2 GOSSIP, 3 SYNC, 4 LEAVE, 5 REQUEST, 6 OFFER)
+    6    1    message type (1 HELLO, 2 GOSSIP, 3 SYNC, 4 LEAVE, 5 REQUEST, 6 OFFER,
+                   7 PING, 8 ACK, 9 PING-REQ, 10 NACK, 11 PUSH-PULL)
     7    1    flags (bit 0: signed)
     8    4    sender node id
     12   8    sender boot id (random per daemon start)
@@ -40,8 +41,12 @@ MAX_DATAGRAM = 1400  # stay under a LAN MTU: no IP fragmentation
 FLAG_SIGNED = 0x01
 
 HELLO, GOSSIP, SYNC, LEAVE, REQUEST, OFFER = 1, 2, 3, 4, 5, 6
+#: SWIM's failure detector (cluster/swim.py): a probe, its answer, a probe through a
+#: helper, the helper's "no answer from it", and the periodic anti-entropy exchange.
+PING, ACK, PING_REQ, NACK, PUSH_PULL = 7, 8, 9, 10, 11
 TYPE_NAMES = {HELLO: "hello", GOSSIP: "gossip", SYNC: "sync", LEAVE: "leave",
-              REQUEST: "request", OFFER: "offer"}
+              REQUEST: "request", OFFER: "offer", PING: "ping", ACK: "ack",
+              PING_REQ: "ping-req", NACK: "nack", PUSH_PULL: "push-pull"}
 
 #: Drop reasons, in the order ``status`` shows their counters.
 DROP_REASONS = ("malformed", "unsigned", "bad-signature", "replayed", "stale", "incompatible")
@@ -264,6 +269,9 @@ def check_entry(e: Any) -> dict[str, Any]:
     if not all(isinstance(f, str) and len(f) <= MAX_FLAG_LEN for f in e["flags"]) \
             or len(e["flags"]) > 16:
         raise WireError("malformed", "entry flags")
+    n = e.setdefault("n", 0)  # SWIM's incarnation number (cluster/swim.py)
+    if type(n) is not int or not 0 <= n < 2**53:
+        raise WireError("malformed", "entry field 'n'")
     moves = e.get("moves", [0, 0])  # optional: the jobs moved in and out since its start
     if not (isinstance(moves, list) and len(moves) == 2 and
             all(type(m) is int and 0 <= m < 2**53 for m in moves)):

@@ -1,11 +1,13 @@
-"""The node table: who is in the cluster, how loaded, and whether they are still alive.
+"""The node table: who is in the cluster, whether each is alive, and its last figures.
 
-Spreading news the way gossimon (MOSIX) and Cassandra do keeps each node's traffic constant
-as the cluster grows: every gossip round a node sends its own entry and a window of the
-freshest entries it knows to *one* random node, not to all.  Every entry carries the age of
-its newest heartbeat, so silence is timed from when the node itself last spoke, not from
-when the news happened to arrive; a silent node is ``suspect`` first and ``dead`` later
-(SWIM's lesson: suspicion before death avoids false alarms on a busy network).
+Two things are kept apart.  *Liveness* (alive, suspect, dead) is SWIM's judgement
+(cluster/swim.py drives it through :meth:`Membership.suspect`, :meth:`Membership.dead`
+and incarnation numbers in the entries); a node is never judged by how old its figures
+are.  *Figures* (load, free memory, jobs, flags...) travel with SWIM's traffic, each
+entry with its age in milliseconds, so a receiver knows when the node itself produced
+them without synchronised clocks; ``nodes`` shows that age.  An entry's ``hb`` orders a
+node's figures, its ``n`` (incarnation) orders what is said of its liveness: only the
+node itself raises ``n``, to refute a suspicion, so "alive at n" beats "suspect at n-1".
 
 This module is pure logic: time is passed in, so tests drive it with any clock.
 """
@@ -37,10 +39,11 @@ class Node:
 
     entry: dict[str, Any]
     state: str
-    heard: float  # our clock's estimate of when the node produced its newest heartbeat
+    heard: float  # our clock's estimate of when the node produced its figures
     since: float  # when ``state`` was entered
     auth: str  # "key", "unverified" or "insecure"
-    address: tuple[str, int]  # where to send gossip
+    address: tuple[str, int]  # where to send to it
+    incarnation: int = 0  # SWIM's: the highest ``n`` we know the node at
 
     @property
     def id(self) -> int:
@@ -50,8 +53,17 @@ class Node:
     def name(self) -> str:
         return str(self.entry["name"])
 
+    @property
+    def boot(self) -> int:
+        return int(self.entry["boot"])
+
+    def age(self, now: float) -> float:
+        """Seconds since the node produced the figures we hold."""
+        return max(0.0, now - self.heard)
+
     def view(self, now: float) -> dict[str, Any]:
-        """What ``nodes`` and ``node`` show (JSON form)."""
+        """What ``nodes`` and ``node`` show (JSON form).  ``last_heard`` (and ``age``) is
+        the age of the figures, not a judgement of liveness: that is ``state``."""
         e = self.entry
         return {
             "id": e["id"], "name": e["name"], "address": e["addr"], "port": e["port"],
@@ -60,16 +72,20 @@ class Node:
             "speed": e["speed"], "mem_free_mb": e["mem"], "jobs": e["jobs"],
             "release": e["rel"], "flags": list(e["flags"]), "auth": self.auth,
             "moved_in": e.get("moves", [0, 0])[0], "moved_out": e.get("moves", [0, 0])[1],
-            "last_heard": round(max(0.0, now - self.heard), 1),
+            "last_heard": round(self.age(now), 1), "age": round(self.age(now), 1),
+            "incarnation": self.incarnation,
             "state_since": round(max(0.0, now - self.since), 1),
         }
 
 
 @dataclass
 class Timing:
-    suspect_timeout: float = 3.0
-    dead_timeout: float = 6.0
     forget_after: float = 3600.0
+
+
+#: Fields of our own entry that are figures, sent as they are; a change of any other
+#: field (flags, role, name) is news and is spread as a change (cluster/swim.py).
+FIGURES = ("load", "util", "runq", "mem", "jobs", "moves", "hb")
 
 
 @dataclass
@@ -89,14 +105,22 @@ class Membership:
     #: party may show it instead of us, so it might never hear of us otherwise) and a
     #: newly seen incompatible node (so that it lists us too).
     to_answer: list[tuple[str, int]] = field(default_factory=list)
+    #: A node's load moved by ``jump_threshold`` or more since the last look (the
+    #: balancer looks at once); the reader clears it.
+    jump_threshold: float = float("inf")
+    load_jumped: bool = False
 
     # ------------------------------------------------------------------ our own entry
     @property
     def my_id(self) -> int:
         return int(self.me["id"])
 
+    @property
+    def incarnation(self) -> int:
+        return int(self.me.get("n", 0))
+
     def beat(self, **fields: Any) -> None:
-        """A gossip round: bump our heartbeat and refresh the fields that changed."""
+        """New figures: refresh the fields given and raise ``hb`` (their order)."""
         self.me.update(fields)
         self.me["hb"] += 1
 
@@ -105,7 +129,7 @@ class Membership:
 
     def set_flag(self, flag: str, on: bool) -> None:
         """Raise or lower one of this node's flags ("criu", "blocked", "quiet", ...); the
-        next gossip round carries it.  The one writer of ``me["flags"]``."""
+        next datagram carries it.  The one writer of ``me["flags"]``."""
         flags = set(self.me["flags"])
         if on:
             flags.add(flag)
@@ -117,17 +141,24 @@ class Membership:
         return flag in self.me["flags"]
 
     def set_role(self, role: str) -> None:
-        """This node's topology role, gossiped from the next round on."""
+        """This node's topology role, sent from the next datagram on."""
         self.me["role"] = role
+
+    def signature(self) -> tuple[Any, ...]:
+        """Our entry without its figures: when it changes, others must hear of it soon."""
+        return tuple((k, str(v)) for k, v in sorted(self.me.items())
+                     if k not in FIGURES and k != "n")
 
     # ------------------------------------------------------------------ merging news
     def merge(self, entry: dict[str, Any], now: float, auth: str,
               source: tuple[str, int] | None = None) -> list[Event]:
-        """Merge one (already validated) entry.  ``source`` is set when the entry is the
-        sender's own, so we learn the address it really speaks from."""
+        """Merge one (already validated) entry: its figures if newer (``hb``), and "alive
+        at incarnation n" if ``n`` is above what we know.  ``source`` is set when the
+        entry is the sender's own, so we learn the address it really speaks from."""
         nid = int(entry["id"])
         origin = now - entry["age"] / 1000.0
         entry = {k: v for k, v in entry.items() if k != "age"}
+        n = int(entry.get("n", 0))
         if nid == self.my_id:
             return self._own_id_seen(entry)
         if entry["st"] == "left":
@@ -140,29 +171,57 @@ class Membership:
         address = source or (entry["addr"], entry["port"])
         node = self.nodes.get(nid)
         if node is None:
-            self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address)
+            self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address, n)
             return [Event("join", f"node {nid} ({entry['name']}) at {entry['addr']} joined",
                           {"node": nid, "name": entry["name"], "address": entry["addr"]})]
         old = node.entry
         if entry["boot"] != old["boot"]:
             if (entry["inc"], entry["boot"]) < (old["inc"], old["boot"]):
                 return []  # an older incarnation (or the loser of an id clash)
-            self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address)
+            self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address, n)
             return [Event("restart", f"node {nid} ({entry['name']}) restarted",
                           {"node": nid, "name": entry["name"]})]
-        if entry["hb"] < old["hb"]:
-            return []
         if entry["hb"] > old["hb"]:
+            self._note_jump(old, entry)
             node.entry = entry
-        node.heard = max(node.heard, origin)
+            node.heard = max(node.heard, origin)
         if source is not None:
             node.address = source
-        if node.state in (SUSPECT, DEAD) and now - node.heard < self.timing.suspect_timeout:
-            was = node.state
-            node.state, node.since = ALIVE, now
-            return [Event("alive", f"node {nid} ({entry['name']}) is alive again "
-                          f"(was {was})", {"node": nid, "name": entry["name"]})]
+        if n > node.incarnation:
+            node.incarnation = n
+            node.entry = {**node.entry, "n": n}
+            if node.state != ALIVE:
+                was = node.state
+                node.state, node.since = ALIVE, now
+                return [Event("alive", f"node {nid} ({entry['name']}) is alive again "
+                              f"(was {was})", {"node": nid, "name": entry["name"]})]
         return []
+
+    def _note_jump(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        if abs(float(new["load"]) - float(old["load"])) >= self.jump_threshold:
+            self.load_jumped = True
+
+    # ------------------------------------------------------------------ SWIM's verdicts
+    def suspect(self, nid: int, n: int, now: float, why: str) -> list[Event]:
+        """Node ``nid`` is suspect at incarnation ``n`` (ignored if it is known at a
+        higher one, or already suspect or dead)."""
+        node = self.nodes.get(nid)
+        if node is None or n < node.incarnation or node.state != ALIVE:
+            return []
+        node.incarnation = n
+        node.state, node.since = SUSPECT, now
+        return [Event("suspect", f"node {nid} ({node.name}) is suspect: {why}",
+                      {"node": nid, "name": node.name})]
+
+    def dead(self, nid: int, n: int, now: float, why: str) -> list[Event]:
+        """Node ``nid`` is dead at incarnation ``n`` (only a higher ``n`` revives it)."""
+        node = self.nodes.get(nid)
+        if node is None or n < node.incarnation or node.state == DEAD:
+            return []
+        node.incarnation = n
+        node.state, node.since = DEAD, now
+        return [Event("dead", f"node {nid} ({node.name}) is dead: {why}",
+                      {"node": nid, "name": node.name})]
 
     def _own_id_seen(self, entry: dict[str, Any]) -> list[Event]:
         """Someone speaks with our node id.  Our own echo is ignored; another boot is a
@@ -221,7 +280,8 @@ class Membership:
                           body: dict[str, Any], now: float, auth: str) -> list[Event]:
         """An authentic datagram of another protocol version: list its sender, never use
         it.  Only the stable header is trusted; the body is read for a name if it has one."""
-        entry = body.get("entry") if isinstance(body.get("entry"), dict) else {}
+        entry = next((v for v in (body.get("me"), body.get("entry")) if isinstance(v, dict)),
+                     {})
         name = entry.get("name") if isinstance(entry.get("name"), str) else "?"
         rel = entry.get("rel") if isinstance(entry.get("rel"), str) else f"v{version}"
         new = source not in self.incompatible
@@ -239,67 +299,35 @@ class Membership:
 
     # ------------------------------------------------------------------ time passing
     def sweep(self, now: float) -> tuple[list[Event], float]:
-        """Apply the timeouts.  Returns the events and the next time a state can change,
-        so the caller sleeps exactly until then instead of polling."""
+        """Forget nodes dead for ``forget_after`` (and incompatible ones silent as long).
+        Returns the events and when to sweep next."""
         t = self.timing
         events: list[Event] = []
         nxt = now + t.forget_after
         for nid, node in list(self.nodes.items()):
-            silent = now - node.heard
-            if node.state in (ALIVE, SUSPECT) and silent >= t.dead_timeout:
-                node.state, node.since = DEAD, now
-                events.append(Event("dead", f"node {nid} ({node.name}) is dead: silent "
-                                    f"for {silent:.1f}s", {"node": nid, "name": node.name}))
-            elif node.state == ALIVE and silent >= t.suspect_timeout:
-                node.state, node.since = SUSPECT, now
-                events.append(Event("suspect", f"node {nid} ({node.name}) is suspect: "
-                                    f"silent for {silent:.1f}s",
-                                    {"node": nid, "name": node.name}))
-            if node.state == DEAD and now - node.since >= t.forget_after:
+            if node.state != DEAD:
+                continue
+            if now - node.since >= t.forget_after:
                 del self.nodes[nid]
                 events.append(Event("forget", f"node {nid} ({node.name}) forgotten",
                                     {"node": nid}))
-                continue
-            if node.state == ALIVE:
-                nxt = min(nxt, node.heard + t.suspect_timeout)
-            elif node.state == SUSPECT:
-                nxt = min(nxt, node.heard + t.dead_timeout)
             else:
                 nxt = min(nxt, node.since + t.forget_after)
         for src, node in list(self.incompatible.items()):
             if now - node.heard >= t.forget_after:
                 del self.incompatible[src]
+            else:
+                nxt = min(nxt, node.heard + t.forget_after)
         return events, nxt
 
     # ------------------------------------------------------------------ what to send
     def live_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.state in (ALIVE, SUSPECT)]
 
-    def gossip_entries(self, now: float, window: int) -> list[dict[str, Any]]:
-        """Our own entry and the ``window`` freshest others, each with its current age."""
-        fresh = sorted(self.live_nodes(), key=lambda n: n.heard, reverse=True)[:window]
-        return [self.own_entry()] + [self._aged(n, now) for n in fresh]
-
-    def sync_entries(self, now: float) -> list[dict[str, Any]]:
-        """Everything we know that is alive: the reply to a newcomer."""
-        return [self.own_entry()] + [self._aged(n, now) for n in self.live_nodes()]
-
-    @staticmethod
-    def _aged(node: Node, now: float) -> dict[str, Any]:
-        return {**node.entry, "age": max(0, round((now - node.heard) * 1000))}
-
-    def gossip_target(self) -> tuple[str, int] | None:
-        live = self.live_nodes()
-        return self.rng.choice(live).address if live else None
-
-    def probe_target(self) -> tuple[str, int] | None:
-        dead = [n for n in self.nodes.values() if n.state == DEAD]
-        return self.rng.choice(dead).address if dead else None
-
-    def is_new_or_back(self, nid: int, boot: int) -> bool:
-        """Whether a HELLO comes from a node we did not know as alive (worth a SYNC)."""
-        node = self.nodes.get(nid)
-        return node is None or node.entry["boot"] != boot or node.state == DEAD
+    def aged(self, node: Node, now: float) -> dict[str, Any]:
+        """A node's entry as sent: its figures with their current age."""
+        return {**node.entry, "n": node.incarnation,
+                "age": max(0, round((now - node.heard) * 1000))}
 
     # ------------------------------------------------------------------ lookups
     def find(self, key: str) -> Node | None:

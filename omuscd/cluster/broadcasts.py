@@ -1,0 +1,81 @@
+"""The transmit-limited queue of membership changes piggybacked on SWIM's datagrams.
+
+Each change (a node alive at an incarnation, suspect, dead, left) is sent a limited number
+of times, retransmit_mult * ceil(log10(n + 1)) as memberlist does: infection-style
+dissemination reaches every member in O(log n) rounds with high probability, so a change
+costs each node O(log n) sends and a quiet cluster sends none.  The least-sent and newest
+changes go first, within a byte budget per datagram; a newer change about a node replaces
+the older one still queued (it is what counts now).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+#: Changes kept at most; past it the most-sent are dropped (push-pull repairs the rest).
+MAX_QUEUED = 4096
+
+
+def record_size(record: dict[str, Any]) -> int:
+    """Bytes the record takes in a JSON body (with its separating comma)."""
+    return len(json.dumps(record, separators=(",", ":"))) + 1
+
+
+def retransmit_limit(mult: int, n: int) -> int:
+    return max(1, mult * math.ceil(math.log10(n + 1)))
+
+
+@dataclass
+class _Item:
+    record: dict[str, Any]
+    size: int
+    order: int  # larger = newer
+    sent: int = 0
+
+
+class TransmitQueue:
+    """Changes waiting to be piggybacked, at most one per node id."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, _Item] = {}
+        self._order = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def push(self, node_id: int, record: dict[str, Any]) -> None:
+        """Queue a change about ``node_id``, replacing an older one about it."""
+        self._order += 1
+        self._items[node_id] = _Item(record, record_size(record), self._order)
+        if len(self._items) > MAX_QUEUED:
+            worst = max(self._items, key=lambda k: (self._items[k].sent, -self._items[k].order))
+            del self._items[worst]
+
+    def pending(self, node_id: int) -> dict[str, Any] | None:
+        item = self._items.get(node_id)
+        return item.record if item else None
+
+    def take(self, budget: int, limit: int, skip: int | None = None) -> list[dict[str, Any]]:
+        """Records for one datagram within ``budget`` bytes, least-sent and newest first;
+        each taken counts as sent once and leaves the queue after ``limit`` sends.
+        ``skip`` leaves out the change about one node (the datagram's receiver, who
+        learns of itself through its own refutation path only when accused)."""
+        out: list[dict[str, Any]] = []
+        ordered = sorted(self._items.items(), key=lambda kv: (kv[1].sent, -kv[1].order))
+        for node_id, item in ordered:
+            if budget <= 0:
+                break
+            if item.size > budget or (node_id == skip and item.record.get("k") == "a"):
+                continue
+            out.append(item.record)
+            budget -= item.size
+            item.sent += 1
+            if item.sent >= limit:
+                del self._items[node_id]
+        return out

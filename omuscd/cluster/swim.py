@@ -1,0 +1,503 @@
+"""SWIM failure detection with Lifeguard's refinements: who is alive, at a cost per node
+that does not grow with the cluster.
+
+Each protocol period a node pings one member, taken round-robin from a shuffled list; no
+ack within the probe timeout -> it asks ``indirect_checks`` others to ping the member for
+it (they relay the ack, or say "nack": no answer from it either); still no ack by the end of
+the period -> the member is *suspect*.  A suspicion spreads; the member refutes it by raising
+its incarnation number and saying it is alive; if nobody hears a refutation before the
+suspicion times out, it is *dead*.  Lifeguard: our own timeouts and period stretch while we
+miss acks and nacks (we are probably the slow one, cluster/suspicion.py's Awareness), and a
+suspicion's timeout starts long and shrinks as independent members confirm it.
+
+Changes spread piggybacked on the probes and acks, and every ``gossip_interval`` to a few
+members while there are any (cluster/broadcasts.py), each a limited number of times.  Every
+datagram carries the sender's own entry (its load and free memory); probes also carry a few
+other entries with their ages.  Now and then a node exchanges one page of its table with a
+random member (push-pull, cluster/antientropy.py): bounded in size, so a node's traffic
+stays the same at 16 or 5000 nodes.  A node broadcasts only to find the cluster at start;
+an isolated one, or one whose peers are unknown, retries slowly, with jitter.
+
+Sans-IO: no sockets, no clock, no global randomness.  Drivers (cluster/gossip.py in the
+daemon, the simulator in the tests) call :meth:`Swim.handle` with each decoded datagram,
+:meth:`Swim.tick` when :meth:`Swim.next_due` comes, and send the :class:`Outgoing` returned.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from omuscd import wire
+from omuscd.cluster import messages
+from omuscd.cluster.antientropy import AntiEntropy
+from omuscd.cluster.broadcasts import TransmitQueue, retransmit_limit
+from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, Membership, Node
+from omuscd.cluster.suspicion import (
+    Awareness,
+    Suspicion,
+    confirmations_wanted,
+    suspicion_bounds,
+)
+from omuscd.events import Event
+
+Address = tuple[str, int]
+#: Bytes a body may take: a datagram less its header and tag.
+BODY_BUDGET = wire.MAX_DATAGRAM - wire.HEADER.size - wire.TAG_LEN
+NACK_FRACTION = 0.8  # a helper says "nack" this far into its probe timeout
+LIVENESS_NEWS = ("join", "restart", "alive")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    dest: Address  # where to send
+    mtype: int  # a wire message type
+    body: dict[str, Any]  # JSON-able; the driver encodes it with wire.Codec
+
+
+@dataclass
+class SwimParams:
+    """The protocol's tunables (config.py's table has each, with its reason)."""
+
+    probe_interval: float = 0.5
+    probe_timeout: float = 0.25
+    indirect_checks: int = 3
+    suspicion_mult: float = 4.0
+    suspicion_max_mult: float = 6.0
+    retransmit_mult: int = 4
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    push_pull_interval: float = 10.0
+    rejoin_interval: float = 20.0
+    awareness_max: int = 8
+    figures_per_message: int = 1
+    sync_repliers: int = 4
+    body_budget: int = BODY_BUDGET
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SwimParams:
+        """The tunables of a daemon's configuration (values absent keep the default)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: getattr(cfg, k) for k in names
+                      if k != "body_budget" and getattr(cfg, k, None) is not None})
+
+
+@dataclass
+class Probe:
+    """The probe of the current protocol period."""
+
+    target: int
+    seq: int
+    start: float
+    timeout_at: float
+    end_at: float
+    indirect: bool = False
+    helpers: int = 0
+    nacks: int = 0
+    acked: bool = False
+
+
+@dataclass
+class Relay:
+    """A ping we send for another node (ping-req): its ack goes back to the requester."""
+
+    requester: Address
+    seq: int
+    nack_at: float
+
+
+@dataclass
+class Swim:
+    """One node's failure detector and disseminator; see the module's docstring."""
+
+    members: Membership
+    params: SwimParams
+    rng: random.Random
+    auth: str = "key"  # how datagrams reaching handle() were authenticated
+    broadcast: Address | None = None  # the discovery address (not used while quiet)
+    queue: TransmitQueue = field(default_factory=TransmitQueue)
+    suspicions: dict[int, Suspicion] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    seeds: list[Address] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.members.me.setdefault("n", 0)
+        self.awareness = Awareness(self.params.awareness_max)
+        self.probe: Probe | None = None
+        self.relays: dict[int, Relay] = {}
+        self.seq = 0
+        self.order: list[int] = []
+        self.pos = 0
+        self.next_probe = self.next_gossip = self.next_sweep = float("inf")
+        self.signature = self.members.signature()
+        self.sync = AntiEntropy(self)
+
+    # ------------------------------------------------------------------ the contract
+    def start(self, now: float, seeds: list[Address]) -> list[Outgoing]:
+        """Join: HELLO to the seeds (peers, the broadcast address unless quiet)."""
+        self.seeds = [s for s in seeds if s != self.broadcast]
+        self.next_probe = now + self.rng.uniform(0, self.params.probe_interval)
+        self.next_gossip = now
+        self.next_sweep = now
+        return self.sync.start(now)
+
+    def set_figures(self, **fields: Any) -> None:
+        """This node's current figures (load, util, runq, mem, jobs, moves...)."""
+        self.members.beat(**fields)
+
+    def take_events(self) -> list[Event]:
+        out, self.events = self.events, []
+        return out
+
+    def next_due(self) -> float:
+        p = self.probe
+        due = [self.next_probe, self.next_sweep, self.sync.next_due()]
+        if p is not None:
+            due.append(p.end_at if p.acked or p.indirect else p.timeout_at)
+        if self.queue:
+            due.append(self.next_gossip)
+        due += [r.nack_at for r in self.relays.values()]
+        due += [s.deadline for s in self.suspicions.values()]
+        return min(due)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        self._own_news()
+        self._suspicions_due(now)
+        self._probe_due(now, out)
+        self._relays_due(now, out)
+        if self.queue and now >= self.next_gossip:
+            self._gossip(now, out)
+        out += self.sync.due(now)
+        if now >= self.next_sweep:
+            events, self.next_sweep = self.members.sweep(now)
+            self.events += events
+        return out + self.answers()
+
+    def handle(self, src: Address, sender_id: int, sender_boot: int, mtype: int,
+               body: dict[str, Any], now: float) -> list[Outgoing]:
+        """One decoded, authenticated datagram.  Raises wire.WireError for a malformed
+        body, having changed nothing."""
+        c = messages.check_common(body)
+        me = c["me"]
+        if me is not None and (me["id"] != sender_id or me["boot"] != sender_boot):
+            raise wire.WireError("malformed", "entry does not match the header")
+        handler = self._handlers().get(mtype)
+        if handler is None:
+            raise wire.WireError("malformed", f"message type {mtype} is not SWIM's")
+        fields = handler[0](body)  # checked before anything is applied
+        if mtype in (wire.HELLO, wire.LEAVE) and \
+                (fields[0]["id"], fields[0]["boot"]) != (sender_id, sender_boot):
+            raise wire.WireError("malformed", "entry does not match the header")
+        if me is not None:
+            self.learn(me, now, src)
+        for record in c["b"]:
+            self.apply_record(record, now)
+        for entry in c["e"]:
+            if entry["id"] != self.members.my_id:
+                self.learn(entry, now, None)
+        self.sync.merge_page(c["page"], sender_id, now)
+        if c["you"] is not None:
+            self._accused(c["you"][1])
+        out: list[Outgoing] = []
+        handler[1](src, sender_id, fields, now, out)
+        self._settle()
+        return out + self.answers()
+
+    # ------------------------------------------------------------------ sending
+    def message(self, dest: Address, mtype: int, body: dict[str, Any], now: float,
+                node: Node | None = None, entries: bool = False) -> Outgoing:
+        """A datagram with our entry, ``you`` if ``node`` is suspect or dead to us, the
+        changes that fit and, with ``entries``, a few other entries."""
+        body = {**body, "me": self.members.own_entry()}
+        if node is not None and node.state in (SUSPECT, DEAD):
+            body["you"] = {"s": node.state, "n": node.incarnation}
+        budget = self.params.body_budget - messages.json_size(body) - 16
+        changes = self.queue.take(budget - 8, self.limit(), node.id if node else None)
+        if changes:
+            body["b"] = changes
+            budget -= messages.json_size(changes) + 6
+        if entries and self.params.figures_per_message > 0:
+            others = self._fresh_entries(now, node, budget - 6)
+            if others:
+                body["e"] = others
+        return Outgoing(dest, mtype, body)
+
+    def limit(self) -> int:
+        return retransmit_limit(self.params.retransmit_mult, self.size())
+
+    def size(self) -> int:
+        """The cluster's size as this node estimates it (the live nodes and itself)."""
+        return len(self.members.live_nodes()) + 1
+
+    def answers(self) -> list[Outgoing]:
+        """HELLOs membership wants sent (an id's later claimant, an incompatible node)."""
+        out = []
+        while self.members.to_answer:
+            dest = self.members.to_answer.pop()
+            out.append(Outgoing(dest, wire.HELLO,
+                                {"entry": self.members.own_entry(), "reply": False}))
+        return out
+
+    def leave(self, now: float) -> list[Outgoing]:
+        """Our departure, to every live node, the seeds and the broadcast address, so
+        that they drop us at once instead of suspecting us."""
+        self.members.beat()
+        bye = {**self.members.own_entry(), "st": "left"}
+        dests = {n.address for n in self.members.live_nodes()} | set(self.seeds)
+        if self.broadcast is not None:
+            dests.add(self.broadcast)
+        return [Outgoing(d, wire.LEAVE, {"entry": bye}) for d in sorted(dests)]
+
+    def _fresh_entries(self, now: float, node: Node | None, budget: int) -> list[dict]:
+        live = self.members.live_nodes()
+        k = self.params.figures_per_message
+        pool = self.rng.sample(live, min(len(live), 4 * k))
+        pool.sort(key=lambda n: n.heard, reverse=True)
+        out: list[dict[str, Any]] = []
+        for n in pool:
+            if len(out) >= k or (node is not None and n.id == node.id):
+                continue
+            e = self.members.aged(n, now)
+            size = messages.json_size(e) + 1
+            if size <= budget:
+                out.append(e)
+                budget -= size
+        return out
+
+    # ------------------------------------------------------------------ the probe cycle
+    def _next_target(self) -> Node | None:
+        for _ in range(len(self.order) + 2):
+            if self.pos >= len(self.order):
+                self.order = [n.id for n in self.members.live_nodes()]
+                self.rng.shuffle(self.order)
+                self.pos = 0
+                if not self.order:
+                    return None
+            node = self.members.nodes.get(self.order[self.pos])
+            self.pos += 1
+            if node is not None and node.state in (ALIVE, SUSPECT):
+                return node
+        return None
+
+    def add_to_order(self, nid: int) -> None:
+        """A new member is probed in this round too, at a random place (memberlist)."""
+        if nid not in self.order:
+            self.order.insert(self.rng.randint(self.pos, len(self.order)), nid)
+
+    def _probe_due(self, now: float, out: list[Outgoing]) -> None:
+        p = self.probe
+        if p is not None and not p.acked and not p.indirect and now >= p.timeout_at:
+            self._indirect(p, now, out)
+        if p is not None and now >= p.end_at:
+            self.probe = None
+            if not p.acked:
+                # Lifeguard: nacks missing from helpers say we are the slow one
+                self.awareness.apply(p.helpers - p.nacks if p.helpers else 1)
+                self._suspect_locally(p.target, now)
+        if self.probe is None and now >= self.next_probe:
+            self._start_probe(now, out)
+
+    def _start_probe(self, now: float, out: list[Outgoing]) -> None:
+        scale = self.awareness.scale
+        self.next_probe = now + scale(self.params.probe_interval)
+        node = self._next_target()
+        if node is None:
+            return
+        self.seq += 1
+        self.probe = Probe(node.id, self.seq, now, now + scale(self.params.probe_timeout),
+                           self.next_probe)
+        out.append(self.message(node.address, wire.PING, {"seq": self.seq, "to": node.id},
+                                now, node, entries=True))
+
+    def _indirect(self, p: Probe, now: float, out: list[Outgoing]) -> None:
+        p.indirect = True
+        target = self.members.nodes.get(p.target)
+        if target is None:
+            return
+        helpers = [n for n in self.members.nodes.values()
+                   if n.state == ALIVE and n.id != p.target]
+        helpers = self.rng.sample(helpers, min(len(helpers), self.params.indirect_checks))
+        p.helpers = len(helpers)
+        body = {"seq": p.seq, "to": p.target, "addr": list(target.address)}
+        for h in helpers:
+            out.append(self.message(h.address, wire.PING_REQ, body, now, h))
+
+    def _relays_due(self, now: float, out: list[Outgoing]) -> None:
+        for seq, r in list(self.relays.items()):
+            if now >= r.nack_at:
+                del self.relays[seq]
+                out.append(self.message(r.requester, wire.NACK, {"seq": r.seq}, now))
+
+    # ------------------------------------------------------------------ suspicion
+    def _suspect_locally(self, nid: int, now: float) -> None:
+        node = self.members.nodes.get(nid)
+        if node is not None:
+            self.on_suspect(nid, node.boot, node.incarnation, self.members.my_id, now,
+                            "no ack, directly or through others")
+
+    def on_suspect(self, nid: int, boot: int, n: int, by: int, now: float,
+                   why: str = "") -> None:
+        """``by`` suspects node ``nid`` at incarnation ``n``."""
+        if nid == self.members.my_id:
+            if boot == self.members.me["boot"]:
+                self._accused(n)
+            return
+        node = self.members.nodes.get(nid)
+        if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
+            return
+        record = {"k": "s", "id": nid, "boot": boot, "n": n, "by": by}
+        if node.state == SUSPECT:
+            s = self.suspicions.get(nid)
+            if s is not None and s.confirm(by):
+                self.queue.push(nid, record)
+            return
+        self.events += self.members.suspect(nid, n, now, why or f"reported by node {by}")
+        size = self.size()
+        lo, hi = suspicion_bounds(size, self.params.suspicion_mult,
+                                  self.params.suspicion_max_mult, self.params.probe_interval)
+        k = confirmations_wanted(size, self.params.suspicion_mult)
+        self.suspicions[nid] = Suspicion(now, lo, hi, k, {by})
+        self.queue.push(nid, record)
+
+    def on_dead(self, nid: int, boot: int, n: int, by: int, now: float, why: str) -> None:
+        if nid == self.members.my_id:
+            if boot == self.members.me["boot"]:
+                self._accused(n)
+            return
+        node = self.members.nodes.get(nid)
+        if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
+            return
+        self.events += self.members.dead(nid, n, now, why)
+        self.suspicions.pop(nid, None)
+        self.queue.push(nid, {"k": "d", "id": nid, "boot": boot, "n": n, "by": by})
+
+    def _suspicions_due(self, now: float) -> None:
+        for nid, s in list(self.suspicions.items()):
+            if now >= s.deadline:
+                del self.suspicions[nid]
+                node = self.members.nodes.get(nid)
+                if node is not None and node.state == SUSPECT:
+                    self.on_dead(nid, node.boot, node.incarnation, self.members.my_id, now,
+                                 f"suspect for {now - s.start:.1f}s, not refuted "
+                                 f"({len(s.accusers)} accusers)")
+
+    def _accused(self, n: int) -> None:
+        """We are said to be suspect or dead at ``n``: refute with a higher incarnation.
+        Lifeguard counts it against our own health (we were too slow to answer)."""
+        if n < self.members.incarnation:
+            return
+        self.members.me["n"] = n + 1
+        self.awareness.apply(1)
+        self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
+
+    def _own_news(self) -> None:
+        """Our flags, role or name changed: say so as a change, at a new incarnation,
+        rather than wait for our entry to reach everyone with the figures."""
+        sig = self.members.signature()
+        if sig != self.signature:
+            self.signature = sig
+            self.members.me["n"] = self.members.incarnation + 1
+            self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
+
+    def _settle(self) -> None:
+        """Drop the suspicions of nodes no longer suspect (refuted, restarted, gone)."""
+        for nid in list(self.suspicions):
+            node = self.members.nodes.get(nid)
+            if node is None or node.state != SUSPECT:
+                del self.suspicions[nid]
+
+    # ------------------------------------------------------------------ news
+    def learn(self, entry: dict[str, Any], now: float, source: Address | None,
+              spread: bool = False) -> None:
+        """Merge an entry.  A join, restart or revival heard as a change (or a HELLO) is
+        passed on as a change; one found in a page or beside a probe is old news to the
+        cluster (else a newcomer's pull would make it pass the whole table on)."""
+        events = self.members.merge(entry, now, self.auth, source)
+        self.events += events
+        if any(e.kind in LIVENESS_NEWS for e in events):
+            node = self.members.nodes.get(entry["id"])
+            if node is not None:
+                if spread:
+                    self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
+                self.add_to_order(node.id)
+
+    def apply_record(self, r: dict[str, Any], now: float) -> None:
+        """One change heard from another node."""
+        if r["k"] == "a":
+            self.learn(r["e"], now, None, spread=True)
+        elif r["k"] == "l":
+            events = self.members.merge(r["e"], now, self.auth)
+            self.events += events
+            if events:
+                self.queue.push(r["e"]["id"], r)
+        elif r["k"] == "s":
+            self.on_suspect(r["id"], r["boot"], r["n"], r["by"], now)
+        else:
+            self.on_dead(r["id"], r["boot"], r["n"], r["by"], now,
+                         f"reported by node {r['by']}")
+
+    def _gossip(self, now: float, out: list[Outgoing]) -> None:
+        """Changes to a few random members (alive, or suspect: they must hear to refute)."""
+        self.next_gossip = now + self.params.gossip_interval
+        live = self.members.live_nodes()
+        for node in self.rng.sample(live, min(len(live), self.params.gossip_nodes)):
+            msg = self.message(node.address, wire.GOSSIP, {}, now, node)
+            if "b" in msg.body or "you" in msg.body:
+                out.append(msg)
+
+    # ------------------------------------------------------------------ receiving
+    def _handlers(self) -> dict[int, tuple[Any, Any]]:
+        none = lambda body: None  # noqa: E731
+        return {
+            wire.PING: (lambda b: (messages.int_field(b, "seq"),
+                                   messages.int_field(b, "to", 1, 2**32 - 1)), self._on_ping),
+            wire.ACK: (lambda b: messages.int_field(b, "seq"), self._on_ack),
+            wire.NACK: (lambda b: messages.int_field(b, "seq"), self._on_nack),
+            wire.PING_REQ: (lambda b: (messages.int_field(b, "seq"),
+                                       messages.int_field(b, "to", 1, 2**32 - 1),
+                                       messages.check_address(b.get("addr"))),
+                            self._on_ping_req),
+            wire.GOSSIP: (none, lambda *a: None),
+            wire.PUSH_PULL: (self.sync.check_request, self.sync.on_request),
+            wire.SYNC: (self.sync.check_reply, self.sync.on_reply),
+            wire.HELLO: (self.sync.check_hello, self.sync.on_hello),
+            wire.LEAVE: (self.sync.check_hello, self.sync.on_leave),
+        }
+
+    def _on_ping(self, src: Address, sender: int, f: tuple[int, int], now: float,
+                 out: list[Outgoing]) -> None:
+        seq, to = f
+        if to == self.members.my_id:  # not a ping meant for a node that was here before
+            out.append(self.message(src, wire.ACK, {"seq": seq}, now,
+                                    self.members.nodes.get(sender), entries=True))
+
+    def _on_ack(self, src: Address, sender: int, seq: int, now: float,
+                out: list[Outgoing]) -> None:
+        p = self.probe
+        if p is not None and seq == p.seq and not p.acked:
+            p.acked = True
+            if not p.indirect:
+                self.awareness.apply(-1)
+            return
+        relay = self.relays.pop(seq, None)
+        if relay is not None:
+            out.append(self.message(relay.requester, wire.ACK, {"seq": relay.seq}, now))
+
+    def _on_nack(self, src: Address, sender: int, seq: int, now: float,
+                 out: list[Outgoing]) -> None:
+        p = self.probe
+        if p is not None and seq == p.seq and p.indirect:
+            p.nacks += 1
+
+    def _on_ping_req(self, src: Address, sender: int, f: tuple[int, int, Address],
+                     now: float, out: list[Outgoing]) -> None:
+        seq, to, addr = f
+        if to == self.members.my_id or len(self.relays) >= 64:
+            return
+        node = self.members.nodes.get(to)
+        self.seq += 1
+        self.relays[self.seq] = Relay(src, seq, now + NACK_FRACTION * self.params.probe_timeout)
+        out.append(self.message(node.address if node else addr, wire.PING,
+                                {"seq": self.seq, "to": to}, now, node))
