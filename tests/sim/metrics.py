@@ -96,7 +96,7 @@ class Metrics:
             if subject is None or subject.crashed or net.across(node.index, subject.index):
                 self.true_deaths += e.kind == "dead"
                 continue
-            stalled = subject.stalled_until > now - 10.0
+            stalled = subject.stalled_until > 0 and subject.stalled_until > now - 10.0
             alarm = Alarm(now, node.index, subject.index, stalled)
             (self.false_deaths if e.kind == "dead" else self.false_suspicions).append(alarm)
 
