@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,10 +101,12 @@ class Alarms:
 
 
 def false_alarms(sim: Simulator, seconds: float, loss: float, stalled_fraction: float = 0.01,
-                 stall: float = 2.0, stalls_per_minute: float = 1.0) -> Alarms:
+                 stall: float = 2.0, stalls_per_minute: float = 1.0,
+                 progress: Callable[[float, Metrics], None] | None = None) -> Alarms:
     """Run ``seconds`` with ``loss`` while ``stalled_fraction`` of the nodes (at least one)
     each stall for ``stall`` seconds at random times (a Poisson process of
-    ``stalls_per_minute``); count dead and suspect events about nodes that are live."""
+    ``stalls_per_minute``); count dead and suspect events about nodes that are live.
+    ``progress(elapsed, metrics)`` is called every simulated minute."""
     sim.net.cfg.loss = loss
     live = sim.live()
     chosen = sim.rng.sample(live, max(1, round(stalled_fraction * len(live)))) \
@@ -117,7 +120,11 @@ def false_alarms(sim: Simulator, seconds: float, loss: float, stalled_fraction: 
             t += stall + sim.rng.expovariate(stalls_per_minute / 60.0)
     metrics = Metrics(sim)
     meter = ByteMeter(sim)
-    sim.run_for(seconds)
+    end = sim.now + seconds
+    while sim.now < end:
+        sim.run_until(min(end, sim.now + 60.0))
+        if progress is not None:
+            progress(seconds - (end - sim.now), metrics)
     sim.observers.remove(metrics.on_events)
     fd = metrics.false_deaths
     fs = metrics.false_suspicions
