@@ -304,16 +304,42 @@ PARAMS: tuple[Param, ...] = (
     Param("wire_version", "int", None, "speak this wire protocol version instead of our own "
           "(for interoperability tests only)", lo=0, hi=65535),
     # tunables
-    Param("gossip_interval", "float", 0.5, "seconds between gossip rounds", lo=0.05, hi=10,
+    # membership: SWIM with Lifeguard (omuscd(8), MEMBERSHIP)
+    Param("probe_interval", "float", 0.5, "seconds between probes of one member (the "
+          "protocol period; stretched while this node misses acks)", lo=0.05, hi=60,
           runtime=True),
-    Param("gossip_window", "int", 16, "node entries carried per gossip message (newest first)",
-          lo=1, hi=32, runtime=True),
-    Param("announce_interval", "float", 5.0, "seconds between broadcast announcements once "
-          "joined (every gossip round for the first 2 s)", lo=0.5, hi=3600, runtime=True),
-    Param("suspect_timeout", "float", 3.0, "seconds without news before a node is suspect",
-          lo=0.2, hi=3600, runtime=True),
-    Param("dead_timeout", "float", 6.0, "seconds without news before a node is dead",
-          lo=0.3, hi=7200, runtime=True),
+    Param("probe_timeout", "float", 0.25, "seconds to wait for a probe's ack before asking "
+          "others to probe the member (less than probe_interval)", lo=0.01, hi=30,
+          runtime=True),
+    Param("indirect_checks", "int", 3, "members asked to probe a member that did not answer",
+          lo=0, hi=16, runtime=True),
+    Param("suspicion_mult", "float", 4.0, "shortest suspicion before death, in probe "
+          "intervals times log10 of the cluster size; confirmations wanted: this less 2",
+          lo=1, hi=100, runtime=True),
+    Param("suspicion_max_mult", "float", 6.0, "longest suspicion before death, as a "
+          "multiple of the shortest (an unconfirmed suspicion waits this long)", lo=1,
+          hi=100, runtime=True),
+    Param("dead_timeout", "float", 10.0, "seconds a suspicion lasts at most before the "
+          "node is declared dead (caps the two above)", lo=0.3, hi=7200, runtime=True),
+    Param("retransmit_mult", "int", 4, "each membership change is passed on this many "
+          "times log10 of the cluster size", lo=1, hi=64, runtime=True),
+    Param("gossip_interval", "float", 0.2, "seconds between sends of pending membership "
+          "changes to gossip_nodes members (nothing is sent when none are pending)",
+          lo=0.05, hi=10, runtime=True),
+    Param("gossip_nodes", "int", 3, "members each pending change is sent to per "
+          "gossip_interval", lo=1, hi=16, runtime=True),
+    Param("push_pull_interval", "float", 10.0, "seconds between exchanges of a slice of "
+          "the node table with a random member (anti-entropy; one datagram each way)",
+          lo=0.5, hi=3600, runtime=True),
+    Param("rejoin_interval", "float", 20.0, "seconds between tries to reach dead members "
+          "and unknown peers (an isolated node retries after 1, 2, 4... s up to this)",
+          lo=1, hi=3600, runtime=True),
+    Param("awareness_max", "int", 8, "the most this node stretches its own probe timeouts "
+          "and interval (as a multiple) while it misses acks and nacks", lo=1, hi=64,
+          runtime=True),
+    Param("figures_per_message", "int", 1, "other nodes' entries (load, free memory, with "
+          "their age) carried by each probe and ack beside this node's own", lo=0, hi=4,
+          runtime=True),
     Param("forget_after", "float", 3600.0, "seconds a dead node stays listed", lo=1,
           hi=10**7, runtime=True),
     Param("load_interval", "float", 1.0, "seconds between load samples", lo=0.1, hi=60,
@@ -386,7 +412,7 @@ class Config:
     def set_many(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Set several parameters at once (a reread file): all are converted and the result
         checked as a whole before any takes effect, so a bad value changes nothing and
-        values that must move together (gossip_interval and suspect_timeout) can."""
+        values that must move together (probe_interval and probe_timeout) can."""
         converted = {}
         for name, value in changes.items():
             param = PARAM_BY_NAME.get(name)
@@ -407,14 +433,13 @@ class Config:
 def check_consistency(cfg: Config) -> None:
     """Checks that involve more than one parameter."""
     v = cfg.values
-    gi, st, dt = v.get("gossip_interval"), v.get("suspect_timeout"), v.get("dead_timeout")
-    if None not in (gi, st, dt):
-        if st < 2 * gi:
-            raise ConfigError(f"suspect_timeout ({st:g}) must be at least twice "
-                              f"gossip_interval ({gi:g})")
-        if dt <= st:
-            raise ConfigError(f"dead_timeout ({dt:g}) must be greater than "
-                              f"suspect_timeout ({st:g})")
+    pi, pt, dt = v.get("probe_interval"), v.get("probe_timeout"), v.get("dead_timeout")
+    if None not in (pi, pt) and pt >= pi:
+        raise ConfigError(f"probe_timeout ({pt:g}) must be less than "
+                          f"probe_interval ({pi:g})")
+    if None not in (pi, dt) and dt < 2 * pi:
+        raise ConfigError(f"dead_timeout ({dt:g}) must be at least twice "
+                          f"probe_interval ({pi:g})")
 
 
 def defaults() -> dict[str, Any]:

@@ -29,14 +29,15 @@ def test_file_then_switches(tmp_path):
     assert cfg.port == 6000  # the switch wins
     assert cfg.dead_timeout == 9.5  # dashes and underscores both name a key
     assert cfg.peer == ["127.0.0.9"]
-    assert cfg.gossip_interval == 0.5  # default kept
+    assert cfg.gossip_interval == 0.2  # default kept
 
 
 @pytest.mark.parametrize("text,msg", [
     ("porrt = 1\n", "unknown key"),
     ("port = 70000\n", "above the maximum"),
     ("topology = 'mesh'\n", "not one of"),
-    ("dead_timeout = 1.0\n", "must be greater than suspect_timeout"),
+    ("dead_timeout = 0.5\n", "must be at least twice probe_interval"),
+    ("probe_timeout = 0.5\n", "must be less than probe_interval"),
     ("port = \n", "config file"),
     ("daemon = true\n", "unknown key"),  # a switch only: the file must not detach
 ])
@@ -50,8 +51,8 @@ def test_bad_files_are_refused_with_the_reason(tmp_path, text, msg):
 def test_runtime_set_is_checked_and_rolled_back():
     cfg = config.merge({}, None)
     with pytest.raises(ConfigError):
-        cfg.set("dead_timeout", "2")  # not above suspect_timeout 3
-    assert cfg.dead_timeout == 6.0
+        cfg.set("dead_timeout", "0.9")  # less than twice probe_interval 0.5
+    assert cfg.dead_timeout == 10.0
     assert cfg.set("dead_timeout", "8") == 8.0
 
 
@@ -237,10 +238,10 @@ def test_set_many_is_all_or_nothing():
     cfg = config.merge({}, None)
     before = dict(cfg.values)
     with pytest.raises(ConfigError):
-        cfg.set_many({"gossip_window": 8, "load_interval": "nan"})
+        cfg.set_many({"indirect_checks": 8, "load_interval": "nan"})
     with pytest.raises(ConfigError):
-        cfg.set_many({"gossip_interval": 2.0})  # suspect_timeout 3 < 2 * 2
+        cfg.set_many({"probe_interval": 0.2})  # probe_timeout 0.25 is not less
     assert cfg.values == before
     # together they are consistent, though neither alone would be
-    assert cfg.set_many({"gossip_interval": 2.0, "suspect_timeout": 5.0, "dead_timeout": 9})
-    assert (cfg.gossip_interval, cfg.suspect_timeout) == (2.0, 5.0)
+    assert cfg.set_many({"probe_interval": 0.2, "probe_timeout": 0.1})
+    assert (cfg.probe_interval, cfg.probe_timeout) == (0.2, 0.1)

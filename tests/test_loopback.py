@@ -31,7 +31,7 @@ CTL = 24271
 def base(addr: str, key: str | None, *extra: str) -> list[str]:
     args = ["--address", addr, "--port", str(PORT), "--control-bind", addr,
             "--control-port", str(CTL), "--gossip-interval", "0.2",
-            "--suspect-timeout", "1.5", "--dead-timeout", "3"]
+            "--dead-timeout", "3"]
     if key:
         args += ["--key-file", key]
     return [*args, *extra]
@@ -559,8 +559,8 @@ def test_set_refuses_non_finite_numbers_and_the_daemon_lives_on(workdir, key, re
             r = d.ctl(f"set {name} {value}")
             assert 400 <= r.code < 500, (name, value, r)
             assert name in r.text and value in r.text and "allowed" in r.text, r.text
-    for name, value in (("gossip_window", "1e400"), ("post_copy_mb", "9" * 39),
-                        ("gossip_window", "nan"), ("post_copy_mb", "-1")):
+    for name, value in (("indirect_checks", "1e400"), ("post_copy_mb", "9" * 39),
+                        ("indirect_checks", "nan"), ("post_copy_mb", "-1")):
         r = d.ctl(f"set {name} {value}")
         assert 400 <= r.code < 500 and name in r.text and "allowed" in r.text, r
     time.sleep(2)  # ten gossip rounds: a NaN interval crashed the daemon within seconds
@@ -587,7 +587,7 @@ def test_non_finite_switches_exit_2_naming_the_parameter(workdir, args, msg):
     ("load_interval = inf\n", "load_interval: 'inf' is not a finite number"),
     ("dead_timeout = -inf\n", "dead_timeout: '-inf' is not a finite number"),
     ("port = 99999999999999999999999\n", "above the maximum 65535"),
-    ("gossip_window = 1e400\n", "gossip_window: 'inf' is not an integer"),
+    ("indirect_checks = 1e400\n", "indirect_checks: 'inf' is not an integer"),
     ('cpus = "0-99999999999"\n', "above the maximum 8191"),
     ('cpus = "0-4,7-99999999999999999999"\n', "above the maximum 8191"),
 ])
@@ -611,16 +611,16 @@ def test_non_utf8_config_file_exits_2_naming_it(workdir):
 
 def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
     conf = workdir / "omuscd.toml"
-    conf.write_text("gossip_window = 8\n")
+    conf.write_text("indirect_checks = 2\n")
     d = start_daemon("hupbad", base("127.0.0.45", key, "--config", str(conf)), workdir)
     reaper.append(d)
     before = d.json("get")
     bad_files = [
-        b"gossip_window = 4\ngossip_interval = nan\n",
-        b"gossip_window = 4\nload_interval = inf\n",
-        b"gossip_window = 4\ncpus = \"0-99999999999\"\n",
-        b"gossip_window = 4\n# caf\xe9\n",
-        b"gossip_window = 4\ngossip_interval = 5\n",  # suspect_timeout 1.5 < 2 * 5
+        b"indirect_checks = 4\ngossip_interval = nan\n",
+        b"indirect_checks = 4\nload_interval = inf\n",
+        b"indirect_checks = 4\ncpus = \"0-99999999999\"\n",
+        b"indirect_checks = 4\n# caf\xe9\n",
+        b"indirect_checks = 4\nprobe_timeout = 5\n",  # not less than probe_interval 0.5
     ]
     for n, data in enumerate(bad_files, 1):
         conf.write_bytes(data)
@@ -634,10 +634,10 @@ def test_sighup_with_a_bad_file_keeps_every_old_value(workdir, key, reaper):
     time.sleep(1)
     assert d.alive() and d.ctl("nodes").code == 200
     # a good file still takes, several values at once
-    conf.write_text("gossip_window = 4\ngossip_interval = 0.5\nsuspect_timeout = 2\n")
+    conf.write_text("indirect_checks = 4\nprobe_interval = 0.2\nprobe_timeout = 0.1\n")
     d.popen.send_signal(signal.SIGHUP)
-    wait_for(lambda: d.json("get")["gossip_window"] == 4, 5, "good reload")
-    assert d.json("get")["suspect_timeout"] == 2.0
+    wait_for(lambda: d.json("get")["indirect_checks"] == 4, 5, "good reload")
+    assert (d.json("get")["probe_interval"], d.json("get")["probe_timeout"]) == (0.2, 0.1)
 
 
 def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
@@ -646,15 +646,18 @@ def test_nan_in_a_datagram_is_dropped_and_nodes_still_answers(workdir, reaper):
     before = d.json("status")["packets"]["malformed"]
     forger = wire.Codec(None, 77, 5, 1)
     now = time.time()
+    def change(**bad: object) -> dict:  # a membership change carrying a bad entry
+        return {"b": [{"k": "a", "e": {**fake_entry(77), **bad}}]}
+
     bad = [
         forger.encode(wire.HELLO, {"entry": {**fake_entry(77), "load": float("nan")}}, now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "mem": float("inf")}]},
+        forger.encode(wire.GOSSIP, change(mem=float("inf")), now),
+        forger.encode(wire.GOSSIP, change(speed=1e308 * 10), now),
+        forger.encode(wire.GOSSIP, change(util=-1.0), now),
+        forger.encode(wire.GOSSIP, change(jobs=-5), now),
+        forger.encode(wire.GOSSIP, change(age=10**400), now),
+        forger.encode(wire.PING, {"seq": 1, "to": 46, "me": {**fake_entry(77), "runq": -1}},
                       now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "speed": 1e308 * 10}]},
-                      now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "util": -1.0}]}, now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "jobs": -5}]}, now),
-        forger.encode(wire.GOSSIP, {"entries": [{**fake_entry(77), "age": 10**400}]}, now),
         forger.encode(wire.REQUEST, {"rid": 1, "pressure": float("nan"), "cpus": 1}, now),
     ]
     send_datagrams("127.0.0.46", bad)

@@ -1,7 +1,9 @@
-"""The UDP half of a node: receive and decode datagrams, answer, gossip, depart.
+"""The UDP half of a node: receive and decode datagrams, hand them to SWIM, send.
 
-:class:`Gossip` owns the cluster's UDP sockets, the :class:`Membership` table and the
-packet counters.  It knows nothing of jobs or balancing: it tells the layers above what
+:class:`Gossip` owns the cluster's UDP sockets, the :class:`Membership` table, the
+:class:`Swim` failure detector that drives it (cluster/swim.py: pure, time passed in; this
+module is its driver in the daemon, the simulator in the tests is another) and the packet
+counters.  It knows nothing of jobs or balancing: it tells the layers above what
 happened through hooks it declares itself (memberlist's delegates):
 
 - ``on_events(events)``: membership changed (join, suspect, dead, leave, incompatible,
@@ -10,7 +12,8 @@ happened through hooks it declares itself (memberlist's delegates):
   REQUEST and OFFER) from a known, authenticated node; a handler raises
   :class:`wire.WireError` for a malformed body, which is counted as a drop.
 - ``on_load_jump()``: a node's gossiped load moved by ``balance_threshold`` or more.
-- ``on_change()``: news arrived that may bring a membership deadline forward.
+- ``on_change()``: news arrived that brings SWIM's next deadline forward (the timer
+  loop sleeps until ``due_hint``; it is woken only when something is due before).
 - ``on_id_clash(text)``: our explicitly given id is held by an earlier node: stop.
 
 Logic takes time as arguments (``now`` on trio's clock for membership, ``wall`` for the
@@ -30,12 +33,11 @@ import trio
 
 from omuscd import wire
 from omuscd.cluster.membership import IdClash, Membership
+from omuscd.cluster.swim import Outgoing, Swim, SwimParams
 from omuscd.config import Config
 from omuscd.events import Event
 
 log = logging.getLogger("omuscd")
-
-SYNC_REPLIERS = 4  # expected number of nodes answering a broadcast HELLO with the table
 
 #: (body, source address, sender's node id) -> None; raises wire.WireError if malformed
 TopologyHandler = Callable[[dict[str, Any], tuple[str, int], int], None]
@@ -65,6 +67,11 @@ class Gossip:
         self.on_load_jump: Callable[[], None] = _nothing
         self.on_change: Callable[[], None] = _nothing
         self.on_id_clash: Callable[[str], None] = _nothing
+        members.jump_threshold = cfg.balance_threshold
+        broadcast = (cfg.broadcast, cfg.port) if cfg.broadcast else None
+        self.swim = Swim(members, SwimParams.from_config(cfg), random.Random(),
+                         auth=self.auth_label, broadcast=broadcast)
+        self.due_hint = float("inf")  # when the timer loop next wakes by itself
 
     @property
     def boot(self) -> int:
@@ -99,13 +106,31 @@ class Gossip:
             self.counters["send-errors"] += 1
             log.debug("send to %s:%d failed: %s", dest[0], dest[1], e)
 
-    def send_entries(self, mtype: int, entries: list[dict[str, Any]],
-                     dest: tuple[str, int], **extra: Any) -> None:
-        for data in wire.pack_entries(self.codec, mtype, entries, time.time(), extra):
-            self._send(data, dest)
-
     def send_message(self, mtype: int, body: dict[str, Any], dest: tuple[str, int]) -> None:
         self._send(self.codec.encode(mtype, body, time.time()), dest)
+
+    def send_all(self, outs: list[Outgoing]) -> None:
+        for o in outs:
+            self.send_message(o.mtype, o.body, o.dest)
+
+    # ------------------------------------------------------------------ SWIM's clock
+    def start(self, now: float) -> None:
+        """Look for the cluster: HELLO to the peers and the broadcast address."""
+        self.send_all(self.swim.start(now, list(self.cfg.peers)))
+
+    def tick(self, now: float) -> None:
+        """Whatever SWIM has due: probes, timeouts, changes, push-pull, rejoin."""
+        self.send_all(self.swim.tick(now))
+        self._told()
+
+    def set_figures(self, **figures: Any) -> None:
+        """This node's figures (load, jobs, moves...) for the datagrams that follow."""
+        self.swim.set_figures(**figures)
+
+    def _told(self) -> None:
+        events = self.swim.take_events()
+        if events:
+            self.on_events(events)
 
     # ------------------------------------------------------------------ receiving
     async def receive(self, sock: trio.socket.SocketType) -> None:
@@ -128,7 +153,7 @@ class Gossip:
             if (e.header.node_id, e.header.boot) != (self.members.my_id, self.boot):
                 self.on_events(self.members.note_incompatible(
                     src, e.header.node_id, e.header.version, e.body, now, self.auth_label))
-                self._answer()
+                self.send_all(self.swim.answers())
             return
         except wire.WireError as e:
             self.counters[e.reason] += 1
@@ -138,8 +163,19 @@ class Gossip:
         if hdr.node_id == self.codec.node_id and hdr.boot == self.boot:
             return  # our own broadcast, looped back
         self.counters["in"] += 1
+        handler = self.handlers.get(hdr.mtype)
+        if handler is not None or hdr.mtype in (wire.REQUEST, wire.OFFER):
+            # topology messages only between authenticated, known peers
+            if handler is not None and self.security != "read-only" and \
+                    hdr.node_id in self.members.nodes:
+                try:
+                    handler(pkt.body, src, hdr.node_id)
+                except wire.WireError as e:
+                    self.counters[e.reason] += 1
+                    log.debug("dropped datagram from %s:%d: %s", src[0], src[1], e)
+            return
         try:
-            events = self._apply(pkt, src, now)
+            outs = self.swim.handle(src, hdr.node_id, hdr.boot, hdr.mtype, pkt.body, now)
         except wire.WireError as e:
             self.counters[e.reason] += 1
             log.debug("dropped datagram from %s:%d: %s", src[0], src[1], e)
@@ -148,54 +184,15 @@ class Gossip:
             log.error("%s", e)
             self.on_id_clash(str(e))
             return
-        self.on_events(events)
-        self._answer()
+        self.send_all(outs)
+        self._told()
         if self.members.my_id != self.codec.node_id:
             self._moved_id()
-        if events:
+        if self.members.load_jumped:
+            self.members.load_jumped = False
+            self.on_load_jump()  # a node's load jumped: look now, not next interval
+        if self.swim.next_due() < self.due_hint:
             self.on_change()
-
-    def _apply(self, pkt: wire.Packet, src: tuple[str, int], now: float) -> list[Event]:
-        hdr, body = pkt.header, pkt.body
-        auth = self.auth_label
-        handler = self.handlers.get(hdr.mtype)
-        if handler is not None:
-            if self.security == "read-only" or hdr.node_id not in self.members.nodes:
-                return []  # topology messages only between authenticated, known peers
-            handler(body, src, hdr.node_id)
-            return []
-        if hdr.mtype in (wire.HELLO, wire.LEAVE):
-            entry = wire.check_entry(body.get("entry"))
-            if entry["id"] != hdr.node_id or entry["boot"] != hdr.boot:
-                raise wire.WireError("malformed", "entry does not match the header")
-            if hdr.mtype == wire.LEAVE:
-                return self.members.merge({**entry, "st": "left"}, now, auth, src)
-            new = self.members.is_new_or_back(entry["id"], entry["boot"])
-            events = self.members.merge(entry, now, auth, src)
-            live = max(1, len(self.members.live_nodes()))
-            if body.get("reply") is True or (new and random.random() < SYNC_REPLIERS / live):
-                self.send_entries(wire.SYNC, self.members.sync_entries(now), src)
-            return events
-        if hdr.mtype in (wire.REQUEST, wire.OFFER):
-            return []  # a topology message nobody above listens to
-        events = []
-        for entry in wire.check_entries(body):
-            mine = entry["id"] == hdr.node_id and entry["boot"] == hdr.boot
-            node = self.members.nodes.get(entry["id"])
-            before = float(node.entry["load"]) if node is not None else None
-            events += self.members.merge(entry, now, auth, src if mine else None)
-            node = self.members.nodes.get(entry["id"])
-            if before is not None and node is not None and \
-                    abs(float(node.entry["load"]) - before) >= self.cfg.balance_threshold:
-                self.on_load_jump()  # a node's load jumped: look now, not next interval
-        return events
-
-    def _answer(self) -> None:
-        """Send our own entry to whoever membership says must hear it directly."""
-        while self.members.to_answer:
-            dest = self.members.to_answer.pop()
-            self.send_message(wire.HELLO, {"entry": self.members.own_entry(), "reply": False},
-                              dest)
 
     def _everyone(self) -> set[tuple[str, int]]:
         """Every address that should hear a departure: live nodes, peers, broadcast."""
@@ -211,38 +208,9 @@ class Gossip:
             self.send_message(wire.LEAVE, {"entry": old}, dest)
         self.codec.node_id = self.members.my_id
 
-    # ------------------------------------------------------------------ sending rounds
-    def gossip_round(self, now: float, announce: bool, **figures: Any) -> None:
-        """One round: beat with this node's current ``figures`` (load, jobs, moves...),
-        send a window of fresh entries to one node and, when ``announce``, say HELLO to
-        the broadcast address (unless this node is quiet), to peers not heard of, and
-        try a dead node again."""
-        self.members.beat(**figures)
-        target = self.members.gossip_target()
-        if target is not None:
-            self.send_entries(wire.GOSSIP, self.members.gossip_entries(
-                now, self.cfg.gossip_window), target)
-        if not announce:
-            return
-        me = self.members.own_entry()
-        if self.cfg.broadcast and not self.members.has_flag("quiet"):
-            self.send_message(wire.HELLO, {"entry": me, "reply": False},
-                              (self.cfg.broadcast, self.cfg.port))
-        known = {n.address for n in self.members.live_nodes()}
-        for peer in self.cfg.peers:
-            if peer not in known:
-                self.send_message(wire.HELLO, {"entry": me, "reply": True}, peer)
-        probe = self.members.probe_target()  # now and then, try a dead node again
-        if probe is not None:
-            self.send_entries(wire.GOSSIP, self.members.gossip_entries(
-                now, self.cfg.gossip_window), probe)
-
     def depart(self) -> None:
-        """Announce our departure so that others drop us at once instead of timing out."""
-        self.members.beat()
-        bye = {**self.members.own_entry(), "st": "left"}
-        for dest in self._everyone():
-            self.send_message(wire.LEAVE, {"entry": bye}, dest)
+        """Announce our departure so that others drop us at once instead of suspecting."""
+        self.send_all(self.swim.leave(trio.current_time()))
 
 
 def _udp_socket(addr: tuple[str, int], hint: str, reuse: bool) -> socket.socket:

@@ -1,5 +1,6 @@
-"""The timer loop: gossip rounds, load samples and membership timeouts, in one task that
-sleeps exactly until the next of them is due, so an idle daemon wakes only for those.
+"""The timer loop: SWIM's deadlines (probes, timeouts, changes to pass on, push-pull)
+and load samples, in one task that sleeps exactly until the next of them is due, so an
+idle daemon wakes only for those.
 
 It asks the layers above for this node's figures (``figures()``: jobs, moves, role...)
 and tells them when the loads may have changed (``on_look()``: the balancer looks now).
@@ -16,7 +17,6 @@ from omuscd.cluster.gossip import Gossip
 from omuscd.config import Config
 from omuscd.load import Sampler
 
-STARTUP_BURST = 2.0  # seconds during which a new node announces every gossip round
 LOAD_SETTLE = 0.25  # seconds after jobs came or went before the load is sampled again
 
 
@@ -32,7 +32,7 @@ class Rounds:
         self.on_look = on_look
         self.started = 0.0
         self.sample_due: float | None = None  # an extra load sample, after jobs changed
-        self.gossip_due = False  # jobs changed: gossip the figure of Sampler.at_once now
+        self.figures_due = False  # jobs changed: send the figure of Sampler.at_once now
         self._retime: trio.Event | None = None  # set by the loop: wake it up early
 
     def wake(self) -> None:
@@ -43,7 +43,8 @@ class Rounds:
     def jobs_changed(self) -> None:
         """A job started, ended, arrived or left here: gossip the load at once, as the
         tasks runnable now (Sampler.at_once), and sample it again once the change shows
-        in the CPU figures (LOAD_SETTLE), rather than up to a load interval later.
+        in the CPU figures (LOAD_SETTLE), rather than up to a load interval later; the
+        figures go out with the next probe or ack.
         Balancing reacts within milliseconds to a node that has just gone idle or busy."""
         # the extra sample measures the time after the last change only, and at least
         # LOAD_SETTLE of it (a burst of changes postpones it; regular samples go on)
@@ -51,17 +52,20 @@ class Rounds:
         # counted here, at the change itself: counted later in the timer loop (once for
         # a burst) the makespan of bench_balance rose from 1.16x to 1.20x, twice
         self.sampler.at_once()  # told at once; the settled sample follows
-        self.gossip_due = True
+        self.figures_due = True
         self.sample_due = trio.current_time() + LOAD_SETTLE
         self.wake()
 
-    def _round(self, now: float, announce: bool) -> None:
+    def _figures(self) -> None:
         s = self.sampler.last
-        self.gossip.gossip_round(now, announce, load=s.load, util=s.util, runq=s.runq,
-                                 mem=s.mem_free_mb, **self.figures())
+        self.gossip.set_figures(load=s.load, util=s.util, runq=s.runq, mem=s.mem_free_mb,
+                                **self.figures())
 
     async def run(self) -> None:
-        next_round = next_sample = next_announce = trio.current_time()
+        now = trio.current_time()
+        next_sample = now
+        self.gossip.start(now)
+        swim = self.gossip.swim
         while True:
             now = trio.current_time()
             if self.sample_due is not None and now >= self.sample_due:
@@ -69,25 +73,21 @@ class Rounds:
                 self.sample_due = None
                 self.sampler.sample()
                 next_sample = now + self.cfg.load_interval
-                next_round = now
+                self._figures()
                 self.on_look()
-            if self.gossip_due:  # jobs came or went: the figure at once, and look now
-                self.gossip_due = False
-                next_round = now
+            if self.figures_due:  # jobs came or went: the figure at once, and look now
+                self.figures_due = False
+                self._figures()
                 self.on_look()
             if now >= next_sample:
                 self.sampler.sample()
                 next_sample = now + self.cfg.load_interval
-            if now >= next_round:
-                self._round(now, now >= next_announce)
-                if now >= next_announce:
-                    burst = now - self.started < STARTUP_BURST
-                    next_announce = now + (self.cfg.gossip_interval if burst
-                                           else self.cfg.announce_interval)
-                next_round = max(next_round + self.cfg.gossip_interval, now)
-            events, deadline = self.gossip.members.sweep(now)
-            self.gossip.on_events(events)
+                self._figures()
+            if now >= swim.next_due():
+                self.gossip.tick(now)
             self._retime = trio.Event()
             due = self.sample_due if self.sample_due is not None else next_sample
-            with trio.move_on_at(min(next_round, next_sample, deadline, due)):
+            wake = min(swim.next_due(), next_sample, due)
+            self.gossip.due_hint = wake
+            with trio.move_on_at(wake):
                 await self._retime.wait()

@@ -1,6 +1,7 @@
 """Settings changed while the daemon runs: tunables (``set``, SIGHUP), the topology role
-and the log level.  A tunable takes effect at once: membership's timeouts, the datagram
-codec's allowed clock skew and the timer loop's next wake-up are updated together, and
+and the log level.  A tunable takes effect at once: SWIM's parameters, membership's
+timeouts, the datagram codec's allowed clock skew and the timer loop's next wake-up are
+updated together, and
 every change is told as a ``config`` event through the gossip layer's publisher.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 from omuscd.cluster.gossip import Gossip
 from omuscd.cluster.membership import Timing
 from omuscd.cluster.rounds import Rounds
+from omuscd.cluster.swim import SwimParams
 from omuscd.config import TUNABLES, Config
 from omuscd.events import Event
 
@@ -20,7 +22,7 @@ log = logging.getLogger("omuscd")
 
 def timing_of(cfg: Config) -> Timing:
     """Membership's timeouts as configured."""
-    return Timing(cfg.suspect_timeout, cfg.dead_timeout, cfg.forget_after)
+    return Timing(cfg.forget_after)
 
 
 class Settings:
@@ -38,6 +40,9 @@ class Settings:
         """Change tunables together; ConfigError (and nothing changed) if any is bad."""
         values = self.cfg.set_many(changes)
         self.gossip.members.timing = timing_of(self.cfg)
+        self.gossip.members.jump_threshold = self.cfg.balance_threshold
+        self.gossip.swim.params = SwimParams.from_config(self.cfg)
+        self.gossip.swim.awareness.max = self.cfg.awareness_max
         self.gossip.codec.max_skew = self.cfg.max_clock_skew
         self.gossip.on_events([Event("config", f"{name} set to {v}", {"key": name, "value": v})
                                for name, v in values.items()])

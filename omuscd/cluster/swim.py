@@ -65,6 +65,7 @@ class SwimParams:
     indirect_checks: int = 3
     suspicion_mult: float = 4.0
     suspicion_max_mult: float = 6.0
+    dead_timeout: float = 10.0  # a suspicion lasts at most this long
     retransmit_mult: int = 4
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
@@ -129,7 +130,8 @@ class Swim:
         self.seq = 0
         self.order: list[int] = []
         self.pos = 0
-        self.next_probe = self.next_gossip = self.next_sweep = float("inf")
+        self.next_probe = self.next_sweep = float("inf")
+        self.next_gossip = float("-inf")  # changes go out as soon as there are any
         self.signature = self.members.signature()
         self.sync = AntiEntropy(self)
 
@@ -357,6 +359,8 @@ class Swim:
         size = self.size()
         lo, hi = suspicion_bounds(size, self.params.suspicion_mult,
                                   self.params.suspicion_max_mult, self.params.probe_interval)
+        cap = self.params.dead_timeout
+        lo, hi = min(lo, cap), min(hi, cap)
         k = confirmations_wanted(size, self.params.suspicion_mult)
         self.suspicions[nid] = Suspicion(now, lo, hi, k, {by})
         self.queue.push(nid, record)
@@ -389,6 +393,7 @@ class Swim:
         if n < self.members.incarnation:
             return
         self.members.me["n"] = n + 1
+        self.members.beat()  # a fresh entry: receivers take its figures too
         self.awareness.apply(1)
         self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
 
@@ -399,6 +404,7 @@ class Swim:
         if sig != self.signature:
             self.signature = sig
             self.members.me["n"] = self.members.incarnation + 1
+            self.members.beat()  # receivers take an entry only with a higher hb
             self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
 
     def _settle(self) -> None:

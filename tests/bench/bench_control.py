@@ -53,7 +53,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "omuscd", "keygen", str(keyfile)], check=True,
                    capture_output=True)
     d = loopback_daemon("a", "127.0.0.63", work, "--key-file", str(keyfile),
-                        "--suspect-timeout", "3000", "--dead-timeout", "6000")
+                        "--probe-interval", "60", "--probe-timeout", "30",
+                        "--dead-timeout", "6000")  # the fakes never answer a probe
     try:
         fake_nodes(config.read_secret(str(keyfile)), 63, ("127.0.0.63", 34270))
         deadline = time.time() + 5
