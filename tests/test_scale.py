@@ -32,19 +32,24 @@ def scale_args(i: int) -> list[str]:
             "--control-port", str(CTL), "--insecure", "--peer", f"{PREFIX}1:{PORT}"]
 
 
-def start_many(workdir: Path, n: int, reaper: list[Daemon]) -> list[Daemon]:
-    """``n`` daemons started together (each one waits only for its control socket)."""
+def start_many(workdir: Path, n: int, reaper: list[Daemon], timeout: float = 150.0
+               ) -> list[Daemon]:
+    """``n`` daemons started together, all answering on their control sockets within
+    ``timeout`` seconds (starting costs each about a second of CPU; daemons already
+    running that take much CPU themselves make it longer: that fails here, clearly)."""
     daemons = []
     for i in range(1, n + 1):
         d = start_daemon(f"s{i}", scale_args(i), workdir, wait=False)
         reaper.append(d)
         daemons.append(d)
+    deadline = time.monotonic() + timeout
     for d in daemons:
         def ready(d: Daemon = d) -> bool:
             if d.popen.poll() is not None:
                 raise AssertionError(f"{d.name} exited with {d.popen.returncode}:\n{d.log()}")
             return d.ctl("version").code == 200
-        wait_for(ready, 120, f"{d.name} to start", interval=0.2)
+        wait_for(ready, max(1.0, deadline - time.monotonic()),
+                 f"{d.name} to start (all {n} within {timeout:.0f} s)", interval=0.2)
     return daemons
 
 
