@@ -21,7 +21,9 @@ from __future__ import annotations
 import re
 
 #: The one place the version is written.
-RELEASE = "1a0"
+#: 2: the wire protocol of SWIM membership (issue 19): daemons of version 1 speak another
+#: protocol, so each lists the other as incompatible (the version rule).
+RELEASE = "2a0"
 
 _RELEASE_RE = re.compile(r"^(\d+)([abdrv])(\d+)$")
 

@@ -269,7 +269,7 @@ def check_entry(e: Any) -> dict[str, Any]:
     if not all(isinstance(f, str) and len(f) <= MAX_FLAG_LEN for f in e["flags"]) \
             or len(e["flags"]) > 16:
         raise WireError("malformed", "entry flags")
-    n = e.setdefault("n", 0)  # SWIM's incarnation number (cluster/swim.py)
+    n = e.get("n", 0)  # optional: SWIM's incarnation number (cluster/swim.py)
     if type(n) is not int or not 0 <= n < 2**53:
         raise WireError("malformed", "entry field 'n'")
     moves = e.get("moves", [0, 0])  # optional: the jobs moved in and out since its start

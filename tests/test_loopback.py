@@ -12,6 +12,7 @@ import time
 import pytest
 
 from omuscd import client, config, wire
+from omuscd.version import RELEASE
 from tests.cluster import (
     PYTHON,
     User,
@@ -65,8 +66,10 @@ def test_three_nodes_agree_on_the_table(trio_nodes):
         assert {v["id"] for v in views} == {2, 3, 4}
         assert all(v["state"] == "alive" and v["auth"] == "key" for v in views)
         assert views[0]["self"] and views[0]["name"] == d.name
+        # each figure's age travels with it (the probes carry them): a few seconds at most
+        assert all(0 <= v["age"] == v["last_heard"] < 5 for v in views)
     node3 = trio_nodes[0].json("node n3")
-    assert node3["address"] == "127.0.0.3" and node3["cpus"] >= 1 and node3["release"] == "1a0"
+    assert node3["address"] == "127.0.0.3" and node3["cpus"] >= 1 and node3["release"] == RELEASE
 
 
 def test_clean_stop_announces_departure(trio_nodes):
@@ -140,16 +143,17 @@ def test_forged_unsigned_and_junk_packets_are_counted_and_ignored(trio_nodes, ke
 
 def test_other_protocol_version_is_listed_incompatible(trio_nodes, workdir, key, reaper):
     n2 = trio_nodes[0]
-    v2 = start_daemon("v2", base("127.0.0.5", key, "--peer", f"127.0.0.2:{PORT}",
-                                 "--wire-version", "2"), workdir)
-    reaper.append(v2)
-    wait_for(lambda: n2.nodes().get("v2", {}).get("state") == "incompatible", 3,
-             "v2 listed as incompatible")
+    # an old daemon (protocol 1: heartbeat gossip) beside SWIM nodes
+    v1 = start_daemon("v1", base("127.0.0.5", key, "--peer", f"127.0.0.2:{PORT}",
+                                 "--wire-version", "1"), workdir)
+    reaper.append(v1)
+    wait_for(lambda: n2.nodes().get("v1", {}).get("state") == "incompatible", 3,
+             "v1 listed as incompatible")
     assert n2.json("status")["packets"]["incompatible"] > 0
     assert {"n3", "n4"} == {n for n, v in n2.nodes().items() if v["state"] == "alive"}
-    assert "speaks protocol version 2" in n2.log()
-    wait_for(lambda: {v["state"] for v in v2.nodes().values()} == {"incompatible"}, 3,
-             "v2 to see the others as incompatible")
+    assert "speaks protocol version 1" in n2.log()
+    wait_for(lambda: {v["state"] for v in v1.nodes().values()} == {"incompatible"}, 3,
+             "v1 to see the others as incompatible")
 
 
 def test_keyless_node_is_read_only_and_refused_by_keyed_nodes(trio_nodes, workdir, reaper):
@@ -237,7 +241,7 @@ def test_real_telnet_session(trio_nodes):
         ("\x1d", 0.2), ("send ip\n", 0.4),  # IAC IP (Ctrl-C) ends the watch
         ("node n3\n", 0.4), ("quit\n", 0.5),
     ])
-    assert "220 omuscd-1a0 node n2" in out
+    assert f"220 omuscd-{RELEASE} node n2" in out
     assert "200-*2" in out and "200 3 nodes" in out
     assert "210-watching" in out and "210 end of watch" in out
     assert "200-address: 127.0.0.3" in out

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from omuscd.version import RELEASE
 from tests.cluster import (
     LAN_SIZE,
     broadcast_lan,  # noqa: F401 (the "cluster" fixture)
@@ -83,7 +84,7 @@ def test_telnet_inside_a_namespace(cluster):
     if subprocess.run(["which", "telnet"], capture_output=True).returncode:
         pytest.skip("the telnet client is not installed (the README's test command installs it)")
     text = telnet("127.0.0.1", 4271, [("nodes\n", 0.5), ("quit\n", 0.5)], netns=lan.ns(0))
-    assert "220 omuscd-1a0 node node0 (id 10)" in text
+    assert f"220 omuscd-{RELEASE} node node0 (id 10)" in text
     for i in range(1, N - 1):
         assert f"198.18.0.{10 + i}:4270" in text
     assert "221 bye" in text

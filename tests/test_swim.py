@@ -185,6 +185,9 @@ def test_helper_says_nack_when_the_target_is_silent_too():
     [ack] = b.handle(addr(3), 3, 1003, wire.ACK, {"seq": ping.body["seq"]}, 2.05)
     assert ack.dest == addr(1) and ack.mtype == wire.ACK and ack.body["seq"] == 42
     assert b.relays == {}
+    # a stranger cannot make b ping addresses for it
+    assert b.handle(("10.9.9.9", 4270), 99, 1099, wire.PING_REQ,
+                    {"seq": 43, "to": 3, "addr": ["10.9.9.8", 4270]}, 3.0) == []
 
 
 def test_crashed_node_is_suspect_then_dead_everywhere():
@@ -270,6 +273,8 @@ def test_confirmations_bring_death_forward_in_a_node():
     for i in (3, 4, 5, 6):
         a.members.merge({**wire_entry(i, boot=1000 + i), "age": 0}, 0.0, "key")
     accuse = {"k": "s", "id": 3, "boot": 1003, "n": 0}
+    while a.next_due() < 1.0:  # a runs, as its driver would have it
+        a.tick(a.next_due())
     a.handle(addr(4), 4, 1004, wire.GOSSIP, {"b": [{**accuse, "by": 4}]}, 1.0)
     first = a.suspicions[3].deadline
     a.handle(addr(5), 5, 1005, wire.GOSSIP, {"b": [{**accuse, "by": 5}]}, 1.1)
@@ -277,7 +282,9 @@ def test_confirmations_bring_death_forward_in_a_node():
     assert a.suspicions[3].deadline < first
     # each new confirmation is passed on (others count it too); a repeated one is not
     assert a.queue.pending(3)["by"] == 6
-    a.tick(a.suspicions[3].deadline)
+    deadline = a.suspicions[3].deadline
+    while a.next_due() <= deadline:
+        a.tick(max(1.2, a.next_due()))
     assert a.members.nodes[3].state == DEAD
 
 
@@ -468,3 +475,38 @@ def test_leave_is_announced_and_spread():
     a.handle(addr(2), 2, 1002, bye.mtype, bye.body, 1.0)
     assert 2 not in a.members.nodes and kinds(a)[-1] == "leave"
     assert a.queue.pending(2)["k"] == "l"
+
+
+def test_time_a_node_was_stopped_is_no_evidence_against_others():
+    """A node stopped (SIGSTOP, a CPU hog) past its deadlines does not, on waking,
+    declare dead a member whose refutation still waits unread in its socket, nor suspect
+    the member it was probing; it counts itself as the slow one instead."""
+    a, _ = pair()
+    for i in (3, 4):
+        a.members.merge({**wire_entry(i, boot=1000 + i), "age": 0}, 0.0, "key")
+    while a.next_due() < 1.0:
+        a.tick(a.next_due())
+    a.handle(addr(4), 4, 1004, wire.GOSSIP,
+             {"b": [{"k": "s", "id": 3, "boot": 1003, "n": 0, "by": 4}]}, 1.0)
+    while a.probe is None:
+        a.tick(a.next_due())
+    probed = a.probe.target
+    late = a.suspicions[3].deadline + 5.0  # stopped through the whole suspicion
+    a.tick(late)
+    assert a.members.nodes[3].state == SUSPECT and a.members.nodes[probed].state != DEAD
+    assert a.awareness.score >= 1
+    a.handle(addr(3), 3, 1003, wire.GOSSIP,
+             {"b": [{"k": "a", "e": {**wire_entry(3, boot=1003, n=1), "age": 0}}]}, late)
+    assert a.members.nodes[3].state == ALIVE
+    # a suspicion left unrefuted still ends: only the stopped time was added
+    b, _ = pair()
+    b.members.merge({**wire_entry(3, boot=1003), "age": 0}, 0.0, "key")
+    b.members.merge({**wire_entry(4, boot=1004), "age": 0}, 0.0, "key")
+    while b.next_due() < 1.0:
+        b.tick(b.next_due())
+    b.handle(addr(4), 4, 1004, wire.GOSSIP,
+             {"b": [{"k": "s", "id": 3, "boot": 1003, "n": 0, "by": 4}]}, 1.0)
+    b.tick(b.suspicions[3].deadline + 5.0)
+    while b.members.nodes[3].state == SUSPECT:
+        b.tick(b.next_due())
+    assert b.members.nodes[3].state == DEAD

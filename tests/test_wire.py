@@ -20,7 +20,7 @@ def entry(nid=5, **kw):
     return e
 
 
-def pair(key_a=KEY, key_b=KEY, version_a=1):
+def pair(key_a=KEY, key_b=KEY, version_a=wire.PROTOCOL_VERSION):
     return Codec(key_a, 5, 77, 1, version_a), Codec(key_b, 6, 88, 2)
 
 
@@ -86,11 +86,12 @@ def test_old_or_future_packets_are_stale():
 
 
 def test_other_version_is_authenticated_then_reported_incompatible():
-    a, b = pair(version_a=2)
+    other = wire.PROTOCOL_VERSION + 1
+    a, b = pair(version_a=other)
     with pytest.raises(wire.Incompatible) as e:
         b.decode(a.encode(wire.HELLO, {"entry": entry()}, NOW), NOW)
-    assert e.value.header.version == 2 and e.value.header.node_id == 5
-    forged = pair(key_a=b"y" * 32, version_a=2)[0]
+    assert e.value.header.version == other and e.value.header.node_id == 5
+    forged = pair(key_a=b"y" * 32, version_a=other)[0]
     with pytest.raises(WireError, match="bad-signature"):
         b.decode(forged.encode(wire.HELLO, {}, NOW), NOW)
 
@@ -109,7 +110,8 @@ def test_random_junk_only_ever_raises_wire_errors():
 
 def test_bodies_that_are_not_objects_are_malformed():
     a, b = pair()
-    head = wire.HEADER.pack(wire.MAGIC, 1, wire.GOSSIP, 1, 5, 77, 1, 1, NOW)
+    head = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.GOSSIP, 1, 5, 77, 1, 1,
+                            NOW)
     for body in (b"[1,2]", b"\xff\xfe", b"{", b"[" * 100000):
         data = head + body
         data += a._tag(data)
@@ -148,7 +150,7 @@ def test_header_layout_is_the_documented_one():
     a, _ = pair()
     data = a.encode(wire.LEAVE, {}, NOW)
     magic, version, mtype, flags, nid = struct.unpack_from(">4sHBBI", data)
-    assert (magic, version, mtype, flags, nid) == (b"OMUS", 1, 4, 1, 5)
+    assert (magic, version, mtype, flags, nid) == (b"OMUS", wire.PROTOCOL_VERSION, 4, 1, 5)
     assert wire.HEADER.size == 44 and len(data) == 44 + len(b"{}") + 32
 
 
@@ -159,7 +161,8 @@ def signed_body(a: Codec, raw: bytes, mtype: int = wire.GOSSIP) -> bytes:
     """A datagram carrying ``raw`` as its body byte for byte (json.dumps would write NaN
     as a bare NaN too, but a forger need not use it)."""
     a.seq += 1
-    head = wire.HEADER.pack(wire.MAGIC, 1, mtype, wire.FLAG_SIGNED, 5, 77, 1, a.seq, NOW)
+    head = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, mtype, wire.FLAG_SIGNED, 5, 77,
+                            1, a.seq, NOW)
     return head + raw + a._tag(head + raw)
 
 

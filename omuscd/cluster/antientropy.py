@@ -19,14 +19,37 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import random
+from typing import Any, Protocol
 
 from omuscd import wire
 from omuscd.cluster import messages
-from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, Node
+from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, Membership, Node
+from omuscd.cluster.messages import Address, Outgoing
 
-if TYPE_CHECKING:
-    from omuscd.cluster.swim import Address, Outgoing, Swim
+
+class Swim(Protocol):
+    """What the slow paths use of cluster/swim.py's Swim (declared here: no cycle)."""
+
+    members: Membership
+    params: Any
+    rng: random.Random
+    seeds: list[Address]
+    broadcast: Address | None
+    auth: str
+    events: list[Any]
+    queue: Any
+
+    def message(self, dest: Address, mtype: int, body: dict[str, Any], now: float,
+                node: Node | None = None, entries: bool = False) -> Outgoing: ...
+
+    def learn(self, entry: dict[str, Any], now: float, source: Address | None,
+              spread: bool = False) -> None: ...
+
+    def on_suspect(self, nid: int, boot: int, n: int, by: int, now: float,
+                   why: str = "") -> None: ...
+
+    def size(self) -> int: ...
 
 STATE_CODES = {ALIVE: "a", SUSPECT: "s", DEAD: "d"}
 STATE_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2}  # at one incarnation, later news ranks higher
@@ -93,8 +116,6 @@ class AntiEntropy:
 
     def _hellos(self, now: float) -> list[Outgoing]:
         """HELLO to the seeds (asking for the table) and to the broadcast address."""
-        from omuscd.cluster.swim import Outgoing
-
         s = self.swim
         me = s.members.own_entry()
         out = [Outgoing(d, wire.HELLO, {"entry": me, "reply": True}) for d in s.seeds]
@@ -103,8 +124,6 @@ class AntiEntropy:
         return out
 
     def _rejoin(self, now: float, out: list[Outgoing]) -> None:
-        from omuscd.cluster.swim import Outgoing
-
         s = self.swim
         live = s.members.live_nodes()
         if not live:
@@ -198,7 +217,7 @@ class AntiEntropy:
                 continue
             s.learn(entry, now, None)
             if sw != "a":
-                s.on_suspect(nid, entry["boot"], entry["n"], sender, now,
+                s.on_suspect(nid, entry["boot"], entry.get("n", 0), sender, now,
                              f"node {sender} holds it {'suspect' if sw == 's' else 'dead'}")
 
     # ------------------------------------------------------------------ receiving

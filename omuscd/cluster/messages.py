@@ -10,9 +10,22 @@ and changes nothing: every part is checked before any is applied.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from omuscd import wire
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A datagram a Swim wants sent (cluster/swim.py's drivers send it)."""
+
+    dest: Address  # where to send
+    mtype: int  # a wire message type
+    body: dict[str, Any]  # JSON-able; the driver encodes it with wire.Codec
+
 
 MAX_RECORDS = 64  # changes in one datagram (a 1400-byte datagram holds far fewer)
 MAX_ENTRIES = 64  # entries in one datagram or push-pull page

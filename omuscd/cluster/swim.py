@@ -34,6 +34,8 @@ from omuscd.cluster import messages
 from omuscd.cluster.antientropy import AntiEntropy
 from omuscd.cluster.broadcasts import TransmitQueue, retransmit_limit
 from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, Membership, Node
+from omuscd.cluster.messages import Address, Outgoing
+from omuscd.cluster.receive import Receiver, Relay
 from omuscd.cluster.suspicion import (
     Awareness,
     Suspicion,
@@ -42,18 +44,9 @@ from omuscd.cluster.suspicion import (
 )
 from omuscd.events import Event
 
-Address = tuple[str, int]
 #: Bytes a body may take: a datagram less its header and tag.
 BODY_BUDGET = wire.MAX_DATAGRAM - wire.HEADER.size - wire.TAG_LEN
-NACK_FRACTION = 0.8  # a helper says "nack" this far into its probe timeout
 LIVENESS_NEWS = ("join", "restart", "alive")
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    dest: Address  # where to send
-    mtype: int  # a wire message type
-    body: dict[str, Any]  # JSON-able; the driver encodes it with wire.Codec
 
 
 @dataclass
@@ -99,18 +92,13 @@ class Probe:
     acked: bool = False
 
 
-@dataclass
-class Relay:
-    """A ping we send for another node (ping-req): its ack goes back to the requester."""
-
-    requester: Address
-    seq: int
-    nack_at: float
+__all__ = ["Address", "Outgoing", "Swim", "SwimParams"]
 
 
 @dataclass
-class Swim:
-    """One node's failure detector and disseminator; see the module's docstring."""
+class Swim(Receiver):
+    """One node's failure detector and disseminator; see the module's docstring.
+    (The handlers of each message type are :class:`Receiver`'s.)"""
 
     members: Membership
     params: SwimParams
@@ -132,6 +120,7 @@ class Swim:
         self.pos = 0
         self.next_probe = self.next_sweep = float("inf")
         self.next_gossip = float("-inf")  # changes go out as soon as there are any
+        self.expected = float("inf")  # when we expected to be called next (stalls)
         self.signature = self.members.signature()
         self.sync = AntiEntropy(self)
 
@@ -165,6 +154,7 @@ class Swim:
 
     def tick(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
+        self._resumed(now)
         self._own_news()
         self._suspicions_due(now)
         self._probe_due(now, out)
@@ -175,7 +165,24 @@ class Swim:
         if now >= self.next_sweep:
             events, self.next_sweep = self.members.sweep(now)
             self.events += events
+        self.expected = self.next_due()
         return out + self.answers()
+
+    def _resumed(self, now: float) -> None:
+        """Were we stopped (SIGSTOP, a CPU hog, swapping) past a deadline?  Time we did
+        not run is no evidence against others: suspicions wait that much longer (the
+        refutations may sit unread in our socket), the probe under way gives no verdict,
+        and we count ourselves as the slow one (Lifeguard)."""
+        late = now - self.expected
+        if late <= self.params.probe_interval:
+            return
+        for s in self.suspicions.values():
+            s.start += late
+        if self.probe is not None:
+            self.probe = None
+            self.next_probe = min(self.next_probe, now)
+        self.awareness.apply(1)
+        self.expected = now
 
     def handle(self, src: Address, sender_id: int, sender_boot: int, mtype: int,
                body: dict[str, Any], now: float) -> list[Outgoing]:
@@ -205,6 +212,8 @@ class Swim:
         out: list[Outgoing] = []
         handler[1](src, sender_id, fields, now, out)
         self._settle()
+        # earlier if something became due; never later (a stall is told by tick)
+        self.expected = min(self.expected, self.next_due())
         return out + self.answers()
 
     # ------------------------------------------------------------------ sending
@@ -452,58 +461,3 @@ class Swim:
             msg = self.message(node.address, wire.GOSSIP, {}, now, node)
             if "b" in msg.body or "you" in msg.body:
                 out.append(msg)
-
-    # ------------------------------------------------------------------ receiving
-    def _handlers(self) -> dict[int, tuple[Any, Any]]:
-        none = lambda body: None  # noqa: E731
-        return {
-            wire.PING: (lambda b: (messages.int_field(b, "seq"),
-                                   messages.int_field(b, "to", 1, 2**32 - 1)), self._on_ping),
-            wire.ACK: (lambda b: messages.int_field(b, "seq"), self._on_ack),
-            wire.NACK: (lambda b: messages.int_field(b, "seq"), self._on_nack),
-            wire.PING_REQ: (lambda b: (messages.int_field(b, "seq"),
-                                       messages.int_field(b, "to", 1, 2**32 - 1),
-                                       messages.check_address(b.get("addr"))),
-                            self._on_ping_req),
-            wire.GOSSIP: (none, lambda *a: None),
-            wire.PUSH_PULL: (self.sync.check_request, self.sync.on_request),
-            wire.SYNC: (self.sync.check_reply, self.sync.on_reply),
-            wire.HELLO: (self.sync.check_hello, self.sync.on_hello),
-            wire.LEAVE: (self.sync.check_hello, self.sync.on_leave),
-        }
-
-    def _on_ping(self, src: Address, sender: int, f: tuple[int, int], now: float,
-                 out: list[Outgoing]) -> None:
-        seq, to = f
-        if to == self.members.my_id:  # not a ping meant for a node that was here before
-            out.append(self.message(src, wire.ACK, {"seq": seq}, now,
-                                    self.members.nodes.get(sender), entries=True))
-
-    def _on_ack(self, src: Address, sender: int, seq: int, now: float,
-                out: list[Outgoing]) -> None:
-        p = self.probe
-        if p is not None and seq == p.seq and not p.acked:
-            p.acked = True
-            if not p.indirect:
-                self.awareness.apply(-1)
-            return
-        relay = self.relays.pop(seq, None)
-        if relay is not None:
-            out.append(self.message(relay.requester, wire.ACK, {"seq": relay.seq}, now))
-
-    def _on_nack(self, src: Address, sender: int, seq: int, now: float,
-                 out: list[Outgoing]) -> None:
-        p = self.probe
-        if p is not None and seq == p.seq and p.indirect:
-            p.nacks += 1
-
-    def _on_ping_req(self, src: Address, sender: int, f: tuple[int, int, Address],
-                     now: float, out: list[Outgoing]) -> None:
-        seq, to, addr = f
-        if to == self.members.my_id or len(self.relays) >= 64:
-            return
-        node = self.members.nodes.get(to)
-        self.seq += 1
-        self.relays[self.seq] = Relay(src, seq, now + NACK_FRACTION * self.params.probe_timeout)
-        out.append(self.message(node.address if node else addr, wire.PING,
-                                {"seq": self.seq, "to": to}, now, node))

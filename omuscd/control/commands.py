@@ -577,7 +577,9 @@ COMMANDS: dict[str, Command] = _cmds(
                     "bad-signature, replayed, stale, incompatible)."),
     Command("nodes", (), "the node table, this node first (marked *)", h_nodes, json=True,
             details="STATE is alive, suspect, dead or incompatible. LOAD is demand per\n"
-                    "lent CPU (1.0 = all busy). AUTH: key, unverified or insecure."),
+                    "lent CPU (1.0 = all busy). AUTH: key, unverified or insecure.\n"
+                    "HEARD: how old the node's figures are (last_heard, age); liveness\n"
+                    "is STATE alone."),
     Command("node", (Arg("node", kind="node"),), "everything known about one node, by id or "
             "name", h_node, json=True,
             details="moved_in, moved_out: jobs migrated to and from it since it started."),

@@ -66,7 +66,8 @@ class Status:
                 "speed": me["speed"], "mem_free_mb": me["mem"], "jobs": self.jobs_here(),
                 "release": me["rel"], "flags": sorted(self.gossip.members.me["flags"]),
                 "auth": self.gossip.auth_label, "moved_in": self.moves[0],
-                "moved_out": self.moves[1], "last_heard": 0.0, "state_since":
+                "moved_out": self.moves[1], "last_heard": 0.0, "age": 0.0,
+                "incarnation": int(me.get("n", 0)), "state_since":
                 round(now - self.started(), 1), "self": True}
         others = sorted(self.gossip.members.nodes.values(), key=lambda n: n.id)
         inc = sorted(self.gossip.members.incompatible.values(), key=lambda n: n.id)
