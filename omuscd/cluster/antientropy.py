@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import bisect
 import random
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from omuscd import wire
@@ -74,6 +76,8 @@ class AntiEntropy:
         self.pull_from: Address | None = None  # the node we pull the table from (join)
         self.pull_until = 0.0
         self.repull_at = float("inf")
+        self._ids: list[int] = []  # the table's node ids, sorted (see ids_from)
+        self._ids_key: tuple[int, int] = (0, 0)
 
     # ------------------------------------------------------------------ schedule
     def start(self, now: float) -> list[Outgoing]:
@@ -142,13 +146,25 @@ class AntiEntropy:
             out.append(self.request(s.rng.choice(dead), now))
 
     # ------------------------------------------------------------------ pages
+    def ids_from(self, lo: int, hi: int) -> Iterator[int]:
+        """The table's node ids in [lo, hi), in order.  Sorted once per change of the
+        table, not per page: a newcomer's pull asks for hundreds of pages."""
+        nodes = self.swim.members.nodes
+        key = (len(nodes), sum(nodes))
+        if key != self._ids_key:
+            self._ids, self._ids_key = sorted(nodes), key
+        ids = self._ids
+        for k in range(bisect.bisect_left(ids, lo), bisect.bisect_left(ids, hi)):
+            if ids[k] in nodes:  # taken lazily: a page stops at its budget
+                yield ids[k]
+
     def page(self, cursor: int, budget: int, now: float) -> tuple[list[dict], int, bool]:
         """Our table from node id ``cursor`` on, as much as fits ``budget`` bytes:
         (items, the next cursor, whether more follows)."""
         s = self.swim
         items: list[dict[str, Any]] = []
         nxt = cursor
-        for nid in sorted(i for i in s.members.nodes if i >= cursor):
+        for nid in self.ids_from(cursor, END):
             node = s.members.nodes[nid]
             item = {"e": s.members.aged(node, now), "sw": STATE_CODES[node.state]}
             size = messages.json_size(item) + 1
@@ -176,7 +192,7 @@ class AntiEntropy:
         ``budget`` bytes, and the end of the slice they cover."""
         s = self.swim
         out: list[int] = []
-        for nid in sorted(i for i in s.members.nodes if lo <= i < hi):
+        for nid in self.ids_from(lo, hi):
             node = s.members.nodes[nid]
             triple = [nid, node.incarnation, STATE_RANK[node.state]]
             budget -= messages.json_size(triple) - 1
@@ -192,7 +208,7 @@ class AntiEntropy:
         s = self.swim
         theirs = {dig[i]: (dig[i + 1], dig[i + 2]) for i in range(0, len(dig), 3)}
         items: list[dict[str, Any]] = []
-        for nid in sorted(i for i in s.members.nodes if lo <= i < hi):
+        for nid in self.ids_from(lo, hi):
             node = s.members.nodes[nid]
             mine = (node.incarnation, STATE_RANK[node.state])
             if nid in theirs and theirs[nid] >= mine:

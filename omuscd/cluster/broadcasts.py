@@ -10,6 +10,7 @@ the older one still queued (it is what counts now).
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 #: Changes kept at most; past it the most-sent are dropped (push-pull repairs the rest).
 MAX_QUEUED = 4096
+TAKE_AT_MOST = 64  # changes looked at for one datagram (more never fit)
 
 
 def record_size(record: dict[str, Any]) -> int:
@@ -67,7 +69,9 @@ class TransmitQueue:
         ``skip`` leaves out the change about one node (the datagram's receiver, who
         learns of itself through its own refutation path only when accused)."""
         out: list[dict[str, Any]] = []
-        ordered = sorted(self._items.items(), key=lambda kv: (kv[1].sent, -kv[1].order))
+        # a datagram holds a few dozen changes at most: no need to sort them all
+        ordered = heapq.nsmallest(TAKE_AT_MOST, self._items.items(),
+                                  key=lambda kv: (kv[1].sent, -kv[1].order))
         for node_id, item in ordered:
             if budget <= 0:
                 break

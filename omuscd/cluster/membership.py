@@ -109,6 +109,9 @@ class Membership:
     #: balancer looks at once); the reader clears it.
     jump_threshold: float = float("inf")
     load_jumped: bool = False
+    #: Raised at every change of the node set or of a node's state (caches key on it).
+    generation: int = 0
+    _live: tuple[int, list[Node]] = (-1, [])
 
     # ------------------------------------------------------------------ our own entry
     @property
@@ -172,6 +175,7 @@ class Membership:
         node = self.nodes.get(nid)
         if node is None:
             self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address, n)
+            self.generation += 1
             return [Event("join", f"node {nid} ({entry['name']}) at {entry['addr']} joined",
                           {"node": nid, "name": entry["name"], "address": entry["addr"]})]
         old = node.entry
@@ -179,6 +183,7 @@ class Membership:
             if (entry["inc"], entry["boot"]) < (old["inc"], old["boot"]):
                 return []  # an older incarnation (or the loser of an id clash)
             self.nodes[nid] = Node(entry, ALIVE, origin, now, auth, address, n)
+            self.generation += 1
             return [Event("restart", f"node {nid} ({entry['name']}) restarted",
                           {"node": nid, "name": entry["name"]})]
         if entry["hb"] > old["hb"]:
@@ -193,6 +198,7 @@ class Membership:
             if node.state != ALIVE:
                 was = node.state
                 node.state, node.since = ALIVE, now
+                self.generation += 1
                 return [Event("alive", f"node {nid} ({entry['name']}) is alive again "
                               f"(was {was})", {"node": nid, "name": entry["name"]})]
         return []
@@ -210,6 +216,7 @@ class Membership:
             return []
         node.incarnation = n
         node.state, node.since = SUSPECT, now
+        self.generation += 1
         return [Event("suspect", f"node {nid} ({node.name}) is suspect: {why}",
                       {"node": nid, "name": node.name})]
 
@@ -220,6 +227,7 @@ class Membership:
             return []
         node.incarnation = n
         node.state, node.since = DEAD, now
+        self.generation += 1
         return [Event("dead", f"node {nid} ({node.name}) is dead: {why}",
                       {"node": nid, "name": node.name})]
 
@@ -272,6 +280,7 @@ class Membership:
                 self.departed[nid] = (entry["boot"], entry["hb"])
             return []
         del self.nodes[nid]
+        self.generation += 1
         self.departed[nid] = (entry["boot"], entry["hb"])
         return [Event("leave", f"node {nid} ({node.name}) left the cluster",
                       {"node": nid, "name": node.name})]
@@ -309,6 +318,7 @@ class Membership:
                 continue
             if now - node.since >= t.forget_after:
                 del self.nodes[nid]
+                self.generation += 1
                 events.append(Event("forget", f"node {nid} ({node.name}) forgotten",
                                     {"node": nid}))
             else:
@@ -322,7 +332,17 @@ class Membership:
 
     # ------------------------------------------------------------------ what to send
     def live_nodes(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.state in (ALIVE, SUSPECT)]
+        """The nodes alive or suspect (a copy; computed once per generation: SWIM asks
+        for it with every datagram)."""
+        if self._live[0] != self.generation:
+            self._live = (self.generation, [n for n in self.nodes.values()
+                                            if n.state in (ALIVE, SUSPECT)])
+        return list(self._live[1])
+
+    def live_count(self) -> int:
+        if self._live[0] != self.generation:
+            self.live_nodes()
+        return len(self._live[1])
 
     def aged(self, node: Node, now: float) -> dict[str, Any]:
         """A node's entry as sent: its figures with their current age."""

@@ -240,7 +240,7 @@ class Swim(Receiver):
 
     def size(self) -> int:
         """The cluster's size as this node estimates it (the live nodes and itself)."""
-        return len(self.members.live_nodes()) + 1
+        return self.members.live_count() + 1
 
     def answers(self) -> list[Outgoing]:
         """HELLOs membership wants sent (an id's later claimant, an incompatible node)."""
