@@ -138,14 +138,16 @@ def full_runs(args: argparse.Namespace, sim: Any, table: Table) -> None:
         def progress(done: float, m: Any, t0: float = t0, c0: float = c0,
                      loss: float = loss) -> None:
             print(f"    {done / 60:.0f} min at {loss:.0%} loss: {len(m.false_deaths)} false "
-                  f"deaths, {len(m.false_suspicions)} false suspicions so far "
+                  f"deaths ({len({a.subject for a in m.false_deaths})} nodes), "
+                  f"{len(m.false_suspicions)} false suspicions so far "
                   f"({elapsed(t0, c0)})", flush=True)
 
         r = scenario.false_alarms(sim, args.minutes * 60.0, loss, stalled_fraction=0.01,
                                   stall=2.0, stalls_per_minute=1.0, progress=progress)
         took = elapsed(t0, c0)
         table.add(f"false deaths, {n} nodes, {args.minutes:g} min, {loss:.0%} loss",
-                  f"{r.false_deaths} ({r.false_deaths_of_stalled} of stalled; "
+                  f"{r.false_deaths} ({r.nodes_falsely_dead} nodes; "
+                  f"{r.false_deaths_of_stalled} of stalled; "
                   f"{r.stalls} stalls; {r.false_suspicions} false suspicions, "
                   f"{r.suspicions_of_stalled} of stalled)", "0",
                   r.false_deaths == 0 and r.dead_in_tables == 0)

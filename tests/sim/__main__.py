@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     t2 = time.monotonic()
     s = scenario.summary(r.byte_rates)
     print(f"{a.seconds:.0f} simulated s at {a.loss:.0%} loss, {r.stalls} stalls: "
-          f"{r.false_deaths} false deaths ({r.false_deaths_of_stalled} of stalled nodes), "
+          f"{r.false_deaths} false deaths ({r.nodes_falsely_dead} nodes; "
+          f"{r.false_deaths_of_stalled} of stalled nodes), "
           f"{r.false_suspicions} false suspicions ({r.suspicions_of_stalled} of stalled), "
           f"{r.dead_in_tables} live nodes dead in tables at the end")
     print(f"bytes/node/s: mean {s['mean']:.0f}, median {s['median']:.0f}, max {s['max']:.0f};"

@@ -114,8 +114,9 @@ class Alarms:
     seconds: float
     loss: float
     stalls: int
-    false_deaths: int
+    false_deaths: int  # (observer, node) pairs: one node dead at 999 observers counts 999
     false_deaths_of_stalled: int
+    nodes_falsely_dead: int  # distinct live nodes declared dead anywhere
     false_suspicions: int
     suspicions_of_stalled: int
     dead_in_tables: int
@@ -151,7 +152,8 @@ def false_alarms(sim: Simulator, seconds: float, loss: float, stalled_fraction: 
     sim.observers.remove(metrics.on_events)
     fd = metrics.false_deaths
     fs = metrics.false_suspicions
-    return Alarms(seconds, loss, stalls, len(fd), sum(a.stalled for a in fd), len(fs),
+    return Alarms(seconds, loss, stalls, len(fd), sum(a.stalled for a in fd),
+                  len({a.subject for a in fd}), len(fs),
                   sum(a.stalled for a in fs), metrics.table_false_deaths(), meter.rates(),
                   dict(metrics.events))
 
