@@ -427,14 +427,18 @@ class Swim(Receiver):
     def learn(self, entry: dict[str, Any], now: float, source: Address | None,
               spread: bool = False) -> None:
         """Merge an entry.  A join, restart or revival heard as a change (or a HELLO) is
-        passed on as a change; one found in a page or beside a probe is old news to the
-        cluster (else a newcomer's pull would make it pass the whole table on)."""
+        passed on as a change; a join or restart found in a page or beside a probe is old
+        news to the cluster (else a newcomer's pull would make it pass the whole table
+        on).  A revival (a suspect or dead node alive, at a higher incarnation) is passed
+        on however it came: the suspicion went everywhere, and the refutation must follow
+        it (heard first from the refuter itself, as its own entry, it spread no further,
+        and the suspicion ran out elsewhere: false deaths of nodes stalled for 2 s)."""
         events = self.members.merge(entry, now, self.auth, source)
         self.events += events
         if any(e.kind in LIVENESS_NEWS for e in events):
             node = self.members.nodes.get(entry["id"])
             if node is not None:
-                if spread:
+                if spread or any(e.kind == "alive" for e in events):
                     self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
                 self.add_to_order(node.id)
 
