@@ -533,13 +533,13 @@ def test_a_moving_jobs_memory_and_output_are_not_readable_on_the_lan(tmp_path) -
 
 
 
-def test_a_mixed_cluster_runs_and_moves_jobs_over_the_older_channel(tmp_path) -> None:
-    """A daemon of the older tree (its whole package, from git history) and a current
-    one: jobs run and move between them over the HMAC channel, which both report."""
-    from tests.test_migration import REASON, job_of
-    if REASON is not None:
-        pytest.skip(REASON)
+def test_a_daemon_of_the_previous_protocol_is_listed_and_never_used(tmp_path) -> None:
+    """A daemon of the older tree (its whole package, from git history: protocol version 1,
+    heartbeat gossip and the HMAC channel) beside a current one (version 2, SWIM): by the
+    version rule each lists the other as incompatible and neither uses it; a job asked to
+    run there is refused, saying why (it said "no node 'b'")."""
     from omuscd import config
+    from omuscd.version import PROTOCOL_VERSION
     from tests.cluster import NetnsLan, start_daemon, wait_for
 
     old_channel()  # skips where there is no history to take the older tree from
@@ -547,7 +547,6 @@ def test_a_mixed_cluster_runs_and_moves_jobs_over_the_older_channel(tmp_path) ->
     old_tree.mkdir()
     subprocess.run(f"git -C {ROOT} archive {OLD_COMMIT} omuscd | tar -x -C {old_tree}",
                    shell=True, check=True)
-    flag = tmp_path / "go"
     with NetnsLan(2, prefix=f"omo{os.getpid() % 10000}x") as lan:
         key = tmp_path / "cluster.key"
         config.write_key(str(key))
@@ -555,30 +554,23 @@ def test_a_mixed_cluster_runs_and_moves_jobs_over_the_older_channel(tmp_path) ->
         old = start_daemon("b", ["--key-file", str(key)], tmp_path, netns=lan.ns(1),
                            env={"PYTHONPATH": str(old_tree), "PYTHONSAFEPATH": "1"})
         try:
-            for d in (new, old):
-                wait_for(lambda d=d: len(d.nodes()) == 1, 10, f"{d.name} to see the other")
             assert "channels" not in old.json("status")  # it is the older code
+            for d, other in ((new, "b"), (old, "a")):
+                wait_for(lambda d=d, other=other: d.nodes().get(other, {}).get("state")
+                         == "incompatible", 15, f"{d.name} to list {other} as incompatible")
+            assert PROTOCOL_VERSION > 1
             ran = subprocess.run([sys.executable, "-m", "omuscd", "run", "--connect",
                                   new.socket, "--node", "b", "--", "echo", "from-b"],
                                  capture_output=True, timeout=60, cwd="/tmp")
-            assert (ran.returncode, ran.stdout) == (0, b"from-b\n"), ran
-            p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect",
-                                  new.socket, "--home", "--", sys.executable, "-c",
-                                  SECRETS_JOB, str(flag), "omuscd-channel-mixed"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
-            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-            job = job_of(new, "omuscd-channel-mixed")
-            moved = new.ctl(f"migrate {job} b")
-            assert moved.code == 200 and "migrated to b" in moved.text, moved
-            flag.touch()
-            out, err = p.communicate(timeout=60)
-            assert p.returncode == 0 and out.count(SECRET_OUTPUT) == 20, (out, err)
-            peer = str(old.json("status")["id"])
-            assert new.json("status")["channels"][peer] == channel.HMAC_ONLY
-            assert "NOT encrypted" in new.log()
+            assert ran.returncode == 125 and ran.stdout == b"", ran
+            assert b"node b runs omuscd-1a0 (protocol version 1): listed, never used" \
+                in ran.stderr, ran.stderr
+            best = subprocess.run([sys.executable, "-m", "omuscd", "run", "--connect",
+                                   new.socket, "--", "echo", "somewhere"],
+                                  capture_output=True, timeout=60, cwd="/tmp")
+            assert (best.returncode, best.stdout) == (0, b"somewhere\n"), best  # at home
         finally:
             for d in (new, old):
                 if d.alive():
                     d.popen.kill()
                     d.popen.wait()
-            subprocess.run(["pkill", "-f", "omuscd-channel-mixed"], capture_output=True)

@@ -360,6 +360,12 @@ class Membership:
                              + ", ".join(str(n.id) for n in matches))
         return matches[0] if matches else None
 
+    def find_incompatible(self, key: str) -> Node | None:
+        """A node of another protocol version by id or name: listed, never used (so that
+        a refusal can say why rather than that there is no such node)."""
+        return next((n for n in self.incompatible.values()
+                     if key in (str(n.entry["id"]), n.entry["name"])), None)
+
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATES}
         for n in self.nodes.values():

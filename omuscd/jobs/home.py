@@ -84,7 +84,7 @@ class HomeJobs(JobSignals):
             except ValueError as e:
                 raise JobError(str(e)) from None
             if node is None:
-                raise JobError(f"no node {key!r}")
+                raise JobError(unknown_node(self.host.members, key))
             match = next((c for c in cands if c.id == node.id), None)
             if match is None:
                 why = self.view.why_not(node.id, moved=False) or node.state
@@ -467,3 +467,12 @@ def _peer_record(rec: Any) -> Job | None:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         log.warning("a peer listed a bad job record (%s); left out", e)
         return None
+
+
+def unknown_node(members: Any, key: str) -> str:
+    """Why there is no node ``key`` to run on: none, or one of another version."""
+    other = members.find_incompatible(key)
+    if other is None:
+        return f"no node {key!r}"
+    return (f"node {other.name} runs omuscd-{other.entry['rel']} (protocol version "
+            f"{other.entry['proto']}): listed, never used; run one version everywhere")
