@@ -162,7 +162,8 @@ class Core:
             e = node.entry
             out[node.id] = NodeLoad(node.id, node.name, e["cpus"], e["speed"],
                                     float(e["load"]), extra.get(node.id, 0.0),
-                                    not s.view.why_not(node.id, moved=True))
+                                    not s.view.why_not(node.id, moved=True, now=now),
+                                    node.age(now))
         return out
 
     def _not_shown(self, now: float) -> dict[int, float]:
