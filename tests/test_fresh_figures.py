@@ -99,3 +99,17 @@ def test_of_equal_nodes_the_one_with_fresher_figures_is_chosen():
     full_old = Candidate(2, "b", 1, 1000, 3.0, 0, False, age=20.0)
     full_fresh = Candidate(3, "c", 1, 1000, 3.0, 0, False, age=1.0)
     assert choose_node([full_old, full_fresh]).id == 3
+
+
+def test_no_job_is_moved_off_a_node_by_its_stale_figures():
+    """A controller judges every node as a source: one whose figures are stale (busy
+    then, perhaps idle now) is not one, however busy they say it is."""
+    d = balance_services(0.0, 4.0)
+    d.members.nodes[2].heard = 940.0
+    loads = Core(d).loads(1000.0)
+    assert not loads[2].fresh and loads[1].fresh
+    target, why = imbalance(loads[2], [loads[1]], Policy())
+    assert target is None and why == "b's figures are 60 s old"
+    d.members.nodes[2].heard = 999.0
+    loads = Core(d).loads(1000.0)
+    assert imbalance(loads[2], [loads[1]], Policy())[0] is loads[1]

@@ -86,6 +86,7 @@ class NodeLoad:
     pending: float = 0.0  # moves decided here but not yet visible in the gossiped load
     can_take: bool = True  # alive, not blocked or quiet, able to restore jobs, fresh
     age: float = 0.0  # seconds since the node produced its figures (0: this node)
+    fresh: bool = True  # its figures are recent enough to act on (ClusterView.stale_after)
 
     @property
     def demand(self) -> float:
@@ -179,6 +180,8 @@ def imbalance(src: NodeLoad, others: list[NodeLoad],
     one with the fresher figures: its room is likelier to be still there); the move must help
     by more than the threshold and must not simply reverse the imbalance (that is how jobs
     ping-pong).  Cheap: callers ask it before looking at any job."""
+    if not src.fresh:  # a controller would move jobs off a node by figures long gone
+        return None, f"{src.name}'s figures are {src.age:.0f} s old"
     fastest = _fastest(src, others)
     p_src = src.pressure(fastest)
     targets = [o for o in others if o.can_take]
