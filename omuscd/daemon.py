@@ -95,7 +95,7 @@ class Daemon:
                              lambda: self.balancer.poke())
         self.settings = Settings(cfg, self.gossip, self.rounds)
         self.gossip.on_events = self.publish
-        self.gossip.on_change = self.rounds.wake
+        self.gossip.on_change = self.rounds.retime
         self.gossip.on_id_clash = self._id_clash
 
     def _build_balancer(self) -> None:

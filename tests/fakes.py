@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from omuscd import config
-from omuscd.cluster.membership import ALIVE
+from omuscd.cluster.membership import ALIVE, Timing
 
 # ---------------------------------------------------------------------- cluster
 
@@ -31,6 +31,10 @@ class FakeNode:
     state: str = ALIVE
     auth: str = "key"
     address: tuple[str, int] = ("192.0.2.1", 14000)
+    heard: float | None = None  # when its figures were produced; None: always fresh
+
+    def age(self, now: float) -> float:
+        return 0.0 if self.heard is None else max(0.0, now - self.heard)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class FakeMembers:
 
     me: dict[str, Any]
     nodes: dict[int, FakeNode] = field(default_factory=dict)
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def my_id(self) -> int:
@@ -46,6 +51,9 @@ class FakeMembers:
 
     def live_nodes(self) -> list[FakeNode]:
         return [n for n in self.nodes.values() if n.state != "dead"]
+
+    def live_count(self) -> int:
+        return len(self.live_nodes())
 
 
 def wire_entry(nid: int = 5, **kw: Any) -> dict[str, Any]:

@@ -510,3 +510,52 @@ def test_time_a_node_was_stopped_is_no_evidence_against_others():
     while b.members.nodes[3].state == SUSPECT:
         b.tick(b.next_due())
     assert b.members.nodes[3].state == DEAD
+
+
+def test_an_idle_pair_wakes_only_for_its_probes():
+    """Two idle nodes: the change about the one member a node knows can go to nobody
+    else, so it must not wake the node every gossip_interval (bench_idle measured the
+    daemon at 7 ticks a second instead of about 2, one per probe period)."""
+    net = Net(2)
+    ticks = {i: 0 for i in net.nodes}
+    for i, s in net.nodes.items():
+        def counted(now: float, i: int = i, tick: Any = s.tick) -> list[Outgoing]:
+            ticks[i] += 1
+            return tick(now)
+        s.tick = counted  # type: ignore[method-assign]
+    net.start()
+    net.run(10.0)
+    ticks = dict.fromkeys(ticks, 0)
+    net.run(70.0)
+    per_period = SwimParams().probe_interval
+    for i, n in ticks.items():
+        assert n / 60.0 <= 1.2 / per_period, (i, n / 60.0)
+    assert all(s.awareness.score == 0 for s in net.nodes.values())
+    # a new member wakes the gossip again: the change goes to it
+    n3 = make(3)
+    net.nodes[3], net.by_addr[addr(3)] = n3, 3
+    net.send(3, n3.start(net.now, [addr(1)]))
+    net.run(net.now + 3.0)
+    assert all(net.state(3, j) == ALIVE for j in (1, 2))
+
+
+def test_a_change_in_a_quiet_cluster_is_no_sign_of_our_own_slowness():
+    """A change arriving while the queue was empty is due at once, not at the time of
+    the last gossip long ago: taken for the time the next tick was expected, it made the
+    node count itself slow (Lifeguard's awareness) at every change in a quiet cluster,
+    stretching its probe periods (a crash was suspected after 1.5 s instead of 0.5-1)."""
+    a, b = pair()
+    a.queue, b.queue = TransmitQueue(), TransmitQueue()  # the news of the join sent
+    t = 0.0
+    while t < 5.0:  # quiet: probes and acks only
+        t = a.next_due()
+        for o in a.tick(t):
+            for back in b.handle(addr(1), 1, 1001, o.mtype, o.body, t + 0.001):
+                a.handle(addr(2), 2, 1002, back.mtype, back.body, t + 0.002)
+    assert a.awareness.score == 0 and not a.queue
+    # node 3 joins through a: its HELLO is news to pass on
+    hello = make(3).start(t + 0.01, [addr(1)])[0]
+    a.handle(addr(3), 3, 1003, hello.mtype, hello.body, t + 0.01)
+    assert a.next_due() <= t + 0.01  # due at once: the driver ticks now
+    a.tick(t + 0.011)
+    assert a.awareness.score == 0

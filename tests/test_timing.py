@@ -1,6 +1,8 @@
 """The daemon's timer loop under trio's MockClock: two real daemons in one trio run,
 talking over loopback UDP, with virtual time, so timeouts are checked exactly."""
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -115,3 +117,40 @@ def test_bad_tunable_changes_nothing(workdir, key):
     with pytest.raises(config.ConfigError):
         a.set_tunable(key, "0.001")
     assert a.tunables() == before
+
+
+def test_an_idle_daemon_wakes_only_for_its_probes(workdir):
+    """Idle, the timer loop runs about once per probe period: load samples ride along
+    with the probes' ticks, an ack that ends the wait for a probe timeout moves the
+    alarm instead of leaving a wake-up for nothing, and a change that can go to nobody
+    does not wake it every gossip_interval (it ran 7 times a second: bench_idle)."""
+    a = make(workdir, "127.0.0.27", 14276)
+    b = make(workdir, "127.0.0.28", 14276, peers=["127.0.0.27:14276"])
+    seen: dict[str, float] = {}
+    samples = []
+
+    async def main():
+        events = a.bus.subscribe()
+        sample = a.sampler.sample
+        a.sampler.sample = lambda: samples.append(trio.current_time()) or sample()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            async for ev in events:
+                if ev.kind == "join":
+                    break
+            await trio.sleep(5)  # past the start-up (pulls, the first push-pull)
+            seen["wakeups"], seen["t"] = a.rounds.wakeups, trio.current_time()
+            samples.clear()
+            await trio.sleep(60)
+            seen["wakeups"] = a.rounds.wakeups - seen["wakeups"]
+            assert a.members.nodes[b.node_id].state == "alive"
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main)
+    period = a.cfg.probe_interval
+    assert seen["wakeups"] / 60 <= 1.25 / period, seen["wakeups"] / 60
+    # load samples keep their rate, on average, within SAMPLE_SLACK of their times
+    assert 57 <= len(samples) <= 61, len(samples)
+    gaps = [y - x for x, y in itertools.pairwise(samples)]
+    assert max(gaps) <= 1.5 and min(gaps) >= 0.5, (min(gaps), max(gaps))

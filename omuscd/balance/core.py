@@ -158,11 +158,13 @@ class Core:
             s.node_id, s.name, me["cpus"], me["speed"], s.sampler.last.load,
             len([h for h in self.held if h > now]),
             not s.view.why_not(s.node_id, moved=True))}
+        limit = s.view.stale_after()
         for node in s.members.live_nodes():
             e = node.entry
             out[node.id] = NodeLoad(node.id, node.name, e["cpus"], e["speed"],
                                     float(e["load"]), extra.get(node.id, 0.0),
-                                    not s.view.why_not(node.id, moved=True))
+                                    not s.view.why_not(node.id, moved=True, now=now),
+                                    node.age(now), node.age(now) <= limit)
         return out
 
     def _not_shown(self, now: float) -> dict[int, float]:

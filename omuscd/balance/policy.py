@@ -8,6 +8,11 @@ Room is measured in spare capacity: idle lent CPUs times their speed.  A node's 
 its load (busy share of its lent CPUs, plus waiting work) times its CPUs, plus the jobs
 placed on it in the last few seconds, which its gossiped load does not show yet; without
 that, several jobs started at once would all land on the same idle node.
+
+Figures have an age (how long ago their node produced them; membership.py).  Nodes whose
+figures are too old to trust are no candidates at all (ClusterView.why_not says "figures N
+s old"); among candidates otherwise equal, the one with the fresher figures is chosen: its
+room is more likely to be still there.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Candidate:
     load: float  # demand per lent CPU, as gossiped
     pending: int  # jobs placed recently
     home: bool  # the node where the job was started
+    age: float = 0.0  # seconds since the node produced these figures (0: this node)
 
     @property
     def demand(self) -> float:
@@ -58,12 +64,13 @@ def explain(cands: list[Candidate]) -> str:
 
 def choose_node(cands: list[Candidate]) -> Candidate:
     """The candidate with the most spare capacity; when none has any, the one the new job
-    would burden least.  Ties go to the home node (no transfer), then to the lowest id."""
+    would burden least.  Ties go to the home node (no transfer), then to the fresher
+    figures, then to the lowest id."""
     if not cands:
         raise ValueError("no candidates")
     if any(c.spare >= (c.speed or 1000.0) * 0.5 for c in cands):
-        return max(cands, key=lambda c: (round(c.spare, 3), c.home, -c.id))
-    return min(cands, key=lambda c: (round(c.pressure(), 6), not c.home, c.id))
+        return max(cands, key=lambda c: (round(c.spare, 3), c.home, -c.age, -c.id))
+    return min(cands, key=lambda c: (round(c.pressure(), 6), not c.home, c.age, c.id))
 
 
 # --------------------------------------------------------------------------- migration
@@ -77,7 +84,9 @@ class NodeLoad:
     speed: float
     load: float  # demand per lent CPU
     pending: float = 0.0  # moves decided here but not yet visible in the gossiped load
-    can_take: bool = True  # alive, not blocked or quiet, able to restore jobs
+    can_take: bool = True  # alive, not blocked or quiet, able to restore jobs, fresh
+    age: float = 0.0  # seconds since the node produced its figures (0: this node)
+    fresh: bool = True  # its figures are recent enough to act on (ClusterView.stale_after)
 
     @property
     def demand(self) -> float:
@@ -167,15 +176,18 @@ def narrows(src: float, dst: float, src_after: float, dst_after: float) -> bool:
 def imbalance(src: NodeLoad, others: list[NodeLoad],
               policy: Policy) -> tuple[NodeLoad | None, str]:
     """The node a job of ``src`` should go to, judged on loads alone, or None and why.
-    The target is the node with the least pressure that can take a job; the move must help
+    The target is the node with the least pressure that can take a job (of equal ones, the
+    one with the fresher figures: its room is likelier to be still there); the move must help
     by more than the threshold and must not simply reverse the imbalance (that is how jobs
     ping-pong).  Cheap: callers ask it before looking at any job."""
+    if not src.fresh:  # a controller would move jobs off a node by figures long gone
+        return None, f"{src.name}'s figures are {src.age:.0f} s old"
     fastest = _fastest(src, others)
     p_src = src.pressure(fastest)
     targets = [o for o in others if o.can_take]
     if not targets:
         return None, "no node can take a job"
-    best = min(targets, key=lambda o: (o.pressure(fastest), o.id))
+    best = min(targets, key=lambda o: (round(o.pressure(fastest), 6), o.age, o.id))
     p_dst = best.pressure(fastest)
     if p_src - p_dst <= policy.threshold:
         return None, (f"balanced: {src.name} {p_src:.2f}, {best.name} {p_dst:.2f} "

@@ -59,6 +59,11 @@ class TransmitQueue:
             worst = max(self._items, key=lambda k: (self._items[k].sent, -self._items[k].order))
             del self._items[worst]
 
+    @property
+    def version(self) -> int:
+        """Raised by every push: a key for "nothing queued has changed since"."""
+        return self._order
+
     def pending(self, node_id: int) -> dict[str, Any] | None:
         item = self._items.get(node_id)
         return item.record if item else None

@@ -12,8 +12,9 @@ happened through hooks it declares itself (memberlist's delegates):
   REQUEST and OFFER) from a known, authenticated node; a handler raises
   :class:`wire.WireError` for a malformed body, which is counted as a drop.
 - ``on_load_jump()``: a node's gossiped load moved by ``balance_threshold`` or more.
-- ``on_change()``: news arrived that brings SWIM's next deadline forward (the timer
-  loop sleeps until ``due_hint``; it is woken only when something is due before).
+- ``on_change()``: a datagram moved SWIM's next deadline from ``due_hint`` (the one
+  the timer loop sleeps towards): news to pass on brought it forward, or an ack came
+  before the probe timeout and the loop need not wake for it.  The loop moves its alarm.
 - ``on_id_clash(text)``: our explicitly given id is held by an earlier node: stop.
 
 Logic takes time as arguments (``now`` on trio's clock for membership, ``wall`` for the
@@ -71,7 +72,7 @@ class Gossip:
         broadcast = (cfg.broadcast, cfg.port) if cfg.broadcast else None
         self.swim = Swim(members, SwimParams.from_config(cfg), random.Random(),
                          auth=self.auth_label, broadcast=broadcast)
-        self.due_hint = float("inf")  # when the timer loop next wakes by itself
+        self.due_hint = float("inf")  # SWIM's next deadline as the timer loop knows it
 
     @property
     def boot(self) -> int:
@@ -191,7 +192,7 @@ class Gossip:
         if self.members.load_jumped:
             self.members.load_jumped = False
             self.on_load_jump()  # a node's load jumped: look now, not next interval
-        if self.swim.next_due() < self.due_hint:
+        if self.swim.next_due() != self.due_hint:
             self.on_change()
 
     def _everyone(self) -> set[tuple[str, int]]:

@@ -22,7 +22,7 @@ log = logging.getLogger("omuscd")
 
 def timing_of(cfg: Config) -> Timing:
     """Membership's timeouts as configured."""
-    return Timing(cfg.forget_after)
+    return Timing(cfg.forget_after, cfg.probe_interval, cfg.load_interval)
 
 
 class Settings:

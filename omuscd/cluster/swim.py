@@ -120,6 +120,8 @@ class Swim(Receiver):
         self.pos = 0
         self.next_probe = self.next_sweep = float("inf")
         self.next_gossip = float("-inf")  # changes go out as soon as there are any
+        #: (table generation, queue version) when no queued change could go to anyone
+        self.gossip_parked: tuple[int, int] | None = None
         self.expected = float("inf")  # when we expected to be called next (stalls)
         self.signature = self.members.signature()
         self.sync = AntiEntropy(self)
@@ -146,7 +148,7 @@ class Swim(Receiver):
         due = [self.next_probe, self.next_sweep, self.sync.next_due()]
         if p is not None:
             due.append(p.end_at if p.acked or p.indirect else p.timeout_at)
-        if self.queue:
+        if self._gossip_wanted():
             due.append(self.next_gossip)
         due += [r.nack_at for r in self.relays.values()]
         due += [s.deadline for s in self.suspicions.values()]
@@ -159,13 +161,13 @@ class Swim(Receiver):
         self._suspicions_due(now)
         self._probe_due(now, out)
         self._relays_due(now, out)
-        if self.queue and now >= self.next_gossip:
+        if self._gossip_wanted() and now >= self.next_gossip:
             self._gossip(now, out)
         out += self.sync.due(now)
         if now >= self.next_sweep:
             events, self.next_sweep = self.members.sweep(now)
             self.events += events
-        self.expected = self.next_due()
+        self.expected = max(now, self.next_due())
         return out + self.answers()
 
     def _resumed(self, now: float) -> None:
@@ -212,8 +214,14 @@ class Swim(Receiver):
         out: list[Outgoing] = []
         handler[1](src, sender_id, fields, now, out)
         self._settle()
-        # earlier if something became due; never later (a stall is told by tick)
-        self.expected = min(self.expected, self.next_due())
+        # when to expect the next tick now: at once if something became due (not at a
+        # deadline long past, such as the last gossip's, when a change comes to an empty
+        # queue: a node of a quiet cluster counted itself slow at every change), later if
+        # an ack ended the wait for the probe timeout (left there, the tick at the
+        # period's end looked late to a node whose awareness had stretched its periods);
+        # but not later while a stall is yet to be told by tick
+        if now - self.expected <= self.params.probe_interval:
+            self.expected = max(now, self.next_due())
         return out + self.answers()
 
     # ------------------------------------------------------------------ sending
@@ -457,11 +465,22 @@ class Swim(Receiver):
             self.on_dead(r["id"], r["boot"], r["n"], r["by"], now,
                          f"reported by node {r['by']}")
 
+    def _gossip_wanted(self) -> bool:
+        return bool(self.queue) and \
+            self.gossip_parked != (self.members.generation, self.queue.version)
+
     def _gossip(self, now: float, out: list[Outgoing]) -> None:
-        """Changes to a few random members (alive, or suspect: they must hear to refute)."""
+        """Changes to a few random members (alive, or suspect: they must hear to refute).
+        If none could go to any member (a change about the one member we know is not
+        sent to it), gossip is parked until the table or the queue changes: else an idle
+        two-node cluster woke every ``gossip_interval`` for nothing (bench_idle)."""
         self.next_gossip = now + self.params.gossip_interval
         live = self.members.live_nodes()
+        sent = False
         for node in self.rng.sample(live, min(len(live), self.params.gossip_nodes)):
             msg = self.message(node.address, wire.GOSSIP, {}, now, node)
             if "b" in msg.body or "you" in msg.body:
                 out.append(msg)
+                sent = True
+        if not sent and len(live) <= self.params.gossip_nodes:  # every member was asked
+            self.gossip_parked = (self.members.generation, self.queue.version)

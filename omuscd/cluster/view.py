@@ -50,15 +50,23 @@ class ClusterView:
         node = self.members.nodes.get(node_id)
         return node.name if node else str(node_id)
 
+    def stale_after(self) -> float:
+        """Seconds after which a node's figures are too old to balance on (Timing)."""
+        return float(self.members.timing.stale_after(self.members.live_count() + 1))
+
     def why_not(self, node_id: int, *, moved: bool, home: int | None = None,
-                restartable: bool = False, rss_mb: float = 0.0) -> str:
+                restartable: bool = False, rss_mb: float = 0.0,
+                now: float | None = None) -> str:
         """Why node ``node_id`` may not take a job now, or "" if it may: the one rule.
 
         A node takes jobs when it is alive, speaks to us with the cluster key (not
         "unverified"), and is neither blocked nor quiet; a job comes home whatever its
         home's flags say.  A job ``moved`` there (not started) needs a mover (CRIU)
         there, unless it is ``restartable`` (run again from the start instead), and
-        fits in the free memory the node tells (``rss_mb``; 0: not known)."""
+        fits in the free memory the node tells (``rss_mb``; 0: not known).  Given ``now``
+        (trio's clock, as membership's), a node whose figures are older than
+        :meth:`stale_after` may not take one either: its load and free memory may be
+        anything by now (its home or a node it comes back to still may)."""
         if node_id == self.me:
             flags: list[Any] = list(self.members.me["flags"])
             has_mover = self.mover.available
@@ -71,6 +79,8 @@ class ClusterView:
                 return str(node.state)
             if node.auth == "unverified":
                 return "not authenticated (no cluster key)"
+            if now is not None and node_id != home and node.age(now) > self.stale_after():
+                return f"figures {node.age(now):.0f} s old"
             flags = list(node.entry.get("flags", []))
             has_mover = "criu" in flags
             mem = float(node.entry.get("mem") or 0)

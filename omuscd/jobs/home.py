@@ -61,14 +61,15 @@ class HomeJobs(JobSignals):
         for n, _, _ in self.placed:
             pending[n] = pending.get(n, 0) + 1
         home = job.home if job is not None else self.me
-        nodes = [(self.me, self.host.name, self.host.members.me),
-                 *((n.id, n.name, n.entry) for n in self.host.members.live_nodes())]
+        nodes = [(self.me, self.host.name, self.host.members.me, 0.0),
+                 *((n.id, n.name, n.entry, n.age(now))
+                   for n in self.host.members.live_nodes())]
         return [balance.Candidate(nid, name, e["cpus"], e["speed"], float(e["load"]),
-                                  pending.get(nid, 0), nid == self.me)
-                for nid, name, e in nodes
+                                  pending.get(nid, 0), nid == self.me, age)
+                for nid, name, e, age in nodes
                 if not self.view.why_not(nid, moved=job is not None, home=home,
                                          restartable=bool(job and job.restartable),
-                                         rss_mb=job.rss_mb if job else 0.0)]
+                                         rss_mb=job.rss_mb if job else 0.0, now=now)]
 
     def choose(self, placement: Placement) -> tuple[int, str]:
         """The node to run a new job: ``(id, name)``, or JobError saying why none."""
