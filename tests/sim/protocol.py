@@ -36,9 +36,8 @@ Factory = Callable[[dict[str, Any], random.Random], Protocol]
 def swim_factory(**params: Any) -> Factory:
     """Nodes running the real SWIM core with ``SwimParams(**params)`` (defaults otherwise).
     Imported here, not at the top, so the harness's own tests run without the core."""
-    from omuscd.cluster.swim import Swim, SwimParams
-
     from omuscd.cluster.membership import Membership
+    from omuscd.cluster.swim import Swim, SwimParams
 
     swim_params = SwimParams(**params)
 
