@@ -115,6 +115,9 @@ class JobBooks:
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
         # incoming channel connections not yet authenticated, per source (see GuestJobs)
         self.handshaking: dict[str, int] = {}
+        #: guests killed here because their home was declared dead (GuestJobs.fence): the
+        #: home, heard again, is told so and restores them from their checkpoint
+        self.fenced: set[str] = set()
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(host.cfg.state_dir) / "jobseq"
         self._reasons_at = -REASONS_EVERY  # when refresh_reasons last looked

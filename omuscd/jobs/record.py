@@ -92,6 +92,9 @@ class Job:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     revived: int = 0  # times it went back to a checkpoint (its node died)
     revived_to: float = 0.0  # the time of the checkpoint it last went back to
+    #: at its home: [node, boot] of each node a revival took it from, that may still run a
+    #: stale copy (cut off, not dead); asked to drop it once heard again (migrate.revive)
+    revived_from: list[list[int]] = field(default_factory=list)
     #: at its home, signals sent while it moves, in order: delivered wherever it runs once
     #: the move ends (see HomeJobs.release_held); not on the wire, not on disk
     held: list[int] = field(default_factory=list, repr=False)
