@@ -28,6 +28,7 @@ from omuscd.jobs.host import Unwired
 from omuscd.jobs.process import adopt, starting, watch
 from omuscd.jobs.record import (
     CHECKPOINTED,
+    FENCED,
     FINAL,
     KEEP_EXITED,
     LOST,
@@ -311,6 +312,8 @@ class JobBooks:
             if job.id in self.home or job.id in self.guests:
                 continue
             if job.home != self.me:  # a guest: only one that ran here and may run still
+                if job.reason.startswith(FENCED):  # its home is told (GuestJobs.fence_guests)
+                    self.fenced.add(job.id)
                 if job.node != self.me or job.state in FINAL:
                     continue
                 self.book(self.guests, job)

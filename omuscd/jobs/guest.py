@@ -100,8 +100,10 @@ class GuestJobs(JobBooks):
         jobs); SWIM may declare the home dead here later than the home declares this node
         dead, so the home also drops a stale copy once it hears this node again."""
         for job in list(self.guests.values()):
+            # one with a checkpoint taken (none yet: its home cannot restore it, so it is
+            # not killed here either)
             if job.home == home and job.node == self.me and job.state not in FINAL and (
-                    job.checkpoint_every > 0 or job.checkpoint):
+                    job.checkpoint):
                 self.moves.fence(job, f"its home, node {home}, was declared dead here; it "
                                  "goes back to its checkpoint there")
 

@@ -26,6 +26,8 @@ MOVED = "moved"  # on the node a job left: its record there is finished
 CHECKPOINTED = "checkpointed"
 JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST, CHECKPOINTED)
 FINAL = (EXITED, LOST, MOVED)
+#: the reason on a guest's record killed because its home was declared dead (fenced)
+FENCED = "fenced:"
 STDOUT, STDERR = 1, 2
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
 KEEP_EXITED = 1000  # finished records kept per node

@@ -23,6 +23,7 @@ from omuscd.cluster.rpc import error_text, refusal
 from omuscd.events import DUMPING, FOLLOWING, RESTORING, SENDING
 from omuscd.jobs.process import init_pid, starting, tree_usage
 from omuscd.jobs.record import (
+    FENCED,
     MIGRATING,
     MOVED,
     RUNNING,
@@ -510,4 +511,4 @@ class Source:
         copies must never run.  The home, heard again, is told (``attach`` answers
         ``unknown`` with ``fenced``)."""
         self.jc.fenced.add(job.id)
-        self.drop_copy(job, job.home, f"fenced: {why}")
+        self.drop_copy(job, job.home, f"{FENCED} {why}")
