@@ -34,8 +34,12 @@ it carries, and its answers:
     ``ready``, then the move's own steps (see :mod:`omuscd.migrate.node`).
 ``has`` (source -> target, after an unanswered commit or a restart)
     ``job``.  ``has`` with ``running`` (bool) and ``time``.
-``drop`` (home -> the node running a --restartable job it reruns elsewhere)
-    ``job``, ``to``.  ``dropped``.
+``drop`` (home -> the node running a --restartable job it reruns elsewhere, or a node
+    heard again that was cut off while the home restored its job elsewhere)
+    ``job``, ``to``, ``revived`` (true: kill that stale copy).  ``dropped``; ``unknown``
+    (``revived``: no copy here).  Refused unless the job's home asks.
+``attach`` answers ``unknown`` with ``fenced`` (true) for a job the node killed because
+    it declared the job's home dead: the home restores it from its checkpoint.
 ``checkpoint`` (home -> the node running its job)
     ``job``: dump it, leaving it running.  ``checkpoint`` with ``meta`` (time, freeze,
     output sizes, files open for writing and their sizes, spool paths), then the images

@@ -28,6 +28,7 @@ from omuscd.jobs.host import Unwired
 from omuscd.jobs.process import adopt, starting, watch
 from omuscd.jobs.record import (
     CHECKPOINTED,
+    FENCED,
     FINAL,
     KEEP_EXITED,
     LOST,
@@ -115,6 +116,9 @@ class JobBooks:
         self.envs: dict[str, dict[str, str]] = {}  # home jobs' environments (for reruns)
         # incoming channel connections not yet authenticated, per source (see GuestJobs)
         self.handshaking: dict[str, int] = {}
+        #: guests killed here because their home was declared dead (GuestJobs.fence): the
+        #: home, heard again, is told so and restores them from their checkpoint
+        self.fenced: set[str] = set()
         self.nursery: trio.Nursery | None = None
         self._seq_path = Path(host.cfg.state_dir) / "jobseq"
         self._reasons_at = -REASONS_EVERY  # when refresh_reasons last looked
@@ -308,6 +312,8 @@ class JobBooks:
             if job.id in self.home or job.id in self.guests:
                 continue
             if job.home != self.me:  # a guest: only one that ran here and may run still
+                if job.reason.startswith(FENCED):  # its home is told (GuestJobs.fence_guests)
+                    self.fenced.add(job.id)
                 if job.node != self.me or job.state in FINAL:
                     continue
                 self.book(self.guests, job)

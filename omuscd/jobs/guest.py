@@ -87,11 +87,25 @@ class GuestJobs(JobBooks):
     async def _serve_attach(self, ch: Channel, msg: dict[str, Any]) -> None:
         job = self.guests.get(str(msg.get("job")))
         if job is None:
-            await ch.send({"op": "unknown"})
+            await ch.send({"op": "unknown", "fenced": str(msg.get("job")) in self.fenced})
             return
         await ch.send({"op": "attached"})
         offsets = {int(k): int(v) for k, v in dict(msg.get("offsets", {})).items()}
         await self._pump(ch, job, offsets)
+
+    def fence_guests(self, home: int) -> None:
+        """This node declared ``home`` dead: its guests here that have checkpoints are
+        killed, since that home, declaring this node dead in turn, restores them from their
+        checkpoints elsewhere (one copy only).  Not on suspicion (a slow home keeps its
+        jobs); SWIM may declare the home dead here later than the home declares this node
+        dead, so the home also drops a stale copy once it hears this node again."""
+        for job in list(self.guests.values()):
+            # one with a checkpoint taken (none yet: its home cannot restore it, so it is
+            # not killed here either)
+            if job.home == home and job.node == self.me and job.state not in FINAL and (
+                    job.checkpoint):
+                self.moves.fence(job, f"its home, node {home}, was declared dead here; it "
+                                 "goes back to its checkpoint there")
 
     async def _serve_emigrate(self, ch: Channel, msg: dict[str, Any]) -> None:
         job = self.find(str(msg.get("job")))

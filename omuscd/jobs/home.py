@@ -216,7 +216,11 @@ class HomeJobs(JobSignals):
                                        "offsets": {str(k): v for k, v in job.offsets.items()}})
                         reply = await ch.receive_msg()
                         if reply.get("op") != "attached":
-                            self.mark_lost(job, f"node {job.node_name} no longer has it")
+                            why = f"node {job.node_name} no longer has it"
+                            if reply.get("fenced") is True:  # it thought this home dead
+                                self.lost_unless_revived(job, f"{why} (it lost its home)")
+                            else:
+                                self.mark_lost(job, why)
                             break
                         self.links[job.id] = ch
                     delay = 0.2
@@ -295,8 +299,14 @@ class HomeJobs(JobSignals):
                            f"{e.strerror or e}")
 
     def on_events(self, events: list[Event]) -> None:
-        """Membership news: jobs on a dead or departed node are lost."""
+        """Membership news: jobs on a dead or departed node are lost (or revived); a
+        node heard again drops its stale copies of jobs revived meanwhile; guests of a
+        dead home with checkpoints are fenced (GuestJobs.fence_guests)."""
         for ev in events:
+            if ev.kind in ("alive", "restart", "join"):
+                self.moves.healed(int(ev.data.get("node", -1)))
+            if ev.kind == "dead":
+                self.fence_guests(int(ev.data.get("node", -1)))
             if ev.kind in ("dead", "leave", "restart"):
                 nid = ev.data.get("node")
                 what = {"dead": "died", "leave": "left the cluster",

@@ -93,7 +93,8 @@ class Moves(Protocol):
         """Serve ``has``: whether a job runs here."""
 
     async def drop(self, ch: Channel, msg: dict[str, Any]) -> None:
-        """Serve ``drop``: stop a restartable guest its home reruns elsewhere."""
+        """Serve ``drop``: stop a restartable guest its home reruns elsewhere, or a stale
+        copy of a job its home revived elsewhere."""
 
     async def checkpoint(self, job: Job, action: str, to: str = "", sig: int = 15) -> str:
         """``checkpoint`` (take one now), ``checkpoint-stop`` / ``checkpoint-exit``
@@ -110,6 +111,12 @@ class Moves(Protocol):
     def revive(self, job: Job, why: str) -> bool:
         """Restore a job of this home whose node is gone from its latest checkpoint (in
         a task); False if it has none (it is lost)."""
+
+    def healed(self, node_id: int) -> None:
+        """A node is heard again: drop the stale copies of jobs revived away from it."""
+
+    def fence(self, job: Job, why: str) -> None:
+        """Kill a checkpointed guest whose home this node declared dead (``why``)."""
 
     async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``checkpoint``: dump a job running here, leaving it running."""

@@ -26,6 +26,8 @@ MOVED = "moved"  # on the node a job left: its record there is finished
 CHECKPOINTED = "checkpointed"
 JOB_STATES = (RUNNING, MIGRATING, EXITED, LOST, CHECKPOINTED)
 FINAL = (EXITED, LOST, MOVED)
+#: the reason on a guest's record killed because its home was declared dead (fenced)
+FENCED = "fenced:"
 STDOUT, STDERR = 1, 2
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
 KEEP_EXITED = 1000  # finished records kept per node
@@ -92,6 +94,9 @@ class Job:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     revived: int = 0  # times it went back to a checkpoint (its node died)
     revived_to: float = 0.0  # the time of the checkpoint it last went back to
+    #: at its home: [node, boot] of each node a revival took it from, that may still run a
+    #: stale copy (cut off, not dead); asked to drop it once heard again (migrate.revive)
+    revived_from: list[list[int]] = field(default_factory=list)
     #: at its home, signals sent while it moves, in order: delivered wherever it runs once
     #: the move ends (see HomeJobs.release_held); not on the wire, not on disk
     held: list[int] = field(default_factory=list, repr=False)

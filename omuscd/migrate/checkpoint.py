@@ -290,6 +290,8 @@ class Checkpoints:
                 if f.suffix != ".log":
                     await send_file(ch, "file", f.name, f)
             await ch.send({"op": "done"})
+            if job.home != self.jc.me:  # a guest with a checkpoint: fenced if its home dies
+                job.checkpoint = {"time": meta["time"], "size": 0}
             if stop:
                 with trio.fail_after(RESTORE_TIMEOUT):
                     stopped = (await ch.receive_msg()).get("op") == "stop"

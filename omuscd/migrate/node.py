@@ -119,5 +119,11 @@ class Migrations:
     def revive(self, job: Job, why: str) -> bool:
         return self.revival.revive(job, why)
 
+    def healed(self, node_id: int) -> None:
+        self.revival.healed(node_id)
+
+    def fence(self, job: Job, why: str) -> None:
+        self.source.fence(job, why)
+
     async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.checkpoints.serve(ch, msg)

@@ -33,6 +33,7 @@ import trio
 from omuscd import rootexec
 from omuscd.balance import policy as balance
 from omuscd.channel import Channel, ChannelError
+from omuscd.cluster.membership import DEAD
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
 from omuscd.jobs.checkpoints import META, CheckpointStore
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
     from omuscd.jobs.node import JobControl
 
 log = logging.getLogger("omuscd.migrate")
+
+MAX_LEFT = 8  # nodes a job's record remembers it was revived away from
+DROP_TRIES = 30  # asks (a second apart) to drop a stale copy, while its node is alive
 
 #: Cuts each file of ``argv[1]`` (JSON ``[[path, size], ...]``) back to its size, run as the
 #: job's user: opened without following a link at its end (a link a user put there since
@@ -112,6 +116,7 @@ class Revival:
 
     async def _revive(self, job: Job, why: str) -> None:
         self.checkpoints.cancel(job.id)  # one from the node that died goes no further
+        self._left(job)
         with trio.move_on_after(RESTORE_TIMEOUT):  # a move under way fails
             while job.id in self.books.moving:
                 await trio.sleep(0.1)
@@ -153,6 +158,63 @@ class Revival:
                     tried.append(f"{name}: {e}")
             found = self.store.latest(job.id, before=seq)
         return "; ".join(tried)[:600] or "no node can take it"
+
+    # ------------------------------------------------------------------ fencing
+    def _left(self, job: Job) -> None:
+        """Note the node (and its boot) the revival takes the job from: it may only have
+        been cut off, its copy still running (see :meth:`healed`).  Kept on the record,
+        so that it outlives a restart of this home."""
+        node = self.host.members.nodes.get(job.node)
+        if job.node == self.jc.me or node is None:
+            return
+        gone = [job.node, node.boot]
+        if gone not in job.revived_from:
+            job.revived_from = [*job.revived_from, gone][-MAX_LEFT:]
+            if job.keep is not None:
+                job.keep(job)
+
+    def healed(self, nid: int) -> None:
+        """Node ``nid`` is heard again (alive again, restarted, or joined as this home
+        started): each job of this home revived away from it while it was cut off may
+        still run there; it is asked to drop that copy (SIGKILL, no end reported), so the
+        job never runs twice.  Its output is not taken: this home follows the job only
+        where it runs now."""
+        for job in list(self.jc.home.values()):
+            if any(gone[0] == nid for gone in job.revived_from):
+                self.jc.nursery.start_soon(self._drop_stale, job, nid)  # type: ignore[union-attr]
+
+    async def _drop_stale(self, job: Job, nid: int) -> None:
+        """Ask ``nid`` to drop its stale copy of ``job``, until it answers or is dead again
+        (then the next time it is heard again)."""
+        for _ in range(DROP_TRIES):
+            node = self.host.members.nodes.get(nid)
+            if node is None or node.state == DEAD:
+                return
+            if job.node == nid and job.state not in FINAL:
+                break  # it runs there now, rightly (moved there since): nothing stale
+            try:
+                reply = await self.jc.request(nid, {"op": "drop", "job": job.id,
+                                                    "to": job.node, "revived": True},
+                                              STEP_TIMEOUT)
+            except ChannelError as e:
+                log.debug("job %s: cannot reach %s to drop its stale copy: %s", job.id,
+                          self.jc.node_name(nid), e)
+                await trio.sleep(1)
+                continue
+            if reply.get("op") == "dropped":
+                log.warning("job %s: its stale copy on %s, cut off when the job was revived, "
+                            "was killed", job.id, self.jc.node_name(nid))
+            elif reply.get("op") != "unknown":
+                log.warning("job %s: %s refused to drop its stale copy: %s", job.id,
+                            self.jc.node_name(nid), error_text(reply))
+                await trio.sleep(1)
+                continue
+            break
+        else:
+            return
+        job.revived_from = [gone for gone in job.revived_from if gone[0] != nid]
+        if job.keep is not None:
+            job.keep(job)
 
     async def resume(self, job: Job, where: str) -> str:
         """``resume JOB [NODE|home|best]``: a checkpointed job of this home runs again from

@@ -23,6 +23,7 @@ from omuscd.cluster.rpc import error_text, refusal
 from omuscd.events import DUMPING, FOLLOWING, RESTORING, SENDING
 from omuscd.jobs.process import init_pid, starting, tree_usage
 from omuscd.jobs.record import (
+    FENCED,
     MIGRATING,
     MOVED,
     RUNNING,
@@ -432,8 +433,9 @@ class Source:
         job.transition(RUNNING)
         log.warning("job %s resumed on this node after a failed move", job.id)
 
-    def drop_copy(self, job: Job, target: int) -> None:
-        """The target runs the job: kill the frozen copy here, without reporting an end."""
+    def drop_copy(self, job: Job, target: int, why: str = "") -> None:
+        """The target runs the job: kill the frozen copy here, without reporting an end
+        (``why``: a stale copy of a job revived on ``target``, or fenced, not moved)."""
         self.books.unmark(job.id)
         job.node_changed = True
         # Counted out now, with the load counted in the same instant, while the frozen
@@ -457,12 +459,16 @@ class Source:
                     pass
         jc = self.jc
         if job.id in jc.guests:
-            self.guest_gone(job, target)
-        log.info("job %s moved to %s", job.id, jc.node_name(target))
+            self.guest_gone(job, target, why)
+        if why:
+            log.warning("job %s killed here: %s", job.id, why)
+        else:
+            log.info("job %s moved to %s", job.id, jc.node_name(target))
 
-    def guest_gone(self, job: Job, target: int) -> None:
+    def guest_gone(self, job: Job, target: int, why: str = "") -> None:
         """A guest's record here once ``target`` runs it: finished, as moved there."""
-        job.transition(MOVED, node=target, reason=f"moved to {self.jc.node_name(target)}")
+        job.transition(MOVED, node=target,
+                       reason=why or f"moved to {self.jc.node_name(target)}")
         self.jc.guests.pop(job.id, None)
 
     async def ask_target(self, job: Job, target: int) -> bool:
@@ -480,10 +486,29 @@ class Source:
                 await trio.sleep(1)
 
     async def serve_drop(self, ch: Channel, msg: dict[str, Any]) -> None:
-        """The home asks us to stop a restartable guest it will rerun elsewhere."""
+        """The home asks us to stop a guest: a restartable one it will rerun elsewhere, or
+        (``revived``) a stale copy of one it restored elsewhere from its checkpoint while
+        this node was cut off.  Only the job's home may ask (``unknown`` if there is no
+        such guest here: nothing to drop)."""
         job = self.jc.guests.get(str(msg.get("job")))
-        if job is None or not job.restartable:
+        revived = msg.get("revived") is True
+        if job is None or job.home != ch.peer_id:
+            await ch.send({"op": "unknown"} if job is None and revived else
+                          refusal("no such restartable job here" if job is None else
+                                  f"job {msg.get('job')} does not run here for that home"))
+            return
+        if not (job.restartable or revived):
             await ch.send(refusal("no such restartable job here"))
             return
-        self.drop_copy(job, int(msg.get("to", 0)))
+        to = int(msg.get("to", 0))
+        self.drop_copy(job, to, f"a stale copy: its home restored it on "
+                       f"{self.jc.node_name(to)} while this node was cut off" if revived else "")
         await ch.send({"op": "dropped"})
+
+    def fence(self, job: Job, why: str) -> None:
+        """Kill a checkpointed guest whose home this node declared dead (``why``): its
+        home, which declares this node dead too, restores it from its checkpoint; two
+        copies must never run.  The home, heard again, is told (``attach`` answers
+        ``unknown`` with ``fenced``)."""
+        self.jc.fenced.add(job.id)
+        self.drop_copy(job, job.home, f"{FENCED} {why}")
