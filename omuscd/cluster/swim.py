@@ -390,6 +390,13 @@ class Swim(Receiver):
         node = self.members.nodes.get(nid)
         if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
             return
+        if node.state == ALIVE and by != self.members.my_id:
+            # a death we never heard suspected: the suspicion that precedes a death reaches
+            # nearly everyone first, so this is mostly a node back from a partition telling
+            # its stale view; suspect it here instead, which the accused can refute (taken
+            # as a death, it made a node fence a job whose home was alive)
+            self.on_suspect(nid, boot, n, by, now)
+            return
         self.events += self.members.dead(nid, n, now, why)
         self.suspicions.pop(nid, None)
         self.queue.push(nid, {"k": "d", "id": nid, "boot": boot, "n": n, "by": by})
