@@ -73,6 +73,9 @@ STOP_TIMEOUT = 5.0
 OUTPUT_TIMEOUT = 15.0
 #: A failed periodic checkpoint is tried again after this long at the latest.
 RETRY = 30.0
+#: How long a checkpoint waits for a move of its job (a post-copy one: its memory follows)
+#: to end before it is refused.
+SETTLE_TIMEOUT = 300.0
 
 
 def _state(pid: int) -> str:
@@ -314,13 +317,12 @@ class Checkpoints:
         -exit also ends its attached clients."""
         if job.home != self.jc.me:
             raise JobError(f"job {job.id}: its home node is unreachable; no checkpoint now")
-        if job.state != RUNNING:
-            raise JobError(f"job {job.id} is {job.state}")
         if job.stdin:
             raise JobError(f"job {job.id} cannot be checkpointed: its standard input is a "
                            "pipe from omuscd run (--stdin)")
-        if job.id in self.books.moving:
-            raise JobError(f"job {job.id} is moving; a checkpoint waits for its end")
+        await self._settled(job)
+        if job.state != RUNNING:
+            raise JobError(f"job {job.id} is {job.state}")
         stop = action in ("checkpoint-stop", "checkpoint-exit")
         node_name = job.node_name
         self.books.moving.add(job.id)  # one move or checkpoint at a time; signals held
@@ -349,6 +351,17 @@ class Checkpoints:
                      f"'resume {job.id}' resumes it")
         self.host.publish([Event("checkpoint", text, {"job": job.id, **summary})])
         return text
+
+    async def _settled(self, job: Job) -> None:
+        """Wait for a move of the job to end, a post-copy one too (its memory follows it
+        for as long as the link takes): a dump of a job whose memory has not all arrived
+        would miss it.  JobError if the move lasts longer than SETTLE_TIMEOUT."""
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while job.id in self.books.moving:
+                await trio.sleep(0.1)
+        if job.id in self.books.moving:
+            raise JobError(f"job {job.id} is moving; its move did not end within "
+                           f"{SETTLE_TIMEOUT:g}s, so no checkpoint now")
 
     async def _checkpoint(self, job: Job, stop: bool) -> dict[str, Any]:
         with self.store.begin(job.id) as pending:
