@@ -138,12 +138,13 @@ def survives(cluster, tmp: Path, tag: str, home: str, user=None) -> str:
     return str(view["node_name"])
 
 
-def restart(cluster, names: str = "b") -> None:
-    """Start the daemons ``names`` again (after a crash or a stop), as they were."""
+def restart(cluster, names: str = "b", switches=extra) -> None:
+    """Start the daemons ``names`` again (after a crash or a stop), as they were
+    (``switches``: the cluster's ``extra``)."""
     lan, work, key, n = cluster
     for name in names:
         i = "abc".index(name)
-        n[name] = start_daemon(name, ["--key-file", str(key), *extra(i)], work,
+        n[name] = start_daemon(name, ["--key-file", str(key), *switches(i)], work,
                                netns=lan.ns(i))
         os.chmod(n[name].state_dir, 0o755)
     for d in n.values():
