@@ -273,3 +273,32 @@ def test_links_and_foreign_directories_in_the_checkpoint_dir_are_not_followed(cl
         assert r.code == 200 and "resumed on c" in r.text, r
     finally:
         n["a"].ctl(f"kill {job} KILL")
+
+
+def test_a_job_at_its_home_is_checkpointed_into_the_checkpoint_dir_too(cluster, tmp_path):
+    """Homed and run on b (which has a checkpoint_dir): the images go there, b's spool has
+    the record alone; stopped, then resumed on b from the directory, the job ends as an
+    uninterrupted run."""
+    n = cluster[3]
+    tag, lines = "omuscd-ckdir-test-home", "60"
+    ref = reference(tmp_path, lines, tag)
+    file = tmp_path / "appended"
+    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["b"].socket, "--home",
+                          "--", *ARGV, str(file), lines, tag], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd="/tmp")
+    try:
+        wait_for(lambda: job_view(n["b"], tag).get("state") == "running", 10, "the job")
+        job = job_view(n["b"], tag)["id"]
+        time.sleep(1.5)
+        r = n["b"].ctl(f"checkpoint --stop {job}")
+        assert r.code == 200 and "stopped" in r.text, r
+        assert images_at_home(n["b"], job) == {"1": ["meta.json"]}
+        shared_checkpoint(job, 1)
+        r = n["b"].ctl(f"resume {job} b")
+        assert r.code == 200 and "resumed on b" in r.text, r
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and out == ref.stdout, err
+    assert file.read_bytes() == (tmp_path / "ref").read_bytes()
+    assert not (SHARED / job).exists()
