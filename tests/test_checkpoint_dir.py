@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import namespace_cluster, ordinary_user, wait_for
+from tests.cluster import namespace_cluster, ordinary_user, start_daemon, wait_for
 from tests.test_checkpoint import (  # noqa: F401 (pytestmark: netns, CRIU needed)
     APPENDER,
     checkpoint_taken,
@@ -151,6 +151,10 @@ def test_a_job_survives_its_nodes_death_from_the_checkpoint_dir(cluster, tmp_pat
     assert view["state"] == "exited" and view["node_name"] == "c" and view["revived"] == 1
     assert not (SHARED / job).exists()  # its checkpoints went with it
     assert "checkpoint images" not in n["a"].log()
+    # c read the images from the directory itself: they did not cross the network
+    assert re.search(rf"job {re.escape(job)}: its checkpoint's images read from "
+                     rf"{re.escape(str(SHARED))}/{re.escape(job)}/\d+ \({size} bytes\)",
+                     n["c"].log()), n["c"].log()[-3000:]
 
 
 def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
@@ -302,3 +306,44 @@ def test_a_job_at_its_home_is_checkpointed_into_the_checkpoint_dir_too(cluster, 
     assert p.returncode == 0 and out == ref.stdout, err
     assert file.read_bytes() == (tmp_path / "ref").read_bytes()
     assert not (SHARED / job).exists()
+
+
+def hidden(command: list[str]) -> list[str]:
+    """The daemon in a mount namespace of its own, an empty private tmpfs over the
+    checkpoint_dir: a node that does not mount the shared filesystem."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs -o mode=0700 omuscd-ckdir "$0" && exec "$@"', str(SHARED),
+            *command]
+
+
+def test_a_node_that_cannot_see_the_directory_gets_the_images_from_the_home(cluster,
+                                                                           tmp_path):
+    """c does not see b's checkpoint_dir: resumed there, the job's images are read by its
+    home (a) and sent; the job ends as an uninterrupted run."""
+    lan, work, key, n = cluster
+    tag, lines = "omuscd-ckdir-test-hidden", "60"
+    ref = reference(tmp_path, lines, tag)
+    file = tmp_path / "appended"
+    n["c"].stop()
+    n["c"] = start_daemon("c", ["--key-file", str(key), *extra(2)], work, netns=lan.ns(2),
+                          wrap=hidden)
+    try:
+        wait_for(lambda: all(x["state"] == "alive" for x in n["a"].nodes().values()) and
+                 "c" in n["a"].nodes(), 20, "c to be back")
+        p = run(n["a"], tag, file, lines)
+        wait_for(lambda: job_view(n["a"], tag).get("state") == "running", 10, "the job")
+        job = job_view(n["a"], tag)["id"]
+        time.sleep(1.5)
+        r = n["a"].ctl(f"checkpoint --stop {job}")
+        assert r.code == 200, r
+        shared_checkpoint(job, 1)
+        r = n["a"].ctl(f"resume {job} c")
+        assert r.code == 200 and "resumed on c" in r.text, r
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out == ref.stdout, err
+        assert file.read_bytes() == (tmp_path / "ref").read_bytes()
+        assert "its checkpoint's images not read from" in n["c"].log()
+        assert f"c cannot read checkpoint 1 in {SHARED}/{job}/1" in n["a"].log()
+    finally:
+        n["c"].stop()
+        restart(cluster, "c")

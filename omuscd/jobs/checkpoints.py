@@ -306,6 +306,25 @@ class SharedDir:
                 _unlink_any(str(old), part.job_fd)
 
 
+def copy_shared(where: str, images: str) -> int:
+    """Copy the images of the checkpoint in the checkpoint_dir directory ``where`` (as its
+    record names it) into the directory ``images`` (root's, made by the daemon); the bytes
+    copied.  The same checks as the home's (see CheckpointStore.opened); blocking (a file
+    server): run in a thread."""
+    src = open_root_dir(where, inner=2)
+    try:
+        dst = os.open(images, _DIR_FLAGS)
+        try:
+            names = [n for n in os.listdir(src) if n != META]
+            for name in names:
+                _copy(name, src, dst, os.O_TRUNC)
+            return sum(os.stat(n, dir_fd=dst, follow_symlinks=False).st_size for n in names)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
 def _copy(name: str, src_dir: int, dst_dir: int, how: int) -> None:
     """Copy the file ``name`` between two open directories, neither end through a link
     nor another's file (``how``: O_EXCL for a new file, O_TRUNC to replace one)."""

@@ -44,9 +44,10 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.rpc import error_text, refusal
 from omuscd.events import Event
 from omuscd.jobs import record
-from omuscd.jobs.checkpoints import CheckpointStore, Pending, SharedDir, SharedPart
+from omuscd.jobs.checkpoints import META, CheckpointStore, Pending, SharedDir, SharedPart
 from omuscd.jobs.process import starting, tree_usage
 from omuscd.jobs.record import STDERR, STDOUT, Job, JobError
+from omuscd.jobs.spool import open_private
 from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.transfer import (
@@ -54,6 +55,7 @@ from omuscd.migrate.transfer import (
     STEP_TIMEOUT,
     image_name,
     receive_file,
+    send_fd,
     send_file,
 )
 from omuscd.migrate.tree import signal_tree
@@ -371,6 +373,25 @@ class Checkpoints(Dumps):
         scope = self.taking.get(job_id)
         if scope is not None:
             scope.cancel()
+
+    async def send_images(self, ch: Channel, job: Job, seq: int, meta: dict[str, Any]) -> None:
+        """The images of checkpoint ``seq`` to the node restoring the job (the ``file``
+        steps of an ``immigrate``).  In a checkpoint_dir: that node reads them there if it
+        can (``images-at``: a shared filesystem, they do not cross the network), else they
+        are read here and sent."""
+        if "dir" in meta:
+            await ch.send({"op": "images-at", "dir": meta["dir"]})
+            with trio.fail_after(STEP_TIMEOUT + 5):
+                reply = await ch.receive_msg()
+            if reply.get("op") == "images" and reply.get("ok") is True:
+                return
+            log.info("job %s: %s cannot read checkpoint %d in %s (%s); sent from here",
+                     job.id, self.jc.node_name(ch.peer_id), seq, meta["dir"],
+                     error_text(reply, "refused"))
+        with self.store.opened(job.id, seq) as d:
+            for name in sorted(os.listdir(d)):
+                if name != META:
+                    await send_fd(ch, "file", name, open_private(name, os.O_RDONLY, d))
 
     async def checkpoint(self, job: Job, action: str = "checkpoint") -> str:
         """Take a checkpoint of a job of this home, wherever it runs; what happened, for
