@@ -149,7 +149,7 @@ def test_a_job_survives_its_nodes_death_from_the_checkpoint_dir(cluster, tmp_pat
     assert b"went back to its checkpoint of" in err, err
     view = job_view(n["a"], tag)
     assert view["state"] == "exited" and view["node_name"] == "c" and view["revived"] == 1
-    assert not (SHARED / job).exists()  # its checkpoints went with it
+    wait_for(lambda: not (SHARED / job).exists(), 10, "its checkpoints to go with it")
     assert "checkpoint images" not in n["a"].log()
     # c read the images from the directory itself: they did not cross the network
     assert re.search(rf"job {re.escape(job)}: its checkpoint's images read from "
@@ -305,7 +305,7 @@ def test_a_job_at_its_home_is_checkpointed_into_the_checkpoint_dir_too(cluster, 
         p.kill()
     assert p.returncode == 0 and out == ref.stdout, err
     assert file.read_bytes() == (tmp_path / "ref").read_bytes()
-    assert not (SHARED / job).exists()
+    wait_for(lambda: not (SHARED / job).exists(), 10, "its checkpoints to go with it")
 
 
 def hidden(command: list[str]) -> list[str]:

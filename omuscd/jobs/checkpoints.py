@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -160,8 +161,7 @@ class CheckpointStore:
                 raise SpoolError(f"checkpoint {seq} of job {job_id} exists already")
             os.rename(PART, str(seq), src_dir_fd=top, dst_dir_fd=top)
             os.fsync(top)
-            for old in sorted([*seqs, seq])[:-KEEP]:
-                _drop(top, old)
+            _forget_shared([_drop(top, old) for old in sorted([*seqs, seq])[:-KEEP]])
         return {"seq": seq, "time": meta.get("time", 0.0), "size": meta["size"]}
 
     def latest(self, job_id: str, before: int | None = None) -> tuple[int, dict[str, Any]] | None:
@@ -215,23 +215,13 @@ class CheckpointStore:
 
     def remove(self, job_id: str) -> None:
         """Forget a job's checkpoints (it ended for good), those in a checkpoint_dir too."""
-        shared: set[str] = set()
+        shared: list[str] = []
         try:
             with self._top(job_id) as top:
-                for seq in _seqs(top):
-                    shared.add(_drop(top, seq))
+                shared = [_drop(top, seq) for seq in _seqs(top)]
         except (OSError, ValueError):
             pass
-        for where in shared - {""}:  # the job's directory in a checkpoint_dir
-            parent, _, name = where.rpartition("/")
-            try:
-                fd = open_root_dir(parent)
-                try:
-                    os.rmdir(ids.job_id(name), dir_fd=fd)
-                finally:
-                    os.close(fd)
-            except (OSError, ValueError) as e:
-                log.info("job %s: its directory in %s not removed: %s", job_id, parent, e)
+        _forget_shared(shared, whole=True)
         try:
             with self.spool._dir(job_id) as d:
                 shutil.rmtree(TOP, dir_fd=d, ignore_errors=True)
@@ -365,12 +355,26 @@ def _unlink_any(name: str, dir_fd: int) -> None:
 
 
 def _drop(top: int, seq: int) -> str:
-    """Remove checkpoint ``seq``: its images in a checkpoint_dir (when it can be reached
-    and is what it should be), then its directory here.  The job's directory in the
-    checkpoint_dir ('' if none)."""
+    """Remove checkpoint ``seq`` here; where its images are in a checkpoint_dir ('' if
+    not there), for :func:`_forget_shared`."""
     meta = _read_meta(top, seq)
-    where = str(meta.get("dir", "")) if meta else ""
-    if where:
+    shutil.rmtree(str(seq), dir_fd=top, ignore_errors=True)
+    return str(meta.get("dir", "")) if meta else ""
+
+
+def _forget_shared(dirs: list[str], whole: bool = False) -> None:
+    """Remove checkpoints' images in a checkpoint_dir (``whole``: the job's directory there
+    too, the job ended), where it can be reached and is what it should be.  In a thread
+    of its own, not waited for: a file server that does not answer holds that thread,
+    not the daemon nor the checkpoint that made these old."""
+    dirs = [d for d in dirs if d]
+    if dirs:
+        threading.Thread(target=_remove_shared, args=(dirs, whole), daemon=True,
+                         name="omuscd-ckpt-remove").start()
+
+
+def _remove_shared(dirs: list[str], whole: bool) -> None:
+    for where in dirs:
         parent, _, name = where.rpartition("/")
         try:
             fd = open_root_dir(parent, inner=1)
@@ -381,8 +385,16 @@ def _drop(top: int, seq: int) -> str:
                 os.close(fd)
         except OSError as e:
             log.info("checkpoint images in %s not removed: %s", where, e)
-    shutil.rmtree(str(seq), dir_fd=top, ignore_errors=True)
-    return where.rpartition("/")[0]
+    for job_dir in {d.rpartition("/")[0] for d in dirs} if whole else ():
+        parent, _, name = job_dir.rpartition("/")
+        try:
+            fd = open_root_dir(parent)
+            try:
+                os.rmdir(ids.job_id(name), dir_fd=fd)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as e:
+            log.info("%s not removed: %s", job_dir, e)
 
 
 def _seqs(top: int) -> list[int]:

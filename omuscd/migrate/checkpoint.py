@@ -59,6 +59,7 @@ from omuscd.migrate.transfer import (
     send_file,
 )
 from omuscd.migrate.tree import signal_tree
+from omuscd.paths import open_root_dir
 from omuscd.priority import urgent
 from omuscd.proctab import tree
 
@@ -388,6 +389,12 @@ class Checkpoints(Dumps):
             log.info("job %s: %s cannot read checkpoint %d in %s (%s); sent from here",
                      job.id, self.jc.node_name(ch.peer_id), seq, meta["dir"],
                      error_text(reply, "refused"))
+            try:  # not in this daemon's loop: a file server that does not answer
+                with trio.fail_after(STEP_TIMEOUT):
+                    await trio.to_thread.run_sync(_reachable, meta["dir"],
+                                                  abandon_on_cancel=True)
+            except trio.TooSlowError:
+                raise JobError(f"{meta['dir']} does not answer") from None
         with self.store.opened(job.id, seq) as d:
             for name in sorted(os.listdir(d)):
                 if name != META:
@@ -640,6 +647,11 @@ class Checkpoints(Dumps):
                     next_at = time.time() + min(every, RETRY)
         finally:
             self.every.discard(job.id)
+
+
+def _reachable(where: str) -> None:
+    """Open and close the directory ``where`` as a restore would (OSError if it cannot)."""
+    os.close(open_root_dir(where, inner=2))
 
 
 def _checked_meta(meta: dict[str, Any]) -> dict[str, Any]:
