@@ -25,6 +25,7 @@ from tests.test_checkpoint import (  # noqa: F401 (pytestmark: netns, CRIU neede
     job_view,
     power_off,
     pytestmark,
+    resumed_exactly,
 )
 from tests.test_checkpoint import restart as restart_with
 
@@ -176,12 +177,7 @@ def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
     assert p.wait(10) == 123
     restart(cluster, "abc")
     assert job_view(n["a"], tag)["state"] == "checkpointed"
-    r = n["a"].ctl(f"resume {job} c")
-    assert r.code == 200 and "resumed on c" in r.text, r
-    out = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", n["a"].socket, job],
-                         capture_output=True, timeout=90)
-    assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
-    assert file.read_bytes() == (tmp_path / "ref").read_bytes()
+    resumed_exactly(n["a"], job, "c", ref.stdout, file, tmp_path / "ref")
 
 
 def sleeper(cluster, tag: str) -> str:
