@@ -269,6 +269,8 @@ class SharedDir:
             raise OSError(f"checkpoint_dir {self.path} cannot be used: {e}") from None
         try:
             job_fd = private_dir(ids.job_id(job_id), dir_fd=root)
+        except OSError as e:
+            raise OSError(f"checkpoint_dir {self.path}: {e}") from None
         finally:
             os.close(root)
         name = f"{PART}-{int(seq)}"
@@ -286,14 +288,15 @@ class SharedDir:
     @staticmethod
     def commit(part: SharedPart, seq: int) -> None:
         """Make the part checkpoint ``seq`` there; older ones beyond KEEP removed.  What
-        stands at ``seq`` already was left by a checkpoint its home never recorded."""
+        stands at ``seq`` or beyond was left by checkpoints its home never recorded (it
+        numbers them: a home that lost its state starts again from 1), and goes too."""
         name = str(int(seq))
         _unlink_any(name, part.job_fd)
         os.rename(part.name, name, src_dir_fd=part.job_fd, dst_dir_fd=part.job_fd)
         os.fsync(part.job_fd)
-        for old in _seqs(part.job_fd)[:-KEEP]:
-            if old < seq:
-                _unlink_any(str(old), part.job_fd)
+        kept = [n for n in _seqs(part.job_fd) if n <= seq][-KEEP:]
+        for old in set(_seqs(part.job_fd)) - set(kept):
+            _unlink_any(str(old), part.job_fd)
 
 
 def copy_shared(where: str, images: str) -> int:
