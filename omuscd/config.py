@@ -27,6 +27,7 @@ from omuscd.paths import (
     DEFAULT_KEY_FILE,
     DEFAULT_PORT,
     default_state_dir,
+    open_root_dir,
 )
 
 log = logging.getLogger("omuscd.config")
@@ -357,6 +358,10 @@ PARAMS: tuple[Param, ...] = (
     Param("checkpoint_every", "float", 0.0, "seconds between checkpoints of every job started "
           "here that did not choose its own (omuscd run --checkpoint-every); 0: none",
           lo=0, hi=10**7, runtime=True, metavar="SECONDS"),
+    Param("checkpoint_dir", "str", None, "directory (a shared filesystem, say) where the "
+          "node running a job writes its checkpoints' images (DIR/JOB/N), its home getting "
+          "only their record; root's, not writable by group or others (default: none, the "
+          "images go to the job's home over the cluster channel)", metavar="DIR"),
     Param("balancing", "bool", True, "move jobs automatically from busy nodes to idle ones "
           "(off: only when told)", runtime=True),
     Param("balance_interval", "float", 1.0, "seconds between balancing decisions",
@@ -643,6 +648,11 @@ def autodetect(cfg: Config,
     if v["pidfile"] is None:
         v["pidfile"] = ("/run/omuscd.pid" if os.geteuid() == 0
                         else os.path.join(v["state_dir"], "omuscd.pid"))
+    if v["checkpoint_dir"]:
+        try:
+            os.close(open_root_dir(v["checkpoint_dir"]))
+        except OSError as e:
+            raise ConfigError(f"checkpoint_dir refused: {e}") from None
     try:
         peers = [parse_peer(p, v["port"]) for p in v["peer"]]
         cfg.peers = [p for p in dict.fromkeys(peers) if p != (v["address"], v["port"])]

@@ -138,12 +138,13 @@ def survives(cluster, tmp: Path, tag: str, home: str, user=None) -> str:
     return str(view["node_name"])
 
 
-def restart(cluster, names: str = "b") -> None:
-    """Start the daemons ``names`` again (after a crash or a stop), as they were."""
+def restart(cluster, names: str = "b", switches=extra) -> None:
+    """Start the daemons ``names`` again (after a crash or a stop), as they were
+    (``switches``: the cluster's ``extra``)."""
     lan, work, key, n = cluster
     for name in names:
         i = "abc".index(name)
-        n[name] = start_daemon(name, ["--key-file", str(key), *extra(i)], work,
+        n[name] = start_daemon(name, ["--key-file", str(key), *switches(i)], work,
                                netns=lan.ns(i))
         os.chmod(n[name].state_dir, 0o755)
     for d in n.values():
@@ -321,6 +322,17 @@ def test_a_job_at_its_home_goes_back_to_its_checkpoint_when_the_home_starts_agai
     assert view["revived"] == 1 and view["state"] == "exited", view
 
 
+def resumed_exactly(home, job: str, where: str, out: bytes, file: Path, ref: Path) -> None:
+    """``resume JOB WHERE`` at its home, then ``attach``: the output (``out``) and the file
+    it appends to (``ref``) are those of an uninterrupted run."""
+    r = home.ctl(f"resume {job} {where}")
+    assert r.code == 200 and f"resumed on {where}" in r.text, r
+    got = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", home.socket, job],
+                         capture_output=True, timeout=90)
+    assert got.returncode == 0 and got.stdout == out, got.stderr
+    assert file.read_bytes() == ref.read_bytes()
+
+
 def test_exit_then_resume_on_a_named_node_and_a_signal_for_a_checkpointed_job(cluster,
                                                                              tmp_path):
     _, _, _, n = cluster
@@ -341,12 +353,7 @@ def test_exit_then_resume_on_a_named_node_and_a_signal_for_a_checkpointed_job(cl
     _, err = p.communicate(timeout=20)
     assert p.returncode == 123 and b"checkpointed and ended" in err, err
     assert job_view(n["c"], tag)["state"] == "checkpointed"
-    r = n["c"].ctl(f"resume {job} b")
-    assert r.code == 200 and "resumed on b" in r.text, r
-    out = subprocess.run([PY, "-m", "omuscd", "attach", "--connect", n["c"].socket, job],
-                         capture_output=True, timeout=90)
-    assert out.returncode == 0 and out.stdout == ref.stdout, out.stderr
-    assert file.read_bytes() == (tmp_path / "ref").read_bytes()
+    resumed_exactly(n["c"], job, "b", ref.stdout, file, tmp_path / "ref")
     # a job with its input from omuscd run cannot be checkpointed; a stopped one killed
     r = n["c"].ctl("run --node b --stdin --cwd /tmp --json -- sleep 30")
     stdin_job = r.json()["job"]

@@ -13,10 +13,11 @@ import pytest
 import trio
 
 from omuscd.duration import parse
-from omuscd.jobs.checkpoints import KEEP, CheckpointStore
+from omuscd.jobs.checkpoints import KEEP, CheckpointStore, SharedDir, copy_shared
 from omuscd.jobs.record import Job, JobError, Owner
 from omuscd.jobs.spool import Spool
 from omuscd.migrate.revive import Revival
+from omuscd.paths import open_root_dir
 from tests.cluster import as_user, ordinary_user
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the spool is root's")
@@ -158,3 +159,98 @@ def test_roots_files_are_cut_without_following_a_link(tmp_path):
     cut(job, [[str(target), 10]])
     assert target.read_bytes() == b"x" * 10
     assert Path(target).exists()
+
+
+def shared_take(shared: SharedDir, images: Path, seq: int, data: bytes, keep: bool = True):
+    """A checkpoint written to the checkpoint_dir as the node running the job does: its
+    images (CRIU's own mode, 0644) into .part-SEQ, then made SEQ (``keep``) or dropped."""
+    images.mkdir(mode=0o700, exist_ok=True)
+    (images / "pages-1.img").write_bytes(data)
+    (images / "pages-1.img").chmod(0o644)
+    (images / "dump.log").write_text("a log, not an image")
+    part = shared.prepare("7.1", seq, str(images))
+    try:
+        if keep:
+            SharedDir.commit(part, seq)
+    finally:
+        part.close()
+    return part
+
+
+def test_a_checkpoint_dir_keeps_the_last_two_whole_ones_root_only(tmp_path):
+    base = tmp_path / "ckpt"
+    base.mkdir(mode=0o700)
+    shared = SharedDir(str(base))
+    for seq in (1, 2, 3):
+        part = shared_take(shared, tmp_path / f"img{seq}", seq, bytes([seq]) * 100)
+        assert part.where == f"{base}/7.1/{seq}" and part.pending.size == 100
+    shared_take(shared, tmp_path / "img4", 4, b"half", keep=False)  # never kept
+    job = base / "7.1"
+    assert sorted(os.listdir(job)) == ["2", "3"]
+    for d in (job, job / "3"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == 0
+    assert os.listdir(job / "3") == ["pages-1.img"]  # CRIU's log left out
+    assert stat.S_IMODE((job / "3" / "pages-1.img").stat().st_mode) == 0o600
+    # a home that lost its state numbers from 1 again: what stands beyond goes
+    shared_take(shared, tmp_path / "img5", 1, b"anew")
+    assert sorted(os.listdir(job)) == ["1"]
+    dest = tmp_path / "restore"
+    dest.mkdir(mode=0o700)
+    assert copy_shared(f"{job}/1", str(dest)) == 4
+    assert (dest / "pages-1.img").read_bytes() == b"anew"
+
+
+def test_a_checkpoint_dir_never_goes_through_a_link_nor_into_anothers_directory(tmp_path):
+    base = tmp_path / "ckpt"
+    base.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    shared = SharedDir(str(base))
+    (base / "7.1").symlink_to(victim)
+    with pytest.raises(OSError, match="checkpoint_dir"):
+        shared_take(shared, tmp_path / "img", 1, b"x")
+    assert os.listdir(victim) == []
+    (base / "7.1").unlink()
+    shared_take(shared, tmp_path / "img", 1, b"x")
+    # restoring: the checkpoint's directory a link, or not 0700, is refused
+    (base / "7.1" / "1").rename(victim / "1")
+    (base / "7.1" / "1").symlink_to(victim / "1")
+    with pytest.raises(OSError, match="a link"):
+        copy_shared(f"{base}/7.1/1", str(tmp_path))
+    (base / "7.1" / "1").unlink()
+    (victim / "1").rename(base / "7.1" / "1")
+    (base / "7.1" / "1").chmod(0o755)
+    with pytest.raises(OSError, match="not 0700"):
+        copy_shared(f"{base}/7.1/1", str(tmp_path))
+    with ordinary_user("ckst") as user:
+        (base / "7.1" / "1").chmod(0o700)
+        os.chown(base / "7.1", user.uid, user.gid)
+        with pytest.raises(OSError, match=f"belongs to uid {user.uid}"):
+            copy_shared(f"{base}/7.1/1", str(tmp_path))
+        with pytest.raises(OSError, match=f"belongs to uid {user.uid}"):
+            shared_take(shared, tmp_path / "img", 2, b"y")
+
+
+def test_the_checkpoint_dir_path_is_checked_from_the_root(tmp_path):
+    """Every directory on the way root's, not writable by group or others (a sticky one on
+    the way excepted: /tmp), no link anywhere."""
+    good = tmp_path / "a" / "b"
+    good.mkdir(parents=True, mode=0o755)
+    os.close(open_root_dir(str(good)))
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "d").mkdir(mode=0o700)
+    os.close(open_root_dir(str(sticky / "d")))
+    with pytest.raises(OSError, match="writable by group or others"):
+        open_root_dir(str(sticky))  # the directory itself may not be
+    (tmp_path / "a").chmod(0o775)
+    with pytest.raises(OSError, match=f"{tmp_path}/a is writable by group or others"):
+        open_root_dir(str(good))
+    (tmp_path / "a").chmod(0o755)
+    (tmp_path / "l").symlink_to(tmp_path / "a")
+    with pytest.raises(OSError, match="a link"):
+        open_root_dir(str(tmp_path / "l" / "b"))
+    for bad in ("a/b", f"{good}/../b", f"{good}/./x"):
+        with pytest.raises(OSError, match="absolute, normalized"):
+            open_root_dir(bad)

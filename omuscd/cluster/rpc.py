@@ -31,7 +31,10 @@ it carries, and its answers:
     lacks.  An older target answers ``unknown operation``: the move goes on unchecked.
 ``immigrate`` (source -> target of a move)
     ``job`` (the record), ``pages`` / ``lazy`` if the source can stream or post-copy.
-    ``ready``, then the move's own steps (see :mod:`omuscd.migrate.node`).
+    ``ready``, then the move's own steps (see :mod:`omuscd.migrate.node`).  Restoring a
+    checkpoint whose images are in a checkpoint_dir, the home may send ``images-at`` with
+    ``dir`` instead of ``file`` steps: answered ``images`` with ``ok`` (read there) or
+    ``ok`` false and ``error`` (then the ``file`` steps come).
 ``has`` (source -> target, after an unanswered commit or a restart)
     ``job``.  ``has`` with ``running`` (bool) and ``time``.
 ``drop`` (home -> the node running a --restartable job it reruns elsewhere, or a node
@@ -41,9 +44,13 @@ it carries, and its answers:
 ``attach`` answers ``unknown`` with ``fenced`` (true) for a job the node killed because
     it declared the job's home dead: the home restores it from its checkpoint.
 ``checkpoint`` (home -> the node running its job)
-    ``job``: dump it, leaving it running.  ``checkpoint`` with ``meta`` (time, freeze,
-    output sizes, files open for writing and their sizes, spool paths), then the images
-    (``file`` + data frames), then ``done``; or ``failed`` with the reason.
+    ``job``: dump it, leaving it running; ``seq``: the checkpoint's number.  ``checkpoint``
+    with ``meta`` (time, freeze, output sizes, files open for writing and their sizes,
+    spool paths), then the images (``file`` + data frames), then ``done``; or ``failed``
+    with the reason.  A node with a checkpoint_dir writes the images there instead: its
+    ``meta`` has ``dir`` (where they go), ``size`` and ``seq``, no ``file`` comes, and
+    after ``done`` the home says ``keep`` (answered ``kept``, or ``failed`` with why) or
+    anything else (the images are dropped).
 
 ``progress`` (before the answer to ``act`` migrate or ``emigrate``, when asked for)
     ``job``, ``phase`` (one of omuscd.events.PHASES), ``done``, ``total`` (bytes): how far

@@ -36,7 +36,7 @@ from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import DEAD
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event
-from omuscd.jobs.checkpoints import META, CheckpointStore
+from omuscd.jobs.checkpoints import CheckpointStore
 from omuscd.jobs.record import (
     CHECKPOINTED,
     FINAL,
@@ -47,14 +47,13 @@ from omuscd.jobs.record import (
     Job,
     JobError,
 )
-from omuscd.jobs.spool import open_private
 from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.criu import SETPRIV
 from omuscd.migrate.source import Source
 from omuscd.migrate.target import Target
-from omuscd.migrate.transfer import CHUNK, IMAGE_STREAM, RESTORE_TIMEOUT, STEP_TIMEOUT, send_fd
+from omuscd.migrate.transfer import CHUNK, IMAGE_STREAM, RESTORE_TIMEOUT, STEP_TIMEOUT
 from omuscd.migrate.tree import signal_tree
 from omuscd.proctab import tree
 
@@ -354,10 +353,7 @@ class Revival:
                 reply = await ch.receive_msg()
             if reply.get("op") != "ready":
                 raise JobError(error_text(reply, "refused"))
-            with self.store.opened(job.id, seq) as d:
-                for name in sorted(os.listdir(d)):
-                    if name != META:
-                        await send_fd(ch, "file", name, open_private(name, os.O_RDONLY, d))
+            await self.checkpoints.send_images(ch, job, seq, meta)
             for stream in (STDOUT, STDERR):
                 await self._send_spool(ch, job, stream, int(meta["out"][str(stream)]))
             await ch.send({"op": "restore", "cpu": float(meta.get("cpu", job.cpu_moved)),

@@ -18,6 +18,7 @@ import trio
 from omuscd import rootexec
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.rpc import refusal
+from omuscd.jobs.checkpoints import copy_shared
 from omuscd.jobs.record import (
     FINAL,
     RUNNING,
@@ -133,6 +134,8 @@ class Target:
                                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                         with os.fdopen(fd, "wb") as f:
                             await receive_file(ch, f, name, int(m["size"]))
+                    elif op == "images-at":  # a checkpoint's, in a checkpoint_dir
+                        await ch.send(await _images_at(job, str(m.get("dir")), images))
                     elif op == "sparse" and lazy:
                         name = image_name(m["name"])
                         await receive_sparse(ch, images / name, m["size"], m["runs"])
@@ -472,3 +475,19 @@ async def _guard_done(guard: trio.Process) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         await guard.wait()
+
+
+async def _images_at(job: Job, where: str, images: Path) -> dict[str, Any]:
+    """Read the images of a checkpoint from the checkpoint_dir directory its record names
+    (a shared filesystem), rather than have its home send them: answered ``images`` with
+    ``ok``, or why not (then the home sends them).  In a thread, given up after
+    STEP_TIMEOUT (a file server that does not answer)."""
+    try:
+        with trio.fail_after(STEP_TIMEOUT):
+            size = await trio.to_thread.run_sync(copy_shared, where, str(images),
+                                                 abandon_on_cancel=True)
+    except (OSError, trio.TooSlowError) as e:
+        log.info("job %s: its checkpoint's images not read from %s: %s", job.id, where, e)
+        return {"op": "images", "ok": False, "error": str(e) or "no answer"}
+    log.info("job %s: its checkpoint's images read from %s (%d bytes)", job.id, where, size)
+    return {"op": "images", "ok": True}
