@@ -260,21 +260,6 @@ class Starting:
         finally:
             await stdin.aclose()
 
-    def hurry(self) -> None:
-        """Real-time until :meth:`calm` (see omuscd.priority): a lazy-pages started for
-        a frozen job's restore, which waits for it to be ready.  At its own priority
-        its start waited behind whatever else ran on its CPU (a restore wait of 5-45 ms
-        on a loaded machine, in a 16 MB job's freeze of 60 ms)."""
-        make_realtime(self.proc.pid)
-
-    def calm(self) -> None:
-        """Back to a normal task, once ready: from then on lazy-pages polls without
-        sleeping, and real-time it starved the restore it serves (freezes of 1-6 s)."""
-        try:
-            os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError:
-            pass
-
     async def ready(self, timeout: float = 10.0) -> trio.Process:
         """The process, once it said it is ready; MoveError (and killed) if it did not
         within ``timeout`` seconds."""

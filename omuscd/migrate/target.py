@@ -143,7 +143,6 @@ class Target:
                         await _receive_spool(ch, prepared.fds[stream - STDOUT],
                                              STREAM_FILES[stream], int(m["size"]))
                     elif op == "lazy-start" and lazy and early is not None:
-                        early.starting.hurry()  # until it is ready (see _restore_lazy)
                         await early.starting.go()
                     elif op == "restore" and lazy and m.get("lazy") is True:
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
@@ -233,10 +232,7 @@ class Target:
         mine, guard = parts.mine, parts.guard
         lazyd = None
         try:
-            try:
-                lazyd = await parts.starting.ready()
-            finally:
-                parts.starting.calm()  # it polls from now on (see Starting.calm)
+            lazyd = await parts.starting.ready()
             relay = postcopy.Relay(ch, mine)
             failed: Exception | None = None
             async with trio.open_nursery() as nursery:  # errors leave it by hand: no groups
