@@ -351,7 +351,7 @@ PARAMS: tuple[Param, ...] = (
     Param("stream_pages", "bool", True, "send a migrating job's memory while it is dumped "
           "(to a CRIU page server on the target, relayed over the cluster channel); off: "
           "copy it after the dump", runtime=True),
-    Param("post_copy_mb", "int", 128, "move a job with at least this many MB resident "
+    Param("post_copy_mb", "int", 16, "move a job with at least this many MB resident "
           "post-copy: frozen only while it is dumped here and its small images travel, its "
           "memory follows while it already runs on the target (not for a move to its "
           "home node); 0: never", lo=0, hi=10**7, runtime=True, metavar="MB"),

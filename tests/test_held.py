@@ -112,7 +112,7 @@ def test_a_kill_while_the_memory_follows_is_held_and_ends_the_job_at_the_target(
         assert "held" not in view  # delivered once, gone from the queue
         assert f"job {job}: held signal 15 delivered on b" in n["a"].log()
     finally:
-        n["a"].ctl("set post_copy_mb 128")
+        n["a"].ctl("set post_copy_mb 16")  # the default
         subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
 
 
@@ -180,7 +180,7 @@ def test_a_held_signal_for_a_job_that_ends_in_the_move_is_dropped_with_it(cluste
         view = n["a"].json(f"job {job}")
         assert view["exit"] == {"code": 7} and "held" not in view, view
     finally:
-        n["a"].ctl("set post_copy_mb 128")
+        n["a"].ctl("set post_copy_mb 16")  # the default
         subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
 
 

@@ -136,7 +136,7 @@ def test_checksum_job_moves_there_and_back_byte_for_byte(cluster):
     try:
         there = n["a"].ctl(f"migrate {job} b")
     finally:
-        n["a"].ctl("set post_copy_mb 128")
+        n["a"].ctl("set post_copy_mb 16")  # the default
     assert there.code == 200 and "migrated to b" in there.text, there
     assert "(post-copy)" in frozen_line(n["a"], job)
     assert n["a"].json(f"job {job}")["node_name"] == "b"
@@ -212,7 +212,7 @@ def test_an_ordinary_users_job_moves_there_and_back_byte_for_byte(cluster):
         try:
             there = n["a"].ctl(f"migrate {job} b")  # root moves it
         finally:
-            n["a"].ctl("set post_copy_mb 128")
+            n["a"].ctl("set post_copy_mb 16")  # the default
         assert there.code == 200 and "migrated to b" in there.text, there
         assert "(post-copy)" in frozen_line(n["a"], job)
         assert n["a"].json(f"job {job}")["node_name"] == "b"
@@ -371,6 +371,45 @@ def test_a_failed_move_home_follows_the_job_again_from_the_spool_it_received(tmp
     assert followed == [("10.7", {1: 14, 2: 0})]  # again, from the end of the spool
 
 
+# holds N MB (argv[1]) resident until killed
+HOLD = """
+import sys, time
+data = bytearray(b"x" * (int(sys.argv[1]) << 20))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_by_default_a_job_of_16_mb_moves_post_copy_a_smaller_one_pre_copy(cluster):
+    """post_copy_mb is 16 by default: a job of 16 MB or more (its whole tree, its init
+    too) moves post-copy, frozen about as long as a bare criu dump plus restore of it
+    (tests/bench/bench_migrate.py); a smaller one with its memory inside the freeze,
+    streamed while it is dumped."""
+    _, _, _, n = cluster
+    started = {}
+    assert n["a"].ctl("set balancing off").ok  # only the moves made here (a busy machine)
+    for tag, argv in (("omuscd-migration-test-way-big", [PY, "-c", HOLD, "24"]),
+                      ("omuscd-migration-test-way-small", ["/bin/sh", "-c",
+                                                       "echo ready; sleep 600"])):
+        p = start(n["a"], *argv, tag)
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        started[tag] = (p, job_of(n["a"], tag))
+    try:
+        for tag, way in (("omuscd-migration-test-way-big", "(post-copy)"),
+                         ("omuscd-migration-test-way-small", "(memory streamed to the target)")):
+            job = started[tag][1]
+            moved = n["a"].ctl(f"migrate {job} b")
+            assert moved.code == 200 and "migrated to b" in moved.text, moved
+            line = frozen_line(n["a"], job)
+            assert way in line, line
+            assert n["a"].json(f"job {job}")["node_name"] == "b"
+    finally:
+        n["a"].ctl("set balancing on")
+        for p, job in started.values():
+            n["a"].ctl(f"kill {job} KILL")
+            p.wait(60)
+
+
 def test_256_mb_moves_with_its_contents(cluster, tmp_path):
     _, _, _, n = cluster
     flag = tmp_path / "go"
@@ -409,7 +448,7 @@ def test_256_mb_moves_with_its_contents(cluster, tmp_path):
         out_again = n["a"].ctl(f"migrate {job} b")
     finally:
         n["a"].ctl("set stream_pages on")
-        n["a"].ctl("set post_copy_mb 128")
+        n["a"].ctl("set post_copy_mb 16")  # the default
     assert out_again.code == 200 and "migrated to b" in out_again.text, out_again
     line = frozen_line(n["a"], job)
     assert "streamed" not in line and "post-copy" not in line, line

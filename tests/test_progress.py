@@ -139,7 +139,7 @@ def test_a_fifteen_second_post_copy_migrate_prints_progress_and_exits_0(cluster,
         view = n["a"].json(f"job {job}")
         assert view["node_name"] == "b" and view["exit"] == {"code": 0}, view
     finally:
-        n["a"].ctl("set post_copy_mb 128")
+        n["a"].ctl("set post_copy_mb 16")  # the default
         subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
 
 
@@ -177,7 +177,7 @@ def test_a_term_during_a_slow_pre_copy_move_is_held_and_ends_the_job_with_143(cl
         assert view["state"] == "exited" and view["node_name"] == "b", view
         assert view["exit"] == {"signal": 15}, view
     finally:
-        n["a"].ctl("set post_copy_mb 128")
+        n["a"].ctl("set post_copy_mb 16")  # the default
         subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
 
 

@@ -169,7 +169,7 @@ def main() -> None:
     key = work / "k"
     config.write_key(str(key))
     runs: dict[int, list[dict[str, Any]]] = {mb: [] for mb in sizes}
-    with NetnsLan(2, prefix="omb") as lan:
+    with NetnsLan(2, prefix=f"omb{os.getpid() % 100000}x") as lan:
         debug = ["--debug"] if os.environ.get("OMB_DEBUG") else []  # CRIU's own times too
         # no balancing: on a machine others use too, their load made a node look busy
         # and its balancer moved the job being measured
