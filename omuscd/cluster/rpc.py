@@ -44,6 +44,11 @@ it carries, and its answers:
     ``job``: dump it, leaving it running.  ``checkpoint`` with ``meta`` (time, freeze,
     output sizes, files open for writing and their sizes, spool paths), then the images
     (``file`` + data frames), then ``done``; or ``failed`` with the reason.
+``lease`` (home -> a node running its checkpointed jobs; one connection per pair, kept)
+    No answer: then ``renew`` messages, every lease/3 s, each with ``t`` (the home's
+    monotonic time of sending), ``lease`` (its length, s) and ``jobs`` (the ids of the
+    home's jobs the node holds; only jobs of that home are extended).  See
+    :mod:`omuscd.migrate.lease`.
 
 ``progress`` (before the answer to ``act`` migrate or ``emigrate``, when asked for)
     ``job``, ``phase`` (one of omuscd.events.PHASES), ``done``, ``total`` (bytes): how far
