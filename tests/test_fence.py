@@ -92,6 +92,14 @@ def states(tag: str) -> list[str]:
     return out
 
 
+def _logged(daemon, words: str) -> float:
+    """When the daemon first logged a line with ``words`` (its log's local time)."""
+    import datetime
+    line = next(ln for ln in daemon.log().splitlines() if words in ln)
+    at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return at.timestamp()
+
+
 def lease_lines(daemon, job: str) -> list[str]:
     """The node's log lines about the lease of ``job``."""
     return [ln for ln in daemon.log().splitlines() if f"job {job}:" in ln and "lease" in ln]
@@ -160,6 +168,7 @@ def _scenario(lan, n, tmp_path: Path) -> None:
         assert len(copies(TAG)) == 1, _seen(TAG)
         time.sleep(1.5)  # output and appended lines after the checkpoint
         cable(lan, "b", up=False)
+        cut = time.time()
         try:
             wait_for(lambda: job_view(n["a"], TAG).get("node_name") == "c", 40,
                      "the job to be revived on c")
@@ -182,6 +191,9 @@ def _scenario(lan, n, tmp_path: Path) -> None:
     print(f"stale lines in the file: {len(got) - len(want)}")
     assert got == want, (len(got), len(want))
     assert b"went back to its checkpoint of" in err, err
+    print(f"a declared b dead {_logged(n['a'], '(b) is dead') - cut:.2f}s after the cut, "
+          f"revived the job {_logged(n['a'], 'went back') - cut:.2f}s after it; b froze it "
+          f"{_logged(n['b'], 'frozen until') - cut:.2f}s after it")
     frozen = [ln for ln in lease_lines(n["b"], job_id) if "frozen" in ln]
     assert frozen, n["b"].log()[-3000:]
     view = job_view(n["a"], TAG)

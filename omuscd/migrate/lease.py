@@ -10,12 +10,15 @@ appended twice to the job's file.  A job must never run twice.
 How, for each pair (home, node running checkpointed jobs of it): one lease, covering all
 of that home's jobs there.
 
-- The home (:class:`Grants`) renews it every ``length / 3`` s on a ``lease`` connection of
-  the cluster channel (authenticated and encrypted, every frame numbered: one forged,
-  replayed, reordered or sent with another key is refused by the channel), each
-  ``renew`` naming the jobs it holds there, the lease's length and the home's own
+- The home (:class:`Grants`) renews it every ``length / 3`` s (the next renewal once the
+  node acknowledged the last: a node cut off is sent one more at most) on a ``lease``
+  connection of the cluster channel (authenticated and encrypted, every frame numbered:
+  one forged, replayed, reordered or sent with another key is refused by the channel),
+  each ``renew`` naming the jobs it holds there, the lease's length and the home's own
   monotonic time of sending.  The node accepts renewals only for jobs whose home is the
-  authenticated peer (a node cannot renew another home's job).
+  authenticated peer (a node cannot renew another home's job).  Until a renewal first
+  names a job (just checkpointed, or just moved there) the node holds it by a first
+  lease of its own (Holder.run); after its daemon restarted, by none.
 - The node (:class:`Holder`) holds each job until ``length`` after it RECEIVED the last
   renewal naming it, on its own monotonic clock, and freezes it (SIGSTOP to every
   process, as a checkpoint's freeze; nothing is lost) once that has passed, EARLY s
@@ -74,6 +77,7 @@ CHECK = 0.05  # seconds between the node's looks at its leases
 WINDOW = 64  # renewals whose least delay counts (a minute at the default length)
 MAX_JOBS = 100_000  # job ids one renewal may name
 FREEZE_WAIT = 1.0  # seconds the node keeps stopping processes forked meanwhile
+ACK_WAIT = 2  # leases the home waits for a renewal's acknowledgement before reconnecting
 
 
 def lease_length(cfg: Config) -> float:
@@ -82,8 +86,9 @@ def lease_length(cfg: Config) -> float:
     intervals with up to ten members, more in bigger clusters, capped by
     ``dead_timeout``), less MARGIN.  With the defaults: 0.25 + 2.0 - 0.25 = 2.0 s,
     renewed every 0.67 s; a home then revives a job at most 2.25 s after its last
-    renewal, which is when SWIM declares the node dead at the soonest: it never waits
-    past that verdict when the renewal went just before the cut."""
+    renewal, which went at most 0.67 s after the cut (the next waits for its
+    acknowledgement): at most 2.92 s after the cut, where SWIM declares the node dead
+    2.25 s after it at the soonest (2.5 to 3.5 s measured with three nodes)."""
     soonest = cfg.probe_timeout + min(cfg.suspicion_mult * cfg.probe_interval,
                                       cfg.dead_timeout)
     return max(3 * CHECK + EARLY, soonest - MARGIN)
@@ -138,8 +143,12 @@ class Grants:
             await trio.sleep(self.length / 3)
 
     async def _renew(self, node: int) -> None:
-        """Renew ``node``'s lease every length / 3 s, on one connection (opened again if
-        it breaks), until it holds no job of this home or is declared dead."""
+        """Renew ``node``'s lease every length / 3 s on one connection, until it holds no
+        job of this home or is declared dead.  The next renewal goes only once the node
+        acknowledged the last: cut off, a node is sent one renewal more at most (each
+        sent counts: it may yet arrive), so a revival waits a third of a lease past
+        SWIM's soonest verdict at most.  No acknowledgement within ACK_WAIT leases (or
+        the connection broken): it is opened again."""
         ch: Channel | None = None
         try:
             while jobs := self.held_on(node):
@@ -147,22 +156,29 @@ class Grants:
                 if peer is None or peer.state == DEAD:
                     break
                 length = self.length
+                sent = time.monotonic()
                 try:
-                    with trio.fail_after(length / 3):
-                        if ch is None:
+                    if ch is None:
+                        with trio.fail_after(length / 3):
                             ch = await self.jc.connect(node)
                             await ch.send({"op": "lease"})
-                        sent = time.monotonic()
-                        for job_id in jobs:  # counted as sent even if it never leaves
-                            self.named[(job_id, node)] = (sent, length)
+                    # named as it is now, with no wait before the stamp: a job revoked
+                    # while this connected is not named (its revival counts without it)
+                    jobs = self.held_on(node)
+                    sent = time.monotonic()
+                    for job_id in jobs:  # counted as sent even if it never arrives
+                        self.named[(job_id, node)] = (sent, length)
+                    with trio.fail_after(ACK_WAIT * length):
                         await ch.send({"op": "renew", "t": sent, "lease": length,
                                        "jobs": jobs})
+                        while (await ch.receive_msg()).get("t") != sent:
+                            pass  # an acknowledgement of an earlier one
                 except (ChannelError, trio.TooSlowError, OSError) as e:
                     log.debug("lease of node %s: %s", self.jc.node_name(node), e)
                     if ch is not None:
                         await ch.aclose()
                     ch = None
-                await trio.sleep(length / 3)
+                await trio.sleep(max(0.0, sent + length / 3 - time.monotonic()))
         finally:
             self.renewing.discard(node)
             if ch is not None:
@@ -177,7 +193,7 @@ class Grants:
         the last renewal and held by its node on its own first lease)."""
         self.revoked.add(job.id)
         now = time.monotonic()
-        sent, length = self.named.pop((job.id, job.node),
+        sent, length = self.named.get((job.id, job.node),
                                       (now, max(self.length, default_length())))
         return sent + max(length, self.length) + MARGIN
 
@@ -230,6 +246,8 @@ class Holder:
             except (TypeError, ValueError) as e:
                 log.warning("lease: a bad renewal from node %s (%s); ignored",
                             self.jc.node_name(home), e)
+                continue
+            await ch.send({"op": "ack", "t": renewal["t"]})
 
     def renewed(self, home: int, boot: int, msg: dict[str, Any]) -> None:
         """One renewal from ``home`` (authenticated as such by the channel): extend the
@@ -246,8 +264,8 @@ class Holder:
         start = min(received, stamp + min(delays))  # held up on its way: counted less
         until = start + length
         self.lengths[home] = length
-        log.debug("lease: renewal from node %s for %s (%.3fs on its way, %.3fs at the "
-                  "least)", self.jc.node_name(home), names[:8], received - stamp, min(delays))
+        log.debug("lease: renewal from node %s for %s (receipt less stamp %.3fs, the least "
+                  "%.3fs)", self.jc.node_name(home), names[:8], received - stamp, min(delays))
         for name in names:
             job = self.jc.guests.get(str(name))
             if job is None or job.home != home or not self.leased(job):
