@@ -24,7 +24,7 @@ from tests.test_checkpoint import APPENDER, checkpoint_taken, extra, job_view
 REASON = criu_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
-TAG = f"omuscd-fence-test-{os.getpid()}"  # unique: helpers run tests side by side
+TAG = f"omuscd-fencing-{os.getpid()}"  # unique: runs side by side pkill their own only
 
 
 def copies(tag: str) -> list[int]:
