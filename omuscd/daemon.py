@@ -203,6 +203,7 @@ class Daemon:
                     nursery.start_soon(self.gossip.receive, self.gossip.bsock)
                 self.jobs.nursery = nursery
                 self.jobs.recover()
+                nursery.start_soon(self.migrations.run_leases)
                 if self.channel_key is not None:
                     try:
                         listeners = await trio.open_tcp_listeners(c.port, host=c.address)

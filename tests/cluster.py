@@ -188,6 +188,14 @@ class NetnsLan:
         sh("ip", "-n", self.bridge, "link", "set", f"v{i}", "master", "br0", "up")
         return ns
 
+    def split(self, i: int, j: int, apart: bool) -> None:
+        """Cut (``apart``) or mend the link between nodes ``i`` and ``j`` only: each drops
+        what it sends the other (a blackhole route), while both still reach the rest (so
+        SWIM's indirect probes go round and neither is declared dead)."""
+        for a, b in ((i, j), (j, i)):
+            sh("ip", "-n", self.ns(a), "route", "add" if apart else "del", "blackhole",
+               f"{self.address(b)}/32")
+
     def __exit__(self, *exc: object) -> None:
         for ns in reversed(self.names):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -1,7 +1,11 @@
 """A node cut off (not dead) while it runs a checkpointed job: its home declares it dead
 and restores the job elsewhere from its checkpoint; the cut-off node's copy must not run
-on beside it.  Real daemons in network namespaces, real CRIU; the cable is pulled by
-setting the node's bridge port down, and plugged back in."""
+on beside it, not even for a moment (its lease from the home runs out first: it freezes
+the job, omuscd.migrate.lease).  A blip shorter than the lease costs nothing; a longer
+one freezes the job and thaws it; renewals from anyone but the job's home extend
+nothing.  Real daemons in network namespaces, real CRIU; the cable is pulled by setting
+the node's bridge port down, and plugged back in (or only the home's link to the node is
+cut, with blackhole routes)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from omuscd.migrate.lease import lease_length
 from tests.cluster import criu_problem, namespace_cluster, sh, wait_for
 from tests.test_checkpoint import APPENDER, checkpoint_taken, extra, job_view
 
 REASON = criu_problem()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
-TAG = "omuscd-fence-test"
+TAG = f"omuscd-fencing-{os.getpid()}"  # unique: runs side by side pkill their own only
 
 
 def copies(tag: str) -> list[int]:
@@ -57,11 +62,76 @@ def cable(lan, name: str, up: bool) -> None:
        "up" if up else "down")
 
 
-@pytest.fixture
+#: b declares a node dead only after a suspicion of 15 s, where a and c take 2.5 s (a
+#: big cluster's guest probes its home only now and then): cut off, b learns of its home's
+#: death long after the home revived its job elsewhere
+SLOW = ["--suspicion-mult", "30", "--dead-timeout", "30"]
+
+
+def fence_extra(i: int) -> list[str]:
+    return [*extra(i), *(SLOW if i == 1 else [])]
+
+
+@pytest.fixture(scope="module")
 def cluster():
-    with namespace_cluster("abc", extra=extra, prefix=f"omf{os.getpid() % 10000}x",
+    with namespace_cluster("abc", extra=fence_extra, prefix=f"omf{os.getpid() % 10000}x",
                            leftovers=TAG) as c:
         yield c
+
+
+def states(tag: str) -> list[str]:
+    """The state letter of each copy of the job (T: stopped)."""
+    out = []
+    for pid in copies(tag):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+            out.append(data[data.rindex(b")") + 2:][:1].decode())
+        except OSError:
+            pass
+    return out
+
+
+def _logged(daemon, words: str) -> float:
+    """When the daemon first logged a line with ``words`` (its log's local time)."""
+    import datetime
+    line = next(ln for ln in daemon.log().splitlines() if words in ln)
+    at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return at.timestamp()
+
+
+def lease_lines(daemon, job: str) -> list[str]:
+    """The node's log lines about the lease of ``job``."""
+    return [ln for ln in daemon.log().splitlines() if f"job {job}:" in ln and "lease" in ln]
+
+
+def start_on_b(n, tmp_path: Path, tag: str, lines: str):
+    """A reference run of the appender, and the job homed on a, run on b, checkpointed
+    every 5 s, once its first checkpoint is taken and its lease held: (client, reference
+    output, reference file, the job's file, the job's id)."""
+    ref_file, file = tmp_path / f"ref-{tag}.txt", tmp_path / f"appended-{tag}.txt"
+    argv = ["/usr/bin/python3", "-c", APPENDER]
+    ref = subprocess.run([*argv, str(ref_file), lines, tag], capture_output=True, timeout=90)
+    assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+    p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", n["a"].socket,
+                          "--node", "b", "--checkpoint-every", "5s", "--", *argv, str(file),
+                          lines, tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd="/tmp")
+    wait_for(lambda: checkpoint_taken(n["a"], tag), 20, "a checkpoint of the job")
+    view = job_view(n["a"], tag)
+    assert view["node_name"] == "b", view
+    time.sleep(1.5)  # renewals name it; output and appended lines after the checkpoint
+    return p, ref.stdout, ref_file, file, view["id"]
+
+
+def finish(p, n, tag: str, ref_out: bytes, ref_file: Path, file: Path) -> dict:
+    """The job ends well, its output and file exactly those of the reference run; its
+    record at the home."""
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, err
+    assert out == ref_out, (len(out), len(ref_out))
+    assert file.read_bytes() == ref_file.read_bytes()
+    return job_view(n["a"], tag)
 
 
 def test_a_cut_off_node_does_not_run_a_revived_job_beside_its_new_copy(cluster, tmp_path: Path):
@@ -81,6 +151,7 @@ def test_a_cut_off_node_does_not_run_a_revived_job_beside_its_new_copy(cluster, 
 
 def _scenario(lan, n, tmp_path: Path) -> None:
     lines = "800"  # 40 s: b's copy, unfenced, would outlast the checks below
+    job_id = ""
     ref_file, file = tmp_path / "ref.txt", tmp_path / "appended.txt"
     argv = ["/usr/bin/python3", "-c", APPENDER]
     ref = subprocess.run([*argv, str(ref_file), lines, TAG], capture_output=True, timeout=90)
@@ -91,10 +162,13 @@ def _scenario(lan, n, tmp_path: Path) -> None:
                          cwd="/tmp")
     try:
         wait_for(lambda: checkpoint_taken(n["a"], TAG), 20, "a checkpoint of the job")
-        assert job_view(n["a"], TAG)["node_name"] == "b"
+        view = job_view(n["a"], TAG)
+        assert view["node_name"] == "b"
+        job_id = view["id"]
         assert len(copies(TAG)) == 1, _seen(TAG)
         time.sleep(1.5)  # output and appended lines after the checkpoint
         cable(lan, "b", up=False)
+        cut = time.time()
         try:
             wait_for(lambda: job_view(n["a"], TAG).get("node_name") == "c", 40,
                      "the job to be revived on c")
@@ -110,15 +184,18 @@ def _scenario(lan, n, tmp_path: Path) -> None:
         cable(lan, "b", up=True)
     assert p.returncode == 0, err
     assert out == ref.stdout
-    # The file: every line of a plain run, in order, none cut.  Lines b's copy appended
-    # between a's restore on c and b's fence (b may declare a dead a little after a
-    # declares b dead) are not undone: see omuscd(8), CHECKPOINTS.
+    # The file: exactly that of a plain run.  b declares a dead only long after a
+    # restored the job on c (SLOW): without its lease running out first, b's copy ran on
+    # beside c's, its lines appended twice
     got, want = file.read_bytes().splitlines(True), ref_file.read_bytes().splitlines(True)
-    rest = iter(got)
-    assert all(line in rest for line in want), (len(got), len(want))
-    assert got[-1] == want[-1]
     print(f"stale lines in the file: {len(got) - len(want)}")
+    assert got == want, (len(got), len(want))
     assert b"went back to its checkpoint of" in err, err
+    print(f"a declared b dead {_logged(n['a'], '(b) is dead') - cut:.2f}s after the cut, "
+          f"revived the job {_logged(n['a'], 'went back') - cut:.2f}s after it; b froze it "
+          f"{_logged(n['b'], 'frozen until') - cut:.2f}s after it")
+    frozen = [ln for ln in lease_lines(n["b"], job_id) if "frozen" in ln]
+    assert frozen, n["b"].log()[-3000:]
     view = job_view(n["a"], TAG)
     # revived once (on c); or twice: b, heard again, may spread its stale word that c
     # is dead, and a believes it until c refutes it (SWIM): the job then went back to
@@ -127,3 +204,123 @@ def _scenario(lan, n, tmp_path: Path) -> None:
     assert not copies(TAG)
     # b's record says why it stopped; a asks b to drop it once b is heard (nothing left)
     assert "stale copy" in n["b"].log() or "fenced" in n["b"].log(), n["b"].log()[-3000:]
+
+
+def test_a_blip_shorter_than_the_lease_leaves_the_job_running(cluster, tmp_path: Path):
+    """b's cable out for 0.4 of a lease (a renewal is at most a third of it old when the
+    cable goes, so b's lease has a quarter of it to spare): the job is never frozen, nor
+    moved, and ends as a plain run."""
+    lan, _, _, n = cluster
+    tag = f"{TAG}-blip"
+    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "200")
+    try:
+        blip = 0.4 * lease_length(_defaults())
+        cable(lan, "b", up=False)
+        time.sleep(blip)
+        cable(lan, "b", up=True)
+        view = finish(p, n, tag, ref_out, ref_file, file)
+    finally:
+        p.kill()
+        cable(lan, "b", up=True)
+    assert view["state"] == "exited" and view["revived"] == 0 and view["node_name"] == "b"
+    assert not [ln for ln in lease_lines(n["b"], job_id) if "frozen" in ln], \
+        lease_lines(n["b"], job_id)
+
+
+def test_a_cut_longer_than_the_lease_freezes_the_job_then_thaws_it(cluster, tmp_path: Path):
+    """Only the link between a (the home) and b is cut, for three leases: SWIM's indirect
+    probes through c keep b alive at a, so the job is not revived; b's lease runs out and
+    it freezes the job (every process stopped); the link mended, the next renewal thaws
+    it, and it ends as a plain run (output and file exact)."""
+    lan, _, _, n = cluster
+    tag = f"{TAG}-thaw"
+    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
+    try:
+        lan.split(0, 1, apart=True)
+        try:
+            wait_for(lambda: states(tag) == ["T"], 3 * lease_length(_defaults()),
+                     "b to freeze the job")
+            time.sleep(2 * lease_length(_defaults()))
+            assert states(tag) == ["T"], states(tag)  # still frozen, not revived
+            assert job_view(n["a"], tag)["node_name"] == "b"
+        finally:
+            lan.split(0, 1, apart=False)
+        wait_for(lambda: states(tag) not in ([], ["T"]), 10, "b to thaw the job")
+        view = finish(p, n, tag, ref_out, ref_file, file)
+    finally:
+        p.kill()
+    assert view["state"] == "exited" and view["revived"] == 0, view
+    said = lease_lines(n["b"], job_id)
+    assert any("frozen" in ln for ln in said) and any("thawed" in ln for ln in said), said
+
+
+#: A node of the cluster (or a stranger) renewing b's lease of a job homed on a, every
+#: 0.1 s for argv[6] s: over a channel with the key of file argv[1], as node argv[4].
+FORGER = """
+import sys, time, trio
+from omuscd import channel
+from omuscd.version import PROTOCOL_VERSION
+
+async def main():
+    key = open(sys.argv[1], "rb").read().strip()
+    me = {"node": int(sys.argv[4]), "boot": 1, "proto": PROTOCOL_VERSION, "name": "x"}
+    try:
+        ch = await channel.connect((sys.argv[2], int(sys.argv[3])), key, me)
+    except channel.ChannelError as e:
+        print("refused:", e, flush=True)
+        return
+    await ch.send({"op": "lease"})
+    end = time.monotonic() + float(sys.argv[6])
+    while time.monotonic() < end:
+        await ch.send({"op": "renew", "t": time.monotonic(), "lease": 3600.0,
+                       "jobs": [sys.argv[5]]})
+        await trio.sleep(0.1)
+    print("sent", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_renewals_from_anyone_but_the_home_extend_nothing(cluster, tmp_path: Path):
+    """The link between a and b cut: c, a member with the cluster key, renews b's lease
+    of a's job (a lease of an hour) as itself, and a stranger with another key tries to;
+    b freezes the job all the same when a's lease runs out, and thaws it only when a's
+    renewals come back."""
+    lan, _, key, n = cluster
+    tag = f"{TAG}-forged"
+    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
+    wrong = tmp_path / "wrong.key"
+    from omuscd import config
+    config.write_key(str(wrong))
+    b = n["a"].nodes()["b"]
+    c_id = n["b"].nodes()["c"]["id"]
+    forgers = []
+    try:
+        lan.split(0, 1, apart=True)
+        try:
+            for keyfile in (key, wrong):
+                forgers.append(subprocess.Popen(
+                    ["ip", "netns", "exec", lan.ns(2), sys.executable, "-c", FORGER,
+                     str(keyfile), str(b["address"]), str(b["port"]), str(c_id), job_id, "8"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd()))
+            wait_for(lambda: states(tag) == ["T"], 3 * lease_length(_defaults()),
+                     "b to freeze the job despite the forged renewals")
+            said = [f.communicate(timeout=30)[0].decode() for f in forgers]
+            assert said[0].startswith("sent"), said  # c's channel was open: it renewed
+            assert said[1].startswith("refused"), said
+            assert states(tag) == ["T"], states(tag)
+        finally:
+            lan.split(0, 1, apart=False)
+        view = finish(p, n, tag, ref_out, ref_file, file)
+    finally:
+        p.kill()
+        for f in forgers:
+            f.kill()
+    assert view["state"] == "exited" and view["revived"] == 0, view
+    assert "refused a connection" in n["b"].log()
+
+
+def _defaults():
+    """The membership's default timings (the cluster's a and c run them)."""
+    from omuscd.config import Config, defaults
+    return Config(defaults())

@@ -51,6 +51,12 @@ it carries, and its answers:
     ``meta`` has ``dir`` (where they go), ``size`` and ``seq``, no ``file`` comes, and
     after ``done`` the home says ``keep`` (answered ``kept``, or ``failed`` with why) or
     anything else (the images are dropped).
+``lease`` (home -> a node running its checkpointed jobs; one connection per pair, kept)
+    No answer: then ``renew`` messages, every lease/3 s, each with ``t`` (the home's
+    monotonic time of sending), ``lease`` (its length, s) and ``jobs`` (the ids of the
+    home's jobs the node holds; only jobs of that home are extended), each answered
+    ``ack`` with its ``t`` (the next goes once acknowledged).  See
+    :mod:`omuscd.migrate.lease`.
 
 ``progress`` (before the answer to ``act`` migrate or ``emigrate``, when asked for)
     ``job``, ``phase`` (one of omuscd.events.PHASES), ``done``, ``total`` (bytes): how far

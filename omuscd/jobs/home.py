@@ -23,7 +23,7 @@ from omuscd.cluster.membership import ALIVE
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event, Progress
 from omuscd.jobs.books import QUERY_TIMEOUT, home_of
-from omuscd.jobs.held import JobSignals
+from omuscd.jobs.loss import NodeLoss
 from omuscd.jobs.process import check_runnable, refresh_usage, supervise
 from omuscd.jobs.record import (
     EXITED,
@@ -47,7 +47,7 @@ class Placement:
     among: list[str] | None = None
 
 
-class HomeJobs(JobSignals):
+class HomeJobs(NodeLoss):
     """The jobs started here, wherever they run."""
 
     def candidates(self, job: Job | None = None) -> list[balance.Candidate]:
@@ -240,21 +240,6 @@ class HomeJobs(JobSignals):
         if ch is not None:
             await ch.aclose()
 
-    async def _follow_again(self, job: Job) -> None:
-        grace = self.host.cfg.dead_timeout + 2 * self.host.cfg.gossip_interval + 1
-        with trio.move_on_after(grace):
-            while True:
-                node = self.host.members.nodes.get(job.node)
-                if node is not None and node.state == ALIVE:
-                    break
-                await trio.sleep(0.2)
-        node = self.host.members.nodes.get(job.node)
-        if node is None or node.state != ALIVE:
-            self.lost_unless_revived(job, f"node {job.node_name} was not heard from after "
-                                     "this daemon restarted")
-            return
-        await self._follow(job, None)
-
     async def _receive_remote(self, job: Job, ch: Channel) -> None:
         scope = self.scopes.get(job.id)
         while True:
@@ -297,35 +282,6 @@ class HomeJobs(JobSignals):
                 log.warning("job %s: cannot keep its output: %s", job.id, e.strerror or e)
                 job.cut = (f"cannot keep the job's output on node {self.host.name}: "
                            f"{e.strerror or e}")
-
-    def on_events(self, events: list[Event]) -> None:
-        """Membership news: jobs on a dead or departed node are lost (or revived); a
-        node heard again drops its stale copies of jobs revived meanwhile; guests of a
-        dead home with checkpoints are fenced (GuestJobs.fence_guests)."""
-        for ev in events:
-            if ev.kind in ("alive", "restart", "join"):
-                self.moves.healed(int(ev.data.get("node", -1)))
-            if ev.kind == "dead":
-                self.fence_guests(int(ev.data.get("node", -1)))
-            if ev.kind in ("dead", "leave", "restart"):
-                nid = ev.data.get("node")
-                what = {"dead": "died", "leave": "left the cluster",
-                        "restart": "restarted"}[ev.kind]
-                for job in list(self.home.values()):
-                    if job.node != nid or job.state in FINAL:
-                        continue
-                    if ev.kind == "dead":
-                        self.lost_unless_revived(job, f"node {job.node_name} {what}")
-                    else:  # its daemon stopped or restarted: the job may well run on
-                        self._nursery().start_soon(self._lost_unless_back, job, nid, what)
-
-    async def _lost_unless_back(self, job: Job, nid: int, what: str) -> None:
-        """A job whose node's daemon left or restarted is lost only if that daemon does
-        not take it up again in time (it keeps its guests' records too)."""
-        await trio.sleep(2 * self.host.cfg.dead_timeout)
-        if job.state not in FINAL and job.node == nid and job.id not in self.links:
-            self.lost_unless_revived(job, f"node {job.node_name} {what} and did not take "
-                                     "the job up again")
 
     async def act(self, job_id: str, action: str, uid: int, sig: int = signal.SIGTERM,
                   forwarded: bool = False, to: str = "",

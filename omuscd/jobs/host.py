@@ -121,6 +121,10 @@ class Moves(Protocol):
     async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
         """Serve ``checkpoint``: dump a job running here, leaving it running."""
 
+    async def serve_lease(self, ch: Channel, msg: dict[str, Any]) -> None:
+        """Serve ``lease``: a home's renewals of the leases of its checkpointed jobs
+        running here (omuscd.migrate.lease)."""
+
 
 class Unwired:
     """Stands for the moves until the daemon wires them in: any use is a bug."""

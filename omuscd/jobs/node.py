@@ -39,6 +39,7 @@ class JobControl(HomeJobs, GuestJobs):
         ops.add("has", self._serve_has, names_job=True)
         ops.add("drop", self._serve_drop, names_job=True, names_node=True)
         ops.add("checkpoint", self._serve_checkpoint, names_job=True)
+        ops.add("lease", self._serve_lease)
         return ops
 
     async def _serve_act(self, ch: Channel, msg: dict[str, Any]) -> None:
@@ -72,3 +73,6 @@ class JobControl(HomeJobs, GuestJobs):
 
     async def _serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.moves.serve_checkpoint(ch, msg)
+
+    async def _serve_lease(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.moves.serve_lease(ch, msg)

@@ -26,10 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from omuscd.jobs.record import CHECKPOINTED
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.home import MoveHome
+from omuscd.migrate.lease import Grants, Holder
 from omuscd.migrate.recovery import Recovery
 from omuscd.migrate.revive import Revival
 from omuscd.migrate.source import Source
@@ -53,8 +56,17 @@ class Migrations:
         self.home = MoveHome(jc, host, self.books, self.source)
         self.recovery = Recovery(jc, host, self.books, self.source, self.home)
         self.checkpoints = Checkpoints(jc, host, self.books)
+        self.grants = Grants(jc, host)
+        self.holder = Holder(jc, host, self.books)
         self.revival = Revival(jc, host, self.books, self.source, self.target,
-                               self.checkpoints)
+                               self.checkpoints, self.grants)
+
+    async def run_leases(self) -> None:
+        """The leases of checkpointed jobs, both ways (omuscd.migrate.lease): granted by
+        this home, held here for other homes."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.grants.run)
+            nursery.start_soon(self.holder.run)
 
     def listen(self, listener: Callable[[str], None]) -> None:
         """Hear of moves in and out (see omuscd.migrate.books: ARRIVED, LEFT, GIVEN_UP)."""
@@ -127,3 +139,6 @@ class Migrations:
 
     async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.checkpoints.serve(ch, msg)
+
+    async def serve_lease(self, ch: Channel, msg: dict[str, Any]) -> None:
+        await self.holder.serve(ch, msg)

@@ -2,6 +2,10 @@
 best node that can take it (ClusterView.why_not, through HomeJobs.candidates: the home
 included), instead of being lost.
 
+Not before the node it ran on has frozen it: a node declared dead may only be cut off,
+its copy running on; the home waits until the lease it granted that node for the job has
+run out (:mod:`omuscd.migrate.lease`, Grants.revoke), however soon SWIM's verdict came.
+
 The home plays the source of a move whose images are the checkpoint's (the ``immigrate``
 protocol, see :mod:`omuscd.migrate.node`), or restores it itself.  Before that, the files
 the job had open for writing are cut back to their sizes at the checkpoint, with the
@@ -51,6 +55,7 @@ from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.checkpoint import Checkpoints
 from omuscd.migrate.criu import SETPRIV
+from omuscd.migrate.lease import Grants
 from omuscd.migrate.source import Source
 from omuscd.migrate.target import Target
 from omuscd.migrate.transfer import CHUNK, IMAGE_STREAM, RESTORE_TIMEOUT, STEP_TIMEOUT
@@ -91,8 +96,9 @@ class Revival:
     """Restoring jobs of this home from their checkpoints (see the module's docstring)."""
 
     def __init__(self, jc: JobControl, host: MoveHost, books: MoveBooks, source: Source,
-                 target: Target, checkpoints: Checkpoints):
+                 target: Target, checkpoints: Checkpoints, leases: Grants):
         self.jc = jc
+        self.leases = leases
         self.host = host
         self.books = books
         self.source = source
@@ -114,8 +120,13 @@ class Revival:
         return True
 
     async def _revive(self, job: Job, why: str) -> None:
+        """Restore ``job`` elsewhere, but only once the node it ran on has frozen it: its
+        lease from this home has run out (omuscd.migrate.lease; SWIM may declare a node
+        dead sooner than that), so that it never runs twice."""
         self.checkpoints.cancel(job.id)  # one from the node that died goes no further
         self._left(job)
+        gone = job.node
+        until = self.leases.revoke(job) if gone != self.jc.me else 0.0
         with trio.move_on_after(RESTORE_TIMEOUT):  # a move under way fails
             while job.id in self.books.moving:
                 await trio.sleep(0.1)
@@ -129,11 +140,15 @@ class Revival:
             with trio.move_on_after(grace):
                 while not self._targets(job):
                     await trio.sleep(0.5)
+            await self.leases.wait_out(job, until)
             failed = await self._each_checkpoint(job)
             if failed is not None:
                 self.jc.mark_lost(job, f"{why}; no checkpoint of it could be restored "
                                   f"({failed})")
+            elif gone != self.jc.me:  # heard still (it left, or restarted): drop its copy
+                self.jc.nursery.start_soon(self._drop_stale, job, gone)  # type: ignore[union-attr]
         finally:
+            self.leases.revived(job.id)
             self.books.moving.discard(job.id)
             self.jc.release_held(job)
 
