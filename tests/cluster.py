@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,12 @@ from omuscd.client import ControlClient, Reply
 
 PYTHON = sys.executable
 NETNS_PREFIX = "198.18.0."
+#: the directories this test run makes in /tmp start so: its pid tells them from those of
+#: runs beside it (see leftovers)
+RUN_PREFIX = f"omt-{os.getpid()}-"
+#: network namespaces and users this run made and has not removed (see leftovers)
+MADE_NETNS: set[str] = set()
+MADE_USERS: set[str] = set()
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> float:
@@ -127,7 +133,7 @@ def start_daemon(name: str, args: list[str], workdir: Path, netns: str | None = 
 
 def short_tmpdir() -> Path:
     """A short directory: Unix socket paths must stay under 108 bytes."""
-    return Path(tempfile.mkdtemp(prefix="omt-"))
+    return Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
 
 
 def can_netns() -> str | None:
@@ -166,6 +172,7 @@ class NetnsLan:
         try:
             sh("ip", "netns", "add", self.bridge)
             self.names.append(self.bridge)
+            MADE_NETNS.add(self.bridge)
             sh("ip", "-n", self.bridge, "link", "set", "lo", "up")
             sh("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
             sh("ip", "-n", self.bridge, "link", "set", "br0", "up")
@@ -180,6 +187,7 @@ class NetnsLan:
         ns = self.ns(i)
         sh("ip", "netns", "add", ns)
         self.names.append(ns)
+        MADE_NETNS.add(ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"v{i}",
            "netns", self.bridge)
@@ -190,8 +198,31 @@ class NetnsLan:
 
     def __exit__(self, *exc: object) -> None:
         for ns in reversed(self.names):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            if subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode == 0:
+                MADE_NETNS.discard(ns)
         self.names.clear()
+
+
+def tbf(rate: str) -> list[str]:
+    """A token bucket (``tc qdisc ... tbf``) holding a link to ``rate``, smoothly."""
+    return ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]
+
+
+@contextmanager
+def slow_links(lan: NetnsLan, nodes: Iterable[int], rate: str = "100mbit") -> Iterator[None]:
+    """What ``lan``'s nodes ``nodes`` (indices) send slowed to ``rate`` for real (a tbf on
+    each one's eth0: slow every node of a move for both ways), then fast again: moves
+    then last seconds, long enough to act in the middle of one."""
+    slowed: list[int] = []
+    try:
+        for i in nodes:
+            sh("tc", "-n", lan.ns(i), "qdisc", "add", "dev", "eth0", "root", *tbf(rate))
+            slowed.append(i)
+        yield
+    finally:
+        for i in slowed:
+            subprocess.run(["tc", "-n", lan.ns(i), "qdisc", "del", "dev", "eth0", "root"],
+                           capture_output=True)
 
 
 def telnet(addr: str, port: int, script: list[tuple[str, float]],
@@ -214,6 +245,24 @@ def telnet(addr: str, port: int, script: list[tuple[str, float]],
         time.sleep(pause)
     out, _ = p.communicate(timeout=10)
     return out.decode(errors="replace")
+
+
+def processes_naming(text: str) -> dict[int, str]:
+    """The processes whose command line has ``text`` (a path, say): pid -> command line
+    (its words joined by spaces)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                words = f.read().decode(errors="replace").rstrip("\0").split("\0")
+        except OSError:
+            continue
+        line = " ".join(words)
+        if text in line:
+            found[int(entry)] = line
+    return found
 
 
 def as_user(uid: int, fn: Callable[[], Any]) -> Any:
@@ -326,12 +375,13 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
     import shutil
 
     name = f"omt{os.getpid() % 100000}{tag}"[:31]
-    base = Path(tempfile.mkdtemp(prefix="omtu-"))
+    base = Path(tempfile.mkdtemp(prefix=f"omtu-{RUN_PREFIX[4:]}"))
     os.chmod(base, 0o755)
     home = base / name
     subprocess.run(["userdel", "-f", name], capture_output=True)  # a leftover of a crash
     sh("useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
        "--user-group", name)
+    MADE_USERS.add(name)
     try:
         pw = pwd.getpwnam(name)
         home.mkdir(mode=0o700)
@@ -358,7 +408,8 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
         time.sleep(0.1)
-        subprocess.run(["userdel", "-f", name], capture_output=True)
+        if subprocess.run(["userdel", "-f", name], capture_output=True).returncode == 0:
+            MADE_USERS.discard(name)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -480,3 +531,78 @@ def examples_lan() -> Iterator[tuple[Any, dict[str, Daemon]]]:
         pytest.skip(reason)
     with namespace_cluster("ab", prefix=f"omx{os.getpid() % 10000}x") as (lan, _, _, nodes):
         yield lan, nodes
+
+
+# ---------------------------------------------------------------------- leftovers
+
+def _naming(pid: int, marks: tuple[str, ...]) -> str | None:
+    """Process ``pid``'s command line if it, its working directory or a file it has open
+    is under one of ``marks`` (paths), else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read().decode(errors="replace").rstrip("\0").replace("\0", " ")
+        places = [line, os.readlink(f"/proc/{pid}/cwd")]
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                places.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    except OSError:  # gone, or a kernel thread
+        return None
+    return line if any(m in p for p in places for m in marks) else None
+
+
+def run_marks(basetemp: Path) -> tuple[str, ...]:
+    """The paths under which only this run makes things: its directories in /tmp (see
+    RUN_PREFIX, ordinary_user) and pytest's ``basetemp`` (tmp_path's root)."""
+    tmp = tempfile.gettempdir()
+    return (f"{tmp}/{RUN_PREFIX}", f"{tmp}/omtu-{RUN_PREFIX[4:]}", f"{basetemp}/")
+
+
+def left_processes(marks: tuple[str, ...]) -> dict[int, str]:
+    """The processes (not this one) holding something under ``marks``: what a test of this
+    run started (a daemon, CRIU, a job's init and its command all hold their state
+    directory's files or name it) and did not end.  pid -> command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            line = _naming(int(entry), marks)
+            if line is not None:
+                found[int(entry)] = line
+    return found
+
+
+def leftovers(marks: tuple[str, ...], wait: float = 5.0) -> list[str]:
+    """What this run left behind, once ``wait`` seconds did not end it: processes under
+    ``marks`` (see left_processes), network namespaces and users it made.  All of it is
+    removed (killed, deleted) so that one leak fails one module, not every one after;
+    returns what it was, one line each."""
+    deadline = time.monotonic() + wait
+    procs = left_processes(marks)
+    while procs and time.monotonic() < deadline:
+        time.sleep(0.1)
+        procs = left_processes(marks)
+    found = [f"process {pid}: {line[:300]}" for pid, line in sorted(procs.items())]
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    live = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
+                              text=True).stdout.split())
+    for ns in sorted(MADE_NETNS & live):
+        found.append(f"network namespace {ns}")
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    MADE_NETNS.clear()
+    import pwd
+
+    for name in sorted(MADE_USERS):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        found.append(f"user {name}")
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        subprocess.run(["userdel", "-f", name], capture_output=True)
+    MADE_USERS.clear()
+    return found
