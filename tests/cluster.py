@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -413,6 +414,76 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- jobs and moves
+
+def job_processes(tag: str) -> list[int]:
+    """The job's own processes (not its init, not the omuscd run that started it): those
+    whose command line has ``tag``, of this run's daemons (writing to a spool under
+    RUN_MARKS: another run beside this one may run the same test's job)."""
+    procs = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
+    mine = []
+    for pid in procs:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if "jobinit" not in cmd and "omuscd run" not in cmd.replace("\0", " ") and \
+                "-m\0omuscd" not in cmd and _naming(int(pid), RUN_MARKS) is not None:
+            mine.append(int(pid))
+    return mine
+
+
+def job_of(node: Daemon, marker: str) -> str:
+    """The id of the running job whose command has ``marker``, once its command runs (a
+    job still starting is not moved: see jobs.starting)."""
+    def find() -> str | None:
+        for j in node.json("jobs")["jobs"]:
+            if marker in j["command"] and j["state"] == "running":
+                return j["id"]
+        return None
+    wait_for(find, 10, f"the job {marker} to be listed")
+    wait_for(lambda: job_processes(marker), 10, f"the command of the job {marker} to run")
+    return find() or ""
+
+
+def run_job(node: Daemon, where: Iterable[str], *argv: str) -> subprocess.Popen[bytes]:
+    """``omuscd run`` of ``argv`` on ``node``, attached (``where``: --home, --node b...),
+    from /tmp: its output and exit status are the job's."""
+    return subprocess.Popen([PYTHON, "-m", "omuscd", "run", "--connect", node.socket, *where,
+                             "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd="/tmp")
+
+
+def start_job(node: Daemon, where: Iterable[str], argv: list[str], tag: str
+              ) -> tuple[subprocess.Popen[bytes], str]:
+    """:func:`run_job` of a job that prints ``ready`` first and has ``tag`` in its command
+    line: the client and the job id, once it is ready, listed, and past 'still starting'
+    (see jobs.starting)."""
+    p = run_job(node, where, *argv)
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    job = job_of(node, tag)
+    time.sleep(0.5)
+    return p, job
+
+
+def migrating(node: Daemon, job: str, where: str, timeout: float = 300
+              ) -> tuple[threading.Thread, dict[str, Any]]:
+    """``migrate JOB WHERE`` sent to ``node`` in a thread (joined by the caller); its reply
+    lands in the dict, unless the daemon stops under it."""
+    result: dict[str, Any] = {}
+
+    def migrate() -> None:
+        try:
+            with ControlClient.unix(node.socket, timeout=timeout) as c:
+                result["reply"] = c.command(f"migrate {job} {where}")
+        except (OSError, ConnectionError, ValueError):
+            pass
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    return t, result
+
+
 # ---------------------------------------------------------------------- shared checks
 
 #: The start of a script run as an ordinary user: ``users_dump()`` waits for the first CRIU
@@ -552,11 +623,16 @@ def _naming(pid: int, marks: tuple[str, ...]) -> str | None:
     return line if any(m in p for p in places for m in marks) else None
 
 
-def run_marks(basetemp: Path) -> tuple[str, ...]:
+def run_marks(basetemp: Path | None) -> tuple[str, ...]:
     """The paths under which only this run makes things: its directories in /tmp (see
     RUN_PREFIX, ordinary_user) and pytest's ``basetemp`` (tmp_path's root)."""
     tmp = tempfile.gettempdir()
-    return (f"{tmp}/{RUN_PREFIX}", f"{tmp}/omtu-{RUN_PREFIX[4:]}", f"{basetemp}/")
+    return (f"{tmp}/{RUN_PREFIX}", f"{tmp}/omtu-{RUN_PREFIX[4:]}",
+            *([f"{basetemp}/"] if basetemp is not None else []))
+
+
+#: run_marks, pytest's basetemp added once known (tests/conftest.py)
+RUN_MARKS = run_marks(None)
 
 
 def left_processes(marks: tuple[str, ...]) -> dict[int, str]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import cluster
 from tests.cluster import Daemon, leftovers, run_marks, short_tmpdir
 
 
@@ -15,8 +16,9 @@ def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     network namespace or test user is left; any is named (the module fails) and
     removed, so that the modules after it do not fail for it.  Only this run's are
     looked at: tests of other runs may be running beside it."""
+    cluster.RUN_MARKS = marks = run_marks(tmp_path_factory.getbasetemp())
     yield
-    found = leftovers(run_marks(tmp_path_factory.getbasetemp()))
+    found = leftovers(marks)
     if found:
         pytest.fail("left behind by this module (now removed):\n" + "\n".join(found),
                     pytrace=False)

@@ -28,9 +28,13 @@ from tests.cluster import (
     USERS_DUMP,
     User,
     criu_problem,
+    job_of,
+    job_processes,
+    migrating,
     namespace_cluster,
     ordinary_user,
     processes_naming,
+    run_job,
     slow_links,
     start_daemon,
     wait_for,
@@ -79,30 +83,19 @@ def cluster():
 
 def start_again(cluster, name: str, *args: str) -> None:
     """Start node ``name`` (a or b) of the module's cluster again, stopped by a test, as it
-    was (``args`` added), once the other one sees it."""
+    was (``args`` added), once the other one holds it alive (a move to a node it holds
+    dead is refused: "cannot reach the target")."""
     lan, work, key, n = cluster
     i = "ab".index(name)
     n[name] = start_daemon(name, ["--key-file", str(key), *QUIET, *args], work,
                            netns=lan.ns(i))
-    wait_for(lambda: name in n["ba"[i]].nodes(), 10, f"{'ba'[i]} to see {name} again")
+    other = n["ba"[i]]
+    wait_for(lambda: other.nodes().get(name, {}).get("state") == "alive", 20,
+             f"{other.name} to hold {name} alive again")
 
 def start(node, *argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, "--home",
-                             "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd="/tmp")
-
-
-def job_of(node, marker: str) -> str:
-    """The id of the running job whose command has ``marker``, once its command runs (a
-    job still starting is not moved: see jobs.starting)."""
-    def find() -> str | None:
-        for j in node.json("jobs")["jobs"]:
-            if marker in j["command"] and j["state"] == "running":
-                return j["id"]
-        return None
-    wait_for(find, 10, f"the job {marker} to be listed")
-    wait_for(lambda: job_processes(marker), 10, f"the command of the job {marker} to run")
-    return find() or ""
+    """``omuscd run --home`` of ``argv`` on ``node``, attached."""
+    return run_job(node, ["--home"], *argv)
 
 
 def memory_job(node, flag, tag: str) -> tuple[subprocess.Popen[bytes], list[bytes], str]:
@@ -112,21 +105,6 @@ def memory_job(node, flag, tag: str) -> tuple[subprocess.Popen[bytes], list[byte
     ready = p.stdout.readline().split()
     assert ready[0] == b"ready"
     return p, ready, job_of(node, tag)
-
-
-def job_processes(tag: str) -> list[int]:
-    """The job's own processes (not its init, not the omuscd run that started it)."""
-    procs = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
-    mine = []
-    for pid in procs:
-        try:
-            cmd = open(f"/proc/{pid}/cmdline").read()
-        except OSError:
-            continue
-        if "jobinit" not in cmd and "omuscd run" not in cmd.replace("\0", " ") and \
-                "-m\0omuscd" not in cmd:
-            mine.append(int(pid))
-    return mine
 
 
 def frozen_line(node, job: str) -> str:
@@ -633,23 +611,6 @@ def test_root_takes_over_a_process_by_pid(cluster, tmp_path):
         subprocess.run(["pkill", "-9", "-f", "omuscd-migration-test-5"], capture_output=True)
         outsider.kill()
         outsider.wait()
-
-
-def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, object]]:
-    """``migrate JOB WHERE`` sent to ``node`` in a thread (joined by the caller); its
-    reply lands in the dict, unless the daemon stops under it."""
-    result: dict[str, object] = {}
-
-    def migrate() -> None:
-        try:
-            with ControlClient.unix(node.socket, timeout=120) as c:
-                result["reply"] = c.command(f"migrate {job} {where}")
-        except (OSError, ConnectionError, ValueError):
-            pass
-
-    t = threading.Thread(target=migrate)
-    t.start()
-    return t, result
 
 
 def test_a_big_job_to_a_target_without_post_copy_streams_its_memory(cluster, tmp_path):
