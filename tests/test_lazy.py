@@ -329,10 +329,11 @@ def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
     """omuscd.migrate.target's guard: if the target daemon dies before a post-copy job has
     every page, the job is killed, and the lazy-pages socket stays open until then (else
     lazy-pages would end and the job read zeros); told 'done', it leaves the job alone.
-    It starts before the restore, with lazy-pages, and is told the job's pid after it: a
-    daemon that dies before that (nothing restored) makes it kill lazy-pages, which would
-    wait for the restore for ever (it was left so, its parent init); told 'done' then (the
-    move given up by a living daemon, which kills lazy-pages itself), it kills nothing."""
+    It starts before the restore, with lazy-pages, and is told the job's pid after it; a
+    daemon that dies kills lazy-pages through it too, also before the pid (nothing
+    restored: lazy-pages would wait for the restore for ever, its parent init, as it was
+    left); told 'done' then (the move given up by a living daemon, which kills lazy-pages
+    itself), it kills nothing."""
     from omuscd.migrate.target import _guard, _guard_done, _guard_watch
 
     async def main() -> None:
@@ -362,9 +363,8 @@ def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
                     await guard.stdin.aclose()  # as when the daemon dies
                     with trio.fail_after(10):
                         assert await job.wait() == -signal.SIGKILL
+                        assert await lazyd.wait() == -signal.SIGKILL
                         await guard.wait()
-                    # lazy-pages ends by itself once the job does (and its socket closes)
-                    assert lazyd.returncode is None
                 else:
                     await _guard_done(guard)
                     assert guard.returncode == 0 and job.returncode is None

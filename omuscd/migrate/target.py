@@ -260,6 +260,9 @@ class Target:
                         kept = self.host.mover.keep_log(images / "lazy-pages.log", "lazy-pages")
                         raise MoveError(f"criu lazy-pages failed (exit {lazyd.returncode})"
                                         f"{kept}")
+                    # every page is there: the guard has nothing more to do (and must not
+                    # keep the pid of lazy-pages, collected now)
+                    await _guard_done(parts.guard)
                 except (ChannelError, MoveError, OSError, trio.TooSlowError) as e:
                     failed = e
                 nursery.cancel_scope.cancel()
@@ -397,14 +400,15 @@ async def _receive_spool(ch: Channel, fd: int, name: str, size: int) -> None:
 #: socket too: that end closing with the daemon would end lazy-pages, and the job would
 #: then read zeros for pages not yet there.  Started with lazy-pages, before the job's
 #: restore (a process start less in its freeze), it is told the pid once the job is
-#: restored, and "done" when the job is taken or already killed.  Ended before it was told
-#: a pid (the daemon died before the restore), it kills lazy-pages (its pid, ``$1``): that
-#: one waits for a restore to connect and would wait for ever, its parent init.  Once the
-#: job is restored lazy-pages ends by itself when the job does.
+#: restored, and "done" once the job has all of its memory, is killed, or was never
+#: restored.  Ended otherwise (the daemon died), it kills lazy-pages too (its pid, ``$1``),
+#: after the job: before the restore, lazy-pages waits for one to connect (criu/uffd.c
+#: prepare_uffds) and would wait for ever, its parent init.  The daemon says "done"
+#: before it collects lazy-pages, so that pid is never another process's here.
 GUARD = ('lazy=$1; case $lazy in ""|*[!0-9]*|0|1) lazy=;; esac; read -r pid || pid=; '
-         '[ "$pid" = done ] && exit 0; case $pid in ""|*[!0-9]*|0|1) '
-         '[ -n "$lazy" ] && kill -KILL "$lazy"; exit 0;; esac; '
-         'read -r word; [ "$word" = done ] && exit 0; kill -KILL "$pid"')
+         '[ "$pid" = done ] && exit 0; case $pid in ""|*[!0-9]*|0|1) pid=;; '
+         '*) read -r word; [ "$word" = done ] && exit 0;; esac; '
+         '[ -n "$pid" ] && kill -KILL "$pid"; [ -n "$lazy" ] && kill -KILL "$lazy"; exit 0')
 
 
 class _Lazy:
