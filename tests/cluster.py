@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,12 @@ from omuscd.client import ControlClient, Reply
 
 PYTHON = sys.executable
 NETNS_PREFIX = "198.18.0."
+#: the directories this test run makes in /tmp start so: its pid tells them from those of
+#: runs beside it (see leftovers)
+RUN_PREFIX = f"omt-{os.getpid()}-"
+#: network namespaces and users this run made and has not removed (see leftovers)
+MADE_NETNS: set[str] = set()
+MADE_USERS: set[str] = set()
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> float:
@@ -127,7 +134,7 @@ def start_daemon(name: str, args: list[str], workdir: Path, netns: str | None = 
 
 def short_tmpdir() -> Path:
     """A short directory: Unix socket paths must stay under 108 bytes."""
-    return Path(tempfile.mkdtemp(prefix="omt-"))
+    return Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
 
 
 def can_netns() -> str | None:
@@ -166,6 +173,7 @@ class NetnsLan:
         try:
             sh("ip", "netns", "add", self.bridge)
             self.names.append(self.bridge)
+            MADE_NETNS.add(self.bridge)
             sh("ip", "-n", self.bridge, "link", "set", "lo", "up")
             sh("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
             sh("ip", "-n", self.bridge, "link", "set", "br0", "up")
@@ -180,6 +188,7 @@ class NetnsLan:
         ns = self.ns(i)
         sh("ip", "netns", "add", ns)
         self.names.append(ns)
+        MADE_NETNS.add(ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"v{i}",
            "netns", self.bridge)
@@ -198,8 +207,31 @@ class NetnsLan:
 
     def __exit__(self, *exc: object) -> None:
         for ns in reversed(self.names):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            if subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode == 0:
+                MADE_NETNS.discard(ns)
         self.names.clear()
+
+
+def tbf(rate: str) -> list[str]:
+    """A token bucket (``tc qdisc ... tbf``) holding a link to ``rate``, smoothly."""
+    return ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]
+
+
+@contextmanager
+def slow_links(lan: NetnsLan, nodes: Iterable[int], rate: str = "100mbit") -> Iterator[None]:
+    """What ``lan``'s nodes ``nodes`` (indices) send slowed to ``rate`` for real (a tbf on
+    each one's eth0: slow every node of a move for both ways), then fast again: moves
+    then last seconds, long enough to act in the middle of one."""
+    slowed: list[int] = []
+    try:
+        for i in nodes:
+            sh("tc", "-n", lan.ns(i), "qdisc", "add", "dev", "eth0", "root", *tbf(rate))
+            slowed.append(i)
+        yield
+    finally:
+        for i in slowed:
+            subprocess.run(["tc", "-n", lan.ns(i), "qdisc", "del", "dev", "eth0", "root"],
+                           capture_output=True)
 
 
 def telnet(addr: str, port: int, script: list[tuple[str, float]],
@@ -222,6 +254,24 @@ def telnet(addr: str, port: int, script: list[tuple[str, float]],
         time.sleep(pause)
     out, _ = p.communicate(timeout=10)
     return out.decode(errors="replace")
+
+
+def processes_naming(text: str) -> dict[int, str]:
+    """The processes whose command line has ``text`` (a path, say): pid -> command line
+    (its words joined by spaces)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                words = f.read().decode(errors="replace").rstrip("\0").split("\0")
+        except OSError:
+            continue
+        line = " ".join(words)
+        if text in line:
+            found[int(entry)] = line
+    return found
 
 
 def as_user(uid: int, fn: Callable[[], Any]) -> Any:
@@ -334,12 +384,13 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
     import shutil
 
     name = f"omt{os.getpid() % 100000}{tag}"[:31]
-    base = Path(tempfile.mkdtemp(prefix="omtu-"))
+    base = Path(tempfile.mkdtemp(prefix=f"omtu-{RUN_PREFIX[4:]}"))
     os.chmod(base, 0o755)
     home = base / name
     subprocess.run(["userdel", "-f", name], capture_output=True)  # a leftover of a crash
     sh("useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
        "--user-group", name)
+    MADE_USERS.add(name)
     try:
         pw = pwd.getpwnam(name)
         home.mkdir(mode=0o700)
@@ -366,8 +417,79 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
         time.sleep(0.1)
-        subprocess.run(["userdel", "-f", name], capture_output=True)
+        if subprocess.run(["userdel", "-f", name], capture_output=True).returncode == 0:
+            MADE_USERS.discard(name)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- jobs and moves
+
+def job_processes(tag: str) -> list[int]:
+    """The job's own processes (not its init, not the omuscd run that started it): those
+    whose command line has ``tag``, of this run's daemons (writing to a spool under
+    RUN_MARKS: another run beside this one may run the same test's job)."""
+    procs = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
+    mine = []
+    for pid in procs:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if "jobinit" not in cmd and "omuscd run" not in cmd.replace("\0", " ") and \
+                "-m\0omuscd" not in cmd and _naming(int(pid), RUN_MARKS) is not None:
+            mine.append(int(pid))
+    return mine
+
+
+def job_of(node: Daemon, marker: str) -> str:
+    """The id of the running job whose command has ``marker``, once its command runs (a
+    job still starting is not moved: see jobs.starting)."""
+    def find() -> str | None:
+        for j in node.json("jobs")["jobs"]:
+            if marker in j["command"] and j["state"] == "running":
+                return j["id"]
+        return None
+    wait_for(find, 10, f"the job {marker} to be listed")
+    wait_for(lambda: job_processes(marker), 10, f"the command of the job {marker} to run")
+    return find() or ""
+
+
+def run_job(node: Daemon, where: Iterable[str], *argv: str) -> subprocess.Popen[bytes]:
+    """``omuscd run`` of ``argv`` on ``node``, attached (``where``: --home, --node b...),
+    from /tmp: its output and exit status are the job's."""
+    return subprocess.Popen([PYTHON, "-m", "omuscd", "run", "--connect", node.socket, *where,
+                             "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd="/tmp")
+
+
+def start_job(node: Daemon, where: Iterable[str], argv: list[str], tag: str
+              ) -> tuple[subprocess.Popen[bytes], str]:
+    """:func:`run_job` of a job that prints ``ready`` first and has ``tag`` in its command
+    line: the client and the job id, once it is ready, listed, and past 'still starting'
+    (see jobs.starting)."""
+    p = run_job(node, where, *argv)
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    job = job_of(node, tag)
+    time.sleep(0.5)
+    return p, job
+
+
+def migrating(node: Daemon, job: str, where: str, timeout: float = 300
+              ) -> tuple[threading.Thread, dict[str, Any]]:
+    """``migrate JOB WHERE`` sent to ``node`` in a thread (joined by the caller); its reply
+    lands in the dict, unless the daemon stops under it."""
+    result: dict[str, Any] = {}
+
+    def migrate() -> None:
+        try:
+            with ControlClient.unix(node.socket, timeout=timeout) as c:
+                result["reply"] = c.command(f"migrate {job} {where}")
+        except (OSError, ConnectionError, ValueError):
+            pass
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    return t, result
 
 
 # ---------------------------------------------------------------------- shared checks
@@ -488,3 +610,83 @@ def examples_lan() -> Iterator[tuple[Any, dict[str, Daemon]]]:
         pytest.skip(reason)
     with namespace_cluster("ab", prefix=f"omx{os.getpid() % 10000}x") as (lan, _, _, nodes):
         yield lan, nodes
+
+
+# ---------------------------------------------------------------------- leftovers
+
+def _naming(pid: int, marks: tuple[str, ...]) -> str | None:
+    """Process ``pid``'s command line if it, its working directory or a file it has open
+    is under one of ``marks`` (paths), else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read().decode(errors="replace").rstrip("\0").replace("\0", " ")
+        places = [line, os.readlink(f"/proc/{pid}/cwd")]
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                places.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    except OSError:  # gone, or a kernel thread
+        return None
+    return line if any(m in p for p in places for m in marks) else None
+
+
+def run_marks(basetemp: Path | None) -> tuple[str, ...]:
+    """The paths under which only this run makes things: its directories in /tmp (see
+    RUN_PREFIX, ordinary_user) and pytest's ``basetemp`` (tmp_path's root)."""
+    tmp = tempfile.gettempdir()
+    return (f"{tmp}/{RUN_PREFIX}", f"{tmp}/omtu-{RUN_PREFIX[4:]}",
+            *([f"{basetemp}/"] if basetemp is not None else []))
+
+
+#: run_marks, pytest's basetemp added once known (tests/conftest.py)
+RUN_MARKS = run_marks(None)
+
+
+def left_processes(marks: tuple[str, ...]) -> dict[int, str]:
+    """The processes (not this one) holding something under ``marks``: what a test of this
+    run started (a daemon, CRIU, a job's init and its command all hold their state
+    directory's files or name it) and did not end.  pid -> command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            line = _naming(int(entry), marks)
+            if line is not None:
+                found[int(entry)] = line
+    return found
+
+
+def leftovers(marks: tuple[str, ...], wait: float = 5.0) -> list[str]:
+    """What this run left behind, once ``wait`` seconds did not end it: processes under
+    ``marks`` (see left_processes), network namespaces and users it made.  All of it is
+    removed (killed, deleted) so that one leak fails one module, not every one after;
+    returns what it was, one line each."""
+    deadline = time.monotonic() + wait
+    procs = left_processes(marks)
+    while procs and time.monotonic() < deadline:
+        time.sleep(0.1)
+        procs = left_processes(marks)
+    found = [f"process {pid}: {line[:300]}" for pid, line in sorted(procs.items())]
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    live = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
+                              text=True).stdout.split())
+    for ns in sorted(MADE_NETNS & live):
+        found.append(f"network namespace {ns}")
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    MADE_NETNS.clear()
+    import pwd
+
+    for name in sorted(MADE_USERS):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        found.append(f"user {name}")
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        subprocess.run(["userdel", "-f", name], capture_output=True)
+    MADE_USERS.clear()
+    return found

@@ -12,12 +12,19 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from omuscd.client import ControlClient
-from tests.cluster import namespace_cluster, wait_for
-from tests.test_migration import REASON, job_processes
+from tests.cluster import (
+    Daemon,
+    job_processes,
+    migrating,
+    namespace_cluster,
+    start_job,
+    wait_for,
+)
+from tests.test_migration import REASON
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
@@ -48,31 +55,7 @@ def cluster():
 
 def run(node, where: list[str], mb: int, tag: str) -> tuple[subprocess.Popen[bytes], str]:
     """``omuscd run`` of the BIG job, attached, once it is ready: the client and the job id."""
-    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, *where, "--",
-                          PY, "-c", BIG, str(mb), tag], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd="/tmp")
-    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-    found: list[str] = []
-
-    def listed() -> bool:
-        found[:] = [j["id"] for j in node.json("jobs")["jobs"]
-                    if tag in j["command"] and j["state"] == "running"]
-        return bool(found) and bool(job_processes(tag))
-    wait_for(listed, 10, f"the job {tag} to be listed")
-    time.sleep(0.5)  # past 'still starting' (see jobs.starting)
-    return p, found[0]
-
-
-def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, object]]:
-    result: dict[str, object] = {}
-
-    def go() -> None:
-        with ControlClient.unix(node.socket, timeout=300) as c:
-            result["reply"] = c.command(f"migrate {job} {where}")
-
-    t = threading.Thread(target=go)
-    t.start()
-    return t, result
+    return start_job(node, where, [PY, "-c", BIG, str(mb), tag], tag)
 
 
 def stopped(tag: str) -> bool:
@@ -85,6 +68,21 @@ def stopped(tag: str) -> bool:
         if state in ("t", "T"):
             return True
     return False
+
+
+def ended_by_term(t: threading.Thread, result: dict[str, Any], p: subprocess.Popen[bytes],
+                  home: Daemon, job: str, where: str) -> dict[str, Any]:
+    """The move (``t``, its reply in ``result``) succeeded, and the job ended there
+    (``where``) by the TERM held for it: ``omuscd run`` (``p``) exits 143, the record at
+    ``home`` says so; that record."""
+    t.join(120)
+    assert result["reply"].ok, result
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 143, err
+    view = home.json(f"job {job}")
+    assert view["state"] == "exited" and view["node_name"] == where, view
+    assert view["exit"] == {"signal": 15}, view
+    return view
 
 
 def test_a_kill_while_the_memory_follows_is_held_and_ends_the_job_at_the_target(cluster):
@@ -102,13 +100,7 @@ def test_a_kill_while_the_memory_follows_is_held_and_ends_the_job_at_the_target(
                  "the job to run on b while its memory follows", interval=0.002)
         reply = n["a"].ctl(f"kill {job} TERM")
         assert reply.ok and "held" in reply.text and "until its move ends" in reply.text, reply
-        t.join(120)
-        assert result["reply"].ok, result  # type: ignore[attr-defined]
-        _, err = p.communicate(timeout=30)
-        assert p.returncode == 143, err
-        view = n["a"].json(f"job {job}")
-        assert view["state"] == "exited" and view["node_name"] == "b", view
-        assert view["exit"] == {"signal": 15}, view
+        view = ended_by_term(t, result, p, n["a"], job, "b")
         assert "held" not in view  # delivered once, gone from the queue
         assert f"job {job}: held signal 15 delivered on b" in n["a"].log()
     finally:
@@ -131,13 +123,7 @@ def test_a_term_to_omuscd_run_during_a_move_home_ends_the_job_at_home(cluster):
                  interval=0.001)
         time.sleep(0.3)  # past the dump: its pages are on their way
         p.send_signal(signal.SIGTERM)
-        t.join(120)
-        assert result["reply"].ok, result  # type: ignore[attr-defined]
-        _, err = p.communicate(timeout=30)
-        assert p.returncode == 143, err
-        view = n["a"].json(f"job {job}")
-        assert view["state"] == "exited" and view["node_name"] == "a", view
-        assert view["exit"] == {"signal": 15}, view
+        ended_by_term(t, result, p, n["a"], job, "a")
         assert f"job {job}: signal 15 held until its move ends" in n["a"].log()
     finally:
         n["b"].ctl("set stream_pages on")
@@ -156,14 +142,7 @@ def test_a_held_signal_for_a_job_that_ends_in_the_move_is_dropped_with_it(cluste
             "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\nsys.exit(7)\n")
     assert n["a"].ctl("set post_copy_mb 1").ok
     try:
-        p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["a"].socket,
-                              "--home", "--", PY, "-c", code, str(flag), tag],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
-        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-        wait_for(lambda: any(tag in j["command"] for j in n["a"].json("jobs")["jobs"]), 10,
-                 "the job")
-        time.sleep(0.5)
-        job = next(j["id"] for j in n["a"].json("jobs")["jobs"] if tag in j["command"])
+        p, job = start_job(n["a"], ["--home"], [PY, "-c", code, str(flag), tag], tag)
         t, _ = migrating(n["a"], job, "b")
         wait_for(lambda: f"job {job} runs here; its memory follows" in n["b"].log(), 60,
                  "the job to run on b while its memory follows", interval=0.002)

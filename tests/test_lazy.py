@@ -329,42 +329,50 @@ def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
     """omuscd.migrate.target's guard: if the target daemon dies before a post-copy job has
     every page, the job is killed, and the lazy-pages socket stays open until then (else
     lazy-pages would end and the job read zeros); told 'done', it leaves the job alone.
-    It starts before the restore and is told the job's pid after it: a daemon that dies
-    before that (nothing restored) makes it end killing nothing."""
+    It starts before the restore, with lazy-pages, and is told the job's pid after it; a
+    daemon that dies kills lazy-pages through it too, also before the pid (nothing
+    restored: lazy-pages would wait for the restore for ever, its parent init, as it was
+    left); told 'done' then (the move given up by a living daemon, which kills lazy-pages
+    itself), it kills nothing."""
     from omuscd.migrate.target import _guard, _guard_done, _guard_watch
 
     async def main() -> None:
-        for daemon_dies in (True, False, "before the pid"):
+        for daemon_dies in (True, False, "before the pid", "done before the pid"):
             job = await trio.lowlevel.open_process(["sleep", "30"])
+            lazyd = await trio.lowlevel.open_process(["sleep", "30"])  # stands for it
             mine, lazyd_end = socket.socketpair()
-            guard = await _guard(mine.fileno())
+            guard = await _guard(mine.fileno(), lazyd.pid)
             mine.close()  # the daemon's own copy gone: only the guard holds it now
             lazyd_end.setblocking(False)
             with pytest.raises(BlockingIOError):  # open: no EOF for lazy-pages
                 lazyd_end.recv(1)
+            assert guard.stdin is not None
             if daemon_dies == "before the pid":
-                assert guard.stdin is not None
                 await guard.stdin.aclose()
                 with trio.fail_after(10):
                     assert await guard.wait() == 0
+                    assert await lazyd.wait() == -signal.SIGKILL
                 assert job.returncode is None
-                job.kill()
-                await job.wait()
-                assert lazyd_end.recv(1) == b""
-                lazyd_end.close()
-                continue
-            await _guard_watch(guard, job.pid)
-            if daemon_dies:
-                assert guard.stdin is not None
-                await guard.stdin.aclose()  # as when the daemon dies
-                with trio.fail_after(10):
-                    assert await job.wait() == -signal.SIGKILL
-                    await guard.wait()
-            else:
+            elif daemon_dies == "done before the pid":
                 await _guard_done(guard)
-                assert guard.returncode == 0 and job.returncode is None
-                job.kill()
-                await job.wait()
+                assert guard.returncode == 0
+                assert job.returncode is None and lazyd.returncode is None
+            else:
+                await _guard_watch(guard, job.pid)
+                if daemon_dies:
+                    await guard.stdin.aclose()  # as when the daemon dies
+                    with trio.fail_after(10):
+                        assert await job.wait() == -signal.SIGKILL
+                        assert await lazyd.wait() == -signal.SIGKILL
+                        await guard.wait()
+                else:
+                    await _guard_done(guard)
+                    assert guard.returncode == 0 and job.returncode is None
+                    assert lazyd.returncode is None
+            for proc in (job, lazyd):
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
             assert lazyd_end.recv(1) == b""  # the guard gone, its end closed
             lazyd_end.close()
 

@@ -28,8 +28,14 @@ from tests.cluster import (
     USERS_DUMP,
     User,
     criu_problem,
+    job_of,
+    job_processes,
+    migrating,
     namespace_cluster,
     ordinary_user,
+    processes_naming,
+    run_job,
+    slow_links,
     start_daemon,
     wait_for,
 )
@@ -61,31 +67,35 @@ print("after", hashlib.sha256(data).hexdigest(), flush=True)
 """
 
 
+#: the tests make the moves: the balancer's own, on a machine busy with other work, moved
+#: their jobs before them ("job ... already runs on b", "is moving already")
+QUIET = ["--no-balancing"]
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    with namespace_cluster("ab", prefix=f"omm{os.getpid() % 10000}x", open_to_all=True,
-                           leftovers="omuscd-migration-test") as c:
+    with namespace_cluster("ab", lambda i: QUIET, prefix=f"omm{os.getpid() % 10000}x",
+                           open_to_all=True, leftovers="omuscd-migration-test") as c:
         for d in c[3].values():
             assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
         yield c
 
+
+def start_again(cluster, name: str, *args: str) -> None:
+    """Start node ``name`` (a or b) of the module's cluster again, stopped by a test, as it
+    was (``args`` added), once the other one holds it alive (a move to a node it holds
+    dead is refused: "cannot reach the target")."""
+    lan, work, key, n = cluster
+    i = "ab".index(name)
+    n[name] = start_daemon(name, ["--key-file", str(key), *QUIET, *args], work,
+                           netns=lan.ns(i))
+    other = n["ba"[i]]
+    wait_for(lambda: other.nodes().get(name, {}).get("state") == "alive", 20,
+             f"{other.name} to hold {name} alive again")
+
 def start(node, *argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, "--home",
-                             "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd="/tmp")
-
-
-def job_of(node, marker: str) -> str:
-    """The id of the running job whose command has ``marker``, once its command runs (a
-    job still starting is not moved: see jobs.starting)."""
-    def find() -> str | None:
-        for j in node.json("jobs")["jobs"]:
-            if marker in j["command"] and j["state"] == "running":
-                return j["id"]
-        return None
-    wait_for(find, 10, f"the job {marker} to be listed")
-    wait_for(lambda: job_processes(marker), 10, f"the command of the job {marker} to run")
-    return find() or ""
+    """``omuscd run --home`` of ``argv`` on ``node``, attached."""
+    return run_job(node, ["--home"], *argv)
 
 
 def memory_job(node, flag, tag: str) -> tuple[subprocess.Popen[bytes], list[bytes], str]:
@@ -95,21 +105,6 @@ def memory_job(node, flag, tag: str) -> tuple[subprocess.Popen[bytes], list[byte
     ready = p.stdout.readline().split()
     assert ready[0] == b"ready"
     return p, ready, job_of(node, tag)
-
-
-def job_processes(tag: str) -> list[int]:
-    """The job's own processes (not its init, not the omuscd run that started it)."""
-    procs = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
-    mine = []
-    for pid in procs:
-        try:
-            cmd = open(f"/proc/{pid}/cmdline").read()
-        except OSError:
-            continue
-        if "jobinit" not in cmd and "omuscd run" not in cmd.replace("\0", " ") and \
-                "-m\0omuscd" not in cmd:
-            mine.append(int(pid))
-    return mine
 
 
 def frozen_line(node, job: str) -> str:
@@ -657,39 +652,20 @@ def test_root_takes_over_a_process_by_pid(cluster, tmp_path):
         outsider.wait()
 
 
-def migrating(node, job: str, where: str) -> tuple[threading.Thread, dict[str, object]]:
-    """``migrate JOB WHERE`` sent to ``node`` in a thread (joined by the caller); its
-    reply lands in the dict, unless the daemon stops under it."""
-    result: dict[str, object] = {}
-
-    def migrate() -> None:
-        try:
-            with ControlClient.unix(node.socket, timeout=120) as c:
-                result["reply"] = c.command(f"migrate {job} {where}")
-        except (OSError, ConnectionError, ValueError):
-            pass
-
-    t = threading.Thread(target=migrate)
-    t.start()
-    return t, result
-
-
 def test_a_big_job_to_a_target_without_post_copy_streams_its_memory(cluster, tmp_path):
     """A 256 MB job (post-copy by size) moving to a node whose kernel cannot restore
     lazily: that node answers without post-copy and takes the memory streamed while it
     is dumped; the source, which started its dump's CRIU before it knew (holding the page
     stream's socket whatever the answer), streams it; the job moves intact."""
-    lan, work, key, n = cluster
+    n = cluster[3]
     fake = tmp_path / "criu"
     fake.write_text('#!/bin/sh -p\n'
                     'if [ "$*" = "check --feature uffd-noncoop" ]; then exit 1; fi\n'
                     f'exec {find_criu(None)} "$@"\n')
     fake.chmod(0o755)
     n["b"].stop()
-    n["b"] = start_daemon("b", ["--key-file", str(key), "--criu", str(fake)], work,
-                          netns=lan.ns(1))
+    start_again(cluster, "b", "--criu", str(fake))
     try:
-        wait_for(lambda: "b" in n["a"].nodes(), 10, "a to see b again")
         flag = tmp_path / "go"
         p, ready, job = memory_job(n["a"], flag, "omuscd-migration-test-nolazy")
         moved = n["a"].ctl(f"migrate {job} b")
@@ -701,8 +677,7 @@ def test_a_big_job_to_a_target_without_post_copy_streams_its_memory(cluster, tmp
         assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
     finally:
         n["b"].stop()
-        n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
-        wait_for(lambda: "b" in n["a"].nodes(), 10, "a to see b again")
+        start_again(cluster, "b")
 
 
 @pytest.mark.parametrize("when", ["transfer", "post-copy"])
@@ -711,7 +686,7 @@ def test_target_killed_mid_move_leaves_one_copy_running_at_the_source(cluster, w
     ("transfer"), or once the job runs there and its memory follows ("post-copy"): then
     the guard kills the target's copy, which would read zeros where its memory was not
     yet.  Either way the source resumes its own copy, intact: exactly one runs."""
-    lan, work, key, n = cluster
+    _, work, _, n = cluster
     flag = work / f"go-4-{when}"
     tag = f"omuscd-migration-test-4-{when}"
     p, ready, job = memory_job(n["a"], flag, tag)
@@ -741,7 +716,82 @@ def test_target_killed_mid_move_leaves_one_copy_running_at_the_source(cluster, w
     flag.touch()
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.split() == [b"after", ready[1]], err
-    n["b"] = start_daemon("b", ["--key-file", str(key)], work, netns=lan.ns(1))
+    start_again(cluster, "b")
+
+
+#: 256 MB (moved post-copy) and 8 MB of output in its spool (sent after the images, before
+#: the restore); the file given is made once all of it is written
+TALKER = """
+import sys, time
+data = bytearray(b"x" * (256 << 20))
+for _ in range(8 << 10):
+    sys.stdout.write("y" * 1023 + "\\n")
+sys.stdout.flush()
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+#: accept(2) and accept4(2) on x86_64: /proc/PID/syscall's first field while blocked in one
+ACCEPT = ("43", "288")
+
+
+def lazy_pages_waiting(images: Path) -> bool:
+    """Whether a ``criu lazy-pages`` for a restore from under ``images`` (not the shell
+    holding it before it is told to start) is ready, waiting for the restore to connect."""
+    for pid, line in processes_naming(str(images)).items():
+        if " lazy-pages " in line and " exec " not in line:
+            try:
+                with open(f"/proc/{pid}/syscall") as f:
+                    if f.read().split()[0] in ACCEPT:
+                        return True
+            except (OSError, IndexError):
+                continue
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_a_target_killed_once_lazy_pages_started_leaves_no_criu_behind(cluster, tmp_path,
+                                                                       sig):
+    """The target daemon dies (SIGKILL), or is stopped (SIGTERM), after it started ``criu
+    lazy-pages`` for a post-copy move (told 'lazy-start' once the first images came) and
+    before the restore: the rest (8 MB of output) is still on its way over a slow link.
+    The source resumes its job, and lazy-pages, waiting for a restore that never comes,
+    goes with the daemon.  Killed, it was left running for ever, its parent init (one per
+    full test run)."""
+    lan, _, _, n = cluster
+    tag, ready = f"omuscd-migration-test-12-{sig}", tmp_path / "ready"
+    r = subprocess.run([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                        "--detach", "--", PY, "-c", TALKER, str(ready), tag],
+                       capture_output=True, text=True, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    wait_for(ready.exists, 30, "the job's output")
+    job = job_of(n["a"], tag)
+    images = n["b"].state_dir / "images"
+    try:
+        with slow_links(lan, (0, 1), "10mbit"):
+            t, result = migrating(n["a"], job, "b")
+            wait_for(lambda: lazy_pages_waiting(images), 30, "lazy-pages to be ready on b",
+                     interval=0.005)
+            n["b"].stop(sig)
+            t.join(60)
+        reply = result["reply"]
+        assert reply.code == 500 and "resumed here" in reply.text, reply  # type: ignore[union-attr]
+        if sig == signal.SIGTERM:  # stopped, it removed what it had received
+            assert not list(images.iterdir()), list(images.iterdir())
+        try:
+            wait_for(lambda: not processes_naming(str(images)), 5,
+                     "what b started for the move to end with it")
+        except AssertionError:
+            raise AssertionError(f"left behind: {processes_naming(str(images))}") from None
+        assert n["a"].json(f"job {job}")["state"] == "running"
+    finally:
+        for pid in processes_naming(str(images)):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", tag], capture_output=True)
+        if not n["b"].alive():
+            start_again(cluster, "b")
 
 
 BIG_COUNTER = """
@@ -776,7 +826,7 @@ def test_a_move_cut_short_by_the_source_dying_is_settled_when_it_restarts(cluste
     """The source daemon dies while the job runs on the target and its memory follows:
     the target kills its copy (its page source gone), and the source, started again,
     finds the job it had frozen for the move, asks the target, and resumes it."""
-    lan, work, key, n = cluster
+    n = cluster[3]
     out = tmp_path / "count"
     job, t = moving_post_copy(n, out, "omuscd-migration-test-8")
     n["a"].stop(signal.SIGKILL)
@@ -787,7 +837,7 @@ def test_a_move_cut_short_by_the_source_dying_is_settled_when_it_restarts(cluste
     stopped = job_processes("omuscd-migration-test-8")[0]
     state = open(f"/proc/{stopped}/stat").read().rsplit(")", 1)[1].split()[0]
     assert state == "T", state  # a's copy, frozen for the move
-    n["a"] = start_daemon("a", ["--key-file", str(key)], work, netns=lan.ns(0))
+    start_again(cluster, "a")
     wait_for(lambda: f"job {job}: its move to b was cut short when this daemon stopped; "
              "it resumes here" in n["a"].log(), 30, "a to settle the move")
     seen = len(out.read_text().split())
@@ -805,7 +855,7 @@ def test_a_source_stopped_by_sigterm_while_the_memory_follows_resumes_the_job(cl
     """SIGTERM on the source while a post-copy move's memory follows: before it exits, it
     closes the move (the target kills its copy), learns from the target that it does not
     run the job, and resumes it: one copy, running, no restart needed."""
-    lan, work, key, n = cluster
+    n = cluster[3]
     out = tmp_path / "count"
     job, t = moving_post_copy(n, out, "omuscd-migration-test-9")
     try:
@@ -821,7 +871,7 @@ def test_a_source_stopped_by_sigterm_while_the_memory_follows_resumes_the_job(cl
         wait_for(lambda: len(out.read_text().split()) > seen + 3, 10, "the counter to go on")
     finally:
         subprocess.run(["pkill", "-9", "-f", "omuscd-migration-test-9"], capture_output=True)
-        n["a"] = start_daemon("a", ["--key-file", str(key)], work, netns=lan.ns(0))
+        start_again(cluster, "a")
 
 
 FORKED = """

@@ -17,13 +17,13 @@ import pytest
 import trio
 
 from omuscd.client import ReplyParser
-from tests.cluster import namespace_cluster, sh, telnet, wait_for
-from tests.test_migration import REASON, job_processes
+from tests.cluster import namespace_cluster, slow_links, start_job, telnet, wait_for
+from tests.test_migration import REASON
 
 PY = sys.executable
 TAG = "omuscd-progress-test"
 #: the link between the nodes: 100 Mbit/s, so 180 MB of memory take ~15 s to follow
-SLOW = ["tbf", "rate", "100mbit", "burst", "32kbit", "latency", "400ms"]
+SLOW = "100mbit"
 #: a job whose memory (MB given) is a known pattern; it counts while it runs, checks its
 #: memory is intact when told to end (the file given exists), and exits 0
 JOB = """
@@ -53,19 +53,7 @@ def ctl(node, *words: str, timeout: float = 300) -> subprocess.CompletedProcess[
 def start(node, where: list[str], mb: int, flag: Path, tag: str
           ) -> tuple[subprocess.Popen[bytes], str]:
     """``omuscd run`` of JOB, attached, once it is ready: the client and the job id."""
-    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", node.socket, *where, "--",
-                          PY, "-c", JOB, str(mb), str(flag), tag],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
-    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-    found: list[str] = []
-
-    def listed() -> bool:
-        found[:] = [j["id"] for j in node.json("jobs")["jobs"]
-                    if tag in j["command"] and j["state"] == "running"]
-        return bool(found) and bool(job_processes(tag))
-    wait_for(listed, 10, f"the job {tag} to be listed")
-    time.sleep(0.5)  # past 'still starting' (see jobs.starting)
-    return p, found[0]
+    return start_job(node, where, [PY, "-c", JOB, str(mb), str(flag), tag], tag)
 
 
 def frozen(node, job: str) -> bool:
@@ -99,9 +87,8 @@ def cluster():
         for d in n.values():
             assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
             assert d.ctl("set balancing off").ok  # the tests say which moves happen
-        for i in range(2):  # both ways: the bridge's veth ends are the nodes' eth0
-            sh("tc", "-n", lan.ns(i), "qdisc", "add", "dev", "eth0", "root", *SLOW)
-        yield c
+        with slow_links(lan, range(2), SLOW):  # both ways
+            yield c
 
 
 @pytest.mark.netns

@@ -180,9 +180,8 @@ class Target:
                 await ch.send({"op": "running", "resumed": trio.current_time() - resumed})
             except (ChannelError, MoveError, JobError, trio.TooSlowError, OSError, KeyError,
                     ValueError) as e:
-                if pid is not None:  # restored but not committed: this copy must not run
-                    signal_tree(pid, signal.SIGKILL)
-                    _reap(pid)
+                _kill_restored(pid)  # restored but not committed: this copy must not run
+                pid = None
                 if pager is not None and pager.returncode is None:
                     pager.kill()
                 self.host.mover.keep_log(images / "page-server.log", "page-server")
@@ -195,16 +194,19 @@ class Target:
                     await ch.send(refusal(f"{self.host.name}: {e}", "failed"))
                 except ChannelError:
                     pass
-            finally:
-                if pager is not None and pager.returncode is None:
-                    pager.kill()
-                if pages is not None:
-                    pages.socket.close()
-                if early is not None:  # the move failed before its restore
-                    await early.abandon()
-                if prepared is not None:
-                    await prepared.close()
-                shutil.rmtree(images, ignore_errors=True)
+            finally:  # every way out (this daemon stopping too): what it started ends
+                with trio.CancelScope(shield=True):
+                    _kill_restored(pid)
+                    if pager is not None and pager.returncode is None:
+                        pager.kill()
+                        await pager.wait()
+                    if pages is not None:
+                        pages.socket.close()
+                    if early is not None:  # the move failed before its restore
+                        await early.abandon()
+                    if prepared is not None:
+                        await prepared.close()
+                    shutil.rmtree(images, ignore_errors=True)
 
     def _follow_again(self, job: Job) -> None:
         """The move home failed: the job runs on where it was; follow it again, from
@@ -232,7 +234,7 @@ class Target:
         except BaseException:
             self.books.moving.discard(key)
             raise
-        mine, guard = parts.mine, parts.guard
+        mine = parts.mine
         lazyd = None
         try:
             lazyd = await parts.starting.ready()
@@ -244,7 +246,7 @@ class Target:
                     steps: dict[str, float] = {}
                     pid = await self._restore(job, images, spool_dir, paths, lazy=True,
                                               steps=steps, prepared=prepared)
-                    await _guard_watch(guard, pid)
+                    await _guard_watch(parts.guard, pid)
                     if isinstance(nice, int):
                         renice_tree(pid, max(-20, min(19, nice)))
                     await ch.send({"op": "restored", "pid": pid, "paged": 0, "steps": steps})
@@ -261,6 +263,9 @@ class Target:
                         kept = self.host.mover.keep_log(images / "lazy-pages.log", "lazy-pages")
                         raise MoveError(f"criu lazy-pages failed (exit {lazyd.returncode})"
                                         f"{kept}")
+                    # every page is there: the guard has nothing more to do (and must not
+                    # keep the pid of lazy-pages, collected now)
+                    await _guard_done(parts.guard)
                 except (ChannelError, MoveError, OSError, trio.TooSlowError) as e:
                     failed = e
                 nursery.cancel_scope.cancel()
@@ -270,20 +275,18 @@ class Target:
             self._adopted(job, pid)
             pid = None
             await ch.send({"op": "running"})
-        finally:
-            if pid is not None:  # not taken: this copy must not run, and goes first
-                signal_tree(pid, signal.SIGKILL)
-            await _guard_done(guard)  # the job is ours or dead: the guard has nothing to do
-            if pid is not None:
-                _reap(pid)
-            if lazyd is not None and lazyd.returncode is None:
-                lazyd.kill()
-                with trio.CancelScope(shield=True):
-                    await lazyd.wait()
-            elif lazyd is None:  # it never said it was ready (and was killed then)
-                await parts.starting.abandon()
-            mine.socket.close()
-            self.books.moving.discard(key)
+        finally:  # every way out (this daemon stopping too)
+            with trio.CancelScope(shield=True):
+                if pid is not None:  # not taken: this copy must not run, and goes first
+                    signal_tree(pid, signal.SIGKILL)
+                # lazy-pages killed before the guard is told it has nothing to do (see
+                # GUARD), and collected after: a daemon dying between cannot leave it
+                parts.kill()
+                await parts.done()
+                _kill_restored(pid)
+                pid = None
+                mine.socket.close()
+                self.books.moving.discard(key)
 
     async def _restore(self, job: Job, images: Path, spool_dir: Path,
                        paths: dict[str, str], lazy: bool = False,
@@ -400,10 +403,15 @@ async def _receive_spool(ch: Channel, fd: int, name: str, size: int) -> None:
 #: socket too: that end closing with the daemon would end lazy-pages, and the job would
 #: then read zeros for pages not yet there.  Started with lazy-pages, before the job's
 #: restore (a process start less in its freeze), it is told the pid once the job is
-#: restored, and "done" when the job is taken or already killed; ended before it was told
-#: a pid (nothing restored yet), it kills nothing.
-GUARD = ('read -r pid || exit 0; read -r word; [ "$word" = done ] && exit 0; '
-         'case $pid in ""|*[!0-9]*|0|1) exit 0;; esac; kill -KILL "$pid"')
+#: restored, and "done" once the job has all of its memory, is killed, or was never
+#: restored.  Ended otherwise (the daemon died), it kills lazy-pages too (its pid, ``$1``),
+#: after the job: before the restore, lazy-pages waits for one to connect (criu/uffd.c
+#: prepare_uffds) and would wait for ever, its parent init.  The daemon says "done"
+#: before it collects lazy-pages, so that pid is never another process's here.
+GUARD = ('lazy=$1; case $lazy in ""|*[!0-9]*|0|1) lazy=;; esac; read -r pid || pid=; '
+         '[ "$pid" = done ] && exit 0; case $pid in ""|*[!0-9]*|0|1) pid=;; '
+         '*) read -r word; [ "$word" = done ] && exit 0;; esac; '
+         '[ -n "$pid" ] && kill -KILL "$pid"; [ -n "$lazy" ] && kill -KILL "$lazy"; exit 0')
 
 
 class _Lazy:
@@ -419,26 +427,41 @@ class _Lazy:
     @classmethod
     async def start(cls, mover: Any, images: Path, held: bool = False) -> _Lazy:
         """Start lazy-pages for ``images`` (which holds what it reads first, unless
-        ``held``: then CRIU starts on ``starting.go()``) and the guard; neither waited
+        ``held``: then CRIU starts on ``starting.go()``) and the guard, which kills
+        lazy-pages should this daemon die before the restore (see GUARD); neither waited
         for."""
         mine, theirs = socket_pair()
         starting = None
         try:
             starting = await mover.start_lazy_pages(images, theirs.fileno(), held)
-            guard = await _guard(mine.socket.fileno())
+            guard = await _guard(mine.socket.fileno(), starting.proc.pid)
         except BaseException:
-            if starting is not None:
-                await starting.abandon()
+            with trio.CancelScope(shield=True):
+                if starting is not None:
+                    await starting.abandon()
             mine.socket.close()
             raise
         finally:
             theirs.close()
         return cls(mine, starting, guard)
 
+    def kill(self) -> None:
+        """Kill lazy-pages (the shell holding it, before it was told to start), not yet
+        collected: its pid stays its own until :meth:`done`."""
+        if self.starting.proc.returncode is None:
+            self.starting.proc.kill()
+
+    async def done(self) -> None:
+        """After :meth:`kill` (or its own end): the guard told it has nothing to do, then
+        lazy-pages collected.  Shielded: a stopping daemon collects them too."""
+        with trio.CancelScope(shield=True):
+            await _guard_done(self.guard)
+            await self.starting.abandon()
+
     async def abandon(self) -> None:
         """The move failed before the restore: stop both, close our end."""
-        await self.starting.abandon()
-        await _guard_done(self.guard)
+        self.kill()
+        await self.done()
         self.mine.socket.close()
 
 
@@ -450,10 +473,18 @@ def _reap(pid: int) -> None:
         pass
 
 
-async def _guard(fd: int) -> trio.Process:
-    """Start the guard (see GUARD), holding ``fd`` open for as long as it runs."""
+def _kill_restored(pid: int | None) -> None:
+    """A restored job not taken (``pid``; None: none restored): killed, collected."""
+    if pid is not None:
+        signal_tree(pid, signal.SIGKILL)
+        _reap(pid)
+
+
+async def _guard(fd: int, lazy: int) -> trio.Process:
+    """Start the guard (see GUARD) of the lazy-pages whose pid is ``lazy``, holding
+    ``fd`` open for as long as it runs."""
     return await trio.lowlevel.open_process(
-        [rootexec.need(rootexec.SH, "sh"), "-c", GUARD], stdin=subprocess.PIPE,
+        [rootexec.need(rootexec.SH, "sh"), "-c", GUARD, "guard", str(lazy)], stdin=subprocess.PIPE,
         pass_fds=(fd,), env=rootexec.HELPER_ENV)
 
 
