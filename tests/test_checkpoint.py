@@ -19,6 +19,7 @@ from tests.cluster import (
     criu_problem,
     namespace_cluster,
     ordinary_user,
+    run_job,
     start_daemon,
     wait_for,
 )
@@ -107,10 +108,8 @@ def survives(cluster, tmp: Path, tag: str, home: str, user=None) -> str:
     if user is None:
         ref = subprocess.run([*argv, str(ref_file), lines, tag], capture_output=True,
                              timeout=60)
-        p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n[home].socket,
-                              "--node", "b", "--checkpoint-every", "5s", "--", *argv,
-                              str(file), lines, tag], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, cwd="/tmp")
+        p = run_job(n[home], ["--node", "b", "--checkpoint-every", "5s"], *argv, str(file),
+                    lines, tag)
     else:
         ref = user.run([*argv, str(ref_file), lines, tag])
         p = user.popen(user.run_argv(n[home].socket, "--node", "b", "--checkpoint-every", "5s",
@@ -247,10 +246,8 @@ def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
                              capture_output=True, timeout=60)
         assert ref.returncode == 0
         root_file, user_file = tmp_path / "root-out", work / "user-out"
-        p_root = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["c"].socket,
-                                   "--node", "b", "--", *argv, str(root_file), lines,
-                                   "omuscd-ckpt-test-maint-r"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, cwd="/tmp")
+        p_root = run_job(n["c"], ["--node", "b"], *argv, str(root_file), lines,
+                         "omuscd-ckpt-test-maint-r")
         p_user = user.popen(user.run_argv(n["c"].socket, "--node", "b", "--", *argv,
                                           str(user_file), lines, "omuscd-ckpt-test-maint-u"))
         for tag in ("omuscd-ckpt-test-maint-r", "omuscd-ckpt-test-maint-u"):
@@ -305,9 +302,7 @@ def test_a_job_at_its_home_goes_back_to_its_checkpoint_when_the_home_starts_agai
     ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, tag], capture_output=True,
                          timeout=60)
     file = tmp_path / "out"
-    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--home",
-                          "--checkpoint-every", "3s", "--", *argv, str(file), lines, tag],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+    p = run_job(n["c"], ["--home", "--checkpoint-every", "3s"], *argv, str(file), lines, tag)
     wait_for(lambda: checkpoint_taken(n["c"], tag), 20, "a checkpoint of the job")
     job = job_view(n["c"], tag)["id"]
     time.sleep(1)
@@ -341,9 +336,7 @@ def test_exit_then_resume_on_a_named_node_and_a_signal_for_a_checkpointed_job(cl
     ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, tag], capture_output=True,
                          timeout=60)
     file = tmp_path / "out"
-    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["c"].socket, "--node",
-                          "b", "--", *argv, str(file), lines, tag], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd="/tmp")
+    p = run_job(n["c"], ["--node", "b"], *argv, str(file), lines, tag)
     wait_for(lambda: job_view(n["c"], tag).get("state") == "running", 10, "the job")
     job = job_view(n["c"], tag)["id"]
     time.sleep(1.5)
