@@ -5,8 +5,8 @@ waiting.  Utilisation alone saturates at 100 % whether one task or four want a C
 the lent CPUs are busy the tasks that keep them wanted are counted too (each process's
 state, the CPU it last ran on and how long it has been runnable, from /proc; see
 :class:`RunQueue`): four CPU-bound jobs on one lent CPU are load 4.0.  The scan costs a
-millisecond or two, so it is made only when the lent CPUs are more than half busy; an idle
-node pays nothing for it.
+millisecond or two, so it is made only when the lent CPUs are more than half busy and more
+tasks are runnable than the busy CPUs account for; an idle node pays nothing for it.
 """
 
 from __future__ import annotations
@@ -125,6 +125,18 @@ class RunQueue:
                     self.seen[tid] = (ns, now)
 
 
+def runnable_at_most() -> int | None:
+    """An upper bound of :meth:`RunQueue.count` for a few microseconds: the tasks
+    runnable on the whole machine now, less the one reading (``/proc/loadavg``'s
+    running/total), or None if unreadable."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = f.read().split()[3].split(b"/")[0]
+        return max(0, int(running) - 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def usable(lent: list[int], ncpus: int) -> list[int]:
     """The lent CPUs this machine has (all of them if it has none of those)."""
     return [c for c in lent if c < ncpus] or list(range(ncpus))
@@ -182,6 +194,19 @@ class Sampler:
     def _runnable(self, lent: list[int]) -> int:
         return self.runq.count(set(lent), leave_out=self.helpers())
 
+    @staticmethod
+    def _may_count(util: float, cpus: int) -> bool:
+        """Whether the runnable tasks may raise the load above ``util``: only when the
+        lent CPUs are busy, and more tasks are runnable on the whole machine than the
+        busy share of the lent CPUs.  A machine kept busy by as many tasks as it has
+        CPUs (another user's build, the tests of four others) said the same load, and an
+        idle daemon spent 2-4 ms a second scanning /proc for it: half its CPU
+        (bench_idle)."""
+        if util <= BUSY_PERCENT:
+            return False
+        most = runnable_at_most()
+        return most is None or most > util * cpus / 100.0
+
     def at_once(self) -> LoadSample:
         """A first figure the moment jobs came or went, before any CPU time has passed to
         measure: the tasks runnable on the lent CPUs now, which is what a CPU-bound job
@@ -211,8 +236,8 @@ class Sampler:
             return self.last
         per_cpu = busy_percent(since, now)
         self.base, self.window = now, None
-        busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
-        runnable = self._runnable(lent) if busy else None
+        util = sum(per_cpu[c] for c in lent) / len(lent)
+        runnable = self._runnable(lent) if self._may_count(util, len(lent)) else None
         load, util = compute_load(per_cpu, self.lent, runnable)
         runq = runnable if runnable is not None else round(util * len(lent) / 100)
         self.last = LoadSample(load, util, runq, self._mem())

@@ -171,12 +171,42 @@ def test_a_sample_too_short_to_measure_leaves_the_figure_counted_at_the_change(
                   [t(9.3, 1.0, 0.0)]])     # the extra sample, 0.3 s on: busy
     monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: next(times))
     monkeypatch.setattr(load.RunQueue, "count", lambda self, cpus, me=None, leave_out=(): 2)
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 2)
     s = load.Sampler([0])
     s.new_window()
     assert s.at_once().load == 2.0  # two jobs wanting the one lent CPU
     assert s.sample().load == 2.0  # not 0.00
     settled = s.sample()
     assert (settled.load, settled.util) == (2.0, 100.0)
+
+
+def test_a_busy_machine_is_scanned_only_if_its_runnable_tasks_can_raise_the_load(
+        monkeypatch):
+    """Two CPUs kept busy by two tasks (another user's build beside an idle daemon) are
+    load 1.0 whatever the scan of /proc finds, which cost the idle daemon half its CPU;
+    a third runnable task may make it more, and is looked for."""
+    from collections import namedtuple
+
+    from omuscd import load
+
+    t = namedtuple("t", "user idle iowait")
+    times = {"now": [t(0.0, 0.0, 0.0), t(0.0, 0.0, 0.0)]}
+    monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: times["now"])
+    s = load.Sampler([0, 1])
+    times["now"] = [t(1.0, 0.0, 0.0), t(1.0, 0.0, 0.0)]  # both CPUs busy since
+    scans = []
+
+    def count(self, cpus, me=None, leave_out=()):
+        scans.append(cpus)
+        return 3
+
+    monkeypatch.setattr(load.RunQueue, "count", count)
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 2, raising=False)
+    assert (s.sample().load, scans) == (1.0, [])
+    times["now"] = [t(2.0, 0.0, 0.0), t(2.0, 0.0, 0.0)]
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 3)
+    assert (s.sample().load, scans) == (1.5, [{0, 1}])
+    assert isinstance(load.runnable_at_most(), int)
 
 
 def test_a_change_in_load_is_told_at_once(monkeypatch):
