@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
+#: The share of a CPU the regular samples may spend counting runnable tasks: a scan of
+#: /proc costs 2 ms on a quiet machine (counted every sample) and 10 ms or more with
+#: hundreds of processes (counted every few seconds; the last count stands between).
+SCAN_SHARE = 0.005
 #: CPU seconds (per lent CPU) a sample must span to say anything: the kernel counts CPU
 #: time in ticks of 10 ms, and a sample over a window of a few milliseconds read 0 % busy.
 MIN_WINDOW = 0.05
@@ -178,6 +182,8 @@ class Sampler:
         self.window: list[Any] | None = None  # CPU times when jobs last came or went
         self.last = LoadSample(0.0, 0.0, 0, self._mem())
         self.runq = RunQueue()
+        self.counted: int | None = None  # the last count of runnable tasks
+        self.next_scan = 0.0  # when the count may be made again (time.monotonic)
 
     @staticmethod
     def _mem() -> int:
@@ -192,20 +198,28 @@ class Sampler:
         self.runq.resumed(pids)
 
     def _runnable(self, lent: list[int]) -> int:
-        return self.runq.count(set(lent), leave_out=self.helpers())
+        cpu = time.thread_time()
+        self.counted = self.runq.count(set(lent), leave_out=self.helpers())
+        self.next_scan = time.monotonic() + (time.thread_time() - cpu) / SCAN_SHARE
+        return self.counted
 
-    @staticmethod
-    def _may_count(util: float, cpus: int) -> bool:
-        """Whether the runnable tasks may raise the load above ``util``: only when the
+    def _count_if_it_matters(self, util: float, lent: list[int]) -> int | None:
+        """The runnable tasks, if they may raise the load above ``util``: only when the
         lent CPUs are busy, and more tasks are runnable on the whole machine than the
         busy share of the lent CPUs.  A machine kept busy by as many tasks as it has
         CPUs (another user's build, the tests of four others) said the same load, and an
         idle daemon spent 2-4 ms a second scanning /proc for it: half its CPU
-        (bench_idle)."""
+        (bench_idle).  The scan takes at most SCAN_SHARE of a CPU: until it may run
+        again, the last count stands (no more than the tasks runnable now): 100 daemons
+        on one machine, each scanning 250 processes every second, took all of it."""
         if util <= BUSY_PERCENT:
-            return False
+            return None
         most = runnable_at_most()
-        return most is None or most > util * cpus / 100.0
+        if most is not None and most <= util * len(lent) / 100.0:
+            return None
+        if self.counted is not None and most is not None and time.monotonic() < self.next_scan:
+            return min(self.counted, most)
+        return self._runnable(lent)
 
     def at_once(self) -> LoadSample:
         """A first figure the moment jobs came or went, before any CPU time has passed to
@@ -237,7 +251,7 @@ class Sampler:
         per_cpu = busy_percent(since, now)
         self.base, self.window = now, None
         util = sum(per_cpu[c] for c in lent) / len(lent)
-        runnable = self._runnable(lent) if self._may_count(util, len(lent)) else None
+        runnable = self._count_if_it_matters(util, lent)
         load, util = compute_load(per_cpu, self.lent, runnable)
         runq = runnable if runnable is not None else round(util * len(lent) / 100)
         self.last = LoadSample(load, util, runq, self._mem())

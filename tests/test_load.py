@@ -209,6 +209,44 @@ def test_a_busy_machine_is_scanned_only_if_its_runnable_tasks_can_raise_the_load
     assert isinstance(load.runnable_at_most(), int)
 
 
+def test_counting_runnable_tasks_takes_a_bounded_share_of_a_cpu(monkeypatch):
+    """A scan of /proc that costs 10 ms (hundreds of processes: 100 daemons on one
+    machine each scanned every second, and took the whole machine) is made again only
+    after 10 ms / SCAN_SHARE; meanwhile the last count stands, but never above the tasks
+    runnable on the machine now."""
+    from collections import namedtuple
+
+    from omuscd import load
+
+    t = namedtuple("t", "user idle iowait")
+    times = {"now": [t(0.0, 0.0, 0.0)]}
+    monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: times["now"])
+    s = load.Sampler([0])
+    scans = []
+
+    def count(self, cpus, me=None, leave_out=()):
+        scans.append(cpus)
+        end = time.thread_time() + 0.01
+        while time.thread_time() < end:  # a scan of many processes
+            pass
+        return 4
+
+    monkeypatch.setattr(load.RunQueue, "count", count)
+    most = {"now": 6}
+    monkeypatch.setattr(load, "runnable_at_most", lambda: most["now"])
+    for k in range(1, 4):
+        times["now"] = [t(float(k), 0.0, 0.0)]  # the one lent CPU busy
+        assert s.sample().load == 4.0
+    assert len(scans) == 1 and s.next_scan > time.monotonic() + 1.0
+    most["now"] = 2  # two of the four have ended since
+    times["now"] = [t(5.0, 0.0, 0.0)]
+    assert (s.sample().load, len(scans)) == (2.0, 1)
+    s.next_scan = time.monotonic()  # its time has come
+    most["now"] = 6
+    times["now"] = [t(6.0, 0.0, 0.0)]
+    assert (s.sample().load, len(scans)) == (4.0, 2)
+
+
 def test_a_change_in_load_is_told_at_once(monkeypatch):
     """When jobs come or go the tasks that keep the lent CPUs wanted are counted there and
     then, a fall (a node whose job ended is idle now) as well as a rise (a node that has
