@@ -35,25 +35,34 @@ def scale_args(i: int) -> list[str]:
             "--control-port", str(CTL), "--insecure", "--peer", f"{PREFIX}1:{PORT}"]
 
 
-def start_many(workdir: Path, n: int, reaper: list[Daemon], timeout: float = 150.0
-               ) -> list[Daemon]:
-    """``n`` daemons started together, all answering on their control sockets within
-    ``timeout`` seconds (starting costs each about a second of CPU; daemons already
-    running that take much CPU themselves make it longer: that fails here, clearly)."""
+def start_many(workdir: Path, n: int, reaper: list[Daemon], timeout: float = 150.0,
+               one_by_one: bool = False) -> list[Daemon]:
+    """``n`` daemons, all answering on their control sockets within ``timeout`` seconds
+    (starting costs each about a second of CPU; daemons already running that take much
+    CPU themselves make it longer: that fails here, clearly).  Started together, or
+    ``one_by_one``, each once the one before answers: what an admin's loop over the
+    machines does, and what 100 daemons on one 2-core machine need (started together,
+    each had a 50th of a CPU for its first minute, and missed its probe timeouts)."""
     daemons = []
+    deadline = time.monotonic() + timeout
     for i in range(1, n + 1):
         d = start_daemon(f"s{i}", scale_args(i), workdir, wait=False)
         reaper.append(d)
         daemons.append(d)
-    deadline = time.monotonic() + timeout
+        if one_by_one:
+            _wait_ready(d, deadline, n, timeout)
     for d in daemons:
-        def ready(d: Daemon = d) -> bool:
-            if d.popen.poll() is not None:
-                raise AssertionError(f"{d.name} exited with {d.popen.returncode}:\n{d.log()}")
-            return d.ctl("version").code == 200
-        wait_for(ready, max(1.0, deadline - time.monotonic()),
-                 f"{d.name} to start (all {n} within {timeout:.0f} s)", interval=0.2)
+        _wait_ready(d, deadline, n, timeout)
     return daemons
+
+
+def _wait_ready(d: Daemon, deadline: float, n: int, timeout: float) -> None:
+    def ready() -> bool:
+        if d.popen.poll() is not None:
+            raise AssertionError(f"{d.name} exited with {d.popen.returncode}:\n{d.log()}")
+        return d.ctl("version").code == 200
+    wait_for(ready, max(1.0, deadline - time.monotonic()),
+             f"{d.name} to start (all {n} within {timeout:.0f} s)", interval=0.1)
 
 
 def states(d: Daemon) -> dict[str, str] | None:
