@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
-#: The share of a CPU the regular samples may spend counting runnable tasks: a scan of
-#: /proc costs 2 ms on a quiet machine (counted every sample) and 10 ms or more with
-#: hundreds of processes (counted every few seconds; the last count stands between).
+#: The share of the time the regular samples may spend counting runnable tasks: a scan
+#: of /proc takes 2 ms on a quiet machine (counted every sample) and 10 ms to 0.5 s with
+#: hundreds of processes wanting the CPUs (counted every 2 to 100 s; the last count stands
+#: between).  The daemon answers no datagram while it scans.
 SCAN_SHARE = 0.005
 #: CPU seconds (per lent CPU) a sample must span to say anything: the kernel counts CPU
 #: time in ticks of 10 ms, and a sample over a window of a few milliseconds read 0 % busy.
@@ -198,9 +199,10 @@ class Sampler:
         self.runq.resumed(pids)
 
     def _runnable(self, lent: list[int]) -> int:
-        cpu = time.thread_time()
+        start = time.monotonic()
         self.counted = self.runq.count(set(lent), leave_out=self.helpers())
-        self.next_scan = time.monotonic() + (time.thread_time() - cpu) / SCAN_SHARE
+        end = time.monotonic()
+        self.next_scan = end + (end - start) / SCAN_SHARE
         return self.counted
 
     def _count_if_it_matters(self, util: float, lent: list[int]) -> int | None:
@@ -209,9 +211,11 @@ class Sampler:
         busy share of the lent CPUs.  A machine kept busy by as many tasks as it has
         CPUs (another user's build, the tests of four others) said the same load, and an
         idle daemon spent 2-4 ms a second scanning /proc for it: half its CPU
-        (bench_idle).  The scan takes at most SCAN_SHARE of a CPU: until it may run
-        again, the last count stands (no more than the tasks runnable now): 100 daemons
-        on one machine, each scanning 250 processes every second, took all of it."""
+        (bench_idle).  The scan takes at most SCAN_SHARE of the time: until it may run
+        again, the last count stands (no more than the tasks runnable now).  70 daemons
+        on one machine, each scanning 250 processes every second (8 ms of CPU, 400 ms
+        of waiting for it between the reads, the daemon deaf meanwhile), kept 70 tasks
+        runnable, which made every daemon scan again."""
         if util <= BUSY_PERCENT:
             return None
         most = runnable_at_most()

@@ -209,8 +209,8 @@ def test_a_busy_machine_is_scanned_only_if_its_runnable_tasks_can_raise_the_load
     assert isinstance(load.runnable_at_most(), int)
 
 
-def test_counting_runnable_tasks_takes_a_bounded_share_of_a_cpu(monkeypatch):
-    """A scan of /proc that costs 10 ms (hundreds of processes: 100 daemons on one
+def test_counting_runnable_tasks_takes_a_bounded_share_of_the_time(monkeypatch):
+    """A scan of /proc that takes 10 ms (hundreds of processes: 70 daemons on one
     machine each scanned every second, and took the whole machine) is made again only
     after 10 ms / SCAN_SHARE; meanwhile the last count stands, but never above the tasks
     runnable on the machine now."""
