@@ -185,6 +185,7 @@ class Sampler:
         self.runq = RunQueue()
         self.counted: int | None = None  # the last count of runnable tasks
         self.next_scan = 0.0  # when the count may be made again (time.monotonic)
+        self.was_runnable: int | None = None  # runnable_at_most() at the last busy sample
 
     @staticmethod
     def _mem() -> int:
@@ -211,14 +212,21 @@ class Sampler:
         busy share of the lent CPUs.  A machine kept busy by as many tasks as it has
         CPUs (another user's build, the tests of four others) said the same load, and an
         idle daemon spent 2-4 ms a second scanning /proc for it: half its CPU
-        (bench_idle).  The scan takes at most SCAN_SHARE of the time: until it may run
+        (bench_idle).  The tasks runnable must be that many at this sample and the last:
+        what keeps CPUs wanted is runnable at any instant, and 100 idle daemons on one
+        machine, woken together by a change they all pass on, were 70 runnable for a
+        moment (a scan then cost each 0.4 s deaf to probes).  The scan takes at most
+        SCAN_SHARE of the time: until it may run
         again, the last count stands (no more than the tasks runnable now).  70 daemons
         on one machine, each scanning 250 processes every second (8 ms of CPU, 400 ms
         of waiting for it between the reads, the daemon deaf meanwhile), kept 70 tasks
         runnable, which made every daemon scan again."""
         if util <= BUSY_PERCENT:
             return None
-        most = runnable_at_most()
+        now = runnable_at_most()
+        most = now if self.was_runnable is None or now is None else min(now,
+                                                                          self.was_runnable)
+        self.was_runnable = now
         if most is not None and most <= util * len(lent) / 100.0:
             return None
         if self.counted is not None and most is not None and time.monotonic() < self.next_scan:

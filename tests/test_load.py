@@ -184,7 +184,8 @@ def test_a_busy_machine_is_scanned_only_if_its_runnable_tasks_can_raise_the_load
         monkeypatch):
     """Two CPUs kept busy by two tasks (another user's build beside an idle daemon) are
     load 1.0 whatever the scan of /proc finds, which cost the idle daemon half its CPU;
-    a third runnable task may make it more, and is looked for."""
+    a third runnable task may make it more, and is looked for if it is there at two
+    samples running (not if many tasks were runnable for a moment)."""
     from collections import namedtuple
 
     from omuscd import load
@@ -204,8 +205,11 @@ def test_a_busy_machine_is_scanned_only_if_its_runnable_tasks_can_raise_the_load
     monkeypatch.setattr(load, "runnable_at_most", lambda: 2, raising=False)
     assert (s.sample().load, scans) == (1.0, [])
     times["now"] = [t(2.0, 0.0, 0.0), t(2.0, 0.0, 0.0)]
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 9)
+    assert (s.sample().load, scans) == (1.0, [])  # 9 runnable for a moment: not load
+    times["now"] = [t(3.0, 0.0, 0.0), t(3.0, 0.0, 0.0)]
     monkeypatch.setattr(load, "runnable_at_most", lambda: 3)
-    assert (s.sample().load, scans) == (1.5, [{0, 1}])
+    assert (s.sample().load, scans) == (1.5, [{0, 1}])  # 3 at two samples: looked for
     assert isinstance(load.runnable_at_most(), int)
 
 
