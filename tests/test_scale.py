@@ -40,10 +40,12 @@ def start_many(workdir: Path, n: int, reaper: list[Daemon], timeout: float = 150
     """``n`` daemons, all answering on their control sockets within ``timeout`` seconds
     (starting costs each about a second of CPU; daemons already running that take much
     CPU themselves make it longer: that fails here, clearly).  Started together, or
-    ``one_by_one``, each once the one before answers: what an admin's loop over the
-    machines does, and what 100 daemons on one 2-core machine need (started together,
-    each had a 50th of a CPU for its first minute, and missed its probe timeouts)."""
-    daemons = []
+    ``one_by_one``, each once the one before has joined (it answers, and sees all the
+    others alive): what an admin's loop over the machines does, and what 100 daemons on
+    one 2-core machine need (started together, each had a 50th of a CPU for its first
+    minute; started a second apart, the joins of the last came faster than 90 daemons
+    sharing two CPUs could pass them on, and the cluster fell into suspicions)."""
+    daemons: list[Daemon] = []
     deadline = time.monotonic() + timeout
     for i in range(1, n + 1):
         d = start_daemon(f"s{i}", scale_args(i), workdir, wait=False)
@@ -51,6 +53,10 @@ def start_many(workdir: Path, n: int, reaper: list[Daemon], timeout: float = 150
         daemons.append(d)
         if one_by_one:
             _wait_ready(d, deadline, n, timeout)
+            names = {x.name for x in daemons}
+            wait_for(lambda d=d, names=names: sees_all_alive(d, names),
+                     max(1.0, deadline - time.monotonic()),
+                     f"{d.name} to see the {i - 1} before it alive", interval=0.2)
     for d in daemons:
         _wait_ready(d, deadline, n, timeout)
     return daemons
