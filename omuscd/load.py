@@ -27,10 +27,13 @@ log = logging.getLogger(__name__)
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
 #: The share of the time the regular samples may spend counting runnable tasks: a scan
-#: of /proc takes 2 ms on a quiet machine (counted every sample) and 10 ms to 0.5 s with
-#: hundreds of processes wanting the CPUs (counted every 2 to 100 s; the last count stands
-#: between).  The daemon answers no datagram while it scans.
-SCAN_SHARE = 0.005
+#: of /proc takes 1-2 ms on a quiet machine (counted every 1-2 s), 5 ms with 300 tasks
+#: (every 5 s: at 0.5 % of the time it was counted at every sample, and an idle daemon
+#: of a busy machine spent as much on it as on everything else) and up to 0.5 s when
+#: hundreds of them want the CPUs (every 500 s).  The last count stands between, no
+#: higher than the tasks runnable now; jobs coming or going are counted at once.  The
+#: daemon answers no datagram while it scans.
+SCAN_SHARE = 0.001
 #: CPU seconds (per lent CPU) a sample must span to say anything: the kernel counts CPU
 #: time in ticks of 10 ms, and a sample over a window of a few milliseconds read 0 % busy.
 MIN_WINDOW = 0.05
