@@ -5,8 +5,8 @@ waiting.  Utilisation alone saturates at 100 % whether one task or four want a C
 the lent CPUs are busy the tasks that keep them wanted are counted too (each process's
 state, the CPU it last ran on and how long it has been runnable, from /proc; see
 :class:`RunQueue`): four CPU-bound jobs on one lent CPU are load 4.0.  The scan costs a
-millisecond or two, so it is made only when the lent CPUs are more than half busy; an idle
-node pays nothing for it.
+millisecond or two, so it is made only when the lent CPUs are more than half busy and more
+tasks are runnable than the busy CPUs account for; an idle node pays nothing for it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 #: Above this utilisation of the lent CPUs, runnable tasks are counted as well.
 BUSY_PERCENT = 50.0
+#: The share of the time the regular samples may spend counting runnable tasks: a scan
+#: of /proc takes 1-2 ms on a quiet machine (counted every 1-2 s), 5 ms with 300 tasks
+#: (every 5 s: at 0.5 % of the time it was counted at every sample, and an idle daemon
+#: of a busy machine spent as much on it as on everything else) and up to 0.5 s when
+#: hundreds of them want the CPUs (every 500 s).  The last count stands between, no
+#: higher than the tasks runnable now; jobs coming or going are counted at once.  The
+#: daemon answers no datagram while it scans.
+SCAN_SHARE = 0.001
 #: CPU seconds (per lent CPU) a sample must span to say anything: the kernel counts CPU
 #: time in ticks of 10 ms, and a sample over a window of a few milliseconds read 0 % busy.
 MIN_WINDOW = 0.05
@@ -125,6 +133,18 @@ class RunQueue:
                     self.seen[tid] = (ns, now)
 
 
+def runnable_at_most() -> int | None:
+    """An upper bound of :meth:`RunQueue.count` for a few microseconds: the tasks
+    runnable on the whole machine now, less the one reading (``/proc/loadavg``'s
+    running/total), or None if unreadable."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = f.read().split()[3].split(b"/")[0]
+        return max(0, int(running) - 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def usable(lent: list[int], ncpus: int) -> list[int]:
     """The lent CPUs this machine has (all of them if it has none of those)."""
     return [c for c in lent if c < ncpus] or list(range(ncpus))
@@ -166,6 +186,9 @@ class Sampler:
         self.window: list[Any] | None = None  # CPU times when jobs last came or went
         self.last = LoadSample(0.0, 0.0, 0, self._mem())
         self.runq = RunQueue()
+        self.counted: int | None = None  # the last count of runnable tasks
+        self.next_scan = 0.0  # when the count may be made again (time.monotonic)
+        self.was_runnable: int | None = None  # runnable_at_most() at the last busy sample
 
     @staticmethod
     def _mem() -> int:
@@ -180,7 +203,38 @@ class Sampler:
         self.runq.resumed(pids)
 
     def _runnable(self, lent: list[int]) -> int:
-        return self.runq.count(set(lent), leave_out=self.helpers())
+        start = time.monotonic()
+        self.counted = self.runq.count(set(lent), leave_out=self.helpers())
+        end = time.monotonic()
+        self.next_scan = end + (end - start) / SCAN_SHARE
+        return self.counted
+
+    def _count_if_it_matters(self, util: float, lent: list[int]) -> int | None:
+        """The runnable tasks, if they may raise the load above ``util``: only when the
+        lent CPUs are busy, and more tasks are runnable on the whole machine than the
+        busy share of the lent CPUs.  A machine kept busy by as many tasks as it has
+        CPUs (another user's build, the tests of four others) said the same load, and an
+        idle daemon spent 2-4 ms a second scanning /proc for it: half its CPU
+        (bench_idle).  The tasks runnable must be that many at this sample and the last:
+        what keeps CPUs wanted is runnable at any instant, and 100 idle daemons on one
+        machine, woken together by a change they all pass on, were 70 runnable for a
+        moment (a scan then cost each 0.4 s deaf to probes).  The scan takes at most
+        SCAN_SHARE of the time: until it may run
+        again, the last count stands (no more than the tasks runnable now).  70 daemons
+        on one machine, each scanning 250 processes every second (8 ms of CPU, 400 ms
+        of waiting for it between the reads, the daemon deaf meanwhile), kept 70 tasks
+        runnable, which made every daemon scan again."""
+        if util <= BUSY_PERCENT:
+            return None
+        now = runnable_at_most()
+        most = now if self.was_runnable is None or now is None else min(now,
+                                                                          self.was_runnable)
+        self.was_runnable = now
+        if most is not None and most <= util * len(lent) / 100.0:
+            return None
+        if self.counted is not None and most is not None and time.monotonic() < self.next_scan:
+            return min(self.counted, most)
+        return self._runnable(lent)
 
     def at_once(self) -> LoadSample:
         """A first figure the moment jobs came or went, before any CPU time has passed to
@@ -211,8 +265,8 @@ class Sampler:
             return self.last
         per_cpu = busy_percent(since, now)
         self.base, self.window = now, None
-        busy = sum(per_cpu[c] for c in lent) / len(lent) > BUSY_PERCENT
-        runnable = self._runnable(lent) if busy else None
+        util = sum(per_cpu[c] for c in lent) / len(lent)
+        runnable = self._count_if_it_matters(util, lent)
         load, util = compute_load(per_cpu, self.lent, runnable)
         runq = runnable if runnable is not None else round(util * len(lent) / 100)
         self.last = LoadSample(load, util, runq, self._mem())

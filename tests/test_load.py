@@ -171,12 +171,84 @@ def test_a_sample_too_short_to_measure_leaves_the_figure_counted_at_the_change(
                   [t(9.3, 1.0, 0.0)]])     # the extra sample, 0.3 s on: busy
     monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: next(times))
     monkeypatch.setattr(load.RunQueue, "count", lambda self, cpus, me=None, leave_out=(): 2)
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 2)
     s = load.Sampler([0])
     s.new_window()
     assert s.at_once().load == 2.0  # two jobs wanting the one lent CPU
     assert s.sample().load == 2.0  # not 0.00
     settled = s.sample()
     assert (settled.load, settled.util) == (2.0, 100.0)
+
+
+def test_a_busy_machine_is_scanned_only_if_its_runnable_tasks_can_raise_the_load(
+        monkeypatch):
+    """Two CPUs kept busy by two tasks (another user's build beside an idle daemon) are
+    load 1.0 whatever the scan of /proc finds, which cost the idle daemon half its CPU;
+    a third runnable task may make it more, and is looked for if it is there at two
+    samples running (not if many tasks were runnable for a moment)."""
+    from collections import namedtuple
+
+    from omuscd import load
+
+    t = namedtuple("t", "user idle iowait")
+    times = {"now": [t(0.0, 0.0, 0.0), t(0.0, 0.0, 0.0)]}
+    monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: times["now"])
+    s = load.Sampler([0, 1])
+    times["now"] = [t(1.0, 0.0, 0.0), t(1.0, 0.0, 0.0)]  # both CPUs busy since
+    scans = []
+
+    def count(self, cpus, me=None, leave_out=()):
+        scans.append(cpus)
+        return 3
+
+    monkeypatch.setattr(load.RunQueue, "count", count)
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 2, raising=False)
+    assert (s.sample().load, scans) == (1.0, [])
+    times["now"] = [t(2.0, 0.0, 0.0), t(2.0, 0.0, 0.0)]
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 9)
+    assert (s.sample().load, scans) == (1.0, [])  # 9 runnable for a moment: not load
+    times["now"] = [t(3.0, 0.0, 0.0), t(3.0, 0.0, 0.0)]
+    monkeypatch.setattr(load, "runnable_at_most", lambda: 3)
+    assert (s.sample().load, scans) == (1.5, [{0, 1}])  # 3 at two samples: looked for
+    assert isinstance(load.runnable_at_most(), int)
+
+
+def test_counting_runnable_tasks_takes_a_bounded_share_of_the_time(monkeypatch):
+    """A scan of /proc that takes 10 ms (hundreds of processes: 70 daemons on one
+    machine each scanned every second, and took the whole machine) is made again only
+    after 10 ms / SCAN_SHARE; meanwhile the last count stands, but never above the tasks
+    runnable on the machine now."""
+    from collections import namedtuple
+
+    from omuscd import load
+
+    t = namedtuple("t", "user idle iowait")
+    times = {"now": [t(0.0, 0.0, 0.0)]}
+    monkeypatch.setattr(load.psutil, "cpu_times", lambda percpu: times["now"])
+    s = load.Sampler([0])
+    scans = []
+
+    def count(self, cpus, me=None, leave_out=()):
+        scans.append(cpus)
+        end = time.thread_time() + 0.01
+        while time.thread_time() < end:  # a scan of many processes
+            pass
+        return 4
+
+    monkeypatch.setattr(load.RunQueue, "count", count)
+    most = {"now": 6}
+    monkeypatch.setattr(load, "runnable_at_most", lambda: most["now"])
+    for k in range(1, 4):
+        times["now"] = [t(float(k), 0.0, 0.0)]  # the one lent CPU busy
+        assert s.sample().load == 4.0
+    assert len(scans) == 1 and s.next_scan > time.monotonic() + 1.0
+    most["now"] = 2  # two of the four have ended since
+    times["now"] = [t(5.0, 0.0, 0.0)]
+    assert (s.sample().load, len(scans)) == (2.0, 1)
+    s.next_scan = time.monotonic()  # its time has come
+    most["now"] = 6
+    times["now"] = [t(6.0, 0.0, 0.0)]
+    assert (s.sample().load, len(scans)) == (4.0, 2)
 
 
 def test_a_change_in_load_is_told_at_once(monkeypatch):

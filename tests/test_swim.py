@@ -317,6 +317,26 @@ def test_missed_acks_and_nacks_stretch_our_own_timeouts():
     assert slow.awareness.score == 0  # acks bring it back down
 
 
+def test_a_node_that_hears_from_no_helper_accuses_nobody():
+    """No ack, and not one helper saying "no answer from it either": the silence is our
+    host's (stalled by a loaded machine, its socket unread), not evidence against the
+    target.  Such a node stretches its timeouts and accuses nobody; 100 daemons on one
+    machine suspected each other after every stall of it.  A node whose helpers do say
+    nack suspects the silent target at once (test_helper_says_nack_...)."""
+    net = Net(4)
+    net.start()
+    net.run(3.0)
+    for s in net.nodes.values():
+        s.take_events()
+    slow = net.nodes[1]
+    net.cut = {(j, 1) for j in (2, 3, 4)}  # 1 hears nobody: no acks, no nacks
+    net.run(8.0)
+    assert slow.awareness.score >= 2
+    assert "suspect" not in kinds(slow)
+    assert all(slow.members.nodes[j].state == ALIVE for j in (2, 3, 4))
+    assert all(net.state(j, 1) != ALIVE for j in (2, 3, 4))  # it is silent to them
+
+
 # ---------------------------------------------------------------------- dissemination
 
 

@@ -11,10 +11,11 @@ the older one still queued (it is what counts now).
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from omuscd import wire
 
 #: Changes kept at most; past it the most-sent are dropped (push-pull repairs the rest).
 MAX_QUEUED = 4096
@@ -23,7 +24,7 @@ TAKE_AT_MOST = 64  # changes looked at for one datagram (more never fit)
 
 def record_size(record: dict[str, Any]) -> int:
     """Bytes the record takes in a JSON body (with its separating comma)."""
-    return len(json.dumps(record, separators=(",", ":"))) + 1
+    return len(wire.COMPACT.encode(record)) + 1
 
 
 def retransmit_limit(mult: int, n: int) -> int:

@@ -9,7 +9,6 @@ and changes nothing: every part is checked before any is applied.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +101,7 @@ def check_address(v: Any) -> tuple[str, int]:
 
 def json_size(value: Any) -> int:
     """Bytes ``value`` takes in a compact JSON body."""
-    return len(json.dumps(value, separators=(",", ":")))
+    return len(wire.COMPACT.encode(value))
 
 
 def bool_field(body: dict[str, Any], name: str) -> bool:

@@ -314,7 +314,12 @@ class Swim(Receiver):
             if not p.acked:
                 # Lifeguard: nacks missing from helpers say we are the slow one
                 self.awareness.apply(p.helpers - p.nacks if p.helpers else 1)
-                self._suspect_locally(p.target, now)
+                if p.nacks or not p.helpers:
+                    self._suspect_locally(p.target, now)
+                # else no helper answered at all, not even "no answer from it either":
+                # what is silent is our host (stalled, its sockets unread), not evidence
+                # against the target; probed again with the stretched timeouts (100
+                # daemons on one loaded machine accused each other after every stall)
         if self.probe is None and now >= self.next_probe:
             self._start_probe(now, out)
 
@@ -359,12 +364,8 @@ class Swim(Receiver):
     def on_suspect(self, nid: int, boot: int, n: int, by: int, now: float,
                    why: str = "") -> None:
         """``by`` suspects node ``nid`` at incarnation ``n``."""
-        if nid == self.members.my_id:
-            if boot == self.members.me["boot"]:
-                self._accused(n)
-            return
-        node = self.members.nodes.get(nid)
-        if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
+        node = self._accusable(nid, boot, n)
+        if node is None:
             return
         record = {"k": "s", "id": nid, "boot": boot, "n": n, "by": by}
         if node.state == SUSPECT:
@@ -383,12 +384,9 @@ class Swim(Receiver):
         self.queue.push(nid, record)
 
     def on_dead(self, nid: int, boot: int, n: int, by: int, now: float, why: str) -> None:
-        if nid == self.members.my_id:
-            if boot == self.members.me["boot"]:
-                self._accused(n)
-            return
-        node = self.members.nodes.get(nid)
-        if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
+        """``by`` says node ``nid`` is dead at incarnation ``n``."""
+        node = self._accusable(nid, boot, n)
+        if node is None:
             return
         if node.state == ALIVE and by != self.members.my_id:
             # a death we never heard suspected: the suspicion that precedes a death reaches
@@ -400,6 +398,19 @@ class Swim(Receiver):
         self.events += self.members.dead(nid, n, now, why)
         self.suspicions.pop(nid, None)
         self.queue.push(nid, {"k": "d", "id": nid, "boot": boot, "n": n, "by": by})
+
+    def _accusable(self, nid: int, boot: int, n: int) -> Node | None:
+        """The node an accusation (suspect or dead, at incarnation ``n``) is about, if it
+        still applies: not to a node of another boot, at an older incarnation or dead
+        already.  An accusation of ourselves is refuted here and applies to nothing."""
+        if nid == self.members.my_id:
+            if boot == self.members.me["boot"]:
+                self._accused(n)
+            return None
+        node = self.members.nodes.get(nid)
+        if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
+            return None
+        return node
 
     def _suspicions_due(self, now: float) -> None:
         for nid, s in list(self.suspicions.items()):

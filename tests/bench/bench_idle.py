@@ -9,6 +9,7 @@ and sleeps in trio: what any trio daemon costs before doing anything.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ def main() -> None:
         cpu = {k: (cpu_seconds(p) - c0[k]) / wall * 100 for k, p in pids.items()}
         rss = {k: rss_mb(p) for k, p in pids.items()}
         packets = a.json("status")["packets"]
-        print(f"idle over {wall:.0f}s, two-node loopback cluster, default timings")
+        print(f"idle over {wall:.0f}s, two-node loopback cluster, default timings; machine"
+              f" load average {os.getloadavg()[0]:.2f} (others' work counts: a busy machine"
+              " makes the load sampler count runnable tasks)")
         print(f"  daemon:   CPU {cpu['daemon']:.3f}% of one core, RSS {rss['daemon']:.1f} MB,"
               f" {packets['out'] / wall:.1f} datagrams/s out, {packets['in'] / wall:.1f} in")
         print(f"  baseline: CPU {cpu['baseline']:.3f}% of one core, RSS {rss['baseline']:.1f} MB"

@@ -12,6 +12,7 @@ network namespace of its own (it uses fixed loopback addresses):
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def main() -> None:
     daemons: list = []
     try:
         t0 = time.monotonic()
-        start_many(workdir(), n, daemons)
+        start_many(workdir(), n, daemons, timeout=6.0 * n, one_by_one=True)
         started = time.monotonic() - t0
         formed = check_all_alive(daemons, 120.0)
         forming = suspect_lines(daemons)
@@ -50,8 +51,9 @@ def main() -> None:
         took = kill_and_time(daemons, daemons[-KILLED:], 10.0)
         late = n - KILLED - sum(1 for t in took.values() if t <= 10.0)
         worst = max(took.values()) if took else float("nan")
-        print(f"{n} daemons started in {started:.0f} s, all saw all alive {formed:.1f} s later"
-              f" ({forming} 'is suspect' lines while forming)")
+        print(f"{n} daemons started one by one in {started:.0f} s, all saw all alive"
+              f" {formed:.1f} s later ({forming} 'is suspect' lines while forming);"
+              f" load average then {os.getloadavg()[0]:.2f}")
         print(f"idle {wall:.0f} s: {len(problems)} samples of a view not all alive"
               f" (target 0), {idle} 'is suspect' lines (target 0)")
         for p in problems[:5]:
@@ -59,7 +61,8 @@ def main() -> None:
         print(f"  CPU per daemon: median {cpu[len(cpu) // 2]:.2f} %, max {cpu[-1]:.2f} %;"
               f" RSS median {rss[len(rss) // 2]:.1f} MB, max {rss[-1]:.1f} MB")
         print(f"{KILLED} SIGKILLed: dead at every survivor within {worst:.1f} s "
-              f"(target 10 s; {late} survivors late or never)")
+              f"(target 10 s; {late} survivors late or never); load average"
+              f" {os.getloadavg()[0]:.2f} (the machine's: other work on it counts)")
     finally:
         for d in daemons:
             if d.alive():
