@@ -579,3 +579,20 @@ def test_a_change_in_a_quiet_cluster_is_no_sign_of_our_own_slowness():
     assert a.next_due() <= t + 0.01  # due at once: the driver ticks now
     a.tick(t + 0.011)
     assert a.awareness.score == 0
+
+
+def test_a_node_cut_off_from_every_other_one_still_sees_them_go():
+    """The silence of every helper accuses nobody only while our timeouts can still
+    stretch: once they are stretched all they can be, a node that hears nobody (its
+    cable pulled) suspects, and in the end buries, the others, as they bury it."""
+    net = Net(4)
+    net.start()
+    net.run(3.0)
+    for s in net.nodes.values():
+        s.take_events()
+    alone = net.nodes[1]
+    net.cut = {(a, b) for a in range(1, 5) for b in range(1, 5) if 1 in (a, b) and a != b}
+    net.run(120.0)
+    assert alone.awareness.at_max
+    assert "suspect" in kinds(alone)
+    assert all(alone.members.nodes[j].state != ALIVE for j in (2, 3, 4))

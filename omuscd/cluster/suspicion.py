@@ -26,6 +26,11 @@ class Awareness:
     def apply(self, delta: int) -> None:
         self.score = min(self.max - 1, max(0, self.score + delta))
 
+    @property
+    def at_max(self) -> bool:
+        """Whether our timeouts are stretched as far as they go."""
+        return self.score >= self.max - 1
+
     def scale(self, seconds: float) -> float:
         return seconds * (self.score + 1)
 
