@@ -10,13 +10,17 @@ the file a link to someone else's since gets a refusal, never that file truncate
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import trio
 
 from omuscd import rootexec
-from omuscd.jobs.record import Job, JobError
+from omuscd.jobs.record import STDERR, STDOUT, Job, JobError
+from omuscd.jobs.spool import Spool
+from omuscd.migrate.checkpoint import written_files
 from omuscd.migrate.criu import SETPRIV
+from omuscd.proctab import tree
 
 #: Cuts each file of ``argv[1]`` (JSON ``[[path, size], ...]``) back to its size, run as the
 #: job's user: opened without following a link at its end (a link a user put there since
@@ -77,3 +81,19 @@ async def cut_back(job: Job, files: list[list[Any]], to: str = "the checkpoint",
         said = r.stderr.decode(errors="replace").strip().splitlines()
         why = "; ".join(said[-8:] if every else said[-1:]) or f"exit {r.returncode}"
         raise JobError(f"cannot cut its files back to {to}: {why}")
+
+
+def written(spool: Spool, job: Job) -> list[list[Any]]:
+    """The regular files the job's processes hold open for writing and their sizes (see
+    omuscd.migrate.checkpoint.written_files), its spool files left out (the daemon keeps
+    its output).  Read while the job stands still: the sizes to cut back to."""
+    ours: set[tuple[int, int]] = set()
+    for p in (spool.path(job.id, STDOUT), spool.path(job.id, STDERR),
+              spool.dir(job.id) / "status"):
+        try:
+            st = os.stat(p, follow_symlinks=False)
+            ours.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    assert job.pid is not None
+    return written_files(tree(job.pid)[1:], ours)  # the first: the job's init, ours
