@@ -97,11 +97,12 @@ def lines_in(path: Path) -> int:
 
 
 def cut_mid_follow(cluster, job: str, path: Path,
-                   meanwhile: Callable[[], None] = lambda: None) -> str:
+                   meanwhile: Callable[[], None] = lambda: None, kill: bool = False) -> str:
     """Move ``job`` from a to b post-copy; once b runs it and its memory follows (the
     file grows while a's copy stands still: b's copy runs), call ``meanwhile`` and cut
-    b's link.  Returns what ``omuscd ctl migrate`` said once the move failed; the link
-    is back up and the nodes see each other again."""
+    b's link (``kill``: kill b's daemon instead).  Returns what ``omuscd ctl migrate``
+    said once the move failed; the link is back up and the nodes see each other again
+    (unless b was killed)."""
     lan, _, _, n = cluster
     mig = subprocess.Popen([PY, "-m", "omuscd", "ctl", "--connect", n["a"].socket, "migrate",
                             job, "b"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -118,6 +119,12 @@ def cut_mid_follow(cluster, job: str, path: Path,
         wait_for(lambda: lines_in(path) >= at + 20, 10, "b's copy to write")
         assert n["a"].json(f"job {job}")["state"] == "migrating"
         meanwhile()
+        if kill:
+            n["b"].popen.kill()
+            n["b"].popen.wait()
+            out, err = mig.communicate(timeout=120)
+            assert mig.returncode != 0 and "resumed here" in out + err, (out, err)
+            return out + err
         sh("ip", "-n", lan.ns(1), "link", "set", "eth0", "down")
         try:
             out, err = mig.communicate(timeout=120)
@@ -136,29 +143,6 @@ def finish(p: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, (p.returncode, out[-300:], err[-300:])
     return out, err
-
-
-def test_a_post_copy_move_cut_mid_follow_leaves_output_and_file_as_if_unmoved(cluster,
-                                                                               tmp_path):
-    """As root: the move fails, the job resumes on a and ends; what ``omuscd run`` printed
-    and the file are exactly those of a run that never moved."""
-    _, _, _, n = cluster
-    want_out, want_file = unmoved(tmp_path)
-    tag, path = f"{TAG}-root", tmp_path / "moved.txt"
-    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
-                          "--", PY, "-c", JOB, str(MB), str(path), str(LINES), str(DELAY),
-                          tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
-    try:
-        job = job_id(n["a"], tag)
-        time.sleep(0.5)  # past 'still starting' (see jobs.starting)
-        cut_mid_follow(cluster, job, path)
-        assert n["a"].json(f"job {job}")["node_name"] == "a"
-        out, err = finish(p)
-    finally:
-        p.kill()
-    assert out == want_out, (len(out), out[-200:])
-    assert path.read_bytes() == want_file
-    assert b"line " not in err, err[-300:]
 
 
 def test_an_ordinary_users_job_rolls_back_exactly_and_a_link_is_never_followed(cluster,
@@ -200,3 +184,28 @@ def test_an_ordinary_users_job_rolls_back_exactly_and_a_link_is_never_followed(c
             else:
                 assert path.stat().st_uid == user.uid
                 assert path.read_bytes() == want_file
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["link-cut", "target-killed"])
+def test_a_post_copy_move_cut_mid_follow_leaves_output_and_file_as_if_unmoved(cluster,
+                                                                               tmp_path, kill):
+    """As root: the link is cut mid-follow, or (last: it ends the cluster's b) the target
+    daemon killed; the move fails, the job resumes on a and ends; what ``omuscd run``
+    printed and the file are exactly those of a run that never moved."""
+    _, _, _, n = cluster
+    want_out, want_file = unmoved(tmp_path)
+    tag, path = f"{TAG}-root", tmp_path / "moved.txt"
+    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
+                          "--", PY, "-c", JOB, str(MB), str(path), str(LINES), str(DELAY),
+                          tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+    try:
+        job = job_id(n["a"], tag)
+        time.sleep(0.5)  # past 'still starting' (see jobs.starting)
+        cut_mid_follow(cluster, job, path, kill=kill)
+        assert n["a"].json(f"job {job}")["node_name"] == "a"
+        out, err = finish(p)
+    finally:
+        p.kill()
+    assert out == want_out, (len(out), out[-200:])
+    assert path.read_bytes() == want_file
+    assert b"line " not in err, err[-300:]
