@@ -31,16 +31,22 @@ from omuscd.migrate.page_relay import CHUNK, IDLE_TIMEOUT, PAGE_STREAM
 
 async def serve(ch: Channel, server: PageServer, first_timeout: float,
                 on_message: Callable[[dict[str, Any]], Awaitable[bool]],
-                on_served: Callable[[int], None] | None = None) -> None:
+                on_served: Callable[[int], None] | None = None,
+                heard: Callable[[], None] | None = None) -> None:
     """On the source: answer the target's page requests from ``ch`` until
     ``on_message`` (given every message in between) returns True.  Raises ChannelError
     if the channel breaks, trio.TooSlowError after IDLE_TIMEOUT without a word (the
-    first: ``first_timeout``), MoveError for a request CRIU would not make.
-    ``on_served`` hears the bytes of memory sent so far, after each answer (progress)."""
+    first: ``first_timeout``) or with an answer stuck that long (a link cut: the
+    socket's buffer stays full), MoveError for a request CRIU would not make.
+    ``on_served`` hears the bytes of memory sent so far, after each answer (progress);
+    ``heard`` is called after each word received and each part of an answer sent (the
+    target's copy is killed within IDLE_TIMEOUT of the last: see Source.roll_back)."""
     timeout = first_timeout
     while True:
         with trio.fail_after(timeout):
             item = await ch.receive(borrow=True)
+        if heard is not None:
+            heard()
         timeout = IDLE_TIMEOUT
         if not isinstance(item, tuple):
             if await on_message(item):
@@ -51,7 +57,10 @@ async def serve(ch: Channel, server: PageServer, first_timeout: float,
         for answer in server.feed(item[1]):
             view = memoryview(answer)
             for start in range(0, len(view), CHUNK):
-                await ch.send_data(PAGE_STREAM, view[start:start + CHUNK])
+                with trio.fail_after(IDLE_TIMEOUT):
+                    await ch.send_data(PAGE_STREAM, view[start:start + CHUNK])
+                if heard is not None:
+                    heard()
         if on_served is not None:
             on_served(server.served * PAGE)
 

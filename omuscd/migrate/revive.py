@@ -9,7 +9,8 @@ run out (:mod:`omuscd.migrate.lease`, Grants.revoke), however soon SWIM's verdic
 The home plays the source of a move whose images are the checkpoint's (the ``immigrate``
 protocol, see :mod:`omuscd.migrate.node`), or restores it itself.  Before that, the files
 the job had open for writing are cut back to their sizes at the checkpoint, with the
-rights of the job's user and without following a link (:data:`CUT`): CRIU refuses a file
+rights of the job's user and without following a link (see
+:mod:`omuscd.migrate.cutback`): CRIU refuses a file
 whose size changed, and a file the job appends to would otherwise hold what it wrote after
 the checkpoint twice.
 
@@ -24,7 +25,6 @@ job still stands still.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from omuscd import rootexec
 from omuscd.balance import policy as balance
 from omuscd.channel import Channel, ChannelError
 from omuscd.cluster.membership import DEAD
@@ -51,10 +50,9 @@ from omuscd.jobs.record import (
     Job,
     JobError,
 )
-from omuscd.migrate import MoveError
+from omuscd.migrate import MoveError, cutback
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.checkpoint import Checkpoints
-from omuscd.migrate.criu import SETPRIV
 from omuscd.migrate.lease import Grants
 from omuscd.migrate.source import Source
 from omuscd.migrate.target import Target
@@ -69,28 +67,6 @@ log = logging.getLogger("omuscd.migrate")
 
 MAX_LEFT = 8  # nodes a job's record remembers it was revived away from
 DROP_TRIES = 30  # asks (a second apart) to drop a stale copy, while its node is alive
-
-#: Cuts each file of ``argv[1]`` (JSON ``[[path, size], ...]``) back to its size, run as the
-#: job's user: opened without following a link at its end (a link a user put there since
-#: is refused, never truncated through), a regular file only, never made longer (one
-#: shorter than at the checkpoint is refused: the job's view of it cannot be restored).
-CUT = r"""
-import json, os, stat, sys
-for path, size in json.loads(sys.argv[1]):
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        sys.exit(f"{path}: {e.strerror}")
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        sys.exit(f"{path}: not a regular file any more")
-    if st.st_size < size:
-        sys.exit(f"{path}: shorter ({st.st_size} bytes) than at the checkpoint ({size})")
-    if st.st_size > size:
-        os.ftruncate(fd, size)
-    os.close(fd)
-"""
-
 
 class Revival:
     """Restoring jobs of this home from their checkpoints (see the module's docstring)."""
@@ -304,24 +280,9 @@ class Revival:
                                                    "checkpoint": meta["time"]})])
 
     async def cut_back(self, job: Job, files: list[list[Any]]) -> None:
-        """Cut the files the job had open for writing back to their checkpoint sizes, as
-        the job's user (root's job: as root), never through a link (see CUT)."""
-        if not files:
-            return
-        python = rootexec.need(rootexec.PYTHON, "python3")
-        argv = [python, "-I", "-S", "-c", CUT, json.dumps(files)]
-        if job.owner.uid != 0:
-            if SETPRIV is None:
-                raise JobError("cutting back another user's files needs setpriv (util-linux)")
-            groups = ",".join(str(g) for g in job.owner.groups)
-            argv = [SETPRIV, "--reuid", str(job.owner.uid), "--regid", str(job.owner.gid),
-                    *(["--groups", groups] if groups else ["--clear-groups"]), "--", *argv]
-        r = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                   check=False, env=rootexec.HELPER_ENV, cwd="/")
-        if r.returncode != 0:
-            said = r.stderr.decode(errors="replace").strip().splitlines()
-            raise JobError(f"cannot cut its files back to the checkpoint: "
-                           f"{said[-1] if said else r.returncode}")
+        """Cut the files the job had open for writing back to their checkpoint sizes (see
+        omuscd.migrate.cutback)."""
+        await cutback.cut_back(job, files)
 
     async def _restore_here(self, job: Job, seq: int, meta: dict[str, Any]) -> None:
         images = self.books.images_dir(f"{job.id}.revive")

@@ -32,10 +32,10 @@ from omuscd.jobs.record import (
     Job,
     JobError,
 )
-from omuscd.migrate import MoveError, postcopy, precheck
+from omuscd.migrate import MoveError, cutback, postcopy, precheck
 from omuscd.migrate.books import LEFT, MoveBooks, MoveHost
 from omuscd.migrate.lazy import PAGE, PageServer
-from omuscd.migrate.page_relay import send_pages, socket_pair
+from omuscd.migrate.page_relay import IDLE_TIMEOUT, send_pages, socket_pair
 from omuscd.migrate.transfer import (
     RESTORE_TIMEOUT,
     STEP_TIMEOUT,
@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("omuscd.migrate")
 
 DUMP_NICE = -20  # the nice of a job while CRIU dumps it (see _emigrate)
+#: beyond IDLE_TIMEOUT after the last word with a post-copy target that went silent, by
+#: when its copy is surely killed (its relay looks every 0.25 s; what the socket's buffer
+#: held may still reach it after the last send here returned)
+GONE_GRACE = 5.0
 
 
 def _close_pair(pair: tuple[Any, socket.socket] | None) -> None:
@@ -249,24 +253,26 @@ class Source:
             renice_tree(job.pid, DUMP_NICE)  # type: ignore[arg-type]
         frozen = trio.current_time()
         committed: list[float] = []  # when the target was told to run it
+        written: list[list[Any]] = []  # the files it writes, noted after the dump
         try:
             return await self._move_frozen(job, target, ch, images, nice, frozen,
-                                           streaming, lazy, committed, early,
+                                           streaming, lazy, committed, written, early,
                                            lambda fd: self.host.mover.dump(
                                                job.pid, images, fd, worker),
                                            pair)
         except trio.Cancelled:  # this daemon stops: settle it first, where it can
             with trio.CancelScope(shield=True):
-                await self._cut_short(job, target, ch, nice, bool(committed))
+                await self._cut_short(job, target, ch, nice, bool(committed), written)
             raise
 
     async def _move_frozen(self, job: Job, target: int, ch: Channel, images: Path,
                            nice: int | None, frozen: float, streaming: bool, lazy: bool,
-                           committed: list[float], early: bool,
+                           committed: list[float], written: list[list[Any]], early: bool,
                            dump: Callable[[int | None], Awaitable[None]],
                            pair: tuple[Any, Any] | None) -> dict[str, Any]:
         """The move from the freeze on (see _emigrate); ``committed`` gets the time the
-        target was told to run the job; ``early``: the target starts lazy-pages when told
+        target was told to run the job, ``written`` the files the job writes and their sizes
+        after the dump (see roll_back); ``early``: the target starts lazy-pages when told
         'lazy-start', once it has the images lazy-pages reads first (see _lazy_first);
         ``dump(fd)``: the dump (to the page server at ``fd``, through ``pair``, if
         streaming)."""
@@ -284,6 +290,8 @@ class Source:
             raise JobError(f"move failed, job resumed here: {e}") from None
         steps.mark("dump")
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
+        # what a failed move cuts back to, should the target's copy have run meanwhile
+        written[:] = cutback.written(self.jc.spool, job)
         sent = paged
         try:
             # post-copy: of the memory, only the pages the restore reads itself go now
@@ -314,7 +322,7 @@ class Source:
             self.books.report(job.id, RESTORING)
             if lazy:
                 return await self._serve_memory(job, target, ch, images, nice, frozen,
-                                                steps, sent, committed)
+                                                steps, sent, committed, written)
             with trio.fail_after(RESTORE_TIMEOUT):
                 reply = await ch.receive_msg()
             if reply.get("op") != "restored":
@@ -333,7 +341,7 @@ class Source:
         except (ChannelError, trio.TooSlowError):
             running = await self.ask_target(job, target)
         if not running:
-            self.resume(job, nice)
+            await self.roll_back(job, nice, written)
             raise JobError("the target did not take the job; it resumed here")
         steps.mark("commit")
         ran = steps.resumed(reply.get("resumed") if reply.get("op") == "running" else None)
@@ -345,7 +353,7 @@ class Source:
         return {"freeze": freeze, "bytes": sent}
 
     async def _cut_short(self, job: Job, target: int, ch: Channel, nice: int | None,
-                         committed: bool) -> None:
+                         committed: bool, written: list[list[Any]]) -> None:
         """This daemon stops (SIGTERM) while ``job`` is frozen for a move.  Closing the
         channel makes the target drop a copy it has not been told to run, or is still
         feeding its memory (post-copy); one it was told to run may be running there, so
@@ -360,7 +368,10 @@ class Source:
             else:
                 log.warning("job %s: its move was cut short by this daemon stopping",
                             job.id)
-                self.resume(job, nice)
+                if committed:  # the target's copy may have run (and written) meanwhile
+                    await self.roll_back(job, nice, written)
+                else:
+                    self.resume(job, nice)
             return
         log.warning("job %s stays frozen: %s did not say whether it runs it; settled when "
                     "this daemon starts again", job.id, self.jc.node_name(target))
@@ -377,12 +388,19 @@ class Source:
 
     async def _serve_memory(self, job: Job, target: int, ch: Channel, images: Path,
                             nice: int | None, frozen: float, steps: Steps, sent: int,
-                            committed: list[float]) -> dict[str, Any]:
+                            committed: list[float], written: list[list[Any]]
+                            ) -> dict[str, Any]:
         """Post-copy, once the target has everything but the memory: commit when it has
         restored the job, then answer its page requests until it runs the job with all
-        of its memory (see omuscd.migrate.postcopy)."""
+        of its memory (see omuscd.migrate.postcopy).  On a failure once it was told to run
+        the job, the copy here resumes only once the target's copy is surely gone, its
+        files cut back to ``written`` (see roll_back)."""
         server = PageServer(images)
         memory = self.books.image_bytes(images, True)
+        last = [trio.current_time()]  # the last word with the target
+
+        def heard() -> None:
+            last[0] = trio.current_time()
 
         async def on_message(m: dict[str, Any]) -> bool:
             op = m.get("op")
@@ -397,14 +415,20 @@ class Source:
 
         try:
             await postcopy.serve(ch, server, RESTORE_TIMEOUT, on_message,
-                                 lambda n: self.books.report(job.id, FOLLOWING, n, memory))
+                                 lambda n: self.books.report(job.id, FOLLOWING, n, memory),
+                                 heard)
         except (MoveError, ChannelError, trio.TooSlowError) as e:
             # the target failed (its copy is gone), the channel broke, or it asked for
             # what is not there: a copy it still has is killed when the channel closes
-            if committed:
-                await ch.aclose()
-            if not committed or not await self.ask_target(job, target):
+            if not committed:
                 self.resume(job, nice)
+                raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
+            await ch.aclose()
+            runs = await self.target_runs(job, target)
+            if not runs:
+                if runs is None:  # not heard: cut off, it kills its copy when idle
+                    await trio.sleep_until(last[0] + IDLE_TIMEOUT + GONE_GRACE)
+                await self.roll_back(job, nice, written)
                 raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
         finally:
             server.close()
@@ -419,6 +443,20 @@ class Source:
     async def _send_spool(self, ch: Channel, job: Job, stream: int) -> int:
         return await send_fd(ch, "spool", str(stream),
                                    self.jc.spool.open_stream(job.id, stream))
+
+    async def roll_back(self, job: Job, nice: int | None, written: list[list[Any]]) -> None:
+        """Resume the frozen copy here after a move whose target's copy may have run, and
+        is gone now: the files the job writes go back to their sizes at the freeze first
+        (as the job's user, never through a link: see omuscd.migrate.cutback), so that what
+        the copy here writes again is there once.  A file that cannot be cut back (made a
+        link, or shorter, since) is logged and left: the job resumes all the same, as its
+        only copy."""
+        if job.state == MIGRATING and written:
+            try:
+                await cutback.cut_back(job, written, "the freeze", every=True)
+            except (JobError, OSError) as e:
+                log.warning("job %s: %s", job.id, e)
+        self.resume(job, nice)
 
     def resume(self, job: Job, nice: int | None) -> None:
         self.books.unmark(job.id)
@@ -474,10 +512,15 @@ class Source:
     async def ask_target(self, job: Job, target: int) -> bool:
         """After an unanswered commit: does the target run the job?  Ask until it answers
         or is declared dead (then it does not); the copy here stays frozen meanwhile."""
+        return bool(await self.target_runs(job, target))
+
+    async def target_runs(self, job: Job, target: int) -> bool | None:
+        """As ask_target, but None when the target was declared dead without answering
+        (cut off, its copy may still run until it finds itself alone)."""
         while True:
             node = self.host.members.nodes.get(target)
             if node is None or node.state == DEAD:
-                return False
+                return None
             try:
                 reply = await self.jc.request(target, {"op": "has", "job": job.id},
                                               STEP_TIMEOUT)
