@@ -26,6 +26,17 @@ class Awareness:
     def apply(self, delta: int) -> None:
         self.score = min(self.max - 1, max(0, self.score + delta))
 
+    def missed(self, helpers: int, nacks: int) -> bool:
+        """A probe got no ack, and ``nacks`` of its ``helpers`` said they got none either:
+        count the missing nacks against ourselves (Lifeguard: they say we are the slow
+        one), and say whether the silence accuses the target.  It does not when no helper
+        answered at all: what is silent is then our host (stalled, its sockets unread),
+        and the target is probed again with the stretched timeouts (100 daemons on one
+        loaded machine accused each other after every stall); once they are stretched all
+        they can be, it does again (a node cut off from every other must see them go)."""
+        self.apply(helpers - nacks if helpers else 1)
+        return bool(nacks or not helpers or self.at_max)
+
     @property
     def at_max(self) -> bool:
         """Whether our timeouts are stretched as far as they go."""

@@ -311,17 +311,8 @@ class Swim(Receiver):
             self._indirect(p, now, out)
         if p is not None and now >= p.end_at:
             self.probe = None
-            if not p.acked:
-                # Lifeguard: nacks missing from helpers say we are the slow one
-                self.awareness.apply(p.helpers - p.nacks if p.helpers else 1)
-                if p.nacks or not p.helpers or self.awareness.at_max:
-                    self._suspect_locally(p.target, now)
-                # else no helper answered at all, not even "no answer from it either":
-                # what is silent is our host (stalled, its sockets unread), not evidence
-                # against the target; probed again with the stretched timeouts (100
-                # daemons on one loaded machine accused each other after every stall).
-                # Once the timeouts are stretched all they can be, silence accuses
-                # again: a node cut off from every other one must still see them go
+            if not p.acked and self.awareness.missed(p.helpers, p.nacks):
+                self._suspect_locally(p.target, now)
         if self.probe is None and now >= self.next_probe:
             self._start_probe(now, out)
 
