@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +49,7 @@ from omuscd.jobs.record import STDERR, STDOUT, Job, JobError
 from omuscd.jobs.spool import open_private
 from omuscd.migrate import MoveError
 from omuscd.migrate.books import MoveBooks, MoveHost
+from omuscd.migrate.cutback import spool_files, written_files
 from omuscd.migrate.transfer import (
     RESTORE_TIMEOUT,
     STEP_TIMEOUT,
@@ -116,37 +116,6 @@ async def stop_tree(init: int) -> list[int]:
         await trio.sleep(0.001)
 
 
-def written_files(pids: list[int], skip: set[tuple[int, int]]) -> list[list[Any]]:
-    """The regular files the processes hold open for writing, as ``[path, size]``, each
-    once (not those in ``skip``, by device and inode: the job's own spool files, which
-    the daemon hands it).  Read while the processes are stopped: the sizes of that
-    instant, which a restore cuts the files back to."""
-    seen: set[tuple[int, int]] = set(skip)
-    out: list[list[Any]] = []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    flags = next(int(ln.split()[1], 8) for ln in f if ln.startswith("flags:"))
-                if flags & os.O_ACCMODE == os.O_RDONLY:
-                    continue
-                st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself
-                path = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except (OSError, StopIteration, ValueError, IndexError):
-                continue
-            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
-                continue
-            if not path.startswith("/") or path.endswith(" (deleted)"):
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            out.append([path, st.st_size])
-    return out
-
-
 class Dumps:
     """Taking checkpoints on the node running a job (for its home, or for this node as
     its home: see Checkpoints)."""
@@ -198,14 +167,7 @@ class Dumps:
 
     async def _dump(self, job: Job, images: Path, hold: bool) -> dict[str, Any]:
         spool = self.jc.spool
-        ours: set[tuple[int, int]] = set()
-        for p in (spool.path(job.id, STDOUT), spool.path(job.id, STDERR),
-                  spool.dir(job.id) / "status"):
-            try:
-                st = os.stat(p, follow_symlinks=False)
-                ours.add((st.st_dev, st.st_ino))
-            except OSError:
-                pass
+        ours = spool_files(spool, job)
         init = job.pid
         assert init is not None
         with urgent():  # the job is frozen meanwhile: see omuscd.priority

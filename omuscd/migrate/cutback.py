@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
 import trio
@@ -18,7 +19,6 @@ import trio
 from omuscd import rootexec
 from omuscd.jobs.record import STDERR, STDOUT, Job, JobError
 from omuscd.jobs.spool import Spool
-from omuscd.migrate.checkpoint import written_files
 from omuscd.migrate.criu import SETPRIV
 from omuscd.proctab import tree
 
@@ -83,10 +83,9 @@ async def cut_back(job: Job, files: list[list[Any]], to: str = "the checkpoint",
         raise JobError(f"cannot cut its files back to {to}: {why}")
 
 
-def written(spool: Spool, job: Job) -> list[list[Any]]:
-    """The regular files the job's processes hold open for writing and their sizes (see
-    omuscd.migrate.checkpoint.written_files), its spool files left out (the daemon keeps
-    its output).  Read while the job stands still: the sizes to cut back to."""
+def spool_files(spool: Spool, job: Job) -> set[tuple[int, int]]:
+    """The job's spool files (output, status) by device and inode: the daemon hands them
+    to the job and keeps them itself, so they are never cut back."""
     ours: set[tuple[int, int]] = set()
     for p in (spool.path(job.id, STDOUT), spool.path(job.id, STDERR),
               spool.dir(job.id) / "status"):
@@ -95,5 +94,43 @@ def written(spool: Spool, job: Job) -> list[list[Any]]:
             ours.add((st.st_dev, st.st_ino))
         except OSError:
             pass
+    return ours
+
+
+def written_files(pids: list[int], skip: set[tuple[int, int]]) -> list[list[Any]]:
+    """The regular files the processes hold open for writing, as ``[path, size]``, each
+    once (not those in ``skip``, by device and inode: the job's own spool files, which
+    the daemon hands it).  Read while the processes are stopped: the sizes of that
+    instant, which a restore cuts the files back to."""
+    seen: set[tuple[int, int]] = set(skip)
+    out: list[list[Any]] = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    flags = next(int(ln.split()[1], 8) for ln in f if ln.startswith("flags:"))
+                if flags & os.O_ACCMODE == os.O_RDONLY:
+                    continue
+                st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself
+                path = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except (OSError, StopIteration, ValueError, IndexError):
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            if not path.startswith("/") or path.endswith(" (deleted)"):
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            out.append([path, st.st_size])
+    return out
+
+
+def written(spool: Spool, job: Job) -> list[list[Any]]:
+    """The regular files the job's processes hold open for writing and their sizes (see
+    :func:`written_files`), its spool files left out.  Read while the job stands still:
+    the sizes to cut back to."""
     assert job.pid is not None
-    return written_files(tree(job.pid)[1:], ours)  # the first: the job's init, ours
+    return written_files(tree(job.pid)[1:], spool_files(spool, job))  # [0]: its init
