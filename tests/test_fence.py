@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from omuscd.migrate.lease import lease_length
-from tests.cluster import criu_problem, namespace_cluster, sh, wait_for
+from tests.cluster import (
+    as_user,
+    criu_problem,
+    namespace_cluster,
+    ordinary_user,
+    sh,
+    start_daemon,
+    wait_for,
+)
 from tests.test_checkpoint import APPENDER, checkpoint_taken, extra, job_view
 
 REASON = criu_problem()
@@ -75,7 +83,7 @@ def fence_extra(i: int) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster():
     with namespace_cluster("abc", extra=fence_extra, prefix=f"omf{os.getpid() % 10000}x",
-                           leftovers=TAG) as c:
+                           leftovers=TAG, open_to_all=True) as c:
         yield c
 
 
@@ -324,3 +332,95 @@ def _defaults():
     """The membership's default timings (the cluster's a and c run them)."""
     from omuscd.config import Config, defaults
     return Config(defaults())
+
+
+def guards() -> list[int]:
+    """The pids of the lease guards running (omuscd.migrate.leaseguard)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _has(int(p), b"lease-guard")]
+
+
+def _has(pid: int, word: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return word in f.read()
+    except OSError:
+        return False
+
+
+def _restart(n, name: str) -> None:
+    """Start node ``name``'s daemon again, as it was started (same state directory)."""
+    d = n[name]
+    n[name] = start_daemon(name, d.args[:-4], d.state_dir.parent, netns=d.netns)
+
+
+def _daemon_dies(n, tag: str, p, ref_out: bytes, ref_file: Path, file: Path,
+                 uid: int | None = None) -> None:
+    """b's daemon (only it, not its job) SIGKILLed while it runs a's checkpointed job:
+    a revives the job on c; b's old copy is frozen (every process stopped) all the while,
+    and dropped once b's daemon is back; the job ends as a plain run."""
+    assert len(copies(tag)) == 1, _seen(tag)
+    mine = guards()
+    assert mine, "no lease guard runs while b holds a leased job"
+    for g in mine:
+        with open(f"/proc/{g}/status") as f:
+            assert "\nUid:\t0\t0\t0\t0" in f.read()  # root's: not the job user's
+        if uid is not None:  # the job's owner can neither stop it nor write to it
+            def attack(g=g) -> str:
+                said = []
+                for what in (lambda: os.kill(g, 9), lambda: open(f"/proc/{g}/fd/0", "wb"),
+                             lambda: open(f"/proc/{g}/mem", "rb")):
+                    try:
+                        what()
+                        said.append("done")
+                    except OSError as e:
+                        said.append(type(e).__name__)
+                return ",".join(said)
+            assert as_user(uid, attack) == "PermissionError,PermissionError,PermissionError"
+    os.kill(n["b"].popen.pid, 9)  # the daemon alone: its job lives on in its namespace
+    n["b"].popen.wait()
+    try:
+        wait_for(lambda: job_view(n["a"], tag).get("node_name") == "c", 40,
+                 "the job to be revived on c")
+        wait_for(lambda: len(copies(tag)) == 2, 20, "c's copy to run")
+        for _ in range(20):  # b's copy stays stopped beside c's
+            assert "T" in states(tag), states(tag)
+            time.sleep(0.1)
+    finally:
+        _restart(n, "b")
+    wait_for(lambda: len(copies(tag)) <= 1, 20, "b's stale copy to be dropped")
+    assert "T" not in states(tag)
+    view = finish(p, n, tag, ref_out, ref_file, file)
+    assert view["state"] == "exited" and view["revived"] >= 1, view
+
+
+def test_a_dead_guest_daemon_leaves_no_second_copy_running(cluster, tmp_path: Path):
+    """Root's job: b's daemon killed alone; its copy frozen by the lease guard, not run
+    beside the copy a revived on c (before the guard: lines appended twice)."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-daemon"
+    p, ref_out, ref_file, file, _ = start_on_b(n, tmp_path, tag, "400")
+    try:
+        _daemon_dies(n, tag, p, ref_out, ref_file, file)
+    finally:
+        p.kill()
+
+
+def test_a_dead_guest_daemon_freezes_an_ordinary_users_job(cluster):
+    """The same for an ordinary user's job; that user can neither kill the guard, nor
+    write to its stdin, nor read its memory."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-user"
+    with ordinary_user("gd") as u:
+        ref_file, file = u.home / "ref.txt", u.home / "appended.txt"
+        argv = ["/usr/bin/python3", "-c", APPENDER]
+        ref = u.run([*argv, str(ref_file), "400", tag], timeout=90)
+        assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+        p = u.popen(u.run_argv(n["a"].socket, "--node", "b", "--checkpoint-every", "5s",
+                               "--", *argv, str(file), "400", tag))
+        try:
+            wait_for(lambda: checkpoint_taken(n["a"], tag), 20, "a checkpoint of the job")
+            assert job_view(n["a"], tag)["node_name"] == "b"
+            time.sleep(1.5)
+            _daemon_dies(n, tag, p, ref.stdout, ref_file, file, uid=u.uid)
+        finally:
+            p.kill()
