@@ -359,23 +359,8 @@ def _daemon_dies(n, tag: str, p, ref_out: bytes, ref_file: Path, file: Path,
     a revives the job on c; b's old copy is frozen (every process stopped) all the while,
     and dropped once b's daemon is back; the job ends as a plain run."""
     assert len(copies(tag)) == 1, _seen(tag)
-    mine = guards()
-    assert mine, "no lease guard runs while b holds a leased job"
-    for g in mine:
-        with open(f"/proc/{g}/status") as f:
-            assert "\nUid:\t0\t0\t0\t0" in f.read()  # root's: not the job user's
-        if uid is not None:  # the job's owner can neither stop it nor write to it
-            def attack(g=g) -> str:
-                said = []
-                for what in (lambda: os.kill(g, 9), lambda: open(f"/proc/{g}/fd/0", "wb"),
-                             lambda: open(f"/proc/{g}/mem", "rb")):
-                    try:
-                        what()
-                        said.append("done")
-                    except OSError as e:
-                        said.append(type(e).__name__)
-                return ",".join(said)
-            assert as_user(uid, attack) == "PermissionError,PermissionError,PermissionError"
+    mine = guards()  # looked at after the scenario: without the guard, the stale copy fails it
+    said = [_guard_facts(g, uid) for g in mine]
     os.kill(n["b"].popen.pid, 9)  # the daemon alone: its job lives on in its namespace
     n["b"].popen.wait()
     try:
@@ -391,6 +376,29 @@ def _daemon_dies(n, tag: str, p, ref_out: bytes, ref_file: Path, file: Path,
     assert "T" not in states(tag)
     view = finish(p, n, tag, ref_out, ref_file, file)
     assert view["state"] == "exited" and view["revived"] >= 1, view
+    assert mine, "no lease guard ran while b held a leased job"
+    # root's; the job's owner could neither kill it, write to its stdin, nor read it
+    assert all(s == ("0", "PermissionError,PermissionError,PermissionError")
+               or (uid is None and s[0] == "0") for s in said), said
+
+
+def _guard_facts(g: int, uid: int | None) -> tuple[str, str]:
+    """The guard ``g``'s real uid, and what user ``uid`` got trying to kill it, to open
+    its stdin for writing and to read its memory."""
+    with open(f"/proc/{g}/status") as f:
+        owner = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+
+    def attack() -> str:
+        got = []
+        for what in (lambda: os.kill(g, 9), lambda: open(f"/proc/{g}/fd/0", "wb"),
+                     lambda: open(f"/proc/{g}/mem", "rb")):
+            try:
+                what()
+                got.append("done")
+            except OSError as e:
+                got.append(type(e).__name__)
+        return ",".join(got)
+    return owner, "" if uid is None else as_user(uid, attack)
 
 
 def test_a_dead_guest_daemon_leaves_no_second_copy_running(cluster, tmp_path: Path):
