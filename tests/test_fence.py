@@ -432,3 +432,69 @@ def test_a_dead_guest_daemon_freezes_an_ordinary_users_job(cluster):
             _daemon_dies(n, tag, p, ref.stdout, ref_file, file, uid=u.uid)
         finally:
             p.kill()
+
+
+def _ns_job() -> tuple[subprocess.Popen, int]:
+    """A job's shape: a PID namespace whose init has a child and an orphan (a child
+    reparented to the init); (unshare, the init's pid)."""
+    u = subprocess.Popen(["unshare", "--pid", "--fork", "sh", "-c",
+                          "sleep 60 & (sleep 60 &); wait"])
+    init: list[int] = []
+
+    def born() -> bool:
+        with open(f"/proc/{u.pid}/task/{u.pid}/children") as f:
+            init[:] = [int(p) for p in f.read().split()]
+        return bool(init) and len(_below(init[0])) == 3
+    wait_for(born, 10, "the namespace's processes")
+    return u, init[0]
+
+
+def _below(pid: int) -> list[int]:
+    from omuscd.proctab import tree
+    return tree(pid)
+
+
+def _state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return data[data.rindex(b")") + 2:][:1].decode()
+
+
+def test_the_guard_stops_only_the_namespaces_it_watches_and_a_thaw_continues_them():
+    """The guard itself (real sh, nsenter, kill): told of a job, of another then no
+    longer of it, and of a pid outside any namespace of its own (a reused pid: never hit,
+    kill -1 out here would stop the machine); its daemon gone (stdin closed), the watched
+    job's every process is stopped, the rest untouched; SIGCONT as a thaw sends to the
+    job's tree continues them all."""
+    import signal
+
+    import trio
+
+    from omuscd.migrate.leaseguard import Guard
+
+    watched, init = _ns_job()
+    other, other_init = _ns_job()
+    outsider = subprocess.Popen(["sleep", "60"])
+    try:
+        async def daemon_dies() -> None:
+            g = Guard()
+            await g.sync({"j1": init, "j2": other_init, "j3": outsider.pid})
+            await g.sync({"j1": init, "j3": outsider.pid})
+            assert g.proc is not None and g.proc.stdin is not None
+            await g.proc.stdin.aclose()  # as the daemon's death does
+            with trio.fail_after(10):
+                await g.proc.wait()
+        trio.run(daemon_dies)
+        assert [_state_of(p) for p in _below(init)] == ["T"] * 3
+        assert "T" not in [_state_of(p) for p in _below(other_init)]
+        assert _state_of(outsider.pid) != "T" and _state_of(os.getpid()) != "T"
+        for p in _below(init):  # the lease's thaw
+            os.kill(p, signal.SIGCONT)
+        assert "T" not in [_state_of(p) for p in _below(init)]
+    finally:
+        for u, i in ((watched, init), (other, other_init)):
+            for p in _below(i):
+                os.kill(p, signal.SIGKILL)
+            u.wait()
+        outsider.kill()
+        outsider.wait()
