@@ -39,6 +39,8 @@ rate over one lease (monotonic clocks: parts per million) and the node's own rea
 (its check every CHECK s, the SIGSTOPs) stay within ``MARGIN + EARLY``.  Only then does
 the revived copy start.  A copy whose job was revived meanwhile is never named again, so
 it stays frozen until the home, hearing its node again, has it dropped (Revival.healed).
+Should the node's daemon die while its jobs run on, its lease guard freezes them at once
+(:mod:`omuscd.migrate.leaseguard`): the daemon, started again, holds them as above.
 The length comes from the membership's timings (:func:`lease_length`), so that the home
 rarely waits at all past SWIM's verdict; see omuscd(8), CHECKPOINTS.
 """
