@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from omuscd.migrate.lease import lease_length
-from tests.cluster import criu_problem, namespace_cluster, sh, wait_for
+from tests.cluster import (
+    as_user,
+    criu_problem,
+    namespace_cluster,
+    ordinary_user,
+    sh,
+    start_daemon,
+    wait_for,
+)
 from tests.test_checkpoint import APPENDER, checkpoint_taken, extra, job_view
 
 REASON = criu_problem()
@@ -75,7 +83,7 @@ def fence_extra(i: int) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster():
     with namespace_cluster("abc", extra=fence_extra, prefix=f"omf{os.getpid() % 10000}x",
-                           leftovers=TAG) as c:
+                           leftovers=TAG, open_to_all=True) as c:
         yield c
 
 
@@ -324,3 +332,169 @@ def _defaults():
     """The membership's default timings (the cluster's a and c run them)."""
     from omuscd.config import Config, defaults
     return Config(defaults())
+
+
+def guards() -> list[int]:
+    """The pids of the lease guards running (omuscd.migrate.leaseguard)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _has(int(p), b"lease-guard")]
+
+
+def _has(pid: int, word: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return word in f.read()
+    except OSError:
+        return False
+
+
+def _restart(n, name: str) -> None:
+    """Start node ``name``'s daemon again, as it was started (same state directory)."""
+    d = n[name]
+    n[name] = start_daemon(name, d.args[:-4], d.state_dir.parent, netns=d.netns)
+
+
+def _daemon_dies(n, tag: str, p, ref_out: bytes, ref_file: Path, file: Path,
+                 uid: int | None = None) -> None:
+    """b's daemon (only it, not its job) SIGKILLed while it runs a's checkpointed job:
+    a revives the job on c; b's old copy is frozen (every process stopped) all the while,
+    and dropped once b's daemon is back; the job ends as a plain run."""
+    assert len(copies(tag)) == 1, _seen(tag)
+    mine = guards()  # looked at after the scenario: without the guard, the stale copy fails it
+    said = [_guard_facts(g, uid) for g in mine]
+    os.kill(n["b"].popen.pid, 9)  # the daemon alone: its job lives on in its namespace
+    n["b"].popen.wait()
+    try:
+        wait_for(lambda: job_view(n["a"], tag).get("node_name") == "c", 40,
+                 "the job to be revived on c")
+        wait_for(lambda: len(copies(tag)) == 2, 20, "c's copy to run")
+        for _ in range(20):  # b's copy stays stopped beside c's
+            assert "T" in states(tag), states(tag)
+            time.sleep(0.1)
+    finally:
+        _restart(n, "b")
+    wait_for(lambda: len(copies(tag)) <= 1, 20, "b's stale copy to be dropped")
+    assert "T" not in states(tag)
+    view = finish(p, n, tag, ref_out, ref_file, file)
+    assert view["state"] == "exited" and view["revived"] >= 1, view
+    assert mine, "no lease guard ran while b held a leased job"
+    # root's; the job's owner could neither kill it, write to its stdin, nor read it
+    assert all(s == ("0", "PermissionError,PermissionError,PermissionError")
+               or (uid is None and s[0] == "0") for s in said), said
+
+
+def _guard_facts(g: int, uid: int | None) -> tuple[str, str]:
+    """The guard ``g``'s real uid, and what user ``uid`` got trying to kill it, to open
+    its stdin for writing and to read its memory."""
+    with open(f"/proc/{g}/status") as f:
+        owner = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+
+    def attack() -> str:
+        got = []
+        for what in (lambda: os.kill(g, 9), lambda: open(f"/proc/{g}/fd/0", "wb"),
+                     lambda: open(f"/proc/{g}/mem", "rb")):
+            try:
+                what()
+                got.append("done")
+            except OSError as e:
+                got.append(type(e).__name__)
+        return ",".join(got)
+    return owner, "" if uid is None else as_user(uid, attack)
+
+
+def test_a_dead_guest_daemon_leaves_no_second_copy_running(cluster, tmp_path: Path):
+    """Root's job: b's daemon killed alone; its copy frozen by the lease guard, not run
+    beside the copy a revived on c (before the guard: lines appended twice)."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-daemon"
+    p, ref_out, ref_file, file, _ = start_on_b(n, tmp_path, tag, "400")
+    try:
+        _daemon_dies(n, tag, p, ref_out, ref_file, file)
+    finally:
+        p.kill()
+
+
+def test_a_dead_guest_daemon_freezes_an_ordinary_users_job(cluster):
+    """The same for an ordinary user's job; that user can neither kill the guard, nor
+    write to its stdin, nor read its memory."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-user"
+    with ordinary_user("gd") as u:
+        ref_file, file = u.home / "ref.txt", u.home / "appended.txt"
+        argv = ["/usr/bin/python3", "-c", APPENDER]
+        ref = u.run([*argv, str(ref_file), "400", tag], timeout=90)
+        assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+        p = u.popen(u.run_argv(n["a"].socket, "--node", "b", "--checkpoint-every", "5s",
+                               "--", *argv, str(file), "400", tag))
+        try:
+            wait_for(lambda: checkpoint_taken(n["a"], tag), 20, "a checkpoint of the job")
+            assert job_view(n["a"], tag)["node_name"] == "b"
+            time.sleep(1.5)
+            _daemon_dies(n, tag, p, ref.stdout, ref_file, file, uid=u.uid)
+        finally:
+            p.kill()
+
+
+def _ns_job() -> tuple[subprocess.Popen, int]:
+    """A job's shape: a PID namespace whose init has a child and an orphan (a child
+    reparented to the init); (unshare, the init's pid)."""
+    u = subprocess.Popen(["unshare", "--pid", "--fork", "sh", "-c",
+                          "sleep 60 & (sleep 60 &); wait"])
+    init: list[int] = []
+
+    def born() -> bool:
+        with open(f"/proc/{u.pid}/task/{u.pid}/children") as f:
+            init[:] = [int(p) for p in f.read().split()]
+        return bool(init) and len(_below(init[0])) == 3
+    wait_for(born, 10, "the namespace's processes")
+    return u, init[0]
+
+
+def _below(pid: int) -> list[int]:
+    from omuscd.proctab import tree
+    return tree(pid)
+
+
+def _state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return data[data.rindex(b")") + 2:][:1].decode()
+
+
+def test_the_guard_stops_only_the_namespaces_it_watches_and_a_thaw_continues_them():
+    """The guard itself (real sh, nsenter, kill): told of a job, of another then no
+    longer of it, and of a pid outside any namespace of its own (a reused pid: never hit,
+    kill -1 out here would stop the machine); its daemon gone (stdin closed), the watched
+    job's every process is stopped, the rest untouched; SIGCONT as a thaw sends to the
+    job's tree continues them all."""
+    import signal
+
+    import trio
+
+    from omuscd.migrate.leaseguard import Guard
+
+    watched, init = _ns_job()
+    other, other_init = _ns_job()
+    outsider = subprocess.Popen(["sleep", "60"])
+    try:
+        async def daemon_dies() -> None:
+            g = Guard()
+            await g.sync({"j1": init, "j2": other_init, "j3": outsider.pid})
+            await g.sync({"j1": init, "j3": outsider.pid})
+            assert g.proc is not None and g.proc.stdin is not None
+            await g.proc.stdin.aclose()  # as the daemon's death does
+            with trio.fail_after(10):
+                await g.proc.wait()
+        trio.run(daemon_dies)
+        assert [_state_of(p) for p in _below(init)] == ["T"] * 3
+        assert "T" not in [_state_of(p) for p in _below(other_init)]
+        assert _state_of(outsider.pid) != "T" and _state_of(os.getpid()) != "T"
+        for p in _below(init):  # the lease's thaw
+            os.kill(p, signal.SIGCONT)
+        assert "T" not in [_state_of(p) for p in _below(init)]
+    finally:
+        for u, i in ((watched, init), (other, other_init)):
+            for p in _below(i):
+                os.kill(p, signal.SIGKILL)
+            u.wait()
+        outsider.kill()
+        outsider.wait()

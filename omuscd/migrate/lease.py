@@ -39,6 +39,8 @@ rate over one lease (monotonic clocks: parts per million) and the node's own rea
 (its check every CHECK s, the SIGSTOPs) stay within ``MARGIN + EARLY``.  Only then does
 the revived copy start.  A copy whose job was revived meanwhile is never named again, so
 it stays frozen until the home, hearing its node again, has it dropped (Revival.healed).
+Should the node's daemon die while its jobs run on, its lease guard freezes them at once
+(:mod:`omuscd.migrate.leaseguard`): the daemon, started again, holds them as above.
 The length comes from the membership's timings (:func:`lease_length`), so that the home
 rarely waits at all past SWIM's verdict; see omuscd(8), CHECKPOINTS.
 """
@@ -62,6 +64,7 @@ from omuscd.config import Config, defaults
 from omuscd.jobs.record import FINAL, RUNNING, Job
 from omuscd.migrate.books import MoveBooks, MoveHost
 from omuscd.migrate.checkpoint import _state
+from omuscd.migrate.leaseguard import Guard
 from omuscd.proctab import tree
 
 if TYPE_CHECKING:
@@ -228,6 +231,9 @@ class Holder:
         self.delays: dict[tuple[int, int], deque[float]] = {}
         self.lengths: dict[int, float] = {}  # home -> the length it grants
         self.named: set[str] = set()  # jobs some renewal named (their first lease is over)
+        #: freezes the leased jobs if this daemon dies (omuscd.migrate.leaseguard)
+        self.guard = Guard()
+        self.early: set[str] = set()  # jobs being checkpointed: guarded already
 
     def leased(self, job: Job) -> bool:
         """Whether ``job`` runs here only while its lease is valid: another home's,
@@ -310,9 +316,28 @@ class Holder:
                 else:
                     due = min(due, self.until[job.id] - EARLY)
             self._forget()
+            await self.sync_guard()
             before = now
             # a renewal meanwhile only pushes a lease's end further: looked at too soon
             await trio.sleep(max(CHECK, due - time.monotonic()))
+
+    async def sync_guard(self) -> None:
+        """Have the guard watch the jobs leased here, and those being checkpointed (the
+        home may count a first checkpoint before this node's next look)."""
+        await self.guard.sync({
+            j.id: j.pid for j in list(self.jc.guests.values())
+            if j.pid is not None and (self.leased(j) or (
+                j.id in self.early and j.home != self.jc.me and j.node == self.jc.me))})
+
+    async def checkpointing(self, job_id: str) -> None:
+        """A checkpoint of ``job_id`` begins here: guarded from now on."""
+        self.early.add(job_id)
+        await self.sync_guard()
+
+    async def checkpointed(self, job_id: str) -> None:
+        """The checkpoint of ``job_id`` is over: guarded if it is leased now."""
+        self.early.discard(job_id)
+        await self.sync_guard()
 
     def _forget(self) -> None:
         """Leases and marks of jobs no longer here (dropped, moved, ended)."""

@@ -138,7 +138,15 @@ class Migrations:
         self.source.fence(job, why)
 
     async def serve_checkpoint(self, ch: Channel, msg: dict[str, Any]) -> None:
-        await self.checkpoints.serve(ch, msg)
+        """Guarded from the checkpoint's start (omuscd.migrate.leaseguard): once the home
+        has it, it may revive the job should this daemon die."""
+        job_id = str(msg.get("job"))
+        await self.holder.checkpointing(job_id)
+        try:
+            await self.checkpoints.serve(ch, msg)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.holder.checkpointed(job_id)
 
     async def serve_lease(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.holder.serve(ch, msg)
