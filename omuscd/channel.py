@@ -65,6 +65,11 @@ AES_GCM, CHACHA, HMAC_ONLY = "aes-256-gcm", "chacha20-poly1305", "hmac-sha256"
 #: The AEADs a channel may use, in no order (the offer orders them).
 AEADS = (AES_GCM, CHACHA)
 _SEND_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: How long one frame, once begun, may take to go out: a frame is sent whole or the
+#: channel is broken (a frame cut off by a cancelled sender, then the next frame, made
+#: the peer read garbage: "frame failed authentication" instead of the refusal that
+#: followed).  Cancellation of a sender takes effect between frames.
+FRAME_SEND_LIMIT = 10.0
 
 
 @functools.cache
@@ -174,6 +179,7 @@ class Channel:
         self._sealed: bytearray | None = None  # received ciphertext, before decryption
         self._out: bytearray | None = None  # the frame being sent, encrypted
         self._broken = ""
+        self._torn = ""  # why nothing more can be sent (a frame left half sent)
         self._lock = trio.Lock()
 
     @property
@@ -192,13 +198,24 @@ class Channel:
         if length > MAX_FRAME:
             raise ChannelError("frame too large")
         async with self._lock:
-            try:
-                if self._sealer is None:
-                    await self._send_hmac(kind, stream_id, data)
-                else:
-                    await self._send_aead(kind, stream_id, data)
-            except _SEND_ERRORS as e:
-                raise ChannelError(f"send failed: {e}") from None
+            if self._torn:
+                raise ChannelError(self._torn)
+            # whole frames only (see FRAME_SEND_LIMIT): a cancelled sender stops between
+            # frames, and a frame that cannot go out in time breaks the channel
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(FRAME_SEND_LIMIT) as limit:
+                    try:
+                        if self._sealer is None:
+                            await self._send_hmac(kind, stream_id, data)
+                        else:
+                            await self._send_aead(kind, stream_id, data)
+                    except _SEND_ERRORS as e:
+                        self._torn = f"send failed: {e}"
+                        raise ChannelError(self._torn) from None
+            if limit.cancelled_caught:
+                self._torn = f"a frame did not go out within {FRAME_SEND_LIMIT:g}s"
+                raise ChannelError(self._torn)
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _send_hmac(self, kind: int, stream_id: int, data: bytes | memoryview) -> None:
         payload = (bytes([stream_id]), data) if kind == KIND_DATA else (data,)

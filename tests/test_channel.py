@@ -574,3 +574,38 @@ def test_a_daemon_of_the_previous_protocol_is_listed_and_never_used(tmp_path) ->
                 if d.alive():
                     d.popen.kill()
                     d.popen.wait()
+
+
+@pytest.mark.parametrize("framing", ["aead", "hmac"])
+def test_a_sender_cancelled_mid_frame_leaves_the_channel_whole(framing: str) -> None:
+    """A task cancelled while its megabyte frame is half out (the peer reading slowly)
+    stops between frames: the next message, sent after it (a refusal after a failed
+    restore), arrives intact.  A cut-off frame followed by the next made the peer read
+    garbage ("frame failed authentication" instead of the reason)."""
+    async def main() -> None:
+        if framing == "aead":
+            c, s = await pair()
+        else:
+            c, s = socketpair_channels()
+        big = os.urandom(1 << 20)
+        got: list[Any] = []
+
+        async def reader() -> None:
+            await trio.sleep(0.5)  # the sender is cancelled meanwhile, its frame half out
+            while not got or not isinstance(got[-1], dict):
+                m = await s.receive()
+                got.append(m if isinstance(m, dict) else bytes(m[1]))
+
+        with trio.fail_after(30):  # torn, the peer waits for the rest of a frame for ever
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                with trio.move_on_after(0.2) as scope:
+                    await c.send_data(1, big)  # blocks: the buffers fill
+                assert scope.cancelled_caught
+                await c.send({"op": "refused", "why": "the reason"})
+        assert got[-1] == {"op": "refused", "why": "the reason"}
+        assert all(isinstance(g, bytes) for g in got[:-1])
+        assert big.startswith(b"".join(got[:-1]))
+        await c.aclose()
+        await s.aclose()
+    trio.run(main)
