@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.cluster import namespace_cluster, sh, wait_for
+from tests.cluster import namespace_cluster, slow_links, wait_for
 from tests.test_migration import REASON
 from tests.test_progress import SLOW, ctl, finish, intact, start
 
@@ -32,9 +32,8 @@ def cluster():
         for d in n.values():
             assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
             assert d.ctl("set balancing off").ok
-        for i in range(2):
-            sh("tc", "-n", lan.ns(i), "qdisc", "add", "dev", "eth0", "root", *SLOW)
-        yield c
+        with slow_links(lan, range(2), SLOW):  # both ways: each node's eth0
+            yield c
 
 
 def test_a_checkpoint_asked_while_the_memory_follows_waits_for_the_move(cluster, tmp_path):

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import as_user, namespace_cluster, ordinary_user, sh, wait_for
+from tests.cluster import (
+    as_user,
+    namespace_cluster,
+    ordinary_user,
+    sh,
+    slow_links,
+    wait_for,
+)
 from tests.test_migration import REASON, job_processes
 from tests.test_progress import SLOW
 
@@ -63,9 +70,8 @@ def cluster():
             assert d.json("status")["migration"].startswith("criu 4"), d.json("status")
             assert d.ctl("set balancing off").ok  # the tests say which moves happen
             assert d.ctl("set post_copy_mb 1").ok
-        for i in range(2):  # both ways: the bridge's veth ends are the nodes' eth0
-            sh("tc", "-n", lan.ns(i), "qdisc", "add", "dev", "eth0", "root", *SLOW)
-        yield c
+        with slow_links(lan, range(2), SLOW):  # both ways: each node's eth0
+            yield c
 
 
 def unmoved(tmp: Path) -> tuple[bytes, bytes]:
