@@ -49,6 +49,8 @@ from tests.test_checkpoint import (
 )
 
 UNIT = 0.1  # seconds of work per unit
+VERBOSE = False  # -v: the home's log from each crash on
+PHASE: float | None = None  # --phase: the crash this long after the first checkpoint
 # Counts units of argv[2] seconds forever: each one appended to argv[1] (opened and closed
 # per unit) with the wall clock (one machine: the same clock on every node), and printed
 COUNTER = """
@@ -80,15 +82,25 @@ def once_each(out: bytes) -> bool:
     return [int(x) for x in lines] == list(range(len(lines))) and len(lines) > 0
 
 
-def log_time(log: str, needle: str, after: float) -> float:
-    """The time of the first line of a daemon's ``log`` holding ``needle`` logged at or
-    after ``after`` (asctime, local time, in milliseconds); nan when none."""
+def stamp(line: str) -> float:
+    """The time a daemon's log line was logged (asctime, local time, in milliseconds)."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def logged(log: str, needle: str, after: float) -> tuple[float, str]:
+    """The first line of a daemon's ``log`` holding ``needle`` logged at or after ``after``
+    and its time; (nan, "") when none."""
     for line in log.splitlines():
-        if needle in line:
-            t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            if t >= after - 0.001:
-                return t
-    return float("nan")
+        if needle in line and stamp(line) >= after - 0.001:
+            return stamp(line), line
+    return float("nan"), ""
+
+
+def lease_wait(log: str, after: float) -> float:
+    """How long the home waited for the dead node's lease to run out before restoring (its
+    "its lease on b runs out in Ns" line logged after ``after``), 0 if it did not."""
+    _, line = logged(log, "its lease on b runs out in", after)
+    return float(line.rsplit(" in ", 1)[1].split("s;")[0]) if line else 0.0
 
 
 def one_crash(cluster, every: float, tag: str, tmp: Path) -> dict[str, float]:
@@ -102,7 +114,7 @@ def one_crash(cluster, every: float, tag: str, tmp: Path) -> dict[str, float]:
         wait_for(lambda: job_view(n["a"], tag) or p.poll() is not None, 10, "the job")
         assert p.poll() is None, p.communicate()
         wait_for(lambda: checkpoint_taken(n["a"], tag), 4 * every + 20, "a first checkpoint")
-        time.sleep(random.uniform(0, every))  # a random phase of the interval
+        time.sleep(random.uniform(0, every) if PHASE is None else PHASE)  # a random phase
         crash = time.time()
         power_off(lan, n, "b")
         before = units(side)
@@ -120,13 +132,20 @@ def one_crash(cluster, every: float, tag: str, tmp: Path) -> dict[str, float]:
     first_time = {u: t for u, t in reversed(before)}
     passed = next(t for u, t in after if u > last)
     log = n["a"].log()
-    dead = log_time(log, "(b) is dead", crash)
-    restoring = log_time(log, "restoring it from its checkpoint", crash)
-    back_at = log_time(log, "went back to its checkpoint", crash)
+    if VERBOSE:
+        print(f"-- {tag}: crash at {datetime.fromtimestamp(crash).time()}, the home's log:")
+        since = datetime.fromtimestamp(crash - 0.5).isoformat(" ")[:23].replace(".", ",")
+        for line in log.splitlines():
+            if line[:2] == since[:2] and line[:23] >= since:
+                print("  ", line)
+    dead = logged(log, "(b) is dead", crash)[0]
+    restoring = logged(log, "restoring it from its checkpoint", crash)[0]
+    back_at = logged(log, "went back to its checkpoint", crash)[0]
+    lease = lease_wait(log, crash)
     return {"node": view["node_name"], "redo": crash - first_time.get(first_redo, crash),
             "output": "ok" if once_each(out) else "BAD",
             "units": last - first_redo + 1, "back": passed - crash, "verdict": dead - crash,
-            "restore": back_at - restoring}
+            "restore": back_at - restoring, "lease": lease}
 
 
 def load() -> str:
@@ -137,7 +156,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--every", type=float, default=5.0, help="checkpoint interval, seconds")
     ap.add_argument("--repeat", type=int, default=3, help="crashes measured")
+    ap.add_argument("-v", action="store_true", help="the home's log from each crash on")
+    ap.add_argument("--phase", type=float, default=None,
+                    help="crash this long after the first checkpoint (default: at random "
+                    "within the interval)")
     args = ap.parse_args()
+    global VERBOSE, PHASE
+    VERBOSE, PHASE = args.v, args.phase
     dead_timeout = float(config.defaults()["dead_timeout"])
     tmp = Path(tempfile.mkdtemp(prefix="omb-crash-"))
     os.chmod(tmp, 0o755)
@@ -153,7 +178,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"work lost by a crash of the job's node (checkpoint every {args.every:g}s, "
           f"dead_timeout {dead_timeout:g}s; one machine, 2 cores)")
-    print(f"{'run':>3} {'re-done':>8} {'<= I':>4} {'units':>5} {'verdict':>8} "
+    print(f"{'run':>3} {'re-done':>8} {'<= I':>4} {'units':>5} {'verdict':>8} {'lease':>6} "
           f"{'restore':>8} {'back':>7} {'bound':>7} {'holds':>5} {'bound(cfg)':>10} {'on':>3} "
           f"{'output':>6}  load")
     for i, (f, up) in enumerate(rows):
@@ -161,13 +186,15 @@ def main() -> None:
         cfg_bound = args.every + dead_timeout + f["restore"]
         holds = "yes" if f["back"] <= bound else "NO"
         print(f"{i + 1:>3} {f['redo']:>7.2f}s {'yes' if f['redo'] <= args.every else 'NO':>4} "
-              f"{f['units']:>5} {f['verdict']:>7.2f}s {f['restore']:>7.2f}s "
+              f"{f['units']:>5} {f['verdict']:>7.2f}s {f['lease']:>5.2f}s {f['restore']:>7.2f}s "
               f"{f['back']:>6.2f}s {bound:>6.2f}s {holds:>5} {cfg_bound:>9.2f}s {f['node']:>3} "
               f"{f['output']:>6}  {up.split('load average:')[-1].strip()}")
     print("re-done: work done before the crash and done again (seconds of the first run; "
-          "units of 0.1s), <= I: within the interval; back: crash until the job passes its "
-          "crash point; bound: interval + verdict + restore; output: the client's output "
-          "holds each unit once")
+          "units of 0.1s), <= I: within the interval; verdict: crash until the home declares "
+          "b dead; lease: of restore, the wait for the dead node's lease to run out (so that "
+          "the job never runs twice); back: crash until the job passes its crash point; "
+          "bound: interval + verdict + restore; bound(cfg): with dead_timeout for the "
+          "verdict; output: the client's output holds each unit once")
 
 
 if __name__ == "__main__":
