@@ -167,15 +167,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="omb-crash-"))
     os.chmod(tmp, 0o755)
     rows = []
-    with namespace_cluster("abc", extra=extra, prefix=f"omc{os.getpid() % 10000}x",
-                           leftovers="omuscd-crash-bench") as cluster:
-        for r in range(args.repeat):
-            tag = f"omuscd-crash-bench-{r}"
-            try:
-                rows.append((one_crash(cluster, args.every, tag, tmp), load()))
-            finally:
-                restart(cluster)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with namespace_cluster("abc", extra=extra, prefix=f"omc{os.getpid() % 10000}x",
+                               leftovers="omuscd-crash-bench") as cluster:
+            for r in range(args.repeat):
+                tag = f"omuscd-crash-bench-{r}"
+                try:
+                    rows.append((one_crash(cluster, args.every, tag, tmp), load()))
+                finally:
+                    restart(cluster)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"work lost by a crash of the job's node (checkpoint every {args.every:g}s, "
           f"dead_timeout {dead_timeout:g}s; one machine, 2 cores)")
     print(f"{'run':>3} {'re-done':>8} {'<= I':>4} {'units':>5} {'verdict':>8} {'lease':>6} "
