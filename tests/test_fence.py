@@ -24,6 +24,7 @@ from tests.cluster import (
     namespace_cluster,
     ordinary_user,
     sh,
+    slow_links,
     start_daemon,
     wait_for,
 )
@@ -432,6 +433,86 @@ def test_a_dead_guest_daemon_freezes_an_ordinary_users_job(cluster):
             _daemon_dies(n, tag, p, ref.stdout, ref_file, file, uid=u.uid)
         finally:
             p.kill()
+
+
+@pytest.fixture
+def slow_verdicts(cluster):
+    """a and c declare b dead only after 30 s (b's daemon started again in time must
+    find its job still its own), then their defaults again."""
+    n = cluster[3]
+    for d in (n["a"], n["c"]):
+        assert d.ctl("set dead_timeout 30").ok and d.ctl("set suspicion_mult 30").ok
+    yield
+    for d in (n["a"], n["c"]):
+        d.ctl("set dead_timeout 10")
+        d.ctl("set suspicion_mult 4")
+
+
+def test_a_guest_daemon_dead_in_a_first_checkpoint_thaws_its_job_when_back(
+        cluster, slow_verdicts, tmp_path: Path):
+    """b's daemon SIGKILLed in the middle of the job's first checkpoint (its images on
+    their way to a over a slow link): the guard stopped the job, and a never got that
+    checkpoint; b's daemon started again asks a, which holds none, and thaws the job
+    (before: stopped for ever); it ends as a plain run."""
+    import threading
+    lan, _, _, n = cluster
+    tag = f"{TAG}-first"
+    ref_file, file = tmp_path / "ref.txt", tmp_path / "appended.txt"
+    argv = ["/usr/bin/python3", "-c", APPENDER]
+    ref = subprocess.run([*argv, str(ref_file), "300", tag], capture_output=True, timeout=90)
+    assert ref.returncode == 0
+    p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", n["a"].socket,
+                          "--node", "b", "--", *argv, str(file), "300", tag],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+    asked: list[object] = []
+    try:
+        wait_for(lambda: job_view(n["a"], tag).get("state") == "running", 20, "the job")
+        job_id = job_view(n["a"], tag)["id"]
+        with slow_links(lan, [1], "4mbit"):
+            t = threading.Thread(target=lambda: asked.append(n["a"].ctl(
+                f"checkpoint {job_id}")), daemon=True)
+            t.start()
+            images = n["b"].state_dir / "images" / f"{job_id}.ckpt"
+            wait_for(lambda: images.exists() and guards(), 10, "b to begin the checkpoint")
+            time.sleep(1.0)  # dumped; its images on their way
+            _killed_and_back(n, tag, lambda: not checkpoint_taken(n["a"], tag))
+            t.join(30)
+        view = finish(p, n, tag, ref.stdout, ref_file, file)
+    finally:
+        p.kill()
+    assert view["state"] == "exited" and view["revived"] == 0, view
+    said = [ln for ln in n["b"].log().splitlines() if f"job {job_id}: its home" in ln]
+    assert said and "holds no checkpoint of it" in said[-1], n["b"].log()[-3000:]
+
+
+def test_a_guest_daemon_back_before_its_verdict_runs_its_leased_job_on(
+        cluster, slow_verdicts, tmp_path: Path):
+    """b's daemon SIGKILLed after the job's checkpoints began, and started again before
+    a declares b dead: the guard stopped the job; the daemon back holds it by its lease
+    (its record says it has a checkpoint) and the next renewal thaws it (before: stopped
+    for ever); it ends as a plain run, never revived."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-back"
+    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
+    try:
+        _killed_and_back(n, tag, lambda: True)
+        view = finish(p, n, tag, ref_out, ref_file, file)
+    finally:
+        p.kill()
+    assert view["state"] == "exited" and view["revived"] == 0, view
+    assert any("thawed" in ln for ln in lease_lines(n["b"], job_id)), n["b"].log()[-3000:]
+
+
+def _killed_and_back(n, tag: str, check) -> None:
+    """b's daemon SIGKILLed (its job lives on): the guard stops the job, which stays
+    stopped (``check()`` holds meanwhile) until b's daemon, started again, thaws it."""
+    os.kill(n["b"].popen.pid, 9)
+    n["b"].popen.wait()
+    wait_for(lambda: states(tag) == ["T"], 5, "the guard to stop the job")
+    time.sleep(1)
+    assert states(tag) == ["T"] and check()
+    _restart(n, "b")
+    wait_for(lambda: states(tag) not in ([], ["T"]), 20, "b to thaw the job")
 
 
 def _ns_job() -> tuple[subprocess.Popen, int]:
