@@ -180,6 +180,9 @@ class Channel:
         self._out: bytearray | None = None  # the frame being sent, encrypted
         self._broken = ""
         self._torn = ""  # why nothing more can be sent (a frame left half sent)
+        #: a frame's header was read and the rest not (yet): a receive cancelled now
+        #: leaves the stream in the middle of a frame, and nothing more can be read
+        self._mid_frame = False
         self._lock = trio.Lock()
 
     @property
@@ -306,6 +309,9 @@ class Channel:
         that fails its check closes the channel: nothing after it can be trusted."""
         if self._broken:
             raise _Forged(self._broken)
+        if self._mid_frame:
+            raise ChannelError("a receive was cancelled in the middle of a frame: nothing "
+                               "more can be read on this channel")
         try:
             if self._opener is None:
                 kind, stream_id, payload = await self._receive_hmac(borrow)
@@ -331,8 +337,10 @@ class Channel:
         if length > MAX_FRAME or kind not in (KIND_JSON, KIND_DATA):
             raise _Forged("bad frame header")
         into = self._frame_buffer() if borrow and kind == KIND_DATA else None
+        self._mid_frame = True
         payload = await self._payload(length, into)
         tag = await self._exactly(TAG)
+        self._mid_frame = False
         want = _frame_mac(self.key, self._recv_seq, kind, payload)
         if not hmac.compare_digest(tag, want):
             raise _Forged("frame failed authentication")
@@ -356,7 +364,9 @@ class Channel:
             if self._sealed is None:
                 self._sealed = bytearray(MAX_FRAME + AEAD_TAG)
             into = self._sealed
+        self._mid_frame = True
         sealed = await self._payload(length + AEAD_TAG, into)
+        self._mid_frame = False
         if borrow and kind == KIND_DATA:
             payload = memoryview(self._frame_buffer())[:length]
         else:

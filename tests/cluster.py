@@ -424,6 +424,41 @@ def ordinary_user(tag: str = "u") -> Iterator[User]:
 
 # ---------------------------------------------------------------------- jobs and moves
 
+class Reference:
+    """A plain run of a program (unmoved, unmanaged), started beside the run under test
+    rather than before it (the suite waited for both in turn: half of the checkpoint
+    tests' time).  ``stdout`` and ``returncode`` wait for its end.  Give it arguments
+    that tell it from the run under test (the tests count a job's copies by them)."""
+
+    def __init__(self, argv: list[str], user: User | None = None, timeout: float = 120,
+                 ends: bytes = b""):
+        self.timeout = timeout
+        self.ends = ends  # what its output must end with, and it must exit 0
+        self.p = user.popen(argv) if user is not None else subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd="/tmp")
+        self._done: tuple[bytes, bytes] | None = None
+
+    def _wait(self) -> tuple[bytes, bytes]:
+        if self._done is None:
+            try:
+                self._done = self.p.communicate(timeout=self.timeout)
+            finally:
+                self.p.kill()
+            assert not self.ends or (self.p.returncode == 0 and self._done[0].endswith(
+                self.ends)), (self.p.returncode, self._done[0][-200:], self._done[1][-500:])
+        return self._done
+
+    @property
+    def stdout(self) -> bytes:
+        return self._wait()[0]
+
+    @property
+    def returncode(self) -> int:
+        self._wait()
+        return self.p.returncode
+
+
 def job_processes(tag: str) -> list[int]:
     """The job's own processes (not its init, not the omuscd run that started it): those
     whose command line has ``tag``, of this run's daemons (writing to a spool under

@@ -609,3 +609,51 @@ def test_a_sender_cancelled_mid_frame_leaves_the_channel_whole(framing: str) -> 
         await c.aclose()
         await s.aclose()
     trio.run(main)
+
+
+@pytest.mark.parametrize("framing", ["aead", "hmac"])
+def test_a_receiver_cancelled_mid_frame_says_so_and_reads_no_garbage(framing: str) -> None:
+    """A task cancelled while half of a big frame has arrived (the sender slow): the
+    channel says plainly that a receive was cancelled mid-frame on every later receive,
+    instead of reading the rest of that frame as the next one (before: 'bad frame header'
+    or 'frame failed authentication', logged as a forgery)."""
+    async def main() -> None:
+        if framing == "aead":
+            c, s = await pair()
+        else:
+            c, s = socketpair_channels()
+        big = os.urandom(1 << 20)
+
+        async def sender() -> None:
+            try:
+                await c.send_data(1, big)
+                await c.send({"op": "after"})
+            except ChannelError:
+                pass  # the reader's end closed below
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                with trio.move_on_after(0.3) as scope:
+                    # the stream's buffers hold less than a megabyte: only part of the
+                    # frame is in when the receive gives up
+                    c.stream.send_all = _slowed(c.stream.send_all)  # type: ignore[method-assign]
+                    n.start_soon(sender)
+                    await s.receive()
+                assert scope.cancelled_caught
+                for _ in range(2):
+                    with pytest.raises(ChannelError, match="cancelled in the middle of a frame"):
+                        await s.receive()
+                await s.aclose()
+                n.cancel_scope.cancel()
+        await c.aclose()
+    trio.run(main)
+
+
+def _slowed(send_all):
+    """``send_all`` in 64 KB pieces, 0.1 s apart (a slow link)."""
+    async def slow(data) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), 1 << 16):
+            await send_all(view[i:i + (1 << 16)])
+            await trio.sleep(0.1)
+    return slow

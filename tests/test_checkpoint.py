@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import (
+    Reference,
     as_user,
     criu_problem,
     namespace_cluster,
@@ -106,15 +107,14 @@ def survives(cluster, tmp: Path, tag: str, home: str, user=None) -> str:
     ref_file, file = tmp / "ref.txt", tmp / "appended.txt"
     argv = ["/usr/bin/python3", "-c", APPENDER]
     if user is None:
-        ref = subprocess.run([*argv, str(ref_file), lines, tag], capture_output=True,
-                             timeout=60)
+        ref = Reference([*argv, str(ref_file), lines, f"{tag}-plain"], ends=b"done\n")
         p = run_job(n[home], ["--node", "b", "--checkpoint-every", "5s"], *argv, str(file),
                     lines, tag)
     else:
-        ref = user.run([*argv, str(ref_file), lines, tag])
+        ref = Reference([*argv, str(ref_file), lines, f"{tag}-plain"], user=user,
+                        ends=b"done\n")
         p = user.popen(user.run_argv(n[home].socket, "--node", "b", "--checkpoint-every", "5s",
                                      "--", *argv, str(file), lines, tag))
-    assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
     wait_for(lambda: job_view(n[home], tag) or p.poll() is not None, 10, "the job to start")
     assert p.poll() is None, p.communicate()
     wait_for(lambda: checkpoint_taken(n[home], tag), 20, "a checkpoint of the job")
@@ -242,9 +242,8 @@ def test_stop_and_resume_across_a_restart_of_every_daemon(cluster, tmp_path):
     with ordinary_user("ckr") as user:
         work = user.home / "w"
         as_user(user.uid, lambda: work.mkdir())
-        ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, "omuscd-ckpt-test-maint-r"],
-                             capture_output=True, timeout=60)
-        assert ref.returncode == 0
+        ref = Reference([*argv, str(tmp_path / "ref"), lines, "omuscd-ckpt-test-maint-p"],
+                        ends=b"done\n")
         root_file, user_file = tmp_path / "root-out", work / "user-out"
         p_root = run_job(n["c"], ["--node", "b"], *argv, str(root_file), lines,
                          "omuscd-ckpt-test-maint-r")
@@ -299,8 +298,7 @@ def test_a_job_at_its_home_goes_back_to_its_checkpoint_when_the_home_starts_agai
     lan, _, _, n = cluster
     tag, lines = "omuscd-ckpt-test-homedies", "120"
     argv = ["/usr/bin/python3", "-c", APPENDER]
-    ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, tag], capture_output=True,
-                         timeout=60)
+    ref = Reference([*argv, str(tmp_path / "ref"), lines, f"{tag}-plain"], ends=b"done\n")
     file = tmp_path / "out"
     p = run_job(n["c"], ["--home", "--checkpoint-every", "3s"], *argv, str(file), lines, tag)
     wait_for(lambda: checkpoint_taken(n["c"], tag), 20, "a checkpoint of the job")
@@ -333,8 +331,7 @@ def test_exit_then_resume_on_a_named_node_and_a_signal_for_a_checkpointed_job(cl
     _, _, _, n = cluster
     tag, lines = "omuscd-ckpt-test-exit", "100"
     argv = ["/usr/bin/python3", "-c", APPENDER]
-    ref = subprocess.run([*argv, str(tmp_path / "ref"), lines, tag], capture_output=True,
-                         timeout=60)
+    ref = Reference([*argv, str(tmp_path / "ref"), lines, f"{tag}-plain"], ends=b"done\n")
     file = tmp_path / "out"
     p = run_job(n["c"], ["--node", "b"], *argv, str(file), lines, tag)
     wait_for(lambda: job_view(n["c"], tag).get("state") == "running", 10, "the job")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import namespace_cluster, ordinary_user, start_daemon, wait_for
+from tests.cluster import Reference, namespace_cluster, ordinary_user, start_daemon, wait_for
 from tests.test_checkpoint import (  # noqa: F401 (pytestmark: netns, CRIU needed)
     APPENDER,
     checkpoint_taken,
@@ -63,11 +63,9 @@ def run(node, tag: str, file: Path, lines: str, *opts: str) -> subprocess.Popen[
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
 
 
-def reference(tmp: Path, lines: str, tag: str) -> subprocess.CompletedProcess[bytes]:
-    ref = subprocess.run([*ARGV, str(tmp / "ref"), lines, tag], capture_output=True,
-                         timeout=60)
-    assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
-    return ref
+def reference(tmp: Path, lines: str, tag: str) -> Reference:
+    """The plain run to compare with, started now beside the job."""
+    return Reference([*ARGV, str(tmp / "ref"), lines, f"{tag}-plain"], ends=b"done\n")
 
 
 def images_at_home(home, job: str) -> dict[str, list[str]]:

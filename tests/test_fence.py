@@ -19,11 +19,13 @@ import pytest
 
 from omuscd.migrate.lease import lease_length
 from tests.cluster import (
+    Reference,
     as_user,
     criu_problem,
     namespace_cluster,
     ordinary_user,
     sh,
+    slow_links,
     start_daemon,
     wait_for,
 )
@@ -119,8 +121,7 @@ def start_on_b(n, tmp_path: Path, tag: str, lines: str):
     output, reference file, the job's file, the job's id)."""
     ref_file, file = tmp_path / f"ref-{tag}.txt", tmp_path / f"appended-{tag}.txt"
     argv = ["/usr/bin/python3", "-c", APPENDER]
-    ref = subprocess.run([*argv, str(ref_file), lines, tag], capture_output=True, timeout=90)
-    assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+    ref = Reference([*argv, str(ref_file), lines, f"{tag}-plain"], ends=b"done\n")
     p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", n["a"].socket,
                           "--node", "b", "--checkpoint-every", "5s", "--", *argv, str(file),
                           lines, tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -129,15 +130,16 @@ def start_on_b(n, tmp_path: Path, tag: str, lines: str):
     view = job_view(n["a"], tag)
     assert view["node_name"] == "b", view
     time.sleep(1.5)  # renewals name it; output and appended lines after the checkpoint
-    return p, ref.stdout, ref_file, file, view["id"]
+    return p, ref, ref_file, file, view["id"]
 
 
-def finish(p, n, tag: str, ref_out: bytes, ref_file: Path, file: Path) -> dict:
+def finish(p, n, tag: str, ref: Reference, ref_file: Path, file: Path) -> dict:
     """The job ends well, its output and file exactly those of the reference run; its
     record at the home."""
     out, err = p.communicate(timeout=90)
     assert p.returncode == 0, err
-    assert out == ref_out, (len(out), len(ref_out))
+    assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+    assert out == ref.stdout, (len(out), len(ref.stdout))
     assert file.read_bytes() == ref_file.read_bytes()
     return job_view(n["a"], tag)
 
@@ -158,12 +160,11 @@ def test_a_cut_off_node_does_not_run_a_revived_job_beside_its_new_copy(cluster, 
 
 
 def _scenario(lan, n, tmp_path: Path) -> None:
-    lines = "800"  # 40 s: b's copy, unfenced, would outlast the checks below
+    lines = "500"  # 25 s: b's copy, unfenced, would outlast the checks below
     job_id = ""
     ref_file, file = tmp_path / "ref.txt", tmp_path / "appended.txt"
     argv = ["/usr/bin/python3", "-c", APPENDER]
-    ref = subprocess.run([*argv, str(ref_file), lines, TAG], capture_output=True, timeout=90)
-    assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+    ref = Reference([*argv, str(ref_file), lines, f"{TAG}-plain"], ends=b"done\n")
     p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", n["a"].socket,
                           "--node", "b", "--checkpoint-every", "5s", "--", *argv, str(file),
                           lines, TAG], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -191,7 +192,7 @@ def _scenario(lan, n, tmp_path: Path) -> None:
         p.kill()
         cable(lan, "b", up=True)
     assert p.returncode == 0, err
-    assert out == ref.stdout
+    assert ref.returncode == 0 and out == ref.stdout
     # The file: exactly that of a plain run.  b declares a dead only long after a
     # restored the job on c (SLOW): without its lease running out first, b's copy ran on
     # beside c's, its lines appended twice
@@ -220,13 +221,13 @@ def test_a_blip_shorter_than_the_lease_leaves_the_job_running(cluster, tmp_path:
     moved, and ends as a plain run."""
     lan, _, _, n = cluster
     tag = f"{TAG}-blip"
-    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "200")
+    p, ref, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "200")
     try:
         blip = 0.4 * lease_length(_defaults())
         cable(lan, "b", up=False)
         time.sleep(blip)
         cable(lan, "b", up=True)
-        view = finish(p, n, tag, ref_out, ref_file, file)
+        view = finish(p, n, tag, ref, ref_file, file)
     finally:
         p.kill()
         cable(lan, "b", up=True)
@@ -242,7 +243,7 @@ def test_a_cut_longer_than_the_lease_freezes_the_job_then_thaws_it(cluster, tmp_
     it, and it ends as a plain run (output and file exact)."""
     lan, _, _, n = cluster
     tag = f"{TAG}-thaw"
-    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
+    p, ref, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
     try:
         lan.split(0, 1, apart=True)
         try:
@@ -254,7 +255,7 @@ def test_a_cut_longer_than_the_lease_freezes_the_job_then_thaws_it(cluster, tmp_
         finally:
             lan.split(0, 1, apart=False)
         wait_for(lambda: states(tag) not in ([], ["T"]), 10, "b to thaw the job")
-        view = finish(p, n, tag, ref_out, ref_file, file)
+        view = finish(p, n, tag, ref, ref_file, file)
     finally:
         p.kill()
     assert view["state"] == "exited" and view["revived"] == 0, view
@@ -296,7 +297,7 @@ def test_renewals_from_anyone_but_the_home_extend_nothing(cluster, tmp_path: Pat
     renewals come back."""
     lan, _, key, n = cluster
     tag = f"{TAG}-forged"
-    p, ref_out, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
+    p, ref, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "300")
     wrong = tmp_path / "wrong.key"
     from omuscd import config
     config.write_key(str(wrong))
@@ -319,7 +320,7 @@ def test_renewals_from_anyone_but_the_home_extend_nothing(cluster, tmp_path: Pat
             assert states(tag) == ["T"], states(tag)
         finally:
             lan.split(0, 1, apart=False)
-        view = finish(p, n, tag, ref_out, ref_file, file)
+        view = finish(p, n, tag, ref, ref_file, file)
     finally:
         p.kill()
         for f in forgers:
@@ -353,7 +354,7 @@ def _restart(n, name: str) -> None:
     n[name] = start_daemon(name, d.args[:-4], d.state_dir.parent, netns=d.netns)
 
 
-def _daemon_dies(n, tag: str, p, ref_out: bytes, ref_file: Path, file: Path,
+def _daemon_dies(n, tag: str, p, ref: Reference, ref_file: Path, file: Path,
                  uid: int | None = None) -> None:
     """b's daemon (only it, not its job) SIGKILLed while it runs a's checkpointed job:
     a revives the job on c; b's old copy is frozen (every process stopped) all the while,
@@ -374,7 +375,7 @@ def _daemon_dies(n, tag: str, p, ref_out: bytes, ref_file: Path, file: Path,
         _restart(n, "b")
     wait_for(lambda: len(copies(tag)) <= 1, 20, "b's stale copy to be dropped")
     assert "T" not in states(tag)
-    view = finish(p, n, tag, ref_out, ref_file, file)
+    view = finish(p, n, tag, ref, ref_file, file)
     assert view["state"] == "exited" and view["revived"] >= 1, view
     assert mine, "no lease guard ran while b held a leased job"
     # root's; the job's owner could neither kill it, write to its stdin, nor read it
@@ -401,37 +402,105 @@ def _guard_facts(g: int, uid: int | None) -> tuple[str, str]:
     return owner, "" if uid is None else as_user(uid, attack)
 
 
-def test_a_dead_guest_daemon_leaves_no_second_copy_running(cluster, tmp_path: Path):
-    """Root's job: b's daemon killed alone; its copy frozen by the lease guard, not run
-    beside the copy a revived on c (before the guard: lines appended twice)."""
-    _, _, _, n = cluster
-    tag = f"{TAG}-daemon"
-    p, ref_out, ref_file, file, _ = start_on_b(n, tmp_path, tag, "400")
-    try:
-        _daemon_dies(n, tag, p, ref_out, ref_file, file)
-    finally:
-        p.kill()
-
-
 def test_a_dead_guest_daemon_freezes_an_ordinary_users_job(cluster):
-    """The same for an ordinary user's job; that user can neither kill the guard, nor
-    write to its stdin, nor read its memory."""
+    """b's daemon killed alone while it runs an ordinary user's job: its copy frozen by
+    the lease guard, not run beside the copy a revived on c (before the guard: lines
+    appended twice); the user can neither kill the guard, nor write to its stdin, nor
+    read its memory.  (Root's jobs under the guard: the tests after this one.)"""
     _, _, _, n = cluster
     tag = f"{TAG}-user"
     with ordinary_user("gd") as u:
         ref_file, file = u.home / "ref.txt", u.home / "appended.txt"
         argv = ["/usr/bin/python3", "-c", APPENDER]
-        ref = u.run([*argv, str(ref_file), "400", tag], timeout=90)
-        assert ref.returncode == 0 and ref.stdout.endswith(b"done\n")
+        ref = Reference([*argv, str(ref_file), "400", f"{tag}-plain"], user=u, ends=b"done\n")
         p = u.popen(u.run_argv(n["a"].socket, "--node", "b", "--checkpoint-every", "5s",
                                "--", *argv, str(file), "400", tag))
         try:
             wait_for(lambda: checkpoint_taken(n["a"], tag), 20, "a checkpoint of the job")
             assert job_view(n["a"], tag)["node_name"] == "b"
             time.sleep(1.5)
-            _daemon_dies(n, tag, p, ref.stdout, ref_file, file, uid=u.uid)
+            _daemon_dies(n, tag, p, ref, ref_file, file, uid=u.uid)
         finally:
             p.kill()
+
+
+@pytest.fixture
+def slow_verdicts(cluster):
+    """a and c declare b dead only after 30 s (b's daemon started again in time must
+    find its job still its own), then their defaults again."""
+    n = cluster[3]
+    for d in (n["a"], n["c"]):
+        assert d.ctl("set dead_timeout 30").ok and d.ctl("set suspicion_mult 30").ok
+    yield
+    for d in (n["a"], n["c"]):
+        d.ctl("set dead_timeout 10")
+        d.ctl("set suspicion_mult 4")
+
+
+def test_a_guest_daemon_dead_in_a_first_checkpoint_thaws_its_job_when_back(
+        cluster, slow_verdicts, tmp_path: Path):
+    """b's daemon SIGKILLed in the middle of the job's first checkpoint (its images on
+    their way to a over a slow link): the guard stopped the job, and a never got that
+    checkpoint; b's daemon started again asks a, which holds none, and thaws the job
+    (before: stopped for ever); it ends as a plain run."""
+    import threading
+    lan, _, _, n = cluster
+    tag = f"{TAG}-first"
+    ref_file, file = tmp_path / "ref.txt", tmp_path / "appended.txt"
+    argv = ["/usr/bin/python3", "-c", APPENDER]
+    ref = Reference([*argv, str(ref_file), "300", f"{tag}-plain"], ends=b"done\n")
+    p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", n["a"].socket,
+                          "--node", "b", "--", *argv, str(file), "300", tag],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
+    asked: list[object] = []
+    try:
+        wait_for(lambda: job_view(n["a"], tag).get("state") == "running", 20, "the job")
+        job_id = job_view(n["a"], tag)["id"]
+        with slow_links(lan, [1], "4mbit"):
+            t = threading.Thread(target=lambda: asked.append(n["a"].ctl(
+                f"checkpoint {job_id}")), daemon=True)
+            t.start()
+            images = n["b"].state_dir / "images" / f"{job_id}.ckpt"
+            wait_for(lambda: images.exists() and guards(), 10, "b to begin the checkpoint")
+            time.sleep(1.0)  # dumped; its images on their way
+            _killed_and_back(n, tag, lambda: not checkpoint_taken(n["a"], tag))
+            t.join(30)
+        view = finish(p, n, tag, ref, ref_file, file)
+    finally:
+        p.kill()
+    assert view["state"] == "exited" and view["revived"] == 0, view
+    said = [ln for ln in n["b"].log().splitlines() if f"job {job_id}: its home" in ln]
+    assert said and "holds no checkpoint of it" in said[-1], n["b"].log()[-3000:]
+
+
+def test_a_guest_daemon_back_before_its_verdict_runs_its_leased_job_on(
+        cluster, slow_verdicts, tmp_path: Path):
+    """b's daemon SIGKILLed after the job's checkpoints began, and started again before
+    a declares b dead: the guard stopped the job; the daemon back holds it by its lease
+    (its record says it has a checkpoint) and the next renewal thaws it (before: stopped
+    for ever); it ends as a plain run, never revived."""
+    _, _, _, n = cluster
+    tag = f"{TAG}-back"
+    p, ref, ref_file, file, job_id = start_on_b(n, tmp_path, tag, "200")
+    try:
+        _killed_and_back(n, tag, lambda: True)
+        view = finish(p, n, tag, ref, ref_file, file)
+    finally:
+        p.kill()
+    assert view["state"] == "exited" and view["revived"] == 0, view
+    assert any("thawed" in ln for ln in lease_lines(n["b"], job_id)), n["b"].log()[-3000:]
+
+
+def _killed_and_back(n, tag: str, check) -> None:
+    """b's daemon SIGKILLed (its job lives on): the guard stops the job, which stays
+    stopped (``check()`` holds meanwhile) until b's daemon, started again, thaws it."""
+    os.kill(n["b"].popen.pid, 9)
+    n["b"].popen.wait()
+    wait_for(lambda: states(tag) == ["T"], 5, "the guard to stop the job")
+    time.sleep(1)
+    assert states(tag) == ["T"] and check()
+    _restart(n, "b")
+    wait_for(lambda: states(tag) not in ([], ["T"]), 20, "b to thaw the job")
 
 
 def _ns_job() -> tuple[subprocess.Popen, int]:

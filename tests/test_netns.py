@@ -50,21 +50,26 @@ def test_broadcast_discovery_and_join_within_two_seconds(cluster):
         assert states == {"alive"}, (d.name, states)
 
 
-def test_dead_within_six_seconds_and_back_after_restart(cluster):
+def test_dead_within_ten_seconds_and_back_after_restart(cluster):
+    """A SIGKILLed node is dead at every other within dead_timeout (10 s: SWIM's longest
+    suspicion; confirmations from the others shorten it, 2.5-7 s measured), and alive
+    again once its daemon is back (started again whatever the figure: the tests after
+    this one need it)."""
     lan, work, key, daemons = cluster
     victim = daemons[-1]
     others = daemons[:-1]
     name = victim.name
     victim.stop(signal.SIGKILL)
     killed = time.monotonic()
-    wait_for(lambda: all(d.nodes()[name]["state"] == "dead" for d in others), 9,
-             f"{name} dead everywhere", interval=0.02)
-    took = time.monotonic() - killed
-    print(f"\nkilled node dead at all {len(others)} others after {took:.2f}s")
-    assert took <= 6.0 + 0.3  # the 6 s default, plus polling 7 control sockets
-    assert all(d.nodes()[name]["state"] == "dead" for d in others)
-    back = start_daemon(name, ["--key-file", str(key)], work, netns=lan.ns(N - 1))
-    daemons[-1] = back
+    try:
+        wait_for(lambda: all(d.nodes()[name]["state"] == "dead" for d in others), 12,
+                 f"{name} dead everywhere", interval=0.02)
+        took = time.monotonic() - killed
+        print(f"\nkilled node dead at all {len(others)} others after {took:.2f}s")
+        assert took <= 10.0 + 0.3  # dead_timeout, plus polling 7 control sockets
+        assert all(d.nodes()[name]["state"] == "dead" for d in others)
+    finally:
+        daemons[-1] = start_daemon(name, ["--key-file", str(key)], work, netns=lan.ns(N - 1))
     wait_for(lambda: all(d.nodes()[name]["state"] == "alive" for d in others), 3,
              f"{name} alive again")
     assert "restarted" in others[0].log()

@@ -151,67 +151,44 @@ def finish(p: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     return out, err
 
 
+@pytest.mark.parametrize("kill", [False, True], ids=["link-cut", "target-killed-link-planted"])
 def test_an_ordinary_users_job_rolls_back_exactly_and_a_link_is_never_followed(cluster,
-                                                                               tmp_path):
-    """As an ordinary user, twice: first the file is cut back as in the root case; then
-    the user makes the job's file a link to root's file during the follow: the cut-back
-    refuses it (root's file keeps every byte), and the job still resumes and ends, its
-    output exact."""
+                                                                               tmp_path, kill):
+    """An ordinary user's job moved post-copy, the move cut mid-follow; the job resumes
+    on a and ends, what ``omuscd run`` printed exactly that of a run that never moved.
+    The link cut: the file is cut back to the freeze, exactly as unmoved.  The target
+    daemon killed (last: it ends the cluster's b) while the user makes the job's file a
+    link to root's file: the cut-back refuses it (root's file keeps every byte).  (Root's
+    jobs: test_migration's target killed mid-move.)"""
     _, _, _, n = cluster
     want_out, want_file = unmoved(tmp_path)
     os.chmod(tmp_path, 0o755)
     victim = tmp_path / "roots-file"
     victim.write_bytes(b"root's data, not to be cut\n" * 4000)
     kept = victim.read_bytes()
+    attack = kill
     with ordinary_user("rb") as user:
-        for attack in (False, True):
-            tag = f"{TAG}-user{int(attack)}"
-            path = user.home / f"moved{int(attack)}.txt"
-            p = user.popen(user.run_argv(n["a"].socket, "--home", "--", user.python, "-c",
-                                         JOB, str(MB), str(path), str(LINES), str(DELAY),
-                                         tag))
-            try:
-                job = job_id(n["a"], tag)
-                time.sleep(0.5)
-                if attack:
-                    def link(path: Path = path) -> None:  # as the user, during the follow
-                        as_user(user.uid, lambda: (path.unlink(), path.symlink_to(victim)))
-                    said = cut_mid_follow(cluster, job, path, link)
-                else:
-                    said = cut_mid_follow(cluster, job, path)
-                out, err = finish(p)
-            finally:
-                p.kill()
-            assert out == want_out, (attack, len(out), out[-200:], said)
-            assert b"line " not in err, err[-300:]
-            if attack:
-                assert path.is_symlink() and victim.read_bytes() == kept
-                assert "cannot cut its files back to the freeze" in n["a"].log()
-            else:
-                assert path.stat().st_uid == user.uid
-                assert path.read_bytes() == want_file
+        tag = f"{TAG}-user{int(attack)}"
+        path = user.home / f"moved{int(attack)}.txt"
+        p = user.popen(user.run_argv(n["a"].socket, "--home", "--", user.python, "-c",
+                                     JOB, str(MB), str(path), str(LINES), str(DELAY), tag))
+        try:
+            job = job_id(n["a"], tag)
+            time.sleep(0.5)  # past 'still starting' (see jobs.starting)
 
-
-@pytest.mark.parametrize("kill", [False, True], ids=["link-cut", "target-killed"])
-def test_a_post_copy_move_cut_mid_follow_leaves_output_and_file_as_if_unmoved(cluster,
-                                                                               tmp_path, kill):
-    """As root: the link is cut mid-follow, or (last: it ends the cluster's b) the target
-    daemon killed; the move fails, the job resumes on a and ends; what ``omuscd run``
-    printed and the file are exactly those of a run that never moved."""
-    _, _, _, n = cluster
-    want_out, want_file = unmoved(tmp_path)
-    tag, path = f"{TAG}-root", tmp_path / "moved.txt"
-    p = subprocess.Popen([PY, "-m", "omuscd", "run", "--connect", n["a"].socket, "--home",
-                          "--", PY, "-c", JOB, str(MB), str(path), str(LINES), str(DELAY),
-                          tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
-    try:
-        job = job_id(n["a"], tag)
-        time.sleep(0.5)  # past 'still starting' (see jobs.starting)
-        cut_mid_follow(cluster, job, path, kill=kill)
-        assert n["a"].json(f"job {job}")["node_name"] == "a"
-        out, err = finish(p)
-    finally:
-        p.kill()
-    assert out == want_out, (len(out), out[-200:])
-    assert path.read_bytes() == want_file
-    assert b"line " not in err, err[-300:]
+            def link() -> None:  # as the user, during the follow
+                as_user(user.uid, lambda: (path.unlink(), path.symlink_to(victim)))
+            said = cut_mid_follow(cluster, job, path, link if attack else lambda: None,
+                                  kill=kill)
+            assert n["a"].json(f"job {job}")["node_name"] == "a"
+            out, err = finish(p)
+        finally:
+            p.kill()
+        assert out == want_out, (attack, len(out), out[-200:], said)
+        assert b"line " not in err, err[-300:]
+        if attack:
+            assert path.is_symlink() and victim.read_bytes() == kept
+            assert "cannot cut its files back to the freeze" in n["a"].log()
+        else:
+            assert path.stat().st_uid == user.uid
+            assert path.read_bytes() == want_file

@@ -3,7 +3,7 @@
 Issue 19 measured the old heartbeat gossip collapsing at 32 nodes (views full of suspect
 and dead nodes, thousands of 'is suspect' log lines a minute).  Here 32 daemons
 (127.0.2.1-32, ``--insecure --peer`` to the first, like the issue's measurement) must all
-see 32 alive, stay so for a minute without one suspicion, and see 5 SIGKILLed ones dead
+see 32 alive, stay so for IDLE s without one suspicion, and see 5 SIGKILLed ones dead
 everywhere within 10 s.  The issue's target is 100 on one machine: that is
 tests/bench/bench_scale.py (100 daemons, 5 minutes idle), which starts them one by one
 (started together, 100 Python daemons starve each other of a 2-core machine's CPU, and
@@ -23,6 +23,7 @@ PORT = 25270
 CTL = 25271
 NODES = 32
 KILLED = 5
+IDLE = 20.0  # seconds watched idle here (bench_scale: 5 minutes)
 PREFIX = "127.0.2."
 
 pytestmark = pytest.mark.slow
@@ -167,11 +168,11 @@ def test_thirty_two_daemons_hold_their_views(workdir, reaper):
     formed = check_all_alive(daemons, 60.0)
     print(f"all saw all alive {formed:.0f} s later")
     baseline = suspect_lines(daemons)  # suspicions while forming, if any, are reported
-    problems = watch_idle(daemons, 60.0)
+    problems = watch_idle(daemons, IDLE)
     suspected = suspect_lines(daemons)
     assert not problems, problems[:10]
     assert suspected == baseline, (f"{suspected - baseline} 'is suspect' lines in the idle "
-                                   f"minute ({baseline} while forming)")
+                                   f"{IDLE:g} s ({baseline} while forming)")
     victims = daemons[-KILLED:]
     took = kill_and_time(daemons, victims, 10.0)
     late = [d.name for d in daemons[:-KILLED] if took.get(d.name, 99.0) > 10.0]

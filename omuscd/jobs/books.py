@@ -332,6 +332,10 @@ class JobBooks:
             job.offsets.update(self.spool.ends(job.id))
             if job.node == self.me and job.id in marks:  # frozen by a move cut short
                 self._nursery().start_soon(self.moves.settle, job, marks.pop(job.id))
+            elif job.node == self.me and job.home != self.me and job.checkpoint:
+                # leased: stopped by the lease guard when this daemon died; its home is
+                # asked what it is now (Recovery.settle_checkpoint)
+                self._nursery().start_soon(self.moves.settle, job, {"checkpoint": job.home})
             elif job.node == self.me and job.home == self.me and job.checkpoint and not (
                     job.pid is not None and is_job_init(job.pid)) and self.moves.revive(
                     job, "it ran here and did not outlive this node's restart"):

@@ -140,18 +140,30 @@ class MoveBooks:
     def mark(self, job: Job, target: int, nice: int | None) -> None:
         """Note that ``job`` is frozen for a move to ``target`` (its nice before)."""
         self.report(job.id, DUMPING)
-        data = json.dumps({"target": target, "nice": nice}).encode()
+        self._note(job.id, {"target": target, "nice": nice})
+
+    def mark_checkpoint(self, job: Job) -> None:
+        """Note that a checkpoint of ``job``, another home's, is being taken here: from
+        now on the lease guard stops it should this daemon die (omuscd.migrate.leaseguard),
+        and the daemon started again must learn from the home whether to thaw it
+        (Recovery.settle_checkpoint)."""
+        self._note(job.id, {"checkpoint": job.home})
+
+    def _note(self, job_id: str, mark: dict[str, Any]) -> None:
+        """Keep ``mark`` as ``MARKS/JOB`` (0600 in a 0700 directory of the daemon's,
+        made without following a link)."""
+        data = json.dumps(mark).encode()
         try:
             top = private_dir(self.marks)
             try:
-                fd = open_private(job.id, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, top)
+                fd = open_private(job_id, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, top)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             finally:
                 os.close(top)
-        except OSError as e:  # the move goes on; only a restart in its middle would miss it
-            log.warning("job %s: cannot note its move in %s: %s", job.id, self.marks,
-                        e.strerror)
+        except OSError as e:  # it goes on; only a restart in its middle would miss it
+            log.warning("job %s: cannot note its move or checkpoint in %s: %s", job_id,
+                        self.marks, e.strerror)
 
     def unmark(self, job_id: str) -> None:
         try:
@@ -159,8 +171,27 @@ class MoveBooks:
         except OSError:
             pass
 
+    def unmark_checkpoint(self, job_id: str) -> None:
+        """Remove the note of :meth:`mark_checkpoint` (not a move's noted since)."""
+        if is_job_id(job_id) and "checkpoint" in (self._read(job_id) or {}):
+            self.unmark(job_id)
+
+    def _read(self, job_id: str) -> dict[str, Any] | None:
+        """The note ``MARKS/JOB`` ({} if there is none, None if it is unreadable or a
+        link)."""
+        try:
+            fd = open_private(str(self.marks / job_id), os.O_RDONLY)
+            with os.fdopen(fd, "rb") as r:
+                mark = json.loads(r.read(4096))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+        return mark if isinstance(mark, dict) else None
+
     def interrupted(self) -> dict[str, dict[str, Any]]:
-        """The moves a restart cut short: job id, where it was going and its nice."""
+        """The moves a restart cut short: job id, where it was going and its nice; and
+        the checkpoints of guests it cut short: job id, its home (``checkpoint``)."""
         found: dict[str, dict[str, Any]] = {}
         try:
             entries = list(self.marks.iterdir())
@@ -174,7 +205,9 @@ class MoveBooks:
                 fd = open_private(str(f), os.O_RDONLY)
                 with os.fdopen(fd, "rb") as r:
                     mark = json.loads(r.read(4096))
-                found[f.name] = {"target": int(mark["target"]), "nice": mark.get("nice")}
+                found[f.name] = ({"checkpoint": int(mark["checkpoint"])}
+                                 if "checkpoint" in mark else
+                                 {"target": int(mark["target"]), "nice": mark.get("nice")})
             except (OSError, ValueError, TypeError, KeyError):
                 log.warning("unreadable move note %s; removed", f)
                 self.unmark(f.name)

@@ -58,7 +58,7 @@ from omuscd.migrate.transfer import (
     send_fd,
     send_file,
 )
-from omuscd.migrate.tree import signal_tree
+from omuscd.migrate.tree import signal_tree, stop_all
 from omuscd.paths import open_root_dir
 from omuscd.priority import urgent
 from omuscd.proctab import tree
@@ -79,41 +79,16 @@ RETRY = 30.0
 SETTLE_TIMEOUT = 300.0
 
 
-def _state(pid: int) -> str:
-    """The state letter of a process ('' if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:][:1].decode()
-    except (OSError, ValueError):
-        return ""
-
-
 async def stop_tree(init: int) -> list[int]:
-    """SIGSTOP every process of the job whose init is ``init`` until all stand still
-    (a process forked meanwhile is stopped too); their pids.  MoveError if they do not
-    stop within STOP_TIMEOUT (then they are let go on).  Each gets one SIGSTOP: a second
-    one, sent to a process already stopped, would stay pending and interrupt CRIU's
-    parasite in it ("Unexpected task interruption")."""
-    deadline = trio.current_time() + STOP_TIMEOUT
-    sent: set[int] = set()
-    while True:
-        pids = tree(init)
-        if not pids:
-            raise MoveError("the job has no process here")
-        for pid in pids:
-            if pid not in sent:
-                sent.add(pid)
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
-        if all(_state(p) in ("T", "t", "Z", "X", "") for p in pids) and tree(init) == pids:
-            return pids
-        if trio.current_time() > deadline:
-            signal_tree(init, signal.SIGCONT)
-            raise MoveError(f"the job's processes did not stop within {STOP_TIMEOUT:g}s")
-        await trio.sleep(0.001)
+    """Stop every process of the job whose init is ``init`` (tree.stop_all); their
+    pids.  MoveError if they do not stop within STOP_TIMEOUT (then they are let go on)."""
+    pids, still = await stop_all(init, STOP_TIMEOUT)
+    if not pids:
+        raise MoveError("the job has no process here")
+    if not still:
+        signal_tree(init, signal.SIGCONT)
+        raise MoveError(f"the job's processes did not stop within {STOP_TIMEOUT:g}s")
+    return pids
 
 
 class Dumps:
@@ -257,6 +232,7 @@ class Dumps:
             await ch.send({"op": "done"})
             if job.home != self.jc.me:  # a guest with a checkpoint: fenced if its home dies
                 job.checkpoint = {"time": meta["time"], "size": 0}
+                self.jc.save(job)  # leased, also after a restart of this daemon
             answer = None if part is None else await self._keep_shared(ch, part, seq)
             if stop:
                 with trio.fail_after(RESTORE_TIMEOUT):

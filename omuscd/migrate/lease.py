@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import signal
 import time
 from collections import deque
@@ -63,9 +62,8 @@ from omuscd.cluster.membership import DEAD
 from omuscd.config import Config, defaults
 from omuscd.jobs.record import FINAL, RUNNING, Job
 from omuscd.migrate.books import MoveBooks, MoveHost
-from omuscd.migrate.checkpoint import _state
 from omuscd.migrate.leaseguard import Guard
-from omuscd.proctab import tree
+from omuscd.migrate.tree import signal_tree, stop_all
 
 if TYPE_CHECKING:
     from omuscd.jobs.node import JobControl
@@ -234,6 +232,9 @@ class Holder:
         #: freezes the leased jobs if this daemon dies (omuscd.migrate.leaseguard)
         self.guard = Guard()
         self.early: set[str] = set()  # jobs being checkpointed: guarded already
+        #: jobs found at this daemon's start, their home being asked what they are
+        #: (Recovery.settle_checkpoint): left stopped, not looked at here meanwhile
+        self.settling: set[str] = set()
 
     def leased(self, job: Job) -> bool:
         """Whether ``job`` runs here only while its lease is valid: another home's,
@@ -299,7 +300,7 @@ class Holder:
             now = time.monotonic()
             due = now + IDLE
             for job in list(self.jc.guests.values()):
-                if not self.leased(job):
+                if not self.leased(job) or job.id in self.settling:
                     continue
                 if job.id not in self.until:
                     length = min(self.lengths.get(job.home, math.inf),
@@ -329,15 +330,41 @@ class Holder:
             if j.pid is not None and (self.leased(j) or (
                 j.id in self.early and j.home != self.jc.me and j.node == self.jc.me))})
 
-    async def checkpointing(self, job_id: str) -> None:
-        """A checkpoint of ``job_id`` begins here: guarded from now on."""
+    async def checkpointing(self, job_id: str, home: int) -> bool:
+        """A checkpoint of ``job_id`` asked by ``home`` begins here: if it is that home's
+        job, running here, neither moving nor being checkpointed already, it is guarded
+        from now on, and noted on disk first (the guard stops it should this daemon die
+        now; started again, the daemon asks its home whether to thaw it:
+        Recovery.settle_checkpoint).  Whether it is (then :meth:`checkpointed` follows)."""
+        job = self.jc.guests.get(job_id)
+        if (job is None or job.home != home or home == self.jc.me or job.node != self.jc.me
+                or job_id in self.early or job_id in self.settling
+                or {f"out:{job_id}", f"in:{job_id}"} & self.books.moving):
+            return False  # refused by the checkpoint itself, or guarded already
+        self.books.mark_checkpoint(job)
         self.early.add(job_id)
         await self.sync_guard()
+        return True
 
     async def checkpointed(self, job_id: str) -> None:
-        """The checkpoint of ``job_id`` is over: guarded if it is leased now."""
+        """The checkpoint of ``job_id`` is over: guarded if it is leased now (which its
+        record, kept on disk, says after a restart), its note gone."""
         self.early.discard(job_id)
         await self.sync_guard()
+        self.books.unmark_checkpoint(job_id)
+
+    async def hold(self, job: Job) -> None:
+        """``job``, found here at this daemon's start, stopped by the guard, is held by
+        its lease from now on: frozen (again) until its home renews it, unless a renewal
+        named it since (then its lease is live: :meth:`run` governs it)."""
+        if job.id in self.named or job.pid is None:
+            return
+        now = time.monotonic()
+        self.until[job.id] = now
+        if job.id not in self.frozen:
+            self.books.moving.add(frozen_key(job.id))
+            self.frozen[job.id] = now
+            await stop_all(job.pid, FREEZE_WAIT)
 
     def _forget(self) -> None:
         """Leases and marks of jobs no longer here (dropped, moved, ended)."""
@@ -359,21 +386,7 @@ class Holder:
             return
         self.books.moving.add(key)
         self.frozen[job.id] = now
-        sent: set[int] = set()
-        deadline = now + FREEZE_WAIT
-        while True:
-            pids = tree(job.pid)
-            for pid in pids:
-                if pid not in sent:
-                    sent.add(pid)
-                    try:
-                        os.kill(pid, signal.SIGSTOP)
-                    except ProcessLookupError:
-                        pass
-            if all(_state(p) in ("T", "t", "Z", "X", "") for p in pids) or (
-                    time.monotonic() > deadline):
-                break
-            await trio.sleep(0.001)
+        await stop_all(job.pid, FREEZE_WAIT)
         log.warning("job %s: its lease from its home, node %s, runs out in %.2fs: frozen "
                     "until the home renews it", job.id, self.jc.node_name(job.home),
                     self.until[job.id] - now)
@@ -383,10 +396,6 @@ class Holder:
         since = self.frozen.pop(job.id, None)
         self.books.moving.discard(frozen_key(job.id))
         if job.pid is not None:
-            for pid in tree(job.pid):
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            signal_tree(job.pid, signal.SIGCONT)
         log.warning("job %s: its home renewed its lease: thawed after %.1fs frozen", job.id,
                     time.monotonic() - (since or time.monotonic()))

@@ -54,10 +54,10 @@ class Migrations:
         self.source = Source(jc, host, self.books)
         self.target = Target(jc, host, self.books)
         self.home = MoveHome(jc, host, self.books, self.source)
-        self.recovery = Recovery(jc, host, self.books, self.source, self.home)
         self.checkpoints = Checkpoints(jc, host, self.books)
         self.grants = Grants(jc, host)
         self.holder = Holder(jc, host, self.books)
+        self.recovery = Recovery(jc, host, self.books, self.source, self.home, self.holder)
         self.revival = Revival(jc, host, self.books, self.source, self.target,
                                self.checkpoints, self.grants)
 
@@ -141,12 +141,13 @@ class Migrations:
         """Guarded from the checkpoint's start (omuscd.migrate.leaseguard): once the home
         has it, it may revive the job should this daemon die."""
         job_id = str(msg.get("job"))
-        await self.holder.checkpointing(job_id)
+        guarded = await self.holder.checkpointing(job_id, ch.peer_id)
         try:
             await self.checkpoints.serve(ch, msg)
         finally:
-            with trio.CancelScope(shield=True):
-                await self.holder.checkpointed(job_id)
+            if guarded:
+                with trio.CancelScope(shield=True):
+                    await self.holder.checkpointed(job_id)
 
     async def serve_lease(self, ch: Channel, msg: dict[str, Any]) -> None:
         await self.holder.serve(ch, msg)

@@ -352,7 +352,14 @@ class Target:
                 await trio.sleep(0.05)
         job = self.jc.find(str(msg.get("job")))
         running = job is not None and job.node == self.jc.me and job.state == RUNNING
-        await ch.send({"op": "has", "running": running, "time": time.time()})
+        # asked by a node running a job of this home (Recovery.settle_checkpoint): does
+        # this home count it there, and does it hold a checkpoint of it?
+        # (busy: a checkpoint of it is being kept here; ask again)
+        yours = (job is not None and job.home == self.jc.me and job.node == ch.peer_id
+                 and job.state not in FINAL)
+        await ch.send({"op": "has", "running": running, "time": time.time(),
+                       "yours": yours, "checkpoint": yours and bool(job and job.checkpoint),
+                       "busy": job is not None and job.id in self.books.moving})
 
 
 class _Prepared:

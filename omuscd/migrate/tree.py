@@ -4,8 +4,11 @@ one that is gone, or refuses, is passed over)."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
+
+import trio
 
 from omuscd.proctab import tree
 
@@ -38,3 +41,39 @@ def pin_tree(pid: int, cpus: Any) -> None:
 
 def signal_tree(pid: int, sig: int) -> None:
     each_in_tree(pid, lambda p: os.kill(p, sig))
+
+
+def state_of(pid: int) -> str:
+    """The state letter of a process ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:][:1].decode()
+    except (OSError, ValueError):
+        return ""
+
+
+async def stop_all(init: int, limit: float) -> tuple[list[int], bool]:
+    """SIGSTOP every process of the job whose init is ``init`` until all stand still (a
+    process forked meanwhile is stopped too), or ``limit`` s have passed: their pids (none
+    if the job has no process), and whether all stood still.  Each gets one SIGSTOP: a
+    second one, sent to a process already stopped, would stay pending and interrupt
+    CRIU's parasite in it ("Unexpected task interruption")."""
+    deadline = trio.current_time() + limit
+    sent: set[int] = set()
+    while True:
+        pids = tree(init)
+        if not pids:
+            return pids, False
+        for pid in pids:
+            if pid not in sent:
+                sent.add(pid)
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+        if all(state_of(p) in ("T", "t", "Z", "X", "") for p in pids) and tree(init) == pids:
+            return pids, True
+        if trio.current_time() > deadline:
+            return pids, False
+        await trio.sleep(0.001)
