@@ -576,6 +576,11 @@ def test_a_daemon_of_the_previous_protocol_is_listed_and_never_used(tmp_path) ->
                     d.popen.wait()
 
 
+async def framed(framing: str) -> tuple[Channel, Channel]:
+    """Two ends of a channel: encrypted ("aead", after a real handshake) or HMAC-framed."""
+    return await pair() if framing == "aead" else socketpair_channels()
+
+
 @pytest.mark.parametrize("framing", ["aead", "hmac"])
 def test_a_sender_cancelled_mid_frame_leaves_the_channel_whole(framing: str) -> None:
     """A task cancelled while its megabyte frame is half out (the peer reading slowly)
@@ -583,10 +588,7 @@ def test_a_sender_cancelled_mid_frame_leaves_the_channel_whole(framing: str) -> 
     restore), arrives intact.  A cut-off frame followed by the next made the peer read
     garbage ("frame failed authentication" instead of the reason)."""
     async def main() -> None:
-        if framing == "aead":
-            c, s = await pair()
-        else:
-            c, s = socketpair_channels()
+        c, s = await framed(framing)
         big = os.urandom(1 << 20)
         got: list[Any] = []
 
@@ -618,10 +620,7 @@ def test_a_receiver_cancelled_mid_frame_says_so_and_reads_no_garbage(framing: st
     instead of reading the rest of that frame as the next one (before: 'bad frame header'
     or 'frame failed authentication', logged as a forgery)."""
     async def main() -> None:
-        if framing == "aead":
-            c, s = await pair()
-        else:
-            c, s = socketpair_channels()
+        c, s = await framed(framing)
         big = os.urandom(1 << 20)
 
         async def sender() -> None:

@@ -380,5 +380,14 @@ def test_the_tunable_checkpoints_jobs_started_afterwards(cluster):
         wait_for(lambda: checkpoint_taken(n["c"], tag), 20, "a checkpoint by the tunable")
         assert n["c"].json(f"job {job}")["checkpoint_every"] == 2
     finally:
-        n["c"].ctl(f"kill {job} KILL")
+        said = n["c"].ctl(f"kill {job} KILL")
+    # killed (held while a checkpoint runs: delivered when it ends), never lost
+    try:
+        wait_for(lambda: n["c"].json(f"job {job}")["state"] == "exited", 20,
+                 f"the job to end on its SIGKILL ({said.text!r})")
+    except AssertionError:
+        for name in "cb":
+            print(f"--- {name}\n" + "\n".join(
+                ln for ln in n[name].log().splitlines() if f"job {job}" in ln)[-3000:])
+        raise
     assert n["c"].ctl("set checkpoint_every -1").code != 200  # bounded

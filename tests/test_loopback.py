@@ -183,7 +183,7 @@ def test_automatic_id_clash_moves_the_later_node(trio_nodes, workdir, key, reape
     assert late.json("status")["id"] == n2.nodes()["late"]["id"]
     assert n2.json("status")["id"] == 2
     assert "already used by n2" in late.log()
-    wait_for(lambda: late.nodes().get("n2", {}).get("state") == "alive", 3, "n2 seen by late")
+    wait_for(lambda: late.nodes().get("n2", {}).get("state") == "alive", 10, "n2 seen by late")
 
 
 def test_explicit_id_clash_refuses_with_exit_3(trio_nodes, workdir, key, reaper):
