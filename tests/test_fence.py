@@ -161,21 +161,9 @@ def test_a_cut_off_node_does_not_run_a_revived_job_beside_its_new_copy(cluster, 
 
 def _scenario(lan, n, tmp_path: Path) -> None:
     lines = "500"  # 25 s: b's copy, unfenced, would outlast the checks below
-    job_id = ""
-    ref_file, file = tmp_path / "ref.txt", tmp_path / "appended.txt"
-    argv = ["/usr/bin/python3", "-c", APPENDER]
-    ref = Reference([*argv, str(ref_file), lines, f"{TAG}-plain"], ends=b"done\n")
-    p = subprocess.Popen([sys.executable, "-m", "omuscd", "run", "--connect", n["a"].socket,
-                          "--node", "b", "--checkpoint-every", "5s", "--", *argv, str(file),
-                          lines, TAG], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         cwd="/tmp")
+    p, ref, ref_file, file, job_id = start_on_b(n, tmp_path, TAG, lines)
     try:
-        wait_for(lambda: checkpoint_taken(n["a"], TAG), 20, "a checkpoint of the job")
-        view = job_view(n["a"], TAG)
-        assert view["node_name"] == "b"
-        job_id = view["id"]
         assert len(copies(TAG)) == 1, _seen(TAG)
-        time.sleep(1.5)  # output and appended lines after the checkpoint
         cable(lan, "b", up=False)
         cut = time.time()
         try:
