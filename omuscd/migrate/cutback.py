@@ -20,7 +20,7 @@ from omuscd import rootexec
 from omuscd.jobs.record import STDERR, STDOUT, Job, JobError
 from omuscd.jobs.spool import Spool
 from omuscd.migrate.criu import SETPRIV
-from omuscd.proctab import tree
+from omuscd.proctab import fds_of, tree
 
 #: Cuts each file of ``argv[1]`` (JSON ``[[path, size], ...]``) back to its size, run as the
 #: job's user: opened without following a link at its end (a link a user put there since
@@ -104,27 +104,22 @@ def written_files(pids: list[int], skip: set[tuple[int, int]]) -> list[list[Any]
     instant, which a restore cuts the files back to."""
     seen: set[tuple[int, int]] = set(skip)
     out: list[list[Any]] = []
-    for pid in pids:
+    for pid, fd in fds_of(pids):
         try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                flags = next(int(ln.split()[1], 8) for ln in f if ln.startswith("flags:"))
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                continue
+            st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself
+            path = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except (OSError, StopIteration, ValueError, IndexError):
             continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    flags = next(int(ln.split()[1], 8) for ln in f if ln.startswith("flags:"))
-                if flags & os.O_ACCMODE == os.O_RDONLY:
-                    continue
-                st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself
-                path = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except (OSError, StopIteration, ValueError, IndexError):
-                continue
-            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
-                continue
-            if not path.startswith("/") or path.endswith(" (deleted)"):
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            out.append([path, st.st_size])
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+            continue
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out.append([path, st.st_size])
     return out
 
 

@@ -31,7 +31,7 @@ import psutil
 
 from omuscd import proctab
 from omuscd.migrate import MoveError
-from omuscd.proctab import tree
+from omuscd.proctab import fds_of, tree
 
 log = logging.getLogger("omuscd.migrate")
 
@@ -98,28 +98,23 @@ def held_locks(pids: list[int]) -> list[HeldLock]:
     sharing it)."""
     seen: set[tuple[object, ...]] = set()
     out = []
-    for pid in pids:
+    for pid, fd in fds_of(pids, "fdinfo"):
         try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                lines = [ln[5:] for ln in f if ln.startswith("lock:")]
+            if not lines:
+                continue
+            path = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    lines = [ln[5:] for ln in f if ln.startswith("lock:")]
-                if not lines:
-                    continue
-                path = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
+        for line in lines:
+            lk = parse_lock(line)
+            if lk is None or lk.blocked:
                 continue
-            for line in lines:
-                lk = parse_lock(line)
-                if lk is None or lk.blocked:
-                    continue
-                key = (pid, lk.inode, *lk.span) if lk.kind == "POSIX" else (lk.inode, *lk.span)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(HeldLock(lk, pid, int(fd), path))
+            key = (pid, lk.inode, *lk.span) if lk.kind == "POSIX" else (lk.inode, *lk.span)
+            if key not in seen:
+                seen.add(key)
+                out.append(HeldLock(lk, pid, int(fd), path))
     return out
 
 

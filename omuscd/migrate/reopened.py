@@ -17,6 +17,7 @@ import stat
 
 from omuscd.jobs.process import may_reach
 from omuscd.jobs.record import Owner
+from omuscd.proctab import fds_of
 
 _R, _W, _X = 4, 2, 1
 
@@ -130,21 +131,15 @@ def bound_by_path(pids: list[int], owner: tuple[int, int]) -> str | None:
         return None
     if not bound:
         return None
-    for pid in pids:
+    for pid, fd in fds_of(pids):
         try:
-            fds = os.listdir(f"/proc/{pid}/fd")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and (path := bound.get(target[8:-1])):
-                if _user_may_redirect(os.path.dirname(path), uid):
-                    return (f"process {pid} has a Unix socket bound at {path}, in a "
-                            f"directory its user could change: CRIU would bind it again "
-                            f"there as root")
+        if target.startswith("socket:[") and (path := bound.get(target[8:-1])):
+            if _user_may_redirect(os.path.dirname(path), uid):
+                return (f"process {pid} has a Unix socket bound at {path}, in a directory "
+                        "its user could change: CRIU would bind it again there as root")
     return None
 
 
