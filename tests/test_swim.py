@@ -317,17 +317,23 @@ def test_missed_acks_and_nacks_stretch_our_own_timeouts():
     assert slow.awareness.score == 0  # acks bring it back down
 
 
+def formed(n: int) -> Net:
+    """A net of ``n`` nodes that have known each other for 3 s; its events so far taken."""
+    net = Net(n)
+    net.start()
+    net.run(3.0)
+    for s in net.nodes.values():
+        s.take_events()
+    return net
+
+
 def test_a_node_that_hears_from_no_helper_accuses_nobody():
     """No ack, and not one helper saying "no answer from it either": the silence is our
     host's (stalled by a loaded machine, its socket unread), not evidence against the
     target.  Such a node stretches its timeouts and accuses nobody; 100 daemons on one
     machine suspected each other after every stall of it.  A node whose helpers do say
     nack suspects the silent target at once (test_helper_says_nack_...)."""
-    net = Net(4)
-    net.start()
-    net.run(3.0)
-    for s in net.nodes.values():
-        s.take_events()
+    net = formed(4)
     slow = net.nodes[1]
     net.cut = {(j, 1) for j in (2, 3, 4)}  # 1 hears nobody: no acks, no nacks
     net.run(8.0)
@@ -585,11 +591,7 @@ def test_a_node_cut_off_from_every_other_one_still_sees_them_go():
     """The silence of every helper accuses nobody only while our timeouts can still
     stretch: once they are stretched all they can be, a node that hears nobody (its
     cable pulled) suspects, and in the end buries, the others, as they bury it."""
-    net = Net(4)
-    net.start()
-    net.run(3.0)
-    for s in net.nodes.values():
-        s.take_events()
+    net = formed(4)
     alone = net.nodes[1]
     net.cut = {(a, b) for a in range(1, 5) for b in range(1, 5) if 1 in (a, b) and a != b}
     net.run(120.0)
