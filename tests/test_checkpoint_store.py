@@ -254,3 +254,42 @@ def test_the_checkpoint_dir_path_is_checked_from_the_root(tmp_path):
     for bad in ("a/b", f"{good}/../b", f"{good}/./x"):
         with pytest.raises(OSError, match="absolute, normalized"):
             open_root_dir(bad)
+
+
+def test_a_stop_for_a_checkpoint_cancelled_halfway_leaves_no_process_stopped(monkeypatch):
+    """The daemon stopping while a checkpoint stops the job's processes (the stop loop
+    waiting for them all to stand still): every one it had stopped goes on.  Before, those
+    stopped so far stayed stopped for good."""
+    import signal
+    import subprocess
+
+    from omuscd.migrate import checkpoint
+    from omuscd.migrate import tree as tree_module
+    from omuscd.proctab import tree
+
+    def real_state(pid: int) -> str:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:][:1].decode()
+
+    job = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        while len(tree(job.pid)) < 3:
+            trio.run(trio.sleep, 0.01)
+        # never seen to stand still: the loop waits on, and is cancelled meanwhile
+        monkeypatch.setattr(tree_module, "state_of", lambda pid: "R")
+
+        async def cancelled() -> None:
+            with trio.move_on_after(0.2) as scope:
+                await checkpoint.stop_tree(job.pid)
+            assert scope.cancelled_caught
+        trio.run(cancelled)
+        assert [real_state(p) for p in tree(job.pid)] != [] and \
+            "T" not in [real_state(p) for p in tree(job.pid)]
+    finally:
+        for p in reversed(tree(job.pid)):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # ended with its children
+        job.wait()

@@ -81,8 +81,13 @@ SETTLE_TIMEOUT = 300.0
 
 async def stop_tree(init: int) -> list[int]:
     """Stop every process of the job whose init is ``init`` (tree.stop_all); their
-    pids.  MoveError if they do not stop within STOP_TIMEOUT (then they are let go on)."""
-    pids, still = await stop_all(init, STOP_TIMEOUT)
+    pids.  MoveError if they do not stop within STOP_TIMEOUT; they are let go on then, and
+    when this is cancelled before they all stood still."""
+    try:
+        pids, still = await stop_all(init, STOP_TIMEOUT)
+    except BaseException:  # cancelled halfway (the daemon stopping): none left stopped
+        signal_tree(init, signal.SIGCONT)
+        raise
     if not pids:
         raise MoveError("the job has no process here")
     if not still:
