@@ -120,9 +120,8 @@ class Recovery:
             await self.holder.hold(job)
             self.jc.watch_again(job)
         elif reply.get("yours"):
-            log.warning("job %s: its home %s holds no checkpoint of it (the one being "
-                        "taken when this daemon stopped was cut short): it runs on",
-                        job.id, home)
+            log.warning("job %s: its home %s holds no checkpoint of it (none reached it "
+                        "before this daemon stopped): it runs on", job.id, home)
             if job.checkpoint:
                 job.checkpoint = {}
                 self.jc.save(job)
