@@ -201,14 +201,12 @@ class MoveBooks:
             if not is_job_id(f.name):
                 log.warning("%s: not a move note of this daemon; left alone", f)
                 continue
+            mark = self._read(f.name) or {}
             try:
-                fd = open_private(str(f), os.O_RDONLY)
-                with os.fdopen(fd, "rb") as r:
-                    mark = json.loads(r.read(4096))
                 found[f.name] = ({"checkpoint": int(mark["checkpoint"])}
                                  if "checkpoint" in mark else
                                  {"target": int(mark["target"]), "nice": mark.get("nice")})
-            except (OSError, ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError):
                 log.warning("unreadable move note %s; removed", f)
                 self.unmark(f.name)
         return found
