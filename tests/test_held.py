@@ -191,3 +191,44 @@ def test_ctl_migrate_waits_for_a_move_longer_than_ten_seconds(tmp_path: Path):
     assert seen == ["migrate 1.1 b"]
     assert r.returncode == 0, r.stderr
     assert "job 1.1 migrated to b" in r.stdout
+
+
+def test_a_held_signal_is_sent_again_while_the_node_running_the_job_does_not_answer():
+    """A signal held during a move goes, once the move ends, through the node running
+    the job; a node that does not answer (busy, or cut off for a moment) gets it again a
+    second later, in order, instead of the signal being dropped (before: "held signal
+    dropped: node b did not answer", and the job ran on).  A job that ended meanwhile
+    takes its held signals with it."""
+    from types import SimpleNamespace
+
+    import trio
+    import trio.testing
+
+    from omuscd.jobs import held
+    from omuscd.jobs.record import EXITED, JobError, NodeUnreachable
+
+    signals = held.JobSignals.__new__(held.JobSignals)  # only its delivery, no host
+    signals.delivering = set()
+    signals.moves = SimpleNamespace(moving=lambda job_id: False)
+    sent: list[int] = []
+    answers: list[Exception | None] = [NodeUnreachable("node b did not answer: busy"),
+                                       NodeUnreachable("node b did not answer: busy"),
+                                       None, JobError("job 7.1 has already ended")]
+
+    async def send(job: Any, uid: int, sig: int, fresh: bool = False) -> None:
+        sent.append(sig)
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+    signals._send_signal = send  # type: ignore[method-assign]
+    job = SimpleNamespace(id="7.1", held=[15, 9], state="running", owner=SimpleNamespace(
+        uid=0), node_name="b")
+
+    async def main() -> None:
+        await signals._deliver_held(job)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # TERM refused twice, then taken; KILL answered "ended": dropped, nothing lost
+    assert sent == [15, 15, 15, 9] and job.held == []
+    job.held, job.state, sent[:] = [15], EXITED, []
+    trio.run(signals._deliver_each, job)
+    assert sent == [] and job.held == []

@@ -12,13 +12,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import trio
+
 from omuscd.jobs.books import JobBooks
-from omuscd.jobs.record import FINAL, MIGRATING, Job, JobError
+from omuscd.jobs.record import FINAL, MIGRATING, Job, JobError, NodeUnreachable
 
 if TYPE_CHECKING:
     from omuscd.jobs.host import Host
 
 log = logging.getLogger("omuscd.jobs")
+
+RETRY = 1.0  # seconds between tries to deliver a held signal to a node that did not answer
 
 
 class JobSignals(JobBooks):
@@ -91,10 +95,17 @@ class JobSignals(JobBooks):
                          "with it", job.id, job.state, job.held)
                 job.held = []
                 return
-            sig = job.held.pop(0)
+            sig = job.held[0]
             try:
                 await self._send_signal(job, job.owner.uid, sig, fresh=True)
                 log.info("job %s: held signal %d delivered on %s", job.id, sig,
                          job.node_name)
+            except NodeUnreachable as e:  # kept, and sent again: the node may be busy
+                log.warning("job %s: held signal %d not delivered yet: %s; again in %gs",
+                            job.id, sig, e, RETRY)
+                await trio.sleep(RETRY)
+                continue
             except JobError as e:  # it ended where it ran before its end came home
                 log.info("job %s: held signal %d dropped: %s", job.id, sig, e)
+            if job.held and job.held[0] == sig:
+                job.held.pop(0)

@@ -33,6 +33,7 @@ from omuscd.jobs.record import (
     STDOUT,
     Job,
     JobError,
+    NodeUnreachable,
     Owner,
     job_order,
 )
@@ -334,7 +335,7 @@ class HomeJobs(NodeLoss):
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \
                 f"node {self.node_name(node)}"
-            raise JobError(f"{what} did not answer: {e}") from None
+            raise NodeUnreachable(f"{what} did not answer: {e}") from None
         if reply.get("op") != "done":
             raise JobError(error_text(reply))
         return str(reply.get("text", ""))

@@ -38,6 +38,11 @@ class JobError(Exception):
     """A job cannot be started or acted on; the message says why, for the user."""
 
 
+class NodeUnreachable(JobError):
+    """The node asked to act on a job did not answer (it may yet: busy, or cut off for a
+    while); the job itself may be well."""
+
+
 @dataclass
 class Owner:
     uid: int
