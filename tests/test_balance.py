@@ -11,6 +11,8 @@ import time
 import pytest
 
 from omuscd.balance import JobLoad, NodeLoad, Policy, decide
+from omuscd.balance.core import Core
+from omuscd.events import Event
 from tests.cluster import (
     balance_lan,  # noqa: F401 (the "cluster" fixture)
     ordinary_user,
@@ -474,3 +476,24 @@ def test_an_ordinary_users_jobs_are_balanced_too(cluster):
             assert not failed, failed
         finally:
             kill_all(n, jobs)
+
+
+def test_a_steady_refusal_is_said_once_whatever_its_figures_a_new_one_and_moves_each_time():
+    """The balancer looks every interval; a refusal that stands ("a is loaded (...) but
+    no job can move: ...") is logged once, not again each time the loads in it change (at
+    60 nodes they changed at every look: a log line a second).  A different refusal, and
+    every move, are said."""
+    events: list[Event] = []
+    s = balance_services(3.0, 0.0)
+    s.publish = events.extend
+    core = Core(s)
+    for load in ("3.00", "2.97", "3.12"):
+        core.say(f"balancing: a is loaded (a {load}, b 0.00) but no job can move: 1.4: "
+                 "told to stay", steady=True)
+    core.say("balancing: no node can take a job", steady=True)
+    for load in ("3.00", "2.00"):
+        core.say(f"balancing: a {load} -> b 0.00: job 1.4 moved")
+    assert [e.text for e in events] == [
+        "balancing: a is loaded (a 3.00, b 0.00) but no job can move: 1.4: told to stay",
+        "balancing: no node can take a job",
+        "balancing: a 3.00 -> b 0.00: job 1.4 moved", "balancing: a 2.00 -> b 0.00: job 1.4 moved"]

@@ -44,7 +44,7 @@ class Controller:
         if not any(target for target, _ in verdicts):
             # the gossiped loads show no move could help: do not ask the nodes for jobs
             if not verdicts[0][1].startswith("balanced"):
-                core.say(f"balancing: {verdicts[0][1]}")
+                core.say(f"balancing: {verdicts[0][1]}", steady=True)
             return
         wall = time.time()
         by_node: dict[int, list[JobLoad]] = {}
@@ -60,7 +60,7 @@ class Controller:
                 await core.move(decision, src.id)
                 return
         if first is not None and not first.reason.startswith("balanced"):
-            core.say(f"balancing: {first.reason}")
+            core.say(f"balancing: {first.reason}", steady=True)
 
     def drone_tick(self) -> None:
         ctrl = self.controllers()

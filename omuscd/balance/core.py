@@ -10,6 +10,7 @@ node can migrate, the event publisher and the UDP sender.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ from omuscd.jobs.record import RUNNING, Job, JobError
 from omuscd.load import Sampler
 
 log = logging.getLogger("omuscd.balance")
+
+_FIGURE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _gist(text: str) -> str:
+    """``text`` without its figures (loads, ages, seconds; job ids too)."""
+    return _FIGURE.sub("#", text)
 
 
 class Jobs(Protocol):
@@ -107,11 +115,15 @@ class Core:
         c = self.cfg
         return Policy(c.balance_threshold, c.min_job_age, c.min_stay, c.transfer_rate)
 
-    def say(self, text: str, kind: str = "balance") -> None:
-        """A decision or a refusal, for the log and ``watch``; repeats are not said."""
-        if text == self.said:
+    def say(self, text: str, kind: str = "balance", steady: bool = False) -> None:
+        """A decision or a refusal, for the log and ``watch``; repeats are not said.
+        ``steady``: a state looked at every interval ("a is loaded (a 2.04, b 0.31) but
+        no job can move: ..."), not said again while only its figures change: at 60
+        nodes the loads in it changed at every look, a log line a second."""
+        key = _gist(text) if steady else text
+        if key == self.said:
             return
-        self.said = text
+        self.said = key
         self.s.publish([Event(kind, text, {})])
 
     def release_hold(self) -> None:

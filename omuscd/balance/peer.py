@@ -57,7 +57,7 @@ class Peer:
         target, why = imbalance(me, list(loads.values()), core.policy())
         if target is None:  # nothing to gain: no need to look at the jobs
             if not why.startswith("balanced"):
-                core.say(f"balancing: {why}")
+                core.say(f"balancing: {why}", steady=True)
             elif why != self.said_balanced:  # not news for watch, but for a debug log
                 self.said_balanced = why
                 log.debug("balancing: %s%s", why, core.pending_text(now))
@@ -65,7 +65,7 @@ class Peer:
         decision = decide(me, list(loads.values()), core.local_jobs(), core.policy())
         if decision.job is None:
             if not decision.reason.startswith("balanced"):
-                core.say(f"balancing: {decision.reason}")
+                core.say(f"balancing: {decision.reason}", steady=True)
             if decision.retry_in is not None:
                 self.wake_at = now + decision.retry_in + 0.01
             return
