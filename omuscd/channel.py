@@ -110,6 +110,11 @@ class ChannelError(Exception):
     """The peer failed authentication, broke the framing, or went away."""
 
 
+class NotSent(ChannelError):
+    """No connection to the peer could be made: nothing of a request went out, so it
+    may be sent again without being carried out twice."""
+
+
 class _Forged(ChannelError):
     """A frame that fails its check or breaks the framing: the stream cannot be trusted
     from there on, and is closed."""

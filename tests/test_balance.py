@@ -490,10 +490,17 @@ def test_a_steady_refusal_is_said_once_whatever_its_figures_a_new_one_and_moves_
     for load in ("3.00", "2.97", "3.12"):
         core.say(f"balancing: a is loaded (a {load}, b 0.00) but no job can move: 1.4: "
                  "told to stay", steady=True)
+    for age in (12, 13):  # seconds change too
+        core.say(f"balancing: n12's figures are {age} s old", steady=True)
+    core.say("balancing: n5's figures are 13 s old", steady=True)  # another node: news
+    core.say("balancing: a is loaded (a 3.01, b 0.00) but no job can move: 1.5: told to "
+             "stay", steady=True)  # another job: news
     core.say("balancing: no node can take a job", steady=True)
     for load in ("3.00", "2.00"):
         core.say(f"balancing: a {load} -> b 0.00: job 1.4 moved")
     assert [e.text for e in events] == [
         "balancing: a is loaded (a 3.00, b 0.00) but no job can move: 1.4: told to stay",
+        "balancing: n12's figures are 12 s old", "balancing: n5's figures are 13 s old",
+        "balancing: a is loaded (a 3.01, b 0.00) but no job can move: 1.5: told to stay",
         "balancing: no node can take a job",
         "balancing: a 3.00 -> b 0.00: job 1.4 moved", "balancing: a 2.00 -> b 0.00: job 1.4 moved"]

@@ -193,12 +193,15 @@ def test_ctl_migrate_waits_for_a_move_longer_than_ten_seconds(tmp_path: Path):
     assert "job 1.1 migrated to b" in r.stdout
 
 
-def test_a_held_signal_is_sent_again_while_the_node_running_the_job_does_not_answer():
+def test_a_held_signal_is_sent_again_while_the_node_running_the_job_cannot_be_reached(
+        monkeypatch):
     """A signal held during a move goes, once the move ends, through the node running
-    the job; a node that does not answer (busy, or cut off for a moment) gets it again a
-    second later, in order, instead of the signal being dropped (before: "held signal
-    dropped: node b did not answer", and the job ran on).  A job that ended meanwhile
-    takes its held signals with it."""
+    the job.  One that could not reach that node at all (no connection: nothing was
+    asked of it) is sent again a second later, in order, instead of being dropped
+    (before: "held signal dropped: node b did not answer", and the job ran on); one the
+    node may have carried out (no reply in time) is not sent twice; after TRIES tries it
+    is given up, and the next goes.  A job that ended meanwhile takes its held signals
+    with it."""
     from types import SimpleNamespace
 
     import trio
@@ -211,9 +214,8 @@ def test_a_held_signal_is_sent_again_while_the_node_running_the_job_does_not_ans
     signals.delivering = set()
     signals.moves = SimpleNamespace(moving=lambda job_id: False)
     sent: list[int] = []
-    answers: list[Exception | None] = [NodeUnreachable("node b did not answer: busy"),
-                                       NodeUnreachable("node b did not answer: busy"),
-                                       None, JobError("job 7.1 has already ended")]
+    unreached = NodeUnreachable("node b did not answer: cannot connect")
+    answers: list[Exception | None] = []
 
     async def send(job: Any, uid: int, sig: int, fresh: bool = False) -> None:
         sent.append(sig)
@@ -221,14 +223,20 @@ def test_a_held_signal_is_sent_again_while_the_node_running_the_job_does_not_ans
         if answer is not None:
             raise answer
     signals._send_signal = send  # type: ignore[method-assign]
-    job = SimpleNamespace(id="7.1", held=[15, 9], state="running", owner=SimpleNamespace(
-        uid=0), node_name="b")
+    job = SimpleNamespace(id="7.1", held=[], state="running", owner=SimpleNamespace(uid=0),
+                          node_name="b")
 
-    async def main() -> None:
-        await signals._deliver_held(job)
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    # TERM refused twice, then taken; KILL answered "ended": dropped, nothing lost
-    assert sent == [15, 15, 15, 9] and job.held == []
-    job.held, job.state, sent[:] = [15], EXITED, []
-    trio.run(signals._deliver_each, job)
-    assert sent == [] and job.held == []
+    def deliver(held_now: list[int], replies: list[Exception | None]) -> list[int]:
+        job.held, answers[:], sent[:] = held_now, replies, []
+        trio.run(signals._deliver_held, job, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert job.held == [] and answers == []
+        return list(sent)
+
+    # TERM not reached twice, then taken; KILL perhaps carried out (no reply): once
+    assert deliver([15, 9], [unreached, unreached, None,
+                             JobError("node b did not answer: no answer within 3s")]) == \
+        [15, 15, 15, 9]
+    monkeypatch.setattr(held, "TRIES", 3)
+    assert deliver([2, 15], [unreached] * 3 + [None]) == [2, 2, 2, 15]
+    job.state = EXITED
+    assert deliver([15], []) == []

@@ -29,12 +29,14 @@ from omuscd.load import Sampler
 
 log = logging.getLogger("omuscd.balance")
 
-_FIGURE = re.compile(r"\d+(?:\.\d+)?")
+_FIGURES = re.compile(r"\s*\([^()]*\)")  # "(a 2.04, b 0.31)": loads, always in brackets
+_SECONDS = re.compile(r"\b\d+(?:\.\d+)?\s?s\b")  # "12 s", "0.5s"
 
 
 def _gist(text: str) -> str:
-    """``text`` without its figures (loads, ages, seconds; job ids too)."""
-    return _FIGURE.sub("#", text)
+    """``text`` without its changing figures: loads (in brackets) and seconds; node
+    names and job ids stay (another node or job is news)."""
+    return _SECONDS.sub("#s", _FIGURES.sub("", text))
 
 
 class Jobs(Protocol):

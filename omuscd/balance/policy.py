@@ -236,8 +236,8 @@ def decide(src: NodeLoad, others: list[NodeLoad], jobs: list[JobLoad],
         wait = _soonest([j for j in jobs if key(j)[:2] == key(job)[:2] and not key(j)[2]],
                         policy, gap)
         if wait is not None and wait <= EVEN_WAIT:
-            return Decision(None, None, f"{loads}: waiting {wait:.1f}s for a job to be old "
-                            "enough to move", wait)
+            return Decision(None, None, f"waiting {wait:.1f}s for a job to be old enough "
+                            f"to move ({loads})", wait)
     return Decision(job.id, best.id, f"{loads}: job {job.id} ({job.rss_mb:.0f} MB, running "
                     f"{job.age:.0f}s)")
 

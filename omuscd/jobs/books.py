@@ -19,7 +19,7 @@ import psutil
 import trio
 
 from omuscd import channel, ids
-from omuscd.channel import Channel, ChannelError
+from omuscd.channel import Channel, ChannelError, NotSent
 from omuscd.cluster.membership import ALIVE, SUSPECT
 from omuscd.cluster.view import ClusterView
 from omuscd.events import Event, Progress
@@ -155,8 +155,14 @@ class JobBooks:
         """One request and its reply, on a connection of its own.  ChannelError when the
         node cannot be reached or does not answer within ``timeout``.  With ``progress``
         the node is asked to say how far it has got (see serve_with_progress): each word
-        updates ``progress`` and gives the node ``timeout`` again."""
-        ch = await self.connect(node_id)
+        updates ``progress`` and gives the node ``timeout`` again.  NotSent (a
+        ChannelError) when no connection could be made: the node got nothing."""
+        try:
+            ch = await self.connect(node_id)
+        except NotSent:
+            raise
+        except ChannelError as e:
+            raise NotSent(str(e)) from None
         try:
             await ch.send({**msg, "progress": True} if progress is not None else msg)
             while True:

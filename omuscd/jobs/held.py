@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("omuscd.jobs")
 
-RETRY = 1.0  # seconds between tries to deliver a held signal to a node that did not answer
+RETRY = 1.0  # seconds between tries to deliver a held signal to a node not reached
+#: tries before a held signal is dropped: a node unreachable that long has been declared
+#: dead (the job is then lost or revived) unless it is reachable to SWIM but not to us
+TRIES = 60
 
 
 class JobSignals(JobBooks):
@@ -89,6 +92,7 @@ class JobSignals(JobBooks):
             self.delivering.discard(job.id)
 
     async def _deliver_each(self, job: Job) -> None:
+        tries = 0  # of the first held signal, to a node that could not be reached
         while job.held and not self.moves.moving(job.id):
             if job.state in FINAL:
                 log.info("job %s ended (%s) during its move: held signal(s) %s dropped "
@@ -100,12 +104,17 @@ class JobSignals(JobBooks):
                 await self._send_signal(job, job.owner.uid, sig, fresh=True)
                 log.info("job %s: held signal %d delivered on %s", job.id, sig,
                          job.node_name)
-            except NodeUnreachable as e:  # kept, and sent again: the node may be busy
-                log.warning("job %s: held signal %d not delivered yet: %s; again in %gs",
-                            job.id, sig, e, RETRY)
-                await trio.sleep(RETRY)
-                continue
+                tries = 0
+            except NodeUnreachable as e:  # nothing reached the node: sent again
+                tries += 1
+                if tries < TRIES:
+                    log.warning("job %s: held signal %d not delivered yet: %s; again in "
+                                "%gs", job.id, sig, e, RETRY)
+                    await trio.sleep(RETRY)
+                    continue
+                log.warning("job %s: held signal %d dropped: %s, %d times", job.id, sig, e,
+                            tries)
+                tries = 0
             except JobError as e:  # it ended where it ran before its end came home
                 log.info("job %s: held signal %d dropped: %s", job.id, sig, e)
-            if job.held and job.held[0] == sig:
-                job.held.pop(0)
+            job.held.pop(0)

@@ -18,7 +18,7 @@ import psutil
 import trio
 
 from omuscd.balance import policy as balance
-from omuscd.channel import Channel, ChannelError
+from omuscd.channel import Channel, ChannelError, NotSent
 from omuscd.cluster.membership import ALIVE
 from omuscd.cluster.rpc import error_text
 from omuscd.events import Event, Progress
@@ -335,7 +335,9 @@ class HomeJobs(NodeLoss):
         except ChannelError as e:
             what = "the job's home node" if node == home_of(job_id) else \
                 f"node {self.node_name(node)}"
-            raise NodeUnreachable(f"{what} did not answer: {e}") from None
+            # not reached at all: asking again cannot have it act twice
+            kind = NodeUnreachable if isinstance(e, NotSent) else JobError
+            raise kind(f"{what} did not answer: {e}") from None
         if reply.get("op") != "done":
             raise JobError(error_text(reply))
         return str(reply.get("text", ""))

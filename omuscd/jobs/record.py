@@ -39,8 +39,8 @@ class JobError(Exception):
 
 
 class NodeUnreachable(JobError):
-    """The node asked to act on a job did not answer (it may yet: busy, or cut off for a
-    while); the job itself may be well."""
+    """The node asked to act on a job could not be reached: nothing was asked of it (it
+    may be cut off for a while), so the job may well run on, and asking again is safe."""
 
 
 @dataclass
