@@ -206,7 +206,7 @@ class MoveBooks:
                 found[f.name] = ({"checkpoint": int(mark["checkpoint"])}
                                  if "checkpoint" in mark else
                                  {"target": int(mark["target"]), "nice": mark.get("nice")})
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, OverflowError):
                 log.warning("unreadable move note %s; removed", f)
                 self.unmark(f.name)
         return found
