@@ -146,7 +146,9 @@ def test_the_facts_of_a_running_process_and_the_check_of_them(tmp_path):
                              cwd=tmp_path / "cwd", stdout=out, stdin=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: os.readlink(f"/proc/{p.pid}/exe") == str(prog), 5, "prog to run")
+        # exec'd, and its libraries mapped (the loader maps libc just after the exec)
+        wait_for(lambda: os.readlink(f"/proc/{p.pid}/exe") == str(prog) and
+                 "libc" in open(f"/proc/{p.pid}/maps").read(), 5, "prog to run")
         started = time.perf_counter()
         facts = precheck.gather(p.pid, {str(spool)})
         assert time.perf_counter() - started < 0.1
