@@ -691,6 +691,11 @@ def left_processes(marks: tuple[str, ...]) -> dict[int, str]:
     return found
 
 
+#: seconds more a leftover check waits for post-copy lazy-pages (its page answers time
+#: out after 30 s: omuscd.migrate.page_relay.IDLE_TIMEOUT)
+LAZY_GRACE = 40.0
+
+
 def leftovers(marks: tuple[str, ...], wait: float = 5.0) -> list[str]:
     """What this run left behind, once ``wait`` seconds did not end it: processes under
     ``marks`` (see left_processes), network namespaces and users it made.  All of it is
@@ -701,6 +706,15 @@ def leftovers(marks: tuple[str, ...], wait: float = 5.0) -> list[str]:
     while procs and time.monotonic() < deadline:
         time.sleep(0.1)
         procs = left_processes(marks)
+    if procs and all(" lazy-pages " in line for line in procs.values()):
+        # a post-copy target's lazy-pages ends once its page answers time out: bounded,
+        # not leaked; one still there after LAZY_GRACE is
+        print(f"leftovers: waiting up to {LAZY_GRACE:g}s more for {sorted(procs)} (criu "
+              "lazy-pages)", file=sys.stderr)
+        deadline = time.monotonic() + LAZY_GRACE
+        while procs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            procs = left_processes(marks)
     found = [f"process {pid}: {line[:300]}" for pid, line in sorted(procs.items())]
     for pid in procs:
         try:
