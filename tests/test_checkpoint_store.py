@@ -267,11 +267,7 @@ def test_a_stop_for_a_checkpoint_cancelled_halfway_leaves_no_process_stopped(mon
     from omuscd.migrate import tree as tree_module
     from omuscd.proctab import tree
 
-    def real_state(pid: int) -> str:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:][:1].decode()
-
+    real_state = tree_module.state_of  # the reader itself, before it is patched below
     job = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
     try:
         while len(tree(job.pid)) < 3:

@@ -512,9 +512,8 @@ def _below(pid: int) -> list[int]:
 
 
 def _state_of(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return data[data.rindex(b")") + 2:][:1].decode()
+    from omuscd.migrate.tree import state_of
+    return state_of(pid)
 
 
 def test_the_guard_stops_only_the_namespaces_it_watches_and_a_thaw_continues_them():
