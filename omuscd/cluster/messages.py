@@ -1,11 +1,11 @@
 """The bodies of SWIM's datagrams (cluster/swim.py): checks of what a peer sent.
 
-Every body may carry ``me`` (the sender's own entry: its figures travel with every probe),
-``b`` (membership changes, see broadcasts.py), ``e`` (other nodes' entries, each with its
-age) and ``you`` (the receiver's state as the sender sees it, so that a suspected node
-hears of it and refutes at once).  A malformed body raises ``wire.WireError("malformed")``
-and changes nothing: every part is checked before any is applied.
-"""
+Every body may carry ``me`` (the sender's own entry: its figures travel with every probe;
+gossip leaves it out), ``b`` (membership changes, see broadcasts.py), ``e`` (other nodes'
+entries, each with its age) and ``you`` (the receiver's state as the sender sees it, so that
+a suspected node hears of it and refutes at once). A malformed body raises
+``wire.WireError("malformed")`` and changes nothing: every part is checked before any is
+applied. """
 
 from __future__ import annotations
 
