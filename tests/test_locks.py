@@ -407,3 +407,44 @@ def test_two_jobs_moved_at_the_same_time_both_move(cluster, tmp_path):
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert out.splitlines()[-1] == f"read {want}".encode()
+
+
+@pytest.mark.parametrize("freed_after", [3, None])
+def test_a_lock_taken_meanwhile_is_waited_for_before_the_job_resumes(monkeypatch, caplog,
+                                                                     freed_after):
+    """LockLender.relock: a lock the target's dying copy still holds when the move fails
+    is tried again (every RELOCK_STEP) until it is free, up to RELOCK_WAIT; then the job
+    resumes without it, said as an error.  Explicit time (MockClock); the system call run
+    in the frozen process is stood in for."""
+    import trio.testing
+
+    from omuscd.migrate import locks
+
+    held = locks.HeldLock(locks.FileLock("POSIX", "WRITE", 42, "0:1:2", 0, "EOF"), 42, 3,
+                          "/srv/db")
+    tries: list[float] = []
+
+    def move_locks(which, take):
+        assert take and which == [held]
+        tries.append(trio.current_time())
+        if freed_after is not None and len(tries) > freed_after:
+            return []
+        return [(held, os.strerror(errno.EAGAIN))]
+
+    monkeypatch.setattr(locks, "move_locks", move_locks)
+    lender = locks.LockLender(None)
+
+    async def main() -> None:
+        lender.lent[7] = [held]
+        await lender.relock(7)
+
+    caplog.set_level("INFO", "omuscd.migrate")
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    if freed_after is not None:
+        assert len(tries) == freed_after + 1 and not errors
+        assert "given back after" in caplog.text
+    else:  # never freed: given up after RELOCK_WAIT
+        assert tries[-1] - tries[0] >= locks.RELOCK_WAIT - locks.RELOCK_STEP
+        assert len(errors) == 1 and "runs without it" in errors[0].getMessage()
+    assert 7 not in lender.lent

@@ -43,6 +43,11 @@ def test_the_requests_say_what_the_command_line_said():
     assert [decode(x) for x in rst[27]] == [{1: [b"var/x/stdout"], 2: [3]},
                                             {1: [b"a b"], 2: [4]}]
     assert 48 not in decode(restore_options(5, "restore.log", [], False))
+    assert 12 not in rst and decode(restore_options(5, "r.log", [], False, notify=True))[12] == [1]
+    # a notification (criu_resp type 6) naming the restored root, then CRIU's answer
+    note = Response(bytes([0x08, 0x06, 0x10, 0x01, 0x2a, 0x15, 0x0a, 0x10]) +
+                    b"setup-namespaces" + bytes([0x10, 0xb9, 0x60]))
+    assert note.type == 6 and note.script == "setup-namespaces" and note.notified_pid == 12345
     # CRIU's answer: a restore's pid; a failure's message; nothing usable: no pid
     ok = Response(bytes([0x08, 0x02, 0x10, 0x01, 0x22, 0x03, 0x08, 0xb9, 0x60]))
     assert ok.success and ok.pid == 12345
@@ -50,6 +55,14 @@ def test_the_requests_say_what_the_command_line_said():
     assert not bad.success and bad.error == "why" and bad.pid is None
     with pytest.raises(ValueError):
         decode(bytes([0x0a, 0x05, 0x01]))  # a field longer than the message
+
+
+def gone(pid: int) -> bool:
+    """Whether our child ``pid`` has ended (collected now if so)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return not Path(f"/proc/{pid}").exists()
 
 
 def state(pid: int) -> str:
@@ -89,10 +102,32 @@ def test_a_job_runs_on_until_its_started_criu_is_asked(tmp_path):
             os.kill(init, signal.SIGKILL)  # the copy: the restore takes its pid
             launcher.wait()
             fd = os.open(moved, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            told: list[int] = []
+
+            async def refuse(pid: int) -> None:  # as when the guard is gone
+                told.append(pid)
+                raise MoveError("no guard")
+
+            async def note(pid: int) -> None:
+                assert not (images / "pid").exists()  # before CRIU answered
+                assert Path(f"/proc/{pid}").exists()
+                told.append(pid)
+
             try:
+                # told "stop" when it names the job's init, CRIU fails the restore and
+                # kills what it made (a child of ours: collected here)
                 restorer = await criu.prepare_restore(images, (fd,))
-                return await criu.restore(images, [Inherit(str(out), fd)], images / "pid",
-                                          worker=restorer)
+                with pytest.raises(MoveError, match="no guard"):
+                    await criu.restore(images, [Inherit(str(out), fd)], images / "pid",
+                                       worker=restorer, rooted=refuse)
+                assert len(told) == 1 and not (images / "pid").exists()
+                wait_for(lambda: gone(told[0]), 10, "CRIU to kill the refused restore")
+                told.clear()
+                restorer = await criu.prepare_restore(images, (fd,))
+                pid = await criu.restore(images, [Inherit(str(out), fd)], images / "pid",
+                                         worker=restorer, rooted=note)
+                assert told == [pid]  # told the init's pid before the answer
+                return pid
             finally:
                 os.close(fd)
 
@@ -149,31 +184,89 @@ def test_a_failed_request_says_its_cause_and_a_killed_criu_fails_the_dump(tmp_pa
 
 
 @pytest.mark.skipif(REASON is not None, reason=str(REASON))
-def test_a_held_lazy_pages_starts_criu_only_when_told(tmp_path):
-    """Post-copy: lazy-pages' process is made before the job is frozen, CRIU itself runs
-    only once told (its images are there then); abandoned, it never ran."""
+def test_lazy_pages_started_ahead_waits_at_the_gate_until_its_images_are_there(tmp_path):
+    """Post-copy (omuscd.migrate.gate): lazy-pages starts before the job is frozen, with
+    the inventory a FIFO held by the daemon.  It waits there, not ready, until the gate is
+    released; then it reads the inventory the source dumped, and goes on once our end is
+    closed (settle: as soon as the bytes are read), and the restore finds the real file in
+    its place.  Released before lazy-pages opens it, it reads the file; abandoned, nothing
+    is left; released without an inventory, the move fails."""
     import socket
 
+    from omuscd.migrate.gate import INVENTORY, GateError, InventoryGate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    launcher = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "setsid",
+                                 sys.executable, "-c", "import time; time.sleep(600)"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
     criu = Criu(find_criu(None))
+    try:
+        def child() -> str:
+            return subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                  text=True).stdout.strip()
 
-    async def main() -> None:
-        for told in (False, True):
-            images = tmp_path / f"img-{told}"
+        wait_for(child, 30, "the job to start")
+        init = int(child().split()[0])
+        inventory = None
+
+        async def ahead(case: str) -> None:
+            images = tmp_path / case
             images.mkdir()
+            for f in src.iterdir():
+                if f.suffix != ".log" and f.name != INVENTORY:
+                    (images / f.name).write_bytes(f.read_bytes())
+            gate = InventoryGate(images)
             mine, theirs = socket.socketpair()
-            starting = await criu.start_lazy_pages(images, theirs.fileno(), held=True)
+            starting = await criu.start_lazy_pages(images, theirs.fileno())
             theirs.close()
-            await trio.sleep(0.3)
-            assert starting.proc.returncode is None
-            assert not (images / "lazy-pages.log").exists()  # CRIU has not run
-            if told:  # no images here: CRIU runs, and says it cannot start
-                with pytest.raises(MoveError, match="lazy-pages did not start"):
-                    await starting.ready()
-                assert (images / "lazy-pages.log").exists()
-            else:
-                await starting.abandon()
-                assert not (images / "lazy-pages.log").exists()
-            assert starting.proc.returncode is not None
-            mine.close()
+            try:
+                if case == "late":
+                    await trio.sleep(1.0)  # time enough to start and reach the inventory
+                    assert starting.proc.returncode is None
+                    with trio.move_on_after(0.2) as waited:
+                        await starting.status.receive_some(1)
+                    assert waited.cancelled_caught, "lazy-pages ready without its inventory"
+                if case == "abandoned":
+                    gate.close()
+                    await starting.abandon()
+                    assert not (images / INVENTORY).exists()
+                    return
+                if case == "empty":
+                    with pytest.raises(GateError, match="did not come"):
+                        gate.release()
+                    gate.close()
+                    await starting.abandon()
+                    return
+                gate.hold(inventory)
+                gate.release()
+                assert (images / INVENTORY).is_file()  # the restore's, from now on
+                if case == "late":  # it read the FIFO and waits for its end: ours is open
+                    with trio.move_on_after(0.3) as waited:
+                        await starting.status.receive_some(1)
+                    assert waited.cancelled_caught, "lazy-pages went on before its end"
+                proc = await starting.ready(meanwhile=gate.settle)
+                assert proc.returncode is None
+                if case == "late":
+                    assert not gate.open  # closed once read
+                gate.close()
+                assert (images / INVENTORY).read_bytes() == inventory
+            finally:
+                mine.close()
+                if starting.proc.returncode is None:
+                    await starting.abandon()
 
-    trio.run(main)
+        async def main() -> None:
+            nonlocal inventory
+            await criu.check()
+            await criu.dump(init, src)
+            inventory = (src / INVENTORY).read_bytes()
+            for case in ("late", "at once", "abandoned", "empty"):
+                await ahead(case)
+
+        trio.run(main)
+    finally:
+        criu.close()
+        launcher.kill()
+        launcher.wait()

@@ -10,6 +10,7 @@ and running it again from the start (:data:`RESTART`), which needs no mechanism 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ class Mover(Protocol):
         """:meth:`cannot_move` for several jobs at once (what they share read once)."""
         ...
 
-    def relock(self, init_pid: int) -> None:
+    async def relock(self, init_pid: int) -> None:
         """A move failed after the dump: give the frozen job back what the dump lent
         (its file locks) before it resumes."""
         ...
@@ -105,11 +106,10 @@ class Mover(Protocol):
         ``pages``; returns once ready; the process ends when the job has every page."""
         ...
 
-    async def start_lazy_pages(self, images: Path, pages: int, held: bool = False) -> Any:
-        """:meth:`lazy_pages` started as soon as ``images`` holds what it reads first
-        (``held``: made before, started by the result's ``go()``), without waiting: the
-        result's ``ready()`` returns the process once it is ready, ``abandon()`` kills
-        it."""
+    async def start_lazy_pages(self, images: Path, pages: int) -> Any:
+        """:meth:`lazy_pages` started without waiting (what it reads first may come later,
+        through a gate: see omuscd.migrate.gate): the result's ``ready()`` returns the
+        process once it is ready, ``abandon()`` kills it."""
         ...
 
     async def prepare_restore(self, images: Path, fds: tuple[int, ...]) -> Any:
@@ -118,8 +118,10 @@ class Mover(Protocol):
         ...
 
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
-                      lazy: bool = False, worker: Any = None) -> int:
+                      lazy: bool = False, worker: Any = None,
+                      rooted: Callable[[int], Awaitable[None]] | None = None) -> int:
         """Restore the job stopped, as a child of this daemon; return its init's pid.
         ``lazy``: the memory that can come later is left to :meth:`lazy_pages`;
-        ``worker``: from :meth:`prepare_restore`."""
+        ``worker``: from :meth:`prepare_restore`; ``rooted(pid)``: told the init's pid
+        as soon as it exists, before anything of the job is restored."""
         ...

@@ -51,20 +51,27 @@ class Copies:
                 await cutback.cut_back(job, written, "the freeze", every=True)
             except (JobError, OSError) as e:
                 log.warning("job %s: %s", job.id, e)
-        self.resume(job, nice)
+        await self.resume(job, nice)
 
-    def resume(self, job: Job, nice: int | None) -> None:
-        self.books.unmark(job.id)
-        if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
-            return
-        if job.pid is not None:
-            if nice is not None:  # its own priority back (see _emigrate)
-                renice_tree(job.pid, nice)
-            self.host.mover.relock(job.pid)  # its file locks, lent for the move
-            signal_tree(job.pid, signal.SIGCONT)
-            self.host.sampler.resumed(tree(job.pid))
-        job.transition(RUNNING)
-        log.warning("job %s resumed on this node after a failed move", job.id)
+    async def resume(self, job: Job, nice: int | None) -> None:
+        """The move failed: the frozen copy here runs on, its locks given back first.  Its
+        move's note goes last: a daemon that dies before it resumed the job finds the
+        note at its start and settles the move then (see omuscd.migrate.recovery)."""
+        try:
+            if job.state != MIGRATING:  # it ended meanwhile: its end is on the books
+                return
+            if job.pid is not None:
+                if nice is not None:  # its own priority back (see _emigrate)
+                    renice_tree(job.pid, nice)
+                await self.host.mover.relock(job.pid)  # its file locks, lent for the move
+                if job.state != MIGRATING:  # it ended while they were given back
+                    return
+                signal_tree(job.pid, signal.SIGCONT)
+                self.host.sampler.resumed(tree(job.pid))
+            job.transition(RUNNING)
+            log.warning("job %s resumed on this node after a failed move", job.id)
+        finally:
+            self.books.unmark(job.id)
 
     def drop_copy(self, job: Job, target: int, why: str = "") -> None:
         """The target runs the job: kill the frozen copy here, without reporting an end

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -181,11 +181,12 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: float,
-               options: Callable[[int], bytes], keep_log: Callable[[Path, str], str]
+               options: Callable[[int], bytes], keep_log: Callable[[Path, str], str],
+               notified: Callable[[swrk.Response], Awaitable[None]] | None = None
                ) -> swrk.Response:
     """Have ``worker`` do ``what`` (``options``: given a descriptor of ``images``);
     killed after ``limit`` seconds (MoveError, as for any failure, naming CRIU's first
-    error; ``keep_log`` keeps its log)."""
+    error; ``keep_log`` keeps its log); ``notified``: see swrk.Worker.call."""
     logfile = images / f"{what}.log"
     started = trio.current_time()
     # real-time from now, not while it started (it would have taken the CPU from this
@@ -193,7 +194,7 @@ async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: f
     make_realtime(worker.proc.pid, worker.cpus)
     fd = swrk.open_dir(images)
     try:
-        answer = await worker.call(kind, options(fd), limit)
+        answer = await worker.call(kind, options(fd), limit, notified)
     except MoveError as e:
         raise MoveError(f"criu {what} {e}{keep_log(logfile, what)}") from None
     finally:
@@ -209,23 +210,14 @@ async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: f
     raise MoveError(f"criu {what} failed: {cause}{kept}")
 
 
-#: Runs a CRIU server held (its arguments follow) once told to go: its process is made
-#: before the job is frozen, CRIU itself starts when its images are there.
-HELD = 'read -r go && [ "$go" = go ] && exec "$0" "$@"'
-
-
-async def _start(criu: str, args: list[str], logfile: Path, pages: int,
-                 held: bool = False) -> Starting:
+async def _start(criu: str, args: list[str], logfile: Path, pages: int) -> Starting:
     """Start the CRIU server ``criu`` (``args``; its log ``logfile``) given the socket
-    ``pages``; it says when it is ready on a pipe (--status-fd).  ``held``: see HELD."""
+    ``pages``; it says when it is ready on a pipe (--status-fd)."""
     r, w = os.pipe()
     command = [criu, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"]
-    if held:
-        command = [rootexec.need(rootexec.SH, "sh"), "-c", HELD, *command]
     try:
         proc = await trio.lowlevel.open_process(
-            command, pass_fds=(w, pages),
-            stdin=subprocess.PIPE if held else subprocess.DEVNULL,
+            command, pass_fds=(w, pages), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
     except BaseException:
@@ -236,38 +228,37 @@ async def _start(criu: str, args: list[str], logfile: Path, pages: int,
     return Starting(proc, r, logfile, args[0])
 
 
+#: How often Starting.ready calls its ``meanwhile``.
+POLL_STEP = 0.001
+
+
 class Starting:
     """A CRIU server just started (see _start): :meth:`ready` once it says it is;
-    whoever started it calls :meth:`ready` or :meth:`abandon`.  One started held (see
-    HELD) starts CRIU on :meth:`go` (:meth:`ready` says go first)."""
+    whoever started it calls :meth:`ready` or :meth:`abandon`."""
 
     def __init__(self, proc: trio.Process, status: int, logfile: Path, what: str):
         self.proc = proc
         self.status = trio.lowlevel.FdStream(status)  # its --status-fd, read here
         self.logfile = logfile
         self.what = what
-        self.held = proc.stdin  # held: where it is told to go
 
-    async def go(self) -> None:
-        """Let CRIU start (at once: a line to a pipe); nothing if it was not held."""
-        if self.held is None:
-            return
-        stdin, self.held = self.held, None
-        try:
-            await stdin.send_all(b"go\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # it is gone: ready() says so
-        finally:
-            await stdin.aclose()
-
-    async def ready(self, timeout: float = 10.0) -> trio.Process:
+    async def ready(self, timeout: float = 10.0,
+                    meanwhile: Callable[[], None] | None = None) -> trio.Process:
         """The process, once it said it is ready; MoveError (and killed) if it did not
-        within ``timeout`` seconds."""
-        await self.go()
+        within ``timeout`` seconds.  ``meanwhile``: called every millisecond until then
+        (see omuscd.migrate.gate)."""
+        deadline = trio.current_time() + timeout
         try:
-            with trio.move_on_after(timeout):
-                if await self.status.receive_some(1):
-                    return self.proc
+            while trio.current_time() < deadline:
+                step = deadline if meanwhile is None else trio.current_time() + POLL_STEP
+                with trio.move_on_at(min(step, deadline)) as waited:
+                    said = await self.status.receive_some(1)
+                if not waited.cancelled_caught:
+                    if said:
+                        return self.proc
+                    break  # it ended without saying so
+                if meanwhile is not None:
+                    meanwhile()
         finally:
             await self.status.aclose()
         await self.abandon()
@@ -275,9 +266,6 @@ class Starting:
 
     async def abandon(self) -> None:
         """Not needed after all: killed and collected."""
-        if self.held is not None:
-            await self.held.aclose()
-            self.held = None
         if self.proc.returncode is None:
             self.proc.kill()
         with trio.CancelScope(shield=True):
@@ -563,9 +551,9 @@ class Criu:
         """Take the locks of the job just dumped (frozen) off it (see locks.LockLender)."""
         self.locks.lend(init_pid)
 
-    def relock(self, init_pid: int) -> None:
+    async def relock(self, init_pid: int) -> None:
         """The move failed: give the frozen job back the locks lent for it."""
-        self.locks.relock(init_pid)
+        await self.locks.relock(init_pid)
 
     async def _as_owner(self, init_pid: int) -> tuple[str, ...]:
         """The prefix that runs CRIU with the real ids of the job whose init is
@@ -621,13 +609,9 @@ class Criu:
         the restored job has every page."""
         return await (await self.start_lazy_pages(images, pages)).ready()
 
-    async def start_lazy_pages(self, images: Path, pages: int,
-                               held: bool = False) -> Starting:
-        """:meth:`lazy_pages`, without waiting for it to be ready; ``held``: its process
-        is made now (before the job is frozen) and CRIU starts on ``go()``, once
-        ``images`` holds what it reads first (inventory.img, pstree.img, ids-PID.img):
-        its start overlaps the rest of the images travelling, in the job's freeze, and
-        makes no process then."""
+    async def start_lazy_pages(self, images: Path, pages: int) -> Starting:
+        """:meth:`lazy_pages`, without waiting for it to be ready (a move's target starts
+        it before the job is frozen, its first image held: see omuscd.migrate.gate)."""
         # Not real-time, unlike the other CRIU runs: once the restore is over it polls
         # without sleeping until the job has every page, and at real-time priority it
         # would starve this daemon, which relays those pages, on the same CPU.
@@ -635,7 +619,7 @@ class Criu:
         return await _start(
             self.path,
             ["lazy-pages", "--page-server", "--ps-socket", str(pages), "-D", str(images)],
-            images / "lazy-pages.log", pages, held)
+            images / "lazy-pages.log", pages)
 
     async def _start_ready(self, args: list[str], logfile: Path, pages: int) -> trio.Process:
         """Start a CRIU server (``args``; its log ``logfile``) given the socket ``pages``;
@@ -652,21 +636,42 @@ class Criu:
                                        PRIVATE_UMASK)
 
     async def restore(self, images: Path, inherit: list[Inherit], pidfile: Path,
-                      lazy: bool = False, worker: swrk.Worker | None = None) -> int:
+                      lazy: bool = False, worker: swrk.Worker | None = None,
+                      rooted: Callable[[int], Awaitable[None]] | None = None) -> int:
         """Restore the job stopped, a child of this daemon; its init's pid (also written
         to ``pidfile``).  ``lazy``: the memory that can come later is left to a running
         :meth:`lazy_pages` for the same images.  ``worker``: from :meth:`prepare_restore`
-        holding the descriptors of ``inherit`` (else started now)."""
+        holding the descriptors of ``inherit`` (else started now).  ``rooted(pid)``: told
+        the init's pid as soon as it exists, before CRIU restores anything of the job's
+        (files, locks, memory), and before CRIU goes on (see swrk.Worker.call): whoever
+        must kill the restored job, should this daemon die before it has the answer, can
+        know it; a MoveError from it fails the restore, CRIU killing what it made.  CRIU
+        asks before each step of the restore whether to go on: a daemon that dies in the
+        middle of the restore cannot answer, and CRIU then kills what it restored (not
+        left stopped for ever, holding the job's file locks)."""
         if worker is None:
             worker = await self.prepare_restore(images, tuple(i.fd for i in inherit))
         # --file-locks: it takes the job's locks again (lent by the source: see FileLock);
         # CRIU names a regular file by its path without the leading slash
         keys = [(item.path.lstrip("/"), item.fd) for item in inherit]
+        told: list[int] = []
+
+        async def notified(note: swrk.Response) -> None:
+            # setup-namespaces names the init; post-restore does too (CRIU skips the
+            # first for a job without namespaces of its own)
+            if rooted is not None and note.notified_pid and not told and \
+                    note.script in (swrk.SETUP_NS, swrk.POST_RESTORE):
+                told.append(note.notified_pid)
+                await rooted(note.notified_pid)
+
         answer = await _ask(worker, swrk.RESTORE, images, "restore", float("inf"),
-                            lambda fd: swrk.restore_options(fd, "restore.log", keys, lazy),
-                            self.keep_log)
+                            lambda fd: swrk.restore_options(fd, "restore.log", keys, lazy,
+                                                            notify=True),
+                            self.keep_log, notified)
         if answer.pid is None:
             raise MoveError("criu restore said nothing of the restored job")
+        if rooted is not None and not told:  # a CRIU that never named it: now, at least
+            await rooted(answer.pid)
         fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
                      os.O_CLOEXEC, 0o600)
         try:

@@ -16,6 +16,7 @@ before the freeze (lock_problem).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import psutil
+import trio
 
 from omuscd import proctab
 from omuscd.migrate import MoveError
@@ -37,6 +39,12 @@ log = logging.getLogger("omuscd.migrate")
 
 #: The kinds of lock that move (as /proc/locks names them).
 CARRIED_LOCKS = ("POSIX", "FLOCK", "OFDLCK")
+#: How long a lock given back after a failed move may stay taken elsewhere (see
+#: LockLender.relock), and how often it is tried meanwhile.
+RELOCK_WAIT = 2.0
+RELOCK_STEP = 0.01
+#: Why a lock cannot be taken while another process holds it (fcntl: EAGAIN or EACCES).
+BUSY = (os.strerror(errno.EAGAIN), os.strerror(errno.EACCES))
 #: Where the lending works (it makes the frozen process run one system call, with ptrace).
 LENDS_LOCKS = platform.machine() == "x86_64"
 
@@ -289,7 +297,7 @@ class LockLender:
         if failed:
             moved = [h for h in held if h not in {f for f, _ in failed}]
             self.lent[init_pid] = moved
-            self.relock(init_pid)
+            self.relock_now(init_pid)
             h, why = failed[0]
             raise MoveError(f"cannot lend the lock of process {h.pid} on {h.path} to the "
                             f"restored job: {why}")
@@ -338,14 +346,45 @@ class LockLender:
             del self.lent[gone]
             self._lent_note(gone).unlink(missing_ok=True)
 
-    def relock(self, init_pid: int) -> None:
+    async def relock(self, init_pid: int) -> None:
         """The move failed: give the frozen job back the locks lent for it, before it
-        resumes."""
-        held = self.lent.pop(init_pid, None)
+        resumes.  A lock taken meanwhile is waited for, up to RELOCK_WAIT: the target's
+        restored copy takes the job's locks, and when that target's daemon dies, its
+        guard kills the copy at the moment the channel tells the source (test_locks saw
+        the lock still held 20 ms later)."""
+        held = self._lent_to(init_pid)
+        failed = move_locks(held, take=True)
+        start = trio.current_time()
+        busy = [f for f in failed if f[1] in BUSY]
+        given_up = [f for f in failed if f[1] not in BUSY]
+        # shielded (at most RELOCK_WAIT): a daemon told to stop meanwhile resumes the
+        # job with its locks, and what was lent stays on the books until then
+        with trio.CancelScope(shield=True):
+            while busy and trio.current_time() < start + RELOCK_WAIT:
+                await trio.sleep(RELOCK_STEP)
+                busy = move_locks([h for h, _ in busy], take=True)
+        if failed and not busy and not given_up:
+            log.info("job with init %d: its file locks were taken elsewhere (its restored "
+                     "copy, being killed); given back after %.3fs", init_pid,
+                     trio.current_time() - start)
+        self._taken_back(init_pid, given_up + busy)
+
+    def relock_now(self, init_pid: int) -> None:
+        """:meth:`relock` without waiting for a lock taken meanwhile (a lending that
+        failed halfway gives back what it took, at once)."""
+        self._taken_back(init_pid, move_locks(self._lent_to(init_pid), take=True))
+
+    def _lent_to(self, init_pid: int) -> list[HeldLock]:
+        held = self.lent.get(init_pid)
         if held is None:  # this daemon restarted meanwhile (see migrate.recovery)
             held = self._noted_lent(init_pid)
+        return held
+
+    def _taken_back(self, init_pid: int, failed: list[tuple[HeldLock, str]]) -> None:
+        """What was lent for the job is off the books (given back, or never will be)."""
+        self.lent.pop(init_pid, None)
         self._lent_note(init_pid).unlink(missing_ok=True)
-        for h, why in move_locks(held, take=True):
+        for h, why in failed:
             log.error("job with init %d: its process %d could not take back its %s lock "
                       "on %s after a failed move (%s): it runs without it", init_pid, h.pid,
                       h.lock.kind, h.path, why)

@@ -77,7 +77,7 @@ class Recovery:
             if pid is not None:
                 if isinstance(nice, int):
                     renice_tree(pid, nice)
-                self.host.mover.relock(pid)  # its file locks, lent for the move
+                await self.host.mover.relock(pid)  # its file locks, lent for the move
                 signal_tree(pid, signal.SIGCONT)
                 self.host.sampler.resumed(tree(pid))
             self.jc.watch_again(job)

@@ -278,7 +278,7 @@ class Source(Copies):
             else:
                 await dump(None)
         except MoveError as e:
-            self.resume(job, nice)  # CRIU resumes the tasks when a dump fails; make sure
+            await self.resume(job, nice)  # CRIU resumes the tasks when a dump fails; make sure
             raise JobError(f"move failed, job resumed here: {e}") from None
         steps.mark("dump")
         used, _ = tree_usage(job.pid)  # type: ignore[arg-type]  # frozen, still here
@@ -321,7 +321,7 @@ class Source(Copies):
                 raise MoveError(error_text(reply, "restore failed"))
             steps.target(reply, "restore wait")
         except (ChannelError, MoveError, trio.TooSlowError, OSError) as e:
-            self.resume(job, nice)
+            await self.resume(job, nice)
             raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
         # the point of no return is the target's 'running'
         try:
@@ -363,7 +363,7 @@ class Source(Copies):
                 if committed:  # the target's copy may have run (and written) meanwhile
                     await self.roll_back(job, nice, written)
                 else:
-                    self.resume(job, nice)
+                    await self.resume(job, nice)
             return
         log.warning("job %s stays frozen: %s did not say whether it runs it; settled when "
                     "this daemon starts again", job.id, self.jc.node_name(target))
@@ -413,7 +413,7 @@ class Source(Copies):
             # the target failed (its copy is gone), the channel broke, or it asked for
             # what is not there: a copy it still has is killed when the channel closes
             if not committed:
-                self.resume(job, nice)
+                await self.resume(job, nice)
                 raise JobError(f"move failed, job resumed here: {e or 'timeout'}") from None
             await ch.aclose()
             runs = await self.target_runs(job, target)

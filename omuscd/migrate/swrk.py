@@ -2,14 +2,15 @@
 request (a dump, or a restore) on a socket once the job is frozen.
 
 Why: a CRIU run starts a process, and that start (here: a shell wrapper, the dynamic
-loader and CRIU's libraries) took 12 ms of the job's frozen time, twice a move (the
-dump on the source, the restore on the target), against a bare ``criu dump`` and ``criu
-restore`` of 25 ms each for a 16 MB job.  A worker started before the freeze waits on its
-socket; the request starts the work at once.  The options are those of the command line
+loader and CRIU's libraries) took 12 ms of the job's frozen time, twice a move (the dump
+on the source, the restore on the target), against a bare ``criu dump`` and ``criu
+restore`` of 25 ms each for a 16 MB job. A worker started before the freeze waits on its
+socket; the request starts the work at once. The options are those of the command line
 (criu/cr-service.c: leave_stopped, file_locks, the page server's socket, rst_sibling,
-inherit_fd, lazy_pages); the descriptors they name (the page server's socket, the files
-a restored job inherits) are the worker's own, passed when it starts.  Its images
-directory is given as a descriptor of this daemon's, which CRIU opens through /proc.
+inherit_fd, lazy_pages; notify_scripts, so that a restore asks before each step); the
+descriptors they name (the page server's socket, the files a restored job inherits) are
+the worker's own, passed when it starts. Its images directory is given as a descriptor
+of this daemon's, which CRIU opens through /proc.
 
 The messages are CRIU's rpc.proto (criu_req, criu_resp), encoded here: the few fields
 used, with no protobuf library.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -29,6 +31,12 @@ from omuscd.migrate import MoveError
 
 DUMP = 1  # criu_req_type
 RESTORE = 2
+NOTIFY = 6
+#: The notification that names the restored tree's root (criu/cr-service.c,
+#: send_criu_rpc_script): sent once the root exists in its namespaces, before CRIU
+#: restores its files (and takes its file locks) or its memory.
+SETUP_NS = "setup-namespaces"
+POST_RESTORE = "post-restore"
 #: The largest deleted-but-open file a dump carries (CRIU's default is 1 MB): sqlite3 and
 #: sort keep temporary files of tens of MB open after unlinking them, and a move of such a
 #: job failed ("Can't dump ghost file ... increase limit").  Its content travels inside the
@@ -38,6 +46,8 @@ GHOST_LIMIT = 512 << 20
 _IMAGES_DIR_FD, _PID, _LEAVE_RUNNING, _FILE_LOCKS = 1, 2, 3, 8
 _LOG_LEVEL, _LOG_FILE, _PS, _GHOST_LIMIT = 9, 10, 11, 35
 _RST_SIBLING, _INHERIT_FD, _LAZY_PAGES, _LEAVE_STOPPED = 26, 27, 48, 69
+_NOTIFY_SCRIPTS = 12
+_NOTIFY_SUCCESS = 3  # criu_req
 _PS_FD = 4  # criu_page_server_info.fd
 _MAX_RESPONSE = 1 << 16
 
@@ -112,12 +122,15 @@ def dump_options(init_pid: int, images_fd: int, log: str, pages: int | None,
 
 
 def restore_options(images_fd: int, log: str, inherit: list[tuple[str, int]],
-                    lazy: bool) -> bytes:
+                    lazy: bool, notify: bool = False) -> bytes:
     """``criu restore --restore-detached --restore-sibling --leave-stopped --file-locks
-    -v2 -o LOG --inherit-fd fd[N]:KEY...`` (and ``--lazy-pages``)."""
+    -v2 -o LOG --inherit-fd fd[N]:KEY...`` (and ``--lazy-pages``; with ``notify``, CRIU
+    asks before each step, as it runs action scripts: see :meth:`Worker.call`)."""
     opts = (_int(_IMAGES_DIR_FD, images_fd) + _int(_FILE_LOCKS, 1) + _int(_LOG_LEVEL, 2)
             + _bytes(_LOG_FILE, log.encode()) + _int(_RST_SIBLING, 1)
             + _int(_LEAVE_STOPPED, 1))
+    if notify:
+        opts += _int(_NOTIFY_SCRIPTS, 1)
     for key, fd in inherit:
         opts += _bytes(_INHERIT_FD, _bytes(1, key.encode()) + _int(2, fd))
     if lazy:
@@ -130,10 +143,21 @@ def request(kind: int, opts: bytes) -> bytes:
 
 
 class Response:
-    """criu_resp: whether it worked, the restored init's pid, CRIU's error message."""
+    """criu_resp: whether it worked, the restored init's pid, CRIU's error message; or a
+    notification (``script``: its name, with the root's pid for some)."""
 
     def __init__(self, data: bytes):
         f = decode(data)
+        self.type = f.get(1, [0])[0]
+        self.script = ""
+        self.notified_pid: int | None = None
+        note = f.get(5, [b""])[0]
+        if self.type == NOTIFY and isinstance(note, bytes):
+            n = decode(note)
+            name = n.get(1, [b""])[0]
+            self.script = name.decode(errors="replace") if isinstance(name, bytes) else ""
+            pid = n.get(2, [None])[0]
+            self.notified_pid = pid if isinstance(pid, int) and pid > 0 else None
         self.success = f.get(2, [0])[0] == 1
         restore = f.get(4, [b""])[0]
         pids = decode(restore).get(1, []) if isinstance(restore, bytes) else []
@@ -173,16 +197,35 @@ class Worker:
             theirs.close()
         return cls(proc, trio.socket.from_stdlib_socket(mine), said)
 
-    async def call(self, kind: int, opts: bytes, limit: float) -> Response | None:
+    async def call(self, kind: int, opts: bytes, limit: float,
+                   notified: Callable[[Response], Awaitable[None]] | None = None
+                   ) -> Response | None:
         """Send the request and wait (at most ``limit`` seconds) for CRIU's answer; None
         if it ended without one (it was killed, or failed before answering); then wait
-        for it to end.  MoveError after ``limit`` (it is killed)."""
+        for it to end.  MoveError after ``limit`` (it is killed).  A request made with
+        notifications (restore_options' ``notify``) has each given to ``notified`` and
+        then answered "go on": CRIU waits for that answer, and fails the restore, killing
+        what it restored, if it cannot have it (this daemon died meanwhile).  If
+        ``notified`` raises, CRIU is answered "stop" (it fails the restore the same way)
+        and the error is raised once it has ended."""
         data = b""
+        refused: Exception | None = None
         try:
             with trio.move_on_after(limit) as bound:
                 try:
                     await self.sock.send(request(kind, opts))
-                    data = await self.sock.recv(_MAX_RESPONSE)
+                    while True:
+                        data = await self.sock.recv(_MAX_RESPONSE)
+                        note = _notification(data)
+                        if note is None:
+                            break
+                        if notified is not None and refused is None:
+                            try:
+                                await notified(note)
+                            except Exception as e:  # raised once CRIU has ended
+                                refused = e
+                        await self.sock.send(_int(1, NOTIFY) +
+                                             _int(_NOTIFY_SUCCESS, 0 if refused else 1))
                 except OSError:
                     data = b""
         except BaseException:  # cancelled: SIGKILL at once (a stopped CRIU would sit on a
@@ -192,6 +235,8 @@ class Worker:
             await self.close()
             raise MoveError(f"took more than {limit:.0f}s: stopped")
         await self.close(grace=5.0)
+        if refused is not None:
+            raise refused
         try:
             return Response(data) if data else None
         except ValueError:
@@ -214,6 +259,15 @@ class Worker:
             if self.proc.returncode is None:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+def _notification(data: bytes) -> Response | None:
+    """``data`` as a notification, or None (the answer, or nothing readable)."""
+    try:
+        r = Response(data) if data else None
+    except ValueError:
+        return None
+    return r if r is not None and r.type == NOTIFY else None
 
 
 def open_dir(images: Path) -> int:

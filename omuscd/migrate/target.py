@@ -4,12 +4,14 @@ once it has all of its memory)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from omuscd.jobs.record import (
 from omuscd.jobs.spool import open_private
 from omuscd.migrate import Inherit, MoveError, postcopy, precheck
 from omuscd.migrate.books import ARRIVED, GIVEN_UP, MoveBooks, MoveHost
+from omuscd.migrate.gate import INVENTORY, InventoryGate
 from omuscd.migrate.page_relay import receive_pages, socket_pair
 from omuscd.migrate.reopened import beyond_user
 from omuscd.migrate.transfer import (
@@ -98,6 +101,7 @@ class Target:
             pager = None
             pages = None
             early: _Lazy | None = None  # lazy-pages and the guard, started ahead
+            gate: InventoryGate | None = None  # what lazy-pages reads first, held
             prepared: _Prepared | None = None  # the restore's CRIU and files, ahead
             try:
                 spool_dir = jc.spool.create(job)
@@ -106,9 +110,11 @@ class Target:
                 lazy = msg.get("lazy") is True and mover.lazy
                 if lazy:
                     ready["lazy"] = True
-                    # lazy-pages and its guard made now, CRIU started when told
-                    # 'lazy-start' (once the images it reads first are here)
-                    early = await _Lazy.start(mover, images, held=True)
+                    # lazy-pages and its guard made now, and lazy-pages started: it
+                    # reads its first image through a gate opened when told 'lazy-start'
+                    # (once the images it reads first are here; see omuscd.migrate.gate)
+                    early = await _Lazy.start(mover, images, gated=True)
+                    gate = early.gate
                     ready["lazy_start"] = True
                 elif msg.get("pages") is True and mover.streams and self.host.cfg.stream_pages:
                     pages, theirs = socket_pair()
@@ -128,7 +134,13 @@ class Target:
                     with trio.fail_after(STEP_TIMEOUT):
                         m = await ch.receive_msg()
                     op = m.get("op")
-                    if op == "file":
+                    if op == "file" and gate is not None and not gate.released and \
+                            m.get("name") == INVENTORY:
+                        size = gate.room(m.get("size"))
+                        buf = io.BytesIO()
+                        await receive_file(ch, buf, INVENTORY, size)
+                        gate.hold(buf.getvalue())
+                    elif op == "file":
                         name = image_name(m["name"])
                         fd = open_private(str(images / name),
                                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -146,8 +158,11 @@ class Target:
                         await _receive_spool(ch, prepared.fds[stream - STDOUT],
                                              STREAM_FILES[stream], int(m["size"]))
                     elif op == "lazy-start" and lazy and early is not None:
-                        await early.starting.go()
+                        if gate is not None:
+                            gate.release()
                     elif op == "restore" and lazy and m.get("lazy") is True:
+                        if gate is not None:  # a source that did not say 'lazy-start'
+                            gate.release()
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
                         parts, early = early, None  # taken over
                         await self._restore_lazy(job, ch, images, spool_dir, dict(m["paths"]),
@@ -157,8 +172,16 @@ class Target:
                         paths = dict(m["paths"])
                         job.cpu_moved = float(m.get("cpu", job.cpu_moved))
                         steps: dict[str, float] = {}
-                        pid = await self._restore(job, images, spool_dir, paths, steps=steps,
-                                                  prepared=prepared)
+                        if gate is not None:  # lazy-pages must not wait: its inventory
+                            gate.release()
+                        made: list[int] = []
+                        try:
+                            pid = await self._restore(job, images, spool_dir, paths,
+                                                      steps=steps, prepared=prepared,
+                                                      made=made)
+                        except BaseException:
+                            pid = made[0] if made else None  # killed and collected below
+                            raise
                         if isinstance(m.get("nice"), int):
                             renice_tree(pid, max(-20, min(19, m["nice"])))
                         await ch.send({"op": "restored", "pid": pid, "paged": paged,
@@ -166,6 +189,8 @@ class Target:
                         break
                     else:
                         raise ChannelError(f"unexpected {op!r}")
+                    if gate is not None:  # our end closed once lazy-pages read it
+                        gate.settle()
                 with trio.fail_after(STEP_TIMEOUT):
                     m = await ch.receive_msg()
                 if m.get("op") != "commit":
@@ -223,30 +248,38 @@ class Target:
         come later, resume it on the commit, relay its page requests to the source, and
         take it into the books once it has every page.  Any failure kills this copy
         before its page source goes, then raises (the source resumes its own).  ``parts``:
-        lazy-pages and the guard, started while the images came (else started now: an
-        older source)."""
+        lazy-pages and the guard, started when the move began."""
+        if parts is None:  # (a move that did not ask for post-copy when it began)
+            raise ChannelError("a post-copy restore of a move that is not post-copy")
         key = f"in:{job.id}"
         self.books.moving.add(key)  # 'has' waits for the outcome
         pid = None
-        try:
-            if parts is None:
-                parts = await _Lazy.start(self.host.mover, images)
-        except BaseException:
-            self.books.moving.discard(key)
-            raise
         mine = parts.mine
         lazyd = None
+        steps: dict[str, float] = {}
         try:
-            lazyd = await parts.starting.ready()
+            waited = trio.current_time()
+            lazyd = await parts.ready()
+            steps["lazy-pages ready"] = trio.current_time() - waited
             relay = postcopy.Relay(ch, mine)
             failed: Exception | None = None
             async with trio.open_nursery() as nursery:  # errors leave it by hand: no groups
                 await nursery.start(relay.run)
                 try:
-                    steps: dict[str, float] = {}
-                    pid = await self._restore(job, images, spool_dir, paths, lazy=True,
-                                              steps=steps, prepared=prepared)
-                    await _guard_watch(parts.guard, pid)
+                    # the guard knows the job as soon as CRIU made it, before CRIU
+                    # restores its files, locks or memory: a daemon dying in the middle
+                    # of the restore leaves no stopped copy holding the job's locks
+                    guard = parts.guard
+                    made: list[int] = []
+                    try:
+                        pid = await self._restore(job, images, spool_dir, paths, lazy=True,
+                                                  steps=steps, prepared=prepared,
+                                                  rooted=lambda p: _guard_watch(guard, p),
+                                                  made=made)
+                    except BaseException:
+                        # killed; collected below, once the guard let go of its pid
+                        pid = made[0] if made else None
+                        raise
                     if isinstance(nice, int):
                         renice_tree(pid, max(-20, min(19, nice)))
                     await ch.send({"op": "restored", "pid": pid, "paged": 0, "steps": steps})
@@ -291,10 +324,23 @@ class Target:
     async def _restore(self, job: Job, images: Path, spool_dir: Path,
                        paths: dict[str, str], lazy: bool = False,
                        steps: dict[str, float] | None = None,
-                       prepared: _Prepared | None = None) -> int:
+                       prepared: _Prepared | None = None,
+                       rooted: Callable[[int], Awaitable[None]] | None = None,
+                       made: list[int] | None = None) -> int:
         """Restore the job stopped; ``steps`` gets how long its parts took (see
         omuscd.migrate.source.Steps); ``prepared``: its CRIU and files, made ready before
-        (else made now)."""
+        (else made now); ``rooted``: see Mover.restore.  ``made`` gets the init's pid as
+        soon as CRIU made it: a restore that fails after that (or is cancelled, CRIU
+        killed) may leave it, killed here; the caller collects it (after telling its
+        guard), or, without ``made``, it is collected here."""
+        own = made is None
+        made = [] if made is None else made
+
+        async def note(p: int) -> None:
+            made.append(p)
+            if rooted is not None:
+                await rooted(p)
+
         took = {} if steps is None else steps
         start = trio.current_time()
         if prepared is None:
@@ -306,7 +352,13 @@ class Target:
                        Inherit(paths["status"], fds[2])]
             ours = {(st.st_dev, st.st_ino) for st in map(os.fstat, fds)}
             pid = await self.host.mover.restore(images, inherit, images / "restored.pid", lazy,
-                                                prepared.worker)
+                                                prepared.worker, note)
+        except BaseException:
+            if made:  # a tree CRIU made and did not take down (it was killed)
+                signal_tree(made[0], signal.SIGKILL)
+                if own:
+                    _reap(made[0])
+            raise
         finally:
             await prepared.close()
         restored = trio.current_time()
@@ -316,7 +368,8 @@ class Target:
         took["check"] = trio.current_time() - restored
         if why is not None:
             signal_tree(pid, signal.SIGKILL)
-            _reap(pid)
+            if own:
+                _reap(pid)
             log.warning("job %s of %s: restored holding what its user may not: %s", job.id,
                         job.owner.user, why)
             raise MoveError(f"the restored job holds what {job.owner.user} may not open "
@@ -406,15 +459,16 @@ async def _receive_spool(ch: Channel, fd: int, name: str, size: int) -> None:
 
 
 #: Kills a lazily restored job (its pid, the first line it is told) if this daemon dies
-#: before the job has all of its memory.  It holds the daemon's end of the lazy-pages
-#: socket too: that end closing with the daemon would end lazy-pages, and the job would
-#: then read zeros for pages not yet there.  Started with lazy-pages, before the job's
-#: restore (a process start less in its freeze), it is told the pid once the job is
-#: restored, and "done" once the job has all of its memory, is killed, or was never
-#: restored.  Ended otherwise (the daemon died), it kills lazy-pages too (its pid, ``$1``),
-#: after the job: before the restore, lazy-pages waits for one to connect (criu/uffd.c
-#: prepare_uffds) and would wait for ever, its parent init.  The daemon says "done"
-#: before it collects lazy-pages, so that pid is never another process's here.
+#: before the job has all of its memory. It holds the daemon's end of the lazy-pages socket
+#: too: that end closing with the daemon would end lazy-pages, and the job would then read
+#: zeros for pages not yet there. Started with lazy-pages, before the job's restore (a
+#: process start less in its freeze), it is told the pid as soon as CRIU has made the job's
+#: init (CRIU's setup-namespaces notification, before it restores the job's files, locks and
+#: memory, and before it goes on), and "done" once the job has all of its memory, is killed,
+#: or was never restored. Ended otherwise (the daemon died), it kills lazy-pages too (its
+#: pid, ``$1``), after the job: before the restore, lazy-pages waits for one to connect
+#: (criu/uffd.c prepare_uffds) and would wait for ever, its parent init. The daemon says
+#: "done" before it collects lazy-pages, so that pid is never another process's here.
 GUARD = ('lazy=$1; case $lazy in ""|*[!0-9]*|0|1) lazy=;; esac; read -r pid || pid=; '
          '[ "$pid" = done ] && exit 0; case $pid in ""|*[!0-9]*|0|1) pid=;; '
          '*) read -r word; [ "$word" = done ] && exit 0;; esac; '
@@ -426,35 +480,49 @@ class _Lazy:
     daemon's end of the lazy-pages socket (``mine``), ``criu lazy-pages`` starting, and
     the guard."""
 
-    def __init__(self, mine: trio.SocketStream, starting: Any, guard: trio.Process):
+    def __init__(self, mine: trio.SocketStream, starting: Any, guard: trio.Process,
+                 gate: InventoryGate | None):
         self.mine = mine
         self.starting = starting
         self.guard = guard
+        self.gate = gate
 
     @classmethod
-    async def start(cls, mover: Any, images: Path, held: bool = False) -> _Lazy:
-        """Start lazy-pages for ``images`` (which holds what it reads first, unless
-        ``held``: then CRIU starts on ``starting.go()``) and the guard, which kills
-        lazy-pages should this daemon die before the restore (see GUARD); neither waited
-        for."""
+    async def start(cls, mover: Any, images: Path, gated: bool = False) -> _Lazy:
+        """Start lazy-pages for ``images`` (which holds what it reads first, or, if
+        ``gated``, will: lazy-pages waits at the gate, see omuscd.migrate.gate) and the
+        guard, which kills lazy-pages should this daemon die before the restore (see
+        GUARD); neither waited for."""
+        gate = InventoryGate(images) if gated else None
         mine, theirs = socket_pair()
         starting = None
         try:
-            starting = await mover.start_lazy_pages(images, theirs.fileno(), held)
+            starting = await mover.start_lazy_pages(images, theirs.fileno())
             guard = await _guard(mine.socket.fileno(), starting.proc.pid)
         except BaseException:
             with trio.CancelScope(shield=True):
                 if starting is not None:
                     await starting.abandon()
             mine.socket.close()
+            if gate is not None:
+                gate.close()
             raise
         finally:
             theirs.close()
-        return cls(mine, starting, guard)
+        return cls(mine, starting, guard, gate)
+
+    async def ready(self) -> trio.Process:
+        """lazy-pages, once it is ready (its gate released before: see immigrate)."""
+        gate = self.gate
+        if gate is None:
+            return await self.starting.ready()
+        try:
+            return await self.starting.ready(meanwhile=gate.settle)
+        finally:
+            gate.close()
 
     def kill(self) -> None:
-        """Kill lazy-pages (the shell holding it, before it was told to start), not yet
-        collected: its pid stays its own until :meth:`done`."""
+        """Kill lazy-pages, not yet collected: its pid stays its own until :meth:`done`."""
         if self.starting.proc.returncode is None:
             self.starting.proc.kill()
 
@@ -464,6 +532,8 @@ class _Lazy:
         with trio.CancelScope(shield=True):
             await _guard_done(self.guard)
             await self.starting.abandon()
+        if self.gate is not None:
+            self.gate.close()
 
     async def abandon(self) -> None:
         """The move failed before the restore: stop both, close our end."""
