@@ -7,7 +7,7 @@ import trio
 from omuscd import channel
 from omuscd.cluster import rpc
 from omuscd.version import PROTOCOL_VERSION
-from tests.cluster import start_daemon
+from tests.cluster import start_daemon, wait_for
 
 ADDRESS = "127.0.0.57"
 PORT = 4270
@@ -76,3 +76,32 @@ def test_every_refusal_has_one_shape_that_old_daemons_read(workdir, reaper):
         assert reply["op"] == op, (msg, reply)
         assert reply["reason"] == reply["text"] and said in reply["reason"], (msg, reply)
     assert d.alive()
+
+
+def test_a_request_that_cannot_be_served_is_logged_not_only_dropped(workdir, reaper):
+    """A request with a field of the wrong kind (or a bug met serving it) costs only its
+    connection, and the daemon says so in its log: the peer sees only the connection
+    closed, and a bug of this kind once showed nowhere but there."""
+    d = start_daemon("rpc", ["--address", ADDRESS, "--control-bind", ADDRESS, "--port",
+                             str(PORT), "--insecure"], workdir)
+    reaper.append(d)
+
+    async def ask() -> str:
+        ch = await channel.connect((ADDRESS, PORT), channel.INSECURE_KEY,
+                                   {"node": 77, "boot": 1, "proto": PROTOCOL_VERSION,
+                                    "name": "peer"})
+        try:
+            await ch.send({"op": "act", "job": "77.5", "action": "kill", "uid": 0,
+                           "sig": "fifteen"})
+            with trio.fail_after(10):
+                try:
+                    return str(await ch.receive_msg())
+                except channel.ChannelError as e:
+                    return f"closed: {e}"
+        finally:
+            await ch.aclose()
+
+    assert trio.run(ask).startswith("closed")
+    wait_for(lambda: "node 77's 'act' request failed: ValueError" in d.log(), 5,
+             "the failed request in the log")
+    assert d.alive() and d.ctl("version").code == 200

@@ -73,14 +73,21 @@ class GuestJobs(JobBooks):
             self.handshaking[source] -= 1
             if not self.handshaking[source]:
                 del self.handshaking[source]
+        msg: Any = None
         try:
             if ch.peer.get("proto") != self.host.protocol:
                 await ch.send(refusal("incompatible protocol version"))
                 return
             msg = await ch.receive_msg()
             await self.ops.dispatch(ch, msg)
-        except (ChannelError, KeyError, TypeError, ValueError) as e:
+        except ChannelError as e:  # the peer went, or spoke out of turn: its own business
             log.debug("cluster channel from node %s: %s", ch.peer.get("node"), e)
+        except (KeyError, TypeError, ValueError) as e:
+            # a request this daemon could not serve (a field missing or of the wrong kind,
+            # or a bug here): said, since the peer sees only its connection closed
+            log.warning("cluster channel: node %s's %.20r request failed: %s: %.200r",
+                        ch.peer.get("node"), msg.get("op") if isinstance(msg, dict) else None,
+                        type(e).__name__, e)
         finally:
             await ch.aclose()
 
