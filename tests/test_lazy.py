@@ -339,7 +339,9 @@ def test_the_guard_kills_a_job_whose_daemon_dies_and_holds_its_page_socket():
     async def main() -> None:
         for daemon_dies in (True, False, "before the pid", "done before the pid"):
             job = await trio.lowlevel.open_process(["sleep", "30"])
-            lazyd = await trio.lowlevel.open_process(["sleep", "30"])  # stands for it
+            # stands for it, in a process group of its own as lazy-pages is (the guard
+            # kills the group: what it forked goes with it)
+            lazyd = await trio.lowlevel.open_process(["sleep", "30"], start_new_session=True)
             mine, lazyd_end = socket.socketpair()
             guard = await _guard(mine.fileno(), lazyd.pid)
             mine.close()  # the daemon's own copy gone: only the guard holds it now

@@ -270,3 +270,34 @@ def test_lazy_pages_started_ahead_waits_at_the_gate_until_its_images_are_there(t
         criu.close()
         launcher.kill()
         launcher.wait()
+
+
+def test_a_criu_server_given_up_goes_with_all_it_forked(tmp_path):
+    """Starting.abandon kills the server's whole process group: a lazy-pages killed while it
+    started could leave a process it had forked (one was found running for ever, its
+    command line that of lazy-pages, after a move given up before the freeze)."""
+    import socket
+
+    from omuscd.migrate.criu import _start
+
+    server = tmp_path / "criu"  # stands for it: forks a child, then waits
+    child = tmp_path / "child"
+    server.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {child}\nwait\n")
+    server.chmod(0o700)
+
+    async def main() -> None:
+        mine, theirs = socket.socketpair()
+        starting = await _start(str(server), ["lazy-pages"], tmp_path / "log", theirs.fileno())
+        theirs.close()
+        mine.close()
+        with trio.fail_after(10):
+            while not child.exists() or not child.read_text().strip():
+                await trio.sleep(0.01)
+        forked = int(child.read_text())
+        await starting.abandon()
+        assert starting.proc.returncode == -signal.SIGKILL
+        with trio.fail_after(10):
+            while Path(f"/proc/{forked}").exists() and state(forked) != "Z":
+                await trio.sleep(0.01)
+
+    trio.run(main)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -212,12 +213,13 @@ async def _ask(worker: swrk.Worker, kind: int, images: Path, what: str, limit: f
 
 async def _start(criu: str, args: list[str], logfile: Path, pages: int) -> Starting:
     """Start the CRIU server ``criu`` (``args``; its log ``logfile``) given the socket
-    ``pages``; it says when it is ready on a pipe (--status-fd)."""
+    ``pages``; it says when it is ready on a pipe (--status-fd).  In a process group of
+    its own, killed whole (see Starting.kill): a process it forked must not outlive it."""
     r, w = os.pipe()
     command = [criu, *args, "--status-fd", str(w), "-o", logfile.name, "-v2"]
     try:
         proc = await trio.lowlevel.open_process(
-            command, pass_fds=(w, pages), stdin=subprocess.DEVNULL,
+            command, pass_fds=(w, pages), stdin=subprocess.DEVNULL, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=rootexec.HELPER_ENV, umask=PRIVATE_UMASK)
     except BaseException:
@@ -264,8 +266,18 @@ class Starting:
         await self.abandon()
         raise MoveError(f"criu {self.what} did not start: {_first_error(self.logfile)}")
 
+    def kill(self) -> None:
+        """Kill it and whatever it forked (its process group), unless it is collected
+        already (its pid, and so its group's, may then be another's)."""
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     async def abandon(self) -> None:
         """Not needed after all: killed and collected."""
+        self.kill()
         if self.proc.returncode is None:
             self.proc.kill()
         with trio.CancelScope(shield=True):

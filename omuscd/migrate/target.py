@@ -466,13 +466,14 @@ async def _receive_spool(ch: Channel, fd: int, name: str, size: int) -> None:
 #: init (CRIU's setup-namespaces notification, before it restores the job's files, locks and
 #: memory, and before it goes on), and "done" once the job has all of its memory, is killed,
 #: or was never restored. Ended otherwise (the daemon died), it kills lazy-pages too (its
-#: pid, ``$1``), after the job: before the restore, lazy-pages waits for one to connect
-#: (criu/uffd.c prepare_uffds) and would wait for ever, its parent init. The daemon says
-#: "done" before it collects lazy-pages, so that pid is never another process's here.
+#: process group, ``$1``: what it forked goes with it), after the job: before the restore,
+#: lazy-pages waits for one to connect (criu/uffd.c prepare_uffds) and would wait for ever,
+#: its parent init. The daemon says "done" before it collects lazy-pages, so that pid is
+#: never another process's here.
 GUARD = ('lazy=$1; case $lazy in ""|*[!0-9]*|0|1) lazy=;; esac; read -r pid || pid=; '
          '[ "$pid" = done ] && exit 0; case $pid in ""|*[!0-9]*|0|1) pid=;; '
          '*) read -r word; [ "$word" = done ] && exit 0;; esac; '
-         '[ -n "$pid" ] && kill -KILL "$pid"; [ -n "$lazy" ] && kill -KILL "$lazy"; exit 0')
+         '[ -n "$pid" ] && kill -KILL "$pid"; [ -n "$lazy" ] && kill -9 "-$lazy"; exit 0')
 
 
 class _Lazy:
@@ -523,8 +524,7 @@ class _Lazy:
 
     def kill(self) -> None:
         """Kill lazy-pages, not yet collected: its pid stays its own until :meth:`done`."""
-        if self.starting.proc.returncode is None:
-            self.starting.proc.kill()
+        self.starting.kill()
 
     async def done(self) -> None:
         """After :meth:`kill` (or its own end): the guard told it has nothing to do, then
