@@ -301,3 +301,38 @@ def test_a_criu_server_given_up_goes_with_all_it_forked(tmp_path):
                 await trio.sleep(0.01)
 
     trio.run(main)
+
+
+def test_waiting_for_a_server_polls_only_while_asked_to(tmp_path):
+    """Starting.ready calls ``meanwhile`` every millisecond while it returns True (the gate
+    not yet closed) and no more once it returns False, until the server says it is ready."""
+    import socket
+
+    from omuscd.migrate.criu import _start
+
+    server = tmp_path / "criu"  # stands for it: ready after 0.3 s, then waits
+    server.write_text('#!/bin/sh\nwhile [ "$1" != --status-fd ]; do shift; done\n'
+                      'sleep 0.3\nprintf x > "/dev/fd/$2"\nexec sleep 300\n')
+    server.chmod(0o700)
+
+    async def wait(go_on: bool) -> int:
+        calls = 0
+
+        def meanwhile() -> bool:
+            nonlocal calls
+            calls += 1
+            return go_on
+
+        mine, theirs = socket.socketpair()
+        starting = await _start(str(server), ["lazy-pages"], tmp_path / "log", theirs.fileno())
+        theirs.close()
+        mine.close()
+        try:
+            proc = await starting.ready(timeout=10.0, meanwhile=meanwhile)
+            assert proc.returncode is None
+        finally:
+            await starting.abandon()
+        return calls
+
+    assert trio.run(wait, False) == 1
+    assert trio.run(wait, True) >= 30  # every millisecond for 0.3 s, however slow

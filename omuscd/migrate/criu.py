@@ -245,10 +245,11 @@ class Starting:
         self.what = what
 
     async def ready(self, timeout: float = 10.0,
-                    meanwhile: Callable[[], None] | None = None) -> trio.Process:
+                    meanwhile: Callable[[], bool] | None = None) -> trio.Process:
         """The process, once it said it is ready; MoveError (and killed) if it did not
-        within ``timeout`` seconds.  ``meanwhile``: called every millisecond until then
-        (see omuscd.migrate.gate)."""
+        within ``timeout`` seconds.  ``meanwhile``: called every millisecond until then,
+        or until it returns False (its work is done: no more waking every millisecond;
+        see omuscd.migrate.gate)."""
         deadline = trio.current_time() + timeout
         try:
             while trio.current_time() < deadline:
@@ -259,8 +260,8 @@ class Starting:
                     if said:
                         return self.proc
                     break  # it ended without saying so
-                if meanwhile is not None:
-                    meanwhile()
+                if meanwhile is not None and not meanwhile():
+                    meanwhile = None
         finally:
             await self.status.aclose()
         await self.abandon()

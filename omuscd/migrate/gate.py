@@ -94,10 +94,12 @@ class InventoryGate:
         if os.write(self.fd, self.data) != len(self.data):  # within PIPE_ROOM: all or none
             raise GateError(f"{INVENTORY}: short write to lazy-pages")
 
-    def settle(self) -> None:
-        """Close our end once released and read (lazy-pages then reads an end of file)."""
+    def settle(self) -> bool:
+        """Close our end once released and read (lazy-pages then reads an end of file).
+        Whether it is still open (to be called again)."""
         if self.fd is not None and self.released and _unread(self.fd) == 0:
             self.close()
+        return self.fd is not None
 
     def close(self) -> None:
         """Our end closed: settled, lazy-pages ready (it read the file), or the move ended
