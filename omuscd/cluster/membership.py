@@ -33,9 +33,10 @@ class IdClash(Exception):
     """Our node id was given explicitly and another, earlier node holds it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
-    """Our view of one node: its last entry (wire form) plus our judgement of it."""
+    """Our view of one node: its last entry (wire form) plus our judgement of it.
+    (Slots: a table of 5000 of them in each of 5000 simulated nodes, tests/bench.)"""
 
     entry: dict[str, Any]
     state: str
