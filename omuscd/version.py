@@ -53,4 +53,9 @@ VERSION_NUMBER, RELEASE_LETTER, REVISION = parse_release(RELEASE)
 VERSION_STRING = f"omuscd-{RELEASE}"
 #: The wire protocol version: the version number.
 PROTOCOL_VERSION = VERSION_NUMBER
+#: What was added to the wire within one protocol version, where a daemon of the same
+#: version but older still reads the datagrams: each node announces its revision in its
+#: entry (``pr``, absent means 0) and sends a newer form only to nodes that read it.
+#: 1: SWIM's compact refutation record (cluster/swim.py), sent as a whole entry to others.
+PROTOCOL_REVISION = 1
 __version__ = pep440(RELEASE)

@@ -277,6 +277,9 @@ def check_entry(e: Any) -> dict[str, Any]:
     n = e.get("n", 0)  # optional: SWIM's incarnation number (cluster/swim.py)
     if type(n) is not int or not 0 <= n < 2**53:
         raise WireError("malformed", "entry field 'n'")
+    pr = e.get("pr", 0)  # optional: the sender's protocol revision (version.py)
+    if type(pr) is not int or not 0 <= pr < 2**31:
+        raise WireError("malformed", "entry field 'pr'")
     moves = e.get("moves", [0, 0])  # optional: the jobs moved in and out since its start
     if not (isinstance(moves, list) and len(moves) == 2 and
             all(type(m) is int and 0 <= m < 2**53 for m in moves)):

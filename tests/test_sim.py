@@ -243,19 +243,36 @@ def test_bytes_per_node_do_not_grow_with_the_cluster(swim):
 
 def test_bytes_stay_bounded_while_stalled_nodes_are_suspected_and_refuted(swim):
     """Suspicions and refutations go out as gossip every gossip_interval to several nodes;
-    that traffic must not take a node past 4 KB/s.  The stall rate is the 1000-node
-    benchmark's (1% of nodes stalling 2 s about once a minute: one stall every ~6 s), with
-    1% loss.  Gossip that carried the sender's whole entry beside the changes sent 5.5 KB/s
-    here; without it, 4.3 KB/s.  The issue's 4 KB/s is met idle (the test above), not under
-    this churn: a refutation is a whole entry (~270 B) each node passes on
-    retransmit_mult*log10(n) times, and that is what the bound below leaves room for."""
+    that traffic must not take a node past the issue's 4 KB/s.  The stall rate is the
+    1000-node benchmark's (1% of nodes stalling 2 s about once a minute: one stall every
+    ~6 s), with 1% loss.  Gossip that carried the sender's whole entry beside the changes
+    sent 5.5 KB/s here; without it, 4.3 KB/s, of which refutations carrying the refuter's
+    whole entry (~270 B, passed on by each node retransmit_mult*log10(n) times) took
+    0.65 KB/s; compact refutations (id, boot, incarnation): 3.9 KB/s."""
     sim = scenario.form_preloaded(swim, 100, seed=28)
     r = scenario.false_alarms(sim, 60.0, loss=0.01, stalled_fraction=0.05, stall=2.0,
                               stalls_per_minute=2.0)
     assert r.stalls >= 6 and r.false_suspicions > 0, r  # refutations were gossiped
     assert r.false_deaths == 0, r
     mean = scenario.summary(r.byte_rates)["mean"]
-    assert mean <= 4608, mean
+    assert mean <= 4096, mean
+
+
+def test_nodes_of_protocol_revision_0_are_sent_whole_refutations():
+    """A cluster being upgraded: a third of its nodes speak protocol revision 0 (2a0),
+    which drops a whole datagram carrying a compact refutation.  None is sent to them (so
+    no probe or ack of theirs is lost), and the stalled nodes' refutations reach them."""
+    legacy = set(range(1, 31, 3))
+    sim = scenario.form_preloaded(swim_factory(revision_0=legacy.__contains__), 30, seed=29)
+    r = scenario.false_alarms(sim, 60.0, loss=0.01, stalled_fraction=0.2, stall=2.0,
+                              stalls_per_minute=3.0)
+    assert r.stalls >= 6 and r.false_suspicions > 0, r  # refutations were gossiped
+    old = [n for n in sim.nodes if n.id in legacy]
+    assert len(old) == 10 and all("pr" not in n.proto.members.me for n in old)
+    assert sum(getattr(n.proto, "unread", 0) for n in old) == 0
+    assert r.false_deaths == 0 and r.dead_in_tables == 0, r
+    sim.net.cfg.loss = 0.0
+    assert sim.run_until_true(sim.converged, 10.0, check_every=1.0) is not None
 
 
 def _spoil(value: Any, rng: random.Random) -> Any:
@@ -274,6 +291,10 @@ def test_a_preloaded_cluster_runs_like_a_joined_one(swim):
     sees every other alive, and a crash is then found as in a joined cluster."""
     sim = scenario.form_preloaded(swim, 32, seed=27)
     assert sim.views_agree() and all(len(n.proto.members.nodes) == 31 for n in sim.nodes)
+    # a node's first entry is one dict in every table (so 5000 nodes' tables fit in
+    # memory); the figures heard since have replaced it in some tables only
+    firsts = {id(n.proto.members.nodes[32].entry) for n in sim.nodes[:-1]}
+    assert len(firsts) < 31, len(firsts)
     took = scenario.crash_time(sim, timeout=30.0)
     assert took is not None and took <= 10.0, took
 

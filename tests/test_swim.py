@@ -222,15 +222,83 @@ def test_a_suspected_node_refutes_with_a_higher_incarnation():
     b.handle(addr(1), 1, 1001, wire.GOSSIP, msg.body, 1.1)
     assert b.members.incarnation == 1 and b.awareness.score == 1
     [refute] = b.queue.take(10_000, 99)
-    assert refute["k"] == "a" and refute["e"]["n"] == 1
+    assert refute == {"k": "r", "id": 2, "boot": 1002, "n": 1}  # compact: no entry
     a.handle(addr(2), 2, 1002, wire.GOSSIP, {"b": [refute]}, 1.2)
     assert a.members.nodes[2].state == ALIVE and a.members.nodes[2].incarnation == 1
     assert kinds(a) == ["alive"] and a.suspicions == {}
+    assert a.queue.pending(2) == refute  # passed on as it came
     # the old suspicion, heard again late, no longer counts
     a.handle(addr(9), 9, 1009, wire.GOSSIP,
              {"b": [{"k": "s", "id": 2, "boot": 1002, "n": 0, "by": 9}]}, 1.3)
     assert a.members.nodes[2].state == ALIVE
     assert out == []
+
+
+def suspected_and_refuted(reader_pr: int | None) -> tuple[Swim, Swim]:
+    """1 suspects 2, and 2 refutes; node 3 is known to both, of protocol revision
+    ``reader_pr`` (None: an entry without it, as a daemon of revision 0 sends)."""
+    a, b = pair()
+    three = wire_entry(3, boot=1003, addr=addr(3)[0])
+    if reader_pr is not None:
+        three["pr"] = reader_pr
+    for s in (a, b):
+        s.members.merge(three, 0.5, "key")
+        s.take_events()
+    a.handle(addr(9), 9, 1009, wire.GOSSIP,
+             {"b": [{"k": "s", "id": 2, "boot": 1002, "n": 0, "by": 9}]}, 1.0)
+    msg = a.message(addr(2), wire.GOSSIP, {}, 1.1, a.members.nodes[2])
+    b.handle(addr(1), 1, 1001, wire.GOSSIP, msg.body, 1.1)
+    return a, b
+
+
+def changes_to(s: Swim, nid: int, now: float) -> list[dict[str, Any]]:
+    msg = s.message(addr(nid), wire.GOSSIP, {}, now, s.members.nodes[nid], own=False)
+    return msg.body.get("b", [])
+
+
+@pytest.mark.parametrize("reader_pr", [None, 0])
+def test_a_node_of_revision_0_hears_a_refutation_as_the_whole_entry(reader_pr):
+    """A daemon of protocol revision 0 (2a0) drops a datagram with a record kind it does
+    not know: the compact refutation goes to it as the refuter's entry, from the refuter
+    and from a node passing the refutation on."""
+    a, b = suspected_and_refuted(reader_pr)
+    [whole] = changes_to(b, 3, 1.2)
+    assert whole["k"] == "a" and whole["e"]["id"] == 2 and whole["e"]["n"] == 1
+    assert wire.check_entry(whole["e"]) and whole["e"]["pr"] == 1
+    assert changes_to(b, 1, 1.2) == [{"k": "r", "id": 2, "boot": 1002, "n": 1}]
+    a.handle(addr(2), 2, 1002, wire.GOSSIP, {"b": [b.queue.pending(2)]}, 1.3)
+    assert a.members.nodes[2].state == ALIVE
+    [passed] = changes_to(a, 3, 1.4)
+    assert passed["k"] == "a" and passed["e"]["id"] == 2 and passed["e"]["n"] == 1
+    assert passed["e"]["age"] >= 0 and passed["e"]["name"] == "n2"
+
+
+def test_a_node_of_revision_1_hears_the_compact_refutation():
+    a, b = suspected_and_refuted(1)
+    compact = {"k": "r", "id": 2, "boot": 1002, "n": 1}
+    assert changes_to(b, 3, 1.2) == [compact]
+    assert changes_to(b, 1, 1.2) == [compact]
+    # our own refutation is not sent back to us
+    a.handle(addr(2), 2, 1002, wire.GOSSIP, {"b": [compact]}, 1.3)
+    assert changes_to(a, 2, 1.4) == []
+
+
+def test_a_compact_refutation_applies_only_to_the_node_it_names():
+    a, _ = pair()
+    a.handle(addr(9), 9, 1009, wire.GOSSIP,
+             {"b": [{"k": "s", "id": 2, "boot": 1002, "n": 3, "by": 9}]}, 1.0)
+    a.take_events()
+    for stale in ({"k": "r", "id": 2, "boot": 1002, "n": 3},  # not above the suspicion's
+                  {"k": "r", "id": 2, "boot": 999, "n": 9},  # another boot of node 2
+                  {"k": "r", "id": 77, "boot": 1, "n": 9}):  # a node we do not know
+        a.handle(addr(9), 9, 1009, wire.GOSSIP, {"b": [stale]}, 1.1)
+    assert a.members.nodes[2].state == SUSPECT and a.members.nodes[2].incarnation == 3
+    assert 77 not in a.members.nodes and kinds(a) == []
+    assert a.queue.pending(2)["k"] == "s"
+    # about ourselves: refuted by us, not taken from others
+    a.handle(addr(9), 9, 1009, wire.GOSSIP, {"b": [{"k": "r", "id": 1, "boot": 1001,
+                                                      "n": 50}]}, 1.2)
+    assert a.members.incarnation == 0 and kinds(a) == []
 
 
 def test_a_node_stalled_for_two_seconds_is_not_declared_dead():
@@ -484,6 +552,11 @@ def test_an_isolated_node_retries_its_seeds_with_backoff():
     {"seq": -1, "to": 1}, {"seq": "1", "to": 1}, {"seq": 1}, {"seq": 1, "to": 1, "b": "x"},
     {"seq": 1, "to": 1, "b": [{"k": "s", "id": 0, "boot": 1, "n": 0, "by": 2}]},
     {"seq": 1, "to": 1, "b": [{"k": "z"}]}, {"seq": 1, "to": 1, "you": {"s": "alive"}},
+    {"seq": 1, "to": 1, "b": [{"k": "r", "id": 2, "boot": 1002}]},
+    {"seq": 1, "to": 1, "b": [{"k": "r", "id": 2, "boot": 1002, "n": -1}]},
+    {"seq": 1, "to": 1, "b": [{"k": "r", "id": 2, "boot": "1002", "n": 1}]},
+    {"seq": 1, "to": 1, "me": {**wire_entry(2, boot=1002), "age": 0, "pr": "1"}},
+    {"seq": 1, "to": 1, "me": {**wire_entry(2, boot=1002), "age": 0, "pr": -1}},
     {"seq": 1, "to": 1, "e": [{"id": 5}]}, {"seq": 1, "to": 1, "b": [{}] * 65},
     {"seq": 1, "to": 1, "me": {**wire_entry(3, boot=1003), "age": 0}},
 ])

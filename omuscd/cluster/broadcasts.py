@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +70,14 @@ class TransmitQueue:
         item = self._items.get(node_id)
         return item.record if item else None
 
-    def take(self, budget: int, limit: int, skip: int | None = None) -> list[dict[str, Any]]:
+    def take(self, budget: int, limit: int, skip: int | None = None,
+             form: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+             ) -> list[dict[str, Any]]:
         """Records for one datagram within ``budget`` bytes, least-sent and newest first;
         each taken counts as sent once and leaves the queue after ``limit`` sends.
-        ``skip`` leaves out the change about one node (the datagram's receiver, who
-        learns of itself through its own refutation path only when accused)."""
+        ``skip`` leaves out the news that one node is alive (for the datagram's
+        receiver, who knows).  ``form`` rewrites each record for this receiver (an older
+        node's form; None: not sent to it)."""
         out: list[dict[str, Any]] = []
         # a datagram holds a few dozen changes at most: no need to sort them all
         ordered = heapq.nsmallest(TAKE_AT_MOST, self._items.items(),
@@ -81,10 +85,19 @@ class TransmitQueue:
         for node_id, item in ordered:
             if budget <= 0:
                 break
-            if item.size > budget or (node_id == skip and item.record.get("k") == "a"):
+            if node_id == skip and item.record.get("k") in ("a", "r"):
                 continue
-            out.append(item.record)
-            budget -= item.size
+            record, size = item.record, item.size
+            if form is not None:
+                formed = form(record)
+                if formed is None:
+                    continue
+                if formed is not record:
+                    record, size = formed, record_size(formed)
+            if size > budget:
+                continue
+            out.append(record)
+            budget -= size
             item.sent += 1
             if item.sent >= limit:
                 del self._items[node_id]

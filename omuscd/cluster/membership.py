@@ -215,22 +215,37 @@ class Membership:
             node.heard = max(node.heard, origin)
         if source is not None:
             node.address = source
-        if n > node.incarnation:
-            node.incarnation = n
-            node.entry = {**node.entry, "n": n}
-            if node.state != ALIVE:
-                was = node.state
-                node.state, node.since = ALIVE, now
-                self.generation += 1
-                return [Event("alive", f"node {nid} ({entry['name']}) is alive again "
-                              f"(was {was})", {"node": nid, "name": entry["name"]})]
-        return []
+        return self._incarnation(node, n, now)
+
+    def _incarnation(self, node: Node, n: int, now: float) -> list[Event]:
+        """Node ``node`` is alive at incarnation ``n``: a revival if it is above what we
+        know and the node was suspect or dead."""
+        if n <= node.incarnation:
+            return []
+        node.incarnation = n
+        node.entry = {**node.entry, "n": n}
+        if node.state == ALIVE:
+            return []
+        was = node.state
+        node.state, node.since = ALIVE, now
+        self.generation += 1
+        return [Event("alive", f"node {node.id} ({node.name}) is alive again (was {was})",
+                      {"node": node.id, "name": node.name})]
 
     def _note_jump(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         if abs(float(new["load"]) - float(old["load"])) >= self.jump_threshold:
             self.load_jumped = True
 
     # ------------------------------------------------------------------ SWIM's verdicts
+    def alive(self, nid: int, boot: int, n: int, now: float) -> list[Event]:
+        """Node ``nid`` (of boot ``boot``) says it is alive at incarnation ``n``: a
+        refutation without its entry (cluster/swim.py's compact record).  Nothing for a
+        node we do not know at that boot: its next datagram or a push-pull page will say."""
+        node = self.nodes.get(nid)
+        if node is None or node.boot != boot:
+            return []
+        return self._incarnation(node, n, now)
+
     def suspect(self, nid: int, n: int, now: float, why: str) -> list[Event]:
         """Node ``nid`` is suspect at incarnation ``n`` (ignored if it is known at a
         higher one, or already suspect or dead)."""

@@ -1,7 +1,8 @@
 """The bodies of SWIM's datagrams (cluster/swim.py): checks of what a peer sent.
 
 Every body may carry ``me`` (the sender's own entry: its figures travel with every probe;
-gossip leaves it out), ``b`` (membership changes, see broadcasts.py), ``e`` (other nodes'
+gossip leaves it out), ``b`` (membership changes, see broadcasts.py; a compact refutation
+"r" only to nodes of protocol revision 1, version.py), ``e`` (other nodes'
 entries, each with its age) and ``you`` (the receiver's state as the sender sees it, so that
 a suspected node hears of it and refutes at once). A malformed body raises
 ``wire.WireError("malformed")`` and changes nothing: every part is checked before any is
@@ -28,7 +29,9 @@ class Outgoing:
 
 MAX_RECORDS = 64  # changes in one datagram (a 1400-byte datagram holds far fewer)
 MAX_ENTRIES = 64  # entries in one datagram or push-pull page
-RECORD_KINDS = ("a", "s", "d", "l")  # alive, suspect, dead, left
+#: alive (a whole entry), refuted (alive at an incarnation, without the entry: sent only
+#: to nodes of protocol revision 1 or later), suspect, dead, left
+RECORD_KINDS = ("a", "r", "s", "d", "l")
 PAGE_STATES = ("a", "s", "d")
 
 
@@ -59,9 +62,11 @@ def check_record(r: Any) -> dict[str, Any]:
         if r["k"] == "l" and e["st"] != "left":
             raise _bad("a departure record of a node that did not leave")
         return {"k": r["k"], "e": e}
-    return {"k": r["k"], "id": int_field(r, "id", 1, 2**32 - 1),
-            "boot": int_field(r, "boot"), "n": int_field(r, "n", 0, 2**53),
-            "by": int_field(r, "by", 1, 2**32 - 1)}
+    about = {"k": r["k"], "id": int_field(r, "id", 1, 2**32 - 1),
+             "boot": int_field(r, "boot"), "n": int_field(r, "n", 0, 2**53)}
+    if r["k"] == "r":
+        return about
+    return {**about, "by": int_field(r, "by", 1, 2**32 - 1)}
 
 
 def check_page_item(p: Any) -> tuple[dict[str, Any], str]:

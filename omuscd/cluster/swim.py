@@ -5,10 +5,11 @@ Each protocol period a node pings one member, taken round-robin from a shuffled 
 ack within the probe timeout -> it asks ``indirect_checks`` others to ping the member for
 it (they relay the ack, or say "nack": no answer from it either); still no ack by the end of
 the period -> the member is *suspect*.  A suspicion spreads; the member refutes it by raising
-its incarnation number and saying it is alive; if nobody hears a refutation before the
-suspicion times out, it is *dead*.  Lifeguard: our own timeouts and period stretch while we
-miss acks and nacks (we are probably the slow one, cluster/suspicion.py's Awareness), and a
-suspicion's timeout starts long and shrinks as independent members confirm it.
+its incarnation number and saying it is alive (a compact record: id, boot, incarnation);
+if nobody hears a refutation before the suspicion times out, it is *dead*.  Lifeguard: our
+own timeouts and period stretch while we miss acks and nacks (we are probably the slow one,
+cluster/suspicion.py's Awareness), and a suspicion's timeout starts long and shrinks as
+independent members confirm it.
 
 Changes spread piggybacked on the probes and acks, and every ``gossip_interval`` to a few
 members while there are any (cluster/broadcasts.py), each a limited number of times. Every
@@ -43,6 +44,7 @@ from omuscd.cluster.suspicion import (
     suspicion_bounds,
 )
 from omuscd.events import Event
+from omuscd.version import PROTOCOL_REVISION
 
 #: Bytes a body may take: a datagram less its header and tag.
 BODY_BUDGET = wire.MAX_DATAGRAM - wire.HEADER.size - wire.TAG_LEN
@@ -112,6 +114,7 @@ class Swim(Receiver):
 
     def __post_init__(self) -> None:
         self.members.me.setdefault("n", 0)
+        self.members.me["pr"] = PROTOCOL_REVISION  # what we read (version.py)
         self.awareness = Awareness(self.params.awareness_max)
         self.probe: Probe | None = None
         self.relays: dict[int, Relay] = {}
@@ -234,7 +237,9 @@ class Swim(Receiver):
         if node is not None and node.state in (SUSPECT, DEAD):
             body["you"] = {"s": node.state, "n": node.incarnation}
         budget = self.params.body_budget - messages.json_size(body) - 16
-        changes = self.queue.take(budget - 8, self.limit(), node.id if node else None)
+        changes = self.queue.take(budget - 8, self.limit(), node.id if node else None,
+                                  None if self.reads_compact(node) else
+                                  lambda r: self._whole(r, now))
         if changes:
             body["b"] = changes
             budget -= messages.json_size(changes) + 6
@@ -243,6 +248,23 @@ class Swim(Receiver):
             if others:
                 body["e"] = others
         return Outgoing(dest, mtype, body)
+
+    @staticmethod
+    def reads_compact(node: Node | None) -> bool:
+        """Does ``node`` read compact refutations (protocol revision 1, version.py)?"""
+        return node is not None and node.entry.get("pr", 0) >= 1
+
+    def _whole(self, record: dict[str, Any], now: float) -> dict[str, Any] | None:
+        """A change as a node of protocol revision 0 reads it: a compact refutation as
+        the refuter's whole entry (None if we no longer hold it at that boot)."""
+        if record["k"] != "r":
+            return record
+        if record["id"] == self.members.my_id:
+            return {"k": "a", "e": self.members.own_entry()}
+        node = self.members.nodes.get(record["id"])
+        if node is None or node.boot != record["boot"]:
+            return None
+        return {"k": "a", "e": self.members.aged(node, now)}
 
     def limit(self) -> int:
         return retransmit_limit(self.params.retransmit_mult, self.size())
@@ -418,13 +440,21 @@ class Swim(Receiver):
 
     def _accused(self, n: int) -> None:
         """We are said to be suspect or dead at ``n``: refute with a higher incarnation.
-        Lifeguard counts it against our own health (we were too slow to answer)."""
+        Lifeguard counts it against our own health (we were too slow to answer).  The
+        refutation is compact (id, boot, incarnation): every node passes it on
+        retransmit_mult*log10(n) times, and our whole entry there made refutations the
+        largest part of a cluster's bytes while stalled nodes were refuting (#19)."""
         if n < self.members.incarnation:
             return
         self.members.me["n"] = n + 1
-        self.members.beat()  # a fresh entry: receivers take its figures too
+        self.members.beat()  # a fresh entry for the probes and acks to carry
         self.awareness.apply(1)
-        self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
+        self.queue.push(self.members.my_id, self._refutation(self.members.my_id,
+                                                             self.members.me["boot"], n + 1))
+
+    @staticmethod
+    def _refutation(nid: int, boot: int, n: int) -> dict[str, Any]:
+        return {"k": "r", "id": nid, "boot": boot, "n": n}
 
     def _own_news(self) -> None:
         """Our flags, role or name changed: say so as a change, at a new incarnation,
@@ -458,7 +488,10 @@ class Swim(Receiver):
         if any(e.kind in LIVENESS_NEWS for e in events):
             node = self.members.nodes.get(entry["id"])
             if node is not None:
-                if spread or any(e.kind == "alive" for e in events):
+                if any(e.kind == "alive" for e in events):
+                    self.queue.push(node.id, self._refutation(node.id, node.boot,
+                                                              node.incarnation))
+                elif spread:
                     self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
                 self.add_to_order(node.id)
 
@@ -466,6 +499,11 @@ class Swim(Receiver):
         """One change heard from another node."""
         if r["k"] == "a":
             self.learn(r["e"], now, None, spread=True)
+        elif r["k"] == "r":
+            events = self.members.alive(r["id"], r["boot"], r["n"], now)
+            self.events += events
+            if events:  # a revival here: the suspicion went everywhere, so must this
+                self.queue.push(r["id"], r)
         elif r["k"] == "l":
             events = self.members.merge(r["e"], now, self.auth)
             self.events += events
