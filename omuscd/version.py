@@ -23,7 +23,7 @@ import re
 #: The one place the version is written.
 #: 2: the wire protocol of SWIM membership (issue 19): daemons of version 1 speak another
 #: protocol, so each lists the other as incompatible (the version rule).
-RELEASE = "2a0"
+RELEASE = "2a1"
 
 _RELEASE_RE = re.compile(r"^(\d+)([abdrv])(\d+)$")
 
@@ -56,6 +56,7 @@ PROTOCOL_VERSION = VERSION_NUMBER
 #: What was added to the wire within one protocol version, where a daemon of the same
 #: version but older still reads the datagrams: each node announces its revision in its
 #: entry (``pr``, absent means 0) and sends a newer form only to nodes that read it.
-#: 1: SWIM's compact refutation record (cluster/swim.py), sent as a whole entry to others.
+#: 1 (omuscd-2a1): SWIM's compact refutation record (cluster/swim.py), sent as a whole
+#: entry to others.
 PROTOCOL_REVISION = 1
 __version__ = pep440(RELEASE)

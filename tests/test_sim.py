@@ -264,6 +264,7 @@ def test_nodes_of_protocol_revision_0_are_sent_whole_refutations():
     no probe or ack of theirs is lost), and the stalled nodes' refutations reach them."""
     legacy = set(range(1, 31, 3))
     sim = scenario.form_preloaded(swim_factory(revision_0=legacy.__contains__), 30, seed=29)
+    assert all(n.proto.members.incarnation == 0 for n in sim.nodes)  # none had news
     r = scenario.false_alarms(sim, 60.0, loss=0.01, stalled_fraction=0.2, stall=2.0,
                               stalls_per_minute=3.0)
     assert r.stalls >= 6 and r.false_suspicions > 0, r  # refutations were gossiped

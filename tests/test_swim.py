@@ -301,6 +301,46 @@ def test_a_compact_refutation_applies_only_to_the_node_it_names():
     assert a.members.incarnation == 0 and kinds(a) == []
 
 
+def test_a_refutation_does_not_replace_news_of_our_flags_still_going_out():
+    """Our flags changed (news: our whole entry, queued) and we are accused before it has
+    gone out as often as it must: the refutation goes whole too, with the flags."""
+    a, b = pair()
+    b.members.set_flag("blocked", True)
+    b.tick(0.1)
+    assert b.queue.pending(2)["k"] == "a"
+    a.handle(addr(9), 9, 1009, wire.GOSSIP,
+             {"b": [{"k": "s", "id": 2, "boot": 1002, "n": 1, "by": 9}]}, 0.2)
+    msg = a.message(addr(2), wire.GOSSIP, {}, 0.3, a.members.nodes[2])
+    b.handle(addr(1), 1, 1001, wire.GOSSIP, msg.body, 0.3)
+    news = b.queue.pending(2)
+    assert news["k"] == "a" and news["e"]["n"] == 2 and news["e"]["flags"] == ["blocked"]
+    # passed on whole by a node it revives (not as a compact refutation)
+    a.handle(addr(2), 2, 1002, wire.GOSSIP, {"b": [news]}, 0.4)
+    assert a.members.nodes[2].state == ALIVE and a.queue.pending(2)["k"] == "a"
+
+
+def test_a_node_revived_by_a_compact_refutation_is_probed_this_round():
+    a, _ = pair()
+    for i in (3, 4, 5):
+        a.members.merge({**wire_entry(i, boot=1000 + i), "age": 0}, 0.0, "key")
+    a.members.dead(3, 0, 0.5, "test")
+    a.order, a.in_order, a.pos = [4, 5, 2], {4, 5, 2}, 1  # this round, without node 3
+    a.handle(addr(4), 4, 1004, wire.GOSSIP, {"b": [{"k": "r", "id": 3, "boot": 1003,
+                                                      "n": 1}]}, 1.0)
+    assert a.members.nodes[3].state == ALIVE
+    assert 3 in a.order[a.pos:]
+
+
+def test_a_stale_compact_refutation_is_dropped_not_kept_for_ever():
+    """A refutation of a node we no longer know at that boot (it restarted) cannot be
+    sent whole to a node of revision 0: it leaves the queue."""
+    a, _ = pair()
+    a.queue = TransmitQueue()  # the news of the join sent
+    a.queue.push(7, {"k": "r", "id": 7, "boot": 1, "n": 1})
+    assert a.queue.take(10_000, 99, form=lambda r: a._whole(r, 1.0)) == []
+    assert len(a.queue) == 0
+
+
 def test_a_node_stalled_for_two_seconds_is_not_declared_dead():
     net = Net(8)
     net.start()

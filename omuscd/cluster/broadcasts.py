@@ -77,7 +77,8 @@ class TransmitQueue:
         each taken counts as sent once and leaves the queue after ``limit`` sends.
         ``skip`` leaves out the news that one node is alive (for the datagram's
         receiver, who knows).  ``form`` rewrites each record for this receiver (an older
-        node's form; None: not sent to it)."""
+        node's form); None means the record is stale (about a node no longer known at
+        that boot): it is dropped."""
         out: list[dict[str, Any]] = []
         # a datagram holds a few dozen changes at most: no need to sort them all
         ordered = heapq.nsmallest(TAKE_AT_MOST, self._items.items(),
@@ -91,6 +92,7 @@ class TransmitQueue:
             if form is not None:
                 formed = form(record)
                 if formed is None:
+                    del self._items[node_id]
                     continue
                 if formed is not record:
                     record, size = formed, record_size(formed)

@@ -120,6 +120,7 @@ class Swim(Receiver):
         self.relays: dict[int, Relay] = {}
         self.seq = 0
         self.order: list[int] = []
+        self.in_order: set[int] = set()  # self.order's ids (a 5000-node table is a long list)
         self.pos = 0
         self.next_probe = self.next_sweep = float("inf")
         self.next_gossip = float("-inf")  # changes go out as soon as there are any
@@ -314,6 +315,7 @@ class Swim(Receiver):
             if self.pos >= len(self.order):
                 self.order = [n.id for n in self.members.live_nodes()]
                 self.rng.shuffle(self.order)
+                self.in_order = set(self.order)
                 self.pos = 0
                 if not self.order:
                     return None
@@ -325,8 +327,9 @@ class Swim(Receiver):
 
     def add_to_order(self, nid: int) -> None:
         """A new member is probed in this round too, at a random place (memberlist)."""
-        if nid not in self.order:
+        if nid not in self.in_order:
             self.order.insert(self.rng.randint(self.pos, len(self.order)), nid)
+            self.in_order.add(nid)
 
     def _probe_due(self, now: float, out: list[Outgoing]) -> None:
         p = self.probe
@@ -449,8 +452,12 @@ class Swim(Receiver):
         self.members.me["n"] = n + 1
         self.members.beat()  # a fresh entry for the probes and acks to carry
         self.awareness.apply(1)
-        self.queue.push(self.members.my_id, self._refutation(self.members.my_id,
-                                                             self.members.me["boot"], n + 1))
+        pending = self.queue.pending(self.members.my_id)
+        if pending is not None and pending["k"] == "a":  # our news (flags...) still going
+            self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
+        else:
+            self.queue.push(self.members.my_id, self._refutation(
+                self.members.my_id, self.members.me["boot"], n + 1))
 
     @staticmethod
     def _refutation(nid: int, boot: int, n: int) -> dict[str, Any]:
@@ -477,22 +484,24 @@ class Swim(Receiver):
     def learn(self, entry: dict[str, Any], now: float, source: Address | None,
               spread: bool = False) -> None:
         """Merge an entry.  A join, restart or revival heard as a change (or a HELLO) is
-        passed on as a change; a join or restart found in a page or beside a probe is old
-        news to the cluster (else a newcomer's pull would make it pass the whole table
-        on).  A revival (a suspect or dead node alive, at a higher incarnation) is passed
-        on however it came: the suspicion went everywhere, and the refutation must follow
-        it (heard first from the refuter itself, as its own entry, it spread no further,
-        and the suspicion ran out elsewhere: false deaths of nodes stalled for 2 s)."""
+        passed on as a change, whole; a join or restart found in a page or beside a probe
+        is old news to the cluster (else a newcomer's pull would make it pass the whole
+        table on).  A revival (a suspect or dead node alive, at a higher incarnation) is
+        passed on however it came: the suspicion went everywhere, and the refutation must
+        follow it (heard first from the refuter itself, as its own entry, it spread no
+        further, and the suspicion ran out elsewhere: false deaths of nodes stalled for
+        2 s); as a compact refutation unless it came as a whole change (news of the
+        node's flags or name may ride on it)."""
         events = self.members.merge(entry, now, self.auth, source)
         self.events += events
         if any(e.kind in LIVENESS_NEWS for e in events):
             node = self.members.nodes.get(entry["id"])
             if node is not None:
-                if any(e.kind == "alive" for e in events):
+                if spread:
+                    self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
+                elif any(e.kind == "alive" for e in events):
                     self.queue.push(node.id, self._refutation(node.id, node.boot,
                                                               node.incarnation))
-                elif spread:
-                    self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
                 self.add_to_order(node.id)
 
     def apply_record(self, r: dict[str, Any], now: float) -> None:
@@ -504,6 +513,7 @@ class Swim(Receiver):
             self.events += events
             if events:  # a revival here: the suspicion went everywhere, so must this
                 self.queue.push(r["id"], r)
+                self.add_to_order(r["id"])
         elif r["k"] == "l":
             events = self.members.merge(r["e"], now, self.auth)
             self.events += events

@@ -61,6 +61,7 @@ def _revision_0(swim: Any) -> None:
     from omuscd import wire
 
     swim.members.me.pop("pr", None)
+    swim.signature = swim.members.signature()  # not news: it never had one
     swim.reads_compact = lambda node: False
     handle = swim.handle
 
