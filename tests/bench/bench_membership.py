@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import sys
 import time
 from pathlib import Path
@@ -184,7 +185,9 @@ def main() -> None:
         table.add("bytes/node/s, largest/smallest of " + ", ".join(map(str, means)),
                   f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
     table.print()
-    print(f"\n{elapsed(start, cpu)} in all; SwimParams overrides: {params}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB -> GB
+    print(f"\n{elapsed(start, cpu)} in all, {peak:.1f} GB of memory at most; "
+          f"SwimParams overrides: {params}")
 
 
 if __name__ == "__main__":
