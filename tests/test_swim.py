@@ -331,6 +331,27 @@ def test_a_node_revived_by_a_compact_refutation_is_probed_this_round():
     assert 3 in a.order[a.pos:]
 
 
+def test_a_node_back_from_the_dead_is_passed_on_whole():
+    """A death is rare (a partition healed, a long stall) and some nodes may have forgotten
+    the dead node since (forget_after): its refutation goes whole, from the node itself
+    and from a node it revives, so that a node that forgot it takes it back."""
+    a, b = pair()
+    c = make(3)
+    b.handle(addr(1), 1, 1001, wire.GOSSIP, {"you": {"s": "dead", "n": 0}}, 1.0)
+    whole = b.queue.pending(2)
+    assert whole["k"] == "a" and whole["e"]["n"] == 1
+    # a held 2 dead and hears the compact form (from a node that had it suspect only)
+    a.members.dead(2, 0, 0.5, "test")
+    a.take_events()
+    a.handle(addr(9), 9, 1009, wire.GOSSIP, {"b": [{"k": "r", "id": 2, "boot": 1002,
+                                                      "n": 1}]}, 1.1)
+    assert kinds(a) == ["alive"]
+    passed = a.queue.pending(2)
+    assert passed["k"] == "a" and passed["e"]["id"] == 2 and passed["e"]["n"] == 1
+    c.handle(addr(1), 1, 1001, wire.GOSSIP, {"b": [passed]}, 1.2)  # c had forgotten it
+    assert c.members.nodes[2].state == ALIVE and c.members.nodes[2].incarnation == 1
+
+
 def test_a_stale_compact_refutation_is_dropped_not_kept_for_ever():
     """A refutation of a node we no longer know at that boot (it restarted) cannot be
     sent whole to a node of revision 0: it leaves the queue."""

@@ -214,7 +214,7 @@ class Swim(Receiver):
                 self.learn(entry, now, None)
         self.sync.merge_page(c["page"], sender_id, now)
         if c["you"] is not None:
-            self._accused(c["you"][1])
+            self._accused(c["you"][1], dead=c["you"][0] == DEAD)
         out: list[Outgoing] = []
         handler[1](src, sender_id, fields, now, out)
         self._settle()
@@ -404,7 +404,7 @@ class Swim(Receiver):
 
     def on_dead(self, nid: int, boot: int, n: int, by: int, now: float, why: str) -> None:
         """``by`` says node ``nid`` is dead at incarnation ``n``."""
-        node = self._accusable(nid, boot, n)
+        node = self._accusable(nid, boot, n, dead=True)
         if node is None:
             return
         if node.state == ALIVE and by != self.members.my_id:
@@ -418,13 +418,14 @@ class Swim(Receiver):
         self.suspicions.pop(nid, None)
         self.queue.push(nid, {"k": "d", "id": nid, "boot": boot, "n": n, "by": by})
 
-    def _accusable(self, nid: int, boot: int, n: int) -> Node | None:
-        """The node an accusation (suspect or dead, at incarnation ``n``) is about, if it
-        still applies: not to a node of another boot, at an older incarnation or dead
-        already.  An accusation of ourselves is refuted here and applies to nothing."""
+    def _accusable(self, nid: int, boot: int, n: int, dead: bool = False) -> Node | None:
+        """The node an accusation (suspect or, with ``dead``, dead, at incarnation ``n``) is
+        about, if it still applies: not to a node of another boot, at an older incarnation
+        or dead already.  An accusation of ourselves is refuted here and applies to
+        nothing."""
         if nid == self.members.my_id:
             if boot == self.members.me["boot"]:
-                self._accused(n)
+                self._accused(n, dead)
             return None
         node = self.members.nodes.get(nid)
         if node is None or node.boot != boot or n < node.incarnation or node.state == DEAD:
@@ -441,19 +442,21 @@ class Swim(Receiver):
                                  f"suspect for {now - s.start:.1f}s, not refuted "
                                  f"({len(s.accusers)} accusers)")
 
-    def _accused(self, n: int) -> None:
-        """We are said to be suspect or dead at ``n``: refute with a higher incarnation.
-        Lifeguard counts it against our own health (we were too slow to answer).  The
-        refutation is compact (id, boot, incarnation): every node passes it on
-        retransmit_mult*log10(n) times, and our whole entry there made refutations the
-        largest part of a cluster's bytes while stalled nodes were refuting (#19)."""
+    def _accused(self, n: int, dead: bool = False) -> None:
+        """We are said to be suspect or (``dead``) dead at ``n``: refute with a higher
+        incarnation.  Lifeguard counts it against our own health (we were too slow to
+        answer).  A refutation of a suspicion is compact (id, boot, incarnation): every
+        node passes it on retransmit_mult*log10(n) times, and our whole entry there made
+        refutations the largest part of a cluster's bytes while stalled nodes were
+        refuting (#19).  It goes whole while news of our flags or name is still going
+        out, and after a death (see :meth:`_revival`)."""
         if n < self.members.incarnation:
             return
         self.members.me["n"] = n + 1
         self.members.beat()  # a fresh entry for the probes and acks to carry
         self.awareness.apply(1)
         pending = self.queue.pending(self.members.my_id)
-        if pending is not None and pending["k"] == "a":  # our news (flags...) still going
+        if dead or (pending is not None and pending["k"] == "a"):
             self.queue.push(self.members.my_id, {"k": "a", "e": self.members.own_entry()})
         else:
             self.queue.push(self.members.my_id, self._refutation(
@@ -462,6 +465,14 @@ class Swim(Receiver):
     @staticmethod
     def _refutation(nid: int, boot: int, n: int) -> dict[str, Any]:
         return {"k": "r", "id": nid, "boot": boot, "n": n}
+
+    def _revival(self, node: Node, was_dead: bool, now: float) -> dict[str, Any]:
+        """How to pass on that ``node`` is alive again: compact, unless it was dead
+        (rare: a healed partition), when some nodes may have forgotten it (forget_after)
+        and need its whole entry to take it back."""
+        if was_dead:
+            return {"k": "a", "e": self.members.aged(node, now)}
+        return self._refutation(node.id, node.boot, node.incarnation)
 
     def _own_news(self) -> None:
         """Our flags, role or name changed: say so as a change, at a new incarnation,
@@ -492,6 +503,7 @@ class Swim(Receiver):
         further, and the suspicion ran out elsewhere: false deaths of nodes stalled for
         2 s); as a compact refutation unless it came as a whole change (news of the
         node's flags or name may ride on it)."""
+        was_dead = self._dead_here(entry["id"])
         events = self.members.merge(entry, now, self.auth, source)
         self.events += events
         if any(e.kind in LIVENESS_NEWS for e in events):
@@ -500,20 +512,25 @@ class Swim(Receiver):
                 if spread:
                     self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
                 elif any(e.kind == "alive" for e in events):
-                    self.queue.push(node.id, self._refutation(node.id, node.boot,
-                                                              node.incarnation))
+                    self.queue.push(node.id, self._revival(node, was_dead, now))
                 self.add_to_order(node.id)
+
+    def _dead_here(self, nid: Any) -> bool:
+        node = self.members.nodes.get(nid)
+        return node is not None and node.state == DEAD
 
     def apply_record(self, r: dict[str, Any], now: float) -> None:
         """One change heard from another node."""
         if r["k"] == "a":
             self.learn(r["e"], now, None, spread=True)
         elif r["k"] == "r":
+            was_dead = self._dead_here(r["id"])
             events = self.members.alive(r["id"], r["boot"], r["n"], now)
             self.events += events
-            if events:  # a revival here: the suspicion went everywhere, so must this
-                self.queue.push(r["id"], r)
-                self.add_to_order(r["id"])
+            node = self.members.nodes.get(r["id"])
+            if events and node is not None:  # a revival: the suspicion went everywhere
+                self.queue.push(node.id, self._revival(node, was_dead, now))
+                self.add_to_order(node.id)
         elif r["k"] == "l":
             events = self.members.merge(r["e"], now, self.auth)
             self.events += events
