@@ -352,6 +352,16 @@ def test_a_node_back_from_the_dead_is_passed_on_whole():
     assert c.members.nodes[2].state == ALIVE and c.members.nodes[2].incarnation == 1
 
 
+def test_a_node_that_finds_itself_dead_in_a_page_refutes_whole():
+    """After a partition heals, a push-pull page may be the first to tell a node it is
+    held dead (the page is merged before the datagram's "you")."""
+    _a, b = pair()
+    page = [{"e": {**b.members.own_entry(), "age": 10}, "sw": "d"}]
+    b.handle(addr(1), 1, 1001, wire.SYNC, {"page": page, "you": {"s": "dead", "n": 0}}, 1.0)
+    whole = b.queue.pending(2)
+    assert whole["k"] == "a" and whole["e"]["n"] == 1
+
+
 def test_a_stale_compact_refutation_is_dropped_not_kept_for_ever():
     """A refutation of a node we no longer know at that boot (it restarted) cannot be
     sent whole to a node of revision 0: it leaves the queue."""

@@ -49,7 +49,7 @@ class Swim(Protocol):
               spread: bool = False) -> None: ...
 
     def on_suspect(self, nid: int, boot: int, n: int, by: int, now: float,
-                   why: str = "") -> None: ...
+                   why: str = "", dead: bool = False) -> None: ...
 
     def size(self) -> int: ...
 
@@ -234,7 +234,8 @@ class AntiEntropy:
             s.learn(entry, now, None)
             if sw != "a":
                 s.on_suspect(nid, entry["boot"], entry.get("n", 0), sender, now,
-                             f"node {sender} holds it {'suspect' if sw == 's' else 'dead'}")
+                             f"node {sender} holds it {'suspect' if sw == 's' else 'dead'}",
+                             dead=sw == "d")
 
     # ------------------------------------------------------------------ receiving
     @staticmethod

@@ -381,9 +381,10 @@ class Swim(Receiver):
                             "no ack, directly or through others")
 
     def on_suspect(self, nid: int, boot: int, n: int, by: int, now: float,
-                   why: str = "") -> None:
-        """``by`` suspects node ``nid`` at incarnation ``n``."""
-        node = self._accusable(nid, boot, n)
+                   why: str = "", dead: bool = False) -> None:
+        """``by`` suspects node ``nid`` at incarnation ``n`` (``dead``: it holds it dead,
+        which here only makes our own refutation whole, if the node is us)."""
+        node = self._accusable(nid, boot, n, dead)
         if node is None:
             return
         record = {"k": "s", "id": nid, "boot": boot, "n": n, "by": by}
