@@ -362,6 +362,37 @@ def test_a_node_that_finds_itself_dead_in_a_page_refutes_whole():
     assert whole["k"] == "a" and whole["e"]["n"] == 1
 
 
+def test_a_whole_refutation_without_news_is_passed_on_compact():
+    """A refutation that came whole (from a node of revision 0, or through one) but says
+    nothing new of the node but that it is alive goes on compact: passed on whole by
+    every node, it cost what compact refutations save."""
+    a, b = pair()
+    a.handle(addr(9), 9, 1009, wire.GOSSIP,
+             {"b": [{"k": "s", "id": 2, "boot": 1002, "n": 0, "by": 9}]}, 1.0)
+    a.queue = TransmitQueue()
+    whole = {"k": "a", "e": {**b.members.own_entry(), "n": 1, "hb": 5}}
+    a.handle(addr(9), 9, 1009, wire.GOSSIP, {"b": [whole]}, 1.1)
+    assert a.members.nodes[2].state == ALIVE
+    assert a.queue.pending(2) == {"k": "r", "id": 2, "boot": 1002, "n": 1}
+
+
+def test_relayed_acks_and_nacks_carry_compact_refutations_to_a_node_that_reads_them():
+    _a, b = pair()
+    b.members.merge({**wire_entry(3, boot=1003, addr=addr(3)[0]), "pr": 1}, 0.0, "key")
+    for seq in (5, 6):  # 1 asks 2 to ping 3, twice: one ack comes, one does not
+        b.handle(addr(1), 1, 1001, wire.PING_REQ,
+                 {"seq": seq, "to": 3, "addr": list(addr(3))}, 1.0)
+    compact = {"k": "r", "id": 7, "boot": 1, "n": 1}  # of a node 2 does not know
+    b.queue = TransmitQueue()
+    b.queue.push(7, compact)
+    [acked, _] = sorted(b.relays)
+    [ack] = b.handle(addr(3), 3, 1003, wire.ACK, {"seq": acked}, 1.05)
+    assert ack.dest == addr(1) and ack.body["seq"] == 5 and ack.body["b"] == [compact]
+    nack_at = b.relays[max(b.relays)].nack_at
+    [nack] = [o for o in b.tick(nack_at) if o.mtype == wire.NACK]
+    assert nack.dest == addr(1) and nack.body["seq"] == 6 and nack.body["b"] == [compact]
+
+
 def test_a_stale_compact_refutation_is_dropped_not_kept_for_ever():
     """A refutation of a node we no longer know at that boot (it restarted) cannot be
     sent whole to a node of revision 0: it leaves the queue."""

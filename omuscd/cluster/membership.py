@@ -111,6 +111,13 @@ class Timing:
 FIGURES = ("load", "util", "runq", "mem", "jobs", "moves", "hb")
 
 
+def settings_of(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """An entry without its figures, incarnation and age (its name, flags, role...): what
+    a node says as news when it changes."""
+    return tuple((k, str(v)) for k, v in sorted(entry.items())
+                 if k not in FIGURES and k not in ("n", "age"))
+
+
 @dataclass
 class Membership:
     """The node table of one daemon.  ``me`` is our own entry; only methods change state
@@ -172,8 +179,7 @@ class Membership:
 
     def signature(self) -> tuple[Any, ...]:
         """Our entry without its figures: when it changes, others must hear of it soon."""
-        return tuple((k, str(v)) for k, v in sorted(self.me.items())
-                     if k not in FIGURES and k != "n")
+        return settings_of(self.me)
 
     # ------------------------------------------------------------------ merging news
     def merge(self, entry: dict[str, Any], now: float, auth: str,

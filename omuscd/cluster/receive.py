@@ -22,6 +22,7 @@ class Relay:
     requester: Address
     seq: int
     nack_at: float
+    requester_id: int = 0  # its node id: the ack or nack goes in the form it reads
 
 
 class Receiver:
@@ -74,7 +75,8 @@ class Receiver:
             return
         relay = self.relays.pop(seq, None)
         if relay is not None:
-            out.append(self.message(relay.requester, wire.ACK, {"seq": relay.seq}, now))
+            out.append(self.message(relay.requester, wire.ACK, {"seq": relay.seq}, now,
+                                    self.members.nodes.get(relay.requester_id)))
 
     def _on_nack(self, src: Address, sender: int, seq: int, now: float,
                  out: list[Outgoing]) -> None:
@@ -92,6 +94,7 @@ class Receiver:
             return
         node = self.members.nodes.get(to)
         self.seq += 1
-        self.relays[self.seq] = Relay(src, seq, now + NACK_FRACTION * self.params.probe_timeout)
+        self.relays[self.seq] = Relay(src, seq, now + NACK_FRACTION * self.params.probe_timeout,
+                                      sender)
         out.append(self.message(node.address if node else addr, wire.PING,
                                 {"seq": self.seq, "to": to}, now, node))

@@ -34,7 +34,7 @@ from omuscd import wire
 from omuscd.cluster import messages
 from omuscd.cluster.antientropy import AntiEntropy
 from omuscd.cluster.broadcasts import TransmitQueue, retransmit_limit
-from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, Membership, Node
+from omuscd.cluster.membership import ALIVE, DEAD, SUSPECT, Membership, Node, settings_of
 from omuscd.cluster.messages import Address, Outgoing
 from omuscd.cluster.receive import Receiver, Relay
 from omuscd.cluster.suspicion import (
@@ -371,7 +371,8 @@ class Swim(Receiver):
         for seq, r in list(self.relays.items()):
             if now >= r.nack_at:
                 del self.relays[seq]
-                out.append(self.message(r.requester, wire.NACK, {"seq": r.seq}, now))
+                out.append(self.message(r.requester, wire.NACK, {"seq": r.seq}, now,
+                                        self.members.nodes.get(r.requester_id)))
 
     # ------------------------------------------------------------------ suspicion
     def _suspect_locally(self, nid: int, now: float) -> None:
@@ -502,17 +503,23 @@ class Swim(Receiver):
         passed on however it came: the suspicion went everywhere, and the refutation must
         follow it (heard first from the refuter itself, as its own entry, it spread no
         further, and the suspicion ran out elsewhere: false deaths of nodes stalled for
-        2 s); as a compact refutation unless it came as a whole change (news of the
-        node's flags or name may ride on it)."""
-        was_dead = self._dead_here(entry["id"])
+        2 s); as a compact refutation unless the change it came in carries news of the
+        node's name or flags (or see :meth:`_revival`).  (A whole refutation, as a node
+        of revision 0 is sent, passed on whole by everyone, cost the bytes compact
+        refutations save: 7.8 KB/s against 7.0 at 5% loss, where relayed acks carried
+        them.)"""
+        prior = self.members.nodes.get(entry["id"])
+        was_dead = prior is not None and prior.state == DEAD
+        settings = settings_of(prior.entry) if prior is not None else None
         events = self.members.merge(entry, now, self.auth, source)
         self.events += events
         if any(e.kind in LIVENESS_NEWS for e in events):
             node = self.members.nodes.get(entry["id"])
             if node is not None:
-                if spread:
+                revival = all(e.kind == "alive" for e in events)
+                if spread and not (revival and settings == settings_of(entry)):
                     self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
-                elif any(e.kind == "alive" for e in events):
+                elif revival:
                     self.queue.push(node.id, self._revival(node, was_dead, now))
                 self.add_to_order(node.id)
 
