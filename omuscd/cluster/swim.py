@@ -510,14 +510,16 @@ class Swim(Receiver):
         them.)"""
         prior = self.members.nodes.get(entry["id"])
         was_dead = prior is not None and prior.state == DEAD
-        settings = settings_of(prior.entry) if prior is not None else None
+        held = prior.entry if prior is not None else None  # merge replaces it, never edits
         events = self.members.merge(entry, now, self.auth, source)
         self.events += events
         if any(e.kind in LIVENESS_NEWS for e in events):
             node = self.members.nodes.get(entry["id"])
             if node is not None:
                 revival = all(e.kind == "alive" for e in events)
-                if spread and not (revival and settings == settings_of(entry)):
+                # compared only here, not for every entry heard (each probe carries two)
+                news = not revival or held is None or settings_of(held) != settings_of(entry)
+                if spread and news:
                     self.queue.push(node.id, {"k": "a", "e": self.members.aged(node, now)})
                 elif revival:
                     self.queue.push(node.id, self._revival(node, was_dead, now))
